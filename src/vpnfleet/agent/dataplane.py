@@ -1,0 +1,394 @@
+"""The pod's dataplane runner: the only code that runs iptables, ipset, conntrack and sysctl.
+
+It applies plans computed by :mod:`vpnfleet.core.fwplan`, reads the kernel back, reports
+drift and deletes conntrack entries of revoked flows. Every command runs through
+``asyncio.create_subprocess_exec`` (no shell); restore text goes to stdin.
+
+Failure model (why a failed apply never leaves the pod open):
+
+* A full apply is three steps: ``ipset restore`` (sets created or swapped in, stale sets
+  flushed), ``iptables-restore --noflush`` (our chains replaced and jumps fixed in one
+  transaction), then destroying stale sets. Sets are only ever added in step 1, so whichever
+  step fails, every rule in the kernel still references an existing set.
+* Step 1 failing midway leaves some sets with new and some with old content under the old
+  rules; step 2 failing leaves new set content under the old rules. Removed groups are already
+  disabled (their sets were flushed in step 1); a brand-new group just has no rule yet.
+  Either way :class:`DataplaneError` is raised and :attr:`Dataplane.applied` is cleared, so
+  the next :meth:`Dataplane.apply` does a full resync.
+* Step 3 failing only leaves unreferenced empty sets behind; it is retried on the next apply
+  and reported by :meth:`Dataplane.check_drift`.
+* An incremental apply is one ``ipset restore`` whose operations :func:`fwplan.diff` ordered
+  safely; if it fails (a set went missing, a hash filled up), a full resync follows.
+* Conntrack entries are deleted only after the new policy is in place, so the next packet of
+  a revoked flow is judged as NEW by the new policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from vpnfleet.core import fwplan
+from vpnfleet.core.fwplan import DesiredState, Grant, KernelState, StateDiff
+
+log = logging.getLogger(__name__)
+
+SYSCTLS: tuple[tuple[str, str], ...] = (
+    ("net.ipv4.ip_forward", "1"),
+    # Flow records need byte counters and start/stop timestamps on every conntrack entry.
+    ("net.netfilter.nf_conntrack_acct", "1"),
+    ("net.netfilter.nf_conntrack_timestamp", "1"),
+)
+
+_DELETED_RE = re.compile(r"(\d+) flow entries have been deleted")
+# Destroying a set right after the last rule referencing it went away can briefly fail with
+# "in use" while the kernel releases the reference; retry a few times.
+_DESTROY_ATTEMPTS = 5
+
+
+class DataplaneError(RuntimeError):
+    """A dataplane command failed; carries the command name and its stderr."""
+
+    def __init__(self, command: str, returncode: int | None, stderr: str) -> None:
+        self.command = command
+        self.returncode = returncode
+        self.stderr = stderr.strip()
+        how = "timed out" if returncode is None else f"exited {returncode}"
+        super().__init__(f"{command} {how}: {self.stderr or 'no error output'}")
+
+
+@dataclass
+class DataplaneStats:
+    """Counters for metrics; read them, do not write them."""
+
+    full_applies: int = 0
+    diff_applies: int = 0
+    fallbacks: int = 0
+    failures: int = 0
+    flows_killed: int = 0
+    last_apply_seconds: float = 0.0
+    last_apply_kind: str = ""
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A conntrack entry's original-direction tuple."""
+
+    proto: str
+    protonum: int
+    src: IPv4Address
+    dst: IPv4Address
+    sport: int | None
+    dport: int | None
+
+
+def parse_conntrack(text: str) -> list[Flow]:
+    """Parse ``conntrack -L`` output (IPv4, default format) into original-direction tuples."""
+    flows: list[Flow] = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 3 or not parts[1].isdigit():
+            continue
+        first: dict[str, str] = {}
+        for token in parts[2:]:
+            key, sep, value = token.partition("=")
+            if sep and key not in first:
+                first[key] = value
+        if "src" not in first or "dst" not in first:
+            continue
+        try:
+            flows.append(
+                Flow(
+                    proto=parts[0],
+                    protonum=int(parts[1]),
+                    src=IPv4Address(first["src"]),
+                    dst=IPv4Address(first["dst"]),
+                    sport=int(first["sport"]) if "sport" in first else None,
+                    dport=int(first["dport"]) if "dport" in first else None,
+                )
+            )
+        except ValueError:
+            continue  # IPv6 or malformed: not ours
+    return flows
+
+
+class Dataplane:
+    """Applies desired states for one prefix, optionally inside a named network namespace."""
+
+    def __init__(
+        self,
+        prefix: str,
+        *,
+        netns: str | None = None,
+        iptables: str = "iptables",
+        timeout: float = 30.0,
+    ) -> None:
+        self.prefix = fwplan.validate_prefix(prefix)
+        self.netns = netns
+        self.timeout = timeout
+        self._iptables = iptables
+        self._lock = asyncio.Lock()
+        self.stats = DataplaneStats()
+        # The state last applied in full success; None forces the next apply() to resync.
+        self.applied: DesiredState | None = None
+
+    # --- commands -------------------------------------------------------------------------
+
+    async def _run(
+        self, *argv: str, stdin: str | None = None, ok: Sequence[int] = (0,)
+    ) -> tuple[int, str, str]:
+        cmd = [*(("ip", "netns", "exec", self.netns) if self.netns else ()), *argv]
+        name = " ".join(argv[:2]) if len(argv) > 1 and not argv[1].startswith("-") else argv[0]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise DataplaneError(name, -1, str(exc)) from exc
+        try:
+            out, err = await asyncio.wait_for(
+                proc.communicate(stdin.encode() if stdin is not None else None), self.timeout
+            )
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise DataplaneError(name, None, f"no answer within {self.timeout:.0f}s") from None
+        rc = proc.returncode if proc.returncode is not None else -1
+        stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
+        if rc not in ok:
+            raise DataplaneError(name, rc, stderr)
+        return rc, stdout, stderr
+
+    async def _ipset_restore(self, text: str) -> None:
+        if text.strip():
+            await self._run("ipset", "-exist", "restore", stdin=text)
+
+    async def _iptables_restore(self, text: str) -> None:
+        if text.strip():
+            await self._run(f"{self._iptables}-restore", "-w", "--noflush", stdin=text)
+
+    async def _destroy_sets(self, names: Sequence[str]) -> None:
+        remaining = list(names)
+        for attempt in range(_DESTROY_ATTEMPTS):
+            if not remaining:
+                return
+            try:
+                await self._ipset_restore("".join(f"destroy {n}\n" for n in remaining))
+                return
+            except DataplaneError:
+                if attempt == _DESTROY_ATTEMPTS - 1:
+                    raise
+                # restore stops at the first failure: see what is still there and retry.
+                await asyncio.sleep(0.05 * 2**attempt)
+                _, out, _ = await self._run("ipset", "list", "-n")
+                present = set(out.split())
+                remaining = [n for n in remaining if n in present]
+
+    # --- reading --------------------------------------------------------------------------
+
+    async def read_kernel(self) -> KernelState:
+        """Snapshot our sets, chains and jumps from the kernel."""
+        _, sets_text, _ = await self._run("ipset", "save")
+        _, filter_text, _ = await self._run(self._iptables, "-w", "-t", "filter", "-S")
+        _, nat_text, _ = await self._run(self._iptables, "-w", "-t", "nat", "-S")
+        fc, fj = fwplan.parse_iptables_s(filter_text, "filter", self.prefix)
+        nc, nj = fwplan.parse_iptables_s(nat_text, "nat", self.prefix)
+        return KernelState(
+            prefix=self.prefix,
+            sets=fwplan.parse_ipset_save(sets_text, self.prefix),
+            chains={**fc, **nc},
+            jumps={**fj, **nj},
+        )
+
+    async def check_drift(self, state: DesiredState) -> list[str]:
+        """Describe every difference between the kernel and ``state`` (empty when in sync)."""
+        self._check_prefix(state)
+        return fwplan.drift(state, await self.read_kernel())
+
+    # --- applying -------------------------------------------------------------------------
+
+    def _check_prefix(self, state: DesiredState) -> None:
+        if state.prefix != self.prefix:
+            raise ValueError(f"state prefix {state.prefix!r} != dataplane prefix {self.prefix!r}")
+
+    async def apply(self, state: DesiredState) -> StateDiff | None:
+        """Move to ``state``: incrementally from the last applied state, else a full resync."""
+        if self.applied is None:
+            await self.apply_full(state)
+            return None
+        return await self.apply_diff(self.applied, state)
+
+    async def apply_full(self, state: DesiredState) -> None:
+        """Complete, atomic-per-step resync of sets, chains and jumps; removes stale sets."""
+        self._check_prefix(state)
+        async with self._lock:
+            started = time.monotonic()
+            self.applied = None
+            try:
+                await self._apply_full_locked(state)
+            except Exception as exc:
+                self.stats.failures += 1
+                self.stats.last_error = str(exc)
+                raise
+            self.applied = state
+            self.stats.full_applies += 1
+            self._finish("full", started)
+
+    async def _apply_full_locked(self, state: DesiredState) -> None:
+        kernel = await self.read_kernel()
+        wrong = fwplan.mismatched_sets(state, kernel)
+        if wrong:
+            # A set of the wrong type cannot be swapped: drop every set reference with a
+            # fail-closed chain, recreate those sets, then continue as usual.
+            log.warning("recreating ipsets with the wrong type: %s", ", ".join(wrong))
+            await self._iptables_restore(
+                fwplan.render_lockdown(self.prefix, state.tunnel_networks, kernel)
+            )
+            await self._destroy_sets(wrong)
+            kernel = await self.read_kernel()
+        ipset_text, iptables_text = fwplan.render_full(state, kernel)
+        await self._ipset_restore(ipset_text)
+        await self._iptables_restore(iptables_text)
+        stale = fwplan.stale_sets(state, kernel)
+        if stale:
+            try:
+                await self._destroy_sets(stale)
+            except DataplaneError as exc:
+                # Harmless leftovers (empty, unreferenced by our rules); drift reports them.
+                log.warning("could not destroy stale ipsets: %s", exc)
+
+    async def apply_diff(self, old: DesiredState, new: DesiredState) -> StateDiff:
+        """Apply the element changes from ``old`` to ``new`` (full resync when rules change),
+        then delete conntrack entries of flows that lost access."""
+        self._check_prefix(new)
+        d = fwplan.diff(old, new)
+        if d.needs_full:
+            await self.apply_full(new)
+        else:
+            async with self._lock:
+                started = time.monotonic()
+                self.applied = None
+                try:
+                    await self._ipset_restore(fwplan.render_ops(d.ops))
+                except DataplaneError as exc:
+                    log.warning("incremental apply failed, resyncing: %s", exc)
+                    self.stats.fallbacks += 1
+                    ok = False
+                else:
+                    ok = True
+                    self.applied = new
+                    self.stats.diff_applies += 1
+                    self._finish("diff", started)
+            if not ok:
+                await self.apply_full(new)
+        await self._kill_revoked(d, new)
+        return d
+
+    async def _kill_revoked(self, d: StateDiff, new: DesiredState) -> None:
+        errors: list[DataplaneError] = []
+        for rf in d.revoked_flows:
+            try:
+                await self.kill_flows(rf.client, rf.grant, keep=new)
+            except DataplaneError as exc:
+                errors.append(exc)
+        if errors:
+            self.stats.last_error = str(errors[0])
+            raise errors[0]
+
+    def _finish(self, kind: str, started: float) -> None:
+        self.stats.last_apply_seconds = time.monotonic() - started
+        self.stats.last_apply_kind = kind
+
+    async def remove_all(self) -> None:
+        """Remove our jumps, chains and sets (agent shutdown, lab down). Idempotent."""
+        async with self._lock:
+            self.applied = None
+            kernel = await self.read_kernel()
+            iptables_text, _ = fwplan.render_teardown(kernel)
+            await self._iptables_restore(iptables_text)
+            if kernel.sets:
+                await self._destroy_sets(sorted(kernel.sets))
+
+    # --- conntrack ------------------------------------------------------------------------
+
+    async def kill_flows(
+        self,
+        client_ip: IPv4Address,
+        grant: Grant | None = None,
+        *,
+        keep: DesiredState | None = None,
+    ) -> int:
+        """Delete conntrack entries of ``client_ip``; returns how many were deleted.
+
+        ``grant=None`` means every flow the client opened, and, unless ``keep`` still has the
+        client connected, flows opened towards it (gateway mode) too. With ``grant`` only
+        flows the client opened that match it go. With ``keep``, flows that state still
+        allows are spared, so a grant revoked in one group but held through another does not
+        cut connections.
+        """
+        still_connected = keep is not None and client_ip in keep.all_clients
+        if grant is None and not still_connected:
+            n = await self._conntrack_delete("-s", str(client_ip))
+            n += await self._conntrack_delete("-d", str(client_ip))
+            self.stats.flows_killed += n
+            return n
+        args = ["-s", str(client_ip)]
+        if grant is not None:
+            args += _dst_filter(grant.network)
+            if grant.proto != "any":
+                args += ["-p", grant.proto]
+        _, out, _ = await self._run("conntrack", "-L", *args, ok=(0, 1))
+        victims: set[tuple[int, str, IPv4Address, int | None]] = set()
+        for f in parse_conntrack(out):
+            if f.src != client_ip or (
+                grant is not None and not grant.matches(f.proto, f.dst, f.dport)
+            ):
+                continue
+            if keep is not None and fwplan.is_allowed(keep, f.src, f.proto, f.dst, f.dport):
+                continue
+            victims.add(
+                (f.protonum, f.proto, f.dst, f.dport if f.proto in ("tcp", "udp") else None)
+            )
+        # Allowance depends only on (proto, dst, dport), so delete per destination port: every
+        # flow of the client there is equally disallowed.
+        n = 0
+        for protonum, _proto, dst, dport in sorted(victims, key=str):
+            cmd = ["-s", str(client_ip), "-d", str(dst), "-p", str(protonum)]
+            if dport is not None:
+                cmd += ["--dport", str(dport)]
+            n += await self._conntrack_delete(*cmd)
+        self.stats.flows_killed += n
+        return n
+
+    async def _conntrack_delete(self, *args: str) -> int:
+        # conntrack exits 1 when nothing matched; that is success here.
+        rc, _, err = await self._run("conntrack", "-D", *args, ok=(0, 1))
+        m = _DELETED_RE.search(err)
+        if rc == 1 and m is None:
+            raise DataplaneError("conntrack -D", rc, err)
+        return int(m.group(1)) if m else 0
+
+    # --- sysctls --------------------------------------------------------------------------
+
+    async def ensure_sysctls(self) -> None:
+        """Enable forwarding and conntrack accounting/timestamps in this namespace."""
+        await self._run("sysctl", "-q", "-w", *(f"{k}={v}" for k, v in SYSCTLS))
+
+
+def _dst_filter(network: IPv4Network) -> list[str]:
+    if network.prefixlen == 0:
+        return []
+    if network.prefixlen == 32:
+        return ["-d", str(network.network_address)]
+    return ["-d", str(network.network_address), "--mask-dst", str(network.netmask)]

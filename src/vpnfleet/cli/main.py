@@ -1,0 +1,170 @@
+"""`vpnfleet`: the command line. Thin: parse, call the API, print."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from vpnfleet import __version__
+from vpnfleet.cli import admin
+from vpnfleet.cli.client import CLIError
+from vpnfleet.cli.output import err_console
+
+app = typer.Typer(
+    name="vpnfleet",
+    help="Run a company OpenVPN service as a fleet of pods.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    url: Annotated[
+        str | None, typer.Option(help="Control plane URL (env VPNFLEET_URL).", show_default=False)
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(help="API token (env VPNFLEET_TOKEN).", show_default=False)
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print version.")
+    ] = False,
+) -> None:
+    ctx.obj = {"url": url, "token": token}
+
+
+@app.command()
+def server(
+    data_dir: Annotated[
+        Path | None, typer.Option(help="State directory (env VPNFLEET_DATA_DIR).")
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="sqlite:///PATH or postgresql+psycopg://... (env VPNFLEET_DATABASE_URL)."
+        ),
+    ] = None,
+    listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT to serve on (default 127.0.0.1:8000).")
+    ] = None,
+    public_endpoint: Annotated[
+        list[str] | None,
+        typer.Option(help="HOST[:PORT] clients connect to; repeat for several."),
+    ] = None,
+    log_format: Annotated[str, typer.Option(help="text or json.")] = "text",
+) -> None:
+    """Run the control plane (applies database migrations first)."""
+    import uvicorn
+
+    from vpnfleet import logsetup
+    from vpnfleet.controlplane.app import create_app, prepare
+    from vpnfleet.controlplane.settings import ServerSettings
+    from vpnfleet.core.netparse import parse_listen
+
+    try:
+        logsetup.setup(log_format)
+        settings = ServerSettings.from_env(
+            data_dir=data_dir,
+            database_url=database_url,
+            listen=listen,
+            public_endpoints=public_endpoint or None,
+            log_format=log_format,
+        )
+    except ValueError as exc:
+        raise CLIError(str(exc), 2) from None
+    try:
+        state = prepare(settings)
+    except Exception as exc:
+        raise CLIError(f"cannot start: {_describe(exc)}") from None
+    host, port = parse_listen(settings.listen)
+    uvicorn.run(
+        create_app(settings, state),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def _describe(exc: Exception) -> str:
+    from sqlalchemy.exc import OperationalError
+
+    if isinstance(exc, OperationalError):
+        return f"database unreachable ({type(exc.orig).__name__}: {str(exc.orig).splitlines()[0]})"
+    return str(exc) or type(exc).__name__
+
+
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    data_dir: Annotated[Path | None, typer.Option()] = None,
+    database_url: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Apply schema migrations (the server also does this at start)."""
+    from vpnfleet.controlplane import db
+    from vpnfleet.controlplane.settings import ServerSettings
+
+    try:
+        settings = ServerSettings.from_env(data_dir=data_dir, database_url=database_url)
+    except ValueError as exc:
+        raise CLIError(str(exc), 2) from None
+    settings.ensure_data_dir()
+    try:
+        engine = db.make_engine(settings.resolved_database_url)
+        db.upgrade(engine)
+        typer.echo(f"database at revision {db.current_revision(engine)}")
+    except Exception as exc:
+        raise CLIError(f"migration failed: {_describe(exc)}") from None
+
+
+app.add_typer(db_app, name="db")
+app.add_typer(admin.user_app, name="user")
+app.add_typer(admin.group_app, name="group")
+app.add_typer(admin.rule_app, name="rule")
+app.add_typer(admin.pool_app, name="pool")
+app.add_typer(admin.token_app, name="token")
+app.add_typer(admin.pki_app, name="pki")
+app.add_typer(admin.audit_app, name="audit")
+app.add_typer(admin.session_app, name="session")
+app.add_typer(admin.pod_app, name="pod")
+
+
+def main() -> None:
+    """Console entry point: one clear sentence and exit code != 0 on failure."""
+    try:
+        result = app(standalone_mode=False)
+    except CLIError as exc:
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(exc.code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+    if isinstance(result, int) and result:
+        sys.exit(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The CA as stored in the database: issue, revoke and list certificates, sign the CRL."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from vpnfleet.controlplane import pki
+from vpnfleet.controlplane.errors import Problem
+from vpnfleet.controlplane.models import Certificate, PKIState, utcnow
+
+
+def load_ca(db: Session, sealer: pki.Sealer) -> pki.KeyPair:
+    state = db.get(PKIState, 1)
+    if state is None:
+        raise Problem(503, "PKI not initialised", "the CA has not been created yet")
+    return pki.KeyPair(state.ca_cert_pem, sealer.unseal(state.ca_key_sealed))
+
+
+def ca_cert_pem(db: Session) -> str:
+    state = db.get(PKIState, 1)
+    if state is None:
+        raise Problem(503, "PKI not initialised", "the CA has not been created yet")
+    return state.ca_cert_pem
+
+
+def tls_crypt_key(db: Session, sealer: pki.Sealer) -> str:
+    state = db.get(PKIState, 1)
+    if state is None:
+        raise Problem(503, "PKI not initialised", "the CA has not been created yet")
+    return sealer.unseal(state.tls_crypt_sealed)
+
+
+def ensure_ca(db: Session, sealer: pki.Sealer) -> bool:
+    """Create the CA and tls-crypt key once; True if they were created now."""
+    if db.get(PKIState, 1) is not None:
+        return False
+    ca = pki.create_ca()
+    db.add(
+        PKIState(
+            id=1,
+            ca_cert_pem=ca.cert_pem,
+            ca_key_sealed=sealer.seal(ca.key_pem),
+            tls_crypt_sealed=sealer.seal(pki.generate_tls_crypt_key()),
+        )
+    )
+    db.flush()
+    return True
+
+
+def issue(
+    db: Session,
+    sealer: pki.Sealer,
+    kind: str,
+    common_name: str,
+    user_id: int | None = None,
+    pod_id: int | None = None,
+) -> Certificate:
+    """Issue and store a client (`kind="client"`) or server certificate."""
+    ca = load_ca(db, sealer)
+    pair = (
+        pki.issue_client_cert(ca, common_name)
+        if kind == "client"
+        else pki.issue_server_cert(ca, common_name)
+    )
+    info = pki.cert_info(pair.cert_pem)
+    cert = Certificate(
+        kind=kind,
+        common_name=common_name,
+        user_id=user_id,
+        pod_id=pod_id,
+        serial=str(info.serial),
+        cert_pem=pair.cert_pem,
+        key_sealed=sealer.seal(pair.key_pem),
+        not_after=info.not_after,
+    )
+    db.add(cert)
+    db.flush()
+    return cert
+
+
+def current_user_cert(db: Session, user_id: int) -> Certificate | None:
+    """The user's newest certificate that is not revoked."""
+    return db.scalar(
+        select(Certificate)
+        .where(
+            Certificate.user_id == user_id,
+            Certificate.kind == "client",
+            Certificate.revoked_at.is_(None),
+        )
+        .order_by(Certificate.id.desc())
+        .limit(1)
+    )
+
+
+def revoke_user_certs(db: Session, user_id: int, reason: str) -> list[Certificate]:
+    rows = db.scalars(
+        select(Certificate).where(Certificate.user_id == user_id, Certificate.revoked_at.is_(None))
+    ).all()
+    now = utcnow()
+    for row in rows:
+        row.revoked_at = now
+        row.revocation_reason = reason
+    db.flush()
+    return list(rows)
+
+
+def revoked_serials(db: Session) -> list[tuple[int, dt.datetime]]:
+    rows = db.execute(
+        select(Certificate.serial, Certificate.revoked_at).where(
+            Certificate.revoked_at.is_not(None)
+        )
+    ).all()
+    return [(int(serial), when) for serial, when in rows if when is not None]
+
+
+def crl_pem(db: Session, sealer: pki.Sealer) -> str:
+    """A freshly signed CRL of every revoked certificate."""
+    return pki.build_crl(load_ca(db, sealer), revoked_serials(db))

@@ -1,0 +1,93 @@
+"""RFC 9457 problem+json errors: one clear sentence for the user, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("vpnfleet.api")
+
+PROBLEM = "application/problem+json"
+
+
+class Problem(Exception):
+    """An error the API reports to the caller as problem+json."""
+
+    def __init__(self, status: int, title: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.extra = extra
+
+
+def not_found(what: str, key: object) -> Problem:
+    return Problem(404, "Not found", f"{what} {key!r} does not exist")
+
+
+def conflict(detail: str) -> Problem:
+    return Problem(409, "Conflict", detail)
+
+
+def bad_request(detail: str) -> Problem:
+    return Problem(400, "Bad request", detail)
+
+
+def problem_response(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+
+
+def _field(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or "body"
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn every error into problem+json."""
+
+    @app.exception_handler(Problem)
+    async def _problem(_req: Request, exc: Problem) -> JSONResponse:
+        return problem_response(exc.status, exc.title, exc.detail, **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = []
+        for err in exc.errors():
+            msg = str(err.get("msg", "invalid"))
+            # pydantic prefixes our own ValueError messages; users need only the sentence.
+            msg = msg.removeprefix("Value error, ")
+            errors.append({"field": _field(err.get("loc", ())), "message": msg})
+        if errors and errors[0]["message"] == "JSON decode error":
+            detail = "the request body is not valid JSON"
+        else:
+            detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
+        return problem_response(422, "Invalid request", detail, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        title = {401: "Unauthorized", 403: "Forbidden", 404: "Not found", 405: "Method not allowed"}
+        headers = getattr(exc, "headers", None)
+        resp = problem_response(
+            exc.status_code, title.get(exc.status_code, "Error"), str(exc.detail)
+        )
+        if headers:
+            resp.headers.update(headers)
+        return resp
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity(_req: Request, exc: IntegrityError) -> JSONResponse:
+        # A race lost against a unique constraint: the other request won, nothing was written.
+        log.info("integrity conflict: %s", type(exc.orig).__name__)
+        return problem_response(409, "Conflict", "the change conflicts with existing data")
+
+    @app.exception_handler(OperationalError)
+    async def _db_down(_req: Request, exc: OperationalError) -> JSONResponse:
+        log.error("database error: %s", type(exc.orig).__name__)
+        return problem_response(503, "Database unavailable", "the database is unavailable")

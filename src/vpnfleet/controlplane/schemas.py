@@ -1,0 +1,272 @@
+"""Request and response bodies of the admin API (the agent's live in vpnfleet.wire)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from vpnfleet.core import netparse
+
+_strict = ConfigDict(extra="forbid")
+
+
+class UserCreate(BaseModel):
+    model_config = _strict
+    name: str
+    email: str | None = None
+    mode: str = "nat"
+    enabled: bool = True
+    max_sessions: int = Field(default=1, ge=1, le=100)
+    groups: list[str] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return netparse.validate_name(v, "user name")
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        return netparse.parse_mode(v)
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, v: str | None) -> str | None:
+        return _check_email(v)
+
+
+def _check_email(v: str | None) -> str | None:
+    if v is None or v == "":
+        return None
+    local, at, domain = v.partition("@")
+    if not at or not local or "." not in domain or " " in v or len(v) > 254:
+        raise ValueError(f"{v!r} is not an email address")
+    return v
+
+
+class UserUpdate(BaseModel):
+    model_config = _strict
+    email: str | None = None
+    mode: str | None = None
+    enabled: bool | None = None
+    max_sessions: int | None = Field(default=None, ge=1, le=100)
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v: str | None) -> str | None:
+        return None if v is None else netparse.parse_mode(v)
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, v: str | None) -> str | None:
+        return _check_email(v)
+
+
+class CertOut(BaseModel):
+    serial: str
+    common_name: str
+    not_after: dt.datetime
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None
+    revocation_reason: str | None
+    fingerprint_sha256: str | None = None
+
+
+class UserOut(BaseModel):
+    id: int
+    name: str
+    email: str | None
+    mode: str
+    enabled: bool
+    max_sessions: int
+    groups: list[str]
+    gateway_address: str | None
+    certificate: CertOut | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class GroupCreate(BaseModel):
+    model_config = _strict
+    name: str
+    description: str | None = Field(default=None, max_length=500)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return netparse.validate_name(v, "group name")
+
+
+class GroupOut(BaseModel):
+    id: int
+    name: str
+    description: str | None
+    members: list[str]
+    rules: int
+    created_at: dt.datetime
+
+
+class MemberIn(BaseModel):
+    model_config = _strict
+    user: str
+
+
+class RuleCreate(BaseModel):
+    model_config = _strict
+    group: str
+    destination: str
+    proto: str = "any"
+    ports: str | None = None
+    description: str | None = Field(default=None, max_length=500)
+
+    @field_validator("destination")
+    @classmethod
+    def _destination(cls, v: str) -> str:
+        return str(netparse.parse_destination(v))
+
+    @field_validator("proto")
+    @classmethod
+    def _proto(cls, v: str) -> str:
+        return netparse.parse_protocol(v)
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, v: str | None) -> str | None:
+        return netparse.format_ports(netparse.parse_ports(v))
+
+    @model_validator(mode="after")
+    def _ports_need_tcp_udp(self) -> RuleCreate:
+        netparse.check_ports_for_protocol(
+            netparse.parse_protocol(self.proto), netparse.parse_ports(self.ports)
+        )
+        return self
+
+
+class RuleOut(BaseModel):
+    id: int
+    group: str
+    destination: str
+    proto: str
+    ports: str | None
+    description: str | None
+    created_at: dt.datetime
+
+
+class PoolSet(BaseModel):
+    model_config = _strict
+    cidr: str
+    kind: str | None = None
+
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, v: str) -> str:
+        return str(netparse.parse_pool_cidr(v))
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str | None) -> str | None:
+        if v is not None and v not in ("nat", "gateway"):
+            raise ValueError(f"unknown pool kind {v!r}: use 'nat' or 'gateway'")
+        return v
+
+
+class PoolOut(BaseModel):
+    id: int
+    name: str
+    kind: str
+    cidr: str
+    capacity: int
+    leases: int
+    updated_at: dt.datetime
+
+
+class TokenCreate(BaseModel):
+    model_config = _strict
+    name: str
+    role: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return netparse.validate_name(v, "token name")
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, v: str) -> str:
+        from vpnfleet.controlplane.auth import parse_role
+
+        return parse_role(v)
+
+
+class TokenOut(BaseModel):
+    id: int
+    name: str
+    role: str
+    prefix: str
+    created_at: dt.datetime
+    created_by: str | None
+    revoked_at: dt.datetime | None
+    last_used_at: dt.datetime | None
+
+
+class TokenCreated(TokenOut):
+    token: str
+
+
+class ReissueIn(BaseModel):
+    model_config = _strict
+    reason: str | None = Field(default=None, max_length=200)
+
+
+class PKIOut(BaseModel):
+    ca: CertOut
+    ca_pem: str
+    issued: int
+    revoked: int
+    crl_next_update_days: int
+
+
+class AdminAuditOut(BaseModel):
+    id: int
+    at: dt.datetime
+    actor: str
+    role: str
+    action: str
+    target: str | None
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    revision: int | None
+
+
+class SessionOut(BaseModel):
+    id: int
+    user: str
+    pod: str
+    mode: str
+    tunnel_ip: str
+    real_ip: str | None
+    real_port: int | None
+    started_at: dt.datetime
+    ended_at: dt.datetime | None
+    bytes_in: int
+    bytes_out: int
+    end_reason: str | None
+
+
+class PodOut(BaseModel):
+    id: int
+    name: str
+    template: str
+    public_endpoint: str | None
+    pod_ip: str | None
+    registered_at: dt.datetime
+    last_heartbeat: dt.datetime | None
+    applied_revision: int
+    ready: bool
+    status: dict[str, Any]
+
+
+class RevisionOut(BaseModel):
+    revision: int

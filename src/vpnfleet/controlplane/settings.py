@@ -1,0 +1,80 @@
+"""Control plane settings: flags, environment variables and their defaults."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vpnfleet.core import netparse
+
+DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "vpnfleet"
+
+
+@dataclass
+class ServerSettings:
+    """Everything `vpnfleet server` needs; `from_env` fills the gaps from VPNFLEET_* variables."""
+
+    data_dir: Path = field(default_factory=lambda: DEFAULT_DATA_DIR)
+    database_url: str | None = None
+    listen: str = "127.0.0.1:8000"
+    public_endpoints: list[str] = field(default_factory=list)
+    secret: str | None = None
+    bootstrap_token: str | None = None
+    change_log_keep: int = 100_000
+    watch_poll_interval: float = 0.2
+    heartbeat_interval: float = 15.0
+    log_format: str = "text"
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> ServerSettings:
+        env = os.environ
+        values: dict[str, object] = {}
+        if "VPNFLEET_DATA_DIR" in env:
+            values["data_dir"] = Path(env["VPNFLEET_DATA_DIR"])
+        if "VPNFLEET_DATABASE_URL" in env:
+            values["database_url"] = env["VPNFLEET_DATABASE_URL"]
+        if "VPNFLEET_LISTEN" in env:
+            values["listen"] = env["VPNFLEET_LISTEN"]
+        if "VPNFLEET_PUBLIC_ENDPOINTS" in env:
+            values["public_endpoints"] = [
+                e.strip() for e in env["VPNFLEET_PUBLIC_ENDPOINTS"].split(",") if e.strip()
+            ]
+        if "VPNFLEET_SECRET" in env:
+            values["secret"] = env["VPNFLEET_SECRET"]
+        if "VPNFLEET_BOOTSTRAP_TOKEN" in env:
+            values["bootstrap_token"] = env["VPNFLEET_BOOTSTRAP_TOKEN"]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        netparse.parse_listen(self.listen)
+        for endpoint in self.public_endpoints:
+            netparse.parse_endpoint(endpoint)
+        url = self.resolved_database_url
+        if not (url.startswith("sqlite") or url.startswith("postgresql+psycopg://")):
+            raise ValueError(
+                "database URL must be sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+            )
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'vpnfleet.db'}"
+
+    def ensure_data_dir(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def resolved_secret(self) -> str:
+        """The key-sealing secret: VPNFLEET_SECRET, or a file created once in the data dir."""
+        if self.secret:
+            return self.secret
+        path = self.data_dir / "secret.key"
+        if not path.exists():
+            self.ensure_data_dir()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(48) + "\n")
+        return path.read_text().strip()

@@ -1,0 +1,111 @@
+"""The control plane's process-wide state and the FastAPI dependencies built on it."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine, event, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from vpnfleet.controlplane import auth
+from vpnfleet.controlplane.errors import Problem
+from vpnfleet.controlplane.models import AdminToken
+from vpnfleet.controlplane.pki import Sealer
+from vpnfleet.controlplane.settings import ServerSettings
+from vpnfleet.controlplane.watch import ChangeHub
+
+
+@dataclass
+class AppState:
+    settings: ServerSettings
+    engine: Engine
+    factory: sessionmaker[Session]
+    sealer: Sealer
+    hub: ChangeHub
+
+    def install_commit_hook(self) -> None:
+        """Wake the local watch hub right after a transaction that changed the log commits."""
+
+        @event.listens_for(self.factory, "after_commit")
+        def _after_commit(session: Session) -> None:
+            if session.info.pop("changed", False):
+                self.hub.poke()
+
+
+def app_state(request: Request) -> AppState:
+    state: AppState = request.app.state.vpnfleet
+    return state
+
+
+def get_db(state: Annotated[AppState, Depends(app_state)]) -> Iterator[Session]:
+    """One transaction per request: committed if the handler returns, rolled back otherwise."""
+    with state.factory() as db, db.begin():
+        yield db
+
+
+DB = Annotated[Session, Depends(get_db)]
+State = Annotated[AppState, Depends(app_state)]
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def _authenticate(state: AppState, creds: HTTPAuthorizationCredentials | None) -> auth.Principal:
+    if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+        raise Problem(
+            401,
+            "Unauthorized",
+            "missing bearer token: set VPNFLEET_TOKEN or pass --token",
+        )
+    digest = auth.hash_token(creds.credentials)
+    with state.factory() as db, db.begin():
+        row = db.scalar(select(AdminToken).where(AdminToken.token_hash == digest))
+        if row is None or row.revoked_at is not None:
+            raise Problem(401, "Unauthorized", "the token is unknown or revoked")
+        now = dt.datetime.now(dt.UTC)
+        if auth.touch_due(row.last_used_at, now):
+            row.last_used_at = now
+        return auth.Principal(token_id=row.id, name=row.name, role=auth.parse_role(row.role))
+
+
+def require(*roles: auth.Role) -> Callable[..., auth.Principal]:
+    """A dependency that admits only tokens with one of `roles` (admin always passes)."""
+    allowed = set(roles) | {"admin"}
+
+    def _dep(
+        state: State,
+        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> auth.Principal:
+        who = _authenticate(state, creds)
+        if who.role not in allowed:
+            raise Problem(
+                403,
+                "Forbidden",
+                f"role {who.role!r} may not do this (needs {' or '.join(sorted(allowed))})",
+            )
+        return who
+
+    return _dep
+
+
+Admin = Annotated[auth.Principal, Depends(require("admin"))]
+Operator = Annotated[auth.Principal, Depends(require("operator"))]
+Reader = Annotated[auth.Principal, Depends(require("operator", "auditor"))]
+Auditor = Annotated[auth.Principal, Depends(require("auditor", "operator"))]
+Agent = Annotated[auth.Principal, Depends(require("agent"))]
+Watcher = Annotated[auth.Principal, Depends(require("agent", "operator"))]
+
+
+def jsonable(obj: Any) -> Any:
+    """Make a value JSON-safe for audit before/after snapshots."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, dt.datetime):
+        return obj.isoformat()
+    return obj

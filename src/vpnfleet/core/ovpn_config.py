@@ -1,0 +1,279 @@
+"""Pure renderers for OpenVPN 2.6 configuration: the pod's server config and client profiles.
+
+The server config is written for an agent that decides every client through the management
+interface (`management-client-auth`) and hands out tunnel addresses itself with
+`ifconfig-push` in its `client-auth` answer. That is why it uses an explicit `mode server` /
+`tls-server` / `ifconfig` setup instead of the `server` helper: the helper would also create
+an `ifconfig-pool`, and OpenVPN would then assign addresses behind the agent's back. With no
+pool, a client that the agent does not give an address gets none.
+
+Every value that reaches a config line is validated (ValueError with one clear sentence):
+a newline in a path or host would otherwise inject directives.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Sequence
+from typing import Literal
+
+__all__ = [
+    "DATA_CIPHERS",
+    "ClientProto",
+    "ServerProto",
+    "render_client_profile",
+    "render_server_conf",
+]
+
+DATA_CIPHERS = "AES-256-GCM:AES-128-GCM:CHACHA20-POLY1305"
+
+ServerProto = Literal["udp", "udp4", "udp6"]
+ClientProto = Literal["udp", "udp4", "udp6"]
+_PROTOS = ("udp", "udp4", "udp6")
+
+# Linux interface names: at most 15 bytes; keep to characters that never need quoting.
+_DEV_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+# Arguments written bare; anything else is quoted for OpenVPN's lexer.
+_BARE_RE = re.compile(r"[A-Za-z0-9_./:@+=,-]+")
+_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _arg(value: str, what: str) -> str:
+    """One config argument, quoted when it holds characters the lexer would split on."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string")
+    if _CONTROL_RE.search(value):
+        raise ValueError(f"{what} contains a control character (newline, NUL, ...): {value!r}")
+    if _BARE_RE.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _path(value: str, what: str) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f"{what} must be an absolute path, got {value!r}")
+    return _arg(value, what)
+
+
+def _int_in(value: int, lo: int, hi: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{what} must be an integer from {lo} to {hi}, got {value!r}")
+    return value
+
+
+def _proto(value: str) -> str:
+    if value not in _PROTOS:
+        raise ValueError(f"proto must be one of {', '.join(_PROTOS)}, got {value!r}")
+    return value
+
+
+def _extra(lines: Sequence[str]) -> list[str]:
+    out = []
+    for n, line in enumerate(lines, start=1):
+        if not isinstance(line, str) or _CONTROL_RE.search(line):
+            raise ValueError(f"extra config line {n} contains a control character: {line!r}")
+        if line.lstrip().startswith("<"):
+            raise ValueError(f"extra config line {n} opens an inline block: {line!r}")
+        out.append(line)
+    return out
+
+
+def _gateway(value: str | ipaddress.IPv4Interface) -> ipaddress.IPv4Interface:
+    try:
+        iface = ipaddress.IPv4Interface(value)
+    except (ipaddress.AddressValueError, ipaddress.NetmaskValueError, ValueError):
+        raise ValueError(
+            f"pool gateway {value!r} is not an IPv4 address with prefix, like 10.8.0.1/24"
+        ) from None
+    net = iface.network
+    if net.prefixlen > 30:
+        raise ValueError(f"pool gateway {iface} leaves no room for clients (prefix > /30)")
+    if iface.ip in (net.network_address, net.broadcast_address):
+        raise ValueError(
+            f"pool gateway {iface} is the network or broadcast address; use a host address"
+        )
+    return iface
+
+
+def render_server_conf(
+    *,
+    pool_gateway: str | ipaddress.IPv4Interface,
+    management_socket: str,
+    ca_path: str,
+    cert_path: str,
+    key_path: str,
+    tls_crypt_path: str,
+    crl_path: str | None = None,
+    dev: str = "tun0",
+    port: int = 1194,
+    proto: ServerProto = "udp",
+    local: str | None = None,
+    management_hold: bool = True,
+    keepalive: tuple[int, int] = (10, 60),
+    verb: int = 3,
+    max_clients: int | None = None,
+    duplicate_cn: bool = True,
+    dco: bool = False,
+    extra_lines: Sequence[str] = (),
+) -> str:
+    """Render the server config of one pod.
+
+    `pool_gateway` is the server's own tunnel address with the pool's prefix (`10.8.0.1/24`);
+    clients get their address only from the agent's `ifconfig-push`. `management_hold` makes
+    OpenVPN wait for `hold release`, so no client is accepted before the agent is attached.
+    `duplicate_cn` lets one certificate hold several sessions: the agent enforces session
+    limits, and without it OpenVPN would silently drop an older session of the same CN.
+    `dco=False` writes `disable-dco`, so the tunnel behaves the same on every node whether or
+    not the host kernel has the ovpn-dco module.
+    """
+    gw = _gateway(pool_gateway)
+    if not isinstance(dev, str) or not _DEV_RE.fullmatch(dev):
+        raise ValueError(f"dev must be an interface name of 1-15 letters/digits/._-, got {dev!r}")
+    _int_in(port, 1, 65535, "port")
+    _proto(proto)
+    ping, restart = keepalive
+    _int_in(ping, 1, 3600, "keepalive interval")
+    _int_in(restart, 2 * ping, 86400, "keepalive timeout (at least twice the interval)")
+    _int_in(verb, 0, 11, "verb")
+    if local is not None:
+        try:
+            ipaddress.ip_address(local)
+        except ValueError:
+            raise ValueError(f"local must be an IP address, got {local!r}") from None
+
+    lines = [
+        "# Rendered by vpnfleet: the agent owns this file and rewrites it; do not edit.",
+        "mode server",
+        "tls-server",
+        f"dev {dev}",
+        "dev-type tun",
+        "topology subnet",
+        f"ifconfig {gw.ip} {gw.netmask}",
+        # No ifconfig-pool: the agent assigns every address via ifconfig-push.
+        'push "topology subnet"',
+        f'push "route-gateway {gw.ip}"',
+        f"proto {proto}",
+        f"port {port}",
+    ]
+    if local is not None:
+        lines.append(f"local {local}")
+    lines += [
+        f"management {_path(management_socket, 'management socket')} unix",
+        "management-client-auth",
+    ]
+    if management_hold:
+        lines.append("management-hold")
+    lines += [
+        f"ca {_path(ca_path, 'CA path')}",
+        f"cert {_path(cert_path, 'certificate path')}",
+        f"key {_path(key_path, 'key path')}",
+        f"tls-crypt {_path(tls_crypt_path, 'tls-crypt key path')}",
+    ]
+    if crl_path is not None:
+        # OpenVPN re-reads the CRL file when it changes, so the agent can update it live.
+        lines.append(f"crl-verify {_path(crl_path, 'CRL path')}")
+    lines += [
+        "dh none",
+        "remote-cert-tls client",
+        "tls-version-min 1.2",
+        f"data-ciphers {DATA_CIPHERS}",
+        f"keepalive {ping} {restart}",
+        # Tell clients to reconnect at once when this server stops (drain, restart).
+        "explicit-exit-notify 1",
+        # No scripts: every decision goes through the management interface.
+        "script-security 1",
+        f"verb {verb}",
+    ]
+    if duplicate_cn:
+        lines.append("duplicate-cn")
+    if max_clients is not None:
+        lines.append(f"max-clients {_int_in(max_clients, 1, 1_000_000, 'max_clients')}")
+    if not dco:
+        lines.append("disable-dco")
+    lines += _extra(extra_lines)
+    return "\n".join(lines) + "\n"
+
+
+def _validate_host(host: str) -> str:
+    if not isinstance(host, str) or not host:
+        raise ValueError("remote host must be a non-empty string")
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if len(name) > 253 or not all(_LABEL_RE.fullmatch(label) for label in name.split(".")):
+        raise ValueError(f"remote host {host!r} is neither an IP address nor a valid DNS name")
+    return host
+
+
+def _pem_block(tag: str, pem: str, markers: Sequence[str], what: str) -> list[str]:
+    if not isinstance(pem, str) or not any(m in pem for m in markers):
+        raise ValueError(f"{what} is not PEM text (expected {markers[0]!r})")
+    # '<' would let the text close the inline block early and inject directives.
+    if "<" in pem or "\x00" in pem:
+        raise ValueError(f"{what} contains characters that cannot appear in PEM text")
+    return [f"<{tag}>", pem.strip(), f"</{tag}>"]
+
+
+def render_client_profile(
+    *,
+    remotes: Sequence[tuple[str, int]],
+    ca_pem: str,
+    cert_pem: str,
+    key_pem: str,
+    tls_crypt_key: str,
+    proto: ClientProto = "udp",
+    server_name_prefix: str | None = None,
+    name: str | None = None,
+    verb: int = 3,
+) -> str:
+    """Render a self-contained client profile (.ovpn) with inline CA, cert, key and tls-crypt.
+
+    Each pod has its own server certificate, so the profile does not pin one server name:
+    `remote-cert-tls server` already rejects anything but a serverAuth certificate from our
+    CA (client certificates cannot pose as a pod), and `server_name_prefix`, when given,
+    additionally requires the server CN to start with it (`verify-x509-name ... name-prefix`).
+    """
+    if not remotes:
+        raise ValueError("a client profile needs at least one remote (host, port)")
+    _proto(proto)
+    _int_in(verb, 0, 11, "verb")
+    lines: list[str] = []
+    if name is not None:
+        if _CONTROL_RE.search(name):
+            raise ValueError(f"profile name contains a control character: {name!r}")
+        lines.append(f"# vpnfleet client profile: {name}")
+    lines += ["client", "dev tun", f"proto {proto}"]
+    for host, port in remotes:
+        _validate_host(host)
+        _int_in(port, 1, 65535, f"port of remote {host}")
+        lines.append(f"remote {host} {port}")
+    if len(remotes) > 1:
+        lines.append("remote-random")
+    lines += [
+        "resolv-retry infinite",
+        "nobind",
+        "persist-key",
+        "persist-tun",
+        "remote-cert-tls server",
+    ]
+    if server_name_prefix is not None:
+        prefix = _arg(server_name_prefix, "server name prefix")
+        lines.append(f"verify-x509-name {prefix} name-prefix")
+    lines += [
+        "auth-nocache",
+        # Tell the pod at once when the client goes away, so the session closes promptly.
+        "explicit-exit-notify 1",
+        f"verb {verb}",
+    ]
+    lines += _pem_block("ca", ca_pem, ("-----BEGIN CERTIFICATE-----",), "CA certificate")
+    lines += _pem_block("cert", cert_pem, ("-----BEGIN CERTIFICATE-----",), "client certificate")
+    lines += _pem_block("key", key_pem, ("PRIVATE KEY-----",), "client key")
+    lines += _pem_block(
+        "tls-crypt", tls_crypt_key, ("-----BEGIN OpenVPN Static key V1-----",), "tls-crypt key"
+    )
+    return "\n".join(lines) + "\n"

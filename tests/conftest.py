@@ -1,0 +1,116 @@
+"""Fixtures shared by every test: databases (SQLite and the real PostgreSQL), the app, tokens."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+PG_ENV = "VPNFLEET_TEST_PG_URL"
+
+
+def _pg_admin_url() -> str:
+    url = os.environ.get(PG_ENV)
+    if not url:
+        pytest.fail(
+            f"{PG_ENV} is not set: run the tests with scripts/test.sh, which starts PostgreSQL",
+            pytrace=False,
+        )
+    return url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a new database on the real PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.db'}"
+        return
+    admin = make_url(_pg_admin_url())
+    name = f"vft_{secrets.token_hex(6)}"
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
+
+
+@dataclass
+class Server:
+    """A running control plane on loopback and its first admin token."""
+
+    url: str
+    admin_token: str
+    data_dir: Path
+
+    def client(self, token: str | None = "admin") -> httpx.Client:
+        tok = self.admin_token if token == "admin" else token
+        headers = {"Authorization": f"Bearer {tok}"} if tok else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def make_token(self, role: str) -> str:
+        with self.client() as c:
+            r = c.post("/api/v1/tokens", json={"name": f"{role}-{secrets.token_hex(3)}", "role": role})
+            r.raise_for_status()
+            return str(r.json()["token"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def server(database_url: str, tmp_path: Path) -> Iterator[Server]:
+    """A real control plane (uvicorn on a free loopback port) on the given database."""
+    import uvicorn
+
+    from vpnfleet.controlplane.app import create_app
+    from vpnfleet.controlplane.settings import ServerSettings
+
+    data_dir = tmp_path / "data"
+    port = free_port()
+    settings = ServerSettings(
+        data_dir=data_dir,
+        database_url=database_url,
+        listen=f"127.0.0.1:{port}",
+        public_endpoints=["vpn.example.test:1194", "vpn2.example.test:1195"],
+        secret="test-secret",
+        heartbeat_interval=1.0,
+    )
+    app = create_app(settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("control plane did not start")
+        time.sleep(0.05)
+    token = (data_dir / "admin-token").read_text().strip()
+    try:
+        yield Server(f"http://127.0.0.1:{port}", token, data_dir)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=15)
+
+
+@pytest.fixture
+def admin(server: Server) -> Iterator[httpx.Client]:
+    with server.client() as c:
+        yield c
