@@ -55,6 +55,7 @@ class Server:
     url: str
     admin_token: str
     data_dir: Path
+    database_url: str
 
     def client(self, token: str | None = "admin") -> httpx.Client:
         tok = self.admin_token if token == "admin" else token
@@ -63,7 +64,9 @@ class Server:
 
     def make_token(self, role: str) -> str:
         with self.client() as c:
-            r = c.post("/api/v1/tokens", json={"name": f"{role}-{secrets.token_hex(3)}", "role": role})
+            r = c.post(
+                "/api/v1/tokens", json={"name": f"{role}-{secrets.token_hex(3)}", "role": role}
+            )
             r.raise_for_status()
             return str(r.json()["token"])
 
@@ -104,7 +107,7 @@ def server(database_url: str, tmp_path: Path) -> Iterator[Server]:
         time.sleep(0.05)
     token = (data_dir / "admin-token").read_text().strip()
     try:
-        yield Server(f"http://127.0.0.1:{port}", token, data_dir)
+        yield Server(f"http://127.0.0.1:{port}", token, data_dir, database_url)
     finally:
         srv.should_exit = True
         thread.join(timeout=15)

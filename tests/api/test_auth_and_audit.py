@@ -32,7 +32,9 @@ def test_roles(server: Server, admin: httpx.Client) -> None:
     agent = server.make_token("agent")
     with server.client(operator) as op:
         assert op.post("/api/v1/users", json={"name": "eve"}).status_code == 201
-        assert "may not" in problem(op.post("/api/v1/tokens", json={"name": "x", "role": "admin"}), 403)
+        assert "may not" in problem(
+            op.post("/api/v1/tokens", json={"name": "x", "role": "admin"}), 403
+        )
         assert op.get("/api/v1/sessions").status_code == 200
     with server.client(auditor) as au:
         assert "may not" in problem(au.post("/api/v1/users", json={"name": "mallory"}), 403)
@@ -56,8 +58,12 @@ def test_token_lifecycle_never_shows_the_secret_again(
     assert secret not in listing and '"ci"' in listing
     with server.client(secret) as c:
         assert c.get("/api/v1/users").status_code == 200
-    assert "already exists" in problem(admin.post("/api/v1/tokens", json={"name": "ci", "role": "operator"}), 409)
-    assert "unknown role" in problem(admin.post("/api/v1/tokens", json={"name": "x", "role": "root"}), 422)
+    assert "already exists" in problem(
+        admin.post("/api/v1/tokens", json={"name": "ci", "role": "operator"}), 409
+    )
+    assert "unknown role" in problem(
+        admin.post("/api/v1/tokens", json={"name": "x", "role": "root"}), 422
+    )
     assert admin.delete("/api/v1/tokens/ci").status_code == 204
     with server.client(secret) as c:
         assert "revoked" in problem(c.get("/api/v1/users"), 401)

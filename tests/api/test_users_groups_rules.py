@@ -110,7 +110,12 @@ def test_groups_members_and_rules(admin: httpx.Client) -> None:
 
     r = admin.post(
         "/api/v1/rules",
-        json={"group": "ops", "destination": "10.10.0.0/16", "proto": "TCP", "ports": "443, 80,81-90,85"},
+        json={
+            "group": "ops",
+            "destination": "10.10.0.0/16",
+            "proto": "TCP",
+            "ports": "443, 80,81-90,85",
+        },
     )
     assert r.status_code == 201, r.text
     rule = r.json()
@@ -166,8 +171,12 @@ def test_pools(admin: httpx.Client) -> None:
     assert pools["default"]["kind"] == "nat" and pools["gateway"]["kind"] == "gateway"
     r = admin.put("/api/v1/pools/default", json={"cidr": "10.50.0.0/20"})
     assert r.json()["cidr"] == "10.50.0.0/20" and r.json()["capacity"] == 4096 - 3
-    assert "prefix length" in problem(admin.put("/api/v1/pools/default", json={"cidr": "10.0.0.0/30"}), 422)
-    assert "required" in problem(admin.put("/api/v1/pools/other", json={"cidr": "10.60.0.0/24"}), 422)
+    assert "prefix length" in problem(
+        admin.put("/api/v1/pools/default", json={"cidr": "10.0.0.0/30"}), 422
+    )
+    assert "required" in problem(
+        admin.put("/api/v1/pools/other", json={"cidr": "10.60.0.0/24"}), 422
+    )
     r = admin.put("/api/v1/pools/other", json={"cidr": "10.201.5.0/24", "kind": "nat"})
     assert "overlaps pool 'gateway'" in problem(r, 409)
     assert "kind cannot change" in problem(
@@ -183,7 +192,10 @@ def test_pools(admin: httpx.Client) -> None:
 def test_gateway_pool_exhaustion_is_a_clear_conflict(admin: httpx.Client) -> None:
     admin.put("/api/v1/pools/gateway", json={"cidr": "10.210.0.0/29"})  # 5 client addresses
     for i in range(5):
-        assert admin.post("/api/v1/users", json={"name": f"g{i}", "mode": "gateway"}).status_code == 201
+        assert (
+            admin.post("/api/v1/users", json={"name": f"g{i}", "mode": "gateway"}).status_code
+            == 201
+        )
     r = admin.post("/api/v1/users", json={"name": "g5", "mode": "gateway"})
     assert "exhausted" in problem(r, 409)
     assert admin.get("/api/v1/users/g5").status_code == 404

@@ -80,9 +80,9 @@ class Netns:
         return Result(cp.returncode, cp.stdout, cp.stderr)
 
     async def arun(
-        self, *argv: str, check: bool = True, input: str | None = None, timeout: float = 15.0
+        self, *argv: str, check: bool = True, input: str | None = None, time_limit: float = 15.0
     ) -> Result:
-        """Like :meth:`run`, without blocking the event loop."""
+        """Like :meth:`run`, without blocking the event loop (killed after ``time_limit`` s)."""
         proc = await asyncio.create_subprocess_exec(
             *self.argv(*argv),
             stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
@@ -91,7 +91,7 @@ class Netns:
         )
         try:
             out, err = await asyncio.wait_for(
-                proc.communicate(input.encode() if input is not None else None), timeout
+                proc.communicate(input.encode() if input is not None else None), time_limit
             )
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):

@@ -145,7 +145,7 @@ class Dataplane:
         self, *argv: str, stdin: str | None = None, ok: Sequence[int] = (0,)
     ) -> tuple[int, str, str]:
         cmd = [*(("ip", "netns", "exec", self.netns) if self.netns else ()), *argv]
-        name = " ".join(argv[:2]) if len(argv) > 1 and not argv[1].startswith("-") else argv[0]
+        name = argv[0]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *cmd,

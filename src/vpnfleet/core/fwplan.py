@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import functools
 import re
+import socket
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -448,11 +449,12 @@ def desired_sets(state: DesiredState) -> dict[str, SetSpec]:
 
 
 def _sort_elements(elements: Iterable[str]) -> list[str]:
-    def key(e: str) -> tuple[int, int, str, int]:
+    # Numeric order so output is stable and readable; inet_aton keeps big sets fast.
+    def key(e: str) -> tuple[bytes, int, str, int]:
         addr, _, rest = e.partition(",")
         ip, _, plen = addr.partition("/")
         proto, _, port = rest.partition(":")
-        return (int(IPv4Address(ip)), int(plen or 32), proto, int(port or 0))
+        return (socket.inet_aton(ip), int(plen or 32), proto, int(port or 0))
 
     return sorted(elements, key=key)
 
@@ -797,27 +799,36 @@ def diff(old: DesiredState, new: DesiredState) -> StateDiff:
     ops: list[SetOp] = []
     if not reasons:
         p = new.prefix
-        pairs: list[tuple[str, frozenset[str], frozenset[str]]] = [
-            (
-                tun_set(p),
-                tunnel_elements(old),
-                tunnel_elements(new),
-            ),
-            (clients_set(p), _ips(old.all_clients), _ips(new.all_clients)),
-            (nat_set(p), _ips(old.nat_members), _ips(new.nat_members)),
-        ]
+        # (set, size before, size after, elements removed, elements added); differences are
+        # taken on address objects before stringifying, which matters with thousands of clients.
+        changes: list[tuple[str, int, int, frozenset[str], frozenset[str]]] = []
+
+        def ip_change(
+            name: str, before: frozenset[IPv4Address], after: frozenset[IPv4Address]
+        ) -> None:
+            changes.append(
+                (name, len(before), len(after), _ips(before - after), _ips(after - before))
+            )
+
+        def str_change(name: str, before: frozenset[str], after: frozenset[str]) -> None:
+            changes.append((name, len(before), len(after), before - after, after - before))
+
+        str_change(tun_set(p), tunnel_elements(old), tunnel_elements(new))
+        ip_change(clients_set(p), old.all_clients, new.all_clients)
+        ip_change(nat_set(p), old.nat_members, new.nat_members)
         old_groups = {g.group_id: g for g in old.groups}
         for g in new.sorted_groups():
             og = old_groups[g.group_id]
-            pairs.append((group_set(p, g.group_id, "m"), _ips(og.members), _ips(g.members)))
+            ip_change(group_set(p, g.group_id, "m"), og.members, g.members)
             if og.grants != g.grants:
                 od, nd = group_destinations(og.grants), group_destinations(g.grants)
-                pairs += [(group_set(p, g.group_id, k), od[k], nd[k]) for k in nd]
-        for name, before, after in pairs:
-            if maxelem_for(len(after)) > maxelem_for(len(before)):
+                for kind in nd:
+                    str_change(group_set(p, g.group_id, kind), od[kind], nd[kind])
+        for name, n_before, n_after, removed, added in changes:
+            if maxelem_for(n_after) > maxelem_for(n_before):
                 reasons.append(f"set {name} needs a larger maxelem")
-            ops += [SetOp("del", name, e) for e in _sort_elements(before - after)]
-            ops += [SetOp("add", name, e) for e in _sort_elements(after - before)]
+            ops += [SetOp("del", name, e) for e in _sort_elements(removed)]
+            ops += [SetOp("add", name, e) for e in _sort_elements(added)]
         ops.sort(key=lambda o: _ORDER[(o.op, _set_role(p, o.set_name))])
     return StateDiff(
         ops=() if reasons else tuple(ops),
@@ -851,15 +862,34 @@ def revoked_flows(old: DesiredState, new: DesiredState) -> list[RevokedFlow]:
     A grant counts as revoked for a client unless one grant the client holds in ``new``
     covers it alone; the runner re-checks each open flow with :func:`is_allowed` before
     deleting it, so overlap across several grants never kills a flow that is still allowed.
+    Only clients whose groups or whose groups' grants changed are examined.
     """
     out = [RevokedFlow(c, None) for c in sorted(old.all_clients - new.all_clients)]
+    if new.allow_all:
+        return out
+    old_grants = {g.group_id: g.grants for g in old.groups}
+    new_grants = {g.group_id: g.grants for g in new.groups}
+    changed = {gid for gid, grants in old_grants.items() if new_grants.get(gid) != grants}
+    old_in, new_in = _memberships(old), _memberships(new)
+    empty: frozenset[int] = frozenset()
     for client in sorted(old.all_clients & new.all_clients):
-        before = effective_grants(old, client)
-        after = effective_grants(new, client)
+        was, now = old_in.get(client, empty), new_in.get(client, empty)
+        if not old.allow_all and was == now and not was & changed:
+            continue
+        before = {_ANY} if old.allow_all else {gr for gid in was for gr in old_grants[gid]}
+        after = {gr for gid in now for gr in new_grants[gid]}
         for g in sorted(before - after, key=Grant.sort_key):
             if not any(h.covers(g) for h in after):
                 out.append(RevokedFlow(client, g))
     return out
+
+
+def _memberships(state: DesiredState) -> dict[IPv4Address, frozenset[int]]:
+    groups: dict[IPv4Address, set[int]] = {}
+    for g in state.groups:
+        for m in g.members:
+            groups.setdefault(m, set()).add(g.group_id)
+    return {ip: frozenset(ids) for ip, ids in groups.items()}
 
 
 def render_ops(ops: Iterable[SetOp]) -> str:

@@ -50,6 +50,8 @@ __all__ = [
     "client_auth",
     "client_deny",
     "client_kill",
+    "expects_listing",
+    "format_command",
     "parse_status",
     "parse_version",
     "quote_arg",
@@ -385,6 +387,54 @@ def quote_arg(text: str) -> str:
         raise ValueError(f"argument contains a control character (newline, NUL, ...): {text!r}")
     text = _NON_ASCII_RE.sub("?", text)
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def format_command(cmd: str) -> str:
+    """A one-line command, validated (printable ASCII, length) and newline-terminated."""
+    _check_line(cmd, "command")
+    if not cmd.strip():
+        raise ValueError("command is empty")
+    return cmd + "\n"
+
+
+def expects_listing(cmd: str) -> bool | None:
+    """Whether OpenVPN 2.6 answers `cmd` with an END-terminated listing (True), one
+    SUCCESS/ERROR line (False), or, for commands not known here, None.
+
+    Raises ValueError for commands whose reply cannot be matched to the command:
+    `test N` (listing without END), `version N` (no reply at all in 2.6), `X on all`
+    (a SUCCESS line and a listing), `exit`/`quit` (no reply, closes the session), and
+    block commands such as `client-auth` (use `client_auth()`).
+    """
+    words = cmd.split()
+    if not words:
+        raise ValueError("command is empty")
+    name, args = words[0], words[1:]
+    if name in ("exit", "quit"):
+        raise ValueError(f"{name!r} closes the session without a reply; close the client instead")
+    if name in ("client-auth", "client-pf", "rsa-sig", "pk-sig", "certificate"):
+        raise ValueError(f"{name!r} is followed by a block of lines; use its own formatter")
+    if name == "test":
+        raise ValueError("'test' output has no END line, so its reply cannot be delimited")
+    if name == "version":
+        if args:
+            raise ValueError("OpenVPN 2.6 sends no reply to 'version N'")
+        return True
+    if name in ("log", "state", "echo"):
+        if len(args) > 1:
+            raise ValueError(
+                f"'{cmd}' sends two replies; send '{name} {args[0]}' and '{name} {args[1]}' apart"
+            )
+        return not (args and args[0] in ("on", "off"))
+    if name in ("status", "help"):
+        return True
+    if name in (
+        "client-auth-nt", "client-deny", "client-kill", "client-pending-auth", "hold", "pid",
+        "signal", "kill", "load-stats", "bytecount", "verb", "mute", "env-filter",
+        "auth-retry", "forget-passwords", "needok", "needstr", "password", "username",
+    ):  # fmt: skip
+        return False
+    return None
 
 
 def client_auth(cid: int, kid: int, config_lines: Iterable[str] = ()) -> str:

@@ -88,7 +88,11 @@ def ensure_gateway_lease(db: Session, user: User) -> GatewayLease:
     existing = db.scalar(select(GatewayLease).where(GatewayLease.user_id == user.id))
     if existing is not None:
         return existing
-    pool = db.scalar(select(Pool).where(Pool.kind == "gateway").order_by(Pool.id).limit(1))
+    # Lock the pool row so concurrent leases queue here instead of colliding on the unique
+    # index over and over (PostgreSQL; SQLite serializes writers already).
+    pool = db.scalar(
+        select(Pool).where(Pool.kind == "gateway").order_by(Pool.id).limit(1).with_for_update()
+    )
     if pool is None:
         raise conflict("no gateway pool is configured: run 'vpnfleet pool set gateway --cidr ...'")
     net = ipaddress.IPv4Network(pool.cidr)
