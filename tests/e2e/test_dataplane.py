@@ -32,7 +32,7 @@ from vpnfleet.core.fwplan import DesiredState, Grant, GroupState
 try:
     from tests.e2e.netns import Netns, NetnsPool, existing_namespaces, requires_netns, veth
 except ImportError:  # rootdir-relative import when tests/e2e is not a package
-    from netns import (  # type: ignore[no-redef]
+    from netns import (  # type: ignore[no-redef,import-not-found]
         Netns,
         NetnsPool,
         existing_namespaces,
@@ -58,7 +58,10 @@ async def handle(reader, writer):
     peer = writer.get_extra_info("peername")[0]
     try:
         while line := await reader.readline():
-            writer.write(f"{peer} {line.decode().strip()}\n".encode())
+            text = line.decode().strip()
+            if text.startswith("later "):  # answer after a delay: a server-sent segment
+                await asyncio.sleep(float(text.split()[1]))
+            writer.write(f"{peer} {text}\n".encode())
             await writer.drain()
     except ConnectionError:
         pass
@@ -166,13 +169,23 @@ class Lab:
     cl: Netns
     be: Netns
 
-    async def probe(self, proto: str, src: IPv4Address | str, dst: str, port: int = 0) -> str:
-        """'ok <address the server saw>' / 'ok echo-reply', or 'fail <reason>'."""
-        r = await self.cl.arun(PY, "-c", PROBE, proto, str(src), dst, str(port), str(DENY_TIMEOUT))
+    async def probe(
+        self, proto: str, src: IPv4Address | str, dst: str, port: int = 0, ns: Netns | None = None
+    ) -> str:
+        """'ok <address the server saw>' / 'ok echo-reply', or 'fail <reason>'.
+
+        Runs in the client namespace unless ``ns`` says otherwise.
+        """
+        where = ns or self.cl
+        r = await where.arun(PY, "-c", PROBE, proto, str(src), dst, str(port), str(DENY_TIMEOUT))
         return r.stdout.strip()
 
     def conntrack(self, *args: str) -> str:
         return self.gw.run("conntrack", "-L", *args, check=False).stdout
+
+
+def _ids(conntrack_output: str) -> set[str]:
+    return {t for t in conntrack_output.split() if t.startswith("id=")}
 
 
 class Conn:
@@ -185,14 +198,17 @@ class Conn:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(f"{text}\n".encode())
         await self.proc.stdin.drain()
-        line = await asyncio.wait_for(self.proc.stdout.readline(), DENY_TIMEOUT + 5)
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 10)
         return line.decode().strip()
 
 
 @contextlib.asynccontextmanager
-async def open_conn(ns: Netns, src: IPv4Address, dst: str, port: int) -> AsyncIterator[Conn]:
+async def open_conn(
+    ns: Netns, src: IPv4Address, dst: str, port: int, wait: float = DENY_TIMEOUT
+) -> AsyncIterator[Conn]:
+    """Keep a TCP connection open; each request waits ``wait`` seconds for its answer."""
     proc = await asyncio.create_subprocess_exec(
-        *ns.argv(PY, "-c", CONN, str(src), dst, str(port), str(DENY_TIMEOUT)),
+        *ns.argv(PY, "-c", CONN, str(src), dst, str(port), str(wait)),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -288,11 +304,10 @@ async def test_policy_nat_and_gateway_with_real_traffic(lab: Lab, dp: Dataplane)
         "A ping not granted": lab.probe("icmp", A, BE1),
         "C web not granted": lab.probe("tcp", C, BE1, 8080),
         "D not a client": lab.probe("tcp", D, BE1, 8080),
-        "backend -> B (gateway)": lab.be.arun(PY, "-c", PROBE, "tcp", BE1, str(B), "7000", "1"),
-        "backend -> A (NAT)": lab.be.arun(PY, "-c", PROBE, "tcp", BE1, str(A), "7000", "1"),
+        "backend -> B (gateway)": lab.probe("tcp", BE1, str(B), 7000, ns=lab.be),
+        "backend -> A (NAT)": lab.probe("tcp", BE1, str(A), 7000, ns=lab.be),
     }
-    results = dict(zip(probes, await asyncio.gather(*probes.values()), strict=True))
-    got = {k: v if isinstance(v, str) else v.stdout.strip() for k, v in results.items()}
+    got = dict(zip(probes, await asyncio.gather(*probes.values()), strict=True))
     assert got["A web (NAT)"] == f"ok {GW_UP} hello"  # masqueraded to the uplink address
     assert got["B web (gateway)"] == f"ok {B} hello"  # keeps its tunnel address
     assert got["A udp 5353"] == f"ok {GW_UP} hello"
@@ -339,6 +354,8 @@ async def test_revoking_a_grant_cuts_open_connections_but_spares_allowed_ones(
         for conn in (a80, a81, b80):
             assert (await conn.ask()).startswith("ok")
         assert "dport=8080" in lab.conntrack("-s", str(A))
+        a81_flow = lab.conntrack("-s", str(A), "-p", "tcp", "--dport", "8081", "-o", "id")
+        assert "id=" in a81_flow
 
         narrowed = {**BASE, 1: ({A, B}, [web(8081, 8081), BASE[1][1][1]])}
         new = make_state(narrowed)
@@ -348,11 +365,70 @@ async def test_revoking_a_grant_cuts_open_connections_but_spares_allowed_ones(
 
         assert await a80.ask() == "timeout"
         assert await b80.ask() == "timeout"
-        assert (await a81.ask()).startswith("ok")  # 8081 is still granted: not cut
+        assert (await a81.ask()).startswith("ok")  # 8081 is still granted: not cut ...
+        same = lab.conntrack("-s", str(A), "-p", "tcp", "--dport", "8081", "-o", "id")
+        assert _ids(same) == _ids(a81_flow)  # ... not even briefly (same conntrack entry)
         assert "dport=8080" not in lab.conntrack("-s", str(A), "-p", "tcp")
         assert (await lab.probe("tcp", A, BE1, 8080)).startswith("fail")
         assert dp.stats.flows_killed >= 2
         assert await dp.check_drift(new) == []
+
+
+async def test_revoked_flow_stays_dead_when_the_server_speaks_next(lab: Lab, dp: Dataplane) -> None:
+    # After its conntrack entry is gone, the server's next segment arrives as a NEW non-SYN
+    # packet. For a gateway client it must not re-create the flow in the inbound direction
+    # (gateway clients accept new inbound connections, but only from a SYN).
+    old = make_state(BASE)
+    await dp.apply_full(old)
+    async with (
+        open_conn(lab.cl, A, BE1, 8080, wait=3.0) as a_nat,
+        open_conn(lab.cl, B, BE1, 8080, wait=3.0) as b_gw,
+    ):
+        assert (await a_nat.ask()).startswith("ok") and (await b_gw.ask()).startswith("ok")
+        pending = [asyncio.create_task(c.ask("later 1.0")) for c in (a_nat, b_gw)]
+        await asyncio.sleep(0.3)  # both requests reached the server and were acknowledged
+        await dp.apply_diff(old, make_state({**BASE, 1: ({A, B}, [BASE[1][1][1]])}))
+        assert await asyncio.gather(*pending) == ["timeout", "timeout"]
+
+
+async def test_restarted_agent_reconciles_flows_it_could_not_diff(lab: Lab, dp: Dataplane) -> None:
+    await dp.apply_full(make_state(BASE))
+    async with (
+        open_conn(lab.cl, A, BE1, 8080) as a80,
+        open_conn(lab.cl, A, BE1, 8081) as a81,
+        open_conn(lab.be, IPv4Address(BE1), str(B), 7000) as to_b,
+    ):
+        for conn in (a80, a81, to_b):
+            assert (await conn.ask()).startswith("ok")
+        # A new agent process knows no previous state: its first apply is a full resync, which
+        # changes the rules but cannot know which flows lost access ...
+        restarted = Dataplane(PREFIX, netns=lab.gw.name)
+        narrowed = make_state({**BASE, 1: ({A, B}, [web(8081, 8081)])}, nat={A, B, C})
+        assert await restarted.apply(narrowed) is None
+        assert (await a80.ask()).startswith("ok")
+        # ... so it reconciles: A's 8080 flow and the inbound flow to B (now NAT) go.
+        assert await restarted.reconcile_flows(narrowed) >= 2
+        assert await a80.ask() == "timeout"
+        assert await to_b.ask() == "timeout"
+        assert (await a81.ask()).startswith("ok")
+
+
+async def test_kill_flows_by_network_and_protocol(lab: Lab, dp: Dataplane) -> None:
+    await dp.apply_full(make_state(BASE))
+    async with open_conn(lab.cl, A, BE1, 8080) as conn:
+        assert (await conn.ask()).startswith("ok")
+        assert await dp.kill_flows(A, Grant(IPv4Network("198.18.20.0/24"), "udp")) == 0
+        assert await dp.kill_flows(A, Grant(IPv4Network("198.18.21.0/24"), "tcp")) == 0
+        # Still allowed by the applied state: spared.
+        keep = make_state(BASE)
+        assert await dp.kill_flows(A, Grant(IPv4Network("198.18.20.0/24"), "tcp"), keep=keep) == 0
+        assert (await conn.ask()).startswith("ok")
+        assert await dp.kill_flows(A, Grant(IPv4Network("198.18.20.0/24"), "tcp")) == 1
+        # The flow is gone; the policy still allows it, so the client's next segment simply
+        # starts a new entry (tcp_loose) -- the kill itself is what is measured here.
+        assert "dport=8080" not in lab.conntrack("-s", str(A), "-p", "tcp", "--dport", "8080") or (
+            await conn.ask()
+        ).startswith("ok")
 
 
 async def test_disconnect_removes_client_and_its_flows(lab: Lab, dp: Dataplane) -> None:

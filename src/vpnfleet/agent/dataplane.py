@@ -35,7 +35,14 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 from vpnfleet.core import fwplan
-from vpnfleet.core.fwplan import DesiredState, Grant, KernelState, StateDiff
+from vpnfleet.core.fwplan import (
+    DesiredState,
+    Flow,
+    Grant,
+    KernelState,
+    StateDiff,
+    parse_conntrack,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,48 +82,6 @@ class DataplaneStats:
     last_apply_seconds: float = 0.0
     last_apply_kind: str = ""
     last_error: str = ""
-
-
-@dataclass(frozen=True)
-class Flow:
-    """A conntrack entry's original-direction tuple."""
-
-    proto: str
-    protonum: int
-    src: IPv4Address
-    dst: IPv4Address
-    sport: int | None
-    dport: int | None
-
-
-def parse_conntrack(text: str) -> list[Flow]:
-    """Parse ``conntrack -L`` output (IPv4, default format) into original-direction tuples."""
-    flows: list[Flow] = []
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) < 3 or not parts[1].isdigit():
-            continue
-        first: dict[str, str] = {}
-        for token in parts[2:]:
-            key, sep, value = token.partition("=")
-            if sep and key not in first:
-                first[key] = value
-        if "src" not in first or "dst" not in first:
-            continue
-        try:
-            flows.append(
-                Flow(
-                    proto=parts[0],
-                    protonum=int(parts[1]),
-                    src=IPv4Address(first["src"]),
-                    dst=IPv4Address(first["dst"]),
-                    sport=int(first["sport"]) if "sport" in first else None,
-                    dport=int(first["dport"]) if "dport" in first else None,
-                )
-            )
-        except ValueError:
-            continue  # IPv6 or malformed: not ours
-    return flows
 
 
 class Dataplane:
@@ -349,22 +314,36 @@ class Dataplane:
             if grant.proto != "any":
                 args += ["-p", grant.proto]
         _, out, _ = await self._run("conntrack", "-L", *args, ok=(0, 1))
-        victims: set[tuple[int, str, IPv4Address, int | None]] = set()
-        for f in parse_conntrack(out):
-            if f.src != client_ip or (
-                grant is not None and not grant.matches(f.proto, f.dst, f.dport)
-            ):
-                continue
-            if keep is not None and fwplan.is_allowed(keep, f.src, f.proto, f.dst, f.dport):
-                continue
-            victims.add(
-                (f.protonum, f.proto, f.dst, f.dport if f.proto in ("tcp", "udp") else None)
-            )
-        # Allowance depends only on (proto, dst, dport), so delete per destination port: every
-        # flow of the client there is equally disallowed.
+        victims = [
+            f
+            for f in parse_conntrack(out)
+            if f.src == client_ip
+            and (grant is None or grant.matches(f.proto, f.dst, f.dport))
+            and not (keep and fwplan.is_allowed(keep, f.src, f.proto, f.dst, f.dport))
+        ]
+        return await self._delete_flows(victims)
+
+    async def reconcile_flows(self, state: DesiredState) -> int:
+        """Delete every open flow ``state`` would not let start now; returns how many.
+
+        For the first apply after an agent restart (no old state to diff against) and for
+        periodic reconciles: a revoke or disconnect missed while the agent was down must not
+        leave connections running.
+        """
+        self._check_prefix(state)
+        _, out, _ = await self._run("conntrack", "-L", ok=(0, 1))
+        return await self._delete_flows(fwplan.flows_to_cut(state, parse_conntrack(out)))
+
+    async def _delete_flows(self, flows: Sequence[Flow]) -> int:
+        # Allowance depends only on (client, proto, dst, dport), so one delete per such key
+        # removes every flow there, all equally disallowed.
+        keys = {
+            (f.src, f.protonum, f.dst, f.dport if f.proto in ("tcp", "udp") else None)
+            for f in flows
+        }
         n = 0
-        for protonum, _proto, dst, dport in sorted(victims, key=str):
-            cmd = ["-s", str(client_ip), "-d", str(dst), "-p", str(protonum)]
+        for src, protonum, dst, dport in sorted(keys, key=str):
+            cmd = ["-s", str(src), "-d", str(dst), "-p", str(protonum)]
             if dport is not None:
                 cmd += ["--dport", str(dport)]
             n += await self._conntrack_delete(*cmd)
@@ -376,7 +355,7 @@ class Dataplane:
         rc, _, err = await self._run("conntrack", "-D", *args, ok=(0, 1))
         m = _DELETED_RE.search(err)
         if rc == 1 and m is None:
-            raise DataplaneError("conntrack -D", rc, err)
+            raise DataplaneError("conntrack", rc, err)
         return int(m.group(1)) if m else 0
 
     # --- sysctls --------------------------------------------------------------------------

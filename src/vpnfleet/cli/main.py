@@ -107,6 +107,59 @@ def _describe(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
+@app.command()
+def agent(
+    server: Annotated[
+        str | None, typer.Option(help="Control plane URL (env VPNFLEET_SERVER).")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", help="Agent token (env VPNFLEET_AGENT_TOKEN).")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Pod name (env VPNFLEET_POD_NAME).")] = None,
+    public_endpoint: Annotated[
+        str | None, typer.Option(help="HOST:PORT clients use (env VPNFLEET_PUBLIC_ENDPOINT).")
+    ] = None,
+    http: Annotated[
+        str | None, typer.Option(help="Probes and metrics HOST:PORT (default 0.0.0.0:9176).")
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Working directory (env VPNFLEET_STATE_DIR).")
+    ] = None,
+    uplink: Annotated[
+        str | None, typer.Option(help="Interface NAT traffic leaves by (env VPNFLEET_UPLINK).")
+    ] = None,
+    pod_ip: Annotated[str | None, typer.Option(help="This pod's IP (env VPNFLEET_POD_IP).")] = None,
+    push_route: Annotated[
+        list[str] | None, typer.Option(help="CIDR to route through the VPN; repeat.")
+    ] = None,
+    log_format: Annotated[str | None, typer.Option(help="text or json.")] = None,
+) -> None:
+    """Run the pod agent: supervise OpenVPN, enforce the firewall, report sessions."""
+    import asyncio
+
+    from vpnfleet import logsetup
+    from vpnfleet.agent.pod import PodAgent
+    from vpnfleet.agent.settings import AgentSettings
+
+    try:
+        settings = AgentSettings.from_env(
+            server=server,
+            token=token,
+            name=name,
+            public_endpoint=public_endpoint,
+            http=http,
+            state_dir=state_dir,
+            uplink=uplink,
+            pod_ip=pod_ip,
+            push_routes=push_route or [],
+            log_format=log_format,
+        )
+        logsetup.setup(settings.log_format)
+    except (ValueError, OSError) as exc:
+        raise CLIError(str(exc), 2) from None
+    asyncio.run(PodAgent(settings).run())
+
+
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 
 

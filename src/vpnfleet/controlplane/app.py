@@ -15,6 +15,7 @@ from vpnfleet.controlplane import errors
 from vpnfleet.controlplane.bootstrap import bootstrap
 from vpnfleet.controlplane.pki import Sealer
 from vpnfleet.controlplane.routers import (
+    agents,
     audit,
     fleet,
     groups,
@@ -76,6 +77,17 @@ def create_app(settings: ServerSettings, state: AppState | None = None) -> FastA
     )
     app.state.vpnfleet = ready
     errors.install(app)
-    for module in (system, users, groups, pools, tokens, pkiroutes, audit, fleet, watchroute):
+    for module in (
+        system,
+        agents,
+        users,
+        groups,
+        pools,
+        tokens,
+        pkiroutes,
+        audit,
+        fleet,
+        watchroute,
+    ):
         app.include_router(module.router)
     return app

@@ -590,6 +590,69 @@ def parse_iptables_s(
     return chains, {jump: count}
 
 
+@dataclass(frozen=True)
+class Flow:
+    """A conntrack entry's original-direction tuple."""
+
+    proto: str
+    protonum: int
+    src: IPv4Address
+    dst: IPv4Address
+    sport: int | None
+    dport: int | None
+
+
+def parse_conntrack(text: str) -> list[Flow]:
+    """Parse ``conntrack -L`` output (IPv4, default format) into original-direction tuples."""
+    flows: list[Flow] = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 3 or not parts[1].isdigit():
+            continue
+        first: dict[str, str] = {}
+        for token in parts[2:]:
+            key, sep, value = token.partition("=")
+            if sep and key not in first:
+                first[key] = value
+        if "src" not in first or "dst" not in first:
+            continue
+        try:
+            flows.append(
+                Flow(
+                    proto=parts[0],
+                    protonum=int(parts[1]),
+                    src=IPv4Address(first["src"]),
+                    dst=IPv4Address(first["dst"]),
+                    sport=int(first["sport"]) if "sport" in first else None,
+                    dport=int(first["dport"]) if "dport" in first else None,
+                )
+            )
+        except ValueError:
+            continue  # IPv6 or malformed: not ours
+    return flows
+
+
+def flows_to_cut(state: DesiredState, flows: Iterable[Flow]) -> list[Flow]:
+    """Open flows that ``state`` would not allow to start now.
+
+    From a tunnel address: the source must be a connected client allowed to reach the
+    destination. From elsewhere to a tunnel address: only gateway clients may be reached.
+    Flows between two outside addresses are not ours. A client's flow to the pod itself is
+    judged like forwarded traffic; cutting it is harmless, since local traffic is not
+    filtered here and its next packet simply starts a new entry.
+    """
+    out: list[Flow] = []
+    for f in flows:
+        from_tun = any(f.src in n for n in state.tunnel_networks)
+        to_tun = any(f.dst in n for n in state.tunnel_networks)
+        if from_tun:
+            if not is_allowed(state, f.src, f.proto, f.dst, f.dport):
+                out.append(f)
+        elif to_tun and (f.dst not in state.all_clients or f.dst in state.nat_members):
+            out.append(f)
+    return out
+
+
 # --- rendering ----------------------------------------------------------------------------
 
 

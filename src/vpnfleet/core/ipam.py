@@ -50,3 +50,47 @@ def is_client_address(pool: ipaddress.IPv4Network, addr: ipaddress.IPv4Address) 
         pool.broadcast_address,
         server_address(pool),
     )
+
+
+class AddressAllocator:
+    """Hands out a pool's client addresses in O(1) amortised time.
+
+    Used for the pod's NAT pool, whose addresses only need to be unique on this pod. A
+    rotating cursor means a just-released address is not reused at once, which keeps
+    attribution of late conntrack events unambiguous.
+    """
+
+    def __init__(self, pool: ipaddress.IPv4Network) -> None:
+        self.pool = pool
+        self._first = int(pool.network_address) + 2
+        self._last = int(pool.broadcast_address) - 1
+        self._cursor = self._first
+        self._used: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._used)
+
+    def allocate(self) -> ipaddress.IPv4Address:
+        """The next free address after the cursor, or PoolExhausted."""
+        size = self._last - self._first + 1
+        if len(self._used) >= size:
+            raise PoolExhausted(f"address pool {self.pool} is exhausted ({size} addresses in use)")
+        while True:
+            value = self._cursor
+            self._cursor = self._first if value >= self._last else value + 1
+            if value not in self._used:
+                self._used.add(value)
+                return ipaddress.IPv4Address(value)
+
+    def reserve(self, addr: ipaddress.IPv4Address) -> bool:
+        """Mark `addr` used (adopting a client after a restart); False if outside the pool."""
+        if not is_client_address(self.pool, addr):
+            return False
+        self._used.add(int(addr))
+        return True
+
+    def release(self, addr: ipaddress.IPv4Address) -> None:
+        self._used.discard(int(addr))
+
+    def in_use(self, addr: ipaddress.IPv4Address) -> bool:
+        return int(addr) in self._used

@@ -162,6 +162,9 @@ def render_server_conf(
     lines += [
         f"management {_path(management_socket, 'management socket')} unix",
         "management-client-auth",
+        # With management-client-auth, OpenVPN 2.6 fails the TLS handshake of a client that
+        # sends no username/password; ours authenticate by certificate only.
+        "auth-user-pass-optional",
     ]
     if management_hold:
         lines.append("management-hold")

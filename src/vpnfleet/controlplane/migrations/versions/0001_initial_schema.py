@@ -212,6 +212,7 @@ def upgrade() -> None:
     op.create_table(
         "sessions",
         sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("uid", sa.String(length=64), nullable=False),
         sa.Column("user_id", sa.Integer(), nullable=True),
         sa.Column("user_name", sa.String(length=64), nullable=False),
         sa.Column("pod_name", sa.String(length=64), nullable=False),
@@ -229,6 +230,7 @@ def upgrade() -> None:
             ["user_id"], ["users.id"], name=op.f("fk_sessions_user_id_users"), ondelete="SET NULL"
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_sessions")),
+        sa.UniqueConstraint("uid", name=op.f("uq_sessions_uid")),
     )
     with op.batch_alter_table("sessions", schema=None) as batch_op:
         batch_op.create_index("ix_sessions_pod_open", ["pod_name", "ended_at"], unique=False)

@@ -1,0 +1,129 @@
+"""The agent's client of the control plane API (async httpx)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from vpnfleet.wire import (
+    Bootstrap,
+    Heartbeat,
+    RegisterRequest,
+    SessionClose,
+    SessionOpen,
+    SessionReport,
+    SessionVerdict,
+    Snapshot,
+)
+
+log = logging.getLogger("vpnfleet.agent.cp")
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ControlPlaneError(Exception):
+    """The control plane could not be reached or refused the request."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def retryable(self) -> bool:
+        """Network trouble and 5xx are worth retrying; 4xx are not."""
+        return self.status is None or self.status >= 500 or self.status == 429
+
+
+class ControlPlane:
+    """Typed calls to the agent endpoints; every failure is a ControlPlaneError."""
+
+    def __init__(self, url: str, token: str, timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(timeout, connect=3.0),
+        )
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, method: str, path: str, body: BaseModel | None = None) -> Any:
+        try:
+            resp = await self._http.request(
+                method, path, json=None if body is None else body.model_dump(mode="json")
+            )
+        except httpx.HTTPError as exc:
+            raise ControlPlaneError(f"{method} {path}: {type(exc).__name__}") from None
+        if resp.status_code >= 400:
+            try:
+                detail = resp.json().get("detail", resp.text[:200])
+            except ValueError:
+                detail = resp.text[:200]
+            raise ControlPlaneError(
+                f"{method} {path}: {resp.status_code} {detail}", resp.status_code
+            )
+        return resp.json()
+
+    async def _typed(
+        self, model: type[M], method: str, path: str, body: BaseModel | None = None
+    ) -> M:
+        return model.model_validate(await self._call(method, path, body))
+
+    async def register(self, req: RegisterRequest) -> Bootstrap:
+        return await self._typed(Bootstrap, "POST", "/api/v1/agent/register", req)
+
+    async def snapshot(self) -> Snapshot:
+        return await self._typed(Snapshot, "GET", "/api/v1/agent/snapshot")
+
+    async def crl(self) -> str:
+        try:
+            resp = await self._http.get("/api/v1/pki/crl")
+        except httpx.HTTPError as exc:
+            raise ControlPlaneError(f"GET crl: {type(exc).__name__}") from None
+        if resp.status_code >= 400:
+            raise ControlPlaneError(f"GET crl: {resp.status_code}", resp.status_code)
+        return resp.text
+
+    async def session_open(self, body: SessionOpen) -> SessionVerdict:
+        return await self._typed(SessionVerdict, "POST", "/api/v1/agent/sessions/open", body)
+
+    async def session_close(self, body: SessionClose) -> None:
+        await self._call("POST", "/api/v1/agent/sessions/close", body)
+
+    async def session_report(self, body: SessionReport) -> int:
+        out = await self._call("POST", "/api/v1/agent/sessions/report", body)
+        return int(out.get("closed", 0))
+
+    async def heartbeat(self, body: Heartbeat) -> int:
+        out = await self._call("POST", "/api/v1/agent/heartbeat", body)
+        return int(out.get("revision", 0))
+
+    async def watch(self, since: int) -> AsyncIterator[dict[str, Any]]:
+        """Events after `since` until the stream breaks (raises ControlPlaneError then)."""
+        try:
+            async with self._http.stream(
+                "GET",
+                "/api/v1/watch",
+                params={"since": since},
+                timeout=httpx.Timeout(10.0, read=60.0),
+            ) as resp:
+                if resp.status_code >= 400:
+                    raise ControlPlaneError(f"watch: HTTP {resp.status_code}", resp.status_code)
+                async for line in resp.aiter_lines():
+                    if not line:
+                        continue
+                    try:
+                        event = json.loads(line)
+                    except json.JSONDecodeError:
+                        log.warning("watch: ignored a malformed line")
+                        continue
+                    if isinstance(event, dict):
+                        yield event
+        except httpx.HTTPError as exc:
+            raise ControlPlaneError(f"watch: {type(exc).__name__}") from None

@@ -1,0 +1,942 @@
+"""The pod agent: OpenVPN under management-interface control, firewall, sessions, sync.
+
+One asyncio loop runs these tasks:
+
+- supervise: start (or adopt) openvpn, attach the management client, restart with backoff;
+- events: answer CONNECT/REAUTH with client-auth/client-deny from the local fleet view,
+  track ESTABLISHED/DISCONNECT;
+- follow: keep the fleet view current from the control plane's watch stream;
+- firewall: coalesce changes and move the dataplane to the desired state;
+- deliver: send session records from the spool to the control plane, in order;
+- reconcile: compare OpenVPN's `status 3` and the kernel with what we believe, and repair;
+- heartbeat: tell the control plane we are alive and which revision we enforce.
+
+Everything is level-triggered: a missed event is repaired by the next reconcile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
+from vpnfleet.agent.dataplane import Dataplane, DataplaneError
+from vpnfleet.agent.management import ManagementClient, ManagementError
+from vpnfleet.agent.metrics import AgentMetrics
+from vpnfleet.agent.openvpn import OpenVPNProcess
+from vpnfleet.agent.settings import AgentSettings
+from vpnfleet.agent.spool import Spool
+from vpnfleet.core import authz, fwplan, ipam, ovpn_config
+from vpnfleet.core.fleet import Effects, FleetView
+from vpnfleet.core.mgmt_protocol import ClientEvent, ClientEventKind, Hold, StatusClient
+from vpnfleet.wire import (
+    Bootstrap,
+    Heartbeat,
+    RegisterRequest,
+    SessionClose,
+    SessionOpen,
+    SessionReport,
+    Snapshot,
+)
+
+log = logging.getLogger("vpnfleet.agent")
+
+TUN_DEV = "tun0"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _write_private(path: Path, text: str, mode: int = 0o600) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class LocalClient:
+    """A client of this pod's OpenVPN, from CONNECT until DISCONNECT."""
+
+    cid: int
+    user: str
+    mode: str
+    tunnel_ip: str
+    real_ip: str | None
+    real_port: int | None
+    uid: str
+    connected_at: str
+    established: bool = False
+    groups: list[str] = field(default_factory=list)
+
+
+class PodAgent:
+    """The agent of one OpenVPN pod. `run()` until SIGTERM, then drain."""
+
+    def __init__(self, settings: AgentSettings, cp: ControlPlane | None = None) -> None:
+        self.s = settings
+        self.state_dir = settings.state_dir
+        self.cp = cp or ControlPlane(settings.server, settings.token)
+        self.metrics = AgentMetrics(settings.name)
+        self.view = FleetView()
+        self.boot: Bootstrap | None = None
+        self.mgmt: ManagementClient | None = None
+        self.openvpn: OpenVPNProcess | None = None
+        self.dataplane = Dataplane(settings.fw_prefix)
+        self.clients: dict[int, LocalClient] = {}
+        self.nat_alloc: ipam.AddressAllocator | None = None
+        self.nat_pool: ipaddress.IPv4Network | None = None
+        self.gateway_pool: ipaddress.IPv4Network | None = None
+        self.spool: Spool | None = None
+        # Health facts the probes report.
+        self.registered = False
+        self.config_applied = False
+        self.openvpn_ready = False
+        self.cp_reachable = False
+        self.draining = False
+        self.last_tick = time.monotonic()
+        self.last_mgmt_ok = 0.0
+        self.applied_revision = 0
+        self._firewall_dirty = asyncio.Event()
+        self._deliver_wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._clients_dirty = False
+        self._view_dirty = False
+
+    # ------------------------------------------------------------------ files and cache
+
+    @property
+    def conf_path(self) -> Path:
+        return self.state_dir / "server.conf"
+
+    @property
+    def mgmt_socket(self) -> Path:
+        return self.state_dir / "mgmt.sock"
+
+    def _write_bootstrap(self, boot: Bootstrap) -> None:
+        d = self.state_dir
+        _write_private(d / "ca.crt", boot.ca_pem, 0o644)
+        _write_private(d / "server.crt", boot.cert_pem, 0o644)
+        _write_private(d / "server.key", boot.key_pem)
+        _write_private(d / "tls-crypt.key", boot.tls_crypt_key)
+        _write_private(d / "crl.pem", boot.crl_pem, 0o644)
+        # Kept so the agent can restart while the control plane is away.
+        _write_private(d / "bootstrap.json", boot.model_dump_json())
+
+    def _load_cached_bootstrap(self) -> Bootstrap | None:
+        try:
+            return Bootstrap.model_validate_json((self.state_dir / "bootstrap.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _save_view(self) -> None:
+        _write_private(self.state_dir / "view.json", self.view.to_snapshot().model_dump_json())
+        self._view_dirty = False
+
+    def _load_cached_view(self) -> FleetView | None:
+        try:
+            snap = Snapshot.model_validate_json((self.state_dir / "view.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return FleetView.from_snapshot(snap)
+
+    def _save_clients(self) -> None:
+        data = [asdict(c) for c in self.clients.values()]
+        _write_private(self.state_dir / "clients.json", json.dumps(data))
+        self._clients_dirty = False
+
+    def _load_cached_clients(self) -> dict[tuple[str, str], LocalClient]:
+        """Clients from before a restart, keyed by (user, tunnel IP), to keep session ids."""
+        try:
+            rows = json.loads((self.state_dir / "clients.json").read_text())
+            return {(r["user"], r["tunnel_ip"]): LocalClient(**r) for r in rows}
+        except (OSError, ValueError, TypeError, KeyError):
+            return {}
+
+    # ------------------------------------------------------------------ start-up
+
+    async def register(self) -> None:
+        """Register with the control plane, or fall back to the cached bootstrap."""
+        req = RegisterRequest(
+            name=self.s.name,
+            template=self.s.template,
+            public_endpoint=self.s.public_endpoint,
+            pod_ip=self.s.pod_ip,
+        )
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                boot = await self.cp.register(req)
+                self.cp_reachable = True
+                break
+            except ControlPlaneError as exc:
+                self.cp_reachable = False
+                cached = self._load_cached_bootstrap()
+                if not exc.retryable:
+                    raise
+                if cached is not None and cached.name == self.s.name:
+                    log.warning("control plane unreachable (%s); starting from cached state", exc)
+                    boot = cached
+                    break
+                log.warning("cannot register yet (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+        else:
+            return
+        self.boot = boot
+        self._write_bootstrap(boot)
+        self.nat_pool = ipaddress.IPv4Network(boot.nat_pool)
+        self.gateway_pool = ipaddress.IPv4Network(boot.gateway_pool) if boot.gateway_pool else None
+        self.nat_alloc = ipam.AddressAllocator(self.nat_pool)
+        self.registered = True
+        log.info("registered as pod %s (NAT pool %s)", boot.name, boot.nat_pool)
+
+    async def load_view(self) -> None:
+        try:
+            snap = await self.cp.snapshot()
+            self.view = FleetView.from_snapshot(snap)
+            self.cp_reachable = True
+            self._save_view()
+        except ControlPlaneError as exc:
+            cached = self._load_cached_view()
+            if cached is None:
+                raise
+            log.warning(
+                "snapshot unavailable (%s); deciding from cached revision %d", exc, cached.revision
+            )
+            self.view = cached
+        self.metrics.revision.set(self.view.revision)
+
+    def render_config(self) -> None:
+        assert self.boot is not None and self.nat_pool is not None
+        gw = ipaddress.IPv4Interface(
+            f"{ipam.server_address(self.nat_pool)}/{self.nat_pool.prefixlen}"
+        )
+        d = self.state_dir
+        conf = ovpn_config.render_server_conf(
+            pool_gateway=gw,
+            management_socket=str(self.mgmt_socket),
+            ca_path=str(d / "ca.crt"),
+            cert_path=str(d / "server.crt"),
+            key_path=str(d / "server.key"),
+            tls_crypt_path=str(d / "tls-crypt.key"),
+            crl_path=str(d / "crl.pem"),
+            dev=TUN_DEV,
+            port=self.s.port,
+            proto="udp" if self.s.proto == "udp" else "tcp-server",  # type: ignore[arg-type]
+            management_hold=True,
+        )
+        _write_private(self.conf_path, conf, 0o644)
+
+    # ------------------------------------------------------------------ decisions
+
+    def _push_lines(self, user_mode: str, address: ipaddress.IPv4Address) -> list[str]:
+        assert self.nat_pool is not None
+        pool = self.nat_pool
+        if user_mode == "gateway" and self.gateway_pool is not None:
+            pool = self.gateway_pool
+        lines = [f"ifconfig-push {address} {pool.netmask}"]
+        if pool != self.nat_pool:
+            # The gateway pool is another subnet: the client's next hop must be on it.
+            lines.append(f'push "route-gateway {ipam.server_address(pool)}"')
+        for route in self.s.push_routes:
+            net = ipaddress.IPv4Network(route)
+            lines.append(f'push "route {net.network_address} {net.netmask}"')
+        return lines
+
+    async def on_connect(self, ev: ClientEvent) -> None:
+        """Answer CONNECT (new client) or REAUTH (TLS renegotiation) without blocking OpenVPN."""
+        assert self.mgmt is not None
+        started = time.perf_counter()
+        env = ev.env
+        cn = env.get("common_name", "")
+        serial = env.get("tls_serial_0")
+        local = sum(1 for c in self.clients.values() if c.user == cn and c.cid != ev.cid)
+        decision = authz.decide(self.view, cn, serial, local)
+        kid = ev.kid if ev.kid is not None else 0
+        reauth = ev.kind is ClientEventKind.REAUTH
+        if decision.allow and not reauth and self.draining:
+            decision = authz.Decision(False, "pod draining", "server restarting", decision.user)
+        try:
+            if not decision.allow:
+                await self.mgmt.client_deny(ev.cid, kid, decision.reason, decision.client_reason)
+                self._forget(ev.cid)
+                log.info(
+                    "denied %s from %s: %s",
+                    cn or "?",
+                    env.get("untrusted_ip", "?"),
+                    decision.reason,
+                    extra={"event": "auth", "user": cn, "result": "deny"},
+                )
+            elif reauth:
+                await self.mgmt.client_auth(ev.cid, kid, ())
+            else:
+                assert decision.user is not None
+                address = self._address_for(decision.user.mode, decision.user.gateway_address)
+                lines = self._push_lines(decision.user.mode, address)
+                self.clients[ev.cid] = LocalClient(
+                    cid=ev.cid,
+                    user=cn,
+                    mode=decision.user.mode,
+                    tunnel_ip=str(address),
+                    real_ip=env.get("untrusted_ip"),
+                    real_port=int(env["untrusted_port"])
+                    if env.get("untrusted_port", "").isdigit()
+                    else None,
+                    uid=f"{self.s.name}-{secrets.token_hex(8)}",
+                    connected_at=_now().isoformat(),
+                    groups=list(decision.user.groups),
+                )
+                await self.mgmt.client_auth(ev.cid, kid, lines)
+        except ipam.PoolExhausted as exc:
+            log.error("cannot admit %s: %s", cn, exc)
+            decision = authz.Decision(False, "address pool exhausted", "server full")
+            with contextlib.suppress(ManagementError):
+                await self.mgmt.client_deny(ev.cid, kid, decision.reason, decision.client_reason)
+        except ManagementError as exc:
+            # The client vanished meanwhile, or openvpn restarted: reconcile tidies up.
+            log.info("could not answer client %d: %s", ev.cid, exc)
+            if not reauth:
+                self._forget(ev.cid)
+        self.metrics.decisions.labels(result=decision.label).inc()
+        self.metrics.decision_seconds.observe(time.perf_counter() - started)
+
+    def _address_for(self, mode: str, gateway_address: str | None) -> ipaddress.IPv4Address:
+        if mode == "gateway" and gateway_address:
+            return ipaddress.IPv4Address(gateway_address)
+        assert self.nat_alloc is not None
+        return self.nat_alloc.allocate()
+
+    def _forget(self, cid: int) -> LocalClient | None:
+        client = self.clients.pop(cid, None)
+        if client is not None:
+            if client.mode == "nat" and self.nat_alloc is not None:
+                self.nat_alloc.release(ipaddress.IPv4Address(client.tunnel_ip))
+            if client.established:
+                self._firewall_dirty.set()
+            self._clients_dirty = True
+        return client
+
+    def on_established(self, ev: ClientEvent) -> None:
+        client = self.clients.get(ev.cid)
+        if client is None:
+            log.warning("ESTABLISHED for unknown client %d; reconcile will decide", ev.cid)
+            return
+        client.established = True
+        self._clients_dirty = True
+        self._firewall_dirty.set()
+        self._spool_open(client)
+        self.metrics.connects.inc()
+        log.info(
+            "%s connected from %s:%s as %s (%s)",
+            client.user,
+            client.real_ip,
+            client.real_port,
+            client.tunnel_ip,
+            client.mode,
+            extra={
+                "event": "connect",
+                "user": client.user,
+                "tunnel_ip": client.tunnel_ip,
+                "session_uid": client.uid,
+            },
+        )
+
+    def on_disconnect(self, ev: ClientEvent, reason: str = "disconnected") -> None:
+        client = self._forget(ev.cid)
+        if client is None or not client.established:
+            return
+        env = ev.env
+        self._spool_close(
+            client,
+            bytes_in=int(env.get("bytes_received", "0") or 0),
+            bytes_out=int(env.get("bytes_sent", "0") or 0),
+            reason=reason,
+        )
+        self.metrics.disconnects.inc()
+        log.info(
+            "%s disconnected (%s)",
+            client.user,
+            client.tunnel_ip,
+            extra={"event": "disconnect", "user": client.user, "session_uid": client.uid},
+        )
+
+    # ------------------------------------------------------------------ session delivery
+
+    def _spool_open(self, client: LocalClient) -> None:
+        assert self.spool is not None
+        body = SessionOpen(
+            uid=client.uid,
+            user=client.user,
+            pod=self.s.name,
+            mode=client.mode,
+            tunnel_ip=client.tunnel_ip,
+            real_ip=client.real_ip,
+            real_port=client.real_port,
+            client_id=client.cid,
+            started_at=dt.datetime.fromisoformat(client.connected_at),
+        )
+        self.spool.put({"kind": "open", "body": body.model_dump(mode="json")})
+        self._deliver_wake.set()
+
+    def _spool_close(self, client: LocalClient, bytes_in: int, bytes_out: int, reason: str) -> None:
+        assert self.spool is not None
+        body = SessionClose(
+            uid=client.uid, ended_at=_now(), bytes_in=bytes_in, bytes_out=bytes_out, reason=reason
+        )
+        self.spool.put({"kind": "close", "body": body.model_dump(mode="json")})
+        self._deliver_wake.set()
+
+    async def deliver_loop(self) -> None:
+        """Send spooled session records in order; keep them while the control plane is away."""
+        assert self.spool is not None
+        delay = 0.5
+        while not self._stop.is_set():
+            batch = self.spool.peek(50)
+            if not batch:
+                self._deliver_wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._deliver_wake.wait(), 1.0)
+                self.spool.flush()
+                continue
+            done = 0
+            try:
+                for record in batch:
+                    await self._deliver(record)
+                    done += 1
+                delay = 0.5
+                self.cp_reachable = True
+            except ControlPlaneError as exc:
+                self.cp_reachable = False
+                log.warning("session delivery paused (%s); %d queued", exc, len(self.spool))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+            finally:
+                self.spool.commit(done)
+                self.metrics.spooled.set(len(self.spool))
+
+    async def _deliver(self, record: dict[str, Any]) -> None:
+        kind, body = record.get("kind"), record.get("body")
+        try:
+            if kind == "open":
+                verdict = await self.cp.session_open(SessionOpen.model_validate(body))
+                if not verdict.allowed:
+                    await self._kick_uid(verdict.uid, verdict.reason or "refused")
+            elif kind == "close":
+                await self.cp.session_close(SessionClose.model_validate(body))
+        except ControlPlaneError as exc:
+            if exc.retryable:
+                raise
+            # A record the control plane will never accept (user deleted meanwhile...):
+            # dropping it beats blocking every later record behind it.
+            log.warning("dropped a %s record the control plane refused: %s", kind, exc)
+        except ValueError as exc:
+            log.error("dropped a malformed spool record: %s", exc)
+
+    async def _kick_uid(self, uid: str, reason: str) -> None:
+        for client in list(self.clients.values()):
+            if client.uid == uid:
+                await self._kick(client, reason, halt=True)
+
+    async def _kick(self, client: LocalClient, reason: str, halt: bool) -> None:
+        log.info(
+            "disconnecting %s (%s): %s",
+            client.user,
+            client.tunnel_ip,
+            reason,
+            extra={"event": "kick", "user": client.user, "reason": reason},
+        )
+        if self.mgmt is None:
+            return
+        try:
+            await self.mgmt.client_kill(client.cid, "HALT" if halt else "RESTART")
+        except ManagementError as exc:
+            log.info("client-kill %d: %s", client.cid, exc)
+
+    # ------------------------------------------------------------------ fleet view
+
+    async def handle_effects(self, effects: Effects) -> None:
+        for user, reason in effects.kick.items():
+            for client in [c for c in self.clients.values() if c.user == user]:
+                await self._kick(client, reason, halt=reason != "connection mode changed")
+        if effects.crl:
+            await self.refresh_crl()
+        if effects.dataplane:
+            for client in self.clients.values():
+                u = self.view.users.get(client.user)
+                if u is not None:
+                    client.groups = list(u.groups)
+            self._firewall_dirty.set()
+
+    async def refresh_crl(self) -> None:
+        try:
+            crl = await self.cp.crl()
+        except ControlPlaneError as exc:
+            log.warning("could not refresh the CRL: %s", exc)
+            return
+        _write_private(self.state_dir / "crl.pem", crl, 0o644)
+        log.info("CRL updated")
+
+    async def follow_loop(self) -> None:
+        """Follow the watch stream; on resync fetch a snapshot; survive outages."""
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                async for event in self.cp.watch(self.view.revision):
+                    self.cp_reachable = True
+                    delay = 0.5
+                    etype = event.get("type")
+                    if etype == "change":
+                        effects = self.view.apply(event)
+                        self._view_dirty = True
+                        await self.handle_effects(effects)
+                    elif etype == "resync":
+                        await self.resync_view()
+                    self.metrics.revision.set(self.view.revision)
+                    if self._stop.is_set():
+                        return
+            except ControlPlaneError as exc:
+                self.cp_reachable = False
+                log.warning("watch stream lost (%s); retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5)
+
+    async def resync_view(self) -> None:
+        old = self.view
+        snap = await self.cp.snapshot()
+        self.view = FleetView.from_snapshot(snap)
+        self._view_dirty = True
+        effects = Effects(dataplane=True, crl=True)
+        for client in self.clients.values():
+            new = self.view.users.get(client.user)
+            before = old.users.get(client.user)
+            if new is None:
+                effects.kick[client.user] = "account deleted"
+            elif not new.enabled:
+                effects.kick[client.user] = "account disabled"
+            elif before is not None and before.cert_serial != new.cert_serial:
+                effects.kick[client.user] = "certificate revoked or replaced"
+        log.info("resynced the fleet view at revision %d", self.view.revision)
+        await self.handle_effects(effects)
+
+    # ------------------------------------------------------------------ firewall
+
+    def desired_state(self) -> fwplan.DesiredState:
+        assert self.nat_pool is not None
+        nets = [self.nat_pool] + ([self.gateway_pool] if self.gateway_pool else [])
+        established = [c for c in self.clients.values() if c.established]
+        clients = frozenset(ipaddress.IPv4Address(c.tunnel_ip) for c in established)
+        nat = frozenset(ipaddress.IPv4Address(c.tunnel_ip) for c in established if c.mode == "nat")
+        return fwplan.DesiredState(
+            prefix=self.s.fw_prefix,
+            tunnel_networks=tuple(nets),
+            uplink=self.s.uplink,
+            nat_members=nat,
+            all_clients=clients,
+            groups=(),
+            allow_all=True,
+            log_denied=False,
+        )
+
+    async def firewall_loop(self) -> None:
+        """Coalesce changes: one apply brings the kernel to the newest desired state."""
+        while not self._stop.is_set():
+            await self._firewall_dirty.wait()
+            self._firewall_dirty.clear()
+            await self.apply_firewall()
+
+    async def apply_firewall(self, full: bool = False) -> None:
+        started = time.perf_counter()
+        try:
+            state = self.desired_state()
+            if full:
+                await self.dataplane.apply_full(state)
+            else:
+                await self.dataplane.apply(state)
+            self.config_applied = True
+            self.applied_revision = self.view.revision
+        except (DataplaneError, ValueError) as exc:
+            self.metrics.dataplane_errors.inc()
+            log.error("firewall update failed: %s", exc)
+            await asyncio.sleep(0.5)
+            self._firewall_dirty.set()
+        finally:
+            self.metrics.dataplane_seconds.observe(time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ reconcile
+
+    async def reconcile(self) -> None:
+        """Compare OpenVPN's client list and the kernel with our state; repair differences."""
+        if self.mgmt is None or self.mgmt.closed:
+            return
+        try:
+            listed = await self.mgmt.status()
+            self.last_mgmt_ok = time.monotonic()
+        except ManagementError as exc:
+            log.info("reconcile skipped: %s", exc)
+            return
+        await self._reconcile_clients(listed)
+        if self.config_applied:
+            try:
+                drift = await self.dataplane.check_drift(self.desired_state())
+            except DataplaneError as exc:
+                drift = [f"cannot read kernel state: {exc}"]
+            for line in drift:
+                log.warning("firewall drift repaired: %s", line, extra={"event": "drift"})
+            if drift:
+                self.metrics.drift_repairs.inc(len(drift))
+                await self.apply_firewall(full=True)
+        if self.cp_reachable:
+            try:
+                live = [c.uid for c in self.clients.values() if c.established]
+                closed = await self.cp.session_report(SessionReport(pod=self.s.name, live=live))
+                if closed:
+                    log.info("control plane closed %d stale session(s) of this pod", closed)
+            except ControlPlaneError as exc:
+                log.info("session report failed: %s", exc)
+
+    async def _reconcile_clients(self, listed: list[StatusClient]) -> None:
+        present = {c.client_id: c for c in listed if c.client_id is not None}
+        # Ghosts: established here, gone from OpenVPN (a DISCONNECT we never saw).
+        for cid, client in list(self.clients.items()):
+            if client.established and cid not in present:
+                log.warning("client %d (%s) vanished without DISCONNECT", cid, client.user)
+                self.on_disconnect(
+                    ClientEvent(kind=ClientEventKind.DISCONNECT, cid=cid, kid=None),
+                    reason="missing from openvpn status (reconciled)",
+                )
+        # Orphans: connected in OpenVPN, unknown here (the agent restarted).
+        cached = (
+            self._load_cached_clients() if any(cid not in self.clients for cid in present) else {}
+        )
+        for cid, row in present.items():
+            if cid in self.clients or not row.virtual_address:
+                continue
+            await self._adopt(cid, row, cached)
+
+    async def _adopt(
+        self, cid: int, row: StatusClient, cached: dict[tuple[str, str], LocalClient]
+    ) -> None:
+        user = self.view.users.get(row.common_name)
+        vaddr = str(row.virtual_address)
+        if user is None or not user.enabled:
+            log.warning("found %s connected but not allowed; disconnecting", row.common_name)
+            if self.mgmt is not None:
+                with contextlib.suppress(ManagementError):
+                    await self.mgmt.client_kill(cid, "HALT")
+            return
+        old = cached.get((row.common_name, vaddr))
+        host, _, port = row.real_address.rpartition(":")
+        client = LocalClient(
+            cid=cid,
+            user=row.common_name,
+            mode=user.mode,
+            tunnel_ip=vaddr,
+            real_ip=host or row.real_address,
+            real_port=int(port) if port.isdigit() else None,
+            uid=old.uid if old else f"{self.s.name}-{secrets.token_hex(8)}",
+            connected_at=old.connected_at
+            if old
+            else (row.connected_since.isoformat() if row.connected_since else _now().isoformat()),
+            established=True,
+            groups=list(user.groups),
+        )
+        if user.mode == "nat" and self.nat_alloc is not None:
+            self.nat_alloc.reserve(ipaddress.IPv4Address(vaddr))
+        self.clients[cid] = client
+        self._clients_dirty = True
+        self._firewall_dirty.set()
+        if old is None:
+            self._spool_open(client)
+        log.info(
+            "adopted %s (%s) after restart",
+            client.user,
+            vaddr,
+            extra={"event": "adopt", "user": client.user, "session_uid": client.uid},
+        )
+
+    async def reconcile_loop(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.s.reconcile_interval)
+            if self._stop.is_set():
+                return
+            await self.reconcile()
+
+    # ------------------------------------------------------------------ openvpn supervision
+
+    async def _attach(self) -> ManagementClient:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                return await ManagementClient.connect(self.mgmt_socket, timeout=3)
+            except ManagementError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def supervise_loop(self) -> None:
+        """Keep openvpn running and attached; restart it with backoff when it dies."""
+        delay = 1.0
+        while not self._stop.is_set():
+            proc = OpenVPNProcess(self.s.openvpn, self.conf_path, self.state_dir)
+            pid = proc.recorded_pid()
+            adopted = False
+            if pid is not None and self.mgmt_socket.exists():
+                proc.adopt(pid)
+                adopted = True
+            else:
+                with contextlib.suppress(OSError):
+                    self.mgmt_socket.unlink()
+                await proc.start()
+            self.openvpn = proc
+            started = time.monotonic()
+            try:
+                self.mgmt = await self._attach()
+                if not adopted:
+                    self.clients.clear()
+                    if self.nat_alloc is not None and self.nat_pool is not None:
+                        self.nat_alloc = ipam.AddressAllocator(self.nat_pool)
+                self._firewall_dirty.set()
+                events = asyncio.create_task(self.events_loop(self.mgmt), name="mgmt-events")
+                await self.mgmt.command("hold release")
+                await self._routes_up()
+                self.openvpn_ready = True
+                self.last_mgmt_ok = time.monotonic()
+                await self.reconcile()
+                await events
+            except ManagementError as exc:
+                log.error("openvpn management failed: %s", exc)
+            finally:
+                self.openvpn_ready = False
+            if self._stop.is_set():
+                return
+            code = await asyncio.wait_for(proc.wait(), 10) if proc.running else -1
+            log.error("openvpn stopped (exit %s); restarting in %.0fs", code, delay)
+            self.metrics.openvpn_restarts.inc()
+            await proc.stop()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 30)
+
+    async def _routes_up(self) -> None:
+        """Route the gateway pool into the tunnel (its clients are on another subnet)."""
+        if self.gateway_pool is None:
+            return
+        for _ in range(50):
+            proc = await asyncio.create_subprocess_exec(
+                "ip",
+                "route",
+                "replace",
+                str(self.gateway_pool),
+                "dev",
+                TUN_DEV,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            _, err = await proc.communicate()
+            if proc.returncode == 0:
+                return
+            await asyncio.sleep(0.1)  # tun0 appears a moment after hold release
+        log.error("could not route %s into %s: %s", self.gateway_pool, TUN_DEV, err.decode())
+
+    async def events_loop(self, mgmt: ManagementClient) -> None:
+        async for event in mgmt.events():
+            self.last_tick = time.monotonic()
+            if isinstance(event, ClientEvent):
+                if event.kind in (ClientEventKind.CONNECT, ClientEventKind.REAUTH):
+                    # A task per decision would reorder answers; decisions are fast and local.
+                    await self.on_connect(event)
+                elif event.kind is ClientEventKind.ESTABLISHED:
+                    self.on_established(event)
+                elif event.kind is ClientEventKind.DISCONNECT:
+                    self.on_disconnect(event)
+            elif isinstance(event, Hold):
+                with contextlib.suppress(ManagementError):
+                    await mgmt.command("hold release")
+
+    # ------------------------------------------------------------------ housekeeping
+
+    async def heartbeat_loop(self) -> None:
+        while not self._stop.is_set():
+            self.last_tick = time.monotonic()
+            if self._clients_dirty:
+                self._save_clients()
+            if self._view_dirty:
+                self._save_view()
+            try:
+                await self.cp.heartbeat(
+                    Heartbeat(
+                        name=self.s.name,
+                        applied_revision=self.applied_revision,
+                        ready=self.ready()[0],
+                        status={
+                            "clients": sum(1 for c in self.clients.values() if c.established),
+                            "openvpn": self.openvpn_ready,
+                            "view_revision": self.view.revision,
+                            "spooled": len(self.spool) if self.spool else 0,
+                        },
+                    )
+                )
+                self.cp_reachable = True
+            except ControlPlaneError as exc:
+                self.cp_reachable = False
+                log.debug("heartbeat failed: %s", exc)
+            self.metrics.cp_up.set(1 if self.cp_reachable else 0)
+            self.metrics.clients.set(sum(1 for c in self.clients.values() if c.established))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.s.heartbeat_interval)
+
+    def healthy(self) -> tuple[bool, dict[str, Any]]:
+        """Liveness: the loop turns and OpenVPN answers on its management socket."""
+        now = time.monotonic()
+        loop_ok = now - self.last_tick < 30
+        mgmt_ok = self.mgmt is not None and not self.mgmt.closed
+        detail = {"loop": loop_ok, "management": mgmt_ok}
+        return loop_ok and (mgmt_ok or self.draining), detail
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Readiness: registered, firewall applied, OpenVPN listening, not draining."""
+        detail = {
+            "registered": self.registered,
+            "config_applied": self.config_applied,
+            "openvpn": self.openvpn_ready,
+            "draining": self.draining,
+            "control_plane": self.cp_reachable,
+            "revision": self.view.revision,
+        }
+        ok = self.registered and self.config_applied and self.openvpn_ready and not self.draining
+        return ok, detail
+
+    async def probe_management(self) -> bool:
+        if self.mgmt is None or self.mgmt.closed:
+            return False
+        try:
+            await self.mgmt.pid(timeout=2)
+        except ManagementError:
+            return False
+        self.last_mgmt_ok = time.monotonic()
+        return True
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def request_stop(self) -> None:
+        if not self._stop.is_set():
+            log.info("stop requested: draining")
+            self.draining = True
+            self._stop.set()
+
+    async def run(self) -> None:
+        """Run until SIGTERM/SIGINT, then drain and exit."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.spool = Spool(self.state_dir, "sessions")
+        from vpnfleet.agent.health import serve_http
+
+        http = asyncio.create_task(serve_http(self), name="http")
+        try:
+            await self.register()
+            if self._stop.is_set():
+                return
+            await self.load_view()
+            self.render_config()
+            await self.dataplane.ensure_sysctls()
+            tasks = [
+                asyncio.create_task(coro, name=name)
+                for name, coro in (
+                    ("supervise", self.supervise_loop()),
+                    ("follow", self.follow_loop()),
+                    ("firewall", self.firewall_loop()),
+                    ("deliver", self.deliver_loop()),
+                    ("reconcile", self.reconcile_loop()),
+                    ("heartbeat", self.heartbeat_loop()),
+                )
+            ]
+            stop = asyncio.create_task(self._stop.wait())
+            done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stop and task.exception() is not None:
+                    log.error("task %s failed: %r", task.get_name(), task.exception())
+                    self.request_stop()
+            await self.drain(tasks)
+        finally:
+            http.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await http
+            if self.spool is not None:
+                self.spool.close()
+            await self.cp.close()
+
+    async def drain(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Tell clients to reconnect elsewhere, close their sessions, tidy up, stop openvpn."""
+        self.draining = True
+        established = [c for c in self.clients.values() if c.established]
+        log.info("draining %d client(s)", len(established))
+        for client in established:
+            await self._kick(client, "pod draining", halt=False)
+        deadline = time.monotonic() + self.s.drain_timeout
+        while any(c.established for c in self.clients.values()) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        for client in [c for c in self.clients.values() if c.established]:
+            self._forget(client.cid)
+            self._spool_close(client, 0, 0, "pod drained")
+        deliver = next((t for t in tasks if t.get_name() == "deliver"), None)
+        others = [t for t in tasks if t is not deliver]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        if deliver is not None:
+            # It stops after its current batch now that stop is set; then we own the spool.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(deliver, 5)
+        # Give the records a moment to reach the control plane; the spool keeps the rest.
+        deadline = time.monotonic() + 3
+        while self.spool is not None and len(self.spool) and time.monotonic() < deadline:
+            await self._flush_spool_once()
+        if self.mgmt is not None:
+            await self.mgmt.close()
+        if self.openvpn is not None:
+            await self.openvpn.stop()
+        try:
+            await self.dataplane.remove_all()
+        except DataplaneError as exc:
+            log.error("firewall cleanup failed: %s", exc)
+        self._save_clients()
+        with contextlib.suppress(ControlPlaneError):
+            await self.cp.heartbeat(
+                Heartbeat(
+                    name=self.s.name,
+                    applied_revision=self.applied_revision,
+                    ready=False,
+                    status={"clients": 0, "openvpn": False, "drained": True},
+                )
+            )
+        log.info("drained; bye")
+
+    async def _flush_spool_once(self) -> None:
+        assert self.spool is not None
+        batch = self.spool.peek(50)
+        done = 0
+        try:
+            for record in batch:
+                await self._deliver(record)
+                done += 1
+        except ControlPlaneError:
+            await asyncio.sleep(0.2)
+        finally:
+            self.spool.commit(done)

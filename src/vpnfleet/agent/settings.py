@@ -1,0 +1,91 @@
+"""Agent settings: every flag also comes from a VPNFLEET_* environment variable (pod specs)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vpnfleet.core import netparse
+
+
+@dataclass
+class AgentSettings:
+    server: str
+    token: str
+    name: str
+    public_endpoint: str | None = None
+    http: str = "0.0.0.0:9176"
+    state_dir: Path = Path("/var/lib/vpnfleet-agent")
+    uplink: str | None = None
+    template: str = "default"
+    pod_ip: str | None = None
+    openvpn: str = "openvpn"
+    port: int = 1194
+    proto: str = "udp"
+    push_routes: list[str] = field(default_factory=list)
+    fw_prefix: str = "vpnf"
+    reconcile_interval: float = 5.0
+    heartbeat_interval: float = 5.0
+    drain_timeout: float = 10.0
+    log_format: str = "text"
+
+    @classmethod
+    def from_env(cls, **flags: object) -> AgentSettings:
+        """Flags win over environment variables; missing required values raise ValueError."""
+        env = os.environ
+
+        def pick(key: str, var: str) -> object:
+            value = flags.get(key)
+            return value if value not in (None, [], "") else env.get(var)
+
+        values: dict[str, object] = {}
+        for key, var in (
+            ("server", "VPNFLEET_SERVER"),
+            ("token", "VPNFLEET_AGENT_TOKEN"),
+            ("name", "VPNFLEET_POD_NAME"),
+            ("public_endpoint", "VPNFLEET_PUBLIC_ENDPOINT"),
+            ("http", "VPNFLEET_HTTP"),
+            ("uplink", "VPNFLEET_UPLINK"),
+            ("template", "VPNFLEET_TEMPLATE"),
+            ("pod_ip", "VPNFLEET_POD_IP"),
+            ("openvpn", "VPNFLEET_OPENVPN"),
+            ("log_format", "VPNFLEET_LOG_FORMAT"),
+        ):
+            value = pick(key, var)
+            if value is not None:
+                values[key] = value
+        state_dir = pick("state_dir", "VPNFLEET_STATE_DIR")
+        if state_dir is not None:
+            values["state_dir"] = Path(str(state_dir))
+        routes = flags.get("push_routes") or [
+            r.strip() for r in env.get("VPNFLEET_PUSH_ROUTES", "").split(",") if r.strip()
+        ]
+        values["push_routes"] = list(routes)  # type: ignore[call-overload]
+        if values.get("token") is None and env.get("VPNFLEET_AGENT_TOKEN_FILE"):
+            values["token"] = Path(env["VPNFLEET_AGENT_TOKEN_FILE"]).read_text().strip()
+        for required, hint in (
+            ("server", "--server or VPNFLEET_SERVER"),
+            ("token", "--token or VPNFLEET_AGENT_TOKEN(_FILE)"),
+            ("name", "--name or VPNFLEET_POD_NAME"),
+        ):
+            if not values.get(required):
+                raise ValueError(f"missing {required}: give {hint}")
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        netparse.validate_name(self.name, "pod name")
+        netparse.parse_listen(self.http)
+        if not self.server.startswith(("http://", "https://")):
+            raise ValueError(f"server {self.server!r} must be an http:// or https:// URL")
+        if self.public_endpoint:
+            netparse.parse_endpoint(self.public_endpoint)
+        if self.pod_ip:
+            ipaddress.IPv4Address(self.pod_ip)
+        for route in self.push_routes:
+            netparse.parse_destination(route)
+        if self.log_format not in ("text", "json"):
+            raise ValueError("log format must be 'text' or 'json'")

@@ -1,0 +1,66 @@
+"""The CONNECT decision: may this certificate's user connect, and how.
+
+Pure and fast: the agent evaluates it against its replica of the control plane's state, so a
+decision never waits on the network (OpenVPN is never blocked), and the control plane being
+briefly away does not lock users out. The control plane re-checks the fleet-wide session
+limit when the session is recorded and the agent disconnects the client if it says no.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vpnfleet.core.fleet import FleetView
+from vpnfleet.wire import UserState
+
+
+@dataclass(frozen=True)
+class Decision:
+    """`reason` is for logs and metrics; `client_reason` is what the user's client shows."""
+
+    allow: bool
+    reason: str
+    client_reason: str
+    user: UserState | None = None
+
+    @property
+    def label(self) -> str:
+        """A bounded metric label for the outcome."""
+        return "allowed" if self.allow else self.reason.split(" (")[0].replace(" ", "_")
+
+
+def _serial_matches(expected: str | None, presented: str | None) -> bool:
+    if expected is None or presented is None:
+        return False
+    try:
+        return int(expected) == int(presented)
+    except ValueError:
+        return False
+
+
+def decide(
+    view: FleetView, common_name: str, cert_serial: str | None, local_sessions: int
+) -> Decision:
+    """Decide a CONNECT for the certificate `common_name` / `cert_serial`.
+
+    `local_sessions` counts this user's sessions on this pod that the fleet view may not have
+    seen yet (established here, not yet echoed back by the watch stream).
+    """
+    user = view.users.get(common_name)
+    if user is None:
+        return Decision(False, "unknown user", "unknown account")
+    if not user.enabled:
+        return Decision(False, "user disabled", "account disabled", user)
+    if not _serial_matches(user.cert_serial, cert_serial):
+        return Decision(False, "certificate not current", "certificate revoked or replaced", user)
+    if user.mode == "gateway" and not user.gateway_address:
+        return Decision(False, "no gateway address leased", "no gateway address", user)
+    live = max(view.live_sessions_of(user.name), local_sessions)
+    if live >= user.max_sessions:
+        return Decision(
+            False,
+            f"session limit reached ({user.max_sessions})",
+            "too many sessions",
+            user,
+        )
+    return Decision(True, "allowed", "", user)
