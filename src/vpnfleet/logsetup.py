@@ -47,3 +47,5 @@ def setup(fmt: str = "text", level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # uvicorn's access log would print every request line; ours are enough.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # httpx logs every request at INFO; the agent makes several a second.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -81,6 +81,14 @@ class PoolState(BaseModel):
     cidr: str
 
 
+class PodState(BaseModel):
+    """A registered pod (gateway routes point at its IP)."""
+
+    id: int
+    name: str
+    pod_ip: str | None = None
+
+
 class LiveSession(BaseModel):
     """An open session anywhere in the fleet (for fleet-wide session limits and routes)."""
 
@@ -100,6 +108,7 @@ class Snapshot(BaseModel):
     rules: list[RuleState]
     pools: list[PoolState]
     sessions: list[LiveSession]
+    pods: list[PodState] = Field(default_factory=list)
 
 
 class SessionOpen(BaseModel):

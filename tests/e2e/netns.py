@@ -41,9 +41,12 @@ def netns_unavailable(*tools: str) -> str | None:
 
 
 def requires_netns(*tools: str) -> pytest.MarkDecorator:
-    """Mark: skip unless root and ``ip`` plus ``tools`` are installed."""
-    reason = netns_unavailable(*tools)
-    return pytest.mark.skipif(reason is not None, reason=reason or "")
+    """Mark an end-to-end test that needs root, `ip` and `tools`.
+
+    Missing requirements fail the test (tests/e2e/conftest.py), they never skip it: a
+    silently skipped e2e suite would look green while testing nothing.
+    """
+    return pytest.mark.e2e(tools=tools)
 
 
 @dataclass(frozen=True)

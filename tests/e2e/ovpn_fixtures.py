@@ -33,15 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from tests.e2e.netns import Netns, NetnsPool, veth
 from vpnfleet.agent.management import ManagementClient, ManagementError
 from vpnfleet.controlplane import pki
 from vpnfleet.core.mgmt_protocol import ClientEvent, ClientEventKind, Event
 from vpnfleet.core.ovpn_config import render_client_profile, render_server_conf
-
-try:
-    from tests.e2e.netns import Netns, NetnsPool, veth
-except ImportError:  # rootdir-relative import when tests/e2e is not a package
-    from netns import Netns, NetnsPool, veth  # type: ignore[no-redef]
 
 NS_PREFIX = "vft-mg-"
 SERVER_IP = "198.18.30.1"
@@ -120,15 +116,15 @@ class OpenVPNProcess:
         except FileNotFoundError:
             return ""
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL; always waits for the exit.
+    def stop(self, timeout: float = 10.0, graceful: bool = True) -> None:
+        """SIGTERM (or SIGKILL when not `graceful`), SIGKILL after `timeout`; waits for exit.
 
         Waiting matters: an exiting openvpn unlinks its management socket path, which would
         delete the socket of a successor started at the same path too early.
         """
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(signal.SIGTERM if graceful else signal.SIGKILL)
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -238,7 +234,7 @@ class OvpnLab:
     server_ns: Netns
     client_ns: Netns
     workdir: Path
-    pki: LabPki
+    certs: LabPki
     processes: list[OpenVPNProcess] = field(default_factory=list)
     sessions: list[ManagementClient] = field(default_factory=list)
 
@@ -276,7 +272,7 @@ class OvpnLab:
                 await asyncio.wait_for(session.close(), 5)
         for proc in self.processes:
             with contextlib.suppress(Exception):
-                proc.stop(timeout=5)
+                proc.stop(timeout=5, graceful=False)  # a graceful server exit takes ~2 s
         self.pool.close()  # also SIGKILLs anything left in the namespaces
         shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -287,11 +283,11 @@ class OvpnLab:
     def server_config(self, revoked: Iterable[pki.KeyPair] = (), **overrides: object) -> str:
         """Write the server's key material and render its config with our renderer."""
         d = self.workdir
-        write_private(d / "ca.crt", self.pki.ca.cert_pem)
-        write_private(d / "server.crt", self.pki.server.cert_pem)
-        write_private(d / "server.key", self.pki.server.key_pem)
-        write_private(d / "tls-crypt.key", self.pki.tls_crypt)
-        write_private(d / "crl.pem", self.pki.crl(revoked))
+        write_private(d / "ca.crt", self.certs.ca.cert_pem)
+        write_private(d / "server.crt", self.certs.server.cert_pem)
+        write_private(d / "server.key", self.certs.server.key_pem)
+        write_private(d / "tls-crypt.key", self.certs.tls_crypt)
+        self.write_crl(revoked)
         kwargs: dict[str, object] = {
             "pool_gateway": POOL_GATEWAY,
             "management_socket": str(self.mgmt_socket),
@@ -307,19 +303,24 @@ class OvpnLab:
         kwargs.update(overrides)
         return render_server_conf(**kwargs)  # type: ignore[arg-type]
 
+    def write_crl(self, revoked: Iterable[pki.KeyPair] = ()) -> None:
+        """(Re)write the CRL file the server verifies against, atomically."""
+        tmp = write_private(self.workdir / "crl.pem.new", self.certs.crl(revoked))
+        tmp.replace(self.workdir / "crl.pem")
+
     def start_server(self, revoked: Iterable[pki.KeyPair] = ()) -> OpenVPNProcess:
         proc = OpenVPNProcess(self.server_ns, self.workdir, "server", self.server_config(revoked))
         self.processes.append(proc)
         return proc.start()
 
     def start_client(self, common_name: str, keypair: pki.KeyPair | None = None) -> OpenVPNProcess:
-        kp = keypair or self.pki.client(common_name)
+        kp = keypair or self.certs.client(common_name)
         profile = render_client_profile(
             remotes=[(SERVER_IP, PORT)],
-            ca_pem=self.pki.ca.cert_pem,
+            ca_pem=self.certs.ca.cert_pem,
             cert_pem=kp.cert_pem,
             key_pem=kp.key_pem,
-            tls_crypt_key=self.pki.tls_crypt,
+            tls_crypt_key=self.certs.tls_crypt,
             proto="udp4",
             server_name_prefix=SERVER_CN_PREFIX,
             name=common_name,

@@ -25,20 +25,10 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+from tests.e2e.netns import Netns, NetnsPool, existing_namespaces, requires_netns, veth
 from vpnfleet.agent.dataplane import Dataplane, DataplaneError
 from vpnfleet.core import fwplan
 from vpnfleet.core.fwplan import DesiredState, Grant, GroupState
-
-try:
-    from tests.e2e.netns import Netns, NetnsPool, existing_namespaces, requires_netns, veth
-except ImportError:  # rootdir-relative import when tests/e2e is not a package
-    from netns import (  # type: ignore[no-redef,import-not-found]
-        Netns,
-        NetnsPool,
-        existing_namespaces,
-        requires_netns,
-        veth,
-    )
 
 pytestmark = [pytest.mark.e2e, requires_netns("iptables", "ipset", "conntrack", "sysctl")]
 

@@ -14,6 +14,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.e2e.netns import existing_namespaces, requires_netns
+from tests.e2e.ovpn_fixtures import (
+    CLIENT_IP,
+    OpenVPNProcess,
+    OvpnLab,
+    drain_events,
+    next_client_event,
+)
 from vpnfleet.agent.management import (
     CommandError,
     CommandTimeout,
@@ -29,25 +37,6 @@ from vpnfleet.core.mgmt_protocol import (
     Notification,
 )
 from vpnfleet.core.ovpn_config import DATA_CIPHERS
-
-try:
-    from tests.e2e.netns import existing_namespaces, requires_netns
-    from tests.e2e.ovpn_fixtures import (
-        CLIENT_IP,
-        OpenVPNProcess,
-        OvpnLab,
-        drain_events,
-        next_client_event,
-    )
-except ImportError:  # rootdir-relative import when tests/e2e is not a package
-    from netns import existing_namespaces, requires_netns  # type: ignore[no-redef]
-    from ovpn_fixtures import (  # type: ignore[no-redef]
-        CLIENT_IP,
-        OpenVPNProcess,
-        OvpnLab,
-        drain_events,
-        next_client_event,
-    )
 
 pytestmark = [pytest.mark.e2e, requires_netns("openvpn")]
 
@@ -129,6 +118,18 @@ async def test_unanswered_command_times_out_and_closes_the_session(lab: OvpnLab)
     mgmt2 = await lab.connect_mgmt()
     assert await mgmt2.pid() == server.pid
 
+    # Cancelling a command from outside (asyncio.timeout, task cancel) is the same hazard.
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        task = asyncio.create_task(mgmt2.pid(timeout=30))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert mgmt2.closed
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+
 
 async def test_client_auth_pushes_the_agents_address(lab: OvpnLab) -> None:
     _, mgmt = await start_pod(lab)
@@ -184,13 +185,13 @@ async def test_client_deny_reason_is_shown_by_the_client(lab: OvpnLab) -> None:
     connect = await next_client_event(mgmt, ClientEventKind.CONNECT)
     assert connect.kid is not None
 
-    await mgmt.client_deny(
-        connect.cid, connect.kid, "account disabled", 'Your account is "disabled", call IT'
-    )
+    # Quotes and a backslash check our escaping against OpenVPN's own lexer.
+    client_reason = 'Your account is "disabled", call IT \\ helpdesk'
+    await mgmt.client_deny(connect.cid, connect.kid, "account disabled", client_reason)
 
     # The stock client logs the reason and, with the default auth-retry none, exits.
     await client.wait_exit(20)
-    assert 'AUTH_FAILED,Your account is "disabled", call IT' in client.log()
+    assert f"AUTH_FAILED,{client_reason}" in client.log()
     assert "connection rejected: account disabled" in server.log()
     assert await lab.client_tunnel_ipv4() is None
 
@@ -225,7 +226,7 @@ async def test_client_kill_halt_stops_the_client(lab: OvpnLab) -> None:
 
 
 async def test_revoked_certificate_is_refused_before_connect(lab: OvpnLab) -> None:
-    mallory = lab.pki.client("mallory")
+    mallory = lab.certs.client("mallory")
     server, mgmt = await start_pod(lab, revoked=[mallory])
 
     lab.start_client("mallory", mallory)
@@ -237,6 +238,16 @@ async def test_revoked_certificate_is_refused_before_connect(lab: OvpnLab) -> No
     lab.start_client("alice")
     connect = await next_client_event(mgmt, ClientEventKind.CONNECT)
     assert connect.common_name == "alice"
+
+
+async def test_crl_update_applies_to_new_connections_without_restart(lab: OvpnLab) -> None:
+    server, mgmt = await start_pod(lab)
+    mallory = lab.certs.client("mallory")
+    lab.write_crl([mallory])  # what the agent does when a certificate is revoked
+
+    lab.start_client("mallory", mallory)
+    await server.wait_log(r"VERIFY ERROR.*certificate revoked.*CN=mallory", 20)
+    assert not [e for e in await drain_events(mgmt, 2.0) if isinstance(e, ClientEvent)]
 
 
 async def test_openvpn_restart_closes_session_and_client_comes_back(lab: OvpnLab) -> None:

@@ -118,6 +118,7 @@ def test_server_conf_quotes_paths_with_spaces() -> None:
         ({"port": 65536}, "port"),
         ({"port": True}, "port"),
         ({"proto": "tcp"}, "proto"),
+        ({"proto": "tcp-server"}, "proto"),
         ({"local": "pod.example"}, "local"),
         ({"keepalive": (10, 15)}, "keepalive"),
         ({"verb": 12}, "verb"),
@@ -134,7 +135,7 @@ def test_server_conf_rejects_bad_input(overrides: dict[str, Any], message: str) 
 
 
 @pytest.fixture(scope="module")
-def material() -> dict[str, str]:
+def material() -> dict[str, Any]:
     ca = pki.create_ca()
     client = pki.issue_client_cert(ca, "alice")
     return {
@@ -145,7 +146,7 @@ def material() -> dict[str, str]:
     }
 
 
-def test_client_profile(material: dict[str, str]) -> None:
+def test_client_profile(material: dict[str, Any]) -> None:
     profile = render_client_profile(
         remotes=[("vpn.example.com", 1194)],
         server_name_prefix="vpnfleet-pod-",
@@ -180,7 +181,7 @@ def test_client_profile(material: dict[str, str]) -> None:
     assert profile.endswith("</tls-crypt>\n")
 
 
-def test_client_profile_several_remotes_and_no_name_pinning(material: dict[str, str]) -> None:
+def test_client_profile_several_remotes_and_no_name_pinning(material: dict[str, Any]) -> None:
     profile = render_client_profile(
         remotes=[("198.51.100.7", 1194), ("2001:db8::5", 443), ("vpn2.example.com.", 1195)],
         proto="udp4",
@@ -211,7 +212,7 @@ def test_client_profile_several_remotes_and_no_name_pinning(material: dict[str, 
     ],
 )
 def test_client_profile_rejects_bad_remotes(
-    material: dict[str, str], remotes: list[tuple[str, int]], message: str
+    material: dict[str, Any], remotes: list[tuple[str, int]], message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
         render_client_profile(remotes=remotes, **material)
@@ -227,15 +228,15 @@ def test_client_profile_rejects_bad_remotes(
     ],
 )
 def test_client_profile_rejects_bad_material(
-    material: dict[str, str], field: str, value: str, message: str
+    material: dict[str, Any], field: str, value: str, message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
         render_client_profile(remotes=[("vpn.example.com", 1194)], **{**material, field: value})
 
 
-def test_client_profile_rejects_bad_options(material: dict[str, str]) -> None:
+def test_client_profile_rejects_bad_options(material: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="proto"):
-        render_client_profile(remotes=[("h.example", 1)], proto="tcp", **material)  # type: ignore[arg-type]
+        render_client_profile(remotes=[("h.example", 1)], proto="tcp-client", **material)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="control character"):
         render_client_profile(remotes=[("h.example", 1)], name="a\nb", **material)
     with pytest.raises(ValueError, match="control character"):

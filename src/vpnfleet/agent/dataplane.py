@@ -20,7 +20,8 @@ Failure model (why a failed apply never leaves the pod open):
 * An incremental apply is one ``ipset restore`` whose operations :func:`fwplan.diff` ordered
   safely; if it fails (a set went missing, a hash filled up), a full resync follows.
 * Conntrack entries are deleted only after the new policy is in place, so the next packet of
-  a revoked flow is judged as NEW by the new policy.
+  a revoked flow is judged as NEW by the new policy. A full apply without an old state (agent
+  restart) cannot know what was revoked: follow it with :meth:`Dataplane.reconcile_flows`.
 """
 
 from __future__ import annotations

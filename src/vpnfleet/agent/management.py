@@ -28,7 +28,6 @@ Nothing logged here contains a password or token: every protocol line passes `re
 
 # The `timeout` parameters are deliberate (ASYNC109): a command that outlives its timeout
 # must close the session, because its late reply would be taken for the next command's.
-# ruff: noqa: ASYNC109
 
 from __future__ import annotations
 
@@ -202,6 +201,9 @@ class ManagementClient:
                     self._dispatch(event)
         except (OSError, asyncio.IncompleteReadError) as exc:
             reason = f"management connection failed: {exc}"
+        except Exception as exc:  # a bug here must not leave commands waiting forever
+            log.exception("management reader failed")
+            reason = f"management reader failed: {type(exc).__name__}"
         self._shutdown(reason)
 
     def _dispatch(self, event: Event) -> None:

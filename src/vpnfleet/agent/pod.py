@@ -115,6 +115,7 @@ class PodAgent:
         self._stop = asyncio.Event()
         self._clients_dirty = False
         self._view_dirty = False
+        self._unanswered: set[int] = set()
 
     # ------------------------------------------------------------------ files and cache
 
@@ -233,10 +234,10 @@ class PodAgent:
             cert_path=str(d / "server.crt"),
             key_path=str(d / "server.key"),
             tls_crypt_path=str(d / "tls-crypt.key"),
-            crl_path=str(d / "crl.pem"),
+            crl_path=str(d / "crl.pem") if self.s.crl_verify else None,
             dev=TUN_DEV,
             port=self.s.port,
-            proto="udp" if self.s.proto == "udp" else "tcp-server",  # type: ignore[arg-type]
+            proto="udp",
             management_hold=True,
         )
         _write_private(self.conf_path, conf, 0o644)
@@ -306,7 +307,7 @@ class PodAgent:
             decision = authz.Decision(False, "address pool exhausted", "server full")
             with contextlib.suppress(ManagementError):
                 await self.mgmt.client_deny(ev.cid, kid, decision.reason, decision.client_reason)
-        except ManagementError as exc:
+        except (ManagementError, ValueError) as exc:
             # The client vanished meanwhile, or openvpn restarted: reconcile tidies up.
             log.info("could not answer client %d: %s", ev.cid, exc)
             if not reauth:
@@ -459,6 +460,13 @@ class PodAgent:
             reason,
             extra={"event": "kick", "user": client.user, "reason": reason},
         )
+        if client.established:
+            # OpenVPN keeps a killed instance for a few seconds (delayed exit): take the
+            # address out of the firewall and end the session now, not at DISCONNECT.
+            client.established = False
+            self._clients_dirty = True
+            self._firewall_dirty.set()
+            self._spool_close(client, 0, 0, reason)
         if self.mgmt is None:
             return
         try:
@@ -622,10 +630,25 @@ class PodAgent:
         cached = (
             self._load_cached_clients() if any(cid not in self.clients for cid in present) else {}
         )
+        unanswered: set[int] = set()
         for cid, row in present.items():
-            if cid in self.clients or not row.virtual_address:
+            if cid in self.clients:
+                continue
+            if not row.virtual_address:
+                # A CONNECT sent while no agent was attached is never replayed: the client
+                # would wait for its hand-window. Seen twice in a row, it gets a restart.
+                unanswered.add(cid)
+                if cid in self._unanswered and self.mgmt is not None:
+                    log.info(
+                        "client %d (%s) never got an answer; asking it to reconnect",
+                        cid,
+                        row.common_name,
+                    )
+                    with contextlib.suppress(ManagementError, ValueError):
+                        await self.mgmt.client_kill(cid, "RESTART")
                 continue
             await self._adopt(cid, row, cached)
+        self._unanswered = unanswered
 
     async def _adopt(
         self, cid: int, row: StatusClient, cached: dict[tuple[str, str], LocalClient]
@@ -764,7 +787,8 @@ class PodAgent:
                     self.on_established(event)
                 elif event.kind is ClientEventKind.DISCONNECT:
                     self.on_disconnect(event)
-            elif isinstance(event, Hold):
+            elif isinstance(event, Hold) and self.openvpn_ready:
+                # openvpn restarted itself (SIGUSR1) and waits again.
                 with contextlib.suppress(ManagementError):
                     await mgmt.command("hold release")
 
@@ -777,6 +801,9 @@ class PodAgent:
                 self._save_clients()
             if self._view_dirty:
                 self._save_view()
+            if self.config_applied and not self._firewall_dirty.is_set():
+                # Nothing pending: every change up to the view's revision is enforced.
+                self.applied_revision = self.view.revision
             try:
                 await self.cp.heartbeat(
                     Heartbeat(
@@ -890,11 +917,12 @@ class PodAgent:
         for client in established:
             await self._kick(client, "pod draining", halt=False)
         deadline = time.monotonic() + self.s.drain_timeout
-        while any(c.established for c in self.clients.values()) and time.monotonic() < deadline:  # noqa: ASYNC110
+        while self.clients and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        for client in [c for c in self.clients.values() if c.established]:
+        for client in list(self.clients.values()):
             self._forget(client.cid)
-            self._spool_close(client, 0, 0, "pod drained")
+            if client.established:
+                self._spool_close(client, 0, 0, "pod drained")
         deliver = next((t for t in tasks if t.get_name() == "deliver"), None)
         others = [t for t in tasks if t is not deliver]
         for task in others:

@@ -26,6 +26,10 @@ class AgentSettings:
     proto: str = "udp"
     push_routes: list[str] = field(default_factory=list)
     fw_prefix: str = "vpnf"
+    # Revocation is enforced at CONNECT (the user's current certificate serial), which lets
+    # the client show why. crl_verify adds OpenVPN's own CRL check at the TLS handshake:
+    # defence in depth, but a revoked client then only sees a TLS failure.
+    crl_verify: bool = False
     reconcile_interval: float = 5.0
     heartbeat_interval: float = 5.0
     drain_timeout: float = 10.0
@@ -56,6 +60,11 @@ class AgentSettings:
             value = pick(key, var)
             if value is not None:
                 values[key] = value
+        crl = flags.get("crl_verify")
+        if crl is None and env.get("VPNFLEET_CRL_VERIFY"):
+            crl = env["VPNFLEET_CRL_VERIFY"].lower() in ("1", "true", "yes", "on")
+        if crl is not None:
+            values["crl_verify"] = bool(crl)
         state_dir = pick("state_dir", "VPNFLEET_STATE_DIR")
         if state_dir is not None:
             values["state_dir"] = Path(str(state_dir))
@@ -63,6 +72,15 @@ class AgentSettings:
             r.strip() for r in env.get("VPNFLEET_PUSH_ROUTES", "").split(",") if r.strip()
         ]
         values["push_routes"] = list(routes)  # type: ignore[call-overload]
+        for key, var in (
+            ("heartbeat_interval", "VPNFLEET_HEARTBEAT_INTERVAL"),
+            ("reconcile_interval", "VPNFLEET_RECONCILE_INTERVAL"),
+        ):
+            if env.get(var):
+                try:
+                    values[key] = float(env[var])
+                except ValueError:
+                    raise ValueError(f"{var} must be a number of seconds") from None
         if values.get("token") is None and env.get("VPNFLEET_AGENT_TOKEN_FILE"):
             values["token"] = Path(env["VPNFLEET_AGENT_TOKEN_FILE"]).read_text().strip()
         for required, hint in (
@@ -87,5 +105,9 @@ class AgentSettings:
             ipaddress.IPv4Address(self.pod_ip)
         for route in self.push_routes:
             netparse.parse_destination(route)
+        if not 0.2 <= self.heartbeat_interval <= 300 or not 0.5 <= self.reconcile_interval <= 3600:
+            raise ValueError("heartbeat/reconcile intervals are out of range")
+        if self.proto != "udp":
+            raise ValueError("only proto udp is supported")
         if self.log_format not in ("text", "json"):
             raise ValueError("log format must be 'text' or 'json'")

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from vpnfleet import __version__
-from vpnfleet.cli import admin
+from vpnfleet.cli import admin, lab
 from vpnfleet.cli.client import CLIError
 from vpnfleet.cli.output import err_console
 
@@ -132,6 +132,13 @@ def agent(
     push_route: Annotated[
         list[str] | None, typer.Option(help="CIDR to route through the VPN; repeat.")
     ] = None,
+    crl_verify: Annotated[
+        bool | None,
+        typer.Option(
+            "--crl-verify/--no-crl-verify",
+            help="Also check the CRL at the TLS handshake (clients then see no reason).",
+        ),
+    ] = None,
     log_format: Annotated[str | None, typer.Option(help="text or json.")] = None,
 ) -> None:
     """Run the pod agent: supervise OpenVPN, enforce the firewall, report sessions."""
@@ -152,12 +159,52 @@ def agent(
             uplink=uplink,
             pod_ip=pod_ip,
             push_routes=push_route or [],
+            crl_verify=crl_verify,
             log_format=log_format,
         )
         logsetup.setup(settings.log_format)
     except (ValueError, OSError) as exc:
         raise CLIError(str(exc), 2) from None
     asyncio.run(PodAgent(settings).run())
+
+
+@app.command("gateway-routes")
+def gateway_routes(
+    server: Annotated[
+        str | None, typer.Option(help="Control plane URL (env VPNFLEET_SERVER).")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", help="Agent token (env VPNFLEET_AGENT_TOKEN).")
+    ] = None,
+    log_format: Annotated[str, typer.Option(help="text or json.")] = "text",
+) -> None:
+    """Keep /32 routes to gateway-mode users via the pod they are on (run on a router)."""
+    import asyncio
+    import os
+    import signal
+
+    from vpnfleet import logsetup
+    from vpnfleet.agent.cpclient import ControlPlane
+    from vpnfleet.agent.gwroutes import follow
+
+    url = server or os.environ.get("VPNFLEET_SERVER")
+    secret = token or os.environ.get("VPNFLEET_AGENT_TOKEN")
+    if not url or not secret:
+        raise CLIError("give --server and --token (or VPNFLEET_SERVER / VPNFLEET_AGENT_TOKEN)", 2)
+    logsetup.setup(log_format)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        cp = ControlPlane(url, secret)
+        try:
+            await follow(cp, stop)
+        finally:
+            await cp.close()
+
+    asyncio.run(main())
 
 
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -195,6 +242,7 @@ app.add_typer(admin.pki_app, name="pki")
 app.add_typer(admin.audit_app, name="audit")
 app.add_typer(admin.session_app, name="session")
 app.add_typer(admin.pod_app, name="pod")
+app.add_typer(lab.lab_app, name="lab")
 
 
 def main() -> None:

@@ -9,7 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from vpnfleet.wire import GroupState, LiveSession, PoolState, RuleState, Snapshot, UserState
+from vpnfleet.wire import (
+    GroupState,
+    LiveSession,
+    PodState,
+    PoolState,
+    RuleState,
+    Snapshot,
+    UserState,
+)
 
 
 @dataclass
@@ -38,6 +46,7 @@ class FleetView:
     rules: dict[int, RuleState] = field(default_factory=dict)
     pools: dict[int, PoolState] = field(default_factory=dict)
     sessions: dict[str, LiveSession] = field(default_factory=dict)
+    pods: dict[str, PodState] = field(default_factory=dict)
 
     @classmethod
     def from_snapshot(cls, snap: Snapshot) -> FleetView:
@@ -48,6 +57,7 @@ class FleetView:
             rules={r.id: r for r in snap.rules},
             pools={p.id: p for p in snap.pools},
             sessions={s.uid: s for s in snap.sessions},
+            pods={p.name: p for p in snap.pods},
         )
 
     def to_snapshot(self) -> Snapshot:
@@ -58,6 +68,7 @@ class FleetView:
             rules=list(self.rules.values()),
             pools=list(self.pools.values()),
             sessions=list(self.sessions.values()),
+            pods=list(self.pods.values()),
         )
 
     def user_by_id(self, user_id: int) -> UserState | None:
@@ -113,6 +124,9 @@ class FleetView:
                     tunnel_ip=str(data["tunnel_ip"]),
                     mode=str(data["mode"]),
                 )
+        elif kind == "pod" and isinstance(obj_id, int):
+            pod_name = str(data.get("name", ""))
+            self.pods[pod_name] = PodState(id=obj_id, name=pod_name, pod_ip=data.get("pod_ip"))
         elif kind == "kill":
             name = data.get("user")
             if isinstance(name, str):

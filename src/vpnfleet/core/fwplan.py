@@ -94,7 +94,6 @@ _IFACE_RE = re.compile(r"^[A-Za-z0-9_.@:+-]{1,15}$")
 
 SetType = Literal["hash:ip", "hash:net", "hash:net,port"]
 GroupSetKind = Literal["m", "d", "t", "u", "i", "n"]
-GROUP_SET_KINDS: tuple[GroupSetKind, ...] = ("m", "d", "t", "u", "i", "n")
 _GROUP_SET_TYPES: dict[GroupSetKind, SetType] = {
     "m": "hash:ip",
     "d": "hash:net,port",
@@ -666,7 +665,9 @@ def render_ipset(state: DesiredState, kernel: KernelState | None = None) -> str:
     specs = desired_sets(state)
     lines: list[str] = []
     if kernel is not None:
-        _check_types(specs, kernel)
+        wrong = mismatched_sets(state, kernel)
+        if wrong:
+            raise SetTypeMismatch(wrong)
         lines += [f"destroy {n}" for n in sorted(kernel.sets) if n.endswith(TEMP_SUFFIX)]
     for name, spec in specs.items():
         elems = _sort_elements(spec.elements)
@@ -697,12 +698,6 @@ def mismatched_sets(state: DesiredState, kernel: KernelState) -> list[str]:
     """Desired set names that exist in the kernel with a different type (need recreating)."""
     specs = desired_sets(state)
     return sorted(n for n, ks in kernel.sets.items() if n in specs and ks.type != specs[n].type)
-
-
-def _check_types(specs: Mapping[str, SetSpec], kernel: KernelState) -> None:
-    bad = sorted(n for n, ks in kernel.sets.items() if n in specs and ks.type != specs[n].type)
-    if bad:
-        raise SetTypeMismatch(bad)
 
 
 def stale_sets(state: DesiredState, kernel: KernelState) -> list[str]:

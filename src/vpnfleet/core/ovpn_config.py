@@ -28,6 +28,7 @@ __all__ = [
 
 DATA_CIPHERS = "AES-256-GCM:AES-128-GCM:CHACHA20-POLY1305"
 
+# UDP only: explicit-exit-notify (fast drain, prompt DISCONNECT) is a UDP feature.
 ServerProto = Literal["udp", "udp4", "udp6"]
 ClientProto = Literal["udp", "udp4", "udp6"]
 _PROTOS = ("udp", "udp4", "udp6")

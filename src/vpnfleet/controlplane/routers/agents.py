@@ -35,6 +35,7 @@ from vpnfleet.wire import (
     GroupState,
     Heartbeat,
     LiveSession,
+    PodState,
     PoolState,
     RegisterRequest,
     RuleState,
@@ -173,6 +174,7 @@ def build_snapshot(db: Session) -> Snapshot:
             )
             for s in db.scalars(select(VpnSession).where(VpnSession.ended_at.is_(None)))
         ],
+        pods=[PodState(id=p.id, name=p.name, pod_ip=p.pod_ip) for p in db.scalars(select(Pod))],
     )
 
 

@@ -1,0 +1,257 @@
+"""Connect storm through the management interface, versus a fork-per-client script.
+
+    sudo .venv/bin/python bench/connect_storm.py [--cycles 20000] [--window 64]
+
+The agent side is the real PodAgent event path (decision, client-auth, session tracking,
+coalesced firewall updates with real ipset/iptables) inside a private network namespace.
+The load generator is a fake OpenVPN *management server* speaking the real protocol on a
+unix socket: it sends CONNECT/ENV blocks (up to --window outstanding, as when many clients
+connect at once), answers SUCCESS to client-auth, then sends ESTABLISHED and DISCONNECT.
+Latency is measured from writing a CONNECT to reading its client-auth.
+
+The baseline runs bench/client_connect_hook.py as OpenVPN runs a client-connect script:
+one fork+exec per client, the server waiting for each. Same decision code, same state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+USERS = 1000
+
+
+def snapshot_json() -> str:
+    from vpnfleet.wire import Snapshot, UserState
+
+    users = [
+        UserState(
+            id=i,
+            name=f"user{i}",
+            enabled=True,
+            mode="nat",
+            max_sessions=4,
+            cert_serial=str(1000 + i),
+        )
+        for i in range(USERS)
+    ]
+    return Snapshot(
+        revision=1, users=users, groups=[], rules=[], pools=[], sessions=[]
+    ).model_dump_json()
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+class FakeOpenVPN:
+    """The load generator: the server side of a management session."""
+
+    def __init__(self, cycles: int, window: int) -> None:
+        self.cycles = cycles
+        self.window = window
+        self.sent: dict[int, float] = {}
+        self.latencies: list[float] = []
+        self.denied = 0
+        self.done = asyncio.Event()
+        self.slots = asyncio.Semaphore(window)
+        self.started = 0.0
+        self.finished = 0.0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b">INFO:OpenVPN Management Interface Version 5 -- type 'help' for more info\r\n"
+        )
+        await writer.drain()
+        sender = asyncio.create_task(self.send_connects(writer))
+        answered = 0
+        while answered < self.cycles:
+            line = (await reader.readline()).decode().strip()
+            if not line:
+                if reader.at_eof():
+                    break
+                continue
+            if line.startswith("client-auth ") or line.startswith("client-deny "):
+                parts = line.split()
+                cid = int(parts[1])
+                if line.startswith("client-auth "):
+                    while (await reader.readline()).decode().strip() != "END":
+                        pass
+                    ok = True
+                else:
+                    ok = False
+                now = time.perf_counter()
+                self.latencies.append(now - self.sent.pop(cid))
+                writer.write(f"SUCCESS: {parts[0]} command succeeded\r\n".encode())
+                if ok:
+                    writer.write(f">CLIENT:ESTABLISHED,{cid}\r\n{self.env(cid)}".encode())
+                    writer.write(
+                        f">CLIENT:DISCONNECT,{cid}\r\n>CLIENT:ENV,common_name=user{cid % USERS}\r\n"
+                        ">CLIENT:ENV,bytes_received=1000\r\n>CLIENT:ENV,bytes_sent=2000\r\n"
+                        ">CLIENT:ENV,END\r\n".encode()
+                    )
+                else:
+                    self.denied += 1
+                self.slots.release()
+                answered += 1
+            else:
+                # status 3 / hold release / anything else the agent may ask
+                writer.write(
+                    b"SUCCESS: ok\r\n"
+                    if not line.startswith("status")
+                    else b"TITLE\tOpenVPN\r\nHEADER\tCLIENT_LIST\tCommon Name\tReal Address\t"
+                    b"Virtual Address\tVirtual IPv6 Address\tBytes Received\tBytes Sent\t"
+                    b"Connected Since\tConnected Since (time_t)\tUsername\tClient ID\t"
+                    b"Peer ID\tData Channel Cipher\r\nEND\r\n"
+                )
+            await writer.drain()
+        self.finished = time.perf_counter()
+        sender.cancel()
+        self.done.set()
+
+    @staticmethod
+    def env(cid: int) -> str:
+        return (
+            f">CLIENT:ENV,common_name=user{cid % USERS}\r\n"
+            f">CLIENT:ENV,tls_serial_0={1000 + cid % USERS}\r\n"
+            f">CLIENT:ENV,untrusted_ip=198.51.100.{cid % 200 + 1}\r\n"
+            f">CLIENT:ENV,untrusted_port={1024 + cid % 60000}\r\n"
+            ">CLIENT:ENV,END\r\n"
+        )
+
+    async def send_connects(self, writer: asyncio.StreamWriter) -> None:
+        self.started = time.perf_counter()
+        for cid in range(self.cycles):
+            await self.slots.acquire()
+            self.sent[cid] = time.perf_counter()
+            writer.write(f">CLIENT:CONNECT,{cid},0\r\n{self.env(cid)}".encode())
+            await writer.drain()
+
+
+async def run_agent_side(cycles: int, window: int, workdir: Path) -> dict[str, float]:
+    import ipaddress
+
+    from vpnfleet.agent.management import ManagementClient
+    from vpnfleet.agent.pod import PodAgent
+    from vpnfleet.agent.settings import AgentSettings
+    from vpnfleet.agent.spool import Spool
+    from vpnfleet.core import ipam
+    from vpnfleet.core.fleet import FleetView
+    from vpnfleet.wire import Snapshot
+
+    sock = workdir / "mgmt.sock"
+    fake = FakeOpenVPN(cycles, window)
+    server = await asyncio.start_unix_server(fake.handle, path=str(sock))
+    settings = AgentSettings(
+        server="http://127.0.0.1:9", token="x", name="bench", state_dir=workdir / "agent"
+    )
+    settings.state_dir.mkdir()
+    agent = PodAgent(settings)
+    agent.view = FleetView.from_snapshot(Snapshot.model_validate_json(snapshot_json()))
+    agent.nat_pool = ipaddress.IPv4Network("10.200.0.0/16")
+    agent.nat_alloc = ipam.AddressAllocator(agent.nat_pool)
+    agent.spool = Spool(settings.state_dir, "sessions")
+    await agent.dataplane.ensure_sysctls()
+    firewall = asyncio.create_task(agent.firewall_loop())
+    agent.mgmt = await ManagementClient.connect(sock)
+    events = asyncio.create_task(agent.events_loop(agent.mgmt))
+    await asyncio.wait_for(fake.done.wait(), timeout=600)
+    elapsed = fake.finished - fake.started
+    await agent.mgmt.close()
+    events.cancel()
+    firewall.cancel()
+    await agent.dataplane.remove_all()
+    server.close()
+    lat = [x * 1000 for x in fake.latencies]
+    return {
+        "cycles": cycles,
+        "window": window,
+        "seconds": elapsed,
+        "decisions_per_s": cycles / elapsed,
+        "p50_ms": pct(lat, 50),
+        "p99_ms": pct(lat, 99),
+        "denied": fake.denied,
+        "firewall_applies": agent.dataplane.stats.full_applies + agent.dataplane.stats.diff_applies,
+    }
+
+
+def run_baseline(cycles: int, workdir: Path) -> dict[str, float]:
+    snap = workdir / "snapshot.json"
+    snap.write_text(snapshot_json())
+    hook = ROOT / "bench" / "client_connect_hook.py"
+    lat: list[float] = []
+    started = time.perf_counter()
+    for cid in range(cycles):
+        env = dict(
+            os.environ,
+            VPNFLEET_BENCH_SNAPSHOT=str(snap),
+            common_name=f"user{cid % USERS}",
+            tls_serial_0=str(1000 + cid % USERS),
+            untrusted_ip="198.51.100.1",
+            untrusted_port=str(1024 + cid),
+        )
+        t0 = time.perf_counter()
+        rc = subprocess.run(
+            [sys.executable, str(hook), str(workdir / "ccd")], env=env, check=False
+        ).returncode
+        lat.append((time.perf_counter() - t0) * 1000)
+        if rc not in (0, 1):
+            raise SystemExit(f"hook failed with exit code {rc}")
+    elapsed = time.perf_counter() - started
+    return {
+        "cycles": cycles,
+        "seconds": elapsed,
+        "decisions_per_s": cycles / elapsed,
+        "p50_ms": pct(lat, 50),
+        "p99_ms": pct(lat, 99),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cycles", type=int, default=20000)
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--baseline-cycles", type=int, default=200)
+    ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if not args.inner:
+        # A private network namespace: the firewall the agent programs vanishes with it.
+        cmd = [
+            "unshare",
+            "--net",
+            sys.executable,
+            __file__,
+            "--inner",
+            "--cycles",
+            str(args.cycles),
+            "--window",
+            str(args.window),
+            "--baseline-cycles",
+            str(args.baseline_cycles),
+        ]
+        raise SystemExit(subprocess.run(cmd, check=False).returncode)
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        agent = asyncio.run(run_agent_side(args.cycles, args.window, work))
+        base = run_baseline(args.baseline_cycles, work)
+    ratio = agent["decisions_per_s"] / base["decisions_per_s"]
+    print(json.dumps({"agent": agent, "fork_per_client_script": base, "speedup": ratio}, indent=2))
+    print(
+        f"agent: {agent['decisions_per_s']:.0f} decisions/s, p50 {agent['p50_ms']:.2f} ms, "
+        f"p99 {agent['p99_ms']:.2f} ms | script: {base['decisions_per_s']:.1f}/s, "
+        f"p50 {base['p50_ms']:.1f} ms, p99 {base['p99_ms']:.1f} ms | speedup {ratio:.0f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Gateway-mode routes that follow their users: `vpnfleet gateway-routes`.
+
+Run on whatever routes the company network towards the pods (a router, a node, the lab's
+service network). It follows the control plane's watch stream and keeps one kernel route per
+connected gateway-mode user: `TUNNEL_IP/32 via POD_IP`, so services can reach the user's laptop
+on whichever pod they landed. Its routes carry their own protocol number, so it never touches
+routes it does not own, and a full reconcile after every change batch removes stale ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+
+from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
+from vpnfleet.core.fleet import FleetView
+
+log = logging.getLogger("vpnfleet.gwroutes")
+
+RT_PROTO = "241"  # our mark on the routes we own (unassigned in iproute2's rt_protos)
+
+
+def desired_routes(view: FleetView) -> dict[str, str]:
+    """Tunnel IP (/32) -> pod IP for every live gateway-mode session with a known pod IP."""
+    routes: dict[str, str] = {}
+    for session in view.sessions.values():
+        pod = view.pods.get(session.pod)
+        if session.mode == "gateway" and pod is not None and pod.pod_ip:
+            routes[f"{session.tunnel_ip}/32"] = pod.pod_ip
+    return routes
+
+
+async def _ip(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "ip", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {err.decode().strip()}")
+    return out.decode()
+
+
+async def kernel_routes() -> dict[str, str]:
+    """Our routes as the kernel has them."""
+    rows = json.loads(await _ip("-j", "route", "show", "proto", RT_PROTO) or "[]")
+    out: dict[str, str] = {}
+    for row in rows:
+        dst = str(row.get("dst", ""))
+        if "/" not in dst:
+            dst += "/32"
+        out[dst] = str(row.get("gateway", ""))
+    return out
+
+
+async def reconcile(view: FleetView) -> tuple[int, int]:
+    """Make the kernel match the view; returns (routes set, routes removed)."""
+    want = desired_routes(view)
+    have = await kernel_routes()
+    added = removed = 0
+    for dst, via in want.items():
+        if have.get(dst) != via:
+            try:
+                await _ip("route", "replace", dst, "via", via, "proto", RT_PROTO)
+                added += 1
+                log.info("route %s via %s", dst, via)
+            except RuntimeError as exc:
+                log.error("%s", exc)
+    for dst in have.keys() - want.keys():
+        with contextlib.suppress(RuntimeError):
+            await _ip("route", "del", dst, "proto", RT_PROTO)
+            removed += 1
+            log.info("route %s withdrawn", dst)
+    return added, removed
+
+
+async def follow(cp: ControlPlane, stop: asyncio.Event) -> None:
+    """Follow the fleet until `stop` is set; survive control-plane outages."""
+    view = FleetView()
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            view = FleetView.from_snapshot(await cp.snapshot())
+            await reconcile(view)
+            async for event in cp.watch(view.revision):
+                delay = 0.5
+                if event.get("type") == "resync":
+                    break
+                if event.get("type") == "change":
+                    view.apply(event)
+                    if event.get("kind") in ("session", "pod"):
+                        await reconcile(view)
+                if stop.is_set():
+                    return
+        except ControlPlaneError as exc:
+            log.warning("control plane: %s; retrying in %.1fs", exc, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 5)

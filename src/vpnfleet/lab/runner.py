@@ -1,0 +1,414 @@
+"""The lab's processes: control plane, agents, backend services and VPN clients.
+
+`up()` builds the network (lab.topology), then starts, in their namespaces: the control plane,
+the backend echo service and a gateway-route follower in the service network, one agent per
+pod, and one stock `openvpn` client per lab user with the profile `vpnfleet user profile`
+produces. Everything it starts runs in a lab namespace, so `down()` (topology.teardown)
+stops all of it, also after a failed `up()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from vpnfleet.core import netparse
+from vpnfleet.lab import topology
+from vpnfleet.lab.topology import LabPlan
+
+log = logging.getLogger("vpnfleet.lab")
+
+# Root-owned state of labs; override with VPNFLEET_LAB_DIR.
+DEFAULT_STATE_ROOT = Path(os.environ.get("VPNFLEET_LAB_DIR", "/var/lib/vpnfleet-lab"))
+ECHO_PORT = 8080
+ECHO_UDP_PORT = 8081
+AGENT_HTTP_PORT = 9176
+CP_PORT = 8000
+
+
+class LabRunError(RuntimeError):
+    """The lab could not be brought up or driven; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class LabUser:
+    name: str
+    mode: str
+
+    @classmethod
+    def parse(cls, text: str) -> LabUser:
+        """`NAME[:MODE]`, mode nat (default) or gateway."""
+        name, _, mode = text.partition(":")
+        topology.validate_client_name(name)
+        netparse.validate_name(name, "user name")
+        return cls(name, netparse.parse_mode(mode or "nat"))
+
+
+DEFAULT_USERS = (LabUser("alice", "nat"), LabUser("bob", "nat"), LabUser("gary", "gateway"))
+
+
+@dataclass
+class LabInfo:
+    """What `lab up` made; saved as lab.json so later commands find it."""
+
+    prefix: str
+    pods: int
+    users: list[LabUser]
+    state_dir: str
+    url: str
+    agent_url: str
+    service: str
+    vpn_endpoint: str
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def plan(self) -> LabPlan:
+        return LabPlan(prefix=self.prefix, pods=self.pods, clients=[u.name for u in self.users])
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.state_dir)
+
+    @property
+    def admin_token(self) -> str:
+        return (self.dir / "cp" / "admin-token").read_text().strip()
+
+    def save(self) -> None:
+        data = asdict(self)
+        (self.dir / "lab.json").write_text(json.dumps(data, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, prefix: str, root: Path = DEFAULT_STATE_ROOT) -> LabInfo:
+        path = root / prefix / "lab.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise LabRunError(
+                f"no lab {prefix!r} here (no {path}); run 'vpnfleet lab up'"
+            ) from None
+        data["users"] = [LabUser(**u) for u in data["users"]]
+        return cls(**data)
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=30
+        )
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vpnfleet.cli.main", *args]
+
+
+async def _wait_http(url: str, seconds: float, what: str, proc: topology.LabProcess | None) -> None:
+    deadline = time.monotonic() + seconds
+    async with httpx.AsyncClient(timeout=2) as http:
+        while time.monotonic() < deadline:
+            if proc is not None and proc.returncode is not None:
+                raise LabRunError(f"{what} exited; see {proc.log_path}")
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get(url)).status_code == 200:
+                    return
+            await asyncio.sleep(0.2)
+    raise LabRunError(f"{what} did not become ready within {seconds:.0f}s")
+
+
+def _api(info: LabInfo, method: str, path: str, body: Any = None) -> Any:
+    with info.client() as c:
+        resp = c.request(method, path, json=body)
+    if resp.status_code >= 400:
+        raise LabRunError(f"{method} {path}: {resp.text[:300]}")
+    return (
+        resp.json()
+        if resp.content and "json" in resp.headers.get("content-type", "")
+        else resp.text
+    )
+
+
+async def up(
+    prefix: str = "vfl",
+    pods: int = 2,
+    users: tuple[LabUser, ...] | list[LabUser] = DEFAULT_USERS,
+    state_root: Path = DEFAULT_STATE_ROOT,
+    connect: bool = True,
+) -> LabInfo:
+    """Build the lab and start everything; on any failure, tear it all down again."""
+    plan = LabPlan(prefix=prefix, pods=pods, clients=[u.name for u in users])
+    state = state_root / prefix
+    # build() refuses, with a clear message, if a lab with this prefix still exists.
+    await topology.build(plan)
+    try:
+        if state.exists():
+            shutil.rmtree(state)
+        state.mkdir(parents=True, mode=0o700)
+        host, port = plan.vpn_endpoint
+        info = LabInfo(
+            prefix=prefix,
+            pods=pods,
+            users=list(users),
+            state_dir=str(state),
+            url=plan.control_plane_url,
+            agent_url=f"http://{plan.cp_ip}:{CP_PORT}",
+            service=f"http://{plan.svc_ip}:{ECHO_PORT}",
+            vpn_endpoint=f"{host}:{port}",
+        )
+        info.save()
+        await _start_control_plane(info)
+        await _start_services(info)
+        await asyncio.gather(*(start_agent(info, i) for i in range(1, pods + 1)))
+        await _wait_pods_ready(info)
+        if connect:
+            await asyncio.gather(*(start_client(info, u.name) for u in users))
+        return info
+    except BaseException:
+        log.error("lab up failed; removing what was built")
+        await topology.teardown(prefix)
+        raise
+
+
+async def _start_control_plane(info: LabInfo) -> None:
+    plan = info.plan
+    cp = topology.spawn_in(
+        plan.ns("cp"),
+        *_cli(
+            "server",
+            "--listen",
+            f"0.0.0.0:{CP_PORT}",
+            "--data-dir",
+            str(info.dir / "cp"),
+            "--public-endpoint",
+            info.vpn_endpoint,
+            "--log-format",
+            "json",
+        ),
+        log_path=info.dir / "cp.log",
+    )
+    await _wait_http(f"{info.url}/readyz", 60, "the control plane", cp)
+    token = _api(info, "POST", "/api/v1/tokens", {"name": "lab-agents", "role": "agent"})["token"]
+    path = info.dir / "agent-token"
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    clients = info.dir / "clients"
+    clients.mkdir(mode=0o700)
+    for user in info.users:
+        _api(info, "POST", "/api/v1/users", {"name": user.name, "mode": user.mode})
+        profile = _api(info, "GET", f"/api/v1/users/{user.name}/profile")
+        dest = clients / f"{user.name}.ovpn"
+        dest.write_text(profile)
+        dest.chmod(0o600)
+
+
+async def _start_services(info: LabInfo) -> None:
+    plan = info.plan
+    svc = plan.ns("svc")
+    echo = topology.spawn_in(
+        svc,
+        sys.executable,
+        "-m",
+        "vpnfleet.lab.echo",
+        "--listen",
+        f"0.0.0.0:{ECHO_PORT}",
+        "--udp-listen",
+        f"0.0.0.0:{ECHO_UDP_PORT}",
+        log_path=info.dir / "echo.log",
+    )
+    topology.spawn_in(
+        svc,
+        *_cli("gateway-routes", "--server", info.agent_url, "--log-format", "json"),
+        log_path=info.dir / "gateway-routes.log",
+        env={**os.environ, "VPNFLEET_AGENT_TOKEN": _agent_token(info)},
+    )
+    await asyncio.sleep(0.3)
+    if echo.returncode is not None:
+        raise LabRunError(f"the echo service exited; see {echo.log_path}")
+
+
+def _agent_token(info: LabInfo) -> str:
+    return (info.dir / "agent-token").read_text().strip()
+
+
+async def start_agent(info: LabInfo, index: int) -> topology.LabProcess:
+    """Start (or restart) the agent of pod `index`."""
+    plan = info.plan
+    node = plan.pod(index)
+    uplink = node.attachments[0].ifname
+    env = {
+        **os.environ,
+        "VPNFLEET_AGENT_TOKEN": _agent_token(info),
+        "VPNFLEET_HEARTBEAT_INTERVAL": "1",
+        "VPNFLEET_RECONCILE_INTERVAL": "2",
+    }
+    return topology.spawn_in(
+        plan.pod_ns(index),
+        *_cli(
+            "agent",
+            "--server",
+            info.agent_url,
+            "--name",
+            f"pod{index}",
+            "--state-dir",
+            str(info.dir / f"pod{index}"),
+            "--pod-ip",
+            str(plan.pod_ip(index)),
+            "--uplink",
+            uplink,
+            "--push-route",
+            str(topology.CLUSTER_NET),
+            "--http",
+            f"0.0.0.0:{AGENT_HTTP_PORT}",
+            "--log-format",
+            "json",
+        ),
+        log_path=info.dir / f"pod{index}.log",
+        env=env,
+    )
+
+
+async def _wait_pods_ready(info: LabInfo, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    pods: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        pods = _api(info, "GET", "/api/v1/pods")
+        ready = {p["name"] for p in pods if p["ready"]}
+        if all(f"pod{i}" in ready for i in range(1, info.pods + 1)):
+            return
+        await asyncio.sleep(0.3)
+    raise LabRunError(
+        f"pods not ready within {seconds:.0f}s: "
+        + ", ".join(f"{p['name']}={p['status']}" for p in pods)
+        + f"; see the pod logs in {info.dir}"
+    )
+
+
+async def start_client(info: LabInfo, name: str, wait: bool = True) -> topology.LabProcess:
+    """Connect lab user `name` with the stock openvpn client and its profile."""
+    ns = info.plan.client_ns(name)
+    log_path = info.dir / "clients" / f"{name}.log"
+    proc = topology.spawn_in(
+        ns,
+        "openvpn",
+        "--config",
+        str(info.dir / "clients" / f"{name}.ovpn"),
+        "--dev",
+        "tun0",
+        "--connect-retry",
+        "1",
+        "1",
+        "--verb",
+        "3",
+        log_path=log_path,
+    )
+    if wait and not await wait_client_address(info, name, 30):
+        raise LabRunError(f"{name} did not get a tunnel address; see {log_path}")
+    return proc
+
+
+async def client_address(info: LabInfo, name: str) -> str | None:
+    """The client's tunnel address, or None while it has none."""
+    res = await topology.run_in(
+        info.plan.client_ns(name), "ip", "-j", "-4", "addr", "show", "dev", "tun0", check=False
+    )
+    if res.returncode != 0:
+        return None
+    for iface in json.loads(res.stdout or "[]"):
+        for addr in iface.get("addr_info", []):
+            return str(addr["local"])
+    return None
+
+
+async def wait_client_address(info: LabInfo, name: str, seconds: float) -> str | None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        addr = await client_address(info, name)
+        if addr:
+            return addr
+        await asyncio.sleep(0.2)
+    return None
+
+
+async def client_pids(info: LabInfo, name: str) -> list[int]:
+    """The openvpn processes in the user's namespace (network namespaces share the pid space,
+    so `pgrep` would also see the pods' servers: ask `ip netns pids` instead)."""
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "netns", "pids", info.plan.client_ns(name), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    pids = []
+    for pid in (int(p) for p in out.split()):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "openvpn":  # noqa: ASYNC240
+                pids.append(pid)
+    return pids
+
+
+async def stop_client(info: LabInfo, name: str) -> None:
+    """Stop the user's openvpn client (as the user closing the VPN app)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in await client_pids(info, name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if not await client_pids(info, name):
+                return
+            await asyncio.sleep(0.1)
+    raise LabRunError(f"cannot stop {name}'s client")
+
+
+async def down(
+    prefix: str = "vfl", state_root: Path = DEFAULT_STATE_ROOT
+) -> topology.TeardownReport:
+    """Stop everything of lab `prefix` and remove its namespaces, links and state."""
+    report = await topology.teardown(prefix)
+    state = state_root / prefix
+    if state.exists():
+        shutil.rmtree(state, ignore_errors=True)
+    return report
+
+
+async def node_namespace(info: LabInfo, node: str) -> str:
+    """`cp`, `lb`, `svc`, `pod1`, `c-alice` or just `alice` -> the namespace name."""
+    if node in {u.name for u in info.users}:
+        return info.plan.client_ns(node)
+    ns = info.plan.ns(node)
+    if ns not in info.plan.namespaces:
+        known = [
+            "cp",
+            "lb",
+            "svc",
+            *(f"pod{i}" for i in range(1, info.pods + 1)),
+            *(u.name for u in info.users),
+        ]
+        raise LabRunError(f"unknown lab node {node!r}; known: {', '.join(known)}")
+    return ns
+
+
+async def status(info: LabInfo) -> dict[str, Any]:
+    """Namespaces, processes and the control plane's view of pods and sessions."""
+    topo = await topology.status(info.prefix)
+    out: dict[str, Any] = {
+        "prefix": info.prefix,
+        "url": info.url,
+        "token_file": str(info.dir / "cp" / "admin-token"),
+        "service": info.service,
+        "vpn_endpoint": info.vpn_endpoint,
+        "namespaces": {n.name: {"pids": list(n.pids)} for n in topo.namespaces},
+    }
+    try:
+        out["pods"] = _api(info, "GET", "/api/v1/pods")
+        out["sessions"] = _api(info, "GET", "/api/v1/sessions?active=true")
+    except (LabRunError, httpx.HTTPError, OSError) as exc:
+        out["control_plane_error"] = str(exc)
+    out["clients"] = {u.name: await client_address(info, u.name) for u in info.users}
+    return out

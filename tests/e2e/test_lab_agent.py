@@ -1,0 +1,271 @@
+"""The pod agent end to end: the lab with real OpenVPN servers and clients, 2 pods, a load
+balancer, a backend service, real iptables/ipset, and the control plane.
+
+One lab per module (building it takes seconds); every test leaves it as it found it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import string
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from vpnfleet.lab import runner, topology
+from vpnfleet.lab.runner import LabInfo, LabUser
+
+pytestmark = [pytest.mark.e2e]
+
+USERS = (
+    LabUser("alice", "nat"),
+    LabUser("bob", "nat"),
+    LabUser("gary", "gateway"),
+    LabUser("dora", "nat"),  # disabled before connecting
+    LabUser("rita", "nat"),  # certificate revoked before connecting
+    LabUser("carl", "nat"),  # disabled while connected
+    LabUser("kim", "nat"),  # session kill
+)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LabInfo]:
+    prefix = "vt" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(3))
+    root = tmp_path_factory.mktemp("lab")
+    try:
+        info = await runner.up(prefix, pods=2, users=USERS, state_root=root, connect=False)
+        await asyncio.gather(*(runner.start_client(info, u) for u in ("alice", "bob", "gary")))
+        yield info
+    finally:
+        report = await runner.down(prefix, state_root=root)
+        assert not report.errors, report.errors
+        assert not await topology.status(prefix) or not (await topology.status(prefix)).namespaces
+
+
+async def until(check: Callable[[], Any], seconds: float, what: str) -> Any:
+    """Poll an (a)sync check until it returns something truthy; fail after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {seconds}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def fetch(info: LabInfo, user: str, path: str = "/") -> dict[str, Any]:
+    """GET the backend service from inside the user's namespace (through their tunnel)."""
+    url = f"{info.service}{path}"
+    code = (
+        "import urllib.request,sys;"
+        f"sys.stdout.write(urllib.request.urlopen({url!r}, timeout=10).read().decode())"
+    )
+    res = await topology.run_in(info.plan.client_ns(user), sys.executable, "-c", code, timeout=20)
+    return dict(json.loads(res.stdout))
+
+
+def sessions(info: LabInfo, **params: str) -> list[dict[str, Any]]:
+    with info.client() as c:
+        return list(c.get("/api/v1/sessions", params={"active": "true", **params}).json())
+
+
+def api(info: LabInfo, method: str, path: str, body: Any = None) -> Any:
+    with info.client() as c:
+        resp = c.request(method, path, json=body)
+        assert resp.status_code < 400, resp.text
+        return resp.json() if resp.content else None
+
+
+async def _not(value: Any) -> bool:
+    return not await value
+
+
+async def ipset_members(info: LabInfo, pod: str, name: str = "vpnf-clients") -> set[str]:
+    res = await topology.run_in(info.plan.ns(pod), "ipset", "list", name, check=False)
+    if res.returncode != 0:
+        return set()
+    lines = res.stdout.split("Members:\n", 1)[-1].split()
+    return set(lines)
+
+
+def client_log(info: LabInfo, user: str) -> str:
+    path = info.dir / "clients" / f"{user}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+async def client_running(info: LabInfo, user: str) -> bool:
+    return bool(await runner.client_pids(info, user))
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_nat_users_reach_the_service_as_their_pod(lab: LabInfo) -> None:
+    for user in ("alice", "bob"):
+        seen = await fetch(lab, user)
+        (session,) = sessions(lab, user=user)
+        pod_index = int(session["pod"].removeprefix("pod"))
+        assert seen["remote_addr"] == str(lab.plan.pod_ip(pod_index))
+        assert session["mode"] == "nat" and session["real_ip"] == str(lab.plan.client_ip(user))
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_gateway_user_keeps_its_address_and_is_reachable_back(lab: LabInfo) -> None:
+    (session,) = sessions(lab, user="gary")
+    tunnel_ip = session["tunnel_ip"]
+    assert tunnel_ip == api(lab, "GET", "/api/v1/users/gary")["gateway_address"]
+    seen = await fetch(lab, "gary")
+    assert seen["remote_addr"] == tunnel_ip
+    # The backend opens a new TCP connection to the laptop: a listener in gary's namespace.
+    got = lab.dir / "gary-listener.txt"
+    listener = topology.spawn_in(
+        lab.plan.client_ns("gary"),
+        sys.executable,
+        "-c",
+        "import socket,sys;s=socket.create_server(('0.0.0.0',7070));s.settimeout(20);"
+        "c,a=s.accept();c.settimeout(5);"
+        f"open({str(got)!r},'w').write(a[0]+' '+c.recv(100).decode())",
+        log_path=lab.dir / "gary-listener.log",
+    )
+    try:
+        await asyncio.sleep(0.5)
+        result = await fetch(lab, "gary", "/connect-back?port=7070")
+        assert result.get("ok") is True, result
+        text = await until(lambda: got.exists() and got.read_text(), 10, "the connect-back")
+        assert text.startswith(str(lab.plan.svc_ip)) and "hello from backend" in text
+    finally:
+        await listener.stop()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_disabled_user_is_refused_with_the_reason_in_the_client_log(lab: LabInfo) -> None:
+    api(lab, "POST", "/api/v1/users/dora/disable")
+    await runner.start_client(lab, "dora", wait=False)
+    await until(
+        lambda: "AUTH_FAILED,account disabled" in client_log(lab, "dora"), 20, "AUTH_FAILED"
+    )
+    assert await runner.client_address(lab, "dora") is None
+    assert sessions(lab, user="dora") == []
+    await runner.stop_client(lab, "dora")
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_revoked_certificate_is_refused(lab: LabInfo) -> None:
+    api(lab, "POST", "/api/v1/users/rita/revoke", {"reason": "laptop stolen"})
+    await asyncio.sleep(2)  # the CRL reaches every pod through the watch stream
+    await runner.start_client(lab, "rita", wait=False)
+    try:
+        await until(
+            lambda: "AUTH_FAILED,certificate revoked or replaced" in client_log(lab, "rita"),
+            20,
+            "the refusal in rita's client log",
+        )
+        assert await runner.client_address(lab, "rita") is None
+        assert sessions(lab, user="rita") == []
+    finally:
+        await runner.stop_client(lab, "rita")
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_user_disabled_while_connected_is_cut_within_two_seconds(lab: LabInfo) -> None:
+    await runner.start_client(lab, "carl")
+    (session,) = sessions(lab, user="carl")
+    pod, tunnel_ip = session["pod"], session["tunnel_ip"]
+    assert tunnel_ip in await ipset_members(lab, pod)
+    started = time.monotonic()
+    api(lab, "POST", "/api/v1/users/carl/disable")
+
+    async def cut() -> bool:
+        halted = "Halt command was pushed by server" in client_log(lab, "carl")
+        return halted and tunnel_ip not in await ipset_members(lab, pod)
+
+    await until(cut, 2.0, "carl to be told to halt and removed from the firewall")
+    assert time.monotonic() - started < 2.0
+    # No traffic passes any more, and the client gives up for good (no reconnect).
+    with pytest.raises(topology.LabCommandError):
+        await fetch(lab, "carl")
+    await until(lambda: _not(client_running(lab, "carl")), 5, "carl's client to exit")
+    await until(lambda: sessions(lab, user="carl") == [], 5, "carl's session to close")
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_session_kill(lab: LabInfo) -> None:
+    await runner.start_client(lab, "kim")
+    assert len(sessions(lab, user="kim")) == 1
+    out = api(lab, "POST", "/api/v1/users/kim/kill")
+    assert out["sessions"] == 1
+    await until(lambda: sessions(lab, user="kim") == [], 2.0, "kim's session to end")
+    assert "Halt command was pushed by server" in client_log(lab, "kim")
+    await until(lambda: _not(client_running(lab, "kim")), 5, "kim's client to exit")
+
+
+async def agent_pid(info: LabInfo, pod: str) -> int | None:
+    for pid in await _pids(info.plan.ns(pod)):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")  # noqa: ASYNC240
+        except OSError:
+            continue
+        if b"agent" in cmd and any(b"vpnfleet" in part for part in cmd):
+            return pid
+    return None
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def _pids(ns: str) -> list[int]:
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "netns", "pids", ns, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    return [int(x) for x in out.split()]
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_agent_killed_and_restarted_converges(lab: LabInfo) -> None:
+    live = {s["user"]: s for s in sessions(lab)}
+    pod = live["alice"]["pod"]
+    index = int(pod.removeprefix("pod"))
+    pid = await agent_pid(lab, pod)
+    assert pid is not None
+    os.kill(pid, 9)
+    await until(lambda: not alive(pid), 5, "the agent to die")
+    # While the agent is dead, alice disconnects: the DISCONNECT event is lost.
+    await runner.stop_client(lab, "alice")
+    # OpenVPN drops the instance after its exit notification delay (5 s), with no one listening.
+    await asyncio.sleep(7)
+    others = {u for u, s in live.items() if s["pod"] == pod and u != "alice"}
+    await runner.start_agent(lab, index)
+
+    async def converged() -> bool:
+        users_here = {s["user"] for s in sessions(lab, pod=pod)}
+        members = await ipset_members(lab, pod)
+        wanted = {s["tunnel_ip"] for s in sessions(lab, pod=pod)}
+        return users_here == others and members == wanted
+
+    await until(converged, 20, f"{pod} to converge after the restart")
+    # Sessions that stayed up kept their identity (no close/reopen churn).
+    for user in others:
+        (again,) = sessions(lab, user=user)
+        assert again["id"] == live[user]["id"]
+    with lab.client() as c:
+        ended = c.get("/api/v1/sessions", params={"user": "alice", "active": "false"}).json()
+    assert ended[0]["id"] == live["alice"]["id"] and "reconciled" in ended[0]["end_reason"]
+    # Alice can connect again and is served.
+    await runner.start_client(lab, "alice")
+    assert (await fetch(lab, "alice"))["remote_addr"] in {str(ip) for ip in lab.plan.pod_ips}
