@@ -37,7 +37,7 @@ from vpnfleet.agent.metrics import AgentMetrics
 from vpnfleet.agent.openvpn import OpenVPNProcess
 from vpnfleet.agent.settings import AgentSettings
 from vpnfleet.agent.spool import Spool
-from vpnfleet.core import authz, fwplan, ipam, ovpn_config
+from vpnfleet.core import authz, fwplan, ipam, netparse, ovpn_config
 from vpnfleet.core.fleet import Effects, FleetView
 from vpnfleet.core.mgmt_protocol import ClientEvent, ClientEventKind, Hold, StatusClient
 from vpnfleet.wire import (
@@ -53,6 +53,16 @@ from vpnfleet.wire import (
 log = logging.getLogger("vpnfleet.agent")
 
 TUN_DEV = "tun0"
+NFLOG_GROUP = 7007  # where the firewall sends denied packets for the agent to record
+
+
+def grants_of(destination: str, proto: str, ports: str | None) -> list[fwplan.Grant]:
+    """One access rule as firewall grants (one per port range)."""
+    net = ipaddress.IPv4Network(destination)
+    ranges = netparse.parse_ports(ports)
+    if not ranges:
+        return [fwplan.Grant(net, proto)]  # type: ignore[arg-type]
+    return [fwplan.Grant(net, proto, r.lo, r.hi) for r in ranges]  # type: ignore[arg-type]
 
 
 def _now() -> dt.datetime:
@@ -116,6 +126,9 @@ class PodAgent:
         self._clients_dirty = False
         self._view_dirty = False
         self._unanswered: set[int] = set()
+        self._grants_cache: tuple[int, dict[str, tuple[int, tuple[fwplan.Grant, ...]]]] | None = (
+            None
+        )
 
     # ------------------------------------------------------------------ files and cache
 
@@ -542,21 +555,46 @@ class PodAgent:
 
     # ------------------------------------------------------------------ firewall
 
+    def _grants(self) -> dict[str, tuple[int, tuple[fwplan.Grant, ...]]]:
+        """Group name -> (group id, grants), recomputed only when the view changed."""
+        if self._grants_cache is not None and self._grants_cache[0] == self.view.revision:
+            return self._grants_cache[1]
+        by_group: dict[int, list[fwplan.Grant]] = {g: [] for g in self.view.groups}
+        for rule in self.view.rules.values():
+            if rule.group_id not in by_group:
+                continue
+            by_group[rule.group_id].extend(grants_of(rule.destination, rule.proto, rule.ports))
+        out = {g.name: (g.id, tuple(by_group.get(g.id, ()))) for g in self.view.groups.values()}
+        self._grants_cache = (self.view.revision, out)
+        return out
+
     def desired_state(self) -> fwplan.DesiredState:
+        """Firewall state from connected clients and their groups' grants (default deny)."""
         assert self.nat_pool is not None
         nets = [self.nat_pool] + ([self.gateway_pool] if self.gateway_pool else [])
         established = [c for c in self.clients.values() if c.established]
         clients = frozenset(ipaddress.IPv4Address(c.tunnel_ip) for c in established)
         nat = frozenset(ipaddress.IPv4Address(c.tunnel_ip) for c in established if c.mode == "nat")
+        grants = self._grants()
+        members: dict[str, set[ipaddress.IPv4Address]] = {name: set() for name in grants}
+        for client in established:
+            for name in client.groups:
+                if name in members:
+                    members[name].add(ipaddress.IPv4Address(client.tunnel_ip))
+        groups = tuple(
+            fwplan.GroupState(group_id=gid, members=frozenset(members[name]), grants=g)
+            for name, (gid, g) in grants.items()
+        )
         return fwplan.DesiredState(
             prefix=self.s.fw_prefix,
             tunnel_networks=tuple(nets),
             uplink=self.s.uplink,
             nat_members=nat,
             all_clients=clients,
-            groups=(),
-            allow_all=True,
-            log_denied=False,
+            groups=groups,
+            allow_all=False,
+            log_denied=True,
+            nflog_group=NFLOG_GROUP,
         )
 
     async def firewall_loop(self) -> None:

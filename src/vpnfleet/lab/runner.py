@@ -34,6 +34,8 @@ log = logging.getLogger("vpnfleet.lab")
 DEFAULT_STATE_ROOT = Path(os.environ.get("VPNFLEET_LAB_DIR", "/var/lib/vpnfleet-lab"))
 ECHO_PORT = 8080
 ECHO_UDP_PORT = 8081
+ECHO_PORT_2 = 9090  # a second service, for permission tests
+LAB_GROUP = "lab"
 AGENT_HTTP_PORT = 9176
 CP_PORT = 8000
 
@@ -46,6 +48,9 @@ class LabRunError(RuntimeError):
 class LabUser:
     name: str
     mode: str
+    # Lab users join the "lab" group, which may reach the whole cluster network; tests that
+    # exercise permissions create users outside it.
+    lab_access: bool = True
 
     @classmethod
     def parse(cls, text: str) -> LabUser:
@@ -201,8 +206,18 @@ async def _start_control_plane(info: LabInfo) -> None:
     path.chmod(0o600)
     clients = info.dir / "clients"
     clients.mkdir(mode=0o700)
+    _api(info, "POST", "/api/v1/groups", {"name": LAB_GROUP, "description": "lab users"})
+    _api(
+        info,
+        "POST",
+        "/api/v1/rules",
+        {"group": LAB_GROUP, "destination": str(topology.CLUSTER_NET), "proto": "any"},
+    )
     for user in info.users:
-        _api(info, "POST", "/api/v1/users", {"name": user.name, "mode": user.mode})
+        groups = [LAB_GROUP] if user.lab_access else []
+        _api(
+            info, "POST", "/api/v1/users", {"name": user.name, "mode": user.mode, "groups": groups}
+        )
         profile = _api(info, "GET", f"/api/v1/users/{user.name}/profile")
         dest = clients / f"{user.name}.ovpn"
         dest.write_text(profile)
@@ -222,6 +237,15 @@ async def _start_services(info: LabInfo) -> None:
         "--udp-listen",
         f"0.0.0.0:{ECHO_UDP_PORT}",
         log_path=info.dir / "echo.log",
+    )
+    topology.spawn_in(
+        svc,
+        sys.executable,
+        "-m",
+        "vpnfleet.lab.echo",
+        "--listen",
+        f"0.0.0.0:{ECHO_PORT_2}",
+        log_path=info.dir / "echo2.log",
     )
     topology.spawn_in(
         svc,
