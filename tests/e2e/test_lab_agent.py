@@ -33,6 +33,7 @@ USERS = (
     LabUser("rita", "nat"),  # certificate revoked before connecting
     LabUser("carl", "nat"),  # disabled while connected
     LabUser("kim", "nat"),  # session kill
+    LabUser("nora", "nat"),  # connects while the control plane is down
 )
 
 
@@ -269,3 +270,71 @@ async def test_agent_killed_and_restarted_converges(lab: LabInfo) -> None:
     # Alice can connect again and is served.
     await runner.start_client(lab, "alice")
     assert (await fetch(lab, "alice"))["remote_addr"] in {str(ip) for ip in lab.plan.pod_ips}
+
+
+async def ns_processes(info: LabInfo, node: str, needle: bytes) -> list[int]:
+    found = []
+    for pid in await _pids(info.plan.ns(node)):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()  # noqa: ASYNC240
+        except OSError:
+            continue
+        if needle in cmd and alive(pid):
+            found.append(pid)
+    return found
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_control_plane_outage_decides_from_cache_and_delivers_later(lab: LabInfo) -> None:
+    for pid in await ns_processes(lab, "cp", b"server"):
+        os.kill(pid, 9)
+    await until(lambda: _not(_cp_up(lab)), 5, "the control plane to be down")
+    # nora connects while nobody can ask the control plane: decided from the agent's replica.
+    await runner.start_client(lab, "nora")
+    assert (await fetch(lab, "nora"))["remote_addr"] in {str(ip) for ip in lab.plan.pod_ips}
+    await runner.start_control_plane(lab)
+    # The spooled session record arrives, exactly once.
+    live = await until(lambda: sessions(lab, user="nora"), 20, "nora's spooled session")
+    assert len(live) == 1
+    with lab.client() as c:
+        everything = c.get("/api/v1/sessions", params={"user": "nora"}).json()
+    assert len(everything) == 1
+
+
+async def _cp_up(info: LabInfo) -> bool:
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(timeout=1) as http:
+            return (await http.get(f"{info.url}/readyz")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_sigterm_drains_clients_to_the_other_pod(lab: LabInfo) -> None:
+    live = sessions(lab)
+    by_pod: dict[str, list[str]] = {}
+    for s in live:
+        by_pod.setdefault(s["pod"], []).append(s["user"])
+    pod = max(by_pod, key=lambda p: len(by_pod[p]))
+    moved = set(by_pod[pod])
+    pid = await agent_pid(lab, pod)
+    assert pid is not None
+    os.kill(pid, 15)
+    await until(lambda: not alive(pid), 20, "the agent to drain and exit")
+    # Its users reconnect through the load balancer and land on the remaining pod.
+    await until(
+        lambda: {s["user"] for s in sessions(lab) if s["pod"] != pod} >= moved,
+        60,
+        "the drained users to reconnect elsewhere",
+    )
+    assert not [s for s in sessions(lab) if s["pod"] == pod]
+    with lab.client() as c:
+        ended = c.get("/api/v1/sessions", params={"pod": pod, "active": "false"}).json()
+    assert {s["user"] for s in ended} >= moved
+    pods = {p["name"]: p for p in api(lab, "GET", "/api/v1/pods")}
+    assert pods[pod]["ready"] is False
+    # Nothing of ours is left in the drained pod's firewall.
+    res = await topology.run_in(lab.plan.ns(pod), "ipset", "list", "-n")
+    assert not [n for n in res.stdout.split() if n.startswith("vpnf")]

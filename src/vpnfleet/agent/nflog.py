@@ -16,8 +16,8 @@ Lifecycle::
     listener.close()               # unbinds; pump_denied drains the aggregator and returns
 
 Only one socket per namespace can hold a group: a second ``open()`` of the same group fails
-with EBUSY until the first socket is closed (the kernel also drops the binding by itself when
-the owning socket goes away, so a crashed agent does not leave the group taken).
+(the kernel answers EPERM) until the first socket is closed. The kernel also drops the binding
+by itself when the owning socket goes away, so a crashed agent does not leave the group taken.
 """
 
 from __future__ import annotations
@@ -147,6 +147,7 @@ class NflogListener:
         self._seq = itertools.count(1)
         self._waiter: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._privileged = False
 
     @property
     def is_open(self) -> bool:
@@ -178,11 +179,14 @@ class NflogListener:
                 # What libnetfilter_log and ulogd do: make nfnetlink_log the namespace's default
                 # IPv4 logger. `-j NFLOG` does not need it on current kernels (it names its
                 # logger), so failure here is not fatal.
-                for command in (NFULNL_CFG_CMD_PF_UNBIND, NFULNL_CFG_CMD_PF_BIND):
-                    try:
+                # Their success also proves CAP_NET_ADMIN, which tells the two causes of a
+                # later EPERM apart.
+                try:
+                    for command in (NFULNL_CFG_CMD_PF_UNBIND, NFULNL_CFG_CMD_PF_BIND):
                         self._request(socket.AF_INET, 0, _cmd(command))
-                    except NflogError as exc:
-                        log.debug("nflog: PF (un)bind refused: %s", exc)
+                    self._privileged = True
+                except NflogError as exc:
+                    log.debug("nflog: PF (un)bind refused: %s", exc)
             # Bind and set the copy mode in one message, so no packet arrives in between with
             # the default mode (whole packets).
             mode = _CFG_MODE.pack(self.copy_range, NFULNL_COPY_PACKET)
@@ -229,16 +233,21 @@ class NflogListener:
         raise NflogError(f"the kernel did not answer the NFLOG request for group {group}")
 
     def _explain(self, err: int) -> str:
-        if err == errno.EBUSY:
+        if err == errno.EPERM and self._privileged:
+            # The kernel answers EPERM, not EBUSY, when another socket owns the group.
             return (
                 f"NFLOG group {self.group} is already bound by another process in this network "
                 "namespace"
             )
         if err == errno.EPERM:
-            return "binding an NFLOG group needs CAP_NET_ADMIN in this network namespace"
+            return (
+                f"NFLOG group {self.group} cannot be bound: it is bound by another process in "
+                "this network namespace, or this process lacks CAP_NET_ADMIN there"
+            )
         if err in (errno.ENOENT, errno.EOPNOTSUPP, errno.EPROTONOSUPPORT):
             return "the kernel has no nfnetlink_log support (load the nfnetlink_log module)"
-        return f"the kernel refused the NFLOG request for group {self.group}: {errno.errorcode.get(err, err)}"
+        name = errno.errorcode.get(err, str(err))
+        return f"the kernel refused the NFLOG request for group {self.group}: {name}"
 
     def _consume(self, data: bytes, ack_seq: int | None = None) -> int | None:
         """Decode one datagram into the pending queue; returns the ACK error for ``ack_seq``."""
@@ -326,7 +335,9 @@ class NflogListener:
             _wake(self._waiter)
         # Best effort: the kernel also releases the group when the socket closes.
         with contextlib.suppress(OSError):
-            msg = encode_config(next(self._seq), socket.AF_UNSPEC, self.group, _cmd(NFULNL_CFG_CMD_UNBIND))
+            msg = encode_config(
+                next(self._seq), socket.AF_UNSPEC, self.group, _cmd(NFULNL_CFG_CMD_UNBIND)
+            )
             sock.sendto(msg, (0, 0))
         sock.close()
 

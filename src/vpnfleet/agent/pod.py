@@ -282,8 +282,6 @@ class PodAgent:
         decision = authz.decide(self.view, cn, serial, local)
         kid = ev.kid if ev.kid is not None else 0
         reauth = ev.kind is ClientEventKind.REAUTH
-        if decision.allow and not reauth and self.draining:
-            decision = authz.Decision(False, "pod draining", "server restarting", decision.user)
         try:
             if not decision.allow:
                 await self.mgmt.client_deny(ev.cid, kid, decision.reason, decision.client_reason)
@@ -951,7 +949,13 @@ class PodAgent:
         """Tell clients to reconnect elsewhere, close their sessions, tidy up, stop openvpn."""
         self.draining = True
         established = [c for c in self.clients.values() if c.established]
-        log.info("draining %d client(s)", len(established))
+        log.info(
+            "draining %d client(s) in %.0fs (readiness is off now)",
+            len(established),
+            self.s.drain_delay,
+        )
+        await asyncio.sleep(self.s.drain_delay)
+        established = [c for c in self.clients.values() if c.established]
         for client in established:
             await self._kick(client, "pod draining", halt=False)
         deadline = time.monotonic() + self.s.drain_timeout

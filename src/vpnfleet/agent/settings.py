@@ -33,6 +33,9 @@ class AgentSettings:
     reconcile_interval: float = 5.0
     heartbeat_interval: float = 5.0
     drain_timeout: float = 10.0
+    # After readiness turns false, wait this long before moving clients, so the Service has
+    # stopped sending new clients here by the time they reconnect.
+    drain_delay: float = 3.0
     log_format: str = "text"
 
     @classmethod
@@ -75,6 +78,7 @@ class AgentSettings:
         for key, var in (
             ("heartbeat_interval", "VPNFLEET_HEARTBEAT_INTERVAL"),
             ("reconcile_interval", "VPNFLEET_RECONCILE_INTERVAL"),
+            ("drain_delay", "VPNFLEET_DRAIN_DELAY"),
         ):
             if env.get(var):
                 try:

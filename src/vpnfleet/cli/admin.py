@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from vpnfleet.cli.client import APIClient, CLIError, resolve
-from vpnfleet.cli.output import emit_json, show
+from vpnfleet.cli.output import emit_json, record, show, table
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -179,6 +179,38 @@ def user_kill(ctx: typer.Context, name: str, as_json: JsonOpt = False) -> None:
     """Disconnect every live session of a user."""
     out = api(ctx).post(f"/api/v1/users/{name}/kill")
     show(out, as_json) if as_json else typer.echo(f"asked pods to disconnect {name}")
+
+
+@user_app.command("access")
+def user_access(ctx: typer.Context, name: str, as_json: JsonOpt = False) -> None:
+    """Show what a user may reach, through which group, and which pods enforce it yet."""
+    out = api(ctx).get(f"/api/v1/users/{name}/access")
+    if as_json:
+        emit_json(out)
+        return
+    record(
+        {
+            "user": out["user"],
+            "mode": out["mode"],
+            "enabled": out["enabled"],
+            "groups": out["groups"],
+            "last_change": f"revision {out['revision']} (now {out['current_revision']})",
+            "enforced_everywhere": out["enforced_everywhere"] if out["pods"] else None,
+        }
+    )
+    grants = [
+        {**g, "ports": g["ports"] or ("all" if g["proto"] in ("tcp", "udp") else None)}
+        for g in out["grants"]
+    ]
+    if grants:
+        table(grants, ["group", "destination", "proto", "ports", "description"], title="grants")
+    else:
+        typer.echo("no grants: the user is in no group with rules")
+    if out["pods"]:
+        cols = ["pod", "ready", "applied_revision", "last_heartbeat", "enforced"]
+        table(out["pods"], cols, title="pods")
+    else:
+        typer.echo("no pods registered")
 
 
 # --- groups and rules ----------------------------------------------------------------------

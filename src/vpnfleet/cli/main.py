@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from vpnfleet import __version__
-from vpnfleet.cli import admin, lab
+from vpnfleet.cli import admin, lab, policy
 from vpnfleet.cli.client import CLIError
 from vpnfleet.cli.output import err_console
 
@@ -242,6 +242,7 @@ app.add_typer(admin.pki_app, name="pki")
 app.add_typer(admin.audit_app, name="audit")
 app.add_typer(admin.session_app, name="session")
 app.add_typer(admin.pod_app, name="pod")
+app.add_typer(policy.policy_app, name="policy")
 app.add_typer(lab.lab_app, name="lab")
 
 

@@ -20,6 +20,7 @@ from vpnfleet.controlplane.routers import (
     fleet,
     groups,
     pkiroutes,
+    policy,
     pools,
     system,
     tokens,
@@ -88,6 +89,7 @@ def create_app(settings: ServerSettings, state: AppState | None = None) -> FastA
         audit,
         fleet,
         watchroute,
+        policy,
     ):
         app.include_router(module.router)
     return app

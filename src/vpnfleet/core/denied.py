@@ -107,7 +107,9 @@ def iter_netlink(data: bytes, reasons: Counter[str] | None = None) -> Iterator[N
         if length < NLMSGHDR.size or offset + length > len(data):
             _count(reasons, "truncated_netlink")
             return
-        yield NetlinkMessage(mtype, flags, seq, pid, bytes(data[offset + NLMSGHDR.size : offset + length]))
+        yield NetlinkMessage(
+            mtype, flags, seq, pid, bytes(data[offset + NLMSGHDR.size : offset + length])
+        )
         offset += nl_align(length)
     if offset < len(data) and any(data[offset:]):
         # Trailing bytes too short for a header (zero padding is harmless).
@@ -261,7 +263,7 @@ def _count(reasons: Counter[str] | None, reason: str) -> None:
         reasons[reason] += 1
 
 
-def _fail(reasons: Counter[str] | None, reason: str) -> None:
+def _fail(reasons: Counter[str] | None, reason: str) -> DeniedPacket | None:
     _count(reasons, reason)
     return None
 
@@ -423,7 +425,9 @@ class DeniedAggregator:
             DeniedEvent(user, uid, src, dst, proto, dport, b.first_at, b.last_at, b.count)
             for (user, uid, src, dst, proto, dport), b in self._buckets.items()
         ]
-        events.sort(key=lambda e: (e.first_at, str(e.user), str(e.dst), e.proto or "", e.dport or 0))
+        events.sort(
+            key=lambda e: (e.first_at, str(e.user), str(e.dst), e.proto or "", e.dport or 0)
+        )
         summaries = [
             DeniedEvent(user, uid, b.src, None, None, None, b.first_at, b.last_at, b.count, True)
             for (user, uid), b in self._overflow.items()

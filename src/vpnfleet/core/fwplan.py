@@ -248,9 +248,19 @@ class Grant:
         assert self.port_lo is not None and self.port_hi is not None
         return dport is not None and self.port_lo <= dport <= self.port_hi
 
+    @functools.cached_property
+    def _span(self) -> tuple[int, int]:
+        # First and last address as integers: covers() runs in revocation loops, where
+        # IPv4Network.subnet_of() would dominate. (cached_property writes the instance
+        # __dict__ directly, so it works on a frozen dataclass and stays out of eq/hash.)
+        lo = int(self.network.network_address)
+        return lo, lo + self.network.num_addresses - 1
+
     def covers(self, other: Grant) -> bool:
         """True when every flow ``other`` allows is also allowed by this grant alone."""
-        if not other.network.subnet_of(self.network):
+        lo, hi = self._span
+        other_lo, other_hi = other._span
+        if not lo <= other_lo <= other_hi <= hi:
             return False
         if self.proto == "any":
             return True
@@ -277,7 +287,12 @@ class Grant:
 
 @dataclass(frozen=True)
 class GroupState:
-    """One group: its connected members' tunnel IPs and what they may reach."""
+    """One group: its connected members' tunnel IPs and what they may reach.
+
+    Derived data (destination set elements, the grant set, coverage answers) is computed on
+    first use and kept on the instance, so a caller that reuses an unchanged GroupState
+    between states pays for it once, and diffs only look at groups that changed.
+    """
 
     group_id: int
     members: frozenset[IPv4Address]
@@ -287,18 +302,80 @@ class GroupState:
         gid = self.group_id
         if not isinstance(gid, int) or isinstance(gid, bool) or not 0 <= gid <= MAX_GROUP_ID:
             raise ValueError(f"group id must be an integer in 0..{MAX_GROUP_ID}, not {gid!r}")
-        if not isinstance(self.members, frozenset) or not all(
-            isinstance(m, IPv4Address) for m in self.members
-        ):
+        if not isinstance(self.members, frozenset) or not _all_instances(self.members, IPv4Address):
             raise ValueError(f"group {gid}: members must be a frozenset of IPv4Address")
-        if not isinstance(self.grants, tuple) or not all(isinstance(g, Grant) for g in self.grants):
+        if not isinstance(self.grants, tuple) or not _all_instances(self.grants, Grant):
             raise ValueError(f"group {gid}: grants must be a tuple of Grant")
-        ports = sum(len(_net_elements(g.network)) * g.port_count for g in self.grants)
+        ports = sum(
+            (2 if g.network.prefixlen == 0 else 1) * g.port_count
+            for g in self.grants
+            if g.port_lo is not None
+        )
         if ports > MAX_SET_ELEMENTS:
             raise ValueError(
                 f"group {gid}: port ranges expand to {ports} set elements "
                 f"(limit {MAX_SET_ELEMENTS}); narrow them or grant all ports"
             )
+
+    @functools.cached_property
+    def destinations(self) -> dict[GroupSetKind, frozenset[str]]:
+        """Elements of the five destination sets (see :func:`group_destinations`)."""
+        return group_destinations(self.grants)
+
+    @functools.cached_property
+    def grant_set(self) -> frozenset[Grant]:
+        """The grants as a set (hashed once per group, not once per diff)."""
+        return frozenset(self.grants)
+
+    @functools.cached_property
+    def member_elements(self) -> frozenset[str]:
+        """Members as set elements (strings)."""
+        return _ips(self.members)
+
+    def set_specs(self, prefix: str) -> tuple[SetSpec, ...]:
+        """The group's six sets (members first), kept for reuse by later states."""
+        cache = self._set_specs
+        specs = cache.get(prefix)
+        if specs is None:
+            m = SetSpec(group_set(prefix, self.group_id, "m"), "hash:ip", self.member_elements)
+            specs = cache[prefix] = (
+                m,
+                *(
+                    SetSpec(group_set(prefix, self.group_id, kind), _GROUP_SET_TYPES[kind], elems)
+                    for kind, elems in self.destinations.items()
+                ),
+            )
+        return specs
+
+    @functools.cached_property
+    def _set_specs(self) -> dict[str, tuple[SetSpec, ...]]:
+        return {}
+
+    @functools.cached_property
+    def _coverers(self) -> dict[str, tuple[Grant, ...]]:
+        # Only an "any" grant or one of the same protocol can cover a grant.
+        anything = tuple(g for g in self.grants if g.proto == "any")
+        return {
+            p: anything + tuple(g for g in self.grants if g.proto == p) if p != "any" else anything
+            for p in PROTOS
+        }
+
+    @functools.cached_property
+    def _cover_memo(self) -> dict[Grant, bool]:
+        return {}
+
+    def covers(self, grant: Grant) -> bool:
+        """True when one of this group's grants alone covers ``grant`` (memoised)."""
+        memo = self._cover_memo
+        hit = memo.get(grant)
+        if hit is None:
+            hit = memo[grant] = any(h.covers(grant) for h in self._coverers[grant.proto])
+        return hit
+
+
+def _all_instances(items: Iterable[object], cls: type) -> bool:
+    # type() runs in C for every element; isinstance only for the few distinct types.
+    return all(issubclass(t, cls) for t in set(map(type, items)))
 
 
 @dataclass(frozen=True)
@@ -326,18 +403,35 @@ class DesiredState:
             raise ValueError(f"invalid uplink interface name {self.uplink!r}")
         if not 0 <= self.nflog_group <= 65535:
             raise ValueError(f"nflog_group must be in 0..65535, not {self.nflog_group}")
-        for what, ips in (("all_clients", self.all_clients), ("nat_members", self.nat_members)):
-            if not isinstance(ips, frozenset) or not all(isinstance(i, IPv4Address) for i in ips):
-                raise ValueError(f"{what} must be a frozenset of IPv4Address")
+        clients, nat = self.all_clients, self.nat_members
+        if not isinstance(clients, frozenset):
+            raise ValueError("all_clients must be a frozenset of IPv4Address")
+        # Only clients not already validated with the previous state need checking.
+        fresh = _unchecked_clients(clients, self.tunnel_networks)
+        if not _all_instances(fresh, IPv4Address):
+            raise ValueError("all_clients must be a frozenset of IPv4Address")
+        if not isinstance(nat, frozenset):
+            raise ValueError("nat_members must be a frozenset of IPv4Address")
+        nat_are_clients = nat <= clients  # then they are addresses too
+        if not nat_are_clients and not _all_instances(nat, IPv4Address):
+            raise ValueError("nat_members must be a frozenset of IPv4Address")
         # A client outside the tunnel networks would be "not ours" to the rules: unfiltered.
-        outside = [c for c in self.all_clients if not any(c in n for n in self.tunnel_networks)]
+        outside = _outside(fresh, self.tunnel_networks)
         if outside:
             raise ValueError(f"clients outside the tunnel networks: {_ip_list(outside)}")
-        if not self.nat_members <= self.all_clients:
+        _remember_checked(clients, self.tunnel_networks)
+        if not nat_are_clients:
             extra = self.nat_members - self.all_clients
             raise ValueError(f"NAT members that are not connected clients: {_ip_list(extra)}")
+        groups = self.groups
+        if (
+            _all_instances(groups, GroupState)
+            and len({g.group_id for g in groups}) == len(groups)
+            and all(g.members <= clients for g in groups)
+        ):
+            return  # the common case, checked in bulk; otherwise find the first problem
         seen: set[int] = set()
-        for g in self.groups:
+        for g in groups:
             if not isinstance(g, GroupState):
                 raise ValueError(f"groups must hold GroupState, not {g!r}")
             if g.group_id in seen:
@@ -351,7 +445,63 @@ class DesiredState:
 
     def sorted_groups(self) -> list[GroupState]:
         """Groups in rendering order."""
-        return sorted(self.groups, key=lambda g: g.group_id)
+        return list(self._sorted_groups)
+
+    # Derived data, computed on first use and kept on the (immutable) instance. A full
+    # resync asks for the desired sets several times; diffs and revocation analysis look
+    # groups up by id. cached_property writes the instance __dict__ directly, so it works on
+    # a frozen dataclass; these are not fields, so eq, hash and repr ignore them.
+
+    @functools.cached_property
+    def _sorted_groups(self) -> tuple[GroupState, ...]:
+        return tuple(sorted(self.groups, key=lambda g: g.group_id))
+
+    @functools.cached_property
+    def groups_by_id(self) -> dict[int, GroupState]:
+        """Groups keyed by id."""
+        return {g.group_id: g for g in self.groups}
+
+    @functools.cached_property
+    def _desired_sets(self) -> dict[str, SetSpec]:
+        return _build_desired_sets(self)
+
+    @functools.cached_property
+    def _expected_rules(self) -> dict[tuple[str, str], tuple[str, ...]]:
+        return _build_expected_rules(self)
+
+
+# The client set most recently validated (addresses inside these tunnel networks). Successive
+# states differ by a few clients, so only the difference, a set operation in C on stored
+# hashes, needs the Python-speed checks. A cache only: results never depend on it.
+_checked_memo: tuple[tuple[IPv4Network, ...], frozenset[IPv4Address]] | None = None
+
+
+def _unchecked_clients(
+    clients: frozenset[IPv4Address], networks: tuple[IPv4Network, ...]
+) -> frozenset[IPv4Address]:
+    memo = _checked_memo
+    if memo is not None and memo[0] == networks:
+        return clients - memo[1]
+    return clients
+
+
+def _remember_checked(clients: frozenset[IPv4Address], networks: tuple[IPv4Network, ...]) -> None:
+    global _checked_memo
+    _checked_memo = (networks, clients)
+
+
+def _outside(ips: frozenset[IPv4Address], networks: tuple[IPv4Network, ...]) -> list[IPv4Address]:
+    # Integer compares; "ip in network" costs a microsecond per pair.
+    if not ips:
+        return []
+    ranges = [(int(n.network_address), int(n.broadcast_address)) for n in networks]
+    ints = list(map(int, ips))
+    lo, hi = min(ints), max(ints)
+    if any(a <= lo and hi <= b for a, b in ranges):
+        return []
+    for a, b in ranges:
+        ints = [x for x in ints if x < a or x > b]
+    return [IPv4Address(x) for x in ints]
 
 
 def _ip_list(ips: Iterable[IPv4Address], limit: int = 5) -> str:
@@ -371,8 +521,11 @@ def is_allowed(
         return False
     if state.allow_all:
         return True
+    # isdisjoint() with a one-element set probes each group with the hash stored in that set,
+    # instead of calling IPv4Address.__hash__ (Python code) once per group.
+    probe = frozenset((src,))
     return any(
-        src in g.members and any(gr.matches(proto, dst, dport) for gr in g.grants)
+        not g.members.isdisjoint(probe) and any(gr.matches(proto, dst, dport) for gr in g.grants)
         for g in state.groups
     )
 
@@ -392,6 +545,13 @@ class SetSpec:
     def maxelem(self) -> int:
         """Capacity to create the set with."""
         return maxelem_for(len(self.elements))
+
+    @functools.cached_property
+    def sorted_elements(self) -> tuple[str, ...]:
+        """Elements in rendering order (numeric)."""
+        if self.type == "hash:ip":  # plain addresses: the C key alone gives the same order
+            return tuple(sorted(self.elements, key=socket.inet_aton))
+        return tuple(_sort_elements(self.elements))
 
 
 def maxelem_for(count: int) -> int:
@@ -428,6 +588,10 @@ def group_destinations(grants: Iterable[Grant]) -> dict[GroupSetKind, frozenset[
 
 def desired_sets(state: DesiredState) -> dict[str, SetSpec]:
     """Every set the state needs, keyed by name, in rendering order."""
+    return dict(state._desired_sets)
+
+
+def _build_desired_sets(state: DesiredState) -> dict[str, SetSpec]:
     p = state.prefix
     specs = [
         SetSpec(
@@ -435,15 +599,11 @@ def desired_sets(state: DesiredState) -> dict[str, SetSpec]:
             "hash:net",
             tunnel_elements(state),
         ),
-        SetSpec(clients_set(p), "hash:ip", frozenset(str(c) for c in state.all_clients)),
-        SetSpec(nat_set(p), "hash:ip", frozenset(str(c) for c in state.nat_members)),
+        SetSpec(clients_set(p), "hash:ip", _ips(state.all_clients)),
+        SetSpec(nat_set(p), "hash:ip", _ips(state.nat_members)),
     ]
-    for g in state.sorted_groups():
-        specs.append(
-            SetSpec(group_set(p, g.group_id, "m"), "hash:ip", frozenset(str(m) for m in g.members))
-        )
-        for kind, elems in group_destinations(g.grants).items():
-            specs.append(SetSpec(group_set(p, g.group_id, kind), _GROUP_SET_TYPES[kind], elems))
+    for g in state._sorted_groups:
+        specs += g.set_specs(p)
     return {s.name: s for s in specs}
 
 
@@ -467,6 +627,10 @@ def _create_line(name: str, spec: SetSpec) -> str:
 
 def expected_rules(state: DesiredState) -> dict[tuple[str, str], tuple[str, ...]]:
     """The agent's chains, keyed by (table, chain), rules exactly as ``iptables -S`` prints."""
+    return dict(state._expected_rules)
+
+
+def _build_expected_rules(state: DesiredState) -> dict[tuple[str, str], tuple[str, ...]]:
     p = state.prefix
     fwd, post = fwd_chain(p), post_chain(p)
     tun, clients, nat = tun_set(p), clients_set(p), nat_set(p)
@@ -483,7 +647,7 @@ def expected_rules(state: DesiredState) -> dict[tuple[str, str], tuple[str, ...]
     if state.allow_all:
         rules.append(f"-A {fwd} -m set --match-set {clients} src -j ACCEPT")
     else:
-        for g in state.sorted_groups():
+        for g in state._sorted_groups:
             m = group_set(p, g.group_id, "m")
 
             def s(kind: GroupSetKind, gid: int = g.group_id) -> str:
@@ -670,7 +834,7 @@ def render_ipset(state: DesiredState, kernel: KernelState | None = None) -> str:
             raise SetTypeMismatch(wrong)
         lines += [f"destroy {n}" for n in sorted(kernel.sets) if n.endswith(TEMP_SUFFIX)]
     for name, spec in specs.items():
-        elems = _sort_elements(spec.elements)
+        elems = spec.sorted_elements
         if kernel is None:
             lines += [_create_line(name, spec), f"flush {name}"]
             lines += [f"add {name} {e}" for e in elems]
@@ -839,6 +1003,11 @@ def diff(old: DesiredState, new: DesiredState) -> StateDiff:
 
     When ``needs_full`` is set the caller applies :func:`render_full` instead of ``ops``
     (``ops`` is then empty); ``revoked_flows`` is valid either way.
+
+    The work is proportional to what changed: sets and groups that are the same objects in
+    both states are skipped, and set differences run on frozensets (in C, on stored hashes).
+    A caller that keeps unchanged :class:`GroupState` objects and client sets between states
+    gets a connect or a grant change in well under a millisecond at thousands of clients.
     """
     reasons: list[str] = []
     if old.prefix != new.prefix:
@@ -849,37 +1018,40 @@ def diff(old: DesiredState, new: DesiredState) -> StateDiff:
         reasons.append("allow_all changed")
     if (old.log_denied, old.nflog_group) != (new.log_denied, new.nflog_group):
         reasons.append("logging changed")
-    old_ids = {g.group_id for g in old.groups}
-    new_ids = {g.group_id for g in new.groups}
-    if old_ids != new_ids:
+    old_groups, new_groups = old.groups_by_id, new.groups_by_id
+    if old_groups.keys() != new_groups.keys():
         reasons.append("groups added or removed")
 
     ops: list[SetOp] = []
     if not reasons:
         p = new.prefix
-        # (set, size before, size after, elements removed, elements added); differences are
-        # taken on address objects before stringifying, which matters with thousands of clients.
+        # (set, size before, size after, elements removed, elements added), only for sets
+        # that may have changed; differences are taken on address objects before stringifying.
         changes: list[tuple[str, int, int, frozenset[str], frozenset[str]]] = []
 
         def ip_change(
             name: str, before: frozenset[IPv4Address], after: frozenset[IPv4Address]
         ) -> None:
-            changes.append(
-                (name, len(before), len(after), _ips(before - after), _ips(after - before))
-            )
+            if before is not after:
+                changes.append(
+                    (name, len(before), len(after), _ips(before - after), _ips(after - before))
+                )
 
         def str_change(name: str, before: frozenset[str], after: frozenset[str]) -> None:
-            changes.append((name, len(before), len(after), before - after, after - before))
+            if before is not after:
+                changes.append((name, len(before), len(after), before - after, after - before))
 
-        str_change(tun_set(p), tunnel_elements(old), tunnel_elements(new))
+        if old.tunnel_networks != new.tunnel_networks:
+            str_change(tun_set(p), tunnel_elements(old), tunnel_elements(new))
         ip_change(clients_set(p), old.all_clients, new.all_clients)
         ip_change(nat_set(p), old.nat_members, new.nat_members)
-        old_groups = {g.group_id: g for g in old.groups}
-        for g in new.sorted_groups():
+        for g in new._sorted_groups:
             og = old_groups[g.group_id]
+            if og is g:
+                continue
             ip_change(group_set(p, g.group_id, "m"), og.members, g.members)
             if og.grants != g.grants:
-                od, nd = group_destinations(og.grants), group_destinations(g.grants)
+                od, nd = og.destinations, g.destinations
                 for kind in nd:
                     str_change(group_set(p, g.group_id, kind), od[kind], nd[kind])
         for name, n_before, n_after, removed, added in changes:
@@ -902,7 +1074,7 @@ def tunnel_elements(state: DesiredState) -> frozenset[str]:
 
 
 def _ips(ips: Iterable[IPv4Address]) -> frozenset[str]:
-    return frozenset(str(i) for i in ips)
+    return frozenset(map(str, ips))
 
 
 def effective_grants(state: DesiredState, client: IPv4Address) -> frozenset[Grant]:
@@ -920,34 +1092,75 @@ def revoked_flows(old: DesiredState, new: DesiredState) -> list[RevokedFlow]:
     A grant counts as revoked for a client unless one grant the client holds in ``new``
     covers it alone; the runner re-checks each open flow with :func:`is_allowed` before
     deleting it, so overlap across several grants never kills a flow that is still allowed.
-    Only clients whose groups or whose groups' grants changed are examined.
+    Only clients that left a group, or belong to a group that lost a grant, are examined
+    (connecting, joining a group or gaining a grant cannot revoke anything); leaving
+    allow_all examines every client.
     """
     out = [RevokedFlow(c, None) for c in sorted(old.all_clients - new.all_clients)]
     if new.allow_all:
         return out
-    old_grants = {g.group_id: g.grants for g in old.groups}
-    new_grants = {g.group_id: g.grants for g in new.groups}
-    changed = {gid for gid, grants in old_grants.items() if new_grants.get(gid) != grants}
-    old_in, new_in = _memberships(old), _memberships(new)
-    empty: frozenset[int] = frozenset()
-    for client in sorted(old.all_clients & new.all_clients):
-        was, now = old_in.get(client, empty), new_in.get(client, empty)
-        if not old.allow_all and was == now and not was & changed:
+    old_groups, new_groups = old.groups_by_id, new.groups_by_id
+    # Per group: the grants a member loses by staying in it (all of them if it is gone).
+    dropped: dict[int, frozenset[Grant]] = {}
+    touched: list[frozenset[IPv4Address]] = []  # clients that may have lost something
+    for gid, og in old_groups.items():
+        ng = new_groups.get(gid)
+        if ng is og:
             continue
-        before = {_ANY} if old.allow_all else {gr for gid in was for gr in old_grants[gid]}
-        after = {gr for gid in now for gr in new_grants[gid]}
-        for g in sorted(before - after, key=Grant.sort_key):
-            if not any(h.covers(g) for h in after):
+        if ng is None:
+            dropped[gid] = og.grant_set
+            touched.append(og.members)
+            continue
+        if ng.grants != og.grants:
+            gone = og.grant_set - ng.grant_set
+            if gone:
+                dropped[gid] = gone
+                touched.append(og.members)
+                continue
+        if ng.members is not og.members:
+            touched.append(og.members - ng.members)
+    if old.allow_all:
+        candidates = old.all_clients & new.all_clients
+    else:
+        candidates = frozenset[IPv4Address]().union(*touched) & new.all_clients
+    if not candidates:
+        return out
+    was = {} if old.allow_all else _memberships(old, candidates)
+    now = _memberships(new, candidates)
+    none: tuple[int, ...] = ()
+    for client in sorted(candidates):
+        now_ids = now.get(client, none)
+        if old.allow_all:
+            lost = frozenset({_ANY})
+        else:
+            # A group left takes all its grants; a group kept takes the grants it dropped.
+            lost = frozenset[Grant]().union(
+                *(
+                    old_groups[gid].grant_set if gid not in now_ids else dropped[gid]
+                    for gid in was.get(client, none)
+                    if gid not in now_ids or gid in dropped
+                )
+            )
+            if not lost:
+                continue
+        after_groups = [new_groups[gid] for gid in now_ids]
+        kept = frozenset[Grant]().union(*(g.grant_set for g in after_groups))
+        for g in sorted(lost - kept, key=Grant.sort_key):
+            if not any(ag.covers(g) for ag in after_groups):
                 out.append(RevokedFlow(client, g))
     return out
 
 
-def _memberships(state: DesiredState) -> dict[IPv4Address, frozenset[int]]:
-    groups: dict[IPv4Address, set[int]] = {}
+def _memberships(
+    state: DesiredState, clients: frozenset[IPv4Address]
+) -> dict[IPv4Address, tuple[int, ...]]:
+    """Group ids of each of ``clients`` (only clients in at least one group appear)."""
+    out: dict[IPv4Address, tuple[int, ...]] = {}
     for g in state.groups:
-        for m in g.members:
-            groups.setdefault(m, set()).add(g.group_id)
-    return {ip: frozenset(ids) for ip, ids in groups.items()}
+        # Intersecting walks the smaller set with its stored hashes: cheap for few clients.
+        for c in g.members & clients:
+            out[c] = (*out.get(c, ()), g.group_id)
+    return out
 
 
 def render_ops(ops: Iterable[SetOp]) -> str:

@@ -173,6 +173,17 @@ async def up(
         await _start_services(info)
         await asyncio.gather(*(start_agent(info, i) for i in range(1, pods + 1)))
         await _wait_pods_ready(info)
+        topology.spawn_in(
+            plan.ns("lb"),
+            sys.executable,
+            "-m",
+            "vpnfleet.lab.endpoints",
+            "--prefix",
+            prefix,
+            "--pods",
+            str(pods),
+            log_path=state / "endpoints.log",
+        )
         if connect:
             await asyncio.gather(*(start_client(info, u.name) for u in users))
         return info
@@ -182,10 +193,10 @@ async def up(
         raise
 
 
-async def _start_control_plane(info: LabInfo) -> None:
-    plan = info.plan
+async def start_control_plane(info: LabInfo) -> topology.LabProcess:
+    """Start (or restart) the control plane process and wait until it is ready."""
     cp = topology.spawn_in(
-        plan.ns("cp"),
+        info.plan.ns("cp"),
         *_cli(
             "server",
             "--listen",
@@ -200,6 +211,11 @@ async def _start_control_plane(info: LabInfo) -> None:
         log_path=info.dir / "cp.log",
     )
     await _wait_http(f"{info.url}/readyz", 60, "the control plane", cp)
+    return cp
+
+
+async def _start_control_plane(info: LabInfo) -> None:
+    await start_control_plane(info)
     token = _api(info, "POST", "/api/v1/tokens", {"name": "lab-agents", "role": "agent"})["token"]
     path = info.dir / "agent-token"
     path.write_text(token + "\n")
@@ -272,6 +288,7 @@ async def start_agent(info: LabInfo, index: int) -> topology.LabProcess:
         "VPNFLEET_AGENT_TOKEN": _agent_token(info),
         "VPNFLEET_HEARTBEAT_INTERVAL": "1",
         "VPNFLEET_RECONCILE_INTERVAL": "2",
+        "VPNFLEET_DRAIN_DELAY": "1.5",
     }
     return topology.spawn_in(
         plan.pod_ns(index),

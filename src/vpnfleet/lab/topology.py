@@ -419,6 +419,22 @@ class LabPlan:
         n = self.pods
         return tuple(1.0 / (n - k) if k < n - 1 else None for k in range(n))
 
+    def lb_nat_rules(self, pod_ips: Sequence[IPv4Address]) -> str:
+        """``iptables-restore`` input for the nat table: spread UDP 1194 over ``pod_ips``
+        (the ready endpoints, as kube-proxy does for a Service)."""
+        public_if = self.lb.attachments[1].ifname
+        match = f"-d {self.lb_public_ip}/32 -i {public_if} -p udp -m udp --dport {VPN_PORT}"
+        lines = ["*nat", ":PREROUTING ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]"]
+        n = len(pod_ips)
+        for k, ip in enumerate(pod_ips):
+            prob = 1.0 / (n - k) if k < n - 1 else None
+            stat_match = (
+                "" if prob is None else f" -m statistic --mode random --probability {prob:.10f}"
+            )
+            lines.append(f"-A PREROUTING {match}{stat_match} -j DNAT --to-destination {ip}")
+        lines.append("COMMIT")
+        return "\n".join(lines) + "\n"
+
     def lb_ruleset(self) -> str:
         """The load balancer's complete ``iptables-restore`` input.
 
@@ -428,15 +444,8 @@ class LabPlan:
         """
         lb = self.lb
         cluster_if, public_if = lb.attachments[0].ifname, lb.attachments[1].ifname
-        match = f"-d {self.lb_public_ip}/32 -i {public_if} -p udp -m udp --dport {VPN_PORT}"
-        lines = ["*nat", ":PREROUTING ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]"]
-        for ip, prob in zip(self.pod_ips, self.dnat_probabilities(), strict=True):
-            stat_match = (
-                "" if prob is None else f" -m statistic --mode random --probability {prob:.10f}"
-            )
-            lines.append(f"-A PREROUTING {match}{stat_match} -j DNAT --to-destination {ip}")
+        lines = self.lb_nat_rules(self.pod_ips).splitlines()
         lines += [
-            "COMMIT",
             "*filter",
             ":INPUT ACCEPT [0:0]",
             ":FORWARD DROP [0:0]",

@@ -1,0 +1,325 @@
+"""Policy as code against the database: read the current policy, plan, apply, explain access.
+
+The plan is `core.policyfile.diff` (pure); this module only reads the database into a
+`Policy` and carries a diff out with the same helpers, and so the same change events, as the
+individual user/group/rule endpoints. The caller's transaction makes an apply all or nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from dataclasses import dataclass, field
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session
+
+from vpnfleet.controlplane import certs, changelog
+from vpnfleet.controlplane.auth import Principal
+from vpnfleet.controlplane.changelog import ChangeSpec
+from vpnfleet.controlplane.models import Change, Group, Membership, Pod, Rule, User
+from vpnfleet.controlplane.pki import Sealer
+from vpnfleet.controlplane.routers.groups import group_change, rule_change
+from vpnfleet.controlplane.routers.users import (
+    ensure_gateway_lease,
+    get_user,
+    release_gateway_lease,
+    user_change,
+)
+from vpnfleet.controlplane.state import jsonable
+from vpnfleet.core import netparse, policyfile
+from vpnfleet.core.policyfile import Grant, GroupSpec, Policy, PolicyDiff, UserSpec
+
+
+def current_policy(db: Session) -> Policy:
+    """The database's users, groups, memberships and rules as a Policy."""
+    groups_of: dict[int, list[str]] = {}
+    for user_id, gname in db.execute(select(Membership.user_id, Group.name).join(Group)):
+        groups_of.setdefault(user_id, []).append(gname)
+    users = {
+        u.name: UserSpec(
+            name=u.name,
+            email=u.email,
+            mode=netparse.parse_mode(u.mode),
+            max_sessions=u.max_sessions,
+            enabled=u.enabled,
+            groups=tuple(sorted(groups_of.get(u.id, []))),
+        )
+        for u in db.scalars(select(User).order_by(User.name))
+    }
+    grants: dict[int, list[Grant]] = {}
+    for r in db.scalars(select(Rule).order_by(Rule.id)):
+        grants.setdefault(r.group_id, []).append(
+            Grant(
+                destination=r.destination,
+                proto=netparse.parse_protocol(r.proto),
+                ports=r.ports,
+                description=r.description,
+                rule_id=r.id,
+            )
+        )
+    groups = {
+        g.name: GroupSpec(
+            name=g.name, description=g.description, grants=tuple(grants.get(g.id, []))
+        )
+        for g in db.scalars(select(Group).order_by(Group.name))
+    }
+    return Policy(users=users, groups=groups)
+
+
+def plan(db: Session, desired: Policy, prune: bool) -> PolicyDiff:
+    """What applying `desired` would change; reads only."""
+    return policyfile.diff(current_policy(db), desired, prune)
+
+
+def export(db: Session) -> str:
+    """The current state as a policy file."""
+    revision = changelog.current_revision(db)
+    header = f"# vpnfleet policy exported at revision {revision}\n"
+    return header + policyfile.render(current_policy(db))
+
+
+def _membership_change(group: Group, user: User, op: str) -> ChangeSpec:
+    # The same event POST/DELETE /groups/{name}/members emits.
+    return ChangeSpec(
+        "membership", op, group.id, {"group": group.name, "user": user.name, "user_id": user.id}
+    )
+
+
+def apply(
+    db: Session,
+    who: Principal,
+    sealer: Sealer,
+    desired: Policy,
+    prune: bool,
+    filename: str,
+) -> tuple[PolicyDiff, int]:
+    """Make the database match `desired` in the caller's transaction; returns the diff and the
+    revision after it. Raises Problem (e.g. an exhausted gateway pool) with nothing kept."""
+    # Queue behind other writers before reading, so that the diff is computed against
+    # committed state and two concurrent applies cannot both create the same objects.
+    changelog._lock(db)
+    diff = plan(db, desired, prune)
+    specs: list[ChangeSpec] = []
+    groups = {g.name: g for g in db.scalars(select(Group))}
+    users = {u.name: u for u in db.scalars(select(User))}
+    touched: dict[str, User] = {}  # existing users whose final state agents must learn
+
+    # Additions first and removals last: replacing a grant never opens a gap in access.
+    for ref in diff.groups_created:
+        group = Group(name=ref.name, description=ref.description)
+        db.add(group)
+        db.flush()
+        groups[group.name] = group
+        specs.append(group_change(group))
+    for upd in diff.groups_updated:
+        group = groups[upd.name]
+        group.description = desired.groups[upd.name].description
+        specs.append(group_change(group))
+    for gref in diff.grants_added:
+        group = groups[gref.group]
+        rule = Rule(
+            group_id=group.id,
+            destination=gref.destination,
+            proto=gref.proto,
+            ports=gref.ports,
+            description=gref.description,
+        )
+        db.add(rule)
+        db.flush()
+        specs.append(rule_change(rule, group))
+    for gref in diff.grants_updated:
+        rule = db.get_one(Rule, gref.rule_id)
+        rule.description = gref.description
+        specs.append(rule_change(rule, groups[gref.group]))
+    db.flush()
+
+    for spec in diff.users_created:
+        user = User(
+            name=spec.name,
+            email=spec.email,
+            mode=spec.mode,
+            enabled=spec.enabled,
+            max_sessions=spec.max_sessions,
+        )
+        db.add(user)
+        db.flush()
+        for gname in spec.groups:
+            db.add(Membership(group_id=groups[gname].id, user_id=user.id))
+        db.flush()
+        if user.mode == "gateway":
+            ensure_gateway_lease(db, user)
+        certs.issue(db, sealer, "client", user.name, user_id=user.id)
+        users[user.name] = user
+        # Like POST /users: one user event that already carries the groups.
+        specs.append(user_change(db, user))
+    created = {u.name for u in diff.users_created}
+
+    for upd in diff.users_updated:
+        user = users[upd.name]
+        for change in upd.changes:
+            setattr(user, change.field, change.new)
+        db.flush()
+        if user.mode == "gateway":
+            ensure_gateway_lease(db, user)
+        else:
+            release_gateway_lease(db, user)
+        touched[user.name] = user
+    for m in diff.memberships_added:
+        if m.user in created:
+            continue
+        user, group = users[m.user], groups[m.group]
+        db.add(Membership(group_id=group.id, user_id=user.id))
+        db.flush()
+        specs.append(_membership_change(group, user, "upsert"))
+        touched[user.name] = user
+    for m in diff.memberships_removed:
+        user, group = users[m.user], groups[m.group]
+        membership = db.get_one(Membership, (group.id, user.id))
+        db.delete(membership)
+        db.flush()
+        specs.append(_membership_change(group, user, "delete"))
+        touched[user.name] = user
+    for gref in diff.grants_removed:
+        rule = db.get_one(Rule, gref.rule_id)
+        specs.append(rule_change(rule, groups[gref.group], "delete"))
+        db.delete(rule)
+        db.flush()
+
+    for name in diff.users_deleted:
+        user = users[name]
+        revoked = certs.revoke_user_certs(db, user.id, "user deleted (policy prune)")
+        specs.append(user_change(db, user, "delete"))
+        db.delete(user)
+        db.flush()
+        touched.pop(name, None)
+        if revoked:
+            specs.append(
+                ChangeSpec("crl", "upsert", None, {"revoked": [c.serial for c in revoked]})
+            )
+    for name in diff.groups_deleted:
+        group = groups[name]
+        members = db.scalars(select(User).join(Membership).where(Membership.group_id == group.id))
+        for user in members:
+            touched[user.name] = user
+        specs.append(group_change(group, "delete"))
+        db.delete(group)
+        db.flush()
+
+    # One user event per changed user, after everything: it carries their final groups.
+    specs.extend(user_change(db, touched[name]) for name in sorted(touched))
+    audit = {
+        "filename": filename,
+        "prune": prune,
+        "summary": diff.summary(),
+        "counts": diff.counts(),
+        "diff": jsonable(dataclasses.asdict(diff)),
+    }
+    revision = changelog.record(db, who, "policy.apply", filename, None, audit, specs)
+    return diff, revision
+
+
+# --- user access ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccessGrant:
+    group: str
+    rule_id: int
+    destination: str
+    proto: str
+    ports: str | None
+    description: str | None
+
+
+@dataclass(frozen=True)
+class PodEnforcement:
+    pod: str
+    ready: bool
+    applied_revision: int
+    last_heartbeat: dt.datetime | None
+    enforced: bool
+
+
+@dataclass(frozen=True)
+class UserAccess:
+    user: str
+    mode: str
+    enabled: bool
+    groups: list[str]
+    grants: list[AccessGrant]
+    revision: int  # the newest change that affected this user's access
+    current_revision: int
+    pods: list[PodEnforcement] = field(default_factory=list)
+
+    @property
+    def enforced_everywhere(self) -> bool:
+        return all(p.enforced for p in self.pods)
+
+
+def affecting_revision(db: Session, user: User, group_ids: list[int]) -> int:
+    """The revision of the newest change to this user's access.
+
+    User events (every membership change is followed by one), and rule or group events of
+    the user's current groups. If the log has been pruned past all of them, the revision
+    just before the oldest kept row is a safe upper bound.
+    """
+    conds = [and_(Change.kind == "user", Change.object_id == user.id)]
+    if group_ids:
+        conds.append(and_(Change.kind == "group", Change.object_id.in_(group_ids)))
+        conds.append(
+            and_(Change.kind == "rule", Change.data["group_id"].as_integer().in_(group_ids))
+        )
+    found = db.scalar(select(func.max(Change.id)).where(or_(*conds)))
+    if found is not None:
+        return int(found)
+    oldest = db.scalar(select(func.min(Change.id)))
+    return max(0, int(oldest or 1) - 1)
+
+
+def user_access(db: Session, name: str) -> UserAccess:
+    """What `name` may reach, through which group, and which pods enforce it yet."""
+    user = get_user(db, name)
+    rows = db.execute(
+        select(Group, Rule)
+        .join(Membership, Membership.group_id == Group.id)
+        .outerjoin(Rule, Rule.group_id == Group.id)
+        .where(Membership.user_id == user.id)
+        .order_by(Group.name, Rule.id)
+    ).all()
+    group_ids: dict[str, int] = {}
+    grants: list[AccessGrant] = []
+    for group, rule in rows:
+        group_ids[group.name] = group.id
+        if rule is not None:
+            grants.append(
+                AccessGrant(
+                    group=group.name,
+                    rule_id=rule.id,
+                    destination=rule.destination,
+                    proto=rule.proto,
+                    ports=rule.ports,
+                    description=rule.description,
+                )
+            )
+    revision = affecting_revision(db, user, sorted(group_ids.values()))
+    pods = [
+        PodEnforcement(
+            pod=p.name,
+            ready=p.ready,
+            applied_revision=p.applied_revision,
+            last_heartbeat=p.last_heartbeat,
+            enforced=p.applied_revision >= revision,
+        )
+        for p in db.scalars(select(Pod).order_by(Pod.name))
+    ]
+    return UserAccess(
+        user=user.name,
+        mode=user.mode,
+        enabled=user.enabled,
+        groups=sorted(group_ids),
+        grants=grants,
+        revision=revision,
+        current_revision=changelog.current_revision(db),
+        pods=pods,
+    )
