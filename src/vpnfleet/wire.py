@@ -160,3 +160,25 @@ class Heartbeat(BaseModel):
     applied_revision: int = Field(ge=0)
     ready: bool
     status: dict[str, object] = Field(default_factory=dict)
+
+
+class DeniedRecord(BaseModel):
+    """Denied attempts of one source to one destination within one window."""
+
+    model_config = _strict
+    event: str = "denied"
+    user: str | None = None
+    session_uid: str | None = None
+    src: str
+    dst: str | None = None
+    proto: str = Field(max_length=8)
+    dport: int | None = Field(default=None, ge=0, le=65535)
+    first_at: dt.datetime
+    last_at: dt.datetime
+    count: int = Field(ge=1)
+
+
+class DeniedBatch(BaseModel):
+    model_config = _strict
+    pod: str
+    events: list[DeniedRecord] = Field(max_length=5000)

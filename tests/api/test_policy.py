@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import textwrap
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -23,6 +25,18 @@ groups:
       - {destination: 10.20.0.5, proto: any}
   ops: {grants: [{destination: 10.0.0.0/8, proto: icmp}]}
 """
+
+
+def eventually(check: Callable[[], bool], timeout: float = 10) -> None:
+    """Wait for a write made through another endpoint to become visible.
+
+    The shared `DB` dependency commits after the response is sent, so on PostgreSQL a read
+    right after such a write (token creation, heartbeat) may still see the old state.
+    """
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "the write never became visible"
+        time.sleep(0.05)
 
 
 def apply(
@@ -291,15 +305,17 @@ def test_export_then_apply_is_a_no_op(admin: httpx.Client) -> None:
     assert denied.status_code == 403
 
 
-def token_client(admin: httpx.Client, role: str) -> httpx.Client:
+def token_client(admin: httpx.Client, role: str, name: str = "") -> httpx.Client:
     """A client with a new token of `role` on the same server as `admin`."""
-    r = admin.post("/api/v1/tokens", json={"name": f"{role}-policy", "role": role})
+    r = admin.post("/api/v1/tokens", json={"name": name or f"{role}-policy", "role": role})
     r.raise_for_status()
-    return httpx.Client(
+    client = httpx.Client(
         base_url=str(admin.base_url),
         headers={"Authorization": f"Bearer {r.json()['token']}"},
         timeout=30,
     )
+    eventually(lambda: client.get("/api/v1/whoami").status_code == 200)
+    return client
 
 
 def test_apply_emits_the_same_events_as_the_endpoints(server: Server, admin: httpx.Client) -> None:
@@ -350,27 +366,31 @@ def test_apply_emits_the_same_events_as_the_endpoints(server: Server, admin: htt
     assert events[-1]["data"]["groups"] == ["devs"]
 
 
-def register_pod(server: Server, name: str) -> httpx.Client:
-    agent = httpx.Client(
-        base_url=server.url,
-        headers={"Authorization": f"Bearer {server.make_token('agent')}"},
-        timeout=30,
-    )
+def register_pod(admin: httpx.Client, name: str) -> httpx.Client:
+    """Register pod `name` the way its agent does; returns the agent's client."""
+    agent = token_client(admin, "agent", f"agent-{name}")
     agent.post("/api/v1/agent/register", json={"name": name}).raise_for_status()
     return agent
 
 
-def heartbeat(agent: httpx.Client, name: str, applied: int) -> None:
+def heartbeat(admin: httpx.Client, agent: httpx.Client, name: str, applied: int) -> None:
+    """Report `applied` as the pod's revision and wait until operators can see it."""
     r = agent.post(
         "/api/v1/agent/heartbeat", json={"name": name, "applied_revision": applied, "ready": True}
     )
     r.raise_for_status()
+    eventually(
+        lambda: any(
+            p["name"] == name and p["applied_revision"] == applied
+            for p in admin.get("/api/v1/pods").json()
+        )
+    )
 
 
 def test_user_access_shows_grants_and_enforcement(server: Server, admin: httpx.Client) -> None:
     apply(admin, POLICY)
-    agent_a = register_pod(server, "pod-a")
-    agent_b = register_pod(server, "pod-b")
+    agent_a = register_pod(admin, "pod-a")
+    agent_b = register_pod(admin, "pod-b")
 
     access = admin.get("/api/v1/users/gary/access").json()
     assert access["user"] == "gary" and access["mode"] == "gateway" and access["enabled"]
@@ -389,12 +409,12 @@ def test_user_access_shows_grants_and_enforcement(server: Server, admin: httpx.C
     assert access["enforced_everywhere"] is False
 
     # pod-a catches up; pod-b is one revision short.
-    heartbeat(agent_a, "pod-a", needed)
-    heartbeat(agent_b, "pod-b", needed - 1)
+    heartbeat(admin, agent_a, "pod-a", needed)
+    heartbeat(admin, agent_b, "pod-b", needed - 1)
     pods = {p["pod"]: p for p in admin.get("/api/v1/users/gary/access").json()["pods"]}
     assert pods["pod-a"]["enforced"] is True and pods["pod-a"]["last_heartbeat"]
     assert pods["pod-b"]["enforced"] is False
-    heartbeat(agent_b, "pod-b", needed)
+    heartbeat(admin, agent_b, "pod-b", needed)
     assert admin.get("/api/v1/users/gary/access").json()["enforced_everywhere"] is True
 
     # A change elsewhere does not affect gary; a new grant on one of his groups does.
@@ -412,7 +432,7 @@ def test_user_access_shows_grants_and_enforcement(server: Server, admin: httpx.C
     assert access["revision"] == access["current_revision"] > needed
     assert not any(p["enforced"] for p in access["pods"])
     assert ("ops", "10.50.0.0/16") in {(g["group"], g["destination"]) for g in access["grants"]}
-    heartbeat(agent_a, "pod-a", access["current_revision"])
+    heartbeat(admin, agent_a, "pod-a", access["current_revision"])
     pods = {p["pod"]: p for p in admin.get("/api/v1/users/gary/access").json()["pods"]}
     assert pods["pod-a"]["enforced"] and not pods["pod-b"]["enforced"]
 

@@ -101,6 +101,13 @@ async def test_users_see_exactly_their_grants(lab: LabInfo) -> None:
     assert await probe(lab, "pb", "http", 8080)
     assert await probe(lab, "pb", "http", 9090)
     assert await probe(lab, "pb", "udp", 8081)
+    # The refused attempts are in the audit trail, attributed to pa.
+    denied = await until(
+        lambda: [d for d in api(lab, "GET", "/api/v1/audit/denied?user=pa") if d["dport"] == 9090],
+        15,
+        "pa's denied attempt to reach port 9090 in the audit trail",
+    )
+    assert denied[0]["dst"] == SVC and denied[0]["proto"] == "tcp" and denied[0]["count"] >= 1
 
 
 @pytest.mark.asyncio(loop_scope="module")

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from vpnfleet.wire import (
     Bootstrap,
+    DeniedBatch,
     Heartbeat,
     RegisterRequest,
     SessionClose,
@@ -99,6 +100,9 @@ class ControlPlane:
     async def session_report(self, body: SessionReport) -> int:
         out = await self._call("POST", "/api/v1/agent/sessions/report", body)
         return int(out.get("closed", 0))
+
+    async def denied(self, body: DeniedBatch) -> None:
+        await self._call("POST", "/api/v1/agent/denied", body)
 
     async def heartbeat(self, body: Heartbeat) -> int:
         out = await self._call("POST", "/api/v1/agent/heartbeat", body)

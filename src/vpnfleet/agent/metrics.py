@@ -51,5 +51,10 @@ class AgentMetrics:
         self.cp_up = Gauge(
             "vpnfleet_control_plane_up", "1 if the control plane answered lately", registry=r
         )
+        self.denied = Counter(
+            "vpnfleet_denied_packets_total",
+            "Packets from clients that no grant allowed",
+            registry=r,
+        )
         self.info = Gauge("vpnfleet_agent_info", "Agent identity", ["pod"], registry=r)
         self.info.labels(pod=pod).set(1)

@@ -34,14 +34,18 @@ from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
 from vpnfleet.agent.dataplane import Dataplane, DataplaneError
 from vpnfleet.agent.management import ManagementClient, ManagementError
 from vpnfleet.agent.metrics import AgentMetrics
+from vpnfleet.agent.nflog import NflogError, NflogListener, pump_denied
 from vpnfleet.agent.openvpn import OpenVPNProcess
 from vpnfleet.agent.settings import AgentSettings
 from vpnfleet.agent.spool import Spool
 from vpnfleet.core import authz, fwplan, ipam, netparse, ovpn_config
+from vpnfleet.core.denied import DeniedAggregator, DeniedEvent
 from vpnfleet.core.fleet import Effects, FleetView
 from vpnfleet.core.mgmt_protocol import ClientEvent, ClientEventKind, Hold, StatusClient
 from vpnfleet.wire import (
     Bootstrap,
+    DeniedBatch,
+    DeniedRecord,
     Heartbeat,
     RegisterRequest,
     SessionClose,
@@ -449,6 +453,9 @@ class PodAgent:
                     await self._kick_uid(verdict.uid, verdict.reason or "refused")
             elif kind == "close":
                 await self.cp.session_close(SessionClose.model_validate(body))
+            elif kind == "denied":
+                denied = DeniedRecord.model_validate(body)
+                await self.cp.denied(DeniedBatch(pod=self.s.name, events=[denied]))
         except ControlPlaneError as exc:
             if exc.retryable:
                 raise
@@ -619,6 +626,47 @@ class PodAgent:
             self._firewall_dirty.set()
         finally:
             self.metrics.dataplane_seconds.observe(time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ denied attempts
+
+    def _owner(self, ip: ipaddress.IPv4Address) -> tuple[str, str] | None:
+        text = str(ip)
+        for client in self.clients.values():
+            if client.tunnel_ip == text and client.established:
+                return client.user, client.uid
+        return None
+
+    def _record_denied(self, event: DeniedEvent) -> None:
+        record = event.as_record()
+        self.metrics.denied.inc(event.count)
+        log.info(
+            "denied %s -> %s %s/%s (%d packet(s))",
+            event.user or event.src,
+            event.dst,
+            event.proto,
+            event.dport,
+            event.count,
+            extra=record,
+        )
+        if self.spool is not None:
+            body = {k: record[k] for k in DeniedRecord.model_fields if k in record}
+            self.spool.put({"kind": "denied", "body": body})
+            self._deliver_wake.set()
+
+    async def denied_loop(self) -> None:
+        """Read the firewall's NFLOG of denied packets and record them as audit events."""
+        while not self._stop.is_set():
+            listener = NflogListener(NFLOG_GROUP, prefix=f"{self.s.fw_prefix}-deny")
+            try:
+                listener.open()
+                agg = DeniedAggregator(self._owner)
+                await pump_denied(listener, agg, self._record_denied)
+            except NflogError as exc:
+                log.error("denied-attempt log unavailable: %s; retrying in 5s", exc)
+            finally:
+                listener.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 5)
 
     # ------------------------------------------------------------------ reconcile
 
@@ -928,6 +976,7 @@ class PodAgent:
                     ("deliver", self.deliver_loop()),
                     ("reconcile", self.reconcile_loop()),
                     ("heartbeat", self.heartbeat_loop()),
+                    ("denied", self.denied_loop()),
                 )
             ]
             stop = asyncio.create_task(self._stop.wait())

@@ -430,6 +430,26 @@ def audit_admin(
     show(rows, as_json, ["at", "actor", "role", "action", "target", "revision"])
 
 
+@audit_app.command("denied")
+def audit_denied(
+    ctx: typer.Context,
+    user: Annotated[str | None, typer.Option()] = None,
+    since: Annotated[str | None, typer.Option(help="ISO 8601 time with zone.")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO 8601 time with zone.")] = None,
+    limit: Annotated[int, typer.Option()] = 100,
+    as_json: JsonOpt = False,
+) -> None:
+    """Traffic from VPN users that no grant allowed."""
+    rows = api(ctx).get(
+        "/api/v1/audit/denied",
+        user=user,
+        since=_time(since, "--since"),
+        until=_time(until, "--until"),
+        limit=limit,
+    )
+    show(rows, as_json, ["first_at", "user", "pod", "src", "dst", "proto", "dport", "count"])
+
+
 session_app = typer.Typer(help="VPN sessions.", no_args_is_help=True)
 
 

@@ -257,3 +257,25 @@ class AdminAudit(Base):
     before: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     revision: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class DeniedAttempt(Base):
+    """Traffic from a VPN user that no grant allowed (aggregated per window by the agent)."""
+
+    __tablename__ = "denied_attempts"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    pod_name: Mapped[str] = mapped_column(String(64))
+    user_name: Mapped[str | None] = mapped_column(String(64))
+    session_uid: Mapped[str | None] = mapped_column(String(64))
+    src: Mapped[str] = mapped_column(String(15))
+    dst: Mapped[str | None] = mapped_column(String(15))
+    proto: Mapped[str] = mapped_column(String(8))
+    dport: Mapped[int | None]
+    first_at: Mapped[dt.datetime]
+    last_at: Mapped[dt.datetime]
+    count: Mapped[int] = mapped_column(default=1)
+    overflow: Mapped[bool] = mapped_column(Boolean, default=False)
+    __table_args__ = (
+        Index("ix_denied_user_time", "user_name", "first_at"),
+        Index("ix_denied_time", "first_at"),
+    )

@@ -31,6 +31,17 @@ from vpnfleet.core import netparse, policyfile
 from vpnfleet.core.policyfile import Grant, GroupSpec, Policy, PolicyDiff, UserSpec
 
 
+def settle(db: Session) -> None:
+    """Wait for in-flight writers, and hold new ones off until this transaction ends.
+
+    Every writer takes the change-log lock before it commits, so after this the reads below
+    see every change already acknowledged and no change lands halfway through them (under
+    READ COMMITTED each statement would otherwise see a different state). SQLite needs
+    nothing: its transactions begin IMMEDIATE and serialize already.
+    """
+    changelog._lock(db)
+
+
 def current_policy(db: Session) -> Policy:
     """The database's users, groups, memberships and rules as a Policy."""
     groups_of: dict[int, list[str]] = {}
@@ -69,11 +80,13 @@ def current_policy(db: Session) -> Policy:
 
 def plan(db: Session, desired: Policy, prune: bool) -> PolicyDiff:
     """What applying `desired` would change; reads only."""
+    settle(db)
     return policyfile.diff(current_policy(db), desired, prune)
 
 
 def export(db: Session) -> str:
     """The current state as a policy file."""
+    settle(db)
     revision = changelog.current_revision(db)
     header = f"# vpnfleet policy exported at revision {revision}\n"
     return header + policyfile.render(current_policy(db))
@@ -96,9 +109,8 @@ def apply(
 ) -> tuple[PolicyDiff, int]:
     """Make the database match `desired` in the caller's transaction; returns the diff and the
     revision after it. Raises Problem (e.g. an exhausted gateway pool) with nothing kept."""
-    # Queue behind other writers before reading, so that the diff is computed against
-    # committed state and two concurrent applies cannot both create the same objects.
-    changelog._lock(db)
+    # plan() settles first: the diff is computed against committed state, and a concurrent
+    # apply waits for this one instead of creating the same objects.
     diff = plan(db, desired, prune)
     specs: list[ChangeSpec] = []
     groups = {g.name: g for g in db.scalars(select(Group))}
@@ -279,6 +291,7 @@ def affecting_revision(db: Session, user: User, group_ids: list[int]) -> int:
 
 def user_access(db: Session, name: str) -> UserAccess:
     """What `name` may reach, through which group, and which pods enforce it yet."""
+    settle(db)
     user = get_user(db, name)
     rows = db.execute(
         select(Group, Rule)

@@ -18,6 +18,7 @@ from vpnfleet.controlplane.changelog import ChangeSpec
 from vpnfleet.controlplane.errors import Problem, conflict, not_found
 from vpnfleet.controlplane.models import (
     Certificate,
+    DeniedAttempt,
     GatewayLease,
     Group,
     Membership,
@@ -32,6 +33,7 @@ from vpnfleet.controlplane.state import DB, Agent, State
 from vpnfleet.wire import (
     WIRE_VERSION,
     Bootstrap,
+    DeniedBatch,
     GroupState,
     Heartbeat,
     LiveSession,
@@ -303,3 +305,28 @@ def heartbeat(body: Heartbeat, db: DB, _who: Agent, state: State) -> dict[str, i
     if not getattr(result, "rowcount", 0):
         raise not_found("pod", body.name)
     return {"revision": state.hub.head}
+
+
+@router.post("/denied")
+def record_denied(body: DeniedBatch, db: DB, _who: Agent) -> dict[str, int]:
+    """Store denied-attempt records (aggregated and rate-limited by the agent)."""
+    for ev in body.events:
+        if ev.first_at.tzinfo is None or ev.last_at.tzinfo is None:
+            raise Problem(422, "Invalid request", "first_at/last_at: need a time zone")
+    db.add_all(
+        DeniedAttempt(
+            pod_name=body.pod,
+            user_name=ev.user,
+            session_uid=ev.session_uid,
+            src=ev.src,
+            dst=ev.dst,
+            proto=ev.proto,
+            dport=ev.dport,
+            first_at=ev.first_at,
+            last_at=ev.last_at,
+            count=ev.count,
+            overflow=ev.event == "denied_overflow",
+        )
+        for ev in body.events
+    )
+    return {"stored": len(body.events)}

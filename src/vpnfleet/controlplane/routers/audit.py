@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from sqlalchemy import select
 
 from vpnfleet.controlplane.errors import bad_request
-from vpnfleet.controlplane.models import AdminAudit, VpnSession
+from vpnfleet.controlplane.models import AdminAudit, DeniedAttempt, VpnSession
 from vpnfleet.controlplane.schemas import AdminAuditOut, SessionOut
 from vpnfleet.controlplane.state import DB, Auditor
 
@@ -100,3 +100,38 @@ def list_sessions(
     if (until := _aware(until, "until")) is not None:
         query = query.where(VpnSession.started_at <= until)
     return [session_out(s) for s in db.scalars(query)]
+
+
+@router.get("/audit/denied")
+def denied_attempts(
+    db: DB,
+    _who: Auditor,
+    user: str | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    limit: int = Query(default=500, ge=1, le=MAX_LIMIT),
+) -> list[dict[str, object]]:
+    """Traffic that no grant allowed, newest first."""
+    query = select(DeniedAttempt).order_by(DeniedAttempt.first_at.desc()).limit(limit)
+    if user:
+        query = query.where(DeniedAttempt.user_name == user)
+    if (since := _aware(since, "since")) is not None:
+        query = query.where(DeniedAttempt.last_at >= since)
+    if (until := _aware(until, "until")) is not None:
+        query = query.where(DeniedAttempt.first_at <= until)
+    return [
+        {
+            "pod": r.pod_name,
+            "user": r.user_name,
+            "session_uid": r.session_uid,
+            "src": r.src,
+            "dst": r.dst,
+            "proto": r.proto,
+            "dport": r.dport,
+            "first_at": r.first_at,
+            "last_at": r.last_at,
+            "count": r.count,
+            "overflow": r.overflow,
+        }
+        for r in db.scalars(query)
+    ]
