@@ -97,6 +97,7 @@ class LiveSession(BaseModel):
     pod: str
     tunnel_ip: str
     mode: str
+    real_ip: str | None = None
 
 
 class Snapshot(BaseModel):

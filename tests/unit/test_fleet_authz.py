@@ -178,3 +178,29 @@ def test_spool_bound_and_torn_line(tmp_path: Path) -> None:
     again = Spool(tmp_path, "b", max_bytes=40)
     assert again.peek(5) == [{"k": "x" * 10}]
     again.close()
+
+
+def test_the_same_address_reconnecting_replaces_its_old_session() -> None:
+    old = LiveSession(
+        uid="pod1-old00000",
+        user="alice",
+        pod="pod1",
+        tunnel_ip="10.200.0.2",
+        mode="nat",
+        real_ip="198.51.100.7",
+    )
+    v = view(ALICE, sessions=(old,))
+    assert not authz.decide(v, "alice", "123", 0).allow
+    assert authz.decide(v, "alice", "123", 0, frozenset({"pod1-old00000"})).allow
+    e = v.apply(
+        {
+            "type": "change",
+            "revision": 9,
+            "kind": "kill",
+            "op": "upsert",
+            "id": 1,
+            "data": {"user": "alice", "sessions": ["pod1-old00000"]},
+        }
+    )
+    assert e.kick_sessions == {"pod1-old00000": "disconnected by the control plane"}
+    assert not e.kick

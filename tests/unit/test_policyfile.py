@@ -196,6 +196,16 @@ def test_error_message_names_file_line_and_field() -> None:
             id="sexagesimal",
         ),
         pytest.param(
+            "version: 1\ngroups:\n  g:\n    grants:\n    - destination: 10.0.0.0/8\n"
+            "      proto: tcp\n      ports: ["
+            + ", ".join(str(p) for p in range(1, 600, 2))
+            + "]\n",
+            7,
+            "groups.g.grants[0].ports",
+            "too many port ranges",
+            id="ports-too-long",
+        ),
+        pytest.param(
             "version: 1\ngroups:\n  g:\n    grants:\n"
             "    - {destination: 10.0.0.0/8, proto: sctp}\n",
             5,

@@ -386,7 +386,8 @@ async def _watch(rcvbuf: int, initial_dump: bool) -> ListenerCounters:
         loop.add_signal_handler(sig, listener.close)
     sys.stdout.write(json.dumps({"type": "ready", "rcvbuf": listener.rcvbuf_effective}) + "\n")
     sys.stdout.flush()
-    await listener.run(lambda item: _print_item(item, listener))
+    async for item in listener.events():
+        _print_item(item, listener)
     return listener.counters
 
 

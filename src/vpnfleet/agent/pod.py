@@ -282,10 +282,29 @@ class PodAgent:
         env = ev.env
         cn = env.get("common_name", "")
         serial = env.get("tls_serial_0")
-        local = sum(1 for c in self.clients.values() if c.user == cn and c.cid != ev.cid)
-        decision = authz.decide(self.view, cn, serial, local)
-        kid = ev.kid if ev.kid is not None else 0
+        real_ip = env.get("untrusted_ip")
         reauth = ev.kind is ClientEventKind.REAUTH
+        # The same device reconnecting (same public address) replaces its old session, which
+        # OpenVPN may keep for seconds or until a ping timeout: it must not count as another.
+        stale = (
+            []
+            if reauth
+            else [
+                c
+                for c in self.clients.values()
+                if c.user == cn and c.cid != ev.cid and c.real_ip == real_ip and real_ip
+            ]
+        )
+        local = sum(
+            1 for c in self.clients.values() if c.user == cn and c.cid != ev.cid and c not in stale
+        )
+        superseded = {c.uid for c in stale} | {
+            x.uid
+            for x in self.view.sessions.values()
+            if x.user == cn and real_ip and x.real_ip == real_ip
+        }
+        decision = authz.decide(self.view, cn, serial, local, frozenset(superseded))
+        kid = ev.kid if ev.kid is not None else 0
         try:
             if not decision.allow:
                 await self.mgmt.client_deny(ev.cid, kid, decision.reason, decision.client_reason)
@@ -301,6 +320,8 @@ class PodAgent:
                 await self.mgmt.client_auth(ev.cid, kid, ())
             else:
                 assert decision.user is not None
+                for old in stale:
+                    await self._kick(old, "replaced by a new connection", halt=True)
                 address = self._address_for(decision.user.mode, decision.user.gateway_address)
                 lines = self._push_lines(decision.user.mode, address)
                 self.clients[ev.cid] = LocalClient(
@@ -498,6 +519,9 @@ class PodAgent:
         for user, reason in effects.kick.items():
             for client in [c for c in self.clients.values() if c.user == user]:
                 await self._kick(client, reason, halt=reason != "connection mode changed")
+        for uid, reason in effects.kick_sessions.items():
+            for client in [c for c in self.clients.values() if c.uid == uid]:
+                await self._kick(client, reason, halt=True)
         if effects.crl:
             await self.refresh_crl()
         if effects.dataplane:

@@ -129,7 +129,8 @@ def policy_apply(
     resp = client.request(
         "POST",
         "/api/v1/policy/apply",
-        json={"yaml": text, "filename": str(file)},
+        # The server labels errors and the audit row with it (at most 200 characters).
+        json={"yaml": text, "filename": str(file) if len(str(file)) <= 200 else file.name[-200:]},
         params={"dry_run": str(dry_run).lower(), "prune": str(prune).lower()},
     )
     out: dict[str, Any] = resp.json()

@@ -39,12 +39,17 @@ def _serial_matches(expected: str | None, presented: str | None) -> bool:
 
 
 def decide(
-    view: FleetView, common_name: str, cert_serial: str | None, local_sessions: int
+    view: FleetView,
+    common_name: str,
+    cert_serial: str | None,
+    local_sessions: int,
+    superseded: frozenset[str] = frozenset(),
 ) -> Decision:
     """Decide a CONNECT for the certificate `common_name` / `cert_serial`.
 
     `local_sessions` counts this user's sessions on this pod that the fleet view may not have
-    seen yet (established here, not yet echoed back by the watch stream).
+    seen yet (established here, not yet echoed back by the watch stream). `superseded` names
+    session uids this connection replaces (the same device reconnecting): they do not count.
     """
     user = view.users.get(common_name)
     if user is None:
@@ -55,7 +60,10 @@ def decide(
         return Decision(False, "certificate not current", "certificate revoked or replaced", user)
     if user.mode == "gateway" and not user.gateway_address:
         return Decision(False, "no gateway address leased", "no gateway address", user)
-    live = max(view.live_sessions_of(user.name), local_sessions)
+    fleet = sum(
+        1 for s in view.sessions.values() if s.user == user.name and s.uid not in superseded
+    )
+    live = max(fleet, local_sessions)
     if live >= user.max_sessions:
         return Decision(
             False,

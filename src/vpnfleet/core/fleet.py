@@ -25,12 +25,14 @@ class Effects:
     """What an applied change asks the agent to do."""
 
     kick: dict[str, str] = field(default_factory=dict)  # user name -> reason
+    kick_sessions: dict[str, str] = field(default_factory=dict)  # session uid -> reason
     dataplane: bool = False
     crl: bool = False
     resync: bool = False
 
     def merge(self, other: Effects) -> None:
         self.kick.update(other.kick)
+        self.kick_sessions.update(other.kick_sessions)
         self.dataplane |= other.dataplane
         self.crl |= other.crl
         self.resync |= other.resync
@@ -123,13 +125,18 @@ class FleetView:
                     pod=str(data["pod"]),
                     tunnel_ip=str(data["tunnel_ip"]),
                     mode=str(data["mode"]),
+                    real_ip=data.get("real_ip"),
                 )
         elif kind == "pod" and isinstance(obj_id, int):
             pod_name = str(data.get("name", ""))
             self.pods[pod_name] = PodState(id=obj_id, name=pod_name, pod_ip=data.get("pod_ip"))
         elif kind == "kill":
-            name = data.get("user")
-            if isinstance(name, str):
+            name, uids = data.get("user"), data.get("sessions")
+            if isinstance(uids, list) and uids:
+                # Only the sessions live when the kill was asked for, not newer ones.
+                for uid in uids:
+                    effects.kick_sessions[str(uid)] = "disconnected by the control plane"
+            elif isinstance(name, str):
                 effects.kick[name] = "disconnected by an administrator"
         elif kind in ("crl", "pki"):
             effects.crl = True

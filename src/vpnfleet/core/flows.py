@@ -226,8 +226,13 @@ def _counter(buf: Any, a: dict[int, tuple[int, int]], wide: int, narrow: int) ->
     return None
 
 
-def _tuple(buf: Any, span: tuple[int, int] | None) -> tuple[int, str, int, str, int]:
-    """(proto, src, sport, dst, dport) of a CTA_TUPLE_* attribute."""
+def _tuple(buf: Any, span: tuple[int, int] | None, reply: bool) -> tuple[int, str, int, str, int]:
+    """(proto, src, sport, dst, dport) of a CTA_TUPLE_* attribute.
+
+    ICMP has an echo identifier instead of ports; NAT rewrites it like a source port, so it
+    goes where the client's port is: the source of the original tuple, the destination of
+    the reply tuple.
+    """
     if span is None:
         raise MalformedMessage("message without a tuple")
     t = _attrs(buf, span[0], span[1])
@@ -245,8 +250,8 @@ def _tuple(buf: Any, span: tuple[int, int] | None) -> tuple[int, str, int, str, 
     proto = buf[num_span[0]]
     if _PROTO_SRC_PORT in p:
         return proto, src, _u16(buf, p[_PROTO_SRC_PORT]), dst, _u16(buf, p.get(_PROTO_DST_PORT))
-    icmp_id = p.get(_PROTO_ICMP_ID) or p.get(_PROTO_ICMPV6_ID)
-    return proto, src, _u16(buf, icmp_id), dst, 0
+    icmp_id = _u16(buf, p.get(_PROTO_ICMP_ID) or p.get(_PROTO_ICMPV6_ID))
+    return (proto, src, 0, dst, icmp_id) if reply else (proto, src, icmp_id, dst, 0)
 
 
 # Fast path. The kernel lays out an IPv4 tuple of a port-based protocol always the same way
@@ -297,8 +302,8 @@ def _conntrack(buf: Any, off: int, end: int, kind: FlowEventKind, at: dt.datetim
             fast = True
     a = _attrs(buf, off, end)
     if not fast:
-        proto, o_src, o_sport, o_dst, o_dport = _tuple(buf, a.get(_CTA_TUPLE_ORIG))
-        _, r_src, r_sport, r_dst, r_dport = _tuple(buf, a.get(_CTA_TUPLE_REPLY))
+        proto, o_src, o_sport, o_dst, o_dport = _tuple(buf, a.get(_CTA_TUPLE_ORIG), False)
+        _, r_src, r_sport, r_dst, r_dport = _tuple(buf, a.get(_CTA_TUPLE_REPLY), True)
     id_span = a.get(_CTA_ID)
     ct_id = 0
     if id_span is not None and id_span[1] - id_span[0] >= 4:

@@ -38,6 +38,7 @@ from vpnfleet.core.netparse import Mode, PortRange, Protocol
 VERSION = 1
 MAX_SESSIONS = 100
 MAX_DESCRIPTION = 500
+MAX_PORTS_TEXT = 1000  # the rules.ports column
 
 _NULL = "tag:yaml.org,2002:null"
 _BOOL = "tag:yaml.org,2002:bool"
@@ -487,6 +488,13 @@ def _read_grant(r: _Reader, path: str, node: Node) -> Grant | None:
                 r.check(
                     ports_node, f"{path}.ports", netparse.check_ports_for_protocol, proto, ranges
                 )
+                if len(netparse.format_ports(ranges) or "") > MAX_PORTS_TEXT:
+                    r.error(
+                        ports_node,
+                        f"{path}.ports",
+                        f"too many port ranges: the list may be at most {MAX_PORTS_TEXT} "
+                        "characters; merge neighbours into ranges",
+                    )
     description = None
     if "description" in fields:
         dnode = fields["description"][1]

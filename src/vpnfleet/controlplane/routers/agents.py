@@ -85,8 +85,11 @@ def register(body: RegisterRequest, db: DB, who: Agent, state: State) -> Bootstr
         pod = Pod(name=body.name)
         db.add(pod)
     pod.template = body.template
-    pod.public_endpoint = body.public_endpoint
-    pod.pod_ip = body.pod_ip
+    # Only what the agent knows this time: an omitted field keeps its last value.
+    if body.public_endpoint is not None:
+        pod.public_endpoint = body.public_endpoint
+    if body.pod_ip is not None:
+        pod.pod_ip = body.pod_ip
     pod.registered_at = utcnow()
     pod.ready = False
     db.flush()
@@ -172,7 +175,12 @@ def build_snapshot(db: Session) -> Snapshot:
         ],
         sessions=[
             LiveSession(
-                uid=s.uid, user=s.user_name, pod=s.pod_name, tunnel_ip=s.tunnel_ip, mode=s.mode
+                uid=s.uid,
+                user=s.user_name,
+                pod=s.pod_name,
+                tunnel_ip=s.tunnel_ip,
+                mode=s.mode,
+                real_ip=s.real_ip,
             )
             for s in db.scalars(select(VpnSession).where(VpnSession.ended_at.is_(None)))
         ],
@@ -196,6 +204,7 @@ def _session_change(s: VpnSession, op: str) -> ChangeSpec:
             "pod": s.pod_name,
             "tunnel_ip": s.tunnel_ip,
             "mode": s.mode,
+            "real_ip": s.real_ip,
         },
     )
 
@@ -211,15 +220,18 @@ def open_session(body: SessionOpen, db: DB, _who: Agent) -> SessionVerdict:
         raise not_found("user", body.user)
     if body.started_at.tzinfo is None:
         raise Problem(422, "Invalid request", "started_at: needs a time zone")
-    live = db.scalar(
-        select(func.count())
-        .select_from(VpnSession)
-        .where(VpnSession.user_id == user.id, VpnSession.ended_at.is_(None))
+    open_rows = list(
+        db.scalars(
+            select(VpnSession).where(VpnSession.user_id == user.id, VpnSession.ended_at.is_(None))
+        )
     )
+    # The same device reconnecting (same public address) replaces its old session: OpenVPN
+    # may keep that one until a ping timeout, and it must not lock the user out meanwhile.
+    replaced = [r for r in open_rows if body.real_ip and r.real_ip == body.real_ip]
     allowed, reason = True, None
     if not user.enabled:
         allowed, reason = False, "user is disabled"
-    elif int(live or 0) >= user.max_sessions:
+    elif len(open_rows) - len(replaced) >= user.max_sessions:
         allowed, reason = False, f"session limit reached ({user.max_sessions})"
     row = VpnSession(
         uid=body.uid,
@@ -248,7 +260,22 @@ def open_session(body: SessionOpen, db: DB, _who: Agent) -> SessionVerdict:
             raise
         return SessionVerdict(uid=body.uid, session_id=again.id, allowed=True)
     if allowed:
-        changelog.append(db, [_session_change(row, "upsert")])
+        specs = [_session_change(row, "upsert")]
+        if replaced:
+            for old in replaced:
+                old.ended_at = max(body.started_at, old.started_at)
+                old.end_reason = "replaced by a new connection from the same address"
+                specs.append(_session_change(old, "delete"))
+            specs.append(
+                ChangeSpec(
+                    "kill",
+                    "upsert",
+                    user.id,
+                    {"user": user.name, "sessions": [r.uid for r in replaced]},
+                )
+            )
+        db.flush()
+        changelog.append(db, specs)
     return SessionVerdict(uid=body.uid, session_id=row.id, allowed=allowed, reason=reason)
 
 

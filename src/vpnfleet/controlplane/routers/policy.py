@@ -33,7 +33,7 @@ class PolicyIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     yaml: str = Field(max_length=MAX_POLICY_CHARS)
-    filename: str = Field(default="policy.yaml", min_length=1, max_length=255)
+    filename: str = Field(default="policy.yaml", min_length=1, max_length=200)  # audit target
 
 
 class IssueOut(BaseModel):
