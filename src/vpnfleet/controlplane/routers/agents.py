@@ -131,16 +131,17 @@ def build_snapshot(db: Session) -> Snapshot:
         select(Membership.user_id, Group.name).join(Group).order_by(Group.name)
     ):
         groups_of.setdefault(user_id, []).append(gname)
-    leases = dict(db.execute(select(GatewayLease.user_id, GatewayLease.address)).tuples().all())
-    serials = dict(
-        db.execute(
+    leases: dict[int, str] = {
+        uid: addr for uid, addr in db.execute(select(GatewayLease.user_id, GatewayLease.address))
+    }
+    serials: dict[int | None, str] = {
+        uid: serial
+        for uid, serial in db.execute(
             select(Certificate.user_id, func.max(Certificate.serial))
             .where(Certificate.kind == "client", Certificate.revoked_at.is_(None))
             .group_by(Certificate.user_id)
         )
-        .tuples()
-        .all()
-    )
+    }
     # max(serial) above is only a tie-break: a user has one valid client cert at a time.
     users = [
         UserState(
