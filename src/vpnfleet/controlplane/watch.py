@@ -9,7 +9,7 @@ A subscriber too far behind the log's oldest kept row is told to resync.
 from __future__ import annotations
 
 import asyncio
-import collections
+import bisect
 import contextlib
 import json
 import logging
@@ -49,7 +49,8 @@ class ChangeHub:
         self._factory = factory
         self._poll = poll_interval
         self._keep = keep
-        self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=BUFFER)
+        # Newest events, ascending by revision; trimmed to BUFFER..2*BUFFER entries.
+        self._events: list[dict[str, Any]] = []
         self._head = 0  # highest revision seen
         self._cond = asyncio.Condition()
         self._wake = asyncio.Event()
@@ -107,6 +108,8 @@ class ChangeHub:
                 if events:
                     async with self._cond:
                         self._events.extend(events)
+                        if len(self._events) > 2 * BUFFER:
+                            del self._events[:-BUFFER]
                         self._head = events[-1]["revision"]
                         self._cond.notify_all()
                     if len(events) == BATCH:
@@ -143,7 +146,9 @@ class ChangeHub:
                 yield ev
             since = batch[-1]["revision"]
         while True:
-            pending = [e for e in self._events if e["revision"] > since]
+            # Binary search: subscribers wake on every change, the buffer holds thousands.
+            start = bisect.bisect_right(self._events, since, key=lambda e: int(e["revision"]))
+            pending = self._events[start:]
             if pending:
                 for ev in pending:
                     yield ev
