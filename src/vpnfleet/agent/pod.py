@@ -130,6 +130,8 @@ class PodAgent:
         self._clients_dirty = False
         self._view_dirty = False
         self._unanswered: set[int] = set()
+        self.last_status: list[StatusClient] = []
+        self.last_status_at = 0.0
         self._grants_cache: tuple[int, dict[str, tuple[int, tuple[fwplan.Grant, ...]]]] | None = (
             None
         )
@@ -701,6 +703,9 @@ class PodAgent:
         try:
             listed = await self.mgmt.status()
             self.last_mgmt_ok = time.monotonic()
+            # Kept for /metrics (per-client byte counters, connected-since).
+            self.last_status = listed
+            self.last_status_at = time.time()
         except ManagementError as exc:
             log.info("reconcile skipped: %s", exc)
             return
