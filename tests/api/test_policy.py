@@ -271,7 +271,7 @@ def test_export_then_apply_is_a_no_op(admin: httpx.Client) -> None:
     for body in (
         {"name": "devs", "description": "Developers: 'quoted' and # hashed"},
         {"name": "no"},
-        {"name": "empty"},
+        {"name": "empty", "description": ""},
     ):
         admin.post("/api/v1/groups", json=body).raise_for_status()
     for body in (
@@ -446,3 +446,18 @@ def test_user_access_shows_grants_and_enforcement(server: Server, admin: httpx.C
     assert auditor.get("/api/v1/users/gary/access").status_code == 200
     assert agent_a.get("/api/v1/users/gary/access").status_code == 403
     assert admin.get("/api/v1/users/ghost/access").status_code == 404
+
+
+def test_concurrent_applies_of_one_file_create_everything_once(server: Server) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(_: int) -> dict[str, Any]:
+        with server.client() as c:
+            return apply(c, POLICY)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, range(4)))
+    assert sorted(r["changed"] for r in results) == [False, False, False, True]
+    with server.client() as c:
+        assert [u["name"] for u in c.get("/api/v1/users").json()] == ["alice", "gary"]
+        assert len(c.get("/api/v1/rules").json()) == 3

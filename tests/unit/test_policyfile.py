@@ -425,7 +425,6 @@ def test_overlapping_grants_warn_but_parse() -> None:
 names = st.from_regex(r"[a-z0-9][a-z0-9._-]{0,10}[a-z0-9]", fullmatch=True)
 texts = st.text(
     st.characters(whitelist_categories=("L", "N", "P", "Zs"), max_codepoint=0x2FFF),
-    min_size=1,
     max_size=40,
 )
 

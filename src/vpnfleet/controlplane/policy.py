@@ -34,10 +34,10 @@ from vpnfleet.core.policyfile import Grant, GroupSpec, Policy, PolicyDiff, UserS
 def settle(db: Session) -> None:
     """Wait for in-flight writers, and hold new ones off until this transaction ends.
 
-    Every writer takes the change-log lock before it commits, so after this the reads below
-    see every change already acknowledged and no change lands halfway through them (under
-    READ COMMITTED each statement would otherwise see a different state). SQLite needs
-    nothing: its transactions begin IMMEDIATE and serialize already.
+    Every request that appends to the change log holds this lock until it commits, so after
+    it the reads below see every such change already answered, and none lands halfway
+    through them (under READ COMMITTED each statement could otherwise see a different state).
+    On SQLite it is a no-op: transactions begin IMMEDIATE and serialize already.
     """
     changelog._lock(db)
 

@@ -48,7 +48,9 @@ def get_db(state: Annotated[AppState, Depends(app_state)]) -> Iterator[Session]:
         yield db
 
 
-DB = Annotated[Session, Depends(get_db)]
+# scope="function": commit before the response is sent, so a 200 means the write is durable
+# and visible to the caller's next request (the default would commit after responding).
+DB = Annotated[Session, Depends(get_db, scope="function")]
 State = Annotated[AppState, Depends(app_state)]
 
 _bearer = HTTPBearer(auto_error=False)

@@ -429,7 +429,12 @@ def _read_group(r: _Reader, name: str, knode: Node, vnode: Node) -> GroupSpec | 
     if "description" in fields:
         node = fields["description"][1]
         raw = r.text(node, f"{path}.description")
-        description = r.check(node, f"{path}.description", _check_description, raw) if raw else None
+        # "" stays "": the API accepts empty descriptions, and export must round-trip them.
+        description = (
+            r.check(node, f"{path}.description", _check_description, raw)
+            if raw is not None
+            else None
+        )
     grants: list[Grant] = []
     if "grants" in fields:
         node = fields["grants"][1]
@@ -500,7 +505,9 @@ def _read_grant(r: _Reader, path: str, node: Node) -> Grant | None:
         dnode = fields["description"][1]
         raw = r.text(dnode, f"{path}.description")
         description = (
-            r.check(dnode, f"{path}.description", _check_description, raw) if raw else None
+            r.check(dnode, f"{path}.description", _check_description, raw)
+            if raw is not None
+            else None
         )
     if destination is None or len(r.issues) > before:
         return None

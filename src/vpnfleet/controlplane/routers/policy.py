@@ -4,28 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.orm import Session
 
 from vpnfleet.controlplane import changelog
 from vpnfleet.controlplane import policy as service
 from vpnfleet.controlplane.errors import Problem
-from vpnfleet.controlplane.state import DB, Operator, Reader, State, get_db
+from vpnfleet.controlplane.state import DB, Operator, Reader, State
 from vpnfleet.core import policyfile
 from vpnfleet.core.policyfile import Policy, PolicyDiff
 
 router = APIRouter(prefix="/api/v1", tags=["policy"])
 
 MAX_POLICY_CHARS = 5_000_000
-
-# FastAPI ends a yield dependency after the response is sent unless its scope is "function":
-# with the shared `DB` a client could read before the apply commits, or get 200 for an apply
-# whose commit then failed. Commit first, answer second.
-CommittedDB = Annotated[Session, Depends(get_db, scope="function")]
 
 
 class PolicyIn(BaseModel):
@@ -205,7 +199,7 @@ def _diff_out(
 @router.post("/policy/apply", response_model=PolicyDiffOut)
 def apply_policy(
     body: PolicyIn,
-    db: CommittedDB,
+    db: DB,
     who: Operator,
     state: State,
     dry_run: bool = Query(default=False, description="compute the diff, write nothing"),
