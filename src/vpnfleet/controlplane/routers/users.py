@@ -218,20 +218,15 @@ def delete_user(name: str, db: DB, who: Operator) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/{name}/reissue", response_model=UserOut)
-def reissue_cert(
-    name: str, db: DB, who: Operator, state: State, body: ReissueIn | None = None
+def _record_revocation(
+    db: Session, who: Any, action: str, user: User, before: dict[str, Any], revoked: list[Any]
 ) -> UserOut:
-    user = get_user(db, name)
-    before = jsonable(user_out(db, user).model_dump())
-    reason = (body.reason if body else None) or "reissued"
-    revoked = certs.revoke_user_certs(db, user.id, reason)
-    certs.issue(db, state.sealer, "client", user.name, user_id=user.id)
+    """Audit a certificate change; agents get the CRL and the user's new current serial."""
     out = user_out(db, user)
     changelog.record(
         db,
         who,
-        "user.reissue",
+        action,
         user.name,
         before,
         jsonable(out.model_dump()),
@@ -241,6 +236,18 @@ def reissue_cert(
         ],
     )
     return out
+
+
+@router.post("/{name}/reissue", response_model=UserOut)
+def reissue_cert(
+    name: str, db: DB, who: Operator, state: State, body: ReissueIn | None = None
+) -> UserOut:
+    """Revoke the user's current certificate and issue a new one."""
+    user = get_user(db, name)
+    before = jsonable(user_out(db, user).model_dump())
+    revoked = certs.revoke_user_certs(db, user.id, (body.reason if body else None) or "reissued")
+    certs.issue(db, state.sealer, "client", user.name, user_id=user.id)
+    return _record_revocation(db, who, "user.reissue", user, before, revoked)
 
 
 @router.post("/{name}/revoke", response_model=UserOut)
@@ -251,20 +258,7 @@ def revoke_cert(name: str, db: DB, who: Operator, body: ReissueIn | None = None)
     revoked = certs.revoke_user_certs(db, user.id, (body.reason if body else None) or "revoked")
     if not revoked:
         raise conflict(f"user {name!r} has no valid certificate to revoke")
-    out = user_out(db, user)
-    changelog.record(
-        db,
-        who,
-        "user.revoke",
-        user.name,
-        before,
-        jsonable(out.model_dump()),
-        [
-            ChangeSpec("crl", "upsert", None, {"revoked": [c.serial for c in revoked]}),
-            user_change(db, user),
-        ],
-    )
-    return out
+    return _record_revocation(db, who, "user.revoke", user, before, revoked)
 
 
 @router.get("/{name}/profile", response_class=Response)
