@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -29,7 +30,10 @@ def build_app(agent: PodAgent) -> Starlette:
         return JSONResponse({"ok": ok, **detail}, status_code=200 if ok else 503)
 
     async def metrics(_req: Request) -> Response:
-        return Response(generate_latest(agent.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # Rendering thousands of series takes tens of ms: keep it off the event loop so a
+        # scrape never delays CONNECT decisions (the collectors read copies, thread-safe).
+        body = await asyncio.to_thread(generate_latest, agent.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(
         routes=[

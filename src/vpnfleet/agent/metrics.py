@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from vpnfleet.agent.exporter import AgentCollector
+
+if TYPE_CHECKING:
+    from vpnfleet.agent.exporter import AgentState
 
 
 class AgentMetrics:
-    """vpnfleet_* series of one agent. No label carries an unbounded value."""
+    """vpnfleet_* series of one agent. No label carries an unbounded value.
 
-    def __init__(self, pod: str) -> None:
+    With `agent`, the scrape-time series of agent/exporter.py (openvpn_* per pod and per user,
+    policy lag, ipsets, spool, certificate expiry) are served from the same registry.
+    """
+
+    def __init__(self, pod: str, agent: AgentState | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.decisions = Counter(
@@ -58,3 +69,7 @@ class AgentMetrics:
         )
         self.info = Gauge("vpnfleet_agent_info", "Agent identity", ["pod"], registry=r)
         self.info.labels(pod=pod).set(1)
+        self.collector: AgentCollector | None = None
+        if agent is not None:
+            self.collector = AgentCollector(agent)
+            r.register(self.collector)

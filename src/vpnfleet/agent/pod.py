@@ -57,6 +57,7 @@ from vpnfleet.wire import (
 log = logging.getLogger("vpnfleet.agent")
 
 TUN_DEV = "tun0"
+CRL_REFRESH = 6 * 3600.0  # seconds between CRL downloads when OpenVPN checks the CRL
 NFLOG_GROUP = 7007  # where the firewall sends denied packets for the agent to record
 
 
@@ -104,7 +105,7 @@ class PodAgent:
         self.s = settings
         self.state_dir = settings.state_dir
         self.cp = cp or ControlPlane(settings.server, settings.token)
-        self.metrics = AgentMetrics(settings.name)
+        self.metrics = AgentMetrics(settings.name, self)
         self.view = FleetView()
         self.boot: Bootstrap | None = None
         self.mgmt: ManagementClient | None = None
@@ -124,6 +125,10 @@ class PodAgent:
         self.last_tick = time.monotonic()
         self.last_mgmt_ok = 0.0
         self.applied_revision = 0
+        # For /metrics (agent/exporter.py): the watch stream's state and OpenVPN's version.
+        self.watch_connected = False
+        self.watch_last_event = 0.0
+        self.openvpn_version: str | None = None
         self._firewall_dirty = asyncio.Event()
         self._deliver_wake = asyncio.Event()
         self._stop = asyncio.Event()
@@ -131,6 +136,7 @@ class PodAgent:
         self._view_dirty = False
         self._unanswered: set[int] = set()
         self.last_status: list[StatusClient] = []
+        self._crl_refreshed = time.monotonic()
         self.last_status_at = 0.0
         self._grants_cache: tuple[int, dict[str, tuple[int, tuple[fwplan.Grant, ...]]]] | None = (
             None
@@ -540,6 +546,7 @@ class PodAgent:
             log.warning("could not refresh the CRL: %s", exc)
             return
         _write_private(self.state_dir / "crl.pem", crl, 0o644)
+        self._crl_refreshed = time.monotonic()
         log.info("CRL updated")
 
     async def follow_loop(self) -> None:
@@ -549,12 +556,17 @@ class PodAgent:
             try:
                 async for event in self.cp.watch(self.view.revision):
                     self.cp_reachable = True
+                    self.watch_connected = True
+                    self.watch_last_event = time.monotonic()
                     delay = 0.5
                     etype = event.get("type")
                     if etype == "change":
                         effects = self.view.apply(event)
                         self._view_dirty = True
                         await self.handle_effects(effects)
+                        if self.config_applied and not self._firewall_dirty.is_set():
+                            # Nothing for the firewall to do: enforced as of this revision.
+                            self.applied_revision = self.view.revision
                     elif etype == "resync":
                         await self.resync_view()
                     self.metrics.revision.set(self.view.revision)
@@ -563,6 +575,7 @@ class PodAgent:
             except ControlPlaneError as exc:
                 self.cp_reachable = False
                 log.warning("watch stream lost (%s); retrying in %.1fs", exc, delay)
+            self.watch_connected = False
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5)
 
@@ -849,6 +862,8 @@ class PodAgent:
                 self._firewall_dirty.set()
                 events = asyncio.create_task(self.events_loop(self.mgmt), name="mgmt-events")
                 await self.mgmt.command("hold release")
+                with contextlib.suppress(ManagementError):
+                    self.openvpn_version = (await self.mgmt.version()).openvpn
                 await self._routes_up()
                 self.openvpn_ready = True
                 self.last_mgmt_ok = time.monotonic()
@@ -914,6 +929,9 @@ class PodAgent:
                 self._save_clients()
             if self._view_dirty:
                 self._save_view()
+            if self.s.crl_verify and time.monotonic() - self._crl_refreshed > CRL_REFRESH:
+                # CRLs expire (30 days); OpenVPN would refuse everyone with an expired one.
+                await self.refresh_crl()
             if self.config_applied and not self._firewall_dirty.is_set():
                 # Nothing pending: every change up to the view's revision is enforced.
                 self.applied_revision = self.view.revision
