@@ -364,6 +364,34 @@ async def test_revoking_a_grant_cuts_open_connections_but_spares_allowed_ones(
         assert await dp.check_drift(new) == []
 
 
+async def test_revoking_several_grants_of_several_clients_at_once(lab: Lab, dp: Dataplane) -> None:
+    # Group 1 loses both its grants: A and B each lose web and udp/5353 in one apply. A keeps
+    # tcp/8081 through group 3, so that connection must survive.
+    groups = {**BASE, 3: ({A}, [web(8081, 8081)])}
+    old = make_state(groups)
+    await dp.apply_full(old)
+    assert (await lab.probe("udp", A, BE1, 5353)) == f"ok {GW_UP} hello"
+    assert "dport=5353" in lab.conntrack("-s", str(A), "-p", "udp")
+    async with (
+        open_conn(lab.cl, A, BE1, 8080) as a80,
+        open_conn(lab.cl, A, BE1, 8081) as a81,
+        open_conn(lab.cl, B, BE1, 8081) as b81,
+    ):
+        for conn in (a80, a81, b81):
+            assert (await conn.ask()).startswith("ok")
+        new = make_state({**groups, 1: ({A, B}, [])})
+        d = await dp.apply_diff(old, new)
+        assert not d.needs_full
+        assert {(rf.client, rf.grant) for rf in d.revoked_flows} == {
+            (client, grant) for client in (A, B) for grant in BASE[1][1]
+        }
+        assert await a80.ask() == "timeout"
+        assert await b81.ask() == "timeout"
+        assert (await a81.ask()).startswith("ok")
+        assert "dport=5353" not in lab.conntrack("-s", str(A), "-p", "udp")
+        assert await dp.check_drift(new) == []
+
+
 async def test_revoked_flow_stays_dead_when_the_server_speaks_next(lab: Lab, dp: Dataplane) -> None:
     # After its conntrack entry is gone, the server's next segment arrives as a NEW non-SYN
     # packet. For a gateway client it must not re-create the flow in the inbound direction

@@ -203,8 +203,10 @@ def test_agrees_with_pyroute2(data: bytes) -> None:
 
 
 def test_generic_path_matches_fast_path() -> None:
-    # Clearing NLA_F_NESTED on the original tuple defeats the fixed-layout fast path; the
-    # generic attribute walk must produce the same event.
+    # Clearing NLA_F_NESTED on the original tuple changes a header, so a learned layout no
+    # longer matches and the generic walk decodes it: to the same event.
+    flows._LAYOUTS.clear()
+    one(UDP_DESTROY)  # learn
     slow = bytearray(UDP_DESTROY)
     nla_type_offset = 16 + 4 + 2  # nlmsghdr, nfgenmsg, nla_len
     (t,) = struct.unpack_from("=H", slow, nla_type_offset)
@@ -212,15 +214,51 @@ def test_generic_path_matches_fast_path() -> None:
     assert one(bytes(slow)) == one(UDP_DESTROY)
 
 
-def test_kernel_layout_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The speed of the listener rests on this: real IPv4 TCP/UDP messages never need the
-    # generic tuple walk.
+@pytest.mark.parametrize("data", [*REAL_EVENTS, DUMP_ENTRY])
+def test_kernel_layouts_are_learned_and_used(data: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The speed of the listener rests on this: after the first message of a shape, the
+    # generic attribute walk is not used any more.
+    flows._LAYOUTS.clear()
+    first = one(data)
+    assert list(flows._LAYOUTS.values()) != [None]
+
     def generic(*_: Any) -> Any:
         raise AssertionError("generic path used")
 
-    monkeypatch.setattr(flows, "_tuple", generic)
-    for data in (UDP_NEW, TCP_NEW, UDP_DESTROY, TCP_DESTROY, DUMP_ENTRY):
-        one(data)
+    monkeypatch.setattr(flows, "_conntrack_generic", generic)
+    assert one(data) == first
+
+
+def _generic_only(data: bytes) -> tuple[list[FlowEvent], int]:
+    """Decode with learning disabled: every key is marked as not compilable."""
+    flows._LAYOUTS.clear()
+    for msg_type in (flows.MSG_CT_NEW, flows.MSG_CT_DELETE):
+        for length in range(len(data) + 1):
+            flows._LAYOUTS[flows._layout_key(msg_type, length, False)] = None
+    try:
+        d = decode_ctnetlink(data, len(data), AT)
+        assert not any(flows._LAYOUTS.values())  # really nothing learned or used
+        return d.events, d.errors
+    finally:
+        flows._LAYOUTS.clear()
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    base=st.sampled_from([*REAL_EVENTS, DUMP_ENTRY]),
+    flips=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 255)), min_size=1, max_size=4),
+)
+def test_learned_layouts_never_change_the_result(base: bytes, flips: list[tuple[int, int]]) -> None:
+    # Whatever bytes change (values or headers), decoding with a layout learned from the
+    # original gives what the generic walk alone gives.
+    data = bytearray(base)
+    for pos, value in flips:
+        if pos < len(data):
+            data[pos] = value
+    expected = _generic_only(bytes(data))
+    one(base)  # learn the original's layout
+    d = decode_ctnetlink(bytes(data), len(data), AT)
+    assert (d.events, d.errors) == expected
 
 
 def test_ipv6_and_32bit_counters() -> None:
@@ -507,3 +545,35 @@ def test_any_event_sequence_is_handled_within_bounds(items: list[Any]) -> None:
                 opened.add(rec.flow_id)
         assert len(t) <= 5
     assert t.counters.records >= len(opened)
+
+
+_text = st.text(max_size=20)  # quotes, backslashes, control and non-ASCII characters too
+_maybe_int = st.one_of(st.none(), st.integers(0, 2**64 - 1))
+
+
+@given(
+    st.builds(
+        FlowRecord,
+        st.sampled_from(["start", "end"]),
+        _text,
+        _text,
+        st.one_of(st.none(), _text),
+        st.one_of(st.none(), _text),
+        _text,
+        st.integers(0, 2**63),
+        _maybe_int,
+        _text,
+        st.integers(0, 65535),
+        _text,
+        st.integers(0, 65535),
+        st.one_of(st.none(), _text),
+        st.one_of(st.none(), st.integers(0, 65535)),
+        _maybe_int,
+        _maybe_int,
+        _maybe_int,
+        _maybe_int,
+        st.booleans(),
+    )
+)
+def test_record_json_is_exactly_the_dict(record: FlowRecord) -> None:
+    assert json.loads(record.to_json()) == record.as_dict()

@@ -57,7 +57,9 @@ _NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
 _NLMSG = struct.Struct("=IHHII")
 _RECV_SIZE = 1 << 16  # events are a few hundred bytes; dump datagrams up to ~32 KiB
 
-DEFAULT_RCVBUF = 32 << 20
+# Each event takes ~1.3 KB of buffer (skb truesize), and the kernel doubles the request:
+# 64 MiB asked = 128 MiB = ~100k events, a garbage-collector sweep of a large table.
+DEFAULT_RCVBUF = 64 << 20
 
 
 class ConntrackError(RuntimeError):
@@ -95,8 +97,11 @@ class ConntrackListener:
     sized generously because an overrun costs a full table dump. ``initial_dump``: start with
     a resync so flows opened before the listener (agent restart) are known.
     ``min_resync_interval``: overruns in a storm are coalesced into at most one dump per
-    interval, so resyncs cannot starve the event socket. ``batch``: datagrams read per wakeup
-    before yielding to other tasks.
+    interval; while overruns keep coming right after dumps the interval doubles (up to
+    ``max_resync_interval``), because a dump of a big table costs as much CPU as that many
+    events and back-to-back dumps would deepen the overload they are meant to repair.
+    ``batch``: datagrams read per wakeup before yielding to other tasks (under load one
+    wakeup reads hundreds of events, so the per-wakeup cost vanishes).
     """
 
     def __init__(
@@ -105,12 +110,15 @@ class ConntrackListener:
         rcvbuf: int = DEFAULT_RCVBUF,
         initial_dump: bool = True,
         min_resync_interval: float = 1.0,
+        max_resync_interval: float = 30.0,
         batch: int = 256,
         dump_timeout: float = 60.0,
     ) -> None:
         self.rcvbuf = rcvbuf
         self.initial_dump = initial_dump
         self.min_resync_interval = min_resync_interval
+        self.max_resync_interval = max_resync_interval
+        self._resync_interval = min_resync_interval
         self.batch = batch
         self.dump_timeout = dump_timeout
         self.counters = ListenerCounters()
@@ -119,7 +127,8 @@ class ConntrackListener:
         self._buf = bytearray(_RECV_SIZE)
         self._callback: Callable[[FlowItem], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reading = False
+        self._reading = False  # the reader is registered with the loop
+        self._held = False  # paused by a full consumer queue (events())
         self._closed = asyncio.Event()
         self._failure: BaseException | None = None
         self._resync_task: asyncio.Task[None] | None = None
@@ -171,6 +180,7 @@ class ConntrackListener:
         self.open()
         self._loop = asyncio.get_running_loop()
         self._callback = callback
+        self._failure = None
         self._closed.clear()
         self._resume()
         if self.initial_dump:
@@ -200,6 +210,7 @@ class ConntrackListener:
             queue.append(item)
             wake.set()
             if len(queue) >= queue_limit:
+                self._held = True
                 self._pause()
 
         task = asyncio.create_task(self.run(push))
@@ -208,7 +219,8 @@ class ConntrackListener:
             while True:
                 while queue:
                     item = queue.popleft()
-                    if not self._reading and len(queue) < queue_limit // 2:
+                    if self._held and len(queue) < queue_limit // 2:
+                        self._held = False
                         self._resume()
                     yield item
                 if task.done():
@@ -225,7 +237,9 @@ class ConntrackListener:
     # --- event socket -----------------------------------------------------------------------
 
     def _resume(self) -> None:
-        if self._reading or self._sock is None or self._loop is None or self._closed.is_set():
+        if self._reading or self._held:
+            return
+        if self._sock is None or self._loop is None or self._closed.is_set():
             return
         self._loop.add_reader(self._sock.fileno(), self._drain)
         self._reading = True
@@ -241,7 +255,7 @@ class ConntrackListener:
         if sock is None or callback is None:
             return
         at = _now()  # one clock read per wakeup: events of a batch arrived together
-        counters = self.counters
+        events = errors = 0  # counted locally, stored once per wakeup
         try:
             for _ in range(self.batch):
                 try:
@@ -254,15 +268,18 @@ class ConntrackListener:
                         continue  # the socket keeps working after reporting the loss
                     raise
                 decoded = decode_ctnetlink(buf, n, at)
-                counters.decode_errors += decoded.errors
-                counters.events += len(decoded.events)
+                errors += decoded.errors
                 for event in decoded.events:
+                    events += 1
                     callback(event)
                 if not self._reading:
                     return  # paused by a full consumer queue
         except BaseException as exc:  # handed to run(), which re-raises it
             self._failure = exc
             self.close()
+        finally:
+            self.counters.events += events
+            self.counters.decode_errors += errors
 
     def _overrun(self) -> None:
         self.counters.overruns += 1
@@ -293,7 +310,14 @@ class ConntrackListener:
         try:
             while True:
                 self._resync_again = False
-                wait = self._last_resync + self.min_resync_interval - time.monotonic()
+                now = time.monotonic()
+                since = now - self._last_resync
+                if since < 2 * self._resync_interval:  # overloaded again soon after a dump
+                    self._resync_interval = min(2 * self._resync_interval,
+                                                self.max_resync_interval)  # fmt: skip
+                elif since > 4 * self._resync_interval:
+                    self._resync_interval = self.min_resync_interval
+                wait = self._last_resync + self._resync_interval - now
                 if wait > 0:
                     await asyncio.sleep(wait)
                 self._last_resync = time.monotonic()

@@ -22,6 +22,9 @@ Failure model (why a failed apply never leaves the pod open):
 * Conntrack entries are deleted only after the new policy is in place, so the next packet of
   a revoked flow is judged as NEW by the new policy. A full apply without an old state (agent
   restart) cannot know what was revoked: follow it with :meth:`Dataplane.reconcile_flows`.
+  Each ``conntrack`` run walks the kernel's whole table (milliseconds, even when nothing
+  matches), so one apply lists once for all lost grants and runs independent deletions side by
+  side (at most ``_CONNTRACK_PARALLEL`` processes).
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ SYSCTLS: tuple[tuple[str, str], ...] = (
 )
 
 _DELETED_RE = re.compile(r"(\d+) flow entries have been deleted")
+# conntrack processes running at once. Every -L/-D walks the kernel's whole conntrack hash
+# table (about 6 ms at 262144 buckets, however few entries match), so independent ones run
+# side by side; a mass disconnect must not fork hundreds at once.
+_CONNTRACK_PARALLEL = 4
 # Destroying a set right after the last rule referencing it went away can briefly fail with
 # "in use" while the kernel releases the reference; retry a few times.
 _DESTROY_ATTEMPTS = 5
@@ -101,6 +108,7 @@ class Dataplane:
         self.timeout = timeout
         self._iptables = iptables
         self._lock = asyncio.Lock()
+        self._conntrack_slots = asyncio.Semaphore(_CONNTRACK_PARALLEL)
         self.stats = DataplaneStats()
         # The state last applied in full success; None forces the next apply() to resync.
         self.applied: DesiredState | None = None
@@ -125,11 +133,15 @@ class Dataplane:
             out, err = await asyncio.wait_for(
                 proc.communicate(stdin.encode() if stdin is not None else None), self.timeout
             )
-        except TimeoutError:
+        except BaseException as exc:
+            # Timed out or cancelled: never leave a half-done restore running behind the next
+            # apply.
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
-            raise DataplaneError(name, None, f"no answer within {self.timeout:.0f}s") from None
+            if isinstance(exc, TimeoutError):
+                raise DataplaneError(name, None, f"no answer within {self.timeout:.0f}s") from None
+            raise
         rc = proc.returncode if proc.returncode is not None else -1
         stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
         if rc not in ok:
@@ -262,15 +274,49 @@ class Dataplane:
         return d
 
     async def _kill_revoked(self, d: StateDiff, new: DesiredState) -> None:
-        errors: list[DataplaneError] = []
+        # Disconnected clients: delete by address (two conntrack runs each, in parallel).
+        # Lost grants: one listing for all of them, then delete what matches.
+        gone = [rf.client for rf in d.revoked_flows if rf.grant is None]
+        lost: dict[IPv4Address, list[Grant]] = {}
         for rf in d.revoked_flows:
-            try:
-                await self.kill_flows(rf.client, rf.grant, keep=new)
-            except DataplaneError as exc:
-                errors.append(exc)
+            if rf.grant is not None:
+                lost.setdefault(rf.client, []).append(rf.grant)
+        jobs = [self.kill_flows(client, None, keep=new) for client in gone]
+        if lost:
+            jobs.append(self._kill_lost_grants(lost, new))
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             self.stats.last_error = str(errors[0])
             raise errors[0]
+
+    async def _kill_lost_grants(
+        self, lost: dict[IPv4Address, list[Grant]], keep: DesiredState
+    ) -> int:
+        """Delete flows of clients matching grants they lost, unless ``keep`` allows them.
+
+        One ``conntrack -L`` serves every (client, grant) pair: every listing costs a walk
+        of the kernel table, so it is narrowed by the client or the grant when there is only
+        one of them, and filtered here otherwise.
+        """
+        grants = {g for gs in lost.values() for g in gs}
+        args: list[str] = []
+        if len(lost) == 1:
+            args += ["-s", str(next(iter(lost)))]
+        if len(grants) == 1:
+            (grant,) = grants
+            args += _dst_filter(grant.network)
+            if grant.proto != "any":
+                args += ["-p", grant.proto]
+        _, out, _ = await self._conntrack("-L", *args)
+        victims = [
+            f
+            for f in parse_conntrack(out)
+            if (held := lost.get(f.src)) is not None
+            and any(g.matches(f.proto, f.dst, f.dport) for g in held)
+            and not fwplan.is_allowed(keep, f.src, f.proto, f.dst, f.dport)
+        ]
+        return await self._delete_flows(victims)
 
     def _finish(self, kind: str, started: float) -> None:
         self.stats.last_apply_seconds = time.monotonic() - started
@@ -305,8 +351,7 @@ class Dataplane:
         """
         still_connected = keep is not None and client_ip in keep.all_clients
         if grant is None and not still_connected:
-            n = await self._conntrack_delete("-s", str(client_ip))
-            n += await self._conntrack_delete("-d", str(client_ip))
+            n = await self._conntrack_deletes([("-s", str(client_ip)), ("-d", str(client_ip))])
             self.stats.flows_killed += n
             return n
         args = ["-s", str(client_ip)]
@@ -314,7 +359,7 @@ class Dataplane:
             args += _dst_filter(grant.network)
             if grant.proto != "any":
                 args += ["-p", grant.proto]
-        _, out, _ = await self._run("conntrack", "-L", *args, ok=(0, 1))
+        _, out, _ = await self._conntrack("-L", *args)
         victims = [
             f
             for f in parse_conntrack(out)
@@ -332,7 +377,7 @@ class Dataplane:
         leave connections running.
         """
         self._check_prefix(state)
-        _, out, _ = await self._run("conntrack", "-L", ok=(0, 1))
+        _, out, _ = await self._conntrack("-L")
         return await self._delete_flows(fwplan.flows_to_cut(state, parse_conntrack(out)))
 
     async def _delete_flows(self, flows: Sequence[Flow]) -> int:
@@ -342,22 +387,44 @@ class Dataplane:
             (f.src, f.protonum, f.dst, f.dport if f.proto in ("tcp", "udp") else None)
             for f in flows
         }
-        n = 0
+        filters: list[tuple[str, ...]] = []
         for src, protonum, dst, dport in sorted(keys, key=str):
             cmd = ["-s", str(src), "-d", str(dst), "-p", str(protonum)]
             if dport is not None:
                 cmd += ["--dport", str(dport)]
-            n += await self._conntrack_delete(*cmd)
+            filters.append(tuple(cmd))
+        n = await self._conntrack_deletes(filters)
         self.stats.flows_killed += n
         return n
 
+    async def _conntrack_deletes(self, filters: Sequence[Sequence[str]]) -> int:
+        """Run one ``conntrack -D`` per filter (side by side); total entries deleted.
+
+        All of them run even when one fails; the first failure is raised afterwards, with
+        what the others deleted already counted in the stats.
+        """
+        results = await asyncio.gather(
+            *(self._conntrack_delete(*f) for f in filters), return_exceptions=True
+        )
+        counts = [r for r in results if isinstance(r, int)]
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            self.stats.flows_killed += sum(counts)
+            raise errors[0]
+        return sum(counts)
+
     async def _conntrack_delete(self, *args: str) -> int:
         # conntrack exits 1 when nothing matched; that is success here.
-        rc, _, err = await self._run("conntrack", "-D", *args, ok=(0, 1))
+        rc, _, err = await self._conntrack("-D", *args)
         m = _DELETED_RE.search(err)
         if rc == 1 and m is None:
             raise DataplaneError("conntrack", rc, err)
         return int(m.group(1)) if m else 0
+
+    async def _conntrack(self, *args: str) -> tuple[int, str, str]:
+        # Exit status 1 means "nothing matched" for -L and -D; callers tell it from errors.
+        async with self._conntrack_slots:
+            return await self._run("conntrack", *args, ok=(0, 1))
 
     # --- sysctls --------------------------------------------------------------------------
 

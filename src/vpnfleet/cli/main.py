@@ -9,10 +9,12 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
+import vpnfleet.cli.audit_cmds  # noqa: F401  (registers its commands on admin.audit_app)
 from vpnfleet import __version__
 from vpnfleet.cli import admin, lab, policy
 from vpnfleet.cli.client import CLIError
 from vpnfleet.cli.output import err_console
+from vpnfleet.cli.status import status as status_command
 
 app = typer.Typer(
     name="vpnfleet",
@@ -64,6 +66,14 @@ def server(
         typer.Option(help="HOST[:PORT] clients connect to; repeat for several."),
     ] = None,
     log_format: Annotated[str, typer.Option(help="text or json.")] = "text",
+    audit_retention: Annotated[
+        int | None,
+        typer.Option(
+            help="Days to keep flow records and denied attempts (env "
+            "VPNFLEET_AUDIT_RETENTION_DAYS; default: forever).",
+            metavar="DAYS",
+        ),
+    ] = None,
 ) -> None:
     """Run the control plane (applies database migrations first)."""
     import uvicorn
@@ -81,6 +91,7 @@ def server(
             listen=listen,
             public_endpoints=public_endpoint or None,
             log_format=log_format,
+            audit_retention_days=audit_retention,
         )
     except ValueError as exc:
         raise CLIError(str(exc), 2) from None
@@ -244,6 +255,7 @@ app.add_typer(admin.session_app, name="session")
 app.add_typer(admin.pod_app, name="pod")
 app.add_typer(policy.policy_app, name="policy")
 app.add_typer(lab.lab_app, name="lab")
+app.command("status")(status_command)
 
 
 def main() -> None:

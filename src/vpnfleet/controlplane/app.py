@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from vpnfleet import __version__
 from vpnfleet.controlplane import db as dbmod
 from vpnfleet.controlplane import errors
+from vpnfleet.controlplane import metrics as cpmetrics
 from vpnfleet.controlplane.bootstrap import bootstrap
 from vpnfleet.controlplane.pki import Sealer
 from vpnfleet.controlplane.routers import (
@@ -19,6 +20,7 @@ from vpnfleet.controlplane.routers import (
     audit,
     fleet,
     groups,
+    nataudit,
     pkiroutes,
     policy,
     pools,
@@ -92,4 +94,6 @@ def create_app(settings: ServerSettings, state: AppState | None = None) -> FastA
         policy,
     ):
         app.include_router(module.router)
+    app.include_router(nataudit.router)
+    cpmetrics.install(app)  # /metrics and API latency (controlplane/metrics.py)
     return app

@@ -279,3 +279,49 @@ class DeniedAttempt(Base):
         Index("ix_denied_user_time", "user_name", "first_at"),
         Index("ix_denied_time", "first_at"),
     )
+
+
+class Flow(Base):
+    """One NAT'd connection (a conntrack flow) and the user who owned its tunnel address.
+
+    `flow_id` is the agent's idempotency key (start and end records of a flow share it).
+    `nat_ip:nat_port` is the source a backend saw; the reverse lookup searches it by time.
+    `dst_*` are None when the pod does not record destinations (privacy option); `dst_num`
+    is `dst_ip` as a number so that CIDR filters are range scans on both dialects.
+    Counters are None until the flow ends (and stay None when the agent could not read them).
+    `duration_class` buckets the lifetime (see core.attribution.duration_class) so that the
+    reverse lookup only reads flows that could still be alive at the asked time.
+    """
+
+    __tablename__ = "flows"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    flow_id: Mapped[str] = mapped_column(String(128), unique=True)
+    pod_name: Mapped[str] = mapped_column(String(64))
+    user_name: Mapped[str | None] = mapped_column(String(64))
+    session_uid: Mapped[str | None] = mapped_column(String(64))
+    proto: Mapped[str] = mapped_column(String(8))
+    tunnel_ip: Mapped[str] = mapped_column(String(15))
+    tunnel_port: Mapped[int]
+    nat_ip: Mapped[str] = mapped_column(String(15))
+    nat_port: Mapped[int]
+    dst_ip: Mapped[str | None] = mapped_column(String(15))
+    dst_num: Mapped[int | None] = mapped_column(BigInteger)
+    dst_port: Mapped[int | None]
+    start_at: Mapped[dt.datetime]
+    end_at: Mapped[dt.datetime | None]
+    duration_class: Mapped[int]
+    end_inferred: Mapped[bool] = mapped_column(Boolean, default=False)
+    packets_out: Mapped[int | None] = mapped_column(BigInteger)
+    bytes_out: Mapped[int | None] = mapped_column(BigInteger)
+    packets_in: Mapped[int | None] = mapped_column(BigInteger)
+    bytes_in: Mapped[int | None] = mapped_column(BigInteger)
+    __table_args__ = (
+        # Per duration class, flows that may cover T started within one class bound before
+        # it: a bounded range of this index. end_at trails so that "still alive at T" is
+        # checked in the index, without reading a table row per candidate.
+        Index(
+            "ix_flows_nat", "nat_ip", "nat_port", "proto", "duration_class", "start_at", "end_at"
+        ),
+        Index("ix_flows_user_time", "user_name", "start_at"),
+        Index("ix_flows_time", "start_at"),
+    )

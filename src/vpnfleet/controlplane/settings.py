@@ -26,6 +26,8 @@ class ServerSettings:
     watch_poll_interval: float = 0.2
     heartbeat_interval: float = 15.0
     log_format: str = "text"
+    # Days to keep flows and denied attempts; None keeps them forever.
+    audit_retention_days: int | None = None
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServerSettings:
@@ -45,6 +47,13 @@ class ServerSettings:
             values["secret"] = env["VPNFLEET_SECRET"]
         if "VPNFLEET_BOOTSTRAP_TOKEN" in env:
             values["bootstrap_token"] = env["VPNFLEET_BOOTSTRAP_TOKEN"]
+        if env.get("VPNFLEET_AUDIT_RETENTION_DAYS", "").strip():
+            raw = env["VPNFLEET_AUDIT_RETENTION_DAYS"].strip()
+            if not raw.isdigit():
+                raise ValueError(
+                    f"VPNFLEET_AUDIT_RETENTION_DAYS {raw!r} is not a whole number of days"
+                )
+            values["audit_retention_days"] = int(raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()
@@ -52,6 +61,8 @@ class ServerSettings:
 
     def validate(self) -> None:
         netparse.parse_listen(self.listen)
+        if self.audit_retention_days is not None and self.audit_retention_days < 1:
+            raise ValueError("audit retention must be at least 1 day (leave it unset: forever)")
         for endpoint in self.public_endpoints:
             netparse.parse_endpoint(endpoint)
         url = self.resolved_database_url

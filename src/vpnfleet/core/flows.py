@@ -4,9 +4,10 @@ Three pure pieces, no I/O (the socket lives in :mod:`vpnfleet.agent.conntrack`):
 
 - :class:`FlowEvent`: one conntrack NEW or DESTROY, as the kernel reported it.
 - :func:`decode_ctnetlink`: netlink datagram bytes -> events. Hand-written over ``struct``
-  because pyroute2's generic ``nfct_msg`` decoder costs ~50x more per message (measured in
-  ``bench/flow_listener.py --decode-only``), and the listener must keep up with a NAT pod's
-  connection rate on one core.
+  (with layouts learned from the kernel's own messages) because pyroute2's generic
+  ``nfct_msg`` decoder costs ~8-10x more per message (``bench/flow_listener.py
+  --decode-only``), and the listener must keep up with a NAT pod's connection rate on one
+  core.
 - :class:`FlowTracker`: events + "which session owns this tunnel IP" -> :class:`FlowRecord`.
   A record is emitted when a flow starts (so it is attributed even if its end is never seen)
   and when it ends (with bytes and end time). Both carry the same ``flow_id``; the receiver
@@ -27,7 +28,8 @@ import socket
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any, Literal, NamedTuple
 
 # --- events -------------------------------------------------------------------------------
@@ -63,7 +65,7 @@ class FlowEvent(NamedTuple):
     marks entries listed by a table dump (a resync), not a live event.
 
     A NamedTuple, not a dataclass: one is built per event and construction cost matters
-    (a frozen dataclass with 19 fields costs ~6x more).
+    (a frozen dataclass with 20 fields costs ~5x more).
     """
 
     kind: FlowEventKind
@@ -175,14 +177,13 @@ class MalformedMessage(ValueError):
     """A ctnetlink message whose attributes do not parse."""
 
 
-@dataclass(slots=True)
-class Decoded:
-    """What one netlink datagram held."""
+class Decoded(NamedTuple):
+    """What one netlink datagram held (a NamedTuple: one is built per datagram)."""
 
-    events: list[FlowEvent] = field(default_factory=list)
-    errors: int = 0  # conntrack messages that did not decode (skipped, never fatal)
-    done: bool = False  # NLMSG_DONE: a dump is complete
-    error_code: int = 0  # from NLMSG_ERROR: 0 is an ACK, negative is -errno
+    events: list[FlowEvent]
+    errors: int  # conntrack messages that did not decode (skipped, never fatal)
+    done: bool  # NLMSG_DONE: a dump is complete
+    error_code: int  # from NLMSG_ERROR: 0 is an ACK, negative is -errno
 
 
 def _attrs(buf: Any, off: int, end: int) -> dict[int, tuple[int, int]]:
@@ -254,83 +255,246 @@ def _tuple(buf: Any, span: tuple[int, int] | None, reply: bool) -> tuple[int, st
     return (proto, src, 0, dst, icmp_id) if reply else (proto, src, icmp_id, dst, 0)
 
 
-# Fast path. The kernel lays out an IPv4 tuple of a port-based protocol always the same way
-# (IP{V4_SRC, V4_DST}, PROTO{NUM, SRC_PORT, DST_PORT}, 52 bytes): one unpack plus a check of
-# all 16 attribute headers replaces ~10 attribute walks and makes decoding ~3x cheaper.
-# Anything else (ICMP, IPv6, zones, a kernel that adds attributes) takes the generic path.
-_NLA_F_NESTED = 0x8000
-# Each attribute header (len, type) is read as one 32-bit word; the two tuples are one unpack.
-_TUPLE4_FMT = "I I I4s I4s I I B3x I H2x I H2x"
-_TUPLES4 = struct.Struct(">" + _TUPLE4_FMT + _TUPLE4_FMT)
-_TUPLE4_LEN = _TUPLES4.size // 2
-# Header words of both tuples; values: (proto, src, sport, dst, dport) x 2.
-_TUPLES4_HEADERS = operator.itemgetter(0, 1, 2, 4, 6, 7, 9, 11, 13, 14, 15, 17, 19, 20, 22, 24)
-_TUPLES4_VALUES = operator.itemgetter(8, 3, 10, 5, 12, 21, 16, 23, 18, 25)
-
-
-def _tuples4_headers() -> tuple[int, ...]:
-    # Headers are in host byte order but _TUPLES4 reads big-endian: read the expected native
-    # bytes the same way, so the comparison holds on either endianness.
-    words: list[int] = []
-    for tuple_type in (_CTA_TUPLE_ORIG, _CTA_TUPLE_REPLY):
-        native = struct.pack(
-            "=16H",
-            _TUPLE4_LEN, tuple_type | _NLA_F_NESTED,
-            20, _TUPLE_IP | _NLA_F_NESTED, 8, _IP_V4_SRC, 8, _IP_V4_DST,
-            28, _TUPLE_PROTO | _NLA_F_NESTED, 5, _PROTO_NUM, 6, _PROTO_SRC_PORT,
-            6, _PROTO_DST_PORT,
-        )  # fmt: skip
-        words.extend(struct.unpack(">8I", native))
-    return tuple(words)
-
-
-_HEADERS4 = _tuples4_headers()
-
-
-def _conntrack(buf: Any, off: int, end: int, kind: FlowEventKind, at: dt.datetime,
-               from_dump: bool) -> FlowEvent:  # fmt: skip
-    fast = False
-    if off + 2 * _TUPLE4_LEN <= end:
-        v = _TUPLES4.unpack_from(buf, off)
-        if _TUPLES4_HEADERS(v) == _HEADERS4:
-            proto, o_src, o_sport, o_dst, o_dport, _, r_src, r_sport, r_dst, r_dport = (
-                _TUPLES4_VALUES(v)
-            )
-            ntoa = socket.inet_ntoa
-            o_src, o_dst, r_src, r_dst = ntoa(o_src), ntoa(o_dst), ntoa(r_src), ntoa(r_dst)
-            off += 2 * _TUPLE4_LEN
-            fast = True
+def _conntrack_generic(
+    buf: Any, off: int, end: int, kind: FlowEventKind, at: dt.datetime, from_dump: bool
+) -> FlowEvent:
+    """The reference decoder: walks every attribute. Raises MalformedMessage."""
     a = _attrs(buf, off, end)
-    if not fast:
-        proto, o_src, o_sport, o_dst, o_dport = _tuple(buf, a.get(_CTA_TUPLE_ORIG), False)
-        _, r_src, r_sport, r_dst, r_dport = _tuple(buf, a.get(_CTA_TUPLE_REPLY), True)
-    id_span = a.get(_CTA_ID)
+    proto, o_src, o_sport, o_dst, o_dport = _tuple(buf, a.get(_CTA_TUPLE_ORIG), False)
+    _, r_src, r_sport, r_dst, r_dport = _tuple(buf, a.get(_CTA_TUPLE_REPLY), True)
     ct_id = 0
-    if id_span is not None and id_span[1] - id_span[0] >= 4:
-        ct_id = int(_BE32.unpack_from(buf, id_span[0])[0])
-    start_ns = stop_ns = None
-    ts_span = a.get(_CTA_TIMESTAMP)
-    if ts_span is not None:
-        ts = _attrs(buf, ts_span[0], ts_span[1])
-        if (s := ts.get(_TS_START)) and s[1] - s[0] >= 8:
-            start_ns = int(_BE64.unpack_from(buf, s[0])[0])
-        if (s := ts.get(_TS_STOP)) and s[1] - s[0] >= 8:
-            stop_ns = int(_BE64.unpack_from(buf, s[0])[0])
-    event_ns = None
-    if (s := a.get(_CTA_TIMESTAMP_EVENT)) and s[1] - s[0] >= 8:
-        event_ns = int(_BE64.unpack_from(buf, s[0])[0])
-    p_o = b_o = p_r = b_r = None
-    if c_span := a.get(_CTA_COUNTERS_ORIG):
-        c = _attrs(buf, c_span[0], c_span[1])
-        p_o = _counter(buf, c, _COUNTERS_PACKETS, _COUNTERS32_PACKETS)
-        b_o = _counter(buf, c, _COUNTERS_BYTES, _COUNTERS32_BYTES)
-    if c_span := a.get(_CTA_COUNTERS_REPLY):
-        c = _attrs(buf, c_span[0], c_span[1])
-        p_r = _counter(buf, c, _COUNTERS_PACKETS, _COUNTERS32_PACKETS)
-        b_r = _counter(buf, c, _COUNTERS_BYTES, _COUNTERS32_BYTES)
+    if (span := a.get(_CTA_ID)) and span[1] - span[0] >= 4:
+        ct_id = int(_BE32.unpack_from(buf, span[0])[0])
+    event_ns = start_ns = stop_ns = None
+    if (span := a.get(_CTA_TIMESTAMP_EVENT)) and span[1] - span[0] >= 8:
+        event_ns = int(_BE64.unpack_from(buf, span[0])[0])
+    if span := a.get(_CTA_TIMESTAMP):
+        ts = _attrs(buf, span[0], span[1])
+        start_ns = _counter(buf, ts, _TS_START, -1)
+        stop_ns = _counter(buf, ts, _TS_STOP, -1)
+    counters: list[int | None] = [None, None, None, None]
+    for i, cta in enumerate((_CTA_COUNTERS_ORIG, _CTA_COUNTERS_REPLY)):
+        if span := a.get(cta):
+            c = _attrs(buf, span[0], span[1])
+            counters[2 * i] = _counter(buf, c, _COUNTERS_PACKETS, _COUNTERS32_PACKETS)
+            counters[2 * i + 1] = _counter(buf, c, _COUNTERS_BYTES, _COUNTERS32_BYTES)
+    p_o, b_o, p_r, b_r = counters
     return FlowEvent(kind, proto, o_src, o_sport, o_dst, o_dport, r_src, r_sport, r_dst, r_dport,
                      ct_id, start_ns, stop_ns, event_ns, p_o, b_o, p_r, b_r, at,
                      from_dump)  # fmt: skip
+
+
+# --- learned layouts (the fast path) ------------------------------------------------------
+# A kernel sends the same few layouts over and over (UDP NEW, TCP DESTROY, ...): same
+# attributes, same order, same sizes. After the generic walk decodes a message, we compile
+# its layout: which bytes are attribute headers (they must match exactly: checked with one
+# bitmask comparison over the whole message) and where the values sit (read with one
+# struct). A message with the same type and length whose headers match is then decoded
+# without walking; anything else takes the generic walk. A layout is kept only if it decodes
+# the message it was learned from exactly as the generic walk did. This cuts decoding from
+# ~60k to ~25k CPU instructions per message (counted with valgrind).
+
+_MAX_LAYOUTS = 64
+_NTOA_CACHE_MAX = 65_536
+# FlowEvent fields 1..17 come from the message; these name them in the learner.
+_EVENT_FIELDS = ("proto", "orig_src", "orig_sport", "orig_dst", "orig_dport", "reply_src",
+                 "reply_sport", "reply_dst", "reply_dport", "ct_id", "start_ns", "stop_ns",
+                 "event_ns", "packets_orig", "bytes_orig", "packets_reply",
+                 "bytes_reply")  # fmt: skip
+_V4_FIELDS = {"orig_src", "orig_dst", "reply_src", "reply_dst"}
+
+
+class _Layout(NamedTuple):
+    mask: int  # 0xFF over header bytes
+    expected: int  # the header bytes, under the mask
+    values: struct.Struct  # reads the value fields, in offset order
+    v4: tuple[int, ...]  # indices of IPv4 addresses (read as integers) among the values
+    v6: tuple[int, ...]  # indices of IPv6 addresses (read as 16 bytes)
+    pick: operator.itemgetter[Any]  # values + constants -> FlowEvent fields, in order
+
+
+# _layout_key() -> layout, or None when that shape cannot be compiled.
+_LAYOUTS: dict[int, _Layout | None] = {}
+
+
+def _layout_key(msg_type: int, length: int, from_dump: bool) -> int:
+    # Dump entries and live NEW events share a message type but not a layout.
+    return length << 17 | msg_type << 1 | from_dump
+
+
+_NTOA: dict[int, str] = {}
+
+
+def _ntoa(value: int) -> str:
+    text = _NTOA.get(value)
+    if text is None:
+        if len(_NTOA) >= _NTOA_CACHE_MAX:
+            _NTOA.clear()  # bounded: many distinct peers only cost the conversion again
+        text = _NTOA[value] = socket.inet_ntoa(value.to_bytes(4, "big"))
+    return text
+
+
+def _learn(buf: Any, off: int, end: int) -> _Layout | None:
+    """Compile the layout of the message at [off, end), or None if it has an unusual shape
+    (duplicate attributes, unexpected sizes) that only the generic walk should handle."""
+    fixed = bytearray(end - off)
+    found: dict[str, tuple[int, str]] = {}  # field -> (offset, struct code)
+
+    def walk(start: int, stop: int, on_attr: Callable[[int, int, int], bool]) -> bool:
+        seen: set[int] = set()
+        pos = start
+        while pos + 4 <= stop:
+            ln, ty = _NLA.unpack_from(buf, pos)
+            t = ty & _NLA_TYPE_MASK
+            if ln < 4 or pos + ln > stop or t in seen:
+                return False
+            seen.add(t)
+            fixed[pos - off : pos - off + 4] = b"\xff\xff\xff\xff"
+            if not on_attr(t, pos + 4, pos + ln):
+                return False
+            pos += (ln + 3) & ~3
+        return True
+
+    def tuple_attr(prefix: str) -> Callable[[int, int, int], bool]:
+        ports: dict[int, int] = {}
+
+        def ip(t: int, p: int, q: int) -> bool:
+            size = {_IP_V4_SRC: 4, _IP_V4_DST: 4, _IP_V6_SRC: 16, _IP_V6_DST: 16}.get(t)
+            if size is None:
+                return True
+            if q - p != size:
+                return False
+            name = prefix + ("_src" if t in (_IP_V4_SRC, _IP_V6_SRC) else "_dst")
+            if name in found:
+                return False  # both v4 and v6 addresses: leave it to the generic walk
+            found[name] = (p, "I" if size == 4 else "16s")
+            return True
+
+        def proto(t: int, p: int, q: int) -> bool:
+            if t == _PROTO_NUM and q - p >= 1:
+                found[prefix + "_proto"] = (p, "B")
+            elif t in (_PROTO_SRC_PORT, _PROTO_DST_PORT, _PROTO_ICMP_ID, _PROTO_ICMPV6_ID):
+                if q - p < 2:
+                    return False
+                ports[t] = p
+            return True
+
+        def on_tuple(t: int, p: int, q: int) -> bool:
+            if t == _TUPLE_IP:
+                return walk(p, q, ip)
+            if t == _TUPLE_PROTO:
+                if not walk(p, q, proto):
+                    return False
+                # The same port semantics as _tuple().
+                if _PROTO_SRC_PORT in ports:
+                    found[prefix + "_sport"] = (ports[_PROTO_SRC_PORT], "H")
+                    if _PROTO_DST_PORT in ports:
+                        found[prefix + "_dport"] = (ports[_PROTO_DST_PORT], "H")
+                elif _PROTO_ICMP_ID in ports or _PROTO_ICMPV6_ID in ports:
+                    pos = ports.get(_PROTO_ICMP_ID, ports.get(_PROTO_ICMPV6_ID, 0))
+                    found[prefix + ("_dport" if prefix == "reply" else "_sport")] = (pos, "H")
+            return True
+
+        return on_tuple
+
+    def pair(names: dict[int, tuple[str, int, str]]) -> Callable[[int, int, int], bool]:
+        # Nested 64-bit (or 32-bit) values: type -> (field, minimum size, struct code).
+        def on_value(t: int, p: int, q: int) -> bool:
+            spec = names.get(t)
+            if spec is not None and q - p >= spec[1]:
+                name, _, code = spec
+                # A 64-bit value wins over its 32-bit twin, as in _counter().
+                if name not in found or code == "Q":
+                    found[name] = (p, code)
+            return True
+
+        return on_value
+
+    def top(t: int, p: int, q: int) -> bool:
+        if t == _CTA_TUPLE_ORIG:
+            return walk(p, q, tuple_attr("orig"))
+        if t == _CTA_TUPLE_REPLY:
+            return walk(p, q, tuple_attr("reply"))
+        if t == _CTA_ID and q - p >= 4:
+            found["ct_id"] = (p, "I")
+        elif t == _CTA_TIMESTAMP_EVENT and q - p >= 8:
+            found["event_ns"] = (p, "Q")
+        elif t == _CTA_TIMESTAMP:
+            return walk(
+                p, q, pair({_TS_START: ("start_ns", 8, "Q"), _TS_STOP: ("stop_ns", 8, "Q")})
+            )
+        elif t in (_CTA_COUNTERS_ORIG, _CTA_COUNTERS_REPLY):
+            side = "orig" if t == _CTA_COUNTERS_ORIG else "reply"
+            return walk(p, q, pair({
+                _COUNTERS_PACKETS: (f"packets_{side}", 8, "Q"),
+                _COUNTERS_BYTES: (f"bytes_{side}", 8, "Q"),
+                _COUNTERS32_PACKETS: (f"packets_{side}", 4, "I"),
+                _COUNTERS32_BYTES: (f"bytes_{side}", 4, "I"),
+            }))  # fmt: skip
+        return True
+
+    if not walk(off, end, top):
+        return None
+    if "orig_proto" not in found or "reply_proto" not in found:
+        return None
+    found["proto"] = found.pop("orig_proto")
+    del found["reply_proto"]
+    if any(f not in found for f in ("orig_src", "orig_dst", "reply_src", "reply_dst")):
+        return None
+    order = sorted(found, key=lambda name: found[name][0])
+    fmt, cursor = ">", 0
+    for name in order:
+        pos, code = found[name]
+        fmt += f"{pos - off - cursor}x{code}"
+        cursor = pos - off + struct.calcsize(">" + code)
+    index = {name: i for i, name in enumerate(order)}
+    n = len(order)
+    none, zero = n, n + 1  # constants appended after the values
+    zero_fields = {"orig_sport", "orig_dport", "reply_sport", "reply_dport", "ct_id"}
+    picks = [n + 2]  # kind
+    for name in _EVENT_FIELDS:
+        picks.append(index.get(name, zero if name in zero_fields else none))
+    picks += [n + 3, n + 4]  # at, from_dump
+    mask = int.from_bytes(fixed, "big")
+    return _Layout(
+        mask=mask,
+        expected=int.from_bytes(bytes(buf[off:end]), "big") & mask,
+        values=struct.Struct(fmt),
+        v4=tuple(index[f] for f in order if f in _V4_FIELDS and found[f][1] == "I"),
+        v6=tuple(index[f] for f in order if f in _V4_FIELDS and found[f][1] == "16s"),
+        pick=operator.itemgetter(*picks),
+    )
+
+
+def _apply(layout: _Layout, buf: Any, off: int, kind: FlowEventKind, at: dt.datetime,
+           from_dump: bool) -> FlowEvent:  # fmt: skip
+    values = list(layout.values.unpack_from(buf, off))
+    for i in layout.v4:
+        text = _NTOA.get(values[i])
+        values[i] = text if text is not None else _ntoa(values[i])
+    for i in layout.v6:
+        values[i] = socket.inet_ntop(socket.AF_INET6, values[i])
+    values += (None, 0, kind, at, from_dump)
+    # tuple.__new__ skips the NamedTuple's Python-level __new__ (20 keyword-able arguments).
+    return tuple.__new__(FlowEvent, layout.pick(values))
+
+
+def _conntrack(buf: Any, off: int, end: int, msg_type: int, at: dt.datetime,
+               from_dump: bool) -> FlowEvent:  # fmt: skip
+    kind = FlowEventKind.NEW if msg_type == MSG_CT_NEW else FlowEventKind.DESTROY
+    key = (end - off) << 17 | msg_type << 1 | from_dump  # _layout_key(), inlined
+    layout = _LAYOUTS.get(key)
+    if layout is not None:
+        if int.from_bytes(buf[off:end], "big") & layout.mask == layout.expected:
+            return _apply(layout, buf, off, kind, at, from_dump)
+        return _conntrack_generic(buf, off, end, kind, at, from_dump)
+    event = _conntrack_generic(buf, off, end, kind, at, from_dump)
+    if key not in _LAYOUTS and len(_LAYOUTS) < _MAX_LAYOUTS:
+        learned = _learn(buf, off, end)
+        if learned is not None and _apply(learned, buf, off, kind, at, from_dump) != event:
+            learned = None  # never trust a layout that disagrees with the reference
+        _LAYOUTS[key] = learned
+    return event
 
 
 def decode_ctnetlink(buf: Any, length: int, at: dt.datetime, from_dump: bool = False) -> Decoded:
@@ -341,32 +505,33 @@ def decode_ctnetlink(buf: Any, length: int, at: dt.datetime, from_dump: bool = F
     ``errors`` and skipped; a broken netlink header ends the datagram (counted too). Never
     raises on bad input.
     """
-    out = Decoded()
+    events: list[FlowEvent] = []
+    errors = error_code = 0
+    done = False
     off = 0
     end = min(length, len(buf))
     while off + 16 <= end:
         msg_len, msg_type, _flags, _seq, _pid = _NLMSG.unpack_from(buf, off)
         if msg_len < 16 or off + msg_len > end:
-            out.errors += 1
+            errors += 1
             break
         body, msg_end = off + 16, off + msg_len
         off += (msg_len + 3) & ~3
         if msg_type in (MSG_CT_NEW, MSG_CT_DELETE):
-            kind = FlowEventKind.NEW if msg_type == MSG_CT_NEW else FlowEventKind.DESTROY
             try:
-                out.events.append(
-                    _conntrack(buf, body + _NFGENMSG_LEN, msg_end, kind, at, from_dump)
+                events.append(
+                    _conntrack(buf, body + _NFGENMSG_LEN, msg_end, msg_type, at, from_dump)
                 )
             except (MalformedMessage, struct.error, IndexError, OSError, ValueError):
-                out.errors += 1
+                errors += 1
         elif msg_type == NLMSG_DONE:
-            out.done = True
+            done = True
         elif msg_type == NLMSG_ERROR:
             if msg_end - body >= 4:
-                out.error_code = struct.unpack_from("=i", buf, body)[0]
+                error_code = struct.unpack_from("=i", buf, body)[0]
             else:
-                out.errors += 1
-    return out
+                errors += 1
+    return tuple.__new__(Decoded, (events, errors, done, error_code))
 
 
 # --- records ------------------------------------------------------------------------------
@@ -437,6 +602,37 @@ class FlowRecord(NamedTuple):
             "end_inferred": self.end_inferred,
         }
 
+    def to_json(self) -> str:
+        """One JSON object, equal to ``json.dumps(self.as_dict())`` but ~3x cheaper.
+
+        Records are serialized once each, at the event rate: this is on the hot path.
+        Strings go through json's own (C) string encoder, so any content is escaped right.
+        """
+        (kind, fid, pod, user, session, proto, start, end, tunnel_ip, tunnel_port, nat_ip,
+         nat_port, dst_ip, dst_port, p_out, b_out, p_in, b_in, inferred) = self  # fmt: skip
+        return _RECORD_JSON % (
+            _json_str(kind), _json_str(fid), _json_str(pod),
+            "null" if user is None else _json_str(user),
+            "null" if session is None else _json_str(session),
+            _json_str(proto), start, "null" if end is None else end,
+            _json_str(tunnel_ip), tunnel_port, _json_str(nat_ip), nat_port,
+            "null" if dst_ip is None else _json_str(dst_ip),
+            "null" if dst_port is None else dst_port,
+            "null" if p_out is None else p_out, "null" if b_out is None else b_out,
+            "null" if p_in is None else p_in, "null" if b_in is None else b_in,
+            "true" if inferred else "false",
+        )  # fmt: skip
+
+
+# One %-format for a whole record: a single C call instead of ~20 concatenations. %d (not %s)
+# for the never-null numbers, so a wrong type fails loudly instead of writing bad JSON.
+_RECORD_JSON = (
+    '{"kind":%s,"flow_id":%s,"pod":%s,"user":%s,"session_uid":%s,"proto":%s,"start_ms":%d,'
+    '"end_ms":%s,"tunnel_ip":%s,"tunnel_port":%d,"nat_ip":%s,"nat_port":%d,"dst_ip":%s,'
+    '"dst_port":%s,"packets_out":%s,"bytes_out":%s,"packets_in":%s,"bytes_in":%s,'
+    '"end_inferred":%s}'
+)
+
 
 Attribution = tuple[str, str]  # (user, session uid)
 Lookup = Callable[[str], Attribution | None]
@@ -455,10 +651,6 @@ class TrackerCounters:
     inferred_ends: int = 0  # flows found gone by a resync (their DESTROY was lost)
 
 
-def _ms(ns: int | None, fallback: dt.datetime) -> int:
-    return ns // 1_000_000 if ns is not None else int(fallback.timestamp() * 1000)
-
-
 def flow_id(pod: str, ct_id: int, start_ms: int) -> str:
     """The idempotency key of a flow's records (see :class:`FlowRecord`)."""
     return f"{pod}:{ct_id}:{start_ms // 1000}"
@@ -473,8 +665,9 @@ class FlowTracker:
     forgotten (counted in ``evicted``). A forgotten flow already has its start record; its
     DESTROY then yields a complete record with the same ``flow_id`` (kernel start time), but
     attributed to whoever owns the tunnel IP at that moment, so keep ``max_flows`` at or
-    above ``nf_conntrack_max``. ``record_destination=False`` leaves destinations out of the
-    records and out of memory (privacy).
+    above ``nf_conntrack_max`` (a tracked flow costs ~0.5 KB: the default is ~130 MB at
+    worst). ``record_destination=False`` leaves destinations out of the records and out of
+    memory (privacy).
     """
 
     def __init__(
@@ -502,90 +695,91 @@ class FlowTracker:
         # flows that ended during the dump (so a stale dump entry does not revive them).
         self._pending: set[_FlowKey] | None = None
         self._ended_in_resync: set[_FlowKey] = set()
+        self._is_tunnel: dict[str, bool] = {}
 
     def __len__(self) -> int:
         return len(self._flows)
 
     def is_tunnel(self, address: str) -> bool:
         """Is ``address`` inside one of the tunnel networks?"""
+        # Few distinct sources (the tunnel IPs and the pod's own), many events: memoize.
+        known = self._is_tunnel.get(address)
+        if known is None:
+            known = self._is_tunnel[address] = self._in_networks(address)
+            if len(self._is_tunnel) > 65_536:
+                self._is_tunnel.clear()  # bounded: a scan of many sources cannot grow it
+        return known
+
+    def _in_networks(self, address: str) -> bool:
         try:
             value = int.from_bytes(socket.inet_aton(address), "big")
         except (OSError, TypeError):
             return False  # IPv6 or garbage: not a tunnel address of this IPv4-only pod
-        # A loop, not any(genexpr): this runs per event and the generator costs ~3x more.
-        for net, mask in self._nets:  # noqa: SIM110
-            if value & mask == net:
-                return True
-        return False
+        return any(value & mask == net for net, mask in self._nets)
 
     def feed(self, item: FlowItem) -> list[FlowRecord]:
         """Account one event (or resync marker); returns the records to ship (0, 1 or many)."""
         if isinstance(item, Resync):
             return self._resync(item)
-        if not self.is_tunnel(item.orig_src):
+        # Runs once per conntrack event: the event is unpacked once and the NEW and DESTROY
+        # paths are written out flat (attribute reads and method calls dominate otherwise).
+        (kind, proto, src, sport, dst, dport, _, _, _, _, ct_id, start_ns,
+         stop_ns, _, p_out, b_out, p_in, b_in, at, from_dump) = item  # fmt: skip
+        tunnel = self._is_tunnel.get(src)
+        if tunnel is None:
+            tunnel = self.is_tunnel(src)
+        if not tunnel:
             self.counters.ignored += 1
             return []
-        key: _FlowKey = (item.ct_id, item.proto, item.orig_src, item.orig_sport,
-                         item.orig_dst, item.orig_dport)  # fmt: skip
+        key: _FlowKey = (ct_id, proto, src, sport, dst, dport)
+        flows = self._flows
         if self._pending is not None:
             self._pending.discard(key)
-        if item.kind is FlowEventKind.NEW:
-            return self._on_new(key, item)
-        return self._on_destroy(key, item)
+        if kind is FlowEventKind.NEW:
+            if key in flows:
+                return []  # already known (a dump re-listing an open flow)
+            if from_dump and key in self._ended_in_resync:
+                return []  # the dump snapshot predates this flow's DESTROY
+            record = self._start_record(item)
+            if len(flows) >= self.max_flows:
+                flows.popitem(last=False)
+                self.counters.evicted += 1
+            flows[key] = record
+            self.counters.records += 1
+            return [record]
+        start = flows.pop(key, None)
+        if self._pending is not None and len(self._ended_in_resync) < self.max_flows:
+            self._ended_in_resync.add(key)
+        if start is None:
+            self.counters.late += 1  # the listener started late, or the flow was evicted
+            start = self._start_record(item)
+        self.counters.records += 1
+        start_ms = start[6] if start_ns is None else start_ns // 1_000_000
+        end_ms = stop_ns // 1_000_000 if stop_ns is not None else int(at.timestamp() * 1000)
+        return [tuple.__new__(FlowRecord, (
+            "end", *start[1:6], start_ms, end_ms, *start[8:14],
+            p_out, b_out, p_in, b_in, False,
+        ))]  # fmt: skip
 
     def _start_record(self, ev: FlowEvent) -> FlowRecord:
         owner = self.lookup(ev.orig_src)
         if owner is None:
             self.counters.unattributed += 1
-        start_ms = _ms(ev.start_ns if ev.start_ns is not None else ev.event_ns, ev.at)
+            user = session = None
+        else:
+            user, session = owner
+        ns = ev.start_ns if ev.start_ns is not None else ev.event_ns
+        start_ms = ns // 1_000_000 if ns is not None else int(ev.at.timestamp() * 1000)
         keep_dst = self.record_destination
-        return FlowRecord(
-            kind="start",
-            flow_id=flow_id(self.pod, ev.ct_id, start_ms),
-            pod=self.pod,
-            user=owner[0] if owner else None,
-            session_uid=owner[1] if owner else None,
-            proto=proto_name(ev.proto),
-            start_ms=start_ms,
-            end_ms=None,
-            tunnel_ip=ev.orig_src,
-            tunnel_port=ev.orig_sport,
-            nat_ip=ev.reply_dst,
-            nat_port=ev.reply_dport,
-            dst_ip=ev.reply_src if keep_dst else None,
-            dst_port=ev.reply_sport if keep_dst else None,
-        )
-
-    def _on_new(self, key: _FlowKey, ev: FlowEvent) -> list[FlowRecord]:
-        if key in self._flows:
-            return []  # already known (a dump re-listing an open flow)
-        if ev.from_dump and key in self._ended_in_resync:
-            return []  # the dump snapshot predates this flow's DESTROY
-        record = self._start_record(ev)
-        if len(self._flows) >= self.max_flows:
-            self._flows.popitem(last=False)
-            self.counters.evicted += 1
-        self._flows[key] = record
-        self.counters.records += 1
-        return [record]
-
-    def _on_destroy(self, key: _FlowKey, ev: FlowEvent) -> list[FlowRecord]:
-        start = self._flows.pop(key, None)
-        if self._pending is not None and len(self._ended_in_resync) < self.max_flows:
-            self._ended_in_resync.add(key)
-        if start is None:
-            self.counters.late += 1
-            start = self._start_record(ev)
-        self.counters.records += 1
-        return [
-            FlowRecord(
-                "end", start.flow_id, start.pod, start.user, start.session_uid, start.proto,
-                start.start_ms if ev.start_ns is None else ev.start_ns // 1_000_000,
-                _ms(ev.stop_ns, ev.at), start.tunnel_ip, start.tunnel_port,
-                start.nat_ip, start.nat_port, start.dst_ip, start.dst_port,
-                ev.packets_orig, ev.bytes_orig, ev.packets_reply, ev.bytes_reply,
-            )
-        ]  # fmt: skip
+        # tuple.__new__ skips the NamedTuple's Python-level __new__: once per flow, it counts.
+        return tuple.__new__(FlowRecord, (
+            # The flow id as flow_id() makes it, inlined.
+            "start", f"{self.pod}:{ev.ct_id}:{start_ms // 1000}", self.pod, user, session,
+            PROTO_NAMES.get(ev.proto) or str(ev.proto), start_ms, None,
+            ev.orig_src, ev.orig_sport, ev.reply_dst, ev.reply_dport,
+            ev.reply_src if keep_dst else None, ev.reply_sport if keep_dst else None,
+            None, None, None, None, False,
+        ))  # fmt: skip
 
     def _resync(self, mark: Resync) -> list[FlowRecord]:
         if mark.phase == "begin":

@@ -13,7 +13,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from vpnfleet.controlplane import certs, changelog
+from vpnfleet.controlplane import certs, changelog, flowstore
 from vpnfleet.controlplane.changelog import ChangeSpec
 from vpnfleet.controlplane.errors import Problem, conflict, not_found
 from vpnfleet.controlplane.models import (
@@ -34,6 +34,7 @@ from vpnfleet.wire import (
     WIRE_VERSION,
     Bootstrap,
     DeniedBatch,
+    FlowBatch,
     GroupState,
     Heartbeat,
     LiveSession,
@@ -358,3 +359,9 @@ def record_denied(body: DeniedBatch, db: DB, _who: Agent) -> dict[str, int]:
         for ev in body.events
     )
     return {"stored": len(body.events)}
+
+
+@router.post("/flows")
+def record_flows(body: FlowBatch, db: DB, _who: Agent) -> dict[str, int]:
+    """Store NAT flow records: idempotent by flow_id (see controlplane/flowstore.py)."""
+    return flowstore.store(db, body)
