@@ -137,6 +137,8 @@ class PodAgent:
         self._unanswered: set[int] = set()
         self.last_status: list[StatusClient] = []
         self._crl_refreshed = time.monotonic()
+        self._addr_cache: dict[str, ipaddress.IPv4Address] = {}
+        self._group_cache: dict[str, fwplan.GroupState] = {}
         self.last_status_at = 0.0
         self._grants_cache: tuple[int, dict[str, tuple[int, tuple[fwplan.Grant, ...]]]] | None = (
             None
@@ -612,30 +614,55 @@ class PodAgent:
         self._grants_cache = (self.view.revision, out)
         return out
 
+    def _addr(self, text: str) -> ipaddress.IPv4Address:
+        """One IPv4Address object per tunnel address, reused across states (cheap diffs)."""
+        addr = self._addr_cache.get(text)
+        if addr is None:
+            addr = self._addr_cache[text] = ipaddress.IPv4Address(text)
+        return addr
+
     def desired_state(self) -> fwplan.DesiredState:
-        """Firewall state from connected clients and their groups' grants (default deny)."""
+        """Firewall state from connected clients and their groups' grants (default deny).
+
+        Unchanged groups keep their GroupState object: the dataplane skips identical objects
+        when diffing, so a connect costs in proportion to the groups it touches.
+        """
         assert self.nat_pool is not None
         nets = [self.nat_pool] + ([self.gateway_pool] if self.gateway_pool else [])
         established = [c for c in self.clients.values() if c.established]
-        clients = frozenset(ipaddress.IPv4Address(c.tunnel_ip) for c in established)
-        nat = frozenset(ipaddress.IPv4Address(c.tunnel_ip) for c in established if c.mode == "nat")
+        clients = frozenset(self._addr(c.tunnel_ip) for c in established)
+        nat = frozenset(self._addr(c.tunnel_ip) for c in established if c.mode == "nat")
         grants = self._grants()
         members: dict[str, set[ipaddress.IPv4Address]] = {name: set() for name in grants}
         for client in established:
             for name in client.groups:
                 if name in members:
-                    members[name].add(ipaddress.IPv4Address(client.tunnel_ip))
-        groups = tuple(
-            fwplan.GroupState(group_id=gid, members=frozenset(members[name]), grants=g)
-            for name, (gid, g) in grants.items()
-        )
+                    members[name].add(self._addr(client.tunnel_ip))
+        groups = []
+        cache: dict[str, fwplan.GroupState] = {}
+        for name, (gid, g) in grants.items():
+            old = self._group_cache.get(name)
+            if (
+                old is not None
+                and old.group_id == gid
+                and old.grants is g
+                and old.members == members[name]
+            ):
+                state = old
+            else:
+                state = fwplan.GroupState(group_id=gid, members=frozenset(members[name]), grants=g)
+            cache[name] = state
+            groups.append(state)
+        self._group_cache = cache
+        if len(self._addr_cache) > 4 * len(established) + 1024:
+            self._addr_cache = {c.tunnel_ip: self._addr(c.tunnel_ip) for c in established}
         return fwplan.DesiredState(
             prefix=self.s.fw_prefix,
             tunnel_networks=tuple(nets),
             uplink=self.s.uplink,
             nat_members=nat,
             all_clients=clients,
-            groups=groups,
+            groups=tuple(groups),
             allow_all=False,
             log_denied=True,
             nflog_group=NFLOG_GROUP,
