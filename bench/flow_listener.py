@@ -215,6 +215,22 @@ class Lines:
         raise RuntimeError(f"no {key!r} line from the child within {timeout:.0f}s")
 
 
+def audit_coverage(path: Path, sent: int) -> str:
+    """What events lost in an overrun cost the audit trail, from the records written."""
+    flows: dict[str, set[str]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            kind = "inferred" if rec["end_inferred"] else rec["kind"]
+            flows.setdefault(rec["flow_id"], set()).add(kind)
+    ended = sum(1 for kinds in flows.values() if "end" in kinds)
+    inferred = sum(1 for kinds in flows.values() if kinds == {"start", "inferred"})
+    return (
+        f"[flows with a record {len(flows)}/{sent}, with a real end {ended}, "
+        f"end inferred by resync {inferred}]"
+    )
+
+
 def ulogd_plugin_dir() -> str:
     found = glob.glob("/usr/lib/*/ulogd/ulogd_inpflow_NFCT.so") or glob.glob(
         "/usr/lib/ulogd/ulogd_inpflow_NFCT.so"
@@ -292,6 +308,7 @@ class Bench:
         self.seconds = seconds
         self.cl, self.pod, self.srv = pool.create("cl"), pool.create("pod"), pool.create("srv")
         self.trial_no = 0
+        self.out_path = tmp / "none"
         veth(self.cl, "c0", self.pod, "in0")
         veth(self.pod, "up0", self.srv, "s0")
         for ip in SOURCES:
@@ -349,8 +366,8 @@ class Bench:
     ) -> tuple[subprocess.Popen[str], Lines, Callable[[], tuple[int, int, int]]]:
         """Start a consumer; returns it and a function giving (new, destroy, overruns)."""
         if consumer == "ours":
-            out = self.tmp / f"ours-{self.trial_no}.jsonl"
-            proc = self.pod.popen(PY, __file__, "--child-listener", str(out))
+            self.out_path = self.tmp / f"ours-{self.trial_no}.jsonl"
+            proc = self.pod.popen(PY, __file__, "--child-listener", str(self.out_path))
             lines = Lines(proc)
             lines.wait_json("ready", 20)
 
@@ -435,6 +452,8 @@ class Bench:
         if consumer == "ours":
             final = lines.last_json("new") or {}
             trial.peak_per_s = int(final.get("peak_per_s", 0))
+            if trial.lost:
+                trial.notes.append(audit_coverage(self.out_path, trial.sent))
             if final.get("decode_errors"):
                 trial.notes.append(f"decode errors {final['decode_errors']}")
         return trial

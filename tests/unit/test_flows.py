@@ -474,24 +474,35 @@ def test_a_relisted_flow_is_not_reported_twice() -> None:
     assert t.feed(new(start_ns=START_NS, from_dump=True)) == []
 
 
+def _ns(at: dt.datetime) -> int:
+    return int(at.timestamp() * 1_000_000_000)
+
+
 def test_resync_closes_flows_whose_destroy_was_lost() -> None:
     t, _ = tracker()
-    t.feed(new(ct_id=1, sport=1))  # still open: the dump lists it
-    t.feed(new(ct_id=2, sport=2))  # ended during the overrun: the dump does not list it
-    t.feed(new(ct_id=3, sport=3))  # ends during the dump, live event
+    before, after = _ns(AT - dt.timedelta(seconds=5)), _ns(AT + dt.timedelta(seconds=1))
+    t.feed(new(ct_id=1, sport=1, event_ns=before))  # still open: the dump lists it
+    t.feed(new(ct_id=2, sport=2, event_ns=before))  # ended during the overrun: not listed
+    t.feed(new(ct_id=3, sport=3, event_ns=before))  # ends during the dump, live event
     t.feed(Resync("begin", AT))
+    # Read late, from the backlog: started before the dump, its DESTROY was lost.
+    t.feed(new(ct_id=5, sport=5, event_ns=before))
+    # Started after the dump began: the dump cannot say anything about it.
+    t.feed(new(ct_id=6, sport=6, event_ns=after))
     assert t.feed(destroy(ct_id=3, sport=3))[0].kind == "end"
-    assert t.feed(new(ct_id=1, sport=1, start_ns=START_NS, from_dump=True)) == []
+    assert t.feed(new(ct_id=1, sport=1, start_ns=before, from_dump=True)) == []
     # Listed by the dump but already destroyed (the snapshot is older than the event).
-    assert t.feed(new(ct_id=3, sport=3, start_ns=START_NS, from_dump=True)) == []
-    # Opened while we were deaf: learned from the dump.
-    (learned,) = t.feed(new(ct_id=4, sport=4, start_ns=START_NS, from_dump=True))
-    assert learned.kind == "start" and learned.start_ms == START_NS // 1_000_000
+    assert t.feed(new(ct_id=3, sport=3, start_ns=before, from_dump=True)) == []
+    # Opened while we were deaf: learned from the dump, with its kernel start time.
+    (learned,) = t.feed(new(ct_id=4, sport=4, start_ns=before, from_dump=True))
+    assert learned.kind == "start" and learned.start_ms == before // 1_000_000
     end_at = AT + dt.timedelta(seconds=2)
-    (gone,) = t.feed(Resync("end", end_at))
-    assert gone.kind == "end" and gone.end_inferred and gone.tunnel_port == 2
-    assert gone.end_ms == int(end_at.timestamp() * 1000) and gone.bytes_out is None
-    assert len(t) == 2 and t.counters.inferred_ends == 1
+    gone = t.feed(Resync("end", end_at))
+    assert sorted(r.tunnel_port for r in gone) == [2, 5]
+    for r in gone:
+        assert r.kind == "end" and r.end_inferred and r.user == "alice"
+        assert r.end_ms == int(end_at.timestamp() * 1000) and r.bytes_out is None
+    assert len(t) == 3 and t.counters.inferred_ends == 2  # 1, 4 and 6 are open
 
 
 def test_aborted_resync_closes_nothing() -> None:

@@ -73,7 +73,9 @@ class ListenerCounters:
     events: int = 0  # live events delivered
     dumped: int = 0  # entries delivered from resync dumps
     decode_errors: int = 0
-    overruns: int = 0  # ENOBUFS reads: the kernel dropped events for us
+    # ENOBUFS reads: the kernel dropped events for us. One per congestion episode, not per
+    # event lost: the kernel reports again only after the queue has been read empty.
+    overruns: int = 0
     resyncs: int = 0  # completed dumps
     resync_failures: int = 0
 
@@ -101,7 +103,8 @@ class ConntrackListener:
     ``max_resync_interval``), because a dump of a big table costs as much CPU as that many
     events and back-to-back dumps would deepen the overload they are meant to repair.
     ``batch``: datagrams read per wakeup before yielding to other tasks (under load one
-    wakeup reads hundreds of events, so the per-wakeup cost vanishes).
+    wakeup reads hundreds of events, so the per-wakeup cost vanishes). ``dump_timeout`` and
+    ``drain_timeout`` bound a resync (the dump, then reading the events queued behind it).
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class ConntrackListener:
         max_resync_interval: float = 30.0,
         batch: int = 256,
         dump_timeout: float = 60.0,
+        drain_timeout: float = 10.0,
     ) -> None:
         self.rcvbuf = rcvbuf
         self.initial_dump = initial_dump
@@ -121,6 +125,7 @@ class ConntrackListener:
         self._resync_interval = min_resync_interval
         self.batch = batch
         self.dump_timeout = dump_timeout
+        self.drain_timeout = drain_timeout
         self.counters = ListenerCounters()
         self.rcvbuf_effective = 0
         self._sock: socket.socket | None = None
@@ -130,6 +135,11 @@ class ConntrackListener:
         self._reading = False  # the reader is registered with the loop
         self._held = False  # paused by a full consumer queue (events())
         self._closed = asyncio.Event()
+        self._drained = asyncio.Event()  # set whenever a read finds the event socket empty
+        # After reporting ENOBUFS the kernel reports no further drops until our receive queue
+        # has been read empty: until then losses are silent, so a dump taken in that window
+        # needs a follow-up one.
+        self._congested = False
         self._failure: BaseException | None = None
         self._resync_task: asyncio.Task[None] | None = None
         self._resync_again = False
@@ -261,6 +271,8 @@ class ConntrackListener:
                 try:
                     n = sock.recv_into(buf)
                 except BlockingIOError:
+                    self._drained.set()
+                    self._congested = False
                     return
                 except OSError as exc:
                     if exc.errno == errno.ENOBUFS:
@@ -283,6 +295,7 @@ class ConntrackListener:
 
     def _overrun(self) -> None:
         self.counters.overruns += 1
+        self._congested = True
         now = time.monotonic()
         # One line per few seconds in a storm, with the running total: loud, not a flood.
         if now - self._last_overrun_log >= 5.0:
@@ -335,6 +348,7 @@ class ConntrackListener:
         if callback is None:
             return
         callback(Resync("begin", _now()))
+        congested = self._congested
         try:
             entries = await asyncio.wait_for(self._dump(callback), self.dump_timeout)
         except asyncio.CancelledError:
@@ -347,7 +361,30 @@ class ConntrackListener:
             return
         self.counters.resyncs += 1
         log.info("conntrack resync: %d open flows listed", entries)
+        # The dump shows the table as it is now, but the event socket may still hold DESTROY
+        # events of flows that are already gone from it. Read those first, or the tracker
+        # would take those flows for lost ones (end inferred) just before their real end.
+        await self._wait_drained()
         callback(Resync("end", _now()))
+        if congested:
+            self._resync_again = True  # events dropped during the catch-up went unreported
+
+    async def _wait_drained(self) -> None:
+        """Return once the event socket has been read empty (bounded by ``drain_timeout``)."""
+        sock = self._sock
+        if sock is None:
+            return
+        self._drained.clear()
+        try:
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return  # nothing queued
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:  # reported once: this read consumed it
+                self._overrun()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), self.drain_timeout)
 
     async def _dump(self, callback: Callable[[FlowItem], None]) -> int:
         """Dump the conntrack table on a separate socket; returns the entries delivered.

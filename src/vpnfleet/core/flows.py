@@ -131,7 +131,7 @@ class FlowEvent(NamedTuple):
 class Resync:
     """Marks a table dump in the event stream: ``begin``, then the dumped entries as
     ``from_dump`` NEW events, then ``end`` (or ``abort`` if the dump failed). Lets the tracker
-    find flows whose DESTROY was lost in an overrun: tracked before, absent from the dump."""
+    find flows whose DESTROY was lost in an overrun: started before the dump, not in it."""
 
     phase: Literal["begin", "end", "abort"]
     at: dt.datetime
@@ -691,9 +691,11 @@ class FlowTracker:
             net = ipaddress.IPv4Network(n)
             self._nets.append((int(net.network_address), int(net.netmask)))
         self._flows: OrderedDict[_FlowKey, FlowRecord] = OrderedDict()
-        # Resync bookkeeping: flows tracked when the dump began and not heard of since, and
-        # flows that ended during the dump (so a stale dump entry does not revive them).
-        self._pending: set[_FlowKey] | None = None
+        # Resync bookkeeping, between Resync begin and end: when the dump began, the flows
+        # it listed, and the flows that ended meanwhile (so a stale dump entry cannot revive
+        # them).
+        self._resync_begin_ms: int | None = None
+        self._listed: set[_FlowKey] = set()
         self._ended_in_resync: set[_FlowKey] = set()
         self._is_tunnel: dict[str, bool] = {}
 
@@ -733,9 +735,9 @@ class FlowTracker:
             return []
         key: _FlowKey = (ct_id, proto, src, sport, dst, dport)
         flows = self._flows
-        if self._pending is not None:
-            self._pending.discard(key)
         if kind is FlowEventKind.NEW:
+            if from_dump:
+                self._listed.add(key)
             if key in flows:
                 return []  # already known (a dump re-listing an open flow)
             if from_dump and key in self._ended_in_resync:
@@ -748,7 +750,7 @@ class FlowTracker:
             self.counters.records += 1
             return [record]
         start = flows.pop(key, None)
-        if self._pending is not None and len(self._ended_in_resync) < self.max_flows:
+        if self._resync_begin_ms is not None and len(self._ended_in_resync) < self.max_flows:
             self._ended_in_resync.add(key)
         if start is None:
             self.counters.late += 1  # the listener started late, or the flow was evicted
@@ -782,29 +784,31 @@ class FlowTracker:
         ))  # fmt: skip
 
     def _resync(self, mark: Resync) -> list[FlowRecord]:
+        at_ms = int(mark.at.timestamp() * 1000)
         if mark.phase == "begin":
-            self._pending = set(self._flows)
+            self._resync_begin_ms = at_ms
+            self._listed.clear()
             self._ended_in_resync.clear()
             return []
-        pending, self._pending = self._pending, None
+        begin_ms, self._resync_begin_ms = self._resync_begin_ms, None
+        listed, self._listed = self._listed, set()
         self._ended_in_resync.clear()
-        if mark.phase == "abort" or pending is None:
+        if mark.phase == "abort" or begin_ms is None:
             return []
-        # Tracked before the dump, neither listed by it nor heard of since: gone while we were
-        # deaf. Say so rather than leave the flow open forever.
-        end_ms = int(mark.at.timestamp() * 1000)
+        # A flow that started before the dump began and is still open would have been listed.
+        # Not listed and not ended since: its DESTROY was lost (it may even have been its
+        # NEW that we read late, from the backlog). Say so rather than leave it open forever.
+        # Flows started after the dump began cannot be judged; the next resync will.
+        gone = [key for key, rec in self._flows.items()
+                if rec.start_ms < begin_ms and key not in listed]  # fmt: skip
         out: list[FlowRecord] = []
-        for key in pending:
-            start = self._flows.pop(key, None)
-            if start is None:
-                continue
+        for key in gone:
+            start = self._flows.pop(key)
             out.append(
-                FlowRecord(
-                    "end", start.flow_id, start.pod, start.user, start.session_uid,
-                    start.proto, start.start_ms, max(end_ms, start.start_ms), start.tunnel_ip,
-                    start.tunnel_port, start.nat_ip, start.nat_port, start.dst_ip,
-                    start.dst_port, end_inferred=True,
-                )
+                tuple.__new__(FlowRecord, (
+                    "end", *start[1:7], max(at_ms, start.start_ms), *start[8:14],
+                    None, None, None, None, True,
+                ))
             )  # fmt: skip
         self.counters.inferred_ends += len(out)
         self.counters.records += len(out)
