@@ -402,8 +402,10 @@ class Bench:
                             new += 1
                         elif '"ct.event": 4' in line:
                             destroy += 1
-            lost = log.read_text().count("losing events") if log.exists() else 0
-            return new, destroy, lost
+            # ulogd says "losing events" when it grows its buffer, "has been reached" when
+            # it is at the maximum and loses events anyway.
+            text = log.read_text() if log.exists() else ""
+            return new, destroy, text.count("losing events") + text.count("has been reached")
 
         return proc, lines, ulogd_counts
 

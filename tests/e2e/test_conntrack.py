@@ -275,13 +275,15 @@ def test_tcp_and_udp_flows_are_reported_with_their_nat_tuples(topo: Topo) -> Non
 
 
 def test_overrun_is_counted_and_followed_by_a_resync(topo: Topo) -> None:
-    # A tiny buffer and a stopped reader: the kernel must drop events for us.
-    listener = topo.listen("--rcvbuf", "4096", "--no-initial-dump")
-    assert listener.ready["rcvbuf"] < 16384
+    # A small buffer (~400 events) and a stopped reader: the kernel must drop events for us.
+    # The backlog left is larger than one read batch (256), so the resync starts while the
+    # socket is still congested, which is what makes the follow-up dump necessary.
+    listener = topo.listen("--rcvbuf", str(256 * 1024), "--no-initial-dump")
+    assert listener.ready["rcvbuf"] <= 1 << 20
     os.kill(listener.proc.pid, signal.SIGSTOP)
     try:
-        burst = topo.cl.run(PY, "-c", BURST_SCRIPT, SERVER, str(PORT), "400", timeout=60)
-        assert "sent 400" in burst.stdout
+        burst = topo.cl.run(PY, "-c", BURST_SCRIPT, SERVER, str(PORT), "2000", timeout=60)
+        assert "sent 2000" in burst.stdout
         # Opened while the listener is deaf: its NEW event is lost with the others.
         hold = topo.cl.popen(PY, "-c", HOLD_SCRIPT, SERVER, str(PORT))
         held_port = int(Lines(hold).wait(lambda s: s.startswith("open"), 15, "hold").split()[1])
@@ -296,6 +298,14 @@ def test_overrun_is_counted_and_followed_by_a_resync(topo: Topo) -> None:
     # The held connection was re-learned from the dump, with its kernel start time.
     relearned = listener.event("new", 6, held_port, 5, from_dump=True)
     assert relearned.start_ns is not None and relearned.reply_dst == POD_OUT
+    # The kernel reports no further drops until the backlog has been read empty, so a dump
+    # taken during the catch-up is followed by another one once it has been.
+    ends = lambda: [s for s in listener.out.seen if '"phase": "end"' in s]  # noqa: E731
+    listener.message(
+        lambda m: m.get("type") == "resync" and m["phase"] == "end" and len(ends()) >= 2,
+        30,
+        "follow-up resync",
+    )
 
     listener.proc.send_signal(signal.SIGTERM)
     final = listener.message(lambda m: m.get("type") == "counters", 10, "final counters")

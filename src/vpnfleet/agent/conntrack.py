@@ -10,8 +10,10 @@ Losing events is never silent. When the socket buffer overflows the kernel drops
 the next read fails with ENOBUFS: that is counted in ``counters.overruns``, logged, and a
 resync is scheduled: a ctnetlink dump of the current table on a second socket, streamed as
 :class:`~vpnfleet.core.flows.Resync` ``begin``, the open flows as ``from_dump`` NEW events,
-then ``end``. Flows whose NEW was lost are re-learned; flows whose DESTROY was lost show up as
-missing (the tracker closes them). Decoding errors are counted and skipped.
+then ``end`` once the events queued behind the dump have been read. Flows whose NEW was lost
+are re-learned; flows whose DESTROY was lost show up as missing (the tracker closes them).
+The kernel stays silent about further drops until the backlog has been read empty, so a
+dump that began before that gets a follow-up. Decoding errors are counted and skipped.
 
 Debug tool: ``python -m vpnfleet.agent.conntrack`` prints what the agent would see, one JSON
 line per event (run it inside the pod: ``ip netns exec POD ...`` or ``kubectl exec``).

@@ -49,6 +49,6 @@ def kill_sessions(name: str, db: DB, who: Operator) -> dict[str, int]:
         name,
         None,
         {"sessions": [s.id for s in live]},
-        [ChangeSpec("kill", "upsert", user.id, {"user": name, "sessions": [s.id for s in live]})],
+        [ChangeSpec("kill", "upsert", user.id, {"user": name, "sessions": [s.uid for s in live]})],
     )
     return {"sessions": len(live), "revision": revision}
