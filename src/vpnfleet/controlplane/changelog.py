@@ -29,14 +29,15 @@ class ChangeSpec:
     data: dict[str, Any]
 
 
-def _lock(db: Session) -> None:
+def lock(db: Session) -> None:
+    """Serialize change-log writers (and consistent readers) until the transaction ends."""
     if db.get_bind().dialect.name == "postgresql":
         db.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_KEY})
 
 
 def append(db: Session, changes: list[ChangeSpec]) -> int:
     """Append changes to the log in this transaction; returns the new revision."""
-    _lock(db)
+    lock(db)
     rows = [Change(kind=c.kind, op=c.op, object_id=c.object_id, data=c.data) for c in changes]
     db.add_all(rows)
     db.flush()

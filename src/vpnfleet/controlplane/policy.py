@@ -39,7 +39,7 @@ def settle(db: Session) -> None:
     through them (under READ COMMITTED each statement could otherwise see a different state).
     On SQLite it is a no-op: transactions begin IMMEDIATE and serialize already.
     """
-    changelog._lock(db)
+    changelog.lock(db)
 
 
 def current_policy(db: Session) -> Policy:

@@ -40,10 +40,7 @@ class UserCreate(BaseModel):
 def _check_email(v: str | None) -> str | None:
     if v is None or v == "":
         return None
-    local, at, domain = v.partition("@")
-    if not at or not local or "." not in domain or " " in v or len(v) > 254:
-        raise ValueError(f"{v!r} is not an email address")
-    return v
+    return netparse.validate_email(v)
 
 
 class UserUpdate(BaseModel):

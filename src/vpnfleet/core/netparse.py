@@ -29,6 +29,14 @@ def validate_name(name: str, what: str = "name") -> str:
     return name
 
 
+def validate_email(text: str) -> str:
+    """Return `text` if it looks like an email address (one rule for the API and policy files)."""
+    local, at, domain = text.partition("@")
+    if not at or not local or "." not in domain or " " in text or len(text) > 254:
+        raise ValueError(f"{text!r} is not an email address")
+    return text
+
+
 def parse_destination(text: str) -> ipaddress.IPv4Network:
     """Parse a destination: an IPv4 host (`10.0.0.5`) or network (`10.0.0.0/24`).
 

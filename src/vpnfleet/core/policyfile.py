@@ -266,14 +266,6 @@ def _unknown_key(key: str, allowed: tuple[str, ...]) -> str:
     return f"unknown key {key!r}{hint}"
 
 
-def _check_email(text: str) -> str:
-    # The same rule the API applies to `email` (schemas.UserCreate).
-    local, at, domain = text.partition("@")
-    if not at or not local or "." not in domain or " " in text or len(text) > 254:
-        raise ValueError(f"{text!r} is not an email address")
-    return text
-
-
 def _check_description(text: str) -> str:
     if len(text) > MAX_DESCRIPTION:
         raise ValueError(f"description is longer than {MAX_DESCRIPTION} characters")
@@ -365,7 +357,9 @@ def _read_user(
     if "email" in fields:
         node = fields["email"][1]
         raw = r.text(node, f"{path}.email")
-        values["email"] = r.check(node, f"{path}.email", _check_email, raw) if raw else None
+        values["email"] = (
+            r.check(node, f"{path}.email", netparse.validate_email, raw) if raw else None
+        )
     if "mode" in fields:
         node = fields["mode"][1]
         raw = r.text(node, f"{path}.mode")
