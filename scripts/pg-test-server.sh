@@ -16,4 +16,6 @@ done
 port=$(pg_lsclusters -h | awk '$1=="'"$ver"'" && $2=="main" {print $3}')
 su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname='vpnfleet_test'\"" | grep -q 1 ||
   su postgres -c "psql -qc \"CREATE ROLE vpnfleet_test LOGIN CREATEDB PASSWORD 'vpnfleet_test'\""
+# DROP DATABASE ... WITH (FORCE) in the test fixtures may have to end an autovacuum worker.
+su postgres -c "psql -qc 'GRANT pg_signal_backend TO vpnfleet_test'" >/dev/null
 echo "postgresql+psycopg://vpnfleet_test:vpnfleet_test@127.0.0.1:${port}/postgres"

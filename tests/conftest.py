@@ -13,8 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 PG_ENV = "VPNFLEET_TEST_PG_URL"
 
@@ -43,9 +44,24 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     try:
         yield admin.set(database=name).render_as_string(hide_password=False)
     finally:
-        with engine.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        _drop_database(engine, name)
         engine.dispose()
+
+
+def _drop_database(engine: Engine, name: str) -> None:
+    """Drop a test database; FORCE ends leftover sessions (ours, or an autovacuum worker,
+    which the test role may signal only with pg_signal_backend, granted by
+    scripts/pg-test-server.sh). A refusal is retried briefly, then reported."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with engine.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            return
+        except DBAPIError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 @dataclass
