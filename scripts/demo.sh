@@ -17,6 +17,9 @@ A short tour (all from this shell):
                                                   # gary (gateway mode) keeps his tunnel address
   export VPNFLEET_URL=http://10.99.254.2:8000 VPNFLEET_TOKEN_FILE=/var/lib/vpnfleet-lab/vfl/cp/admin-token
   .venv/bin/vpnfleet session list
+  .venv/bin/vpnfleet lab exec alice -- python3 -c "import urllib.request as u; u.urlopen('http://10.99.0.100:8088/report')"
+  .venv/bin/vpnfleet audit annotate --format nginx /var/lib/vpnfleet-lab/vfl/nginx/access.log
+                                                  # nginx logged her pod's address; the audit names alice
   .venv/bin/vpnfleet user disable bob             # bob is cut within a second
   .venv/bin/vpnfleet lab down                     # removes everything the lab made
 TXT

@@ -219,6 +219,8 @@ class FlowRecord(BaseModel):
     """
 
     model_config = _strict
+    # Agents spool and send the line they print ("event": "flow" marks it for log pipelines).
+    event: Literal["flow"] | None = None
     kind: Literal["start", "end"]
     flow_id: str = Field(min_length=1, max_length=128)
     pod: str | None = None

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
-import string
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +18,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from tests.e2e.labs import lab_up
 from vpnfleet.lab import runner, topology
 from vpnfleet.lab.runner import LabInfo, LabUser
 
@@ -39,16 +38,9 @@ USERS = (
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LabInfo]:
-    prefix = "vt" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(3))
-    root = tmp_path_factory.mktemp("lab")
-    try:
-        info = await runner.up(prefix, pods=2, users=USERS, state_root=root, connect=False)
+    async with lab_up(tmp_path_factory.mktemp("lab"), USERS) as info:
         await asyncio.gather(*(runner.start_client(info, u) for u in ("alice", "bob", "gary")))
         yield info
-    finally:
-        report = await runner.down(prefix, state_root=root)
-        assert not report.errors, report.errors
-        assert not await topology.status(prefix) or not (await topology.status(prefix)).namespaces
 
 
 async def until(check: Callable[[], Any], seconds: float, what: str) -> Any:

@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import signal
-import string
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +18,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from tests.e2e.labs import lab_up
 from tests.e2e.test_lab_agent import agent_pid, alive, api, client_running, sessions, until
 from vpnfleet.lab import runner, topology
 from vpnfleet.lab.runner import LabInfo, LabUser
@@ -32,10 +31,7 @@ SVC = str(topology.CLUSTER_NET.network_address + 100)
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LabInfo]:
-    prefix = "vp" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(3))
-    root = tmp_path_factory.mktemp("lab")
-    try:
-        info = await runner.up(prefix, pods=2, users=USERS, state_root=root, connect=False)
+    async with lab_up(tmp_path_factory.mktemp("lab"), USERS, letters="vp") as info:
         api(info, "POST", "/api/v1/groups", {"name": "web"})
         api(info, "POST", "/api/v1/groups", {"name": "ops"})
         api(
@@ -49,9 +45,6 @@ async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LabInfo
         api(info, "POST", "/api/v1/groups/ops/members", {"user": "pb"})
         await asyncio.gather(runner.start_client(info, "pa"), runner.start_client(info, "pb"))
         yield info
-    finally:
-        report = await runner.down(prefix, state_root=root)
-        assert not report.errors, report.errors
 
 
 PROBE = r"""

@@ -178,6 +178,16 @@ async def test_prometheus_sees_clients_come_and_go(tmp_path: Path) -> None:
         assert "/api/v1/agent/heartbeat" in routes
         # One per agent, one for the lab's gateway-route follower.
         assert await prom.scalar("vpnfleet_watch_subscribers") == 3
+        # The NAT audit pipeline: both listeners up, the fetches recorded and delivered.
+        assert await prom.scalar("sum(vpnfleet_flow_listener_up)") == 2
+
+        async def flows_delivered() -> bool:
+            return (await prom.scalar("sum(vpnfleet_flow_records_delivered_total)") or 0) >= 2
+
+        await until(flows_delivered, 30, "the fetches' flow records to be delivered")
+        assert (await prom.scalar("sum(vpnfleet_flow_records_total)") or 0) >= 2
+        assert await prom.scalar("sum(vpnfleet_flow_event_overruns_total)") == 0
+        assert await prom.scalar('sum(vpnfleet_spool_dropped_total{spool="flows"})') == 0
 
         seen_in = await prom.scalar('openvpn_bytes_received{common_name="bob"}')
         seen_out = await prom.scalar('openvpn_bytes_sent{common_name="bob"}')

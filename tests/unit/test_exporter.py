@@ -206,6 +206,7 @@ def test_no_label_carries_an_address_a_port_or_a_time(agent: PodAgent, tmp_path:
     agent.openvpn_version = "OpenVPN 2.6.14 x86_64-pc-linux-gnu [SSL (OpenSSL)] [LZO] [EPOLL]"  # type: ignore[attr-defined]
     s = scrape(metrics_for(agent))
     allowed = {"server", "common_name", "mode", "set", "version", "arch", "pod", "result", "le"}
+    allowed.add("spool")  # sessions | flows
     for name, labels in s:
         for key, val in labels:
             assert key in allowed, f"{name} has label {key}"
@@ -247,8 +248,9 @@ def test_agent_state_values(agent: PodAgent) -> None:
     assert value(s, "vpnfleet_agent_ready") == 0  # not registered
     assert value(s, "vpnfleet_policy_applied_revision") == 40
     assert value(s, "vpnfleet_policy_revision_lag") == 0
-    assert value(s, "vpnfleet_spool_records") == 2
-    assert value(s, "vpnfleet_spool_bytes") == agent.spool.size_bytes > 0
+    assert value(s, "vpnfleet_spool_records", spool="sessions") == 2
+    assert value(s, "vpnfleet_spool_bytes", spool="sessions") == agent.spool.size_bytes > 0
+    assert names(s, "vpnfleet_spool_records") == [{"spool": "sessions"}]  # no flow audit yet
     assert value(s, "vpnfleet_ipset_entries", set="vpnf-clients") == 2
     assert value(s, "vpnfleet_ipset_entries", set="vpnf-nat") == 1
     assert value(s, "vpnfleet_ipset_entries", set="vpnf-g7-m") == 1
@@ -280,23 +282,44 @@ def test_lag_clock_counts_from_the_oldest_unapplied_revision() -> None:
     assert clock.observe(7, 13, 12) == 0
 
 
-def test_flow_and_watch_counters_when_the_agent_has_them(agent: PodAgent) -> None:
-    from vpnfleet.agent.conntrack import ListenerCounters
-    from vpnfleet.core.flows import FlowTracker
+def test_flow_and_watch_counters_when_the_agent_has_them(
+    agent: PodAgent, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vpnfleet.agent.conntrack import ConntrackListener, ListenerCounters
+    from vpnfleet.core.flows import FlowEvent, FlowEventKind, FlowTracker
 
-    listener = type("Listener", (), {})()
+    listener = ConntrackListener()
     listener.counters = ListenerCounters(events=120, overruns=2, resyncs=1)
-    tracker = FlowTracker("pod-a", ["10.200.0.0/16"], lambda _ip: None)
-    tracker.counters.records = 33
-    agent.flow_listener = listener  # type: ignore[attr-defined]
-    agent.flow_tracker = tracker  # type: ignore[attr-defined]
+    agent.flow_listener = listener
+    agent.flow_listener_up = True
+    agent.flow_spool = Spool(tmp_path, "flows")
+    agent.flow_tracker = FlowTracker("pod-a", ["10.200.0.0/16"], agent.owners.get)
+    agent.owners["10.200.0.2"] = ("alice", "pod-a-1")
+    at = dt.datetime.now(dt.UTC)
+    for ct_id, src in ((1, "10.200.0.2"), (2, "10.200.0.9"), (3, "10.99.0.5")):
+        ev = FlowEvent(FlowEventKind.NEW, 6, src, 40000, "10.99.0.100", 80, "10.99.0.100", 80,
+                       "10.99.0.11", 40000, ct_id, None, None, None, None, None, None, None,
+                       at)  # fmt: skip
+        agent._on_flow_item(ev)
+    agent.flows_delivered = 5
     agent.watch_connected = True
     s = scrape(metrics_for(agent))
     assert value(s, "vpnfleet_flow_events_total") == 120
     assert value(s, "vpnfleet_flow_event_overruns_total") == 2
-    assert value(s, "vpnfleet_flow_records_total") == 33
-    assert value(s, "vpnfleet_flows_tracked") == 0
+    # Two flows from tunnel addresses (one nobody owns), one from elsewhere (ignored).
+    assert value(s, "vpnfleet_flow_records_total") == 2
+    assert value(s, "vpnfleet_flow_records_unattributed_total") == 1
+    assert value(s, "vpnfleet_flows_tracked") == 2
+    assert value(s, "vpnfleet_spool_records", spool="flows") == 2
+    assert value(s, "vpnfleet_flow_listener_up") == 1
+    assert value(s, "vpnfleet_flow_records_delivered_total") == 5
     assert value(s, "vpnfleet_watch_connected") == 1
+    # Each record is also a JSON line on stdout, marked for log pipelines.
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(x["event"], x["kind"], x["user"]) for x in lines] == [
+        ("flow", "start", "alice"), ("flow", "start", None)]  # fmt: skip
+    assert lines[0]["nat_ip"] == "10.99.0.11" and lines[0]["dst_port"] == 80
+    agent.flow_spool.close()
 
 
 def test_certificate_and_crl_expiry_of_the_files_openvpn_uses(agent: PodAgent) -> None:

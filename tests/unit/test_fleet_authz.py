@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
-from pathlib import Path
 
 import pytest
 
-from vpnfleet.agent.spool import Spool
 from vpnfleet.core import authz, ipam
 from vpnfleet.core.fleet import FleetView
 from vpnfleet.wire import LiveSession, Snapshot, UserState
@@ -151,33 +149,6 @@ def test_allocator_rotates_and_exhausts() -> None:
     assert str(alloc.allocate()) == "10.0.0.2"
     assert not alloc.reserve(ipaddress.IPv4Address("10.0.0.1"))
     assert alloc.reserve(ipaddress.IPv4Address("10.0.0.4"))
-
-
-def test_spool_survives_restart_and_keeps_order(tmp_path: Path) -> None:
-    sp = Spool(tmp_path, "s", max_bytes=10_000)
-    for i in range(5):
-        assert sp.put({"n": i})
-    sp.commit(2)
-    sp.flush()
-    sp.close()
-    again = Spool(tmp_path, "s", max_bytes=10_000)
-    assert [r["n"] for r in again.peek(10)] == [2, 3, 4]
-    again.commit(3)
-    assert len(again) == 0 and (tmp_path / "s.jsonl").stat().st_size == 0
-    again.close()
-
-
-def test_spool_bound_and_torn_line(tmp_path: Path) -> None:
-    sp = Spool(tmp_path, "b", max_bytes=40)
-    assert sp.put({"k": "x" * 10})
-    assert not sp.put({"k": "y" * 30})
-    assert sp.dropped == 1
-    sp.close()
-    with open(tmp_path / "b.jsonl", "a") as fh:
-        fh.write('{"k": "tor')  # a crash mid-write
-    again = Spool(tmp_path, "b", max_bytes=40)
-    assert again.peek(5) == [{"k": "x" * 10}]
-    again.close()
 
 
 def test_the_same_address_reconnecting_replaces_its_old_session() -> None:

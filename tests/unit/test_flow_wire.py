@@ -32,7 +32,10 @@ def agent_record(**change: object) -> AgentRecord:
 )
 def test_agent_records_validate_as_sent(record: AgentRecord) -> None:
     batch = FlowBatch.model_validate({"pod": "pod-a", "records": [record.as_dict()]})
-    assert batch.records[0].model_dump() == record.as_dict()
+    assert batch.records[0].model_dump(exclude={"event"}) == record.as_dict()
+    # The agent spools and sends the line it prints: the same record, marked as a flow.
+    line = FlowBatch.model_validate_json(f'{{"pod":"pod-a","records":[{record.to_log_line()}]}}')
+    assert line.records[0] == batch.records[0].model_copy(update={"event": "flow"})
 
 
 def test_records_that_would_be_misread_are_refused() -> None:

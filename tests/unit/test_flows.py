@@ -407,6 +407,18 @@ def test_owner_at_start_keeps_the_flow_after_the_ip_changes_hands() -> None:
     assert owners.calls == 1  # asked once, at the start
 
 
+def test_shutdown_ends_every_open_flow_as_inferred() -> None:
+    t, _ = tracker()
+    (a,) = t.feed(new(event_ns=START_NS))
+    t.feed(new(ct_id=2, sport=40001, event_ns=START_NS))
+    t.feed(destroy(ct_id=2, sport=40001))
+    later = dt.datetime.fromtimestamp(START_NS / 1e9 + 60, dt.UTC)
+    (end,) = t.end_all(later)
+    assert end.flow_id == a.flow_id and end.end_inferred and end.bytes_out is None
+    assert end.end_ms == START_NS // 1_000_000 + 60_000 and end.user == "alice"
+    assert len(t) == 0 and t.end_all(later) == []
+
+
 def test_start_time_falls_back_to_read_time_without_kernel_timestamps() -> None:
     t, _ = tracker()
     (start,) = t.feed(new(at=AT))
@@ -588,3 +600,6 @@ _maybe_int = st.one_of(st.none(), st.integers(0, 2**64 - 1))
 )
 def test_record_json_is_exactly_the_dict(record: FlowRecord) -> None:
     assert json.loads(record.to_json()) == record.as_dict()
+    line = record.to_log_line()
+    assert line.endswith("\n") and line.count("\n") == 1 and line.isascii()
+    assert json.loads(line) == {"event": "flow", **record.as_dict()}

@@ -54,11 +54,18 @@ class ControlPlane:
     async def close(self) -> None:
         await self._http.aclose()
 
-    async def _call(self, method: str, path: str, body: BaseModel | None = None) -> Any:
+    async def _call(
+        self, method: str, path: str, body: BaseModel | None = None, raw: bytes | None = None
+    ) -> Any:
         try:
-            resp = await self._http.request(
-                method, path, json=None if body is None else body.model_dump(mode="json")
-            )
+            if raw is not None:
+                resp = await self._http.request(
+                    method, path, content=raw, headers={"Content-Type": "application/json"}
+                )
+            else:
+                resp = await self._http.request(
+                    method, path, json=None if body is None else body.model_dump(mode="json")
+                )
         except httpx.HTTPError as exc:
             raise ControlPlaneError(f"{method} {path}: {type(exc).__name__}") from None
         if resp.status_code >= 400:
@@ -103,6 +110,13 @@ class ControlPlane:
 
     async def denied(self, body: DeniedBatch) -> None:
         await self._call("POST", "/api/v1/agent/denied", body)
+
+    async def flows(self, pod: str, records: list[str]) -> dict[str, Any]:
+        """Send flow records already serialized as JSON objects (the spool's lines) in one
+        ``FlowBatch``, without parsing them again."""
+        body = f'{{"pod":{json.dumps(pod)},"records":[{",".join(records)}]}}'
+        out = await self._call("POST", "/api/v1/agent/flows", raw=body.encode())
+        return out if isinstance(out, dict) else {}
 
     async def heartbeat(self, body: Heartbeat) -> int:
         out = await self._call("POST", "/api/v1/agent/heartbeat", body)

@@ -377,9 +377,13 @@ class AgentCollector(Collector):
                 "Age of the oldest revision not enforced yet (scrape resolution)",
             ),
             _g("vpnfleet_ipset_entries", "Entries of each ipset as last applied", ("set",)),
-            _g("vpnfleet_spool_records", "Records waiting for the control plane"),
-            _g("vpnfleet_spool_bytes", "Size of the records waiting for the control plane"),
-            _c("vpnfleet_spool_dropped", "Records lost because the spool was full"),
+            _g("vpnfleet_spool_records", "Records waiting for the control plane", ("spool",)),
+            _g(
+                "vpnfleet_spool_bytes",
+                "Size of the records waiting for the control plane",
+                ("spool",),
+            ),
+            _c("vpnfleet_spool_dropped", "Records lost because the spool was full", ("spool",)),
             _g("vpnfleet_ca_expiry_timestamp_seconds", "notAfter of the CA file OpenVPN uses"),
             _g(
                 "vpnfleet_server_cert_expiry_timestamp_seconds",
@@ -404,6 +408,9 @@ class AgentCollector(Collector):
                 "Seconds since the watch stream last delivered anything (heartbeats included)",
             ),
             _g("vpnfleet_flows_tracked", "Open flows the tracker remembers"),
+            _g("vpnfleet_flow_listener_up", "1 while the conntrack flow listener runs"),
+            _c("vpnfleet_flow_records_delivered", "Flow records the control plane stored"),
+            _c("vpnfleet_flow_records_refused", "Flow records the control plane refused"),
         ]
         fams += [_c(name, doc) for _, name, doc in (*_LISTENER_COUNTERS, *_TRACKER_COUNTERS)]
         return {f.name: f for f in fams}
@@ -496,10 +503,16 @@ class AgentCollector(Collector):
 
     @staticmethod
     def _spool(a: AgentState, fams: dict[str, GaugeMetricFamily | CounterMetricFamily]) -> None:
-        spool = a.spool
-        fams["vpnfleet_spool_records"].add_metric([], len(spool) if spool is not None else 0)
-        fams["vpnfleet_spool_bytes"].add_metric([], spool.size_bytes if spool is not None else 0)
-        fams["vpnfleet_spool_dropped"].add_metric([], spool.dropped if spool is not None else 0)
+        # sessions (and denied attempts) always; flows when the agent records them.
+        for name, spool in (("sessions", a.spool), ("flows", getattr(a, "flow_spool", None))):
+            if spool is None and name == "flows":
+                continue
+            records, size, dropped = (
+                (0, 0, 0) if spool is None else (len(spool), spool.size_bytes, spool.dropped)
+            )
+            fams["vpnfleet_spool_records"].add_metric([name], records)
+            fams["vpnfleet_spool_bytes"].add_metric([name], size)
+            fams["vpnfleet_spool_dropped"].add_metric([name], dropped)
 
     def _file(self, path: Path, kind: str) -> float | None:
         key = f"{kind}:{path}"
@@ -554,3 +567,13 @@ class AgentCollector(Collector):
                     extra[name].add_metric([], value)
             if isinstance(tracker, Sized):
                 extra["vpnfleet_flows_tracked"].add_metric([], len(tracker))
+        up = getattr(a, "flow_listener_up", None)
+        if isinstance(up, bool) and tracker is not None:
+            extra["vpnfleet_flow_listener_up"].add_metric([], 1.0 if up else 0.0)
+            for attr, name in (
+                ("flows_delivered", "vpnfleet_flow_records_delivered"),
+                ("flows_refused", "vpnfleet_flow_records_refused"),
+            ):
+                value = getattr(a, attr, None)
+                if isinstance(value, int):
+                    extra[name].add_metric([], value)

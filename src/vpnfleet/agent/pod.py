@@ -8,6 +8,9 @@ One asyncio loop runs these tasks:
 - follow: keep the fleet view current from the control plane's watch stream;
 - firewall: coalesce changes and move the dataplane to the desired state;
 - deliver: send session records from the spool to the control plane, in order;
+- flows: read conntrack NEW/DESTROY events, attribute each flow from a tunnel address to the
+  session that owns the address, print it as a JSON line and spool it (NAT audit);
+- flow-deliver: send spooled flow records to the control plane in batches, in order;
 - reconcile: compare OpenVPN's `status 3` and the kernel with what we believe, and repair;
 - heartbeat: tell the control plane we are alive and which revision we enforce.
 
@@ -25,11 +28,13 @@ import logging
 import os
 import secrets
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
+from vpnfleet.agent.conntrack import ConntrackError, ConntrackListener
 from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
 from vpnfleet.agent.dataplane import Dataplane, DataplaneError
 from vpnfleet.agent.management import ManagementClient, ManagementError
@@ -41,6 +46,7 @@ from vpnfleet.agent.spool import Spool
 from vpnfleet.core import authz, fwplan, ipam, netparse, ovpn_config
 from vpnfleet.core.denied import DeniedAggregator, DeniedEvent
 from vpnfleet.core.fleet import Effects, FleetView
+from vpnfleet.core.flows import FlowItem, FlowTracker
 from vpnfleet.core.mgmt_protocol import ClientEvent, ClientEventKind, Hold, StatusClient
 from vpnfleet.wire import (
     Bootstrap,
@@ -59,6 +65,8 @@ log = logging.getLogger("vpnfleet.agent")
 TUN_DEV = "tun0"
 CRL_REFRESH = 6 * 3600.0  # seconds between CRL downloads when OpenVPN checks the CRL
 NFLOG_GROUP = 7007  # where the firewall sends denied packets for the agent to record
+FLOW_BATCH = 5000  # records per POST /agent/flows (the API's limit)
+FLOW_BATCH_BYTES = 4 << 20
 
 
 def grants_of(destination: str, proto: str, ports: str | None) -> list[fwplan.Grant]:
@@ -116,6 +124,18 @@ class PodAgent:
         self.nat_pool: ipaddress.IPv4Network | None = None
         self.gateway_pool: ipaddress.IPv4Network | None = None
         self.spool: Spool | None = None
+        # NAT audit (flow_loop): tunnel IP -> (user, session uid) of the session holding it,
+        # kept current at ESTABLISHED/DISCONNECT/kick/adopt so the per-flow lookup is O(1).
+        self.owners: dict[str, tuple[str, str]] = {}
+        self.flow_spool: Spool | None = None
+        self.flow_listener: ConntrackListener | None = None
+        self.flow_tracker: FlowTracker | None = None
+        self.flow_listener_up = False
+        # Where flow records are printed as JSON lines (None: --flow-log off).
+        self.flow_out: TextIO | None = sys.stdout if settings.flow_log == "stdout" else None
+        self.flows_delivered = 0
+        self.flows_refused = 0
+        self._flow_wake = asyncio.Event()
         # Health facts the probes report.
         self.registered = False
         self.config_applied = False
@@ -370,6 +390,8 @@ class PodAgent:
     def _forget(self, cid: int) -> LocalClient | None:
         client = self.clients.pop(cid, None)
         if client is not None:
+            if self.owners.get(client.tunnel_ip, ("", ""))[1] == client.uid:
+                del self.owners[client.tunnel_ip]
             if client.mode == "nat" and self.nat_alloc is not None:
                 self.nat_alloc.release(ipaddress.IPv4Address(client.tunnel_ip))
             if client.established:
@@ -383,6 +405,7 @@ class PodAgent:
             log.warning("ESTABLISHED for unknown client %d; reconcile will decide", ev.cid)
             return
         client.established = True
+        self.owners[client.tunnel_ip] = (client.user, client.uid)
         self._clients_dirty = True
         self._firewall_dirty.set()
         self._spool_open(client)
@@ -696,11 +719,7 @@ class PodAgent:
     # ------------------------------------------------------------------ denied attempts
 
     def _owner(self, ip: ipaddress.IPv4Address) -> tuple[str, str] | None:
-        text = str(ip)
-        for client in self.clients.values():
-            if client.tunnel_ip == text and client.established:
-                return client.user, client.uid
-        return None
+        return self.owners.get(str(ip))
 
     def _record_denied(self, event: DeniedEvent) -> None:
         record = event.as_record()
@@ -733,6 +752,143 @@ class PodAgent:
                 listener.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 5)
+
+    # ------------------------------------------------------------------ NAT audit: flows
+
+    def _tunnel_networks(self) -> list[ipaddress.IPv4Network]:
+        return [n for n in (self.nat_pool, self.gateway_pool) if n is not None]
+
+    def _on_flow_item(self, item: FlowItem) -> None:
+        """Per conntrack event (the listener's fast path): attribute, print, spool."""
+        assert self.flow_tracker is not None and self.flow_spool is not None
+        records = self.flow_tracker.feed(item)
+        if not records:
+            return
+        out = self.flow_out
+        put = self.flow_spool.put_line
+        for record in records:
+            # One JSON object per line, marked "event": "flow" for log pipelines (Loki,
+            # ELK); the same text is spooled and sent.
+            line = record.to_log_line()
+            if out is not None:
+                out.write(line)
+            put(line)
+        self._flow_wake.set()
+
+    async def flow_loop(self) -> None:
+        """Run the conntrack listener; restart it with backoff if it fails."""
+        assert self.flow_tracker is not None
+        delay = 1.0
+        while not self._stop.is_set():
+            listener = ConntrackListener()
+            self.flow_listener = listener
+            try:
+                listener.open()
+                self.flow_listener_up = True
+                log.info(
+                    "flow audit on: conntrack events of %s",
+                    ", ".join(str(n) for n in self._tunnel_networks()),
+                )
+                await listener.run(self._on_flow_item)
+                delay = 1.0
+            except ConntrackError as exc:
+                log.error("flow audit unavailable: %s; retrying in %.0fs", exc, delay)
+            except Exception as exc:  # audit trouble must not stop the VPN
+                log.error(
+                    "flow listener failed: %r; restarting in %.0fs", exc, delay, exc_info=True
+                )
+            finally:
+                self.flow_listener_up = False
+                listener.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            delay = min(delay * 2, 30)
+
+    async def _send_flows(self, limit: int) -> int:
+        """Send one batch of spooled flow records; returns how many left the spool.
+        Raises ControlPlaneError when the control plane is unreachable (retry later)."""
+        assert self.flow_spool is not None
+        lines = self.flow_spool.peek_lines(limit, max_bytes=FLOW_BATCH_BYTES)
+        if not lines:
+            return 0
+        try:
+            await self.cp.flows(self.s.name, lines)
+        except ControlPlaneError as exc:
+            if exc.retryable:
+                raise
+            if len(lines) > 1:
+                # Something in the batch is refused: halve until the bad record is alone.
+                return await self._send_flows(max(1, len(lines) // 2))
+            self.flows_refused += 1
+            log.error("dropped a flow record the control plane refused: %s", exc)
+            self.flow_spool.commit(1)
+            return 1
+        self.flow_spool.commit(len(lines))
+        self.flows_delivered += len(lines)
+        return len(lines)
+
+    async def flow_deliver_loop(self) -> None:
+        """Send flow records in batches of up to 5,000, oldest first; keep them on disk while
+        the control plane is away. The spool and stdout are flushed at least once a second."""
+        assert self.flow_spool is not None
+        delay = 0.5
+        last_flush = time.monotonic()
+        while not self._stop.is_set():
+            sent = 0
+            try:
+                sent = await self._send_flows(FLOW_BATCH)
+                delay = 0.5
+            except ControlPlaneError as exc:
+                log.warning(
+                    "flow delivery paused (%s); %d record(s) spooled", exc, len(self.flow_spool)
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                delay = min(delay * 2, 10)
+            if time.monotonic() - last_flush >= 1.0:
+                self._flush_flow_outputs()
+                last_flush = time.monotonic()
+            if sent >= FLOW_BATCH:
+                continue  # a backlog: next batch at once
+            # Quiet or trickling: gather records for a moment (fewer, larger requests).
+            self._flow_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flow_wake.wait(), 1.0)
+            if sent or len(self.flow_spool):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 0.2)
+
+    def _flush_flow_outputs(self) -> None:
+        if self.flow_spool is not None:
+            self.flow_spool.flush()
+        if self.flow_out is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.flow_out.flush()
+
+    async def _finish_flows(self, budget: float) -> None:
+        """At shutdown: end the flows still open (no client is left to use them), then give
+        the records ``budget`` seconds to reach the control plane; the spool keeps the rest."""
+        if self.flow_tracker is None or self.flow_spool is None:
+            return
+        if self.flow_listener is not None:
+            self.flow_listener.close()
+        ended = self.flow_tracker.end_all(_now())
+        for record in ended:
+            line = record.to_log_line()
+            if self.flow_out is not None:
+                self.flow_out.write(line)
+            self.flow_spool.put_line(line)
+        if ended:
+            log.info("ended %d open flow(s) at shutdown", len(ended))
+        deadline = time.monotonic() + budget
+        while len(self.flow_spool) and time.monotonic() < deadline:
+            try:
+                await self._send_flows(FLOW_BATCH)
+            except ControlPlaneError:
+                await asyncio.sleep(0.2)
+        self._flush_flow_outputs()
+        if len(self.flow_spool):
+            log.info("%d flow record(s) stay spooled for the next start", len(self.flow_spool))
 
     # ------------------------------------------------------------------ reconcile
 
@@ -833,6 +989,7 @@ class PodAgent:
         if user.mode == "nat" and self.nat_alloc is not None:
             self.nat_alloc.reserve(ipaddress.IPv4Address(vaddr))
         self.clients[cid] = client
+        self.owners[vaddr] = (client.user, client.uid)
         self._clients_dirty = True
         self._firewall_dirty.set()
         if old is None:
@@ -884,6 +1041,7 @@ class PodAgent:
                 self.mgmt = await self._attach()
                 if not adopted:
                     self.clients.clear()
+                    self.owners.clear()
                     if self.nat_alloc is not None and self.nat_pool is not None:
                         self.nat_alloc = ipam.AddressAllocator(self.nat_pool)
                 self._firewall_dirty.set()
@@ -972,7 +1130,10 @@ class PodAgent:
                             "clients": sum(1 for c in self.clients.values() if c.established),
                             "openvpn": self.openvpn_ready,
                             "view_revision": self.view.revision,
-                            "spooled": len(self.spool) if self.spool else 0,
+                            # Sessions, denied attempts and flow records waiting.
+                            "spooled": sum(
+                                len(sp) for sp in (self.spool, self.flow_spool) if sp is not None
+                            ),
                         },
                     )
                 )
@@ -1002,6 +1163,8 @@ class PodAgent:
             "draining": self.draining,
             "control_plane": self.cp_reachable,
             "revision": self.view.revision,
+            # Informational: a pod without flow audit still serves users (alert on it).
+            "flow_audit": self.flow_listener_up if self.s.flow_audit else "off",
         }
         ok = self.registered and self.config_applied and self.openvpn_ready and not self.draining
         return ok, detail
@@ -1031,6 +1194,10 @@ class PodAgent:
             loop.add_signal_handler(sig, self.request_stop)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.spool = Spool(self.state_dir, "sessions")
+        if self.s.flow_audit:
+            self.flow_spool = Spool(
+                self.state_dir, "flows", max_bytes=self.s.flow_spool_mb * 1024 * 1024
+            )
         from vpnfleet.agent.health import serve_http
 
         http = asyncio.create_task(serve_http(self), name="http")
@@ -1041,18 +1208,24 @@ class PodAgent:
             await self.load_view()
             self.render_config()
             await self.dataplane.ensure_sysctls()
-            tasks = [
-                asyncio.create_task(coro, name=name)
-                for name, coro in (
-                    ("supervise", self.supervise_loop()),
-                    ("follow", self.follow_loop()),
-                    ("firewall", self.firewall_loop()),
-                    ("deliver", self.deliver_loop()),
-                    ("reconcile", self.reconcile_loop()),
-                    ("heartbeat", self.heartbeat_loop()),
-                    ("denied", self.denied_loop()),
-                )
+            loops = [
+                ("supervise", self.supervise_loop()),
+                ("follow", self.follow_loop()),
+                ("firewall", self.firewall_loop()),
+                ("deliver", self.deliver_loop()),
+                ("reconcile", self.reconcile_loop()),
+                ("heartbeat", self.heartbeat_loop()),
+                ("denied", self.denied_loop()),
             ]
+            if self.flow_spool is not None:
+                self.flow_tracker = FlowTracker(
+                    self.s.name,
+                    self._tunnel_networks(),
+                    self.owners.get,
+                    record_destination=self.s.flow_destinations,
+                )
+                loops += [("flows", self.flow_loop()), ("flow-deliver", self.flow_deliver_loop())]
+            tasks = [asyncio.create_task(coro, name=name) for name, coro in loops]
             stop = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -1066,6 +1239,8 @@ class PodAgent:
                 await http
             if self.spool is not None:
                 self.spool.close()
+            if self.flow_spool is not None:
+                self.flow_spool.close()
             await self.cp.close()
 
     async def drain(self, tasks: list[asyncio.Task[None]]) -> None:
@@ -1090,9 +1265,12 @@ class PodAgent:
                 self._spool_close(client, 0, 0, "pod drained")
         deliver = next((t for t in tasks if t.get_name() == "deliver"), None)
         others = [t for t in tasks if t is not deliver]
+        if self.flow_listener is not None:
+            await asyncio.sleep(0.3)  # the DESTROY events of the clients' last flows
         for task in others:
             task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
+        await self._finish_flows(budget=3)
         if deliver is not None:
             # It stops after its current batch now that stop is set; then we own the spool.
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):

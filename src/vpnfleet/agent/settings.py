@@ -37,6 +37,13 @@ class AgentSettings:
     # stopped sending new clients here by the time they reconnect.
     drain_delay: float = 3.0
     log_format: str = "text"
+    # NAT audit (docs/audit.md): record every flow from a tunnel address, with or without its
+    # destination (RFC 6888 REQ-12 lets operators leave destinations out), and print each
+    # record as a JSON line on stdout ("stdout") or not ("off").
+    flow_audit: bool = True
+    flow_destinations: bool = True
+    flow_log: str = "stdout"
+    flow_spool_mb: int = 1024
 
     @classmethod
     def from_env(cls, **flags: object) -> AgentSettings:
@@ -63,11 +70,25 @@ class AgentSettings:
             value = pick(key, var)
             if value is not None:
                 values[key] = value
-        crl = flags.get("crl_verify")
-        if crl is None and env.get("VPNFLEET_CRL_VERIFY"):
-            crl = env["VPNFLEET_CRL_VERIFY"].lower() in ("1", "true", "yes", "on")
-        if crl is not None:
-            values["crl_verify"] = bool(crl)
+        for key, var in (
+            ("crl_verify", "VPNFLEET_CRL_VERIFY"),
+            ("flow_audit", "VPNFLEET_FLOW_AUDIT"),
+            ("flow_destinations", "VPNFLEET_FLOW_DESTINATIONS"),
+        ):
+            flag = flags.get(key)
+            if flag is None and env.get(var):
+                flag = _boolean(env[var], var)
+            if flag is not None:
+                values[key] = bool(flag)
+        flow_log = pick("flow_log", "VPNFLEET_FLOW_LOG")
+        if flow_log is not None:
+            values["flow_log"] = flow_log
+        spool_mb = pick("flow_spool_mb", "VPNFLEET_FLOW_SPOOL_MB")
+        if spool_mb is not None:
+            try:
+                values["flow_spool_mb"] = int(str(spool_mb))
+            except ValueError:
+                raise ValueError("VPNFLEET_FLOW_SPOOL_MB must be a whole number of MiB") from None
         state_dir = pick("state_dir", "VPNFLEET_STATE_DIR")
         if state_dir is not None:
             values["state_dir"] = Path(str(state_dir))
@@ -115,3 +136,16 @@ class AgentSettings:
             raise ValueError("only proto udp is supported")
         if self.log_format not in ("text", "json"):
             raise ValueError("log format must be 'text' or 'json'")
+        if self.flow_log not in ("stdout", "off"):
+            raise ValueError("flow log must be 'stdout' or 'off'")
+        if not 1 <= self.flow_spool_mb <= 1_048_576:
+            raise ValueError("flow spool size must be between 1 and 1048576 MiB")
+
+
+def _boolean(text: str, var: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{var} must be true or false, not {text!r}")

@@ -54,6 +54,10 @@ def lab_up(
     typer.echo(f"  export VPNFLEET_URL={info.url}")
     typer.echo(f"  export VPNFLEET_TOKEN_FILE={info.dir / 'cp' / 'admin-token'}")
     typer.echo(f"try:  vpnfleet lab exec alice -- curl -s {info.service}/")
+    if info.web:
+        fetch = f"import urllib.request as u; u.urlopen('{info.web}/report')"
+        typer.echo(f'      vpnfleet lab exec alice -- python3 -c "{fetch}"')
+        typer.echo(f"      vpnfleet audit annotate --format nginx {info.web_access_log}")
     typer.echo(f"stop: vpnfleet lab down{'' if prefix == 'vfl' else ' --prefix ' + prefix}")
 
 

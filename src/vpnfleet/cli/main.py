@@ -151,8 +151,30 @@ def agent(
         ),
     ] = None,
     log_format: Annotated[str | None, typer.Option(help="text or json.")] = None,
+    flow_audit: Annotated[
+        bool | None,
+        typer.Option(
+            "--flow-audit/--no-flow-audit",
+            help="Record every flow from a tunnel address (default on; env VPNFLEET_FLOW_AUDIT).",
+        ),
+    ] = None,
+    flow_destinations: Annotated[
+        bool | None,
+        typer.Option(
+            "--flow-destinations/--no-flow-destinations",
+            help="Keep destinations in flow records (default on; env VPNFLEET_FLOW_DESTINATIONS).",
+        ),
+    ] = None,
+    flow_log: Annotated[
+        str | None,
+        typer.Option(help="stdout: print flow records as JSON lines; off (env VPNFLEET_FLOW_LOG)."),
+    ] = None,
+    flow_spool_mb: Annotated[
+        int | None,
+        typer.Option(help="Disk for undelivered flow records, MiB (default 1024)."),
+    ] = None,
 ) -> None:
-    """Run the pod agent: supervise OpenVPN, enforce the firewall, report sessions."""
+    """Run the pod agent: supervise OpenVPN, enforce the firewall, report sessions and flows."""
     import asyncio
 
     from vpnfleet import logsetup
@@ -172,6 +194,10 @@ def agent(
             push_routes=push_route or [],
             crl_verify=crl_verify,
             log_format=log_format,
+            flow_audit=flow_audit,
+            flow_destinations=flow_destinations,
+            flow_log=flow_log,
+            flow_spool_mb=flow_spool_mb,
         )
         logsetup.setup(settings.log_format)
     except (ValueError, OSError) as exc:

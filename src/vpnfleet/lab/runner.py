@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from vpnfleet.core import netparse
-from vpnfleet.lab import topology
+from vpnfleet.lab import nginx, topology
 from vpnfleet.lab.topology import LabPlan
 
 log = logging.getLogger("vpnfleet.lab")
@@ -77,6 +77,13 @@ class LabInfo:
     service: str
     vpn_endpoint: str
     started_at: float = field(default_factory=time.time)
+    # The real nginx backend (lab/nginx.py), None if nginx is not installed.
+    web: str | None = None
+
+    @property
+    def web_access_log(self) -> Path:
+        """nginx's access log, in the vpnfleet log_format (for `audit annotate`)."""
+        return self.dir / "nginx" / "access.log"
 
     @property
     def plan(self) -> LabPlan:
@@ -167,6 +174,7 @@ async def up(
             agent_url=f"http://{plan.cp_ip}:{CP_PORT}",
             service=f"http://{plan.svc_ip}:{ECHO_PORT}",
             vpn_endpoint=f"{host}:{port}",
+            web=f"http://{plan.svc_ip}:{nginx.NGINX_PORT}" if nginx.available() else None,
         )
         info.save()
         await _start_control_plane(info)
@@ -269,9 +277,14 @@ async def _start_services(info: LabInfo) -> None:
         log_path=info.dir / "gateway-routes.log",
         env={**os.environ, "VPNFLEET_AGENT_TOKEN": _agent_token(info)},
     )
+    web = nginx.start(svc, info.dir / "nginx") if info.web else None
+    if web is None:
+        log.warning("nginx is not installed: the lab runs without its web backend")
     await asyncio.sleep(0.3)
     if echo.returncode is not None:
         raise LabRunError(f"the echo service exited; see {echo.log_path}")
+    if web is not None and web.returncode is not None:
+        raise LabRunError(f"nginx exited; see {web.log_path} and {web.log_path.parent}/error.log")
 
 
 def _agent_token(info: LabInfo) -> str:
@@ -443,6 +456,8 @@ async def status(info: LabInfo) -> dict[str, Any]:
         "url": info.url,
         "token_file": str(info.dir / "cp" / "admin-token"),
         "service": info.service,
+        "web": info.web,
+        "web_access_log": str(info.web_access_log) if info.web else None,
         "vpn_endpoint": info.vpn_endpoint,
         "namespaces": {n.name: {"pids": list(n.pids)} for n in topo.namespaces},
     }

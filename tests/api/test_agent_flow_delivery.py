@@ -1,0 +1,106 @@
+"""The agent's flow delivery against a real control plane (SQLite and PostgreSQL): records
+made by the agent's own per-event path reach the audit API in order, exactly once; a record
+the control plane refuses is dropped alone; an unreachable control plane keeps them spooled."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Server, free_port
+from vpnfleet.agent.cpclient import ControlPlaneError
+from vpnfleet.agent.pod import PodAgent
+from vpnfleet.agent.settings import AgentSettings
+from vpnfleet.agent.spool import Spool
+from vpnfleet.core.flows import FlowEvent, FlowEventKind, FlowTracker
+
+NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def agent_for(url: str, token: str, state: Path) -> PodAgent:
+    settings = AgentSettings(server=url, token=token, name="pod1", state_dir=state, flow_log="off")
+    agent = PodAgent(settings)
+    agent.flow_spool = Spool(state, "flows")
+    agent.flow_tracker = FlowTracker("pod1", ["10.200.0.0/24"], agent.owners.get)
+    agent.owners["10.200.0.2"] = ("alice", "pod1-s1")
+    return agent
+
+
+def connection(ct_id: int, port: int, kind: FlowEventKind = FlowEventKind.NEW) -> FlowEvent:
+    start = int(NOW.timestamp() * 1e9)
+    return FlowEvent(kind, 6, "10.200.0.2", port, "10.20.0.5", 443, "10.20.0.5", 443,
+                     "10.99.0.11", port, ct_id, start, start + 2_000_000_000, None, 3, 180, 2,
+                     900, NOW)  # fmt: skip
+
+
+def stored(admin: httpx.Client) -> list[dict[str, object]]:
+    flows = admin.get("/api/v1/audit/flows", params={"pod": "pod1", "limit": 10000})
+    assert flows.status_code == 200, flows.text
+    return list(flows.json())
+
+
+def test_records_arrive_once_and_a_refused_one_is_dropped_alone(
+    server: Server, admin: httpx.Client, tmp_path: Path
+) -> None:
+    agent = agent_for(server.url, server.make_token("agent"), tmp_path)
+    assert agent.flow_spool is not None
+    for i in range(1, 301):
+        agent._on_flow_item(connection(i, 20000 + i))
+    # One record no control plane accepts (a tunnel address that is not an address),
+    # in the middle of the queue.
+    good = agent.flow_spool.peek_lines(1)[0]
+    agent.flow_spool.put_line(good.replace('"tunnel_ip":"10.200.0.2"', '"tunnel_ip":"nowhere"'))
+    for i in range(1, 101):
+        agent._on_flow_item(connection(i, 20000 + i, FlowEventKind.DESTROY))
+
+    async def deliver() -> int:
+        sent = total = 0
+        while sent := await agent._send_flows(5000):
+            total += sent
+        await agent.cp.close()
+        return total
+
+    assert asyncio.run(deliver()) == 401
+    assert len(agent.flow_spool) == 0
+    assert (agent.flows_delivered, agent.flows_refused) == (400, 1)
+    flows = stored(admin)
+    assert len(flows) == 300 and {f["user"] for f in flows} == {"alice"}
+    ended = [f for f in flows if f["end_at"] is not None]
+    assert len(ended) == 100 and all(f["bytes_in"] == 900 for f in ended)
+    # Redelivery (at least once) changes nothing.
+    agent2 = agent_for(server.url, server.make_token("agent"), tmp_path / "again")
+    for i in range(1, 11):
+        agent2._on_flow_item(connection(i, 20000 + i))
+
+    async def again() -> int:
+        n = await agent2._send_flows(5000)
+        await agent2.cp.close()
+        return n
+
+    assert asyncio.run(again()) == 10
+    assert len(stored(admin)) == 300
+    agent.flow_spool.close()
+
+
+def test_an_unreachable_control_plane_keeps_the_records(tmp_path: Path) -> None:
+    agent = agent_for(f"http://127.0.0.1:{free_port()}", "t", tmp_path)
+    assert agent.flow_spool is not None
+    for i in range(1, 6):
+        agent._on_flow_item(connection(i, 30000 + i))
+
+    async def attempt() -> None:
+        try:
+            await agent._send_flows(5000)
+        finally:
+            await agent.cp.close()
+
+    with pytest.raises(ControlPlaneError):
+        asyncio.run(attempt())
+    assert len(agent.flow_spool) == 5
+    agent.flow_spool.close()
+    # A restart finds them on disk.
+    assert len(Spool(tmp_path, "flows")) == 5

@@ -1,0 +1,28 @@
+"""One way for e2e modules to build a lab and always tear it down, however the test ends."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import string
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from vpnfleet.lab import runner, topology
+from vpnfleet.lab.runner import LabInfo, LabUser
+
+
+@contextlib.asynccontextmanager
+async def lab_up(
+    root: Path, users: Sequence[LabUser], pods: int = 2, letters: str = "vt"
+) -> AsyncIterator[LabInfo]:
+    """A lab with a random prefix (``letters`` + 3), no client connected yet; on exit it is
+    removed and the removal is checked (no leftover namespace, process or error)."""
+    prefix = letters + "".join(secrets.choice(string.ascii_lowercase) for _ in range(3))
+    try:
+        yield await runner.up(prefix, pods=pods, users=tuple(users), state_root=root, connect=False)
+    finally:
+        report = await runner.down(prefix, state_root=root)
+        assert not report.errors, report.errors
+        left = await topology.status(prefix)
+        assert not left or not left.namespaces, left

@@ -1,0 +1,50 @@
+"""Agent settings from flags and VPNFLEET_* variables: the flow-audit options and their errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from vpnfleet.agent.settings import AgentSettings
+
+BASE = {"VPNFLEET_SERVER": "http://cp:8000", "VPNFLEET_AGENT_TOKEN": "t", "VPNFLEET_POD_NAME": "p1"}
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for key, value in BASE.items():
+        monkeypatch.setenv(key, value)
+    return monkeypatch
+
+
+def test_flow_audit_defaults_on_with_destinations_and_stdout(env: pytest.MonkeyPatch) -> None:
+    s = AgentSettings.from_env()
+    assert (s.flow_audit, s.flow_destinations, s.flow_log, s.flow_spool_mb) == (
+        True, True, "stdout", 1024)  # fmt: skip
+
+
+def test_flow_options_from_the_environment_and_flags_win(env: pytest.MonkeyPatch) -> None:
+    env.setenv("VPNFLEET_FLOW_DESTINATIONS", "false")
+    env.setenv("VPNFLEET_FLOW_LOG", "off")
+    env.setenv("VPNFLEET_FLOW_SPOOL_MB", "64")
+    s = AgentSettings.from_env()
+    assert (s.flow_destinations, s.flow_log, s.flow_spool_mb) == (False, "off", 64)
+    s = AgentSettings.from_env(flow_destinations=True, flow_audit=False)
+    assert (s.flow_destinations, s.flow_audit) == (True, False)
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [
+        ("VPNFLEET_FLOW_AUDIT", "perhaps", "VPNFLEET_FLOW_AUDIT must be true or false"),
+        ("VPNFLEET_FLOW_LOG", "syslog", "flow log must be 'stdout' or 'off'"),
+        ("VPNFLEET_FLOW_SPOOL_MB", "1G", "whole number of MiB"),
+        ("VPNFLEET_FLOW_SPOOL_MB", "0", "between 1 and"),
+        ("VPNFLEET_CRL_VERIFY", "maybe", "VPNFLEET_CRL_VERIFY must be true or false"),
+    ],
+)
+def test_bad_values_are_refused_clearly(
+    env: pytest.MonkeyPatch, var: str, value: str, message: str
+) -> None:
+    env.setenv(var, value)
+    with pytest.raises(ValueError, match=message):
+        AgentSettings.from_env()
