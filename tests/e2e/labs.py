@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import shutil
 import string
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -22,6 +23,13 @@ async def lab_up(
     try:
         yield await runner.up(prefix, pods=pods, users=tuple(users), state_root=root, connect=False)
     finally:
+        # `down` deletes the lab's state directory: keep its logs for a post-mortem (under
+        # pytest's temporary directory, which pytest prunes).
+        state = root / prefix
+        for log in state.rglob("*.log") if state.exists() else ():
+            dest = root / f"logs-{prefix}" / log.relative_to(state)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(log, dest)
         report = await runner.down(prefix, state_root=root)
         assert not report.errors, report.errors
         left = await topology.status(prefix)

@@ -282,9 +282,9 @@ def test_lag_clock_counts_from_the_oldest_unapplied_revision() -> None:
     assert clock.observe(7, 13, 12) == 0
 
 
-def test_flow_and_watch_counters_when_the_agent_has_them(
-    agent: PodAgent, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_flow_and_watch_counters_when_the_agent_has_them(agent: PodAgent, tmp_path: Path) -> None:
+    import io
+
     from vpnfleet.agent.conntrack import ConntrackListener, ListenerCounters
     from vpnfleet.core.flows import FlowEvent, FlowEventKind, FlowTracker
 
@@ -293,6 +293,7 @@ def test_flow_and_watch_counters_when_the_agent_has_them(
     agent.flow_listener = listener
     agent.flow_listener_up = True
     agent.flow_spool = Spool(tmp_path, "flows")
+    agent.flow_out = printed = io.StringIO()  # stdout in the agent
     agent.flow_tracker = FlowTracker("pod-a", ["10.200.0.0/16"], agent.owners.get)
     agent.owners["10.200.0.2"] = ("alice", "pod-a-1")
     at = dt.datetime.now(dt.UTC)
@@ -315,7 +316,7 @@ def test_flow_and_watch_counters_when_the_agent_has_them(
     assert value(s, "vpnfleet_flow_records_delivered_total") == 5
     assert value(s, "vpnfleet_watch_connected") == 1
     # Each record is also a JSON line on stdout, marked for log pipelines.
-    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    lines = [json.loads(x) for x in printed.getvalue().splitlines()]
     assert [(x["event"], x["kind"], x["user"]) for x in lines] == [
         ("flow", "start", "alice"), ("flow", "start", None)]  # fmt: skip
     assert lines[0]["nat_ip"] == "10.99.0.11" and lines[0]["dst_port"] == 80
@@ -566,3 +567,26 @@ def test_status_command_against_a_control_plane(server: Server) -> None:
         cli, capture_output=True, text=True, timeout=60, env={**env, "VPNFLEET_TOKEN": "nope"}
     )
     assert denied.returncode != 0 and "Traceback" not in denied.stderr
+
+
+def test_owners_survive_a_restart_until_reconcile_decides(agent: PodAgent) -> None:
+    """A crashed agent's successor attributes flows re-listed before adoption to the same
+    sessions (from its cached client list), and forgets owners nobody adopted."""
+    from vpnfleet.agent.pod import LocalClient
+
+    for cid, (user, ip) in enumerate((("alice", "10.200.0.2"), ("bob", "10.200.0.3"))):
+        agent.clients[cid] = LocalClient(
+            cid=cid, user=user, mode="nat", tunnel_ip=ip, real_ip="198.51.100.9",
+            real_port=5000 + cid, uid=f"pod-a-{user}", connected_at="2026-11-26T17:00:00+00:00",
+            established=True,
+        )  # fmt: skip
+    agent._save_clients()
+    after = PodAgent(agent.s)
+    after._seed_owners()
+    assert after.owners == {
+        "10.200.0.2": ("alice", "pod-a-alice"),
+        "10.200.0.3": ("bob", "pod-a-bob"),
+    }
+    after.clients[0] = agent.clients[0]  # alice was adopted; bob had left meanwhile
+    after._prune_owners()
+    assert after.owners == {"10.200.0.2": ("alice", "pod-a-alice")}

@@ -755,6 +755,19 @@ class PodAgent:
 
     # ------------------------------------------------------------------ NAT audit: flows
 
+    def _seed_owners(self) -> None:
+        """After a restart the listener's first table dump may come before the clients are
+        re-adopted: take their addresses' owners from the cached client list (same session
+        uids as adoption will keep), until the first reconcile confirms or drops them."""
+        for cached in self._load_cached_clients().values():
+            if cached.established:
+                self.owners.setdefault(cached.tunnel_ip, (cached.user, cached.uid))
+
+    def _prune_owners(self) -> None:
+        held = {c.tunnel_ip for c in self.clients.values()}
+        for ip in [ip for ip in self.owners if ip not in held]:
+            del self.owners[ip]  # a cached owner whose client was not there to adopt
+
     def _tunnel_networks(self) -> list[ipaddress.IPv4Network]:
         return [n for n in (self.nat_pool, self.gateway_pool) if n is not None]
 
@@ -906,6 +919,7 @@ class PodAgent:
             log.info("reconcile skipped: %s", exc)
             return
         await self._reconcile_clients(listed)
+        self._prune_owners()
         if self.config_applied:
             try:
                 drift = await self.dataplane.check_drift(self.desired_state())
@@ -1218,6 +1232,7 @@ class PodAgent:
                 ("denied", self.denied_loop()),
             ]
             if self.flow_spool is not None:
+                self._seed_owners()
                 self.flow_tracker = FlowTracker(
                     self.s.name,
                     self._tunnel_networks(),
