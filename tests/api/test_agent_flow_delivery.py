@@ -104,3 +104,24 @@ def test_an_unreachable_control_plane_keeps_the_records(tmp_path: Path) -> None:
     agent.flow_spool.close()
     # A restart finds them on disk.
     assert len(Spool(tmp_path, "flows")) == 5
+
+
+def test_a_rejected_token_keeps_the_records_instead_of_dropping_them(
+    server: Server, tmp_path: Path
+) -> None:
+    agent = agent_for(server.url, "not-a-token", tmp_path)
+    assert agent.flow_spool is not None
+    for i in range(1, 4):
+        agent._on_flow_item(connection(i, 31000 + i))
+
+    async def attempt() -> None:
+        try:
+            await agent._send_flows(5000)
+        finally:
+            await agent.cp.close()
+
+    with pytest.raises(ControlPlaneError) as err:
+        asyncio.run(attempt())
+    assert err.value.status == 401
+    assert len(agent.flow_spool) == 3 and agent.flows_refused == 0
+    agent.flow_spool.close()

@@ -69,23 +69,46 @@ def test_unflushed_records_are_lost_by_a_crash_flushed_ones_are_not(tmp_path: Pa
 
 def test_steady_load_compacts_the_delivered_head(tmp_path: Path) -> None:
     sp = Spool(tmp_path, "k", compact_bytes=4096)
-    sent: list[int] = []
-    n = 0
-    for _ in range(200):  # never empty: two in, one batch out, one always left behind
-        for _ in range(3):
+    sp.put({"n": 0, "pad": "x" * 100})
+    n, sent = 1, []
+    for _ in range(300):  # never empty: one record is always left behind
+        for _ in range(2):
             sp.put({"n": n, "pad": "x" * 100})
             n += 1
         batch = sp.peek(2)
         sent += [r["n"] for r in batch]
         sp.commit(len(batch))
-        assert (tmp_path / "k.jsonl").stat().st_size <= 2 * sp.size_bytes + 4096 + 200
+        assert (tmp_path / "k.jsonl").stat().st_size <= 4096 + 3 * 120
     sp.close()
     again = Spool(tmp_path, "k")
-    rest = []
-    while batch := again.peek(50):
-        rest += [r["n"] for r in batch]
-        again.commit(len(batch))
+    rest = [r["n"] for r in again.peek(50)]
     assert sent + rest == list(range(n))
+    again.close()
+
+
+def test_the_file_never_outgrows_twice_the_bound(tmp_path: Path) -> None:
+    sp = Spool(tmp_path, "g", max_bytes=10_000, compact_bytes=1 << 30)  # never compacts
+    line = json.dumps({"pad": "x" * 90})  # 102 bytes with its newline
+    accepted = sum(sp.put_line(line) for _ in range(150))
+    assert accepted == 98 and sp.dropped == 52  # undelivered bytes bounded by max_bytes
+    for _ in range(3):  # deliver a third, refill: the file grows with the delivered head
+        sp.commit(len(sp.peek_lines(33)))
+        sum(sp.put_line(line) for _ in range(33))
+    assert (tmp_path / "g.jsonl").stat().st_size <= 20_000
+    assert sp.size_bytes <= 10_000 and sp.dropped > 52
+    while batch := sp.peek_lines(100):  # delivered to the end: truncated, accepting again
+        sp.commit(len(batch))
+    assert (tmp_path / "g.jsonl").stat().st_size == 0 and sp.put_line(line)
+    sp.close()
+
+
+def test_a_compaction_cut_short_by_a_crash_is_cleaned_up(tmp_path: Path) -> None:
+    sp = Spool(tmp_path, "c2")
+    sp.put({"n": 1})
+    sp.close()
+    (tmp_path / "c2.compact").write_text('{"n": 0}\n{"half')
+    again = Spool(tmp_path, "c2")
+    assert again.peek(5) == [{"n": 1}] and not (tmp_path / "c2.compact").exists()
     again.close()
 
 

@@ -781,11 +781,15 @@ class PodAgent:
         put = self.flow_spool.put_line
         for record in records:
             # One JSON object per line, marked "event": "flow" for log pipelines (Loki,
-            # ELK); the same text is spooled and sent.
+            # ELK); the same text is spooled (first: the audit trail) and printed.
             line = record.to_log_line()
-            if out is not None:
-                out.write(line)
             put(line)
+            if out is not None:
+                try:
+                    out.write(line)
+                except (OSError, ValueError):
+                    self.flow_out = out = None  # stdout is gone; the spool still has it all
+                    log.error("flow records can no longer be printed on stdout")
         self._flow_wake.set()
 
     async def flow_loop(self) -> None:
@@ -827,8 +831,10 @@ class PodAgent:
         try:
             await self.cp.flows(self.s.name, lines)
         except ControlPlaneError as exc:
-            if exc.retryable:
-                raise
+            if exc.status == 413 and len(lines) > 1:
+                return await self._send_flows(max(1, len(lines) // 2))  # too big: smaller
+            if exc.status not in (400, 422):
+                raise  # unreachable, 5xx, or not allowed (a token problem): keep, retry
             if len(lines) > 1:
                 # Something in the batch is refused: halve until the bad record is alone.
                 return await self._send_flows(max(1, len(lines) // 2))
@@ -846,7 +852,9 @@ class PodAgent:
         assert self.flow_spool is not None
         delay = 0.5
         last_flush = time.monotonic()
-        while not self._stop.is_set():
+        # Runs through the drain too (until cancelled once the clients are gone): records
+        # keep flowing while clients move away.
+        while True:
             sent = 0
             try:
                 sent = await self._send_flows(FLOW_BATCH)
@@ -855,11 +863,17 @@ class PodAgent:
                 log.warning(
                     "flow delivery paused (%s); %d record(s) spooled", exc, len(self.flow_spool)
                 )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+            except OSError as exc:  # the spool's disk (full, read-only): keep trying
+                log.error("flow spool: %s; retrying in %.0fs", exc, delay)
+                await asyncio.sleep(delay)
                 delay = min(delay * 2, 10)
             if time.monotonic() - last_flush >= 1.0:
-                self._flush_flow_outputs()
+                try:
+                    self._flush_flow_outputs()
+                except OSError as exc:
+                    log.error("flow spool cannot be flushed: %s", exc)
                 last_flush = time.monotonic()
             if sent >= FLOW_BATCH:
                 continue  # a backlog: next batch at once
@@ -868,8 +882,7 @@ class PodAgent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._flow_wake.wait(), 1.0)
             if sent or len(self.flow_spool):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), 0.2)
+                await asyncio.sleep(0.2)
 
     def _flush_flow_outputs(self) -> None:
         if self.flow_spool is not None:
@@ -888,18 +901,23 @@ class PodAgent:
         ended = self.flow_tracker.end_all(_now())
         for record in ended:
             line = record.to_log_line()
-            if self.flow_out is not None:
-                self.flow_out.write(line)
             self.flow_spool.put_line(line)
+            if self.flow_out is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self.flow_out.write(line)
         if ended:
             log.info("ended %d open flow(s) at shutdown", len(ended))
         deadline = time.monotonic() + budget
-        while len(self.flow_spool) and time.monotonic() < deadline:
+        while len(self.flow_spool) and (left := deadline - time.monotonic()) > 0:
             try:
-                await self._send_flows(FLOW_BATCH)
-            except ControlPlaneError:
+                # A hanging request must not eat the rest of the termination grace period.
+                await asyncio.wait_for(self._send_flows(FLOW_BATCH), left)
+            except TimeoutError:
+                break
+            except (ControlPlaneError, OSError):
                 await asyncio.sleep(0.2)
-        self._flush_flow_outputs()
+        with contextlib.suppress(OSError):
+            self._flush_flow_outputs()
         if len(self.flow_spool):
             log.info("%d flow record(s) stay spooled for the next start", len(self.flow_spool))
 

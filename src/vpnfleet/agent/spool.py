@@ -10,10 +10,12 @@ every record carries an idempotency key (session uid, flow id). What a crash los
 put after the last :meth:`Spool.flush` (the agent flushes at least once a second; a clean
 stop flushes everything). A torn last line (a crash mid-write) is cut off at the next start.
 
-When everything is delivered both files are truncated, so a healthy spool stays empty; under
-a steady load that never quite empties it, the delivered head is cut off once it is larger
-than the undelivered rest (and at least ``compact_bytes``), so the file stays within about
-twice the backlog.
+When everything is delivered both files are truncated, so a healthy spool stays empty. Under
+a load that never quite empties it, the delivered head is cut off (the undelivered rest copied
+to a new file) once the head is at least ``compact_bytes`` and the rest is at most that: the
+copy stays small, so it never stalls the agent's event loop for long. Disk use is bounded:
+undelivered records by ``max_bytes``, the file itself by twice that (records beyond either are
+refused and counted in ``dropped``), plus one compaction copy of at most ``compact_bytes``.
 
 ``put`` takes a record (serialized here) and ``put_line`` a record already serialized by the
 caller (the flow pipeline serializes each record once, for stdout and the spool alike). Lines
@@ -62,6 +64,8 @@ class Spool:
     # -- start
 
     def _load(self) -> None:
+        # A compaction interrupted by a crash: its copy is incomplete, the original is intact.
+        self.path.with_suffix(".compact").unlink(missing_ok=True)
         if not self.path.exists():
             self.path.write_bytes(b"")
         size = self.path.stat().st_size
@@ -117,7 +121,7 @@ class Spool:
         if not line.endswith("\n"):
             line += "\n"
         size = len(line) if line.isascii() else len(line.encode())
-        if self._end - self._head + size > self.max_bytes:
+        if self._end - self._head + size > self.max_bytes or self._end + size > 2 * self.max_bytes:
             self.dropped += 1
             return False
         self._w.write(line)
@@ -174,7 +178,7 @@ class Spool:
         self._peeked = self._peeked[count:]
         if not self._count:
             self._truncate()
-        elif self._head >= self.compact_bytes and self._head > self._end - self._head:
+        elif self._head >= self.compact_bytes and self._end - self._head <= self.compact_bytes:
             self._compact()
         else:
             self._write_offset()
