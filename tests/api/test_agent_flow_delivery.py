@@ -37,6 +37,18 @@ def connection(ct_id: int, port: int, kind: FlowEventKind = FlowEventKind.NEW) -
                      900, NOW)  # fmt: skip
 
 
+def send_once(agent: PodAgent) -> int:
+    """One delivery attempt, as the agent's loop makes it (its HTTP client closed after)."""
+
+    async def attempt() -> int:
+        try:
+            return await agent._send_flows(5000)
+        finally:
+            await agent.cp.close()
+
+    return asyncio.run(attempt())
+
+
 def stored(admin: httpx.Client) -> list[dict[str, object]]:
     flows = admin.get("/api/v1/audit/flows", params={"pod": "pod1", "limit": 10000})
     assert flows.status_code == 200, flows.text
@@ -76,12 +88,7 @@ def test_records_arrive_once_and_a_refused_one_is_dropped_alone(
     for i in range(1, 11):
         agent2._on_flow_item(connection(i, 20000 + i))
 
-    async def again() -> int:
-        n = await agent2._send_flows(5000)
-        await agent2.cp.close()
-        return n
-
-    assert asyncio.run(again()) == 10
+    assert send_once(agent2) == 10
     assert len(stored(admin)) == 300
     agent.flow_spool.close()
 
@@ -92,14 +99,8 @@ def test_an_unreachable_control_plane_keeps_the_records(tmp_path: Path) -> None:
     for i in range(1, 6):
         agent._on_flow_item(connection(i, 30000 + i))
 
-    async def attempt() -> None:
-        try:
-            await agent._send_flows(5000)
-        finally:
-            await agent.cp.close()
-
     with pytest.raises(ControlPlaneError):
-        asyncio.run(attempt())
+        send_once(agent)
     assert len(agent.flow_spool) == 5
     agent.flow_spool.close()
     # A restart finds them on disk.
@@ -114,14 +115,8 @@ def test_a_rejected_token_keeps_the_records_instead_of_dropping_them(
     for i in range(1, 4):
         agent._on_flow_item(connection(i, 31000 + i))
 
-    async def attempt() -> None:
-        try:
-            await agent._send_flows(5000)
-        finally:
-            await agent.cp.close()
-
     with pytest.raises(ControlPlaneError) as err:
-        asyncio.run(attempt())
+        send_once(agent)
     assert err.value.status == 401
     assert len(agent.flow_spool) == 3 and agent.flows_refused == 0
     agent.flow_spool.close()
