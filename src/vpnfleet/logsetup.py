@@ -28,6 +28,9 @@ class JSONFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info and record.exc_info[0] is not None:
             out["error"] = record.exc_info[0].__name__
+            # The stack, or the cause of a rare failure is lost (it was, once: the message
+            # alone said "RuntimeError" and nothing else).
+            out["traceback"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str, separators=(",", ":"))
 
 

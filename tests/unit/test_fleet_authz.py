@@ -175,3 +175,19 @@ def test_the_same_address_reconnecting_replaces_its_old_session() -> None:
     )
     assert e.kick_sessions == {"pod1-old00000": "disconnected by the control plane"}
     assert not e.kick
+
+
+def test_events_the_view_already_contains_are_not_replayed() -> None:
+    """After a resync the watch stream may replay events older than the new snapshot:
+    passing through those old states again would kick users who are fine now."""
+    v = view(ALICE)
+    v.revision = 20  # a snapshot that already has alice disabled at 18 and re-enabled at 19
+    disabled = {
+        "type": "change", "kind": "user", "op": "upsert", "id": 1, "revision": 18,
+        "data": {"name": "alice", "enabled": False, "mode": "nat", "max_sessions": 1,
+                 "cert_serial": "123"},
+    }  # fmt: skip
+    e = v.apply(disabled)
+    assert not e.kick and v.users["alice"].enabled and v.revision == 20
+    e = v.apply({**disabled, "revision": 21})
+    assert e.kick == {"alice": "account disabled"} and v.revision == 21

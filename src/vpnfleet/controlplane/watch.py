@@ -52,7 +52,12 @@ class ChangeHub:
         # Newest events, ascending by revision; trimmed to BUFFER..2*BUFFER entries.
         self._events: list[dict[str, Any]] = []
         self._head = 0  # highest revision seen
-        self._cond = asyncio.Condition()
+        # Set (and replaced by a fresh one) whenever the head moves. An Event, not a
+        # Condition: a subscriber cancelled while waiting (its client went away) must not be
+        # able to leave a lock behind. With Python 3.11's wait_for around Condition.wait, a
+        # cancelled waiter could re-acquire the lock after its caller had left, and the
+        # tailing task then blocked on it forever: no change reached any agent again.
+        self._moved = asyncio.Event()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -106,12 +111,12 @@ class ChangeHub:
             try:
                 events = await run_in_threadpool(self._fetch, self._head)
                 if events:
-                    async with self._cond:
-                        self._events.extend(events)
-                        if len(self._events) > 2 * BUFFER:
-                            del self._events[:-BUFFER]
-                        self._head = events[-1]["revision"]
-                        self._cond.notify_all()
+                    self._events.extend(events)
+                    if len(self._events) > 2 * BUFFER:
+                        del self._events[:-BUFFER]
+                    self._head = events[-1]["revision"]
+                    moved, self._moved = self._moved, asyncio.Event()
+                    moved.set()
                     if len(events) == BATCH:
                         continue
                 ticks += 1
@@ -159,13 +164,17 @@ class ChangeHub:
 
     async def _wait_past(self, revision: int, patience: float) -> bool:
         """Wait until the head moves past `revision`; False on timeout."""
-        async with self._cond:
-            try:
-                await asyncio.wait_for(
-                    self._cond.wait_for(lambda: self._head > revision), timeout=patience
-                )
-            except TimeoutError:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        while self._head <= revision:
+            left = deadline - loop.time()
+            if left <= 0:
                 return False
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+            # coincides with the wait ending, and a subscriber must stop when its client goes.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._moved.wait()
         return True
 
 

@@ -85,6 +85,12 @@ class FleetView:
     def apply(self, event: dict[str, Any]) -> Effects:
         """Apply one watch event (type `change`); unknown kinds are ignored, not fatal."""
         effects = Effects()
+        rev = event.get("revision")
+        if isinstance(rev, int) and rev <= self.revision:
+            # Already part of this view: after a resync the stream replays events the new
+            # snapshot contains, and re-applying them would pass through old states (a user
+            # disabled then re-enabled would be kicked again).
+            return effects
         kind, op, data = event.get("kind"), event.get("op"), event.get("data") or {}
         obj_id = event.get("id")
         if kind == "user":
@@ -140,8 +146,7 @@ class FleetView:
                 effects.kick[name] = "disconnected by an administrator"
         elif kind in ("crl", "pki"):
             effects.crl = True
-        rev = event.get("revision")
-        if isinstance(rev, int) and rev > self.revision:
+        if isinstance(rev, int):
             self.revision = rev
         return effects
 
