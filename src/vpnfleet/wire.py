@@ -196,6 +196,13 @@ class DeniedBatch(BaseModel):
 
 # Flow records: times are integer milliseconds since the Unix epoch (UTC), so no zone can be
 # lost on the way; the latest accepted is 2100-01-01, which catches seconds sent as ms * 1000.
+# Fleet conventions the control plane's metrics and `vpnfleet status` must agree on.
+# A pod silent for longer was replaced (a Deployment names pods anew on every rollout, so the
+# pods table only grows): it leaves per-pod series, pod counts and the status screen.
+POD_FORGET_AFTER = dt.timedelta(hours=1)
+# Certificates (the CA included) closer than this to their notAfter are reported.
+CERT_EXPIRY_WARNING = dt.timedelta(days=30)
+
 MAX_EPOCH_MS = 4_102_444_800_000
 
 

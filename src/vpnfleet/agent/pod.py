@@ -46,7 +46,7 @@ from vpnfleet.agent.spool import Spool
 from vpnfleet.core import authz, fwplan, ipam, netparse, ovpn_config
 from vpnfleet.core.denied import DeniedAggregator, DeniedEvent
 from vpnfleet.core.fleet import Effects, FleetView
-from vpnfleet.core.flows import FlowItem, FlowTracker
+from vpnfleet.core.flows import FlowItem, FlowRecord, FlowTracker
 from vpnfleet.core.mgmt_protocol import ClientEvent, ClientEventKind, Hold, StatusClient
 from vpnfleet.wire import (
     Bootstrap,
@@ -775,8 +775,12 @@ class PodAgent:
         """Per conntrack event (the listener's fast path): attribute, print, spool."""
         assert self.flow_tracker is not None and self.flow_spool is not None
         records = self.flow_tracker.feed(item)
-        if not records:
-            return
+        if records:
+            self._emit_flows(records)
+
+    def _emit_flows(self, records: list[FlowRecord]) -> None:
+        """Spool and print records (the per-event path, and the flows ended at shutdown)."""
+        assert self.flow_spool is not None
         out = self.flow_out
         put = self.flow_spool.put_line
         for record in records:
@@ -899,13 +903,8 @@ class PodAgent:
         if self.flow_listener is not None:
             self.flow_listener.close()
         ended = self.flow_tracker.end_all(_now())
-        for record in ended:
-            line = record.to_log_line()
-            self.flow_spool.put_line(line)
-            if self.flow_out is not None:
-                with contextlib.suppress(OSError, ValueError):
-                    self.flow_out.write(line)
         if ended:
+            self._emit_flows(ended)
             log.info("ended %d open flow(s) at shutdown", len(ended))
         deadline = time.monotonic() + budget
         while len(self.flow_spool) and (left := deadline - time.monotonic()) > 0:

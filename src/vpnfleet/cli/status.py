@@ -16,11 +16,9 @@ from rich.markup import escape
 
 from vpnfleet.cli.admin import api
 from vpnfleet.cli.output import console, emit_json, table
+from vpnfleet.wire import CERT_EXPIRY_WARNING, POD_FORGET_AFTER
 
 HEARTBEAT_STALE = dt.timedelta(seconds=30)
-# Pods silent for longer were replaced (a Deployment names pods anew): hidden unless --all.
-FORGET_AFTER = dt.timedelta(hours=1)
-CA_WARN = dt.timedelta(days=30)
 # The control plane signs CRLs valid for 30 days, so "within 30 days" would always hold for a
 # fresh one: warn when a pod's copy has a week left (only pods that report it).
 CRL_WARN = dt.timedelta(days=7)
@@ -69,7 +67,7 @@ def assess(
         beat = _time(p.get("last_heartbeat"))
         seen = beat or _time(p.get("registered_at"))
         age = (now - beat).total_seconds() if beat else None
-        if not show_all and (seen is None or now - seen > FORGET_AFTER):
+        if not show_all and (seen is None or now - seen > POD_FORGET_AFTER):
             hidden += 1
             continue
         drained = bool(status.get("drained"))
@@ -120,7 +118,7 @@ def assess(
         left = ca_end - now
         days = round(left.total_seconds() / 86400, 1)
         pki_out = {"ca_not_after": ca_end.isoformat(), "ca_days_left": days}
-        if left < CA_WARN:
+        if left < CERT_EXPIRY_WARNING:
             conditions.append(
                 Condition("CAExpiring", "pki", f"the CA expires {ca_end.date()} ({days} d)")
             )

@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vpnfleet.controlplane import pki
 from vpnfleet.controlplane.models import Certificate, PKIState, Pod, User, VpnSession
+from vpnfleet.wire import CERT_EXPIRY_WARNING, POD_FORGET_AFTER
 
 if TYPE_CHECKING:
     from vpnfleet.controlplane.state import AppState
@@ -49,12 +50,8 @@ WATCH_ROUTE = "/api/v1/watch"
 UNMATCHED = "unmatched"
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# A pod silent for longer is considered replaced (Deployments name pods anew on every rollout,
-# so the pods table only grows): it leaves the per-pod series and the pod counts.
-POD_FORGET_AFTER = dt.timedelta(hours=1)
 # A pod whose last heartbeat is older than this is "silent" (the agent beats every 5 s).
 POD_SILENT_AFTER = dt.timedelta(seconds=60)
-EXPIRING_WITHIN = dt.timedelta(days=30)
 
 
 # ------------------------------------------------------------------ database facts
@@ -158,7 +155,7 @@ def read_pki(db: Session, now: dt.datetime, live_pods: set[str]) -> PKIFacts:
             continue
         t = not_after.timestamp()
         soonest[kind] = min(soonest.get(kind, t), t)
-        if not_after - now <= EXPIRING_WITHIN:
+        if not_after - now <= CERT_EXPIRY_WARNING:
             expiring[kind] = expiring.get(kind, 0) + 1
     return PKIFacts(ca_not_after, soonest, expiring, read_at=time.monotonic())
 
