@@ -107,6 +107,8 @@ class LiveSession(BaseModel):
     tunnel_ip: str
     mode: str
     real_ip: str | None = None
+    # Why the control plane asks this session to end; None while it may stay.
+    kill: str | None = None
 
 
 class Snapshot(BaseModel):

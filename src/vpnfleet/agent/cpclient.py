@@ -45,6 +45,9 @@ class ControlPlane:
 
     def __init__(self, url: str, token: str, timeout: float = 10.0) -> None:
         self.url = url.rstrip("/")
+        # Did the control plane answer the last request? Written here only: this client is
+        # the agent's one way to the control plane (probes and metrics read it).
+        self.reachable = False
         self._http = httpx.AsyncClient(
             base_url=self.url,
             headers={"Authorization": f"Bearer {token}"},
@@ -67,7 +70,9 @@ class ControlPlane:
                     method, path, json=None if body is None else body.model_dump(mode="json")
                 )
         except httpx.HTTPError as exc:
+            self.reachable = False
             raise ControlPlaneError(f"{method} {path}: {type(exc).__name__}") from None
+        self.reachable = resp.status_code < 500
         if resp.status_code >= 400:
             try:
                 detail = resp.json().get("detail", resp.text[:200])
@@ -93,6 +98,7 @@ class ControlPlane:
         try:
             resp = await self._http.get("/api/v1/pki/crl")
         except httpx.HTTPError as exc:
+            self.reachable = False
             raise ControlPlaneError(f"GET crl: {type(exc).__name__}") from None
         if resp.status_code >= 400:
             raise ControlPlaneError(f"GET crl: {resp.status_code}", resp.status_code)
@@ -131,6 +137,7 @@ class ControlPlane:
                 params={"since": since},
                 timeout=httpx.Timeout(10.0, read=60.0),
             ) as resp:
+                self.reachable = resp.status_code < 500
                 if resp.status_code >= 400:
                     raise ControlPlaneError(f"watch: HTTP {resp.status_code}", resp.status_code)
                 async for line in resp.aiter_lines():
@@ -144,4 +151,5 @@ class ControlPlane:
                     if isinstance(event, dict):
                         yield event
         except httpx.HTTPError as exc:
+            self.reachable = False
             raise ControlPlaneError(f"watch: {type(exc).__name__}") from None

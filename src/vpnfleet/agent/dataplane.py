@@ -20,8 +20,10 @@ Failure model (why a failed apply never leaves the pod open):
 * An incremental apply is one ``ipset restore`` whose operations :func:`fwplan.diff` ordered
   safely; if it fails (a set went missing, a hash filled up), a full resync follows.
 * Conntrack entries are deleted only after the new policy is in place, so the next packet of
-  a revoked flow is judged as NEW by the new policy. A full apply without an old state (agent
-  restart) cannot know what was revoked: follow it with :meth:`Dataplane.reconcile_flows`.
+  a revoked flow is judged as NEW by the new policy (:meth:`Dataplane.apply` changes sets and
+  rules only; :meth:`Dataplane.cut_revoked` follows it). A full apply without an old state
+  (agent restart, or after a failed apply) cannot know what was revoked: the agent follows it
+  with :meth:`Dataplane.cut_disallowed`, over its flow index when it has one.
   Each ``conntrack`` run walks the kernel's whole table (milliseconds, even when nothing
   matches), so one apply lists once for all lost grants and runs independent deletions side by
   side (at most ``_CONNTRACK_PARALLEL`` processes).
@@ -201,11 +203,13 @@ class Dataplane:
             raise ValueError(f"state prefix {state.prefix!r} != dataplane prefix {self.prefix!r}")
 
     async def apply(self, state: DesiredState) -> StateDiff | None:
-        """Move to ``state``: incrementally from the last applied state, else a full resync."""
+        """Move sets and rules to ``state``: incrementally from the last applied state (the
+        diff is returned), else a full resync (None). Open connections are left alone: cut the
+        diff's revoked flows with :meth:`cut_revoked` once this returns."""
         if self.applied is None:
             await self.apply_full(state)
             return None
-        return await self.apply_diff(self.applied, state)
+        return await self._apply_sets(self.applied, state)
 
     async def apply_full(self, state: DesiredState) -> None:
         """Complete, atomic-per-step resync of sets, chains and jumps; removes stale sets."""
@@ -249,6 +253,11 @@ class Dataplane:
     async def apply_diff(self, old: DesiredState, new: DesiredState) -> StateDiff:
         """Apply the element changes from ``old`` to ``new`` (full resync when rules change),
         then delete conntrack entries of flows that lost access."""
+        d = await self._apply_sets(old, new)
+        await self.cut_revoked(d, new)
+        return d
+
+    async def _apply_sets(self, old: DesiredState, new: DesiredState) -> StateDiff:
         self._check_prefix(new)
         d = fwplan.diff(old, new)
         if d.needs_full:
@@ -270,25 +279,28 @@ class Dataplane:
                     self._finish("diff", started)
             if not ok:
                 await self.apply_full(new)
-        await self._kill_revoked(d, new)
         return d
 
-    async def _kill_revoked(self, d: StateDiff, new: DesiredState) -> None:
-        # Disconnected clients: delete by address (two conntrack runs each, in parallel).
-        # Lost grants: one listing for all of them, then delete what matches.
+    async def cut_revoked(self, d: StateDiff, keep: DesiredState) -> int:
+        """Delete conntrack entries of the flows ``d`` revoked, unless ``keep`` allows them.
+
+        Disconnected clients: delete by address (two conntrack runs each, in parallel). Lost
+        grants: one listing for all of them, then delete what matches. Returns how many.
+        """
         gone = [rf.client for rf in d.revoked_flows if rf.grant is None]
         lost: dict[IPv4Address, list[Grant]] = {}
         for rf in d.revoked_flows:
             if rf.grant is not None:
                 lost.setdefault(rf.client, []).append(rf.grant)
-        jobs = [self.kill_flows(client, None, keep=new) for client in gone]
+        jobs = [self.kill_flows(client, None, keep=keep) for client in gone]
         if lost:
-            jobs.append(self._kill_lost_grants(lost, new))
+            jobs.append(self._kill_lost_grants(lost, keep))
         results = await asyncio.gather(*jobs, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             self.stats.last_error = str(errors[0])
             raise errors[0]
+        return sum(r for r in results if isinstance(r, int))
 
     async def _kill_lost_grants(
         self, lost: dict[IPv4Address, list[Grant]], keep: DesiredState
@@ -368,6 +380,20 @@ class Dataplane:
             and not (keep and fwplan.is_allowed(keep, f.src, f.proto, f.dst, f.dport))
         ]
         return await self._delete_flows(victims)
+
+    async def cut_disallowed(
+        self, state: DesiredState, open_flows: Sequence[Flow] | None
+    ) -> int:
+        """Delete every open flow ``state`` would not let start now; returns how many.
+
+        With ``open_flows`` (the flow index: what the conntrack listener knows is open) only
+        those are judged, and the disallowed ones deleted by their exact tuples; without it the
+        kernel's whole table is listed (:meth:`reconcile_flows`).
+        """
+        if open_flows is None:
+            return await self.reconcile_flows(state)
+        self._check_prefix(state)
+        return await self._delete_flows(fwplan.flows_to_cut(state, open_flows))
 
     async def reconcile_flows(self, state: DesiredState) -> int:
         """Delete every open flow ``state`` would not let start now; returns how many.

@@ -33,7 +33,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,15 +54,6 @@ MODES = ("nat", "gateway")
 # ------------------------------------------------------------------ what the collector reads
 
 
-class _Settings(Protocol):
-    @property
-    def name(self) -> str: ...
-    @property
-    def state_dir(self) -> Path: ...
-    @property
-    def crl_verify(self) -> bool: ...
-
-
 class _Client(Protocol):
     @property
     def cid(self) -> int: ...
@@ -71,23 +62,9 @@ class _Client(Protocol):
     @property
     def mode(self) -> str: ...
     @property
-    def tunnel_ip(self) -> str: ...
-    @property
     def connected_at(self) -> str: ...
     @property
     def established(self) -> bool: ...
-
-
-class _View(Protocol):
-    @property
-    def revision(self) -> int: ...
-
-
-class _Dataplane(Protocol):
-    @property
-    def applied(self) -> fwplan.DesiredState | None: ...
-    @property
-    def stats(self) -> Any: ...
 
 
 class _Spool(Protocol):
@@ -98,30 +75,43 @@ class _Spool(Protocol):
     def dropped(self) -> int: ...
 
 
-class AgentState(Protocol):
-    """The parts of PodAgent the collector reads (a bench or test can provide them alone)."""
+@dataclass(frozen=True)
+class Readings:
+    """Everything the collector reads from an agent at scrape time, as plain values.
 
-    @property
-    def s(self) -> _Settings: ...
-    @property
-    def clients(self) -> Mapping[int, _Client]: ...
-    @property
-    def last_status(self) -> Sequence[StatusClient]: ...
-    @property
-    def last_status_at(self) -> float: ...
-    @property
-    def view(self) -> _View: ...
-    @property
-    def applied_revision(self) -> int: ...
-    @property
-    def dataplane(self) -> _Dataplane: ...
-    @property
-    def spool(self) -> _Spool | None: ...
-    @property
-    def openvpn_ready(self) -> bool: ...
-    @property
-    def draining(self) -> bool: ...
-    def ready(self) -> tuple[bool, dict[str, Any]]: ...
+    Built by ``PodAgent.readings()`` from its parts' public state; optional fields are None
+    when the agent does not run that part (flow audit off, no watch stream yet).
+    """
+
+    pod: str
+    state_dir: Path
+    crl_verify: bool
+    clients: Sequence[_Client]
+    last_status: Sequence[StatusClient]
+    last_status_at: float
+    view_revision: int
+    applied_revision: int
+    applied_state: fwplan.DesiredState | None
+    dataplane_stats: Any
+    spools: Mapping[str, _Spool]
+    openvpn_ready: bool
+    openvpn_version: str | None
+    draining: bool
+    ready: bool
+    watch_connected: bool | None = None
+    watch_last_event: float | None = None  # monotonic
+    listener_counters: Any = None
+    tracker_counters: Any = None
+    tracked_flows: int | None = None
+    flow_listener_up: bool | None = None
+    flows_delivered: int | None = None
+    flows_refused: int | None = None
+
+
+class AgentState(Protocol):
+    """What the collector reads from (an agent, or a bench that builds readings alone)."""
+
+    def readings(self) -> Readings: ...
 
 
 # ------------------------------------------------------------------ configuration
@@ -298,9 +288,7 @@ def _c(name: str, doc: str, labels: Sequence[str] = ()) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, labels=list(labels))
 
 
-# Flow listener / tracker counters, read with getattr: the flow pipeline lands on the agent
-# separately (attributes `flow_listener` and `flow_tracker`), and the metrics must not depend
-# on it being there.
+# Flow listener / tracker counters: only when the agent runs the flow audit.
 _LISTENER_COUNTERS = (
     ("events", "vpnfleet_flow_events", "conntrack events received"),
     ("overruns", "vpnfleet_flow_event_overruns", "Socket overruns: the kernel dropped events"),
@@ -420,14 +408,13 @@ class AgentCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         fams = self._families()
         extra = self._optional_families()
-        a = self.agent
+        r = self.agent.readings()
         now = self.clock()
-        server = a.s.name
-        self._openvpn(a, server, fams, extra)
-        self._policy(a, now, fams)
-        self._spool(a, fams)
-        self._files_expiry(a, fams, extra)
-        self._optional(a, extra)
+        self._openvpn(r, fams, extra)
+        self._policy(r, now, fams)
+        self._spool(r, fams)
+        self._files_expiry(r, fams, extra)
+        self._optional(r, extra)
         yield from fams.values()
         for fam in extra.values():
             if fam.samples:
@@ -435,20 +422,17 @@ class AgentCollector(Collector):
 
     def _openvpn(
         self,
-        a: AgentState,
-        server: str,
+        r: Readings,
         fams: dict[str, GaugeMetricFamily | CounterMetricFamily],
         extra: dict[str, GaugeMetricFamily | CounterMetricFamily],
     ) -> None:
-        # C-level copies (atomic under the GIL): the registry may be rendered off the event
-        # loop (asyncio.to_thread) while the loop keeps changing these.
-        clients = list(a.clients.values())
-        users = per_user(clients, list(a.last_status))
+        server = r.pod
+        clients = list(r.clients)
+        users = per_user(clients, list(r.last_status))
         established = [c for c in clients if c.established]
-        up = 1.0 if a.openvpn_ready else 0.0
-        fams["openvpn_up"].add_metric([server], up)
-        if a.last_status_at > 0:
-            fams["openvpn_last_updated"].add_metric([server], a.last_status_at)
+        fams["openvpn_up"].add_metric([server], 1.0 if r.openvpn_ready else 0.0)
+        if r.last_status_at > 0:
+            fams["openvpn_last_updated"].add_metric([server], r.last_status_at)
         fams["openvpn_connections"].add_metric([server], len(established))
         by_mode = dict.fromkeys(MODES, 0)
         for c in established:
@@ -477,36 +461,32 @@ class AgentCollector(Collector):
             exported = len(users)
         fams["vpnfleet_metrics_client_series"].add_metric([], exported)
         fams["vpnfleet_metrics_clients_truncated"].add_metric([], 1.0 if truncated else 0.0)
-        version = _version_labels(getattr(a, "openvpn_version", None))
+        version = _version_labels(r.openvpn_version)
         if version is not None:
             extra["openvpn_server_info"].add_metric([server, *version], 1.0)
 
     def _policy(
-        self, a: AgentState, now: float, fams: dict[str, GaugeMetricFamily | CounterMetricFamily]
+        self, r: Readings, now: float, fams: dict[str, GaugeMetricFamily | CounterMetricFamily]
     ) -> None:
-        ok, _ = a.ready()
-        fams["vpnfleet_agent_ready"].add_metric([], 1.0 if ok else 0.0)
-        fams["vpnfleet_agent_draining"].add_metric([], 1.0 if a.draining else 0.0)
-        view, applied = a.view.revision, a.applied_revision
+        fams["vpnfleet_agent_ready"].add_metric([], 1.0 if r.ready else 0.0)
+        fams["vpnfleet_agent_draining"].add_metric([], 1.0 if r.draining else 0.0)
+        view, applied = r.view_revision, r.applied_revision
         fams["vpnfleet_policy_applied_revision"].add_metric([], applied)
         fams["vpnfleet_policy_revision_lag"].add_metric([], max(0, view - applied))
         fams["vpnfleet_policy_lag_seconds"].add_metric([], self.lag.observe(now, view, applied))
-        state = a.dataplane.applied
-        if state is not None:
-            for name, spec in fwplan.desired_sets(state).items():
+        if r.applied_state is not None:
+            for name, spec in fwplan.desired_sets(r.applied_state).items():
                 fams["vpnfleet_ipset_entries"].add_metric([name], len(spec.elements))
-        stats = a.dataplane.stats
         for attr, name, _ in _DATAPLANE_COUNTERS:
-            value = getattr(stats, attr, None)
+            value = getattr(r.dataplane_stats, attr, None)
             if isinstance(value, int | float):
                 fams[name].add_metric([], value)
 
     @staticmethod
-    def _spool(a: AgentState, fams: dict[str, GaugeMetricFamily | CounterMetricFamily]) -> None:
+    def _spool(r: Readings, fams: dict[str, GaugeMetricFamily | CounterMetricFamily]) -> None:
         # sessions (and denied attempts) always; flows when the agent records them.
-        for name, spool in (("sessions", a.spool), ("flows", getattr(a, "flow_spool", None))):
-            if spool is None and name == "flows":
-                continue
+        for name in ("sessions", *(n for n in r.spools if n != "sessions")):
+            spool = r.spools.get(name)
             records, size, dropped = (
                 (0, 0, 0) if spool is None else (len(spool), spool.size_bytes, spool.dropped)
             )
@@ -523,11 +503,11 @@ class AgentCollector(Collector):
 
     def _files_expiry(
         self,
-        a: AgentState,
+        r: Readings,
         fams: dict[str, GaugeMetricFamily | CounterMetricFamily],
         extra: dict[str, GaugeMetricFamily | CounterMetricFamily],
     ) -> None:
-        d = Path(a.s.state_dir)
+        d = Path(r.state_dir)
         for file, name in (
             ("ca.crt", "vpnfleet_ca_expiry_timestamp_seconds"),
             ("server.crt", "vpnfleet_server_cert_expiry_timestamp_seconds"),
@@ -537,43 +517,36 @@ class AgentCollector(Collector):
                 fams[name].add_metric([], value)
         # The agent refreshes its CRL copy only when a revocation happens; OpenVPN refuses
         # every client once it has expired, but only when it checks it (--crl-verify).
-        if a.s.crl_verify:
+        if r.crl_verify:
             value = self._file(d / "crl.pem", "crl")
             if value is not None:
                 extra["vpnfleet_crl_next_update_timestamp_seconds"].add_metric([], value)
 
     @staticmethod
-    def _optional(a: AgentState, extra: dict[str, GaugeMetricFamily | CounterMetricFamily]) -> None:
-        connected = getattr(a, "watch_connected", None)
-        if isinstance(connected, bool):
-            extra["vpnfleet_watch_connected"].add_metric([], 1.0 if connected else 0.0)
-        last = getattr(a, "watch_last_event", None)
-        if isinstance(last, int | float) and last > 0:
+    def _optional(r: Readings, extra: dict[str, GaugeMetricFamily | CounterMetricFamily]) -> None:
+        if r.watch_connected is not None:
+            extra["vpnfleet_watch_connected"].add_metric([], 1.0 if r.watch_connected else 0.0)
+        if r.watch_last_event is not None and r.watch_last_event > 0:
             # A monotonic timestamp: only its age is meaningful outside the process.
-            age = max(0.0, time.monotonic() - last)
+            age = max(0.0, time.monotonic() - r.watch_last_event)
             extra["vpnfleet_watch_last_event_age_seconds"].add_metric([], age)
-        counters = getattr(getattr(a, "flow_listener", None), "counters", None)
-        if counters is not None:
+        if r.listener_counters is not None:
             for attr, name, _ in _LISTENER_COUNTERS:
-                value = getattr(counters, attr, None)
+                value = getattr(r.listener_counters, attr, None)
                 if isinstance(value, int | float):
                     extra[name].add_metric([], value)
-        tracker = getattr(a, "flow_tracker", None)
-        tcounters = getattr(tracker, "counters", None)
-        if tcounters is not None:
+        if r.tracker_counters is not None:
             for attr, name, _ in _TRACKER_COUNTERS:
-                value = getattr(tcounters, attr, None)
+                value = getattr(r.tracker_counters, attr, None)
                 if isinstance(value, int | float):
                     extra[name].add_metric([], value)
-            if isinstance(tracker, Sized):
-                extra["vpnfleet_flows_tracked"].add_metric([], len(tracker))
-        up = getattr(a, "flow_listener_up", None)
-        if isinstance(up, bool) and tracker is not None:
-            extra["vpnfleet_flow_listener_up"].add_metric([], 1.0 if up else 0.0)
-            for attr, name in (
-                ("flows_delivered", "vpnfleet_flow_records_delivered"),
-                ("flows_refused", "vpnfleet_flow_records_refused"),
-            ):
-                value = getattr(a, attr, None)
-                if isinstance(value, int):
-                    extra[name].add_metric([], value)
+        if r.tracked_flows is not None:
+            extra["vpnfleet_flows_tracked"].add_metric([], r.tracked_flows)
+        if r.flow_listener_up is not None:
+            extra["vpnfleet_flow_listener_up"].add_metric([], 1.0 if r.flow_listener_up else 0.0)
+        for value, name in (
+            (r.flows_delivered, "vpnfleet_flow_records_delivered"),
+            (r.flows_refused, "vpnfleet_flow_records_refused"),
+        ):
+            if value is not None:
+                extra[name].add_metric([], value)

@@ -29,7 +29,8 @@ class Decision:
         return "allowed" if self.allow else self.reason.split(" (")[0].replace(" ", "_")
 
 
-def _serial_matches(expected: str | None, presented: str | None) -> bool:
+def serial_matches(expected: str | None, presented: str | None) -> bool:
+    """Is ``presented`` (OpenVPN's decimal ``tls_serial_0``) the user's current serial?"""
     if expected is None or presented is None:
         return False
     try:
@@ -56,7 +57,7 @@ def decide(
         return Decision(False, "unknown user", "unknown account")
     if not user.enabled:
         return Decision(False, "user disabled", "account disabled", user)
-    if not _serial_matches(user.cert_serial, cert_serial):
+    if not serial_matches(user.cert_serial, cert_serial):
         return Decision(False, "certificate not current", "certificate revoked or replaced", user)
     if user.mode == "gateway" and not user.gateway_address:
         return Decision(False, "no gateway address leased", "no gateway address", user)

@@ -521,6 +521,17 @@ def _ip_list(ips: Iterable[IPv4Address], limit: int = 5) -> str:
     return text + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
+def grants_of(destination: str, proto: str, ports: str | None) -> list[Grant]:
+    """One access rule as firewall grants (one per port range)."""
+    from vpnfleet.core import netparse
+
+    net = IPv4Network(destination)
+    ranges = netparse.parse_ports(ports)
+    if not ranges:
+        return [Grant(net, proto)]  # type: ignore[arg-type]
+    return [Grant(net, proto, r.lo, r.hi) for r in ranges]  # type: ignore[arg-type]
+
+
 def is_allowed(
     state: DesiredState, src: IPv4Address, proto: str, dst: IPv4Address, dport: int | None
 ) -> bool:

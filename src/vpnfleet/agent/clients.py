@@ -1,0 +1,323 @@
+"""The client handler: OpenVPN's client events in, decisions and session records out.
+
+It owns the pod's :class:`~vpnfleet.core.sessionbook.SessionBook` and its on-disk
+:class:`~vpnfleet.agent.clientjournal.ClientJournal`. For every CONNECT/REAUTH it asks the book
+(pure) what to answer and answers OpenVPN through the current management session; for
+ESTABLISHED and DISCONNECT it records the session and tells the firewall. It disconnects
+whatever :meth:`SessionBook.violations` names (disabled users, killed sessions, replaced
+certificates...), compares the book with OpenVPN's own client list, and hands session records
+to the shipper. A decision never waits on the network: it comes from the local fleet view.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from vpnfleet.agent.clientjournal import ClientJournal
+from vpnfleet.agent.management import ManagementError
+from vpnfleet.agent.metrics import AgentMetrics
+from vpnfleet.agent.runners import ManagementSession
+from vpnfleet.agent.sessionship import SessionShipper
+from vpnfleet.core.fleet import FleetView
+from vpnfleet.core.mgmt_protocol import ClientEvent, ClientEventKind, StatusClient
+from vpnfleet.core.sessionbook import Client, Kick, SessionBook
+
+log = logging.getLogger("vpnfleet.agent")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat()
+
+
+class ClientHandler:
+    """Keeps the session book, the journal and OpenVPN's clients in agreement."""
+
+    def __init__(
+        self,
+        book: SessionBook,
+        journal: ClientJournal,
+        shipper: SessionShipper,
+        *,
+        pod: str,
+        view: Callable[[], FleetView],
+        mgmt: Callable[[], ManagementSession | None],
+        changed: Callable[[], None],
+        metrics: AgentMetrics | None = None,
+        clock: Callable[[], str] = _now,
+    ) -> None:
+        self.book = book
+        self._journal = journal
+        self._shipper = shipper
+        self._pod = pod
+        self._view = view
+        self._mgmt = mgmt
+        self._changed = changed
+        self._metrics = metrics
+        self._clock = clock
+        self._cached: dict[tuple[str, str], Client] = {}
+        # OpenVPN's last client listing: byte counters for metrics and for sessions we end.
+        self.last_status: list[StatusClient] = []
+        self.last_status_at = 0.0
+        self._bytes: dict[int, tuple[int, int]] = {}
+        self._journal_synced = False
+
+    def new_uid(self) -> str:
+        """A fresh session uid (unique across the fleet: pod name + 64 random bits)."""
+        return f"{self._pod}-{secrets.token_hex(8)}"
+
+    def _uids(self) -> Iterator[str]:
+        while True:
+            yield self.new_uid()
+
+    # ------------------------------------------------------------------ start
+
+    def load_journal(self) -> None:
+        """Read the previous agent's sessions: adopted clients keep their uids and owners."""
+        self._cached = self._journal.load()
+        self.book.seed_owners(self._cached.values())
+
+    def reset(self, reason: str) -> None:
+        """OpenVPN was started afresh: every client it had is gone."""
+        for client in self.book.clear():
+            self._ended(client, reason)
+        self._journal.rewrite(())
+        self._changed()
+
+    # ------------------------------------------------------------------ events
+
+    async def on_event(self, ev: ClientEvent) -> None:
+        """One ``>CLIENT:`` notification, handled in arrival order (answers must not reorder)."""
+        if ev.kind in (ClientEventKind.CONNECT, ClientEventKind.REAUTH):
+            await self._on_connect(ev)
+        elif ev.kind is ClientEventKind.ESTABLISHED:
+            self._on_established(ev)
+        elif ev.kind is ClientEventKind.DISCONNECT:
+            self._on_disconnect(ev)
+
+    async def _on_connect(self, ev: ClientEvent) -> None:
+        started = time.perf_counter()
+        reauth = ev.kind is ClientEventKind.REAUTH
+        out = self.book.connect(
+            self._view(), ev.cid, ev.env, reauth=reauth, uid=self.new_uid(), now=self._clock()
+        )
+        decision = out.decision
+        kid = ev.kid if ev.kid is not None else 0
+        mgmt = self._mgmt()
+        try:
+            if mgmt is None:
+                raise ManagementError("no management session")
+            if not decision.allow:
+                if out.ended is not None:
+                    self._ended(out.ended, decision.reason)
+                await mgmt.client_deny(ev.cid, kid, decision.reason, decision.client_reason)
+                log.info(
+                    "denied %s from %s: %s",
+                    ev.env.get("common_name") or "?",
+                    ev.env.get("untrusted_ip", "?"),
+                    decision.reason,
+                    extra={"event": "auth", "user": ev.env.get("common_name"), "result": "deny"},
+                )
+            elif reauth:
+                await mgmt.client_auth(ev.cid, kid, ())
+            else:
+                for old in out.replaced:
+                    await self.kick(old, "replaced by a new connection", halt=True)
+                await mgmt.client_auth(ev.cid, kid, out.push)
+        except (ManagementError, ValueError) as exc:
+            # The client vanished meanwhile, or openvpn restarted: reconcile tidies up.
+            log.info("could not answer client %d: %s", ev.cid, exc)
+            if not reauth:
+                self.book.forget(ev.cid)
+        if self._metrics is not None:
+            self._metrics.decisions.labels(result=decision.label).inc()
+            self._metrics.decision_seconds.observe(time.perf_counter() - started)
+
+    def _on_established(self, ev: ClientEvent) -> None:
+        client = self.book.establish(ev.cid)
+        if client is None:
+            log.warning("ESTABLISHED for unknown client %d; reconcile will decide", ev.cid)
+            return
+        self._journal.up(client)
+        self._shipper.opened(client)
+        self._changed()
+        if self._metrics is not None:
+            self._metrics.connects.inc()
+        log.info(
+            "%s connected from %s:%s as %s (%s)",
+            client.user,
+            client.real_ip,
+            client.real_port,
+            client.tunnel_ip,
+            client.mode,
+            extra={
+                "event": "connect",
+                "user": client.user,
+                "tunnel_ip": client.tunnel_ip,
+                "session_uid": client.uid,
+            },
+        )
+
+    def _on_disconnect(self, ev: ClientEvent, reason: str = "disconnected") -> None:
+        client = self.book.forget(ev.cid)
+        self._bytes.pop(ev.cid, None)
+        if client is None or not client.established:
+            return
+        self._ended(
+            client,
+            reason,
+            bytes_in=_int(ev.env.get("bytes_received")),
+            bytes_out=_int(ev.env.get("bytes_sent")),
+        )
+        if self._metrics is not None:
+            self._metrics.disconnects.inc()
+        log.info(
+            "%s disconnected (%s)",
+            client.user,
+            client.tunnel_ip,
+            extra={"event": "disconnect", "user": client.user, "session_uid": client.uid},
+        )
+
+    def _ended(
+        self, client: Client, reason: str, bytes_in: int | None = None, bytes_out: int | None = None
+    ) -> None:
+        """A live session is over: journal, session record, firewall."""
+        if bytes_in is None or bytes_out is None:
+            bytes_in, bytes_out = self._bytes.get(client.cid, (0, 0))
+        self._journal.down(client.uid)
+        self._shipper.closed(client, bytes_in, bytes_out, reason)
+        self._changed()
+
+    # ------------------------------------------------------------------ disconnecting
+
+    async def kick(self, client: Client, reason: str, *, halt: bool) -> None:
+        """Disconnect ``client`` now: its session ends at once, OpenVPN drops it shortly.
+
+        OpenVPN keeps a killed instance for a few seconds (delayed exit): the address leaves
+        the firewall and the session record closes now, not at DISCONNECT.
+        """
+        ended = self.book.kick(client.cid, reason)
+        if ended is None and self.book.get(client.cid) is None:
+            return
+        log.info(
+            "disconnecting %s (%s): %s",
+            client.user,
+            client.tunnel_ip,
+            reason,
+            extra={"event": "kick", "user": client.user, "reason": reason},
+        )
+        if ended is not None:
+            self._ended(ended, reason)
+        mgmt = self._mgmt()
+        if mgmt is None:
+            return
+        try:
+            await mgmt.client_kill(client.cid, "HALT" if halt else "RESTART")
+        except ManagementError as exc:
+            log.info("client-kill %d: %s", client.cid, exc)
+
+    async def apply(self, kicks: Iterable[Kick]) -> None:
+        for k in kicks:
+            await self.kick(k.client, k.reason, halt=k.halt)
+
+    async def converge(self, users: Iterable[str] | None = None) -> None:
+        """Disconnect every client (of ``users``) the fleet view no longer allows."""
+        await self.apply(self.book.violations(self._view(), users))
+
+    async def kick_uid(self, uid: str, reason: str) -> None:
+        """Disconnect the client of session ``uid`` (the control plane refused it)."""
+        for client in self.book.by_uid(uid):
+            await self.kick(client, reason, halt=True)
+
+    # ------------------------------------------------------------------ reconcile
+
+    async def reconcile(self) -> bool:
+        """Compare OpenVPN's client list with the book; adopt, close and restart as needed.
+
+        False when OpenVPN could not be asked (no session, or it did not answer).
+        """
+        mgmt = self._mgmt()
+        if mgmt is None or mgmt.closed:
+            return False
+        listed_after = self.book.seq
+        try:
+            rows = await mgmt.status()
+        except ManagementError as exc:
+            log.info("reconcile skipped: %s", exc)
+            return False
+        self.last_status = rows
+        self.last_status_at = time.time()
+        self._bytes = {
+            r.client_id: (r.bytes_received, r.bytes_sent) for r in rows if r.client_id is not None
+        }
+        first = not self._journal_synced
+        result = self.book.reconcile(
+            rows,
+            self._view(),
+            self._cached,
+            listed_after=listed_after,
+            new_uid=self._uids(),
+            now=self._clock(),
+        )
+        for client in result.vanished:
+            log.warning("client %d (%s) vanished without DISCONNECT", client.cid, client.user)
+            self._ended(client, "missing from openvpn status (reconciled)")
+        for client in result.adopted:
+            # Always spooled: delivery is idempotent by uid, and the journal may have held the
+            # session while its open record was lost with the previous agent.
+            self._journal.up(client)
+            self._shipper.opened(client)
+            log.info(
+                "adopted %s (%s) after restart",
+                client.user,
+                client.tunnel_ip,
+                extra={"event": "adopt", "user": client.user, "session_uid": client.uid},
+            )
+        for cid in result.restart:
+            log.info("client %d never got an answer; asking it to reconnect", cid)
+            try:
+                await mgmt.client_kill(cid, "RESTART")
+            except ManagementError as exc:
+                log.info("client-kill %d: %s", cid, exc)
+        if first:
+            # The journal now holds exactly the live sessions (drops the previous agent's ones
+            # that were not there to adopt).
+            self._cached = {}
+            self._journal_synced = True
+            self._journal.rewrite(self.book.established())
+        if result.adopted:
+            self._changed()
+        await self.converge()
+        return True
+
+    def end_all(self, reason: str) -> None:
+        """Forget every client (drain, after OpenVPN stopped serving them); close live ones."""
+        for client in self.book:
+            gone = self.book.forget(client.cid)
+            if gone is not None and gone.established:
+                self._ended(gone, reason)
+
+    # ------------------------------------------------------------------ reading
+
+    def owner(self, tunnel_ip: str) -> tuple[str, str] | None:
+        """(user, session uid) of the session holding ``tunnel_ip`` now."""
+        return self.book.owner(tunnel_ip)
+
+    def established(self) -> list[Client]:
+        return self.book.established()
+
+    def live_uids(self) -> list[str]:
+        return [c.uid for c in self.book.established()]
+
+    def close(self) -> None:
+        self._journal.close()
+
+
+def _int(text: str | None) -> int:
+    try:
+        return max(0, int(text or 0))
+    except ValueError:
+        return 0

@@ -1,0 +1,139 @@
+"""Registration: the pod's identity and OpenVPN material from the control plane, kept on disk.
+
+At start the agent registers (its name, template, endpoint and pod IP) and receives its
+bootstrap: the pod's server certificate and key, the CA, the CRL, the tls-crypt key and the
+address pools. They are written to the state directory with OpenVPN's config, and the bootstrap
+is cached so a pod can restart while the control plane is away. The CRL is refreshed when a
+revocation is announced and every few hours (CRLs expire; OpenVPN refuses everyone with an
+expired one when it checks it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+
+from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
+from vpnfleet.agent.settings import AgentSettings
+from vpnfleet.agent.statedir import StateDir, write_private
+from vpnfleet.core import ipam, ovpn_config
+from vpnfleet.wire import Bootstrap, RegisterRequest
+
+log = logging.getLogger("vpnfleet.agent")
+
+TUN_DEV = "tun0"
+CRL_REFRESH = 6 * 3600.0  # seconds between CRL downloads when OpenVPN checks the CRL
+
+
+class Registration:
+    """Registers the pod and keeps the files OpenVPN runs from."""
+
+    def __init__(self, settings: AgentSettings, cp: ControlPlane, paths: StateDir) -> None:
+        self._s = settings
+        self._cp = cp
+        self.paths = paths
+        self.boot: Bootstrap | None = None
+        self._crl_at = time.monotonic()
+
+    @property
+    def registered(self) -> bool:
+        return self.boot is not None
+
+    @property
+    def nat_pool(self) -> ipaddress.IPv4Network:
+        assert self.boot is not None, "not registered"
+        return ipaddress.IPv4Network(self.boot.nat_pool)
+
+    @property
+    def gateway_pool(self) -> ipaddress.IPv4Network | None:
+        assert self.boot is not None, "not registered"
+        return ipaddress.IPv4Network(self.boot.gateway_pool) if self.boot.gateway_pool else None
+
+    async def register(self) -> Bootstrap:
+        """Register with the control plane, or fall back to the cached bootstrap.
+
+        Retries with backoff while the control plane is unreachable and no cache exists;
+        raises ControlPlaneError when it refuses (a 4xx: retrying would not help).
+        """
+        req = RegisterRequest(
+            name=self._s.name,
+            template=self._s.template,
+            public_endpoint=self._s.public_endpoint,
+            pod_ip=self._s.pod_ip,
+        )
+        delay = 0.5
+        while True:
+            try:
+                boot = await self._cp.register(req)
+                break
+            except ControlPlaneError as exc:
+                if not exc.retryable:
+                    raise
+                cached = self._cached()
+                if cached is not None and cached.name == self._s.name:
+                    log.warning("control plane unreachable (%s); starting from cached state", exc)
+                    boot = cached
+                    break
+                log.warning("cannot register yet (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+        self._write(boot)
+        self.boot = boot
+        log.info("registered as pod %s (NAT pool %s)", boot.name, boot.nat_pool)
+        return boot
+
+    def _cached(self) -> Bootstrap | None:
+        try:
+            return Bootstrap.model_validate_json(self.paths.bootstrap.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _write(self, boot: Bootstrap) -> None:
+        p = self.paths
+        write_private(p.ca, boot.ca_pem, 0o644)
+        write_private(p.cert, boot.cert_pem, 0o644)
+        write_private(p.key, boot.key_pem)
+        write_private(p.tls_crypt, boot.tls_crypt_key)
+        write_private(p.crl, boot.crl_pem, 0o644)
+        # Kept so the agent can restart while the control plane is away.
+        write_private(p.bootstrap, boot.model_dump_json())
+
+    def render_config(self) -> None:
+        """OpenVPN's server.conf for this pod."""
+        pool = self.nat_pool
+        gw = ipaddress.IPv4Interface(f"{ipam.server_address(pool)}/{pool.prefixlen}")
+        p = self.paths
+        conf = ovpn_config.render_server_conf(
+            pool_gateway=gw,
+            management_socket=str(p.mgmt_socket),
+            ca_path=str(p.ca),
+            cert_path=str(p.cert),
+            key_path=str(p.key),
+            tls_crypt_path=str(p.tls_crypt),
+            crl_path=str(p.crl) if self._s.crl_verify else None,
+            dev=TUN_DEV,
+            port=self._s.port,
+            proto="udp",
+            management_hold=True,
+        )
+        write_private(p.conf, conf, 0o644)
+
+    async def refresh_crl(self) -> None:
+        """Download the CRL (a revocation was announced, or the copy is getting old)."""
+        try:
+            crl = await self._cp.crl()
+        except ControlPlaneError as exc:
+            log.warning("could not refresh the CRL: %s", exc)
+            return
+        write_private(self.paths.crl, crl, 0o644)
+        self._crl_at = time.monotonic()
+        log.info("CRL updated")
+
+    async def run_crl_refresh(self) -> None:
+        """Keep OpenVPN's CRL fresh while it checks it (``--crl-verify``); until cancelled."""
+        while True:
+            await asyncio.sleep(60)
+            if self._s.crl_verify and time.monotonic() - self._crl_at > CRL_REFRESH:
+                await self.refresh_crl()

@@ -1,0 +1,176 @@
+"""The session shipper: session and denied-attempt records, spooled on disk, delivered in order.
+
+Records are written to the spool first (so an agent crash or a control-plane outage loses
+nothing) and sent by one task, oldest first. The control plane's answer to a session record
+may be "this session may not stay" (a fleet-wide session limit another pod filled meanwhile):
+the shipper hands that to ``on_refused``, which disconnects the client. Delivery is idempotent
+by session uid, so a record sent twice (after a crash between sending and committing) is
+harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
+from vpnfleet.agent.metrics import AgentMetrics
+from vpnfleet.agent.spool import Spool
+from vpnfleet.core.sessionbook import Client
+from vpnfleet.wire import DeniedBatch, DeniedRecord, SessionClose, SessionOpen, SessionReport
+
+log = logging.getLogger("vpnfleet.agent.sessions")
+
+BATCH = 50
+Refused = Callable[[str, str], Awaitable[None]]
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class SessionShipper:
+    """Spools session records and delivers them to the control plane."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        cp: ControlPlane,
+        pod: str,
+        *,
+        metrics: AgentMetrics | None = None,
+        clock: Callable[[], dt.datetime] = _now,
+    ) -> None:
+        self.spool = spool
+        self._cp = cp
+        self._pod = pod
+        self._metrics = metrics
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._on_refused: Refused | None = None
+
+    def on_refused(self, handler: Refused) -> None:
+        """Who disconnects a session the control plane refuses: ``handler(uid, reason)``."""
+        self._on_refused = handler
+
+    # ------------------------------------------------------------------ records
+
+    def opened(self, client: Client) -> None:
+        """``client``'s session is live (established, or adopted after a restart)."""
+        body = SessionOpen(
+            uid=client.uid,
+            user=client.user,
+            pod=self._pod,
+            mode=client.mode,
+            tunnel_ip=client.tunnel_ip,
+            real_ip=client.real_ip,
+            real_port=client.real_port,
+            client_id=client.cid,
+            started_at=dt.datetime.fromisoformat(client.connected_at),
+        )
+        self._put({"kind": "open", "body": body.model_dump(mode="json")})
+
+    def closed(self, client: Client, bytes_in: int, bytes_out: int, reason: str) -> None:
+        """``client``'s session ended."""
+        body = SessionClose(
+            uid=client.uid,
+            ended_at=self._clock(),
+            bytes_in=max(0, bytes_in),
+            bytes_out=max(0, bytes_out),
+            reason=reason[:200],
+        )
+        self._put({"kind": "close", "body": body.model_dump(mode="json")})
+
+    def denied(self, record: dict[str, Any]) -> None:
+        """Denied attempts of one source to one destination (see core/denied.py)."""
+        body = {k: record[k] for k in DeniedRecord.model_fields if k in record}
+        self._put({"kind": "denied", "body": body})
+
+    def _put(self, record: dict[str, Any]) -> None:
+        self.spool.put(record)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ delivery
+
+    async def run(self) -> None:
+        """Send spooled records in order; keep them while the control plane is away."""
+        delay = 0.5
+        while True:
+            batch = self.spool.peek(BATCH)
+            if not batch:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                self.spool.flush()
+                continue
+            try:
+                await self._send(batch)
+                delay = 0.5
+            except ControlPlaneError as exc:
+                log.warning("session delivery paused (%s); %d queued", exc, len(self.spool))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+
+    async def _send(self, batch: list[dict[str, Any]]) -> None:
+        done = 0
+        try:
+            for record in batch:
+                await self._deliver(record)
+                done += 1
+        finally:
+            self.spool.commit(done)
+            if self._metrics is not None:
+                self._metrics.spooled.set(len(self.spool))
+
+    async def _deliver(self, record: dict[str, Any]) -> None:
+        kind, body = record.get("kind"), record.get("body")
+        try:
+            if kind == "open":
+                verdict = await self._cp.session_open(SessionOpen.model_validate(body))
+                if not verdict.allowed and self._on_refused is not None:
+                    await self._on_refused(verdict.uid, verdict.reason or "refused")
+            elif kind == "close":
+                await self._cp.session_close(SessionClose.model_validate(body))
+            elif kind == "denied":
+                denied = DeniedRecord.model_validate(body)
+                await self._cp.denied(DeniedBatch(pod=self._pod, events=[denied]))
+            else:
+                raise ValueError(f"unknown record kind {kind!r}")
+        except ControlPlaneError as exc:
+            if exc.retryable:
+                raise
+            # A record the control plane will never accept (user deleted meanwhile...):
+            # dropping it beats blocking every later record behind it.
+            log.warning("dropped a %s record the control plane refused: %s", kind, exc)
+        except ValueError as exc:
+            log.error("dropped a malformed spool record: %s", exc)
+
+    async def report(self, live: Iterable[str]) -> None:
+        """Level-triggered repair: the control plane closes this pod's sessions not in ``live``."""
+        try:
+            closed = await self._cp.session_report(SessionReport(pod=self._pod, live=list(live)))
+        except ControlPlaneError as exc:
+            log.info("session report failed: %s", exc)
+            return
+        if closed:
+            log.info("control plane closed %d stale session(s) of this pod", closed)
+
+    async def finish(self, budget: float) -> None:
+        """At shutdown: give the records ``budget`` seconds; the spool keeps the rest."""
+        deadline = time.monotonic() + budget
+        while len(self.spool) and time.monotonic() < deadline:
+            try:
+                await asyncio.wait_for(
+                    self._send(self.spool.peek(BATCH)), deadline - time.monotonic()
+                )
+            except TimeoutError:
+                break
+            except ControlPlaneError:
+                await asyncio.sleep(0.2)
+        if len(self.spool):
+            log.info("%d session record(s) stay spooled for the next start", len(self.spool))

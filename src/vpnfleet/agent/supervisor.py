@@ -1,0 +1,188 @@
+"""The OpenVPN supervisor: the openvpn process and the agent's management session on it.
+
+It starts openvpn (held by ``management-hold`` until the agent is ready for clients) or adopts
+the one a previous agent left running, attaches to the management socket, lets the owner of
+the clients prepare (``prepare(adopted)``: forget the old clients, or adopt the running ones,
+and put the firewall in place), releases the hold, routes the gateway pool into the tunnel,
+and then feeds every ``>CLIENT:`` notification to ``on_event`` in arrival order. When openvpn
+dies it is restarted with backoff (1 s doubling to 30 s; back to 1 s after a minute of
+health). Process and session are reached through the runner interfaces, so the restart policy
+is unit-tested against fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from vpnfleet.agent.management import ManagementClient, ManagementError
+from vpnfleet.agent.metrics import AgentMetrics
+from vpnfleet.agent.openvpn import OpenVPNProcess
+from vpnfleet.agent.registration import TUN_DEV
+from vpnfleet.agent.runners import ManagementSession, ProcessRunner
+from vpnfleet.agent.statedir import StateDir
+from vpnfleet.core.mgmt_protocol import ClientEvent, Hold
+
+log = logging.getLogger("vpnfleet.agent")
+
+ATTACH_TIMEOUT = 15.0
+
+
+class Clients(Protocol):
+    """What the supervisor needs from whoever owns the clients."""
+
+    async def prepare(self, adopted: bool) -> None:
+        """Before clients are let in: reset (fresh openvpn) or adopt (``adopted``)."""
+
+    async def on_event(self, ev: ClientEvent) -> None:
+        """One client notification."""
+
+
+class OpenVPNSupervisor:
+    """Keeps openvpn running and one management session attached to it."""
+
+    def __init__(
+        self,
+        paths: StateDir,
+        *,
+        binary: str = "openvpn",
+        gateway_pool: ipaddress.IPv4Network | None = None,
+        process: Callable[[], ProcessRunner] | None = None,
+        connect: Callable[[], Awaitable[ManagementSession]] | None = None,
+        metrics: AgentMetrics | None = None,
+    ) -> None:
+        self._paths = paths
+        self._gateway_pool = gateway_pool
+        self._new_process = process or (lambda: OpenVPNProcess(binary, paths.conf, paths.root))
+        self._connect = connect or self._connect_socket
+        self._metrics = metrics
+        self._proc: ProcessRunner | None = None
+        self._session: ManagementSession | None = None
+        self.ready = False
+        self.version: str | None = None
+        self.last_ok = 0.0
+
+    @property
+    def session(self) -> ManagementSession | None:
+        """The current management session (None while detached)."""
+        s = self._session
+        return s if s is not None and not s.closed else None
+
+    async def _connect_socket(self) -> ManagementSession:
+        return await ManagementClient.connect(self._paths.mgmt_socket, timeout=3)
+
+    async def _attach(self) -> ManagementSession:
+        deadline = time.monotonic() + ATTACH_TIMEOUT
+        while True:
+            try:
+                return await self._connect()
+            except ManagementError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def run(self, clients: Clients) -> None:
+        """Until cancelled: keep openvpn running and attached; restart it when it dies."""
+        delay = 1.0
+        while True:
+            proc = self._new_process()
+            pid = proc.recorded_pid()
+            adopted = pid is not None and self._paths.mgmt_socket.exists()
+            if adopted:
+                assert pid is not None
+                proc.adopt(pid)
+            else:
+                with contextlib.suppress(OSError):
+                    self._paths.mgmt_socket.unlink()
+                await proc.start()
+            self._proc = proc
+            started = time.monotonic()
+            try:
+                await self._serve(clients, adopted)
+            except ManagementError as exc:
+                log.error("openvpn management failed: %s", exc)
+            finally:
+                self.ready = False
+                if self._session is not None:
+                    await self._session.close()
+                self._session = None
+            code = -1
+            if proc.running:
+                with contextlib.suppress(TimeoutError):
+                    code = await asyncio.wait_for(proc.wait(), 10)
+            log.error("openvpn stopped (exit %s); restarting in %.0fs", code, delay)
+            if self._metrics is not None:
+                self._metrics.openvpn_restarts.inc()
+            await proc.stop()
+            await asyncio.sleep(delay)
+            delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 30)
+
+    async def _serve(self, clients: Clients, adopted: bool) -> None:
+        mgmt = await self._attach()
+        self._session = mgmt
+        events = asyncio.create_task(self._events(mgmt, clients), name="mgmt-events")
+        try:
+            await clients.prepare(adopted)
+            await mgmt.hold_release()
+            with contextlib.suppress(ManagementError):
+                self.version = (await mgmt.version()).openvpn
+            await self._routes_up()
+            self.ready = True
+            self.last_ok = time.monotonic()
+            await events
+        finally:
+            if not events.done():
+                events.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await events
+
+    async def _events(self, mgmt: ManagementSession, clients: Clients) -> None:
+        async for event in mgmt.events():
+            if isinstance(event, ClientEvent):
+                # A task per decision would reorder answers; decisions are fast and local.
+                await clients.on_event(event)
+            elif isinstance(event, Hold) and self.ready:
+                # openvpn restarted itself (SIGUSR1) and waits again.
+                with contextlib.suppress(ManagementError):
+                    await mgmt.hold_release()
+
+    async def _routes_up(self) -> None:
+        """Route the gateway pool into the tunnel (its clients are on another subnet)."""
+        if self._gateway_pool is None:
+            return
+        err = b""
+        for _ in range(50):
+            proc = await asyncio.create_subprocess_exec(
+                "ip", "route", "replace", str(self._gateway_pool), "dev", TUN_DEV,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            _, err = await proc.communicate()
+            if proc.returncode == 0:
+                return
+            await asyncio.sleep(0.1)  # tun0 appears a moment after hold release
+        log.error("could not route %s into %s: %s", self._gateway_pool, TUN_DEV, err.decode())
+
+    async def probe(self) -> bool:
+        """Liveness: does openvpn answer on its management socket?"""
+        mgmt = self.session
+        if mgmt is None:
+            return False
+        try:
+            await mgmt.pid(timeout=2)
+        except ManagementError:
+            return False
+        self.last_ok = time.monotonic()
+        return True
+
+    async def stop(self) -> None:
+        """Detach and stop openvpn (drain)."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._proc is not None:
+            await self._proc.stop()

@@ -1,0 +1,455 @@
+"""Who is connected to this pod: the session book. Pure (no I/O, no clock, no randomness).
+
+The agent keeps one :class:`SessionBook`. It holds every client OpenVPN told the agent about,
+from CONNECT until DISCONNECT: user, mode, tunnel address, real address, session uid, the
+certificate serial it connected with; which session owns each tunnel address (flow and denied
+packet attribution); and the NAT address allocator. A client's *groups* are not copied here:
+they are always the user's current groups in the fleet view, so a membership change reaches
+connected clients by construction.
+
+Every operation returns what happened; the caller (``agent/clients.py``) does the I/O: answers
+OpenVPN, spools session records, appends to the client journal, pokes the firewall. The session
+uid and the clock are passed in, so every decision here is reproducible in a unit test.
+
+Convergence: :meth:`SessionBook.violations` compares the clients with a fleet view and names
+every client that must go (account deleted or disabled, certificate replaced, mode changed,
+session killed by the control plane). It is level-triggered: the agent calls it after every
+change, after a resync and after adopting clients at start, so a kill or a disable made while
+the agent was down still ends the session once the agent learns of it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from vpnfleet.core import authz, ipam
+from vpnfleet.core.fleet import FleetView
+from vpnfleet.core.mgmt_protocol import StatusClient
+
+MODE_CHANGED = "connection mode changed"
+
+
+@dataclass(frozen=True)
+class Client:
+    """One client of this pod's OpenVPN, from CONNECT until DISCONNECT.
+
+    ``seq`` orders clients by admission: a status listing taken before a client was admitted
+    cannot say that client is gone. ``kicked`` holds the reason once the agent told OpenVPN to
+    drop the client (it stays here, not established, until OpenVPN reports the DISCONNECT).
+    """
+
+    cid: int
+    user: str
+    mode: str
+    tunnel_ip: str
+    real_ip: str | None
+    real_port: int | None
+    uid: str
+    connected_at: str  # ISO 8601, UTC
+    cert_serial: str | None = None
+    established: bool = False
+    kicked: str | None = None
+    seq: int = 0
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-ready form for the client journal."""
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, Any]) -> Client:
+        """Inverse of :meth:`to_record`; raises ValueError on anything malformed."""
+        try:
+            client = cls(
+                cid=int(data["cid"]),
+                user=str(data["user"]),
+                mode=str(data["mode"]),
+                tunnel_ip=str(ipaddress.IPv4Address(data["tunnel_ip"])),
+                real_ip=None if data.get("real_ip") is None else str(data["real_ip"]),
+                real_port=None if data.get("real_port") is None else int(data["real_port"]),
+                uid=str(data["uid"]),
+                connected_at=str(data["connected_at"]),
+                cert_serial=None if data.get("cert_serial") is None else str(data["cert_serial"]),
+                established=bool(data.get("established", False)),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed client record: {exc!r}") from None
+        if not client.uid or not client.user:
+            raise ValueError("malformed client record: empty uid or user")
+        return client
+
+
+@dataclass(frozen=True)
+class BookConfig:
+    """What the book needs to know about the pod: its address pools and pushed routes."""
+
+    nat_pool: ipaddress.IPv4Network
+    gateway_pool: ipaddress.IPv4Network | None = None
+    push_routes: tuple[ipaddress.IPv4Network, ...] = ()
+
+    @property
+    def tunnel_networks(self) -> tuple[ipaddress.IPv4Network, ...]:
+        """Every network a client address comes from."""
+        return (self.nat_pool,) + ((self.gateway_pool,) if self.gateway_pool else ())
+
+
+@dataclass(frozen=True)
+class Kick:
+    """A client the agent must disconnect: ``halt`` tells the client not to come back."""
+
+    client: Client
+    reason: str
+    halt: bool = True
+
+
+@dataclass(frozen=True)
+class ConnectOutcome:
+    """What to answer a CONNECT or REAUTH.
+
+    ``decision.allow`` False: answer ``client-deny`` with the decision's reasons (and, for a
+    REAUTH of a known client, ``ended`` is that client, whose session is over). Otherwise
+    answer ``client-auth`` with ``push``, after disconnecting ``replaced`` (the same device's
+    previous connections). ``client`` is the admitted client (None for a REAUTH).
+    """
+
+    decision: authz.Decision
+    push: tuple[str, ...] = ()
+    client: Client | None = None
+    replaced: tuple[Client, ...] = ()
+    ended: Client | None = None
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What comparing OpenVPN's client list with the book found.
+
+    ``vanished``: established clients OpenVPN no longer has (a DISCONNECT was missed); their
+    sessions are over. ``adopted``: clients OpenVPN has and the book did not (the agent
+    restarted); their sessions continue (same uid when the journal knew them), and
+    :meth:`SessionBook.violations` then judges them like every other client. ``restart``:
+    clients whose CONNECT was never answered (sent while no agent listened), seen twice: ask
+    them to reconnect.
+    """
+
+    vanished: tuple[Client, ...] = ()
+    adopted: tuple[Client, ...] = ()
+    restart: tuple[int, ...] = ()
+
+
+class SessionBook:
+    """The clients of one pod, their addresses, and who owns each tunnel address."""
+
+    def __init__(self, config: BookConfig) -> None:
+        self.config = config
+        self._clients: dict[int, Client] = {}
+        self._by_user: dict[str, set[int]] = {}
+        self._owners: dict[str, tuple[str, str]] = {}  # tunnel IP -> (user, session uid)
+        self._nat = ipam.AddressAllocator(config.nat_pool)
+        self._seq = 0
+        self._unanswered: set[int] = set()
+
+    # ------------------------------------------------------------------ reading
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def __iter__(self) -> Iterator[Client]:
+        return iter(list(self._clients.values()))
+
+    def get(self, cid: int) -> Client | None:
+        """The client with OpenVPN client id ``cid``, if any."""
+        return self._clients.get(cid)
+
+    def established(self) -> list[Client]:
+        """Clients whose tunnel is up and whose session is live."""
+        return [c for c in self._clients.values() if c.established]
+
+    def by_uid(self, uid: str) -> list[Client]:
+        """Clients of the session ``uid`` (one, or none)."""
+        return [c for c in self._clients.values() if c.uid == uid]
+
+    def of_users(self, users: Iterable[str]) -> list[Client]:
+        """Clients of the given users."""
+        out: list[Client] = []
+        for user in users:
+            out += [self._clients[cid] for cid in self._by_user.get(user, ())]
+        return out
+
+    def owner(self, tunnel_ip: str) -> tuple[str, str] | None:
+        """(user, session uid) of the session holding ``tunnel_ip`` now."""
+        return self._owners.get(tunnel_ip)
+
+    @property
+    def seq(self) -> int:
+        """Admissions so far; pass it to :meth:`reconcile` with a listing taken after it."""
+        return self._seq
+
+    # ------------------------------------------------------------------ decisions
+
+    def connect(
+        self,
+        view: FleetView,
+        cid: int,
+        env: Mapping[str, str],
+        *,
+        reauth: bool,
+        uid: str,
+        now: str,
+    ) -> ConnectOutcome:
+        """Decide a CONNECT (new client) or REAUTH (TLS renegotiation) and record the result.
+
+        The same device reconnecting (same user, same public address) replaces its previous
+        connections, which OpenVPN may keep for seconds or until a ping timeout: they do not
+        count against the session limit. Clients already being disconnected do not count
+        either. Raises nothing: an exhausted NAT pool is a deny.
+        """
+        cn = env.get("common_name", "")
+        serial = env.get("tls_serial_0")
+        real_ip = env.get("untrusted_ip") or None
+        mine = [c for c in self.of_users([cn]) if c.cid != cid and c.kicked is None]
+        stale = [] if reauth or real_ip is None else [c for c in mine if c.real_ip == real_ip]
+        local = len(mine) - len(stale)
+        superseded = {c.uid for c in stale} | {
+            s.uid
+            for s in view.sessions.values()
+            if s.user == cn and real_ip is not None and s.real_ip == real_ip
+        }
+        decision = authz.decide(view, cn, serial, local, frozenset(superseded))
+        known = self._clients.get(cid)
+        if reauth:
+            if decision.allow or known is None:
+                return ConnectOutcome(decision)
+            return ConnectOutcome(decision, ended=self.kick(cid, decision.reason))
+        if not decision.allow:
+            self.forget(cid)
+            return ConnectOutcome(decision)
+        user = decision.user
+        assert user is not None
+        try:
+            address = self._address_for(user.mode, user.gateway_address)
+        except ipam.PoolExhausted:
+            self.forget(cid)
+            return ConnectOutcome(authz.Decision(False, "address pool exhausted", "server full"))
+        if known is not None:  # a CONNECT for a cid we hold: OpenVPN restarted the instance
+            self.forget(cid)
+        port = env.get("untrusted_port", "")
+        self._seq += 1
+        client = Client(
+            cid=cid,
+            user=cn,
+            mode=user.mode,
+            tunnel_ip=str(address),
+            real_ip=real_ip,
+            real_port=int(port) if port.isdigit() and int(port) <= 65535 else None,
+            uid=uid,
+            connected_at=now,
+            cert_serial=serial,
+            seq=self._seq,
+        )
+        self._put(client)
+        return ConnectOutcome(
+            decision, push=self._push_lines(user.mode, address), client=client,
+            replaced=tuple(stale),
+        )  # fmt: skip
+
+    def _address_for(self, mode: str, gateway_address: str | None) -> ipaddress.IPv4Address:
+        if mode == "gateway" and gateway_address:
+            return ipaddress.IPv4Address(gateway_address)
+        return self._nat.allocate()
+
+    def _push_lines(self, mode: str, address: ipaddress.IPv4Address) -> tuple[str, ...]:
+        pool = self.config.nat_pool
+        if mode == "gateway" and self.config.gateway_pool is not None:
+            pool = self.config.gateway_pool
+        lines = [f"ifconfig-push {address} {pool.netmask}"]
+        if pool != self.config.nat_pool:
+            # The gateway pool is another subnet: the client's next hop must be on it.
+            lines.append(f'push "route-gateway {ipam.server_address(pool)}"')
+        for net in self.config.push_routes:
+            lines.append(f'push "route {net.network_address} {net.netmask}"')
+        return tuple(lines)
+
+    # ------------------------------------------------------------------ life cycle
+
+    def establish(self, cid: int) -> Client | None:
+        """ESTABLISHED: the tunnel is up. Returns the client, or None if unknown or kicked."""
+        client = self._clients.get(cid)
+        if client is None or client.kicked is not None or client.established:
+            return None
+        client = replace(client, established=True)
+        self._put(client)
+        return client
+
+    def kick(self, cid: int, reason: str) -> Client | None:
+        """The agent disconnects ``cid``. Returns the client if its session was live (now over).
+
+        The client stays in the book (its address stays taken) until OpenVPN reports the
+        DISCONNECT, but it no longer holds its tunnel address for the firewall.
+        """
+        client = self._clients.get(cid)
+        if client is None or client.kicked is not None:
+            return None
+        was_live = client.established
+        self._put(replace(client, established=False, kicked=reason))
+        return client if was_live else None
+
+    def forget(self, cid: int) -> Client | None:
+        """DISCONNECT (or a CONNECT that was refused): drop the client, free its address.
+
+        Returns the client as it was; its session was live only if ``established``.
+        """
+        client = self._clients.pop(cid, None)
+        if client is None:
+            return None
+        cids = self._by_user.get(client.user)
+        if cids is not None:
+            cids.discard(cid)
+            if not cids:
+                del self._by_user[client.user]
+        if self._owners.get(client.tunnel_ip, ("", ""))[1] == client.uid:
+            del self._owners[client.tunnel_ip]
+        if client.mode == "nat":
+            self._nat.release(ipaddress.IPv4Address(client.tunnel_ip))
+        return client
+
+    def clear(self) -> list[Client]:
+        """OpenVPN started afresh: every client is gone. Returns the established ones."""
+        ended = self.established()
+        self._clients.clear()
+        self._by_user.clear()
+        self._owners.clear()
+        self._nat = ipam.AddressAllocator(self.config.nat_pool)
+        self._unanswered.clear()
+        return ended
+
+    def _put(self, client: Client) -> None:
+        self._clients[client.cid] = client
+        self._by_user.setdefault(client.user, set()).add(client.cid)
+        if client.established:
+            self._owners[client.tunnel_ip] = (client.user, client.uid)
+        elif self._owners.get(client.tunnel_ip, ("", ""))[1] == client.uid:
+            del self._owners[client.tunnel_ip]
+
+    # ------------------------------------------------------------------ convergence
+
+    def violations(self, view: FleetView, users: Iterable[str] | None = None) -> list[Kick]:
+        """Clients the view no longer allows (of ``users`` only, when given).
+
+        Already kicked clients are not listed again.
+        """
+        clients = self._clients.values() if users is None else self.of_users(users)
+        killed = {s.uid: s.kill for s in view.sessions.values() if s.kill}
+        out: list[Kick] = []
+        for c in clients:
+            if c.kicked is not None:
+                continue
+            reason = _violation(view, c, killed)
+            if reason is not None:
+                out.append(Kick(c, reason, halt=reason != MODE_CHANGED))
+        return out
+
+    # ------------------------------------------------------------------ restart
+
+    def seed_owners(self, cached: Iterable[Client]) -> None:
+        """Owners of tunnel addresses from the journal, before the clients are adopted.
+
+        The conntrack listener's first table dump may come before adoption: its flows keep
+        their users. :meth:`reconcile` drops owners whose client was not there to adopt.
+        """
+        for c in cached:
+            if c.established:
+                self._owners.setdefault(c.tunnel_ip, (c.user, c.uid))
+
+    def reconcile(
+        self,
+        rows: Sequence[StatusClient],
+        view: FleetView,
+        cached: Mapping[tuple[str, str], Client],
+        *,
+        listed_after: int,
+        new_uid: Iterator[str],
+        now: str,
+    ) -> Reconciled:
+        """Compare OpenVPN's client list (``status 3``) with the book and repair both ways.
+
+        ``listed_after``: the book's :attr:`seq` when the listing was asked for; clients
+        admitted since cannot be judged by it. ``cached``: the journal's clients by (user,
+        tunnel IP), so adopted clients keep their session uid, start time and certificate
+        serial. ``new_uid`` yields uids for clients the journal did not know.
+        """
+        present = {r.client_id: r for r in rows if r.client_id is not None}
+        vanished: list[Client] = []
+        for cid, client in list(self._clients.items()):
+            if cid not in present and client.seq <= listed_after:
+                gone = self.forget(cid)
+                if gone is not None and gone.established:
+                    vanished.append(gone)
+        adopted: list[Client] = []
+        restart: list[int] = []
+        unanswered: set[int] = set()
+        for cid, row in present.items():
+            if cid in self._clients:
+                continue
+            if not row.virtual_address:
+                # A CONNECT sent while no agent was attached is never replayed: the client
+                # would wait for its hand-window. Seen twice in a row, it gets a restart.
+                unanswered.add(cid)
+                if cid in self._unanswered:
+                    restart.append(cid)
+                continue
+            user = view.users.get(row.common_name)
+            vaddr = str(row.virtual_address)
+            old = cached.get((row.common_name, vaddr))
+            since = row.connected_since.isoformat() if row.connected_since else now
+            mode = old.mode if old else _mode_of(vaddr, self.config, user)
+            self._seq += 1
+            client = Client(
+                cid=cid,
+                user=row.common_name,
+                mode=mode,
+                tunnel_ip=vaddr,
+                real_ip=row.real_ip or None,
+                real_port=row.real_port,
+                uid=old.uid if old else next(new_uid),
+                connected_at=old.connected_at if old else since,
+                cert_serial=old.cert_serial if old else None,
+                established=True,
+                seq=self._seq,
+            )
+            if client.mode == "nat" and ipaddress.IPv4Address(vaddr) in self.config.nat_pool:
+                self._nat.reserve(ipaddress.IPv4Address(vaddr))
+            self._put(client)
+            adopted.append(client)
+        self._unanswered = unanswered
+        held = {c.tunnel_ip for c in self._clients.values() if c.established}
+        for ip in [ip for ip in self._owners if ip not in held]:
+            del self._owners[ip]  # a journal owner whose client was not there to adopt
+        return Reconciled(tuple(vanished), tuple(adopted), tuple(restart))
+
+
+def _mode_of(address: str, config: BookConfig, user: Any) -> str:
+    # A client the journal did not know: its address tells the mode it connected with.
+    if config.gateway_pool is not None and ipaddress.IPv4Address(address) in config.gateway_pool:
+        return "gateway"
+    if ipaddress.IPv4Address(address) in config.nat_pool:
+        return "nat"
+    return str(user.mode) if user is not None else "nat"
+
+
+def _violation(view: FleetView, c: Client, killed: Mapping[str, str | None]) -> str | None:
+    user = view.users.get(c.user)
+    if user is None:
+        return "account deleted"
+    if not user.enabled:
+        return "account disabled"
+    if c.cert_serial is not None and not authz.serial_matches(user.cert_serial, c.cert_serial):
+        return "certificate revoked or replaced"
+    if c.mode != user.mode or (user.mode == "gateway" and c.tunnel_ip != user.gateway_address):
+        # The tunnel address depends on the mode: reconnect to get the new one.
+        return MODE_CHANGED
+    reason = killed.get(c.uid)
+    if reason:
+        return reason
+    return None

@@ -1,0 +1,175 @@
+"""The client handler against a fake OpenVPN management session: answers, kicks, session
+records, the journal across a restart, and convergence to the fleet view."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.unit.test_sessionbook import GWPOOL, NAT, session, user, view
+from vpnfleet.agent.clientjournal import ClientJournal
+from vpnfleet.agent.clients import ClientHandler
+from vpnfleet.agent.cpclient import ControlPlane
+from vpnfleet.agent.fakes import FakeManagement
+from vpnfleet.agent.sessionship import SessionShipper
+from vpnfleet.agent.spool import Spool
+from vpnfleet.core.fleet import FleetView
+from vpnfleet.core.sessionbook import BookConfig, SessionBook
+
+
+class Pod:
+    """A client handler wired to a fake management session, a spool and a fleet view."""
+
+    def __init__(self, state: Path, fleet: FleetView) -> None:
+        self.fleet = fleet
+        self.mgmt = FakeManagement()
+        self.pokes = 0
+        self.spool = Spool(state, "sessions")
+        self.shipper = SessionShipper(self.spool, ControlPlane("http://127.0.0.1:9", "t"), "pod1")
+        self.handler = ClientHandler(
+            SessionBook(BookConfig(NAT, GWPOOL)),
+            ClientJournal(state / "clients.journal"),
+            self.shipper,
+            pod="pod1",
+            view=lambda: self.fleet,
+            mgmt=lambda: self.mgmt,
+            changed=self._poke,
+        )
+        self.handler.load_journal()
+
+    def _poke(self) -> None:
+        self.pokes += 1
+
+    async def pump(self) -> None:
+        """Hand every queued notification to the handler, as the supervisor would."""
+        while not self.mgmt._events.empty():
+            ev = self.mgmt._events.get_nowait()
+            assert ev is not None
+            await self.handler.on_event(ev)  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)  # let DISCONNECTs scheduled by client-kill arrive
+        while not self.mgmt._events.empty():
+            ev = self.mgmt._events.get_nowait()
+            assert ev is not None
+            await self.handler.on_event(ev)  # type: ignore[arg-type]
+
+    async def join(self, name: str, ip: str = "198.51.100.7") -> int:
+        cid = self.mgmt.connect(name, real_ip=ip, serial="7")
+        await self.pump()
+        self.mgmt.establish(cid)
+        await self.pump()
+        return cid
+
+    def records(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(r["kind"], r["body"]) for r in self.spool.peek(1000)]
+
+    def close(self) -> None:
+        self.spool.close()
+        self.handler.close()
+
+
+@pytest.fixture
+def pod(tmp_path: Path) -> Iterator[Pod]:
+    p = Pod(tmp_path, view(user("alice", max_sessions=1), user("bob", max_sessions=2)))
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+async def test_an_allowed_client_gets_its_address_and_a_session_record(pod: Pod) -> None:
+    cid = await pod.join("alice")
+    (auth,) = pod.mgmt.answers_for(cid)
+    assert auth[0] == "auth" and auth[3] == ["ifconfig-push 10.200.0.2 255.255.255.0"]
+    (kind, body), = pod.records()  # fmt: skip
+    assert kind == "open" and body["user"] == "alice" and body["tunnel_ip"] == "10.200.0.2"
+    assert pod.pokes >= 1 and pod.handler.owner("10.200.0.2") == ("alice", body["uid"])
+
+
+async def test_a_refused_client_hears_why(pod: Pod) -> None:
+    cid = pod.mgmt.connect("mallory")
+    await pod.pump()
+    assert pod.mgmt.answers_for(cid) == [("deny", cid, 1, "unknown user", "unknown account")]
+    assert len(pod.handler.book) == 0 and pod.records() == []
+
+
+async def test_the_same_device_reconnecting_replaces_its_session(pod: Pod) -> None:
+    first = await pod.join("alice")
+    second = await pod.join("alice")  # same public address, limit 1
+    assert ("kill", first, "HALT") in pod.mgmt.answers
+    assert pod.mgmt.answers_for(second)[0][0] == "auth"
+    kinds = [(k, b.get("reason")) for k, b in pod.records()]
+    assert kinds == [("open", None), ("close", "replaced by a new connection"), ("open", None)]
+    assert [c.cid for c in pod.handler.established()] == [second]
+
+
+async def test_a_disable_ends_the_session_and_closes_the_record(pod: Pod) -> None:
+    cid = await pod.join("alice")
+    pod.fleet = view(user("alice", enabled=False), user("bob"))
+    await pod.handler.converge(["alice"])
+    assert ("kill", cid, "HALT") in pod.mgmt.answers
+    assert pod.records()[-1][0] == "close"
+    assert pod.records()[-1][1]["reason"] == "account disabled"
+    assert pod.handler.established() == []
+
+
+async def test_a_kill_made_while_the_agent_was_down_applies_at_restart(tmp_path: Path) -> None:
+    before = Pod(tmp_path, view(user("alice"), user("bob")))
+    cid = await before.join("alice")
+    uid = before.handler.established()[0].uid
+    mgmt = before.mgmt
+    before.close()  # the agent dies; OpenVPN and alice carry on
+    # Meanwhile an operator kills alice's session: the next agent learns it from its view.
+    killed = view(user("alice"), user("bob"),
+                  sessions=(session(uid, "alice", "198.51.100.7", kill="disconnected by an "
+                                    "administrator"),))  # fmt: skip
+    after = Pod(tmp_path, killed)
+    after.mgmt = mgmt.reopen()
+    try:
+        assert await after.handler.reconcile()
+        assert ("kill", cid, "HALT") in after.mgmt.answers
+        kinds = [(k, b["uid"], b.get("reason")) for k, b in after.records()]
+        # Re-opened under the same uid (idempotent), then closed with the kill's reason.
+        assert kinds[-2:] == [
+            ("open", uid, None),
+            ("close", uid, "disconnected by an administrator"),
+        ]
+    finally:
+        after.close()
+
+
+async def test_a_restarted_agent_keeps_session_ids_and_notices_missed_disconnects(
+    tmp_path: Path,
+) -> None:
+    before = Pod(tmp_path, view(user("alice"), user("bob", max_sessions=2)))
+    a = await before.join("alice", ip="192.0.2.1")
+    b = await before.join("bob", ip="192.0.2.2")
+    uids = {c.user: c.uid for c in before.handler.established()}
+    mgmt = before.mgmt
+    before.close()
+    mgmt.disconnect(a, notify=False)  # alice leaves while nobody listens
+    after = Pod(tmp_path, before.fleet)
+    after.mgmt = mgmt.reopen()
+    try:
+        assert await after.handler.reconcile()
+        live = after.handler.established()
+        assert [(c.cid, c.uid) for c in live] == [(b, uids["bob"])]
+        assert after.handler.owner(live[0].tunnel_ip) == ("bob", uids["bob"])
+        # The journal now holds exactly bob: a third agent would not resurrect alice.
+        assert set(ClientJournal(tmp_path / "clients.journal").load()) == {
+            ("bob", live[0].tunnel_ip)
+        }
+    finally:
+        after.close()
+
+
+async def test_a_session_refused_by_the_control_plane_is_kicked(pod: Pod) -> None:
+    cid = await pod.join("bob")
+    uid = pod.handler.established()[0].uid
+    await pod.handler.kick_uid(uid, "session limit reached (2)")
+    assert ("kill", cid, "HALT") in pod.mgmt.answers
+    await pod.pump()
+    assert len(pod.handler.book) == 0  # OpenVPN's DISCONNECT arrived and was absorbed

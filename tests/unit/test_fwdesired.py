@@ -1,0 +1,108 @@
+"""The desired firewall state from the fleet view and the session book."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from tests.unit.test_sessionbook import NOW, admit, env, user
+from vpnfleet.core import fwplan
+from vpnfleet.core.fleet import FleetView
+from vpnfleet.core.fwdesired import DesiredStateBuilder
+from vpnfleet.core.sessionbook import BookConfig, SessionBook
+from vpnfleet.wire import GroupState, RuleState, Snapshot, UserState
+
+NAT = ipaddress.IPv4Network("10.200.0.0/24")
+GW = ipaddress.IPv4Network("10.201.0.0/24")
+SVC = "10.20.0.5"
+
+
+def fleet(users: list[UserState], rules: list[RuleState], revision: int = 3) -> FleetView:
+    groups = [GroupState(id=1, name="web"), GroupState(id=2, name="ops")]
+    return FleetView.from_snapshot(
+        Snapshot(revision=revision, users=users, groups=groups, rules=rules, pools=[],
+                 sessions=[], pods=[])
+    )  # fmt: skip
+
+
+WEB_8080 = RuleState(id=10, group_id=1, destination=SVC, proto="tcp", ports="8080")
+OPS_ALL = RuleState(id=11, group_id=2, destination="10.20.0.0/24", proto="any", ports=None)
+
+
+def builder() -> DesiredStateBuilder:
+    return DesiredStateBuilder("vpnf", (NAT, GW), nflog_group=7007)
+
+
+def group(state: fwplan.DesiredState, gid: int) -> fwplan.GroupState:
+    (g,) = [g for g in state.groups if g.group_id == gid]
+    return g
+
+
+def test_a_port_limited_rule_stays_port_limited() -> None:
+    v = fleet([user("pa", groups=["web"])], [WEB_8080])
+    book = SessionBook(BookConfig(NAT, GW))
+    pa = admit(book, v, 1, name="pa")
+    state = builder().build(v, book)
+    (grant,) = group(state, 1).grants
+    assert (grant.proto, grant.port_lo, grant.port_hi) == ("tcp", 8080, 8080)
+    addr = ipaddress.IPv4Address(pa.tunnel_ip)
+    assert fwplan.is_allowed(state, addr, "tcp", ipaddress.IPv4Address(SVC), 8080)
+    assert not fwplan.is_allowed(state, addr, "tcp", ipaddress.IPv4Address(SVC), 22)
+
+
+def test_connected_clients_join_their_groups_sets_and_nat_users_are_masqueraded() -> None:
+    gw_user = user("gb", mode="gateway", gateway_address="10.201.0.9", groups=["ops", "web"])
+    v = fleet([user("pa", groups=["web"]), gw_user, user("nobody")], [WEB_8080, OPS_ALL])
+    book = SessionBook(BookConfig(NAT, GW))
+    pa = admit(book, v, 1, name="pa", ip="192.0.2.1")
+    gb = admit(book, v, 2, name="gb", ip="192.0.2.2")
+    nobody = admit(book, v, 3, name="nobody", ip="192.0.2.3")
+    pending = book.connect(v, 4, env("pa", ip="192.0.2.4"), reauth=False, uid="p", now=NOW)
+    assert pending.decision.allow is False or pending.client is not None
+    state = builder().build(v, book)
+    ip = {c.user: ipaddress.IPv4Address(c.tunnel_ip) for c in (pa, gb, nobody)}
+    assert group(state, 1).members == {ip["pa"], ip["gb"]}
+    assert group(state, 2).members == {ip["gb"]}
+    assert state.nat_members == {ip["pa"], ip["nobody"]}
+    assert state.all_clients == set(ip.values())  # only established clients
+
+
+def test_a_membership_change_reaches_clients_already_connected() -> None:
+    v = fleet([user("pa", groups=["web"])], [WEB_8080])
+    book = SessionBook(BookConfig(NAT, GW))
+    pa = admit(book, v, 1, name="pa")
+    b = builder()
+    before = b.build(v, book)
+    moved = fleet([user("pa", groups=["ops"])], [WEB_8080, OPS_ALL], revision=4)
+    after = b.build(moved, book)
+    addr = ipaddress.IPv4Address(pa.tunnel_ip)
+    assert addr in group(before, 1).members
+    assert addr not in group(after, 1).members and addr in group(after, 2).members
+    # ops covers what web granted: nothing to cut. Leaving every group revokes the grant.
+    assert fwplan.diff(before, after).revoked_flows == ()
+    alone = b.build(fleet([user("pa", groups=[])], [WEB_8080, OPS_ALL], revision=5), book)
+    revoked = fwplan.diff(before, alone).revoked_flows
+    assert [(r.client, r.grant) for r in revoked] == [(addr, fwplan.Grant(
+        ipaddress.IPv4Network(SVC), "tcp", 8080, 8080))]  # fmt: skip
+
+
+def test_a_deleted_user_still_connected_gets_nothing() -> None:
+    v = fleet([user("pa", groups=["web"])], [WEB_8080])
+    book = SessionBook(BookConfig(NAT, GW))
+    pa = admit(book, v, 1, name="pa")
+    state = builder().build(fleet([], [WEB_8080]), book)
+    addr = ipaddress.IPv4Address(pa.tunnel_ip)
+    assert not group(state, 1).members
+    assert not fwplan.is_allowed(state, addr, "tcp", ipaddress.IPv4Address(SVC), 8080)
+
+
+def test_unchanged_groups_are_the_same_objects() -> None:
+    v = fleet([user("pa", groups=["web"]), user("qb", groups=[])], [WEB_8080, OPS_ALL])
+    book = SessionBook(BookConfig(NAT, GW))
+    admit(book, v, 1, name="pa", ip="192.0.2.1")
+    b = builder()
+    first = b.build(v, book)
+    admit(book, v, 2, name="qb", ip="192.0.2.2")  # joins no group
+    second = b.build(v, book)
+    assert group(second, 1) is group(first, 1) and group(second, 2) is group(first, 2)
+    d = fwplan.diff(first, second)
+    assert not d.needs_full and {op.set_name for op in d.ops} == {"vpnf-clients", "vpnf-nat"}

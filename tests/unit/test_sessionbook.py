@@ -1,0 +1,312 @@
+"""The session book: CONNECT decisions, addresses, convergence and adoption, without I/O."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import itertools
+from collections.abc import Iterator
+
+import pytest
+
+from vpnfleet.core.fleet import FleetView
+from vpnfleet.core.mgmt_protocol import StatusClient
+from vpnfleet.core.sessionbook import BookConfig, Client, SessionBook
+from vpnfleet.wire import LiveSession, Snapshot, UserState
+
+NAT = ipaddress.IPv4Network("10.200.0.0/24")
+GWPOOL = ipaddress.IPv4Network("10.201.0.0/24")
+NOW = "2026-12-02T10:00:00+00:00"
+
+
+def user(name: str, **kw: object) -> UserState:
+    fields: dict[str, object] = {
+        "id": abs(hash(name)) % 1000,
+        "name": name,
+        "enabled": True,
+        "mode": "nat",
+        "max_sessions": 1,
+        "groups": [],
+        "gateway_address": None,
+        "cert_serial": "7",
+    }
+    fields.update(kw)
+    return UserState.model_validate(fields)
+
+
+def session(uid: str, name: str, real_ip: str, kill: str | None = None) -> LiveSession:
+    return LiveSession.model_validate(
+        {"uid": uid, "user": name, "pod": "pod2", "tunnel_ip": "10.200.0.9", "mode": "nat",
+         "real_ip": real_ip, "kill": kill}
+    )  # fmt: skip
+
+
+def view(*users: UserState, sessions: tuple[LiveSession, ...] = (), revision: int = 7) -> FleetView:
+    return FleetView.from_snapshot(
+        Snapshot(revision=revision, users=list(users), groups=[], rules=[], pools=[],
+                 sessions=list(sessions), pods=[])
+    )  # fmt: skip
+
+
+def env(name: str, ip: str = "198.51.100.7", serial: str = "7", port: int = 40000) -> dict[str, str]:
+    return {"common_name": name, "tls_serial_0": serial, "untrusted_ip": ip,
+            "untrusted_port": str(port)}  # fmt: skip
+
+
+def uids() -> Iterator[str]:
+    return (f"pod1-{i:016x}" for i in itertools.count(1))
+
+
+@pytest.fixture
+def book() -> SessionBook:
+    return SessionBook(
+        BookConfig(NAT, GWPOOL, push_routes=(ipaddress.IPv4Network("10.20.0.0/16"),))
+    )
+
+
+def admit(book: SessionBook, v: FleetView, cid: int, **kw: str) -> Client:
+    out = book.connect(v, cid, env(**kw) if kw else env("alice"), reauth=False,
+                       uid=f"pod1-{cid:016x}", now=NOW)  # fmt: skip
+    assert out.decision.allow, out.decision
+    assert out.client is not None
+    client = book.establish(cid)
+    assert client is not None
+    return client
+
+
+def test_a_nat_user_gets_a_pool_address_and_the_pushed_routes(book: SessionBook) -> None:
+    out = book.connect(view(user("alice")), 3, env("alice"), reauth=False, uid="u1", now=NOW)
+    assert out.decision.allow and out.client is not None
+    assert out.push == (
+        "ifconfig-push 10.200.0.2 255.255.255.0",
+        'push "route 10.20.0.0 255.255.0.0"',
+    )
+    assert (out.client.user, out.client.mode, out.client.real_port) == ("alice", "nat", 40000)
+    assert out.client.cert_serial == "7" and not out.client.established
+
+
+def test_a_gateway_user_gets_its_leased_address_and_a_route_gateway(book: SessionBook) -> None:
+    gw = user("gary", mode="gateway", gateway_address="10.201.0.5")
+    out = book.connect(view(gw), 1, env("gary"), reauth=False, uid="u1", now=NOW)
+    assert out.push[:2] == (
+        "ifconfig-push 10.201.0.5 255.255.255.0",
+        'push "route-gateway 10.201.0.1"',
+    )
+
+
+@pytest.mark.parametrize(
+    ("users", "name", "serial", "reason"),
+    [
+        ((), "alice", "7", "unknown user"),
+        ((user("alice", enabled=False),), "alice", "7", "user disabled"),
+        ((user("alice"),), "alice", "8", "certificate not current"),
+    ],
+)
+def test_refused_connects_leave_nothing_behind(
+    book: SessionBook, users: tuple[UserState, ...], name: str, serial: str, reason: str
+) -> None:
+    out = book.connect(view(*users), 1, env(name, serial=serial), reauth=False, uid="u", now=NOW)
+    assert not out.decision.allow and out.decision.reason == reason
+    assert len(book) == 0 and out.push == ()
+
+
+def test_the_same_device_reconnecting_replaces_its_old_session(book: SessionBook) -> None:
+    v = view(user("alice", max_sessions=1))
+    first = admit(book, v, 1)
+    out = book.connect(v, 2, env("alice"), reauth=False, uid="u2", now=NOW)
+    assert out.decision.allow
+    assert [c.uid for c in out.replaced] == [first.uid]
+
+
+def test_the_fleet_sessions_of_the_same_device_do_not_count(book: SessionBook) -> None:
+    # alice's laptop was on pod2 and reconnects here: that session is being replaced.
+    v = view(user("alice"), sessions=(session("pod2-0000000000000001", "alice", "198.51.100.7"),))
+    assert book.connect(v, 1, env("alice"), reauth=False, uid="u", now=NOW).decision.allow
+    other = view(user("alice"), sessions=(session("pod2-0000000000000001", "alice", "192.0.2.1"),))
+    out = SessionBook(BookConfig(NAT)).connect(
+        other, 1, env("alice"), reauth=False, uid="u", now=NOW
+    )
+    assert out.decision.reason == "session limit reached (1)"
+
+
+def test_another_device_over_the_limit_is_refused(book: SessionBook) -> None:
+    v = view(user("alice", max_sessions=1))
+    admit(book, v, 1)
+    out = book.connect(v, 2, env("alice", ip="192.0.2.9"), reauth=False, uid="u2", now=NOW)
+    assert not out.decision.allow and out.decision.reason == "session limit reached (1)"
+    assert book.get(2) is None
+
+
+def test_a_client_being_disconnected_does_not_count(book: SessionBook) -> None:
+    v = view(user("alice", max_sessions=1))
+    first = admit(book, v, 1)
+    assert book.kick(first.cid, "disconnected by an administrator") is not None
+    out = book.connect(v, 2, env("alice", ip="192.0.2.9"), reauth=False, uid="u2", now=NOW)
+    assert out.decision.allow
+
+
+def test_reauth_of_a_client_no_longer_allowed_ends_its_session(book: SessionBook) -> None:
+    v = view(user("alice"))
+    client = admit(book, v, 1)
+    out = book.connect(view(user("alice", enabled=False)), 1, env("alice"), reauth=True,
+                       uid="ignored", now=NOW)  # fmt: skip
+    assert not out.decision.allow and out.ended is not None and out.ended.uid == client.uid
+    assert book.owner(client.tunnel_ip) is None
+    ok = book.connect(v, 1, env("alice"), reauth=True, uid="ignored", now=NOW)
+    assert ok.decision.allow and ok.client is None  # nothing new to record
+
+
+def test_owners_follow_establish_kick_and_forget(book: SessionBook) -> None:
+    v = view(user("alice", max_sessions=3))
+    c = admit(book, v, 1)
+    assert book.owner(c.tunnel_ip) == ("alice", c.uid)
+    assert book.kick(1, "x") == c and book.owner(c.tunnel_ip) is None
+    assert book.kick(1, "again") is None  # already kicked
+    assert book.establish(1) is None  # a kicked client does not come back
+    gone = book.forget(1)
+    assert gone is not None and gone.kicked == "x"
+    # The address is free again: in a pool of one address, the next client gets it.
+    tiny = SessionBook(BookConfig(ipaddress.IPv4Network("10.200.0.0/30")))
+    first = admit(tiny, v, 1)
+    tiny.kick(1, "x")
+    assert not tiny.connect(v, 2, env("alice", ip="192.0.2.5"), reauth=False, uid="b",
+                            now=NOW).decision.allow  # fmt: skip
+    tiny.forget(1)
+    assert admit(tiny, v, 3, name="alice", ip="192.0.2.5").tunnel_ip == first.tunnel_ip
+
+
+def test_an_exhausted_pool_is_a_deny(book: SessionBook) -> None:
+    tiny = SessionBook(BookConfig(ipaddress.IPv4Network("10.200.0.0/30")))
+    v = view(user("alice", max_sessions=9))
+    assert tiny.connect(v, 1, env("alice", ip="192.0.2.1"), reauth=False, uid="a",
+                        now=NOW).decision.allow  # fmt: skip
+    out = tiny.connect(v, 2, env("alice", ip="192.0.2.2"), reauth=False, uid="b", now=NOW)
+    assert (out.decision.allow, out.decision.client_reason) == (False, "server full")
+    assert tiny.get(2) is None
+
+
+# ------------------------------------------------------------------ convergence
+
+
+def test_violations_name_every_client_the_view_no_longer_allows(book: SessionBook) -> None:
+    users = {n: user(n, max_sessions=2) for n in ("ann", "bob", "cat", "dan", "eve", "fay")}
+    users["fay"] = user("fay", mode="gateway", gateway_address="10.201.0.9", max_sessions=2)
+    v = view(*users.values())
+    clients = {n: admit(book, v, i, name=n, ip=f"192.0.2.{i}") for i, n in enumerate(users)}
+    after = view(
+        users["ann"],  # unchanged
+        # bob deleted
+        user("cat", enabled=False),
+        user("dan", cert_serial="8"),
+        user("eve", mode="gateway", gateway_address="10.201.0.7"),
+        user("fay", mode="gateway", gateway_address="10.201.0.10"),
+        sessions=(session(clients["ann"].uid, "ann", "x", kill=None),),
+    )
+    found = {k.client.user: (k.reason, k.halt) for k in book.violations(after)}
+    assert found == {
+        "bob": ("account deleted", True),
+        "cat": ("account disabled", True),
+        "dan": ("certificate revoked or replaced", True),
+        "eve": ("connection mode changed", False),
+        "fay": ("connection mode changed", False),
+    }
+    killed = view(*users.values(), sessions=(
+        session(clients["ann"].uid, "ann", "x", kill="disconnected by an administrator"),
+    ))  # fmt: skip
+    assert [(k.client.uid, k.reason) for k in book.violations(killed)] == [
+        (clients["ann"].uid, "disconnected by an administrator")
+    ]
+    assert book.violations(killed, users=["bob"]) == []
+    book.kick(clients["ann"].cid, "disconnected by an administrator")
+    assert book.violations(killed) == []  # not asked twice
+
+
+# ------------------------------------------------------------------ restart
+
+
+def row(cid: int, name: str, address: str | None, ip: str = "198.51.100.7") -> StatusClient:
+    return StatusClient(
+        common_name=name, real_address=f"{ip}:{40000 + cid}", virtual_address=address,
+        virtual_ipv6_address=None, bytes_received=10, bytes_sent=20,
+        connected_since=dt.datetime(2026, 12, 2, 9, tzinfo=dt.UTC), username=None,
+        client_id=cid, peer_id=cid, data_channel_cipher="AES-256-GCM",
+    )  # fmt: skip
+
+
+def test_adoption_keeps_the_journal_identity_and_flags_nothing_new(book: SessionBook) -> None:
+    v = view(user("alice"), user("bob"))
+    journal = Client(cid=9, user="alice", mode="nat", tunnel_ip="10.200.0.5", real_ip="x",
+                     real_port=1, uid="pod1-00000000000000aa", connected_at="2026-12-02T08:00:00",
+                     cert_serial="7", established=True)  # fmt: skip
+    book.seed_owners([journal])
+    assert book.owner("10.200.0.5") == ("alice", journal.uid)
+    result = book.reconcile(
+        [row(1, "alice", "10.200.0.5"), row(2, "bob", "10.200.0.6")], v,
+        {("alice", "10.200.0.5"): journal}, listed_after=book.seq, new_uid=uids(), now=NOW,
+    )  # fmt: skip
+    adopted = {c.user: c for c in result.adopted}
+    assert adopted["alice"].uid == journal.uid
+    assert adopted["alice"].connected_at == journal.connected_at
+    assert adopted["alice"].cert_serial == "7" and adopted["alice"].cid == 1
+    assert adopted["bob"].uid == "pod1-0000000000000001" and adopted["bob"].cert_serial is None
+    assert all(c.established for c in result.adopted)
+    # Their addresses are taken: the next NAT client gets another one.
+    out = book.connect(view(user("carl")), 3, env("carl"), reauth=False, uid="c", now=NOW)
+    assert out.client is not None and out.client.tunnel_ip not in {"10.200.0.5", "10.200.0.6"}
+    # A certificate replaced while the agent was down is still noticed (serial from the journal).
+    later = view(user("alice", cert_serial="9"), user("bob"), user("carl"))
+    assert [k.client.user for k in book.violations(later)] == ["alice"]
+
+
+def test_seeded_owners_without_a_client_are_dropped(book: SessionBook) -> None:
+    ghost = Client(cid=1, user="alice", mode="nat", tunnel_ip="10.200.0.5", real_ip=None,
+                   real_port=None, uid="u", connected_at=NOW, established=True)  # fmt: skip
+    book.seed_owners([ghost])
+    book.reconcile([], view(user("alice")), {}, listed_after=0, new_uid=uids(), now=NOW)
+    assert book.owner("10.200.0.5") is None
+
+
+def test_a_client_gone_from_the_listing_vanishes_unless_admitted_after_it(
+    book: SessionBook,
+) -> None:
+    v = view(user("alice", max_sessions=5))
+    old = admit(book, v, 1, name="alice", ip="192.0.2.1")
+    listed_after = book.seq
+    new = admit(book, v, 2, name="alice", ip="192.0.2.2")  # CONNECT raced the listing
+    result = book.reconcile([], v, {}, listed_after=listed_after, new_uid=uids(), now=NOW)
+    assert [c.uid for c in result.vanished] == [old.uid]
+    assert book.get(new.cid) is not None and book.get(old.cid) is None
+
+
+def test_an_unanswered_connect_is_restarted_when_seen_twice(book: SessionBook) -> None:
+    v = view(user("alice"))
+    rows = [row(4, "alice", None)]
+    first = book.reconcile(rows, v, {}, listed_after=0, new_uid=uids(), now=NOW)
+    second = book.reconcile(rows, v, {}, listed_after=0, new_uid=uids(), now=NOW)
+    assert first.restart == () and second.restart == (4,)
+
+
+def test_clear_ends_every_live_session(book: SessionBook) -> None:
+    v = view(user("alice", max_sessions=2))
+    a = admit(book, v, 1, name="alice", ip="192.0.2.1")
+    book.connect(v, 2, env("alice", ip="192.0.2.2"), reauth=False, uid="p", now=NOW)
+    assert [c.uid for c in book.clear()] == [a.uid]
+    assert len(book) == 0 and book.owner(a.tunnel_ip) is None
+
+
+@pytest.mark.parametrize(
+    "record",
+    [{}, {"cid": 1}, {"cid": "x", "user": "a", "mode": "nat", "tunnel_ip": "10.0.0.1", "uid": "u",
+      "connected_at": NOW}, {"cid": 1, "user": "a", "mode": "nat", "tunnel_ip": "nope",
+      "uid": "u", "connected_at": NOW}],
+)  # fmt: skip
+def test_malformed_journal_records_are_refused(record: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        Client.from_record(record)
+
+
+def test_journal_records_round_trip() -> None:
+    c = Client(cid=3, user="a", mode="gateway", tunnel_ip="10.201.0.4", real_ip="192.0.2.1",
+               real_port=5, uid="pod-1", connected_at=NOW, cert_serial="12",
+               established=True)  # fmt: skip
+    assert Client.from_record(c.to_record()) == c
