@@ -1,5 +1,5 @@
 """Metrics as Prometheus reads them: the agent's scrape-time collector (openvpn_* and vpnfleet_*
-series from a real PodAgent's state), the control plane's /metrics, and `vpnfleet status`,
+series from an agent's readings), the control plane's /metrics, and `vpnfleet status`,
 which reports the same facts from the API.
 
 Every scrape is rendered with prometheus_client's `generate_latest` and read back with its text
@@ -9,6 +9,7 @@ parser, as a scraper would.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import ipaddress
 import json
@@ -29,15 +30,16 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Server, free_port
-from vpnfleet.agent.exporter import ExporterConfig, LagClock
+from vpnfleet.agent.dataplane import DataplaneStats
+from vpnfleet.agent.exporter import ExporterConfig, LagClock, Readings
 from vpnfleet.agent.metrics import AgentMetrics
-from vpnfleet.agent.pod import LocalClient, PodAgent
 from vpnfleet.agent.settings import AgentSettings
 from vpnfleet.agent.spool import Spool
 from vpnfleet.cli.status import assess
 from vpnfleet.controlplane import pki
 from vpnfleet.core import fwplan
 from vpnfleet.core.mgmt_protocol import StatusClient
+from vpnfleet.core.sessionbook import Client
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -64,13 +66,64 @@ def names(samples: Samples, name: str) -> list[dict[str, str]]:
     return [dict(labels) for (n, labels) in samples if n == name]
 
 
+class Agent:
+    """An agent's scrape-time readings, held as plain values the tests set.
+
+    ``PodAgent.readings()`` assembles the same values from the running parts (tested with the
+    agent itself, tests/api/test_agent_parts.py); here the collector's rendering is pinned.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.s = AgentSettings(
+            server="http://127.0.0.1:9", token="t", name="pod-a", state_dir=state_dir
+        )
+        self.clients: dict[int, Client] = {}
+        self.last_status: list[StatusClient] = []
+        self.last_status_at = 0.0
+        self.view_revision = 0
+        self.applied_revision = 0
+        self.applied_state: fwplan.DesiredState | None = None
+        self.spool = Spool(state_dir, "sessions")
+        self.openvpn_ready = False
+        self.openvpn_version: str | None = None
+        self.flows: FlowAudit | None = None
+        self.watch_connected = False
+
+    def readings(self) -> Readings:
+        f = self.flows
+        spools: dict[str, Spool] = {"sessions": self.spool}
+        if f is not None:
+            spools["flows"] = f.spool
+        return Readings(
+            pod=self.s.name,
+            state_dir=self.s.state_dir,
+            crl_verify=self.s.crl_verify,
+            clients=list(self.clients.values()),
+            last_status=self.last_status,
+            last_status_at=self.last_status_at,
+            view_revision=self.view_revision,
+            applied_revision=self.applied_revision,
+            applied_state=self.applied_state,
+            dataplane_stats=DataplaneStats(),
+            spools=spools,
+            openvpn_ready=self.openvpn_ready,
+            openvpn_version=self.openvpn_version,
+            draining=False,
+            ready=False,
+            watch_connected=self.watch_connected,
+            watch_last_event=0.0,
+            listener_counters=f.listener.counters if f and f.listener else None,
+            tracker_counters=f.tracker.counters if f else None,
+            tracked_flows=len(f.tracker) if f else None,
+            flow_listener_up=f.listener_up if f else None,
+            flows_delivered=f.delivered if f else None,
+            flows_refused=f.refused if f else None,
+        )
+
+
 @pytest.fixture
-def agent(tmp_path: Path) -> Iterator[PodAgent]:
-    settings = AgentSettings(
-        server="http://127.0.0.1:9", token="t", name="pod-a", state_dir=tmp_path
-    )
-    a = PodAgent(settings)
-    a.spool = Spool(tmp_path, "sessions")
+def agent(tmp_path: Path) -> Iterator[Agent]:
+    a = Agent(tmp_path)
     try:
         yield a
     finally:
@@ -78,7 +131,7 @@ def agent(tmp_path: Path) -> Iterator[PodAgent]:
 
 
 def connect(
-    agent: PodAgent,
+    agent: Agent,
     cid: int,
     user: str,
     tunnel_ip: str,
@@ -88,7 +141,7 @@ def connect(
     mode: str = "nat",
 ) -> None:
     """A client as the agent holds it after ESTABLISHED, and OpenVPN's status row for it."""
-    agent.clients[cid] = LocalClient(
+    agent.clients[cid] = Client(
         cid=cid,
         user=user,
         mode=mode,
@@ -116,7 +169,7 @@ def connect(
     )
 
 
-def metrics_for(agent: PodAgent, **config: Any) -> AgentMetrics:
+def metrics_for(agent: Agent, **config: Any) -> AgentMetrics:
     m = AgentMetrics(agent.s.name, agent)
     if config:
         assert m.collector is not None
@@ -127,7 +180,7 @@ def metrics_for(agent: PodAgent, **config: Any) -> AgentMetrics:
 # ------------------------------------------------------------------ agent collector
 
 
-def test_two_sessions_of_one_user_are_one_valid_series(agent: PodAgent) -> None:
+def test_two_sessions_of_one_user_are_one_valid_series(agent: Agent) -> None:
     connect(agent, 1, "alice", "10.200.0.2", 1000, 5000, started=T0)
     connect(agent, 2, "alice", "10.200.0.3", 300, 700, started=T0 - dt.timedelta(minutes=5))
     connect(agent, 3, "bob", "10.201.0.9", 42, 24, mode="gateway")
@@ -146,7 +199,7 @@ def test_two_sessions_of_one_user_are_one_valid_series(agent: PodAgent) -> None:
     assert value(s, "vpnfleet_metrics_client_series") == 2
 
 
-def test_a_disconnected_user_vanishes_before_the_next_status_poll(agent: PodAgent) -> None:
+def test_a_disconnected_user_vanishes_before_the_next_status_poll(agent: Agent) -> None:
     connect(agent, 1, "alice", "10.200.0.2", 10, 20)
     connect(agent, 2, "bob", "10.200.0.3", 10, 20)
     m = metrics_for(agent)
@@ -157,15 +210,15 @@ def test_a_disconnected_user_vanishes_before_the_next_status_poll(agent: PodAgen
     assert value(s, "openvpn_connections", server="pod-a") == 1
 
 
-def test_a_connecting_client_is_not_counted_until_established(agent: PodAgent) -> None:
+def test_a_connecting_client_is_not_counted_until_established(agent: Agent) -> None:
     connect(agent, 1, "alice", "10.200.0.2", 10, 20)
-    agent.clients[1].established = False
+    agent.clients[1] = dataclasses.replace(agent.clients[1], established=False)
     s = scrape(metrics_for(agent))
     assert value(s, "openvpn_connections", server="pod-a") == 0
     assert names(s, "openvpn_bytes_received") == []
 
 
-def test_the_cap_keeps_only_totals(agent: PodAgent) -> None:
+def test_the_cap_keeps_only_totals(agent: Agent) -> None:
     for i, user in enumerate(("alice", "bob", "carol"), start=1):
         connect(agent, i, user, f"10.200.0.{i + 1}", 100 * i, 10 * i)
     at_cap = scrape(metrics_for(agent, max_clients=3))
@@ -181,7 +234,7 @@ def test_the_cap_keeps_only_totals(agent: PodAgent) -> None:
 
 
 def test_per_client_series_can_be_turned_off_by_environment(
-    agent: PodAgent, monkeypatch: pytest.MonkeyPatch
+    agent: Agent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     connect(agent, 1, "alice", "10.200.0.2", 10, 20)
     monkeypatch.setenv("VPNFLEET_METRICS_PER_CLIENT", "0")
@@ -200,10 +253,10 @@ def test_a_bad_cap_setting_does_not_stop_the_agent(caplog: pytest.LogCaptureFixt
     assert "VPNFLEET_METRICS_MAX_CLIENTS" in caplog.text
 
 
-def test_no_label_carries_an_address_a_port_or_a_time(agent: PodAgent, tmp_path: Path) -> None:
+def test_no_label_carries_an_address_a_port_or_a_time(agent: Agent, tmp_path: Path) -> None:
     connect(agent, 1, "alice", "10.200.0.2", 10, 20)
     connect(agent, 2, "alice", "10.200.0.3", 10, 20)
-    agent.openvpn_version = "OpenVPN 2.6.14 x86_64-pc-linux-gnu [SSL (OpenSSL)] [LZO] [EPOLL]"  # type: ignore[attr-defined]
+    agent.openvpn_version = "OpenVPN 2.6.14 x86_64-pc-linux-gnu [SSL (OpenSSL)] [LZO] [EPOLL]"
     s = scrape(metrics_for(agent))
     allowed = {"server", "common_name", "mode", "set", "version", "arch", "pod", "result", "le"}
     allowed.add("spool")  # sessions | flows
@@ -216,19 +269,18 @@ def test_no_label_carries_an_address_a_port_or_a_time(agent: PodAgent, tmp_path:
     assert info == [{"server": "pod-a", "version": "2.6.14", "arch": "x86_64-pc-linux-gnu"}]
 
 
-def test_agent_state_values(agent: PodAgent) -> None:
+def test_agent_state_values(agent: Agent) -> None:
     now = [1_000.0]
     m = AgentMetrics(agent.s.name, agent)
     assert m.collector is not None
     m.collector.clock = lambda: now[0]
     agent.openvpn_ready = True
     agent.last_status_at = 1_795_000_000.5
-    agent.view.revision, agent.applied_revision = 40, 40
-    assert agent.spool is not None
+    agent.view_revision, agent.applied_revision = 40, 40
     agent.spool.put({"kind": "open", "body": {"uid": "x"}})
     agent.spool.put({"kind": "close", "body": {"uid": "x"}})
     tunnel = ipaddress.IPv4Network("10.200.0.0/16")
-    agent.dataplane.applied = fwplan.DesiredState(
+    agent.applied_state = fwplan.DesiredState(
         prefix="vpnf",
         tunnel_networks=(tunnel,),
         uplink=None,
@@ -256,7 +308,7 @@ def test_agent_state_values(agent: PodAgent) -> None:
     assert value(s, "vpnfleet_ipset_entries", set="vpnf-g7-m") == 1
     assert value(s, "vpnfleet_ipset_entries", set="vpnf-g7-d") == 2  # ports 80 and 81
     # A change arrives and is not enforced: the lag grows until the firewall catches up.
-    agent.view.revision = 43
+    agent.view_revision = 43
     s = scrape(m)
     assert value(s, "vpnfleet_policy_revision_lag") == 3
     assert value(s, "vpnfleet_policy_lag_seconds") == 0
@@ -282,27 +334,34 @@ def test_lag_clock_counts_from_the_oldest_unapplied_revision() -> None:
     assert clock.observe(7, 13, 12) == 0
 
 
-def test_flow_and_watch_counters_when_the_agent_has_them(agent: PodAgent, tmp_path: Path) -> None:
+def test_flow_and_watch_counters_when_the_agent_has_them(agent: Agent, tmp_path: Path) -> None:
     import io
 
     from vpnfleet.agent.conntrack import ConntrackListener, ListenerCounters
-    from vpnfleet.core.flows import FlowEvent, FlowEventKind, FlowTracker
+    from vpnfleet.agent.cpclient import ControlPlane
+    from vpnfleet.agent.flowaudit import FlowAudit
+    from vpnfleet.core.flows import FlowEvent, FlowEventKind
 
     listener = ConntrackListener()
     listener.counters = ListenerCounters(events=120, overruns=2, resyncs=1)
-    agent.flow_listener = listener
-    agent.flow_listener_up = True
-    agent.flow_spool = Spool(tmp_path, "flows")
-    agent.flow_out = printed = io.StringIO()  # stdout in the agent
-    agent.flow_tracker = FlowTracker("pod-a", ["10.200.0.0/16"], agent.owners.get)
-    agent.owners["10.200.0.2"] = ("alice", "pod-a-1")
+    owners = {"10.200.0.2": ("alice", "pod-a-1")}
+    flows = FlowAudit(
+        ControlPlane("http://127.0.0.1:9", "t"),
+        "pod-a",
+        Spool(tmp_path, "flows"),
+        [ipaddress.IPv4Network("10.200.0.0/16")],
+        owners.get,
+        out=(printed := io.StringIO()),  # stdout in the agent
+    )
+    flows.listener, flows.listener_up = listener, True
+    agent.flows = flows
     at = dt.datetime.now(dt.UTC)
     for ct_id, src in ((1, "10.200.0.2"), (2, "10.200.0.9"), (3, "10.99.0.5")):
         ev = FlowEvent(FlowEventKind.NEW, 6, src, 40000, "10.99.0.100", 80, "10.99.0.100", 80,
                        "10.99.0.11", 40000, ct_id, None, None, None, None, None, None, None,
                        at)  # fmt: skip
-        agent._on_flow_item(ev)
-    agent.flows_delivered = 5
+        flows._on_item(ev)
+    flows.delivered = 5
     agent.watch_connected = True
     s = scrape(metrics_for(agent))
     assert value(s, "vpnfleet_flow_events_total") == 120
@@ -320,10 +379,10 @@ def test_flow_and_watch_counters_when_the_agent_has_them(agent: PodAgent, tmp_pa
     assert [(x["event"], x["kind"], x["user"]) for x in lines] == [
         ("flow", "start", "alice"), ("flow", "start", None)]  # fmt: skip
     assert lines[0]["nat_ip"] == "10.99.0.11" and lines[0]["dst_port"] == 80
-    agent.flow_spool.close()
+    flows.spool.close()
 
 
-def test_certificate_and_crl_expiry_of_the_files_openvpn_uses(agent: PodAgent) -> None:
+def test_certificate_and_crl_expiry_of_the_files_openvpn_uses(agent: Agent) -> None:
     ca = pki.create_ca()
     server = pki.issue_server_cert(ca, "pod-a", days=20)
     d = agent.s.state_dir
@@ -350,7 +409,7 @@ def test_metrics_without_an_agent_still_work() -> None:
     assert not [n for n, _ in s if n.startswith("openvpn_")]
 
 
-def test_the_default_cap_is_a_thousand_users(agent: PodAgent) -> None:
+def test_the_default_cap_is_a_thousand_users(agent: Agent) -> None:
     for i in range(1, 1001):
         connect(agent, i, f"user{i:04d}", f"10.200.{i // 250}.{i % 250 + 2}", i, 2 * i)
     s = scrape(metrics_for(agent))
@@ -567,26 +626,3 @@ def test_status_command_against_a_control_plane(server: Server) -> None:
         cli, capture_output=True, text=True, timeout=60, env={**env, "VPNFLEET_TOKEN": "nope"}
     )
     assert denied.returncode != 0 and "Traceback" not in denied.stderr
-
-
-def test_owners_survive_a_restart_until_reconcile_decides(agent: PodAgent) -> None:
-    """A crashed agent's successor attributes flows re-listed before adoption to the same
-    sessions (from its cached client list), and forgets owners nobody adopted."""
-    from vpnfleet.agent.pod import LocalClient
-
-    for cid, (user, ip) in enumerate((("alice", "10.200.0.2"), ("bob", "10.200.0.3"))):
-        agent.clients[cid] = LocalClient(
-            cid=cid, user=user, mode="nat", tunnel_ip=ip, real_ip="198.51.100.9",
-            real_port=5000 + cid, uid=f"pod-a-{user}", connected_at="2026-11-26T17:00:00+00:00",
-            established=True,
-        )  # fmt: skip
-    agent._save_clients()
-    after = PodAgent(agent.s)
-    after._seed_owners()
-    assert after.owners == {
-        "10.200.0.2": ("alice", "pod-a-alice"),
-        "10.200.0.3": ("bob", "pod-a-bob"),
-    }
-    after.clients[0] = agent.clients[0]  # alice was adopted; bob had left meanwhile
-    after._prune_owners()
-    assert after.owners == {"10.200.0.2": ("alice", "pod-a-alice")}

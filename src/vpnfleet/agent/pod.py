@@ -139,7 +139,11 @@ class PodAgent:
                 record_destination=s.flow_destinations,
             )
         builder = DesiredStateBuilder(
-            s.fw_prefix, networks, uplink=s.uplink, nflog_group=NFLOG_GROUP
+            s.fw_prefix,
+            networks,
+            uplink=s.uplink,
+            nflog_group=NFLOG_GROUP,
+            log_denied=s.denied_audit,
         )
         clients = self.clients
 
@@ -153,9 +157,10 @@ class PodAgent:
             open_flows=self.flow_audit.open_flows if self.flow_audit else None,
             metrics=self.metrics,
         )
-        self.denied_audit = DeniedAudit(
-            s.fw_prefix, self.clients.owner, self.shipper, metrics=self.metrics
-        )
+        if s.denied_audit:
+            self.denied_audit = DeniedAudit(
+                s.fw_prefix, self.clients.owner, self.shipper, metrics=self.metrics
+            )
         self.supervisor = OpenVPNSupervisor(
             self.paths,
             binary=s.openvpn,
@@ -371,7 +376,7 @@ class PodAgent:
             await self.cp.close()
 
     def _start_tasks(self) -> list[asyncio.Task[None]]:
-        assert self.supervisor and self.firewall and self.shipper and self.denied_audit
+        assert self.supervisor and self.firewall and self.shipper
         jobs: list[tuple[str, Awaitable[None]]] = [
             ("supervise", self.supervisor.run(self)),
             ("follow", self.follower.run()),
@@ -379,9 +384,10 @@ class PodAgent:
             ("deliver", self.shipper.run()),
             ("reconcile", self._reconcile_loop()),
             ("heartbeat", self.heartbeat.run()),
-            ("denied", self.denied_audit.run()),
             ("crl", self.registration.run_crl_refresh()),
         ]
+        if self.denied_audit is not None:
+            jobs.append(("denied", self.denied_audit.run()))
         if self.flow_audit is not None:
             jobs += [
                 ("flows", self.flow_audit.run_listener()),

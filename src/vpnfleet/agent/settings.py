@@ -44,6 +44,8 @@ class AgentSettings:
     flow_destinations: bool = True
     flow_log: str = "stdout"
     flow_spool_mb: int = 1024
+    # Denied attempts (docs/audit.md): read the firewall's NFLOG of dropped packets.
+    denied_audit: bool = True
 
     @classmethod
     def from_env(cls, **flags: object) -> AgentSettings:
@@ -74,6 +76,7 @@ class AgentSettings:
             ("crl_verify", "VPNFLEET_CRL_VERIFY"),
             ("flow_audit", "VPNFLEET_FLOW_AUDIT"),
             ("flow_destinations", "VPNFLEET_FLOW_DESTINATIONS"),
+            ("denied_audit", "VPNFLEET_DENIED_AUDIT"),
         ):
             flag = flags.get(key)
             if flag is None and env.get(var):

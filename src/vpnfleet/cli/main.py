@@ -173,6 +173,14 @@ def agent(
         int | None,
         typer.Option(help="Disk for undelivered flow records, MiB (default 1024)."),
     ] = None,
+    denied_audit: Annotated[
+        bool | None,
+        typer.Option(
+            "--denied-audit/--no-denied-audit",
+            help="Record denied attempts from the firewall's log (default on; "
+            "env VPNFLEET_DENIED_AUDIT).",
+        ),
+    ] = None,
 ) -> None:
     """Run the pod agent: supervise OpenVPN, enforce the firewall, report sessions and flows."""
     import asyncio
@@ -198,6 +206,7 @@ def agent(
             flow_destinations=flow_destinations,
             flow_log=flow_log,
             flow_spool_mb=flow_spool_mb,
+            denied_audit=denied_audit,
         )
         logsetup.setup(settings.log_format)
     except (ValueError, OSError) as exc:
