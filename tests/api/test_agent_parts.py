@@ -1,0 +1,288 @@
+"""The whole pod agent against a real control plane, with its runners replaced by fakes.
+
+A real control plane (uvicorn on loopback, SQLite and PostgreSQL) and a real PodAgent — view
+follower, client handler, firewall sync, shippers, heartbeat, probes — with the firewall, the
+OpenVPN management session and the openvpn process swapped for the in-memory fakes of
+``vpnfleet.agent.fakes`` (the real ones are exercised by tests/e2e). What is checked is what a
+user or an operator would notice: which grants a connected client gets, whether changes reach
+connected clients, who gets disconnected, and what the pod reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Server, free_port
+from vpnfleet.agent.fakes import FakeFirewall, FakeManagement, FakeProcess
+from vpnfleet.agent.pod import PodAgent
+from vpnfleet.agent.settings import AgentSettings
+from vpnfleet.core import fwplan
+
+SVC = ipaddress.IPv4Address("10.20.0.5")
+
+
+async def until(check: Callable[[], Any], seconds: float, what: str) -> Any:
+    deadline = time.monotonic() + seconds
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {seconds}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class Pod:
+    """One agent process's worth of parts, with fake runners that outlive it (like OpenVPN
+    and the kernel outlive a killed agent)."""
+
+    def __init__(self, server: Server, token: str, state: Path) -> None:
+        self.server = server
+        self.token = token
+        self.state = state
+        self.firewall = FakeFirewall()
+        self.mgmt = FakeManagement()
+        self.process = FakeProcess()
+        self.agent: PodAgent | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def settings(self) -> AgentSettings:
+        return AgentSettings(
+            server=self.server.url, token=self.token, name="pod1", state_dir=self.state,
+            http=f"127.0.0.1:{free_port()}", heartbeat_interval=0.2, reconcile_interval=0.5,
+            flow_audit=False, denied_audit=False, drain_delay=0.1, drain_timeout=1,
+        )  # fmt: skip
+
+    async def start(self, *, adopt: bool = False) -> PodAgent:
+        if adopt:
+            # openvpn kept running: the next agent finds its pid and socket, and attaches anew.
+            self.process = FakeProcess(recorded=4242)
+            self.mgmt = self.mgmt.reopen()
+            (self.state / "mgmt.sock").touch()
+        mgmt = self.mgmt
+
+        async def connect() -> FakeManagement:
+            return mgmt
+
+        agent = PodAgent(
+            self.settings(), firewall=self.firewall, process=lambda: self.process,
+            connect=connect,
+        )  # fmt: skip
+        self.agent = agent
+        self.task = asyncio.create_task(agent.run())
+        await until(lambda: agent.ready()[0], 20, "the agent to be ready")
+        return agent
+
+    async def crash(self) -> None:
+        """kill -9: the agent's tasks stop, OpenVPN and the kernel keep their state."""
+        assert self.task is not None
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        self.task = None
+
+    async def join(self, user: str, ip: str = "198.51.100.7") -> int:
+        cid = self.mgmt.connect(user, real_ip=ip, serial=self.serial(user))
+        await until(lambda: self.mgmt.answers_for(cid), 5, f"{user}'s CONNECT to be answered")
+        self.mgmt.establish(cid)
+        assert self.agent is not None and self.agent.clients is not None
+        await until(
+            lambda: any(c.cid == cid for c in self.agent.clients.established()), 5, "ESTABLISHED"
+        )
+        return cid
+
+    def serial(self, user: str) -> str:
+        with self.server.client() as c:
+            cert = c.get(f"/api/v1/users/{user}").json()["certificate"]
+            return str(int(cert["serial"]))
+
+    def address(self, cid: int) -> ipaddress.IPv4Address:
+        addr = self.mgmt.address_of(cid)
+        assert addr is not None
+        return addr
+
+    def kernel(self) -> fwplan.DesiredState:
+        assert self.firewall.kernel is not None
+        return self.firewall.kernel
+
+    def allowed(self, cid: int, dport: int, proto: str = "tcp") -> bool:
+        return fwplan.is_allowed(self.kernel(), self.address(cid), proto, SVC, dport)
+
+    async def stop(self) -> None:
+        if self.task is not None and self.agent is not None:
+            self.agent.request_stop()
+            await asyncio.wait_for(self.task, 20)
+
+
+@pytest.fixture
+async def pod(server: Server, tmp_path: Path) -> AsyncIterator[Pod]:
+    p = Pod(server, server.make_token("agent"), tmp_path / "pod1")
+    try:
+        yield p
+    finally:
+        await p.stop()
+
+
+def api(server: Server, method: str, path: str, body: Any = None) -> Any:
+    with server.client() as c:
+        r = c.request(method, path, json=body)
+        assert r.status_code < 400, r.text
+        return r.json() if r.content else None
+
+
+def setup_policy(server: Server) -> None:
+    api(server, "POST", "/api/v1/users", {"name": "pa", "email": "pa@example.com"})
+    api(server, "POST", "/api/v1/users", {"name": "pb", "email": "pb@example.com",
+                                          "max_sessions": 1})  # fmt: skip
+    api(server, "POST", "/api/v1/groups", {"name": "web"})
+    api(server, "POST", "/api/v1/groups", {"name": "ops"})
+    api(server, "POST", "/api/v1/rules",
+        {"group": "web", "destination": str(SVC), "proto": "tcp", "ports": "8080"})  # fmt: skip
+    api(server, "POST", "/api/v1/rules",
+        {"group": "ops", "destination": "10.20.0.0/24", "proto": "any"})  # fmt: skip
+    api(server, "POST", "/api/v1/groups/web/members", {"user": "pa"})
+
+
+async def test_a_port_limited_grant_reaches_a_connected_client_port_limited(
+    server: Server, pod: Pod
+) -> None:
+    setup_policy(server)
+    await pod.start()
+    pa = await pod.join("pa")
+    await until(lambda: pod.allowed(pa, 8080), 5, "pa's grant in the firewall")
+    assert not pod.allowed(pa, 22) and not pod.allowed(pa, 8081)
+    assert not pod.allowed(pa, 8080, "udp")
+    # A later port-limited rule arrives through the watch stream, still port-limited.
+    api(server, "POST", "/api/v1/rules",
+        {"group": "web", "destination": str(SVC), "proto": "tcp", "ports": "9000-9001"})  # fmt: skip
+    await until(lambda: pod.allowed(pa, 9001), 5, "the new rule")
+    assert not pod.allowed(pa, 9002) and not pod.allowed(pa, 22)
+
+
+async def test_membership_changes_reach_connected_clients_and_cut_their_flows(
+    server: Server, pod: Pod
+) -> None:
+    setup_policy(server)
+    await pod.start()
+    pa = await pod.join("pa")
+    await until(lambda: pod.allowed(pa, 8080), 5, "web's grant")
+    assert not pod.allowed(pa, 22)
+    api(server, "POST", "/api/v1/groups/ops/members", {"user": "pa"})
+    await until(lambda: pod.allowed(pa, 22), 5, "ops' grant without reconnecting")
+    pod.firewall.flows = [
+        fwplan.Flow("tcp", 6, pod.address(pa), SVC, 40000, 22),
+        fwplan.Flow("tcp", 6, pod.address(pa), SVC, 40001, 8080),
+    ]
+    api(server, "DELETE", "/api/v1/groups/ops/members/pa")
+    await until(lambda: not pod.allowed(pa, 22), 5, "ops' grant to go")
+    await until(lambda: len(pod.firewall.flows) == 1, 5, "the ssh connection to be cut")
+    assert pod.firewall.flows[0].dport == 8080  # still granted by web: kept
+    assert [a[0] for a in pod.mgmt.answers_for(pa)] == ["auth"]  # never disconnected
+
+
+async def test_the_same_device_reconnecting_replaces_its_session(
+    server: Server, pod: Pod
+) -> None:
+    setup_policy(server)
+    await pod.start()
+    first = await pod.join("pb")
+    second = await pod.join("pb")  # same public address; max_sessions 1
+    assert ("kill", first, "HALT") in pod.mgmt.answers
+    assert [a[0] for a in pod.mgmt.answers_for(second)] == ["auth"]
+    other = pod.mgmt.connect("pb", real_ip="192.0.2.99", serial=pod.serial("pb"))
+    await until(lambda: pod.mgmt.answers_for(other), 5, "the other device's answer")
+    (answer,) = pod.mgmt.answers_for(other)
+    assert (answer[0], answer[3]) == ("deny", "session limit reached (1)")
+
+
+async def test_the_heartbeat_reports_a_revision_only_once_it_is_in_the_kernel(
+    server: Server, pod: Pod
+) -> None:
+    setup_policy(server)
+    agent = await pod.start()
+    await pod.join("pa")
+
+    def reported() -> int:
+        pods = api(server, "GET", "/api/v1/pods")
+        return int(pods[0]["applied_revision"])
+
+    head = api(server, "GET", "/api/v1/revision")["revision"]
+    await until(lambda: reported() == head, 5, "the pod to report the head")
+    pod.firewall.gate = asyncio.Event()
+    api(server, "POST", "/api/v1/groups/ops/members", {"user": "pa"})
+    new_head = api(server, "GET", "/api/v1/revision")["revision"]
+    await asyncio.wait_for(pod.firewall.entered.wait(), 5)
+    await until(lambda: agent.view.revision == new_head, 5, "the agent to learn the change")
+    await asyncio.sleep(0.6)  # a few heartbeats
+    assert reported() < new_head
+    pod.firewall.gate.set()
+    pod.firewall.gate = None
+    await until(lambda: reported() == new_head, 5, "the pod to report the new head")
+
+
+async def test_a_kill_made_while_the_agent_is_down_ends_the_session_once_it_is_back(
+    server: Server, pod: Pod
+) -> None:
+    setup_policy(server)
+    await pod.start()
+    pa = await pod.join("pa")
+    await until(lambda: api(server, "GET", "/api/v1/sessions?user=pa&active=true"), 5,
+                "pa's session to be recorded")  # fmt: skip
+    await pod.crash()
+    assert api(server, "POST", "/api/v1/users/pa/kill")["sessions"] == 1
+    await pod.start(adopt=True)
+    ready = time.monotonic()
+    await until(lambda: ("kill", pa, "HALT") in pod.mgmt.answers, 2, "pa to be disconnected")
+    assert time.monotonic() - ready < 2
+
+    def ended() -> list[dict[str, Any]]:
+        return list(api(server, "GET", "/api/v1/sessions?user=pa&active=false"))
+
+    (session,) = await until(ended, 5, "pa's session to close")
+    assert session["end_reason"] == "disconnected by an administrator"
+
+
+async def test_a_revocation_made_while_the_agent_is_down_cuts_open_flows_at_restart(
+    server: Server, pod: Pod
+) -> None:
+    setup_policy(server)
+    await pod.start()
+    pa = await pod.join("pa")
+    await until(lambda: pod.allowed(pa, 8080), 5, "web's grant")
+    pod.firewall.flows = [fwplan.Flow("tcp", 6, pod.address(pa), SVC, 40001, 8080)]
+    await pod.crash()
+    api(server, "DELETE", "/api/v1/groups/web/members/pa")
+    await asyncio.sleep(0.3)
+    assert pod.firewall.flows  # nothing enforced while the agent is down
+    await pod.start(adopt=True)
+    # The first apply after adopting the running clients is followed by a cut.
+    assert pod.firewall.flows == []
+    assert not pod.allowed(pa, 8080)
+    assert [a[0] for a in pod.mgmt.answers_for(pa)] == ["auth"]  # pa stays connected
+
+
+async def test_readings_report_the_running_parts(server: Server, pod: Pod) -> None:
+    setup_policy(server)
+    agent = await pod.start()
+    await pod.join("pa")
+    r = agent.readings()
+    assert r.openvpn_ready and r.ready and [c.user for c in r.clients] == ["pa"]
+    assert r.applied_state is pod.firewall.kernel
+    assert r.openvpn_version is not None and "2.6" in r.openvpn_version
+    async with httpx.AsyncClient() as http:
+        host = agent.s.http
+        ready = await http.get(f"http://{host}/readyz")
+        metrics = await http.get(f"http://{host}/metrics")
+    assert ready.status_code == 200 and ready.json()["config_applied"] is True
+    assert 'openvpn_connections{server="pod1"} 1.0' in metrics.text
