@@ -81,10 +81,16 @@ class ClientHandler:
         self.book.seed_owners(self._cached.values())
 
     def reset(self, reason: str) -> None:
-        """OpenVPN was started afresh: every client it had is gone."""
+        """OpenVPN was started afresh: every client it had is gone (and so are the sessions
+        the previous agent's journal still held)."""
         for client in self.book.clear():
             self._ended(client, reason)
+        for client in self._cached.values():
+            if client.established:
+                self._shipper.closed(client, 0, 0, reason)
+        self._cached = {}
         self._journal.rewrite(())
+        self._journal_synced = True
         self._changed()
 
     # ------------------------------------------------------------------ events

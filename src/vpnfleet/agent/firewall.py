@@ -101,6 +101,7 @@ class FirewallSync:
         Until then pokes only accumulate, so a restarted agent never applies a state that
         lacks the clients it has not adopted yet (and then cuts their flows)."""
         self._started.set()
+        self.poke()  # the first apply is due whatever changed meanwhile
 
     def poke(self) -> None:
         """Something the desired state depends on changed."""

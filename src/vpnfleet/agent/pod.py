@@ -63,6 +63,8 @@ from vpnfleet.wire import Heartbeat
 
 log = logging.getLogger("vpnfleet.agent")
 
+ADOPT_ATTEMPTS = 10  # status listings tried before a running openvpn is given up on
+
 
 class PodAgent:
     """The agent of one OpenVPN pod. ``run()`` until SIGTERM, then drain.
@@ -204,7 +206,11 @@ class PodAgent:
         if adopted:
             # The running clients must be in the book before the first apply: otherwise the
             # firewall would lock them out and cut their connections.
-            if not await self.clients.reconcile():
+            for _ in range(ADOPT_ATTEMPTS):
+                if await self.clients.reconcile():
+                    break
+                await asyncio.sleep(0.5)
+            else:
                 raise ManagementError("could not list the running openvpn's clients")
         else:
             self.clients.reset("openvpn restarted")
