@@ -217,8 +217,9 @@ def _ipv4(value: str, what: str) -> str:
     raise ValueError(f"{what} {value!r} is not an IPv4 address")
 
 
-class FlowRecord(BaseModel):
-    """One NAT'd connection as an agent reports it (the JSON of core.flows.FlowRecord.as_dict).
+class FlowReport(BaseModel):
+    """One NAT'd connection as an agent reports it: the JSON of the agent's own record,
+    core.flows.FlowRecord.as_dict() (this model is its wire twin, hence the other name).
 
     `kind="start"` when the flow opens (no end, no counters); `kind="end"` when it closes, and
     complete on its own (a flow whose start was lost gets only this one). Both carry the same
@@ -254,7 +255,7 @@ class FlowRecord(BaseModel):
         return None if v is None else _ipv4(v, str(info.field_name))
 
     @model_validator(mode="after")
-    def _end_has_time(self) -> FlowRecord:
+    def _end_has_time(self) -> FlowReport:
         if self.kind == "end" and self.end_ms is None:
             raise ValueError("an end record needs end_ms")
         return self
@@ -265,7 +266,7 @@ class FlowBatch(BaseModel):
 
     model_config = _strict
     pod: str
-    records: list[FlowRecord] = Field(max_length=5000)
+    records: list[FlowReport] = Field(max_length=5000)
 
     @model_validator(mode="after")
     def _one_pod(self) -> FlowBatch:
