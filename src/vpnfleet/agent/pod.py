@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from vpnfleet.agent.conntrack import ConntrackError, ConntrackListener
-from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
+from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError, WatchProtocolError
 from vpnfleet.agent.dataplane import Dataplane, DataplaneError
 from vpnfleet.agent.management import ManagementClient, ManagementError
 from vpnfleet.agent.metrics import AgentMetrics
@@ -58,6 +58,8 @@ from vpnfleet.wire import (
     SessionOpen,
     SessionReport,
     Snapshot,
+    WatchHeartbeat,
+    WatchResync,
 )
 
 log = logging.getLogger("vpnfleet.agent")
@@ -584,19 +586,26 @@ class PodAgent:
                     self.watch_connected = True
                     self.watch_last_event = time.monotonic()
                     delay = 0.5
-                    etype = event.get("type")
-                    if etype == "change":
+                    if isinstance(event, WatchResync):
+                        await self.resync_view()
+                    elif not isinstance(event, WatchHeartbeat):
                         effects = self.view.apply(event)
                         self._view_dirty = True
                         await self.handle_effects(effects)
                         if self.config_applied and not self._firewall_dirty.is_set():
                             # Nothing for the firewall to do: enforced as of this revision.
                             self.applied_revision = self.view.revision
-                    elif etype == "resync":
-                        await self.resync_view()
                     self.metrics.revision.set(self.view.revision)
                     if self._stop.is_set():
                         return
+            except WatchProtocolError as exc:
+                # A line this agent cannot read: the snapshot holds what it described.
+                log.warning("%s; resyncing from a snapshot", exc)
+                try:
+                    await self.resync_view()
+                except ControlPlaneError as again:
+                    self.cp_reachable = False
+                    log.warning("resync failed (%s); retrying in %.1fs", again, delay)
             except ControlPlaneError as exc:
                 self.cp_reachable = False
                 log.warning("watch stream lost (%s); retrying in %.1fs", exc, delay)
