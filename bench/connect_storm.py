@@ -39,12 +39,14 @@ def snapshot_json() -> str:
             enabled=True,
             mode="nat",
             max_sessions=4,
+            groups=[],
+            gateway_address=None,
             cert_serial=str(1000 + i),
         )
         for i in range(USERS)
     ]
     return Snapshot(
-        revision=1, users=users, groups=[], rules=[], pools=[], sessions=[]
+        revision=1, users=users, groups=[], rules=[], pools=[], sessions=[], pods=[]
     ).model_dump_json()
 
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -21,7 +24,7 @@ from pydantic import (
 
 from vpnfleet.core import netparse
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 
 _strict = ConfigDict(extra="forbid")
 
@@ -57,70 +60,329 @@ class Bootstrap(BaseModel):
     revision: int
 
 
+# --- the fleet state agents replicate ---------------------------------------------------------
+#
+# One shape per object, built once on the control plane (controlplane/fleetstate.py) and read
+# once by the agent (core/fleet.py). Every field is required: None is written out where "none"
+# is the value (no gateway address, no current certificate), never assumed for a missing field,
+# and types are checked strictly ("yes" is not True, "1" is not 1). A reader that filled gaps
+# with its own defaults is how a port-limited grant once silently became all ports.
+
+PoolKind = Literal["nat", "gateway"]
+
+_state = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
 class UserState(BaseModel):
     """A user as agents see it (no secrets)."""
 
+    model_config = _state
     id: int
     name: str
     enabled: bool
-    mode: str
-    max_sessions: int
-    groups: list[str] = Field(default_factory=list)
-    gateway_address: str | None = None
-    cert_serial: str | None = None
+    mode: netparse.Mode
+    max_sessions: int = Field(ge=1)
+    groups: list[str]  # group names, sorted
+    gateway_address: str | None  # the stable lease of a gateway user
+    cert_serial: str | None  # the one certificate the user may connect with
 
 
 class GroupState(BaseModel):
+    model_config = _state
     id: int
     name: str
 
 
+class MembershipState(BaseModel):
+    """A user's membership of a group; it is its own key."""
+
+    model_config = _state
+    group_id: int
+    group: str
+    user_id: int
+    user: str
+
+
 class RuleState(BaseModel):
+    """A grant: members of group `group_id` may reach `destination` over `proto` on `ports`
+    (None: every port)."""
+
+    model_config = _state
     id: int
     group_id: int
     destination: str
-    proto: str
+    proto: netparse.Protocol
     ports: str | None
 
 
 class PoolState(BaseModel):
+    model_config = _state
     id: int
     name: str
-    kind: str
+    kind: PoolKind
     cidr: str
 
 
 class PodState(BaseModel):
     """A registered pod (gateway routes point at its IP)."""
 
+    model_config = _state
     id: int
     name: str
-    pod_ip: str | None = None
+    pod_ip: str | None
 
 
 class LiveSession(BaseModel):
-    """An open session anywhere in the fleet (for fleet-wide session limits and routes)."""
+    """An open session anywhere in the fleet (for fleet-wide session limits and routes).
 
+    `kill` says why the control plane asks this session to end (an administrator's kill, the
+    same device reconnecting); None while it may stay. It is state, not an event, so a pod that
+    was away when the kill was asked for still learns it from its next snapshot. A killed
+    session stays live until its pod closes it, and no longer counts toward session limits.
+    """
+
+    model_config = _state
     uid: str
     user: str
     pod: str
     tunnel_ip: str
-    mode: str
-    real_ip: str | None = None
-    # Why the control plane asks this session to end; None while it may stay.
-    kill: str | None = None
+    mode: netparse.Mode
+    real_ip: str | None
+    kill: str | None
+
+
+class CrlUpdate(BaseModel):
+    """Certificates this change revoked: agents fetch the new CRL."""
+
+    model_config = _state
+    revoked: list[str]  # serials
+
+
+class PkiState(BaseModel):
+    """The CA agents trust."""
+
+    model_config = _state
+    ca_fingerprint_sha256: str
+
+
+class UserKey(BaseModel):
+    model_config = _state
+    id: int
+    name: str
+
+
+class GroupKey(BaseModel):
+    model_config = _state
+    id: int
+    name: str
+
+
+class RuleKey(BaseModel):
+    model_config = _state
+    id: int
+    group_id: int
+
+
+class SessionKey(BaseModel):
+    model_config = _state
+    uid: str
 
 
 class Snapshot(BaseModel):
     """The complete state an agent decides from, consistent at `revision`."""
 
+    model_config = _state
     revision: int
     users: list[UserState]
     groups: list[GroupState]
     rules: list[RuleState]
     pools: list[PoolState]
     sessions: list[LiveSession]
-    pods: list[PodState] = Field(default_factory=list)
+    pods: list[PodState]
+
+
+# --- the watch stream -----------------------------------------------------------------------------
+#
+# `GET /api/v1/watch` sends one JSON object per line: a change event, a resync or a heartbeat.
+# A change event names its object kind and op; an upsert carries the whole object (`object`), a
+# delete its key (`key`). Every message has the revision it belongs to. The `type`/`kind`/`op`
+# tags have defaults only so that code can build events tersely; a message parsed from the
+# wire must carry them (the discriminated union below needs the tag to pick a model).
+
+# `at` is the one field read leniently: JSON has no datetime, so it arrives as ISO 8601 text.
+_At = Annotated[AwareDatetime, Field(strict=False)]
+
+
+class _Change(BaseModel):
+    model_config = _state
+    type: Literal["change"] = "change"
+    revision: int = Field(ge=1)
+    at: _At
+
+
+class UserUpsert(_Change):
+    kind: Literal["user"] = "user"
+    op: Literal["upsert"] = "upsert"
+    object: UserState
+
+
+class UserDelete(_Change):
+    kind: Literal["user"] = "user"
+    op: Literal["delete"] = "delete"
+    key: UserKey
+
+
+class GroupUpsert(_Change):
+    kind: Literal["group"] = "group"
+    op: Literal["upsert"] = "upsert"
+    object: GroupState
+
+
+class GroupDelete(_Change):
+    """Its rules and memberships went with it (the members' user upserts follow)."""
+
+    kind: Literal["group"] = "group"
+    op: Literal["delete"] = "delete"
+    key: GroupKey
+
+
+class MembershipUpsert(_Change):
+    kind: Literal["membership"] = "membership"
+    op: Literal["upsert"] = "upsert"
+    object: MembershipState
+
+
+class MembershipDelete(_Change):
+    kind: Literal["membership"] = "membership"
+    op: Literal["delete"] = "delete"
+    key: MembershipState
+
+
+class RuleUpsert(_Change):
+    kind: Literal["rule"] = "rule"
+    op: Literal["upsert"] = "upsert"
+    object: RuleState
+
+
+class RuleDelete(_Change):
+    kind: Literal["rule"] = "rule"
+    op: Literal["delete"] = "delete"
+    key: RuleKey
+
+
+class PoolUpsert(_Change):
+    """Pools are never deleted, so `pool` has no delete op."""
+
+    kind: Literal["pool"] = "pool"
+    op: Literal["upsert"] = "upsert"
+    object: PoolState
+
+
+class PodUpsert(_Change):
+    """Pods are never deleted (a silent pod is forgotten, see POD_FORGET_AFTER)."""
+
+    kind: Literal["pod"] = "pod"
+    op: Literal["upsert"] = "upsert"
+    object: PodState
+
+
+class SessionUpsert(_Change):
+    """A session opened, or was marked to end (`object.kill`)."""
+
+    kind: Literal["session"] = "session"
+    op: Literal["upsert"] = "upsert"
+    object: LiveSession
+
+
+class SessionDelete(_Change):
+    """A session ended (its pod closed it, or the pod no longer has it)."""
+
+    kind: Literal["session"] = "session"
+    op: Literal["delete"] = "delete"
+    key: SessionKey
+
+
+class CrlUpsert(_Change):
+    kind: Literal["crl"] = "crl"
+    op: Literal["upsert"] = "upsert"
+    object: CrlUpdate
+
+
+class PkiUpsert(_Change):
+    kind: Literal["pki"] = "pki"
+    op: Literal["upsert"] = "upsert"
+    object: PkiState
+
+
+UserEvent = Annotated[UserUpsert | UserDelete, Field(discriminator="op")]
+GroupEvent = Annotated[GroupUpsert | GroupDelete, Field(discriminator="op")]
+MembershipEvent = Annotated[MembershipUpsert | MembershipDelete, Field(discriminator="op")]
+RuleEvent = Annotated[RuleUpsert | RuleDelete, Field(discriminator="op")]
+SessionEvent = Annotated[SessionUpsert | SessionDelete, Field(discriminator="op")]
+
+ChangeEvent = Annotated[
+    UserEvent
+    | GroupEvent
+    | MembershipEvent
+    | RuleEvent
+    | PoolUpsert
+    | PodUpsert
+    | SessionEvent
+    | CrlUpsert
+    | PkiUpsert,
+    Field(discriminator="kind"),
+]
+
+
+class WatchResync(BaseModel):
+    """The stream cannot continue from where the client is: fetch a snapshot and resume from
+    its revision (too far behind, ahead of the log, or a change this side cannot read)."""
+
+    model_config = _state
+    type: Literal["resync"] = "resync"
+    revision: int = Field(ge=0)
+
+
+class WatchHeartbeat(BaseModel):
+    """Nothing changed for a while; the log is at `revision`."""
+
+    model_config = _state
+    type: Literal["heartbeat"] = "heartbeat"
+    revision: int = Field(ge=0)
+
+
+WatchMessage = Annotated[ChangeEvent | WatchResync | WatchHeartbeat, Field(discriminator="type")]
+
+_WATCH_MESSAGE: TypeAdapter[WatchMessage] = TypeAdapter(WatchMessage)
+_CHANGE_EVENT: TypeAdapter[ChangeEvent] = TypeAdapter(ChangeEvent)
+
+
+def _problem(exc: ValidationError, what: str) -> ValueError:
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    where = ".".join(str(p) for p in first["loc"])
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return ValueError(f"malformed {what}: {where + ': ' if where else ''}{first['msg']}{more}")
+
+
+def parse_watch_message(obj: object) -> WatchMessage:
+    """The one reader of the watch stream: a decoded JSON object (or its text) in, a typed
+    message out. Anything malformed or unknown (missing or extra field, wrong type, unknown
+    type, kind or op) raises ValueError: a follower that skipped it would silently diverge."""
+    try:
+        if isinstance(obj, str | bytes):
+            return _WATCH_MESSAGE.validate_json(obj)
+        return _WATCH_MESSAGE.validate_python(obj)
+    except ValidationError as exc:
+        raise _problem(exc, "watch message") from None
+
+
+def parse_change_event(obj: object) -> ChangeEvent:
+    """Like parse_watch_message, for a change event only (the control plane's change log)."""
+    try:
+        return _CHANGE_EVENT.validate_python(obj)
+    except ValidationError as exc:
+        raise _problem(exc, "change event") from None
 
 
 class SessionOpen(BaseModel):
@@ -130,7 +392,7 @@ class SessionOpen(BaseModel):
     uid: str = Field(min_length=8, max_length=64)
     user: str
     pod: str
-    mode: str
+    mode: netparse.Mode
     tunnel_ip: str
     real_ip: str | None = None
     real_port: int | None = Field(default=None, ge=0, le=65535)
@@ -219,8 +481,9 @@ def _ipv4(value: str, what: str) -> str:
     raise ValueError(f"{what} {value!r} is not an IPv4 address")
 
 
-class FlowRecord(BaseModel):
-    """One NAT'd connection as an agent reports it (the JSON of core.flows.FlowRecord.as_dict).
+class FlowReport(BaseModel):
+    """One NAT'd connection as an agent reports it: the JSON of the agent's own record,
+    core.flows.FlowRecord.as_dict() (this model is its wire twin, hence the other name).
 
     `kind="start"` when the flow opens (no end, no counters); `kind="end"` when it closes, and
     complete on its own (a flow whose start was lost gets only this one). Both carry the same
@@ -256,7 +519,7 @@ class FlowRecord(BaseModel):
         return None if v is None else _ipv4(v, str(info.field_name))
 
     @model_validator(mode="after")
-    def _end_has_time(self) -> FlowRecord:
+    def _end_has_time(self) -> FlowReport:
         if self.kind == "end" and self.end_ms is None:
             raise ValueError("an end record needs end_ms")
         return self
@@ -267,7 +530,7 @@ class FlowBatch(BaseModel):
 
     model_config = _strict
     pod: str
-    records: list[FlowRecord] = Field(max_length=5000)
+    records: list[FlowReport] = Field(max_length=5000)
 
     @model_validator(mode="after")
     def _one_pod(self) -> FlowBatch:

@@ -56,15 +56,36 @@ def test_register_snapshot_and_session_lifecycle(server: Server, admin: httpx.Cl
         # Another device (another address) over the limit: recorded, refused, closed at once.
         refused = opened(agent, "pod2-bbbbbbbb", "alice", "203.0.113.9", pod="pod2")
         assert refused["allowed"] is False and "session limit" in refused["reason"]
-        # The same device reconnecting replaces its old session instead.
+        # The same device reconnecting replaces its old session instead: the old one is
+        # marked to end and stays live until its pod closes it (bytes, real end time).
         again_v = opened(agent, "pod2-cccccccc", "alice", "198.51.100.7", pod="pod2")
         assert again_v["allowed"] is True
         live = admin.get("/api/v1/sessions", params={"active": "true"}).json()
-        assert [s["pod"] for s in live] == ["pod2"]
+        assert {s["pod"]: s["kill_reason"] for s in live} == {
+            "pod2": None,
+            "pod1": "replaced by a new connection from the same address",
+        }
+        snap = agent.get("/api/v1/agent/snapshot").json()
+        assert {s["uid"]: s["kill"] for s in snap["sessions"]} == {
+            "pod1-aaaaaaaa": "replaced by a new connection from the same address",
+            "pod2-cccccccc": None,
+        }
+        # The replaced session no longer holds a place: the limit still counts the new one.
+        over = opened(agent, "pod2-dddddddd", "alice", "203.0.113.10", pod="pod2")
+        assert over["allowed"] is False and "session limit" in over["reason"]
+        old = {"uid": "pod1-aaaaaaaa", "ended_at": now(), "bytes_in": 7, "bytes_out": 9,
+               "reason": "replaced by a new connection"}  # fmt: skip
+        assert agent.post("/api/v1/agent/sessions/close", json=old).json() == {"closed": True}
         ended = admin.get("/api/v1/sessions", params={"active": "false"}).json()
-        reasons = {s["end_reason"] for s in ended}
-        assert "replaced by a new connection from the same address" in reasons
-        assert any(r.startswith("refused: session limit") for r in reasons)
+        by_uid = {s["id"]: s for s in ended}
+        closed = by_uid[v["session_id"]]
+        assert (closed["end_reason"], closed["bytes_in"], closed["bytes_out"]) == (
+            "replaced by a new connection",
+            7,
+            9,
+        )
+        assert closed["kill_reason"] == "replaced by a new connection from the same address"
+        assert any(s["end_reason"].startswith("refused: session limit") for s in ended)
 
         close = {"uid": "pod2-cccccccc", "ended_at": now(), "bytes_in": 10, "bytes_out": 20}
         assert agent.post("/api/v1/agent/sessions/close", json=close).json() == {"closed": True}
@@ -90,3 +111,45 @@ def test_session_report_closes_what_the_pod_no_longer_has(
         assert out == {"closed": 1}
     live = admin.get("/api/v1/sessions", params={"active": "true"}).json()
     assert [s["real_ip"] for s in live] == ["198.51.100.2"]
+
+
+def test_kill_marks_live_sessions_until_their_pods_close_them(
+    server: Server, admin: httpx.Client
+) -> None:
+    """A kill is state: every live session of the user is marked (in the snapshot, for a pod
+    that is away now), stays live until its pod closes it, and stops counting toward the
+    limit, so the user may connect again at once."""
+    admin.post("/api/v1/users", json={"name": "kim", "max_sessions": 2}).raise_for_status()
+    admin.post("/api/v1/users", json={"name": "other"}).raise_for_status()
+    with server.client(server.make_token("agent")) as agent:
+        agent.post("/api/v1/agent/register", json={"name": "pod1"}).raise_for_status()
+        opened(agent, "pod1-kim00001", "kim", "198.51.100.1")
+        opened(agent, "pod1-kim00002", "kim", "198.51.100.2")
+        opened(agent, "pod1-oth00001", "other", "198.51.100.3")
+        assert opened(agent, "pod1-kim00003", "kim", "198.51.100.4")["allowed"] is False
+
+        head = admin.get("/api/v1/revision").json()["revision"]
+        out = admin.post("/api/v1/users/kim/kill")
+        assert out.status_code == 200, out.text
+        assert out.json() == {"sessions": 2, "revision": head + 2}
+        snap = agent.get("/api/v1/agent/snapshot").json()
+        assert snap["revision"] == head + 2
+        assert {s["uid"]: s["kill"] for s in snap["sessions"]} == {
+            "pod1-kim00001": "disconnected by an administrator",
+            "pod1-kim00002": "disconnected by an administrator",
+            "pod1-oth00001": None,
+        }
+        live = admin.get("/api/v1/sessions", params={"user": "kim", "active": "true"}).json()
+        assert len(live) == 2 and all(s["kill_requested_at"] for s in live)
+        # Killed sessions do not count: kim may connect again while the pods close the old.
+        assert opened(agent, "pod1-kim00004", "kim", "198.51.100.5")["allowed"] is True
+        close = {"uid": "pod1-kim00001", "ended_at": now(), "bytes_in": 100, "bytes_out": 200,
+                 "reason": "disconnected by an administrator"}  # fmt: skip
+        assert agent.post("/api/v1/agent/sessions/close", json=close).json() == {"closed": True}
+    audit = admin.get("/api/v1/audit/admin", params={"action": "session.kill"}).json()
+    assert audit[0]["target"] == "kim" and audit[0]["revision"] == head + 2
+    assert sorted(audit[0]["after"]["sessions"]) == ["pod1-kim00001", "pod1-kim00002"]
+    ended = admin.get("/api/v1/sessions", params={"user": "kim", "active": "false"}).json()
+    done = [s for s in ended if s["end_reason"] == "disconnected by an administrator"]
+    assert len(done) == 1 and done[0]["bytes_out"] == 200
+    assert admin.post("/api/v1/users/ghost/kill").status_code == 404

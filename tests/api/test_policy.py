@@ -332,23 +332,26 @@ def test_apply_emits_the_same_events_as_the_endpoints(server: Server, admin: htt
         ("user", "upsert"),
     ]
     assert events[-1]["revision"] == out["revision"]
-    gary = events[-1]["data"]
+    gary = events[-1]["object"]
     assert gary["groups"] == ["devs", "ops"] and gary["gateway_address"] and gary["cert_serial"]
-    assert events[2]["data"]["group"] == "devs" and events[2]["data"]["ports"] == "22,443,8000-8100"
+    devs = events[0]["object"]
+    assert devs["name"] == "devs" and events[2]["object"]["group_id"] == devs["id"]
+    assert events[2]["object"]["ports"] == "22,443,8000-8100"
+    assert events[2]["object"]["proto"] == "tcp"
 
     # A user made by POST /users carries the same event fields as one made by a policy.
     mid = revision(admin)
     admin.post("/api/v1/users", json={"name": "manual", "groups": ["ops"]}).raise_for_status()
     manual = read_events(server, mid, 1)[0]
-    assert manual["kind"] == "user" and set(manual["data"]) == set(gary)
+    assert manual["kind"] == "user" and set(manual["object"]) == set(gary)
 
     # Membership changes: the membership event, then the user's new state.
     mid = revision(admin)
     out = apply(admin, POLICY.replace("groups: [devs, ops]}", "groups: [ops]}"))
     events = read_events(server, mid, 2)
     assert [(e["kind"], e["op"]) for e in events] == [("membership", "delete"), ("user", "upsert")]
-    assert events[0]["data"]["user"] == "gary" and events[0]["data"]["group"] == "devs"
-    assert events[1]["data"]["groups"] == ["ops"] and events[1]["revision"] == out["revision"]
+    assert events[0]["key"]["user"] == "gary" and events[0]["key"]["group"] == "devs"
+    assert events[1]["object"]["groups"] == ["ops"] and events[1]["revision"] == out["revision"]
 
     # Prune: the same events as DELETE /users/manual and DELETE /groups/ops.
     mid = revision(admin)
@@ -356,14 +359,15 @@ def test_apply_emits_the_same_events_as_the_endpoints(server: Server, admin: htt
     pruned = pruned.replace("groups: [devs, ops]}", "groups: [devs]}")
     apply(admin, pruned, prune=True)
     events = read_events(server, mid, 5)
-    assert [(e["kind"], e["op"], e["data"].get("name")) for e in events] == [
+    assert [(e["kind"], e["op"], (e.get("object") or e["key"]).get("name")) for e in events] == [
         ("membership", "upsert", None),
         ("user", "delete", "manual"),
         ("crl", "upsert", None),
         ("group", "delete", "ops"),
         ("user", "upsert", "gary"),
     ]
-    assert events[-1]["data"]["groups"] == ["devs"]
+    assert events[-1]["object"]["groups"] == ["devs"]
+    assert events[0]["object"]["user"] == "gary" and events[0]["object"]["group"] == "devs"
 
 
 def register_pod(admin: httpx.Client, name: str) -> httpx.Client:

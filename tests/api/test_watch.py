@@ -11,10 +11,12 @@ import httpx
 from sqlalchemy import create_engine, text
 
 from tests.conftest import Server
+from vpnfleet.wire import parse_watch_message
 
 
 def read_events(server: Server, since: int, want: int, timeout: float = 15) -> list[dict[str, Any]]:
-    """Read up to `want` non-heartbeat events from the stream, bounded in time."""
+    """Read up to `want` non-heartbeat events from the stream, bounded in time. Every line
+    must be one the agents' parser accepts."""
     events: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
     with (
@@ -27,6 +29,7 @@ def read_events(server: Server, since: int, want: int, timeout: float = 15) -> l
             if not line:
                 continue
             ev = json.loads(line)
+            parse_watch_message(ev)
             if ev["type"] != "heartbeat":
                 events.append(ev)
             if len(events) >= want or time.monotonic() > deadline:
@@ -49,8 +52,14 @@ def test_watch_streams_changes_in_order_and_resumes(server: Server, admin: httpx
     ]
     revs = [e["revision"] for e in events]
     assert revs == sorted(revs) and revs[0] > start
-    assert events[-1]["data"]["groups"] == ["wg"]
-    assert "cert_serial" in events[0]["data"]
+    assert events[-1]["object"]["groups"] == ["wg"]
+    assert events[2]["object"] == {
+        "group_id": events[1]["object"]["id"],
+        "group": "wg",
+        "user_id": events[0]["object"]["id"],
+        "user": "w1",
+    }
+    assert events[0]["object"]["cert_serial"] and events[0]["object"]["groups"] == []
     # Resume after the second event: only the later ones come.
     later = read_events(server, revs[1], 2)
     assert [e["revision"] for e in later] == revs[2:]
@@ -64,7 +73,7 @@ def test_watch_delivers_a_live_change(server: Server, admin: httpx.Client) -> No
     time.sleep(0.5)
     admin.post("/api/v1/users", json={"name": "live", "mode": "gateway"})
     t.join(timeout=20)
-    assert result and result[0]["kind"] == "user" and result[0]["data"]["mode"] == "gateway"
+    assert result and result[0]["kind"] == "user" and result[0]["object"]["mode"] == "gateway"
 
 
 def test_watch_resync_when_ahead_or_pruned(server: Server, admin: httpx.Client) -> None:
@@ -90,3 +99,35 @@ def test_watch_requires_agent_or_operator(server: Server) -> None:
         assert c.get("/api/v1/watch").status_code == 401
     with server.client() as c:
         assert c.get("/api/v1/watch", params={"since": -1}).status_code == 422
+
+
+def test_a_stored_change_the_stream_cannot_read_makes_watchers_resync(
+    server: Server, admin: httpx.Client
+) -> None:
+    """A change-log row an older version wrote (here the retired `kill` event, as it was
+    stored before the upgrade) is neither sent nor skipped: the watcher resyncs past it."""
+    start = admin.get("/api/v1/revision").json()["revision"]
+    admin.post("/api/v1/users", json={"name": "before"}).raise_for_status()
+    engine = create_engine(server.database_url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO changes (at, kind, op, object_id, data) "
+                "VALUES (:at, 'kill', 'upsert', 1, :data)"
+            ),
+            {"at": "2026-01-31 12:00:00", "data": json.dumps({"user": "before"})},
+        )
+        bad = conn.execute(text("SELECT max(id) FROM changes")).scalar_one()
+    engine.dispose()
+    admin.post("/api/v1/users", json={"name": "after"}).raise_for_status()
+    events = read_events(server, start, 2)
+    assert [(e["type"], e.get("kind")) for e in events] == [("change", "user"), ("resync", None)]
+    assert events[1]["revision"] >= bad
+    # The snapshot at the resync's revision holds every user, and the stream goes on.
+    with server.client(server.make_token("agent")) as agent:
+        snap = agent.get("/api/v1/agent/snapshot").json()
+    assert {"before", "after"} <= {u["name"] for u in snap["users"]}
+    assert snap["revision"] >= events[1]["revision"]
+    admin.post("/api/v1/users", json={"name": "later"}).raise_for_status()
+    later = read_events(server, snap["revision"], 1)
+    assert later[0]["kind"] == "user" and later[0]["object"]["name"] == "later"

@@ -2,32 +2,87 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 
 import pytest
 
 from vpnfleet.core import authz, ipam
 from vpnfleet.core.fleet import FleetView
-from vpnfleet.wire import LiveSession, Snapshot, UserState
+from vpnfleet.wire import (
+    GroupDelete,
+    GroupKey,
+    GroupState,
+    LiveSession,
+    MembershipDelete,
+    MembershipState,
+    MembershipUpsert,
+    RuleDelete,
+    RuleKey,
+    RuleState,
+    RuleUpsert,
+    SessionDelete,
+    SessionKey,
+    SessionUpsert,
+    Snapshot,
+    UserDelete,
+    UserKey,
+    UserState,
+    UserUpsert,
+)
+
+AT = dt.datetime(2026, 1, 31, 12, 0, tzinfo=dt.UTC)
 
 
-def view(*users: UserState, sessions: tuple[LiveSession, ...] = ()) -> FleetView:
+def view(
+    *users: UserState,
+    sessions: tuple[LiveSession, ...] = (),
+    groups: tuple[GroupState, ...] = (),
+    rules: tuple[RuleState, ...] = (),
+) -> FleetView:
     return FleetView.from_snapshot(
         Snapshot(
-            revision=7, users=list(users), groups=[], rules=[], pools=[], sessions=list(sessions)
+            revision=7,
+            users=list(users),
+            groups=list(groups),
+            rules=list(rules),
+            pools=[],
+            sessions=list(sessions),
+            pods=[],
         )
     )
 
 
-ALICE = UserState(id=1, name="alice", enabled=True, mode="nat", max_sessions=1, cert_serial="123")
-GW = UserState(
-    id=2,
-    name="gw",
-    enabled=True,
-    mode="gateway",
-    max_sessions=2,
-    cert_serial="55",
-    gateway_address="10.201.0.2",
+def user(name: str = "alice", **fields: object) -> UserState:
+    base: dict[str, object] = {
+        "id": 1,
+        "name": name,
+        "enabled": True,
+        "mode": "nat",
+        "max_sessions": 1,
+        "groups": [],
+        "gateway_address": None,
+        "cert_serial": "123",
+    }
+    return UserState.model_validate({**base, **fields})
+
+
+def session(uid: str, name: str = "alice", **fields: object) -> LiveSession:
+    base: dict[str, object] = {
+        "uid": uid,
+        "user": name,
+        "pod": "pod2",
+        "tunnel_ip": "10.200.0.2",
+        "mode": "nat",
+        "real_ip": None,
+        "kill": None,
+    }
+    return LiveSession.model_validate({**base, **fields})
+
+
+ALICE = user()
+GW = user(
+    "gw", id=2, mode="gateway", max_sessions=2, cert_serial="55", gateway_address="10.201.0.2"
 )
 
 
@@ -53,85 +108,94 @@ def test_decisions() -> None:
 
 
 def test_fleet_wide_session_count_comes_from_the_view() -> None:
-    other_pod = LiveSession(
-        uid="pod2-abcdefgh", user="alice", pod="pod2", tunnel_ip="10.200.0.2", mode="nat"
-    )
-    v = view(ALICE, sessions=(other_pod,))
+    v = view(ALICE, sessions=(session("pod2-abcdefgh"),))
     assert authz.decide(v, "alice", "123", 0).reason == "session limit reached (1)"
-    v.apply(
-        {
-            "type": "change",
-            "revision": 8,
-            "kind": "session",
-            "op": "delete",
-            "id": 1,
-            "data": {"uid": "pod2-abcdefgh"},
-        }
-    )
+    v.apply(SessionDelete(revision=8, at=AT, key=SessionKey(uid="pod2-abcdefgh")))
     assert authz.decide(v, "alice", "123", 0).allow and v.revision == 8
 
 
 def test_user_changes_produce_kicks() -> None:
     v = view(ALICE)
-    base = {"type": "change", "kind": "user", "op": "upsert", "id": 1}
-    e = v.apply(
-        {
-            **base,
-            "revision": 8,
-            "data": {
-                "name": "alice",
-                "enabled": False,
-                "mode": "nat",
-                "max_sessions": 1,
-                "cert_serial": "123",
-            },
-        }
-    )
+    e = v.apply(UserUpsert(revision=8, at=AT, object=user(enabled=False)))
     assert e.kick == {"alice": "account disabled"}
-    e = v.apply(
-        {
-            **base,
-            "revision": 9,
-            "data": {
-                "name": "alice",
-                "enabled": True,
-                "mode": "nat",
-                "max_sessions": 1,
-                "cert_serial": "999",
-            },
-        }
-    )
+    e = v.apply(UserUpsert(revision=9, at=AT, object=user(cert_serial="999")))
     assert e.kick == {"alice": "certificate revoked or replaced"} and e.crl
-    e = v.apply(
-        {
-            **base,
-            "revision": 10,
-            "data": {
-                "name": "alice",
-                "enabled": True,
-                "mode": "nat",
-                "max_sessions": 1,
-                "cert_serial": "999",
-                "groups": ["devs"],
-            },
-        }
-    )
+    e = v.apply(UserUpsert(revision=10, at=AT, object=user(cert_serial="999", groups=["devs"])))
     assert not e.kick and e.dataplane
-    e = v.apply({**base, "op": "delete", "revision": 11, "data": {"name": "alice"}})
-    assert e.kick == {"alice": "account deleted"} and "alice" not in v.users
     e = v.apply(
-        {
-            "type": "change",
-            "revision": 12,
-            "kind": "kill",
-            "op": "upsert",
-            "id": 1,
-            "data": {"user": "bob"},
-        }
+        UserUpsert(
+            revision=11,
+            at=AT,
+            object=user(
+                cert_serial="999", groups=["devs"], mode="gateway", gateway_address="10.201.0.9"
+            ),
+        )
     )
-    assert e.kick == {"bob": "disconnected by an administrator"}
-    assert not v.apply({"type": "change", "revision": 13, "kind": "martian", "op": "x"}).kick
-    assert v.revision == 13
+    assert e.kick == {"alice": "connection mode changed"}
+    e = v.apply(UserDelete(revision=12, at=AT, key=UserKey(id=1, name="alice")))
+    assert e.kick == {"alice": "account deleted"} and "alice" not in v.users
+    assert v.revision == 12
+
+
+def test_a_killed_session_is_kicked_and_stops_counting() -> None:
+    """A kill is state: the session upsert that carries it kicks the session (not the user's
+    other sessions), the session no longer holds a place in the limit, and `killed()` lists it
+    for an agent that learns it from a snapshot."""
+    v = view(ALICE, GW, sessions=(session("pod2-abcdefgh"), session("pod2-gw000001", "gw")))
+    assert not authz.decide(v, "alice", "123", 0).allow
+    assert v.killed() == {}
+    killed = session("pod2-abcdefgh", kill="disconnected by an administrator")
+    e = v.apply(SessionUpsert(revision=8, at=AT, object=killed))
+    assert e.kick_sessions == {"pod2-abcdefgh": "disconnected by an administrator"}
+    assert not e.kick and not e.dataplane
+    assert "pod2-abcdefgh" in v.sessions  # live until its pod closes it
+    assert authz.decide(v, "alice", "123", 0).allow
+    assert v.killed() == {"pod2-abcdefgh": "disconnected by an administrator"}
+    again = view(ALICE, sessions=(killed,))  # an agent restarting after the kill
+    assert again.killed() == {"pod2-abcdefgh": "disconnected by an administrator"}
+    e = v.apply(SessionUpsert(revision=9, at=AT, object=session("pod2-new00000")))
+    assert not e.kick_sessions
+
+
+def test_the_same_address_reconnecting_replaces_its_old_session() -> None:
+    old = session("pod1-old00000", pod="pod1", real_ip="198.51.100.7")
+    v = view(ALICE, sessions=(old,))
+    assert not authz.decide(v, "alice", "123", 0).allow
+    assert authz.decide(v, "alice", "123", 0, frozenset({"pod1-old00000"})).allow
+    replaced = old.model_copy(update={"kill": "replaced by a new connection from the same address"})
+    e = v.apply(SessionUpsert(revision=9, at=AT, object=replaced))
+    assert e.kick_sessions == {
+        "pod1-old00000": "replaced by a new connection from the same address"
+    }
+    assert not e.kick
+
+
+def test_rules_keep_exactly_what_they_grant() -> None:
+    v = view(ALICE, groups=(GroupState(id=3, name="devs"),))
+    ssh = RuleState(id=5, group_id=3, destination="10.0.0.0/8", proto="tcp", ports="22")
+    e = v.apply(RuleUpsert(revision=8, at=AT, object=ssh))
+    assert e.dataplane and v.rules == {5: ssh}
+    assert v.rules[5].ports == "22"  # a port-limited grant never widens to all ports
+    e = v.apply(RuleDelete(revision=9, at=AT, key=RuleKey(id=5, group_id=3)))
+    assert e.dataplane and v.rules == {}
+
+
+def test_memberships_and_group_deletes_keep_users_groups_current() -> None:
+    devs, ops = GroupState(id=3, name="devs"), GroupState(id=4, name="ops")
+    rule = RuleState(id=5, group_id=3, destination="10.0.0.0/8", proto="any", ports=None)
+    v = view(ALICE, groups=(devs, ops), rules=(rule,))
+    m = MembershipState(group_id=4, group="ops", user_id=1, user="alice")
+    e = v.apply(MembershipUpsert(revision=8, at=AT, object=m))
+    assert e.dataplane and v.users["alice"].groups == ["ops"]
+    m = m.model_copy(update={"group_id": 3, "group": "devs"})
+    v.apply(MembershipUpsert(revision=9, at=AT, object=m))
+    assert v.users["alice"].groups == ["devs", "ops"]
+    e = v.apply(GroupDelete(revision=10, at=AT, key=GroupKey(id=3, name="devs")))
+    assert e.dataplane and v.users["alice"].groups == ["ops"]
+    assert 3 not in v.groups and v.rules == {}
+    m = m.model_copy(update={"group_id": 4, "group": "ops"})
+    v.apply(MembershipDelete(revision=11, at=AT, key=m))
+    assert v.users["alice"].groups == []
 
 
 def test_allocator_rotates_and_exhausts() -> None:
@@ -151,43 +215,13 @@ def test_allocator_rotates_and_exhausts() -> None:
     assert alloc.reserve(ipaddress.IPv4Address("10.0.0.4"))
 
 
-def test_the_same_address_reconnecting_replaces_its_old_session() -> None:
-    old = LiveSession(
-        uid="pod1-old00000",
-        user="alice",
-        pod="pod1",
-        tunnel_ip="10.200.0.2",
-        mode="nat",
-        real_ip="198.51.100.7",
-    )
-    v = view(ALICE, sessions=(old,))
-    assert not authz.decide(v, "alice", "123", 0).allow
-    assert authz.decide(v, "alice", "123", 0, frozenset({"pod1-old00000"})).allow
-    e = v.apply(
-        {
-            "type": "change",
-            "revision": 9,
-            "kind": "kill",
-            "op": "upsert",
-            "id": 1,
-            "data": {"user": "alice", "sessions": ["pod1-old00000"]},
-        }
-    )
-    assert e.kick_sessions == {"pod1-old00000": "disconnected by the control plane"}
-    assert not e.kick
-
-
 def test_events_the_view_already_contains_are_not_replayed() -> None:
     """After a resync the watch stream may replay events older than the new snapshot:
     passing through those old states again would kick users who are fine now."""
     v = view(ALICE)
     v.revision = 20  # a snapshot that already has alice disabled at 18 and re-enabled at 19
-    disabled = {
-        "type": "change", "kind": "user", "op": "upsert", "id": 1, "revision": 18,
-        "data": {"name": "alice", "enabled": False, "mode": "nat", "max_sessions": 1,
-                 "cert_serial": "123"},
-    }  # fmt: skip
+    disabled = UserUpsert(revision=18, at=AT, object=user(enabled=False))
     e = v.apply(disabled)
     assert not e.kick and v.users["alice"].enabled and v.revision == 20
-    e = v.apply({**disabled, "revision": 21})
+    e = v.apply(disabled.model_copy(update={"revision": 21}))
     assert e.kick == {"alice": "account disabled"} and v.revision == 21

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from vpnfleet.core.flows import FlowRecord as AgentRecord
-from vpnfleet.wire import FlowBatch, FlowRecord
+from vpnfleet.wire import FlowBatch, FlowReport
 
 
 def agent_record(**change: object) -> AgentRecord:
@@ -48,6 +48,6 @@ def test_records_that_would_be_misread_are_refused() -> None:
         ({"extra": 1}, "Extra inputs are not permitted"),
     ]:
         with pytest.raises(ValidationError, match=reason):
-            FlowRecord.model_validate({**good, **change})
+            FlowReport.model_validate({**good, **change})
     with pytest.raises(ValidationError, match="from pod 'pod-a', the batch from 'pod-b'"):
         FlowBatch.model_validate({"pod": "pod-b", "records": [good]})

@@ -1,4 +1,5 @@
-"""The control plane's change hub: subscribers that go away never stall the others.
+"""The control plane's change hub: subscribers that go away never stall the others, and a
+change-log row it cannot read makes its subscribers resync instead of stalling or skipping.
 
 Agents are killed at any moment; each kill cancels its watch subscriber wherever it waits.
 A hub that could be stalled by such a cancellation would stop delivering every change to
@@ -13,10 +14,23 @@ import random
 from pathlib import Path
 
 from sqlalchemy import create_engine
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
+from vpnfleet.controlplane import changelog
 from vpnfleet.controlplane.models import Base, Change
 from vpnfleet.controlplane.watch import ChangeHub
+from vpnfleet.wire import GroupState, GroupUpsert, WatchHeartbeat, WatchMessage, WatchResync
+
+
+def commit_groups(factory: sessionmaker[Session], n: int, first_id: int = 0) -> None:
+    with factory() as db, db.begin():
+        changelog.append(
+            db,
+            [
+                changelog.Upsert(GroupState(id=first_id + i, name=f"g{first_id + i}"))
+                for i in range(n)
+            ],
+        )
 
 
 def test_cancelled_subscribers_never_stall_the_hub(tmp_path: Path) -> None:
@@ -25,8 +39,7 @@ def test_cancelled_subscribers_never_stall_the_hub(tmp_path: Path) -> None:
     factory = sessionmaker(engine)
 
     def commit(n: int) -> None:
-        with factory() as db, db.begin():
-            db.add_all(Change(kind="group", op="update", object_id=i, data={}) for i in range(n))
+        commit_groups(factory, n)
 
     async def scenario() -> list[int]:
         hub = ChangeHub(factory, poll_interval=0.005)
@@ -56,8 +69,8 @@ def test_cancelled_subscribers_never_stall_the_hub(tmp_path: Path) -> None:
 
             async def follow() -> None:
                 async for ev in hub.subscribe(since, heartbeat=0.05):
-                    if ev["type"] == "change":
-                        got.append(ev["revision"])
+                    if isinstance(ev, GroupUpsert):
+                        got.append(ev.revision)
                         if len(got) == 3:
                             return
 
@@ -69,3 +82,57 @@ def test_cancelled_subscribers_never_stall_the_hub(tmp_path: Path) -> None:
             await hub.stop()
 
     assert asyncio.run(scenario()) == [1, 2, 3]
+
+
+def test_an_unreadable_row_makes_subscribers_resync(tmp_path: Path) -> None:
+    """A row an older version wrote before an upgrade (here: the retired `kill` kind) is
+    neither skipped nor fatal: a subscriber reaching it, live or catching up, is told to
+    resync (its snapshot then holds that state) and the stream goes on after it."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'hub.db'}")
+    Base.metadata.create_all(engine)
+    factory = sessionmaker(engine)
+    commit_groups(factory, 2)  # revisions 1, 2
+
+    def old_row() -> None:
+        with factory() as db, db.begin():
+            db.add(Change(kind="kill", op="upsert", object_id=1, data={"user": "kim"}))
+
+    async def follow(hub: ChangeHub, since: int, until: int) -> list[WatchMessage]:
+        got: list[WatchMessage] = []
+        async for ev in hub.subscribe(since, heartbeat=0.05):
+            if not isinstance(ev, WatchHeartbeat):
+                got.append(ev)
+            if ev.revision >= until and not isinstance(ev, WatchHeartbeat):
+                return got
+        return got
+
+    async def scenario() -> tuple[list[WatchMessage], list[WatchMessage], list[WatchMessage]]:
+        hub = ChangeHub(factory, poll_interval=0.005)
+        await hub.start()
+        try:
+            live = asyncio.create_task(follow(hub, 2, 5))
+            await asyncio.sleep(0.05)
+            await asyncio.to_thread(old_row)  # revision 3
+            await asyncio.sleep(0.05)
+            await asyncio.to_thread(commit_groups, factory, 2, 10)  # revisions 4, 5
+            live_got = await asyncio.wait_for(live, timeout=5)
+            # A subscriber catching up across the row, and one starting after it.
+            behind = await asyncio.wait_for(follow(hub, 0, 5), timeout=5)
+            after = await asyncio.wait_for(follow(hub, 3, 5), timeout=5)
+            return live_got, behind, after
+        finally:
+            await hub.stop()
+
+    live_got, behind, after = asyncio.run(scenario())
+
+    def summary(msgs: list[WatchMessage]) -> list[tuple[str, int]]:
+        return [(m.type, m.revision) for m in msgs]
+
+    # Live: the resync names a revision at or past the unreadable row (the head, whose
+    # snapshot holds the state the row described); the stream resumes after it.
+    resync = live_got[0]
+    assert isinstance(resync, WatchResync) and resync.revision >= 3
+    assert summary(live_got[1:]) == [("change", r) for r in range(resync.revision + 1, 6)]
+    # Catching up: the rows before it, then a resync to the head, nothing skipped silently.
+    assert summary(behind) == [("change", 1), ("change", 2), ("resync", 5)]
+    assert summary(after) == [("change", 4), ("change", 5)]

@@ -20,6 +20,8 @@ from vpnfleet.wire import (
     SessionReport,
     SessionVerdict,
     Snapshot,
+    WatchMessage,
+    parse_watch_message,
 )
 
 log = logging.getLogger("vpnfleet.agent.cp")
@@ -38,6 +40,19 @@ class ControlPlaneError(Exception):
     def retryable(self) -> bool:
         """Network trouble and 5xx are worth retrying; 4xx are not."""
         return self.status is None or self.status >= 500 or self.status == 429
+
+
+class WatchProtocolError(ControlPlaneError):
+    """The watch stream sent a line this agent cannot read (malformed, or a kind or op it does
+    not know). Reconnecting from the same revision would meet the same line: resync from a
+    snapshot instead, which holds whatever the line described."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=None)
+
+    @property
+    def retryable(self) -> bool:
+        return False
 
 
 class ControlPlane:
@@ -128,8 +143,9 @@ class ControlPlane:
         out = await self._call("POST", "/api/v1/agent/heartbeat", body)
         return int(out.get("revision", 0))
 
-    async def watch(self, since: int) -> AsyncIterator[dict[str, Any]]:
-        """Events after `since` until the stream breaks (raises ControlPlaneError then)."""
+    async def watch(self, since: int) -> AsyncIterator[WatchMessage]:
+        """Messages after `since` until the stream breaks (raises ControlPlaneError then), or
+        until a line does not parse (raises WatchProtocolError: resync from a snapshot)."""
         try:
             async with self._http.stream(
                 "GET",
@@ -144,12 +160,10 @@ class ControlPlane:
                     if not line:
                         continue
                     try:
-                        event = json.loads(line)
-                    except json.JSONDecodeError:
-                        log.warning("watch: ignored a malformed line")
-                        continue
-                    if isinstance(event, dict):
-                        yield event
+                        message = parse_watch_message(line)
+                    except ValueError as exc:
+                        raise WatchProtocolError(f"watch: {exc}") from None
+                    yield message
         except httpx.HTTPError as exc:
             self.reachable = False
             raise ControlPlaneError(f"watch: {type(exc).__name__}") from None

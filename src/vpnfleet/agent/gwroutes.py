@@ -14,8 +14,9 @@ import contextlib
 import json
 import logging
 
-from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
+from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError, WatchProtocolError
 from vpnfleet.core.fleet import FleetView
+from vpnfleet.wire import PodUpsert, SessionDelete, SessionUpsert, WatchHeartbeat, WatchResync
 
 log = logging.getLogger("vpnfleet.gwroutes")
 
@@ -23,11 +24,16 @@ RT_PROTO = "241"  # our mark on the routes we own (unassigned in iproute2's rt_p
 
 
 def desired_routes(view: FleetView) -> dict[str, str]:
-    """Tunnel IP (/32) -> pod IP for every live gateway-mode session with a known pod IP."""
+    """Tunnel IP (/32) -> pod IP for every live gateway-mode session with a known pod IP.
+
+    A session marked to end is left out: when the same device reconnects elsewhere, its old
+    session (same stable address) lingers until its pod closes it, and the route must follow
+    the new one.
+    """
     routes: dict[str, str] = {}
     for session in view.sessions.values():
         pod = view.pods.get(session.pod)
-        if session.mode == "gateway" and pod is not None and pod.pod_ip:
+        if session.mode == "gateway" and session.kill is None and pod is not None and pod.pod_ip:
             routes[f"{session.tunnel_ip}/32"] = pod.pod_ip
     return routes
 
@@ -83,18 +89,23 @@ async def follow(cp: ControlPlane, stop: asyncio.Event) -> None:
         try:
             view = FleetView.from_snapshot(await cp.snapshot())
             await reconcile(view)
-            async for event in cp.watch(view.revision):
+            async for message in cp.watch(view.revision):
                 delay = 0.5
-                if event.get("type") == "resync":
+                if isinstance(message, WatchResync):
                     break
-                if event.get("type") == "change":
-                    view.apply(event)
-                    if event.get("kind") in ("session", "pod"):
+                if not isinstance(message, WatchHeartbeat):
+                    view.apply(message)
+                    if isinstance(message, SessionUpsert | SessionDelete | PodUpsert):
                         await reconcile(view)
                 if stop.is_set():
                     return
         except ControlPlaneError as exc:
-            log.warning("control plane: %s; retrying in %.1fs", exc, delay)
+            # Either way the loop starts over from a snapshot, which also holds whatever an
+            # unreadable line described; the pause keeps a stream that repeats one from
+            # turning into a busy loop.
+            resync = isinstance(exc, WatchProtocolError)
+            what = "resyncing from a snapshot" if resync else "retrying"
+            log.warning("control plane: %s; %s in %.1fs", exc, what, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
             delay = min(delay * 2, 5)

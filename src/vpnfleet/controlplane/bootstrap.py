@@ -9,8 +9,8 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from vpnfleet.controlplane import auth, certs, changelog
-from vpnfleet.controlplane.changelog import ChangeSpec
+from vpnfleet.controlplane import auth, certs, changelog, fleetstate
+from vpnfleet.controlplane.changelog import Pending, Upsert
 from vpnfleet.controlplane.models import AdminToken, Pool
 from vpnfleet.controlplane.pki import Sealer
 
@@ -32,18 +32,16 @@ def _write_secret_file(path: Path, content: str) -> None:
 
 def bootstrap(db: Session, sealer: Sealer, data_dir: Path, bootstrap_token: str | None) -> None:
     """Idempotent: create what a fresh database lacks, in one transaction."""
-    specs: list[ChangeSpec] = []
+    specs: list[Pending] = []
     if certs.ensure_ca(db, sealer):
         log.info("created the fleet CA and tls-crypt key")
-        specs.append(ChangeSpec("pki", "upsert", 1, {"ca": True}))
+        specs.append(Upsert(fleetstate.pki_state(db)))
     for name, kind, cidr in (DEFAULT_NAT_POOL, DEFAULT_GATEWAY_POOL):
         if db.scalar(select(Pool).where(Pool.kind == kind).limit(1)) is None:
             pool = Pool(name=name, kind=kind, cidr=cidr)
             db.add(pool)
             db.flush()
-            specs.append(
-                ChangeSpec("pool", "upsert", pool.id, {"name": name, "kind": kind, "cidr": cidr})
-            )
+            specs.append(Upsert(fleetstate.pool_state(pool)))
     if specs:
         changelog.append(db, specs)
     if db.scalar(select(AdminToken.id).limit(1)) is None:

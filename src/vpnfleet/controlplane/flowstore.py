@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from vpnfleet.controlplane.models import Flow
 from vpnfleet.core.attribution import duration_class_ms
-from vpnfleet.wire import FlowBatch, FlowRecord
+from vpnfleet.wire import FlowBatch, FlowReport
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 FLOWS = Flow.__table__
@@ -37,7 +37,7 @@ def from_ms(ms: int) -> dt.datetime:
     return EPOCH + dt.timedelta(milliseconds=ms)
 
 
-def _row(pod: str, r: FlowRecord) -> dict[str, Any]:
+def _row(pod: str, r: FlowReport) -> dict[str, Any]:
     # A clock step on the pod can make the end precede the start; keep the interval valid.
     end_ms = None if r.end_ms is None else max(r.end_ms, r.start_ms)
     start = from_ms(r.start_ms)

@@ -223,6 +223,11 @@ class VpnSession(Base):
     bytes_in: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_out: Mapped[int] = mapped_column(BigInteger, default=0)
     end_reason: Mapped[str | None] = mapped_column(String(200))
+    # Set when the control plane asks the session to end (an administrator's kill, the same
+    # device reconnecting). The session stays live until its pod closes it, so the bytes and
+    # the real end time are kept; meanwhile it no longer counts toward session limits.
+    kill_reason: Mapped[str | None] = mapped_column(String(200))
+    kill_requested_at: Mapped[dt.datetime | None]
     __table_args__ = (
         Index("ix_sessions_pod_open", "pod_name", "ended_at"),
         Index("ix_sessions_tunnel", "pod_name", "tunnel_ip", "started_at"),

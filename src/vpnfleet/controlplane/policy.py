@@ -1,8 +1,9 @@
 """Policy as code against the database: read the current policy, plan, apply, explain access.
 
-The plan is `core.policyfile.diff` (pure); this module only reads the database into a
-`Policy` and carries a diff out with the same helpers, and so the same change events, as the
-individual user/group/rule endpoints. The caller's transaction makes an apply all or nothing.
+The plan is `core.policyfile.diff` (pure); this module reads the database into a `Policy` and
+carries a diff out through the same service functions (controlplane/services) as the
+individual user/group/rule endpoints, so an apply writes the same rows and change events they
+would. The caller's transaction makes an apply all or nothing.
 """
 
 from __future__ import annotations
@@ -14,18 +15,14 @@ from dataclasses import dataclass, field
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from vpnfleet.controlplane import certs, changelog
+from vpnfleet.controlplane import changelog
 from vpnfleet.controlplane.auth import Principal
-from vpnfleet.controlplane.changelog import ChangeSpec
 from vpnfleet.controlplane.models import Change, Group, Membership, Pod, Rule, User
 from vpnfleet.controlplane.pki import Sealer
-from vpnfleet.controlplane.routers.groups import group_change, rule_change
-from vpnfleet.controlplane.routers.users import (
-    ensure_gateway_lease,
-    get_user,
-    release_gateway_lease,
-    user_change,
-)
+from vpnfleet.controlplane.services import groups as group_service
+from vpnfleet.controlplane.services import rules as rule_service
+from vpnfleet.controlplane.services import users as user_service
+from vpnfleet.controlplane.services.journal import Journal
 from vpnfleet.controlplane.state import jsonable
 from vpnfleet.core import netparse, policyfile
 from vpnfleet.core.policyfile import Grant, GroupSpec, Policy, PolicyDiff, UserSpec
@@ -92,13 +89,6 @@ def export(db: Session) -> str:
     return header + policyfile.render(current_policy(db))
 
 
-def _membership_change(group: Group, user: User, op: str) -> ChangeSpec:
-    # The same event POST/DELETE /groups/{name}/members emits.
-    return ChangeSpec(
-        "membership", op, group.id, {"group": group.name, "user": user.name, "user_id": user.id}
-    )
-
-
 def apply(
     db: Session,
     who: Principal,
@@ -112,114 +102,64 @@ def apply(
     # plan() settles first: the diff is computed against committed state, and a concurrent
     # apply waits for this one instead of creating the same objects.
     diff = plan(db, desired, prune)
-    specs: list[ChangeSpec] = []
+    # One audit row for the whole apply (below), not one per object; users whose groups or
+    # fields change get one upsert each, with their final state, after everything else.
+    journal = Journal(db, who, itemized=False)
     groups = {g.name: g for g in db.scalars(select(Group))}
     users = {u.name: u for u in db.scalars(select(User))}
-    touched: dict[str, User] = {}  # existing users whose final state agents must learn
 
     # Additions first and removals last: replacing a grant never opens a gap in access.
     for ref in diff.groups_created:
-        group = Group(name=ref.name, description=ref.description)
-        db.add(group)
-        db.flush()
-        groups[group.name] = group
-        specs.append(group_change(group))
+        groups[ref.name] = group_service.create_group(db, journal, ref.name, ref.description)
     for upd in diff.groups_updated:
-        group = groups[upd.name]
-        group.description = desired.groups[upd.name].description
-        specs.append(group_change(group))
+        group_service.update_group(
+            db, journal, groups[upd.name], desired.groups[upd.name].description
+        )
     for gref in diff.grants_added:
-        group = groups[gref.group]
-        rule = Rule(
-            group_id=group.id,
+        rule_service.create_rule(
+            db,
+            journal,
+            groups[gref.group],
             destination=gref.destination,
-            proto=gref.proto,
+            proto=netparse.parse_protocol(gref.proto),
             ports=gref.ports,
             description=gref.description,
         )
-        db.add(rule)
-        db.flush()
-        specs.append(rule_change(rule, group))
     for gref in diff.grants_updated:
         rule = db.get_one(Rule, gref.rule_id)
-        rule.description = gref.description
-        specs.append(rule_change(rule, groups[gref.group]))
-    db.flush()
+        rule_service.update_rule(db, journal, rule, gref.description)
 
     for spec in diff.users_created:
-        user = User(
+        # Created with their groups (one user event, no membership events), like POST /users.
+        users[spec.name] = user_service.create_user(
+            db,
+            journal,
+            sealer,
             name=spec.name,
             email=spec.email,
             mode=spec.mode,
             enabled=spec.enabled,
             max_sessions=spec.max_sessions,
+            groups=spec.groups,
         )
-        db.add(user)
-        db.flush()
-        for gname in spec.groups:
-            db.add(Membership(group_id=groups[gname].id, user_id=user.id))
-        db.flush()
-        if user.mode == "gateway":
-            ensure_gateway_lease(db, user)
-        certs.issue(db, sealer, "client", user.name, user_id=user.id)
-        users[user.name] = user
-        # Like POST /users: one user event that already carries the groups.
-        specs.append(user_change(db, user))
     created = {u.name for u in diff.users_created}
 
     for upd in diff.users_updated:
-        user = users[upd.name]
-        for change in upd.changes:
-            setattr(user, change.field, change.new)
-        db.flush()
-        if user.mode == "gateway":
-            ensure_gateway_lease(db, user)
-        else:
-            release_gateway_lease(db, user)
-        touched[user.name] = user
+        changes = {c.field: c.new for c in upd.changes}
+        user_service.update_user(db, journal, users[upd.name], changes)
     for m in diff.memberships_added:
-        if m.user in created:
-            continue
-        user, group = users[m.user], groups[m.group]
-        db.add(Membership(group_id=group.id, user_id=user.id))
-        db.flush()
-        specs.append(_membership_change(group, user, "upsert"))
-        touched[user.name] = user
+        if m.user not in created:
+            group_service.add_member(db, journal, groups[m.group], users[m.user])
     for m in diff.memberships_removed:
-        user, group = users[m.user], groups[m.group]
-        membership = db.get_one(Membership, (group.id, user.id))
-        db.delete(membership)
-        db.flush()
-        specs.append(_membership_change(group, user, "delete"))
-        touched[user.name] = user
+        group_service.remove_member(db, journal, groups[m.group], users[m.user])
     for gref in diff.grants_removed:
-        rule = db.get_one(Rule, gref.rule_id)
-        specs.append(rule_change(rule, groups[gref.group], "delete"))
-        db.delete(rule)
-        db.flush()
+        rule_service.delete_rule(db, journal, db.get_one(Rule, gref.rule_id))
 
     for name in diff.users_deleted:
-        user = users[name]
-        revoked = certs.revoke_user_certs(db, user.id, "user deleted (policy prune)")
-        specs.append(user_change(db, user, "delete"))
-        db.delete(user)
-        db.flush()
-        touched.pop(name, None)
-        if revoked:
-            specs.append(
-                ChangeSpec("crl", "upsert", None, {"revoked": [c.serial for c in revoked]})
-            )
+        user_service.delete_user(db, journal, users[name], "user deleted (policy prune)")
     for name in diff.groups_deleted:
-        group = groups[name]
-        members = db.scalars(select(User).join(Membership).where(Membership.group_id == group.id))
-        for user in members:
-            touched[user.name] = user
-        specs.append(group_change(group, "delete"))
-        db.delete(group)
-        db.flush()
+        group_service.delete_group(db, journal, groups[name])
 
-    # One user event per changed user, after everything: it carries their final groups.
-    specs.extend(user_change(db, touched[name]) for name in sorted(touched))
     audit = {
         "filename": filename,
         "prune": prune,
@@ -227,8 +167,8 @@ def apply(
         "counts": diff.counts(),
         "diff": jsonable(dataclasses.asdict(diff)),
     }
-    revision = changelog.record(db, who, "policy.apply", filename, None, audit, specs)
-    return diff, revision
+    journal.summarize("policy.apply", filename, audit)
+    return diff, journal.commit()
 
 
 # --- user access ------------------------------------------------------------------------------
@@ -292,7 +232,7 @@ def affecting_revision(db: Session, user: User, group_ids: list[int]) -> int:
 def user_access(db: Session, name: str) -> UserAccess:
     """What `name` may reach, through which group, and which pods enforce it yet."""
     settle(db)
-    user = get_user(db, name)
+    user = user_service.get_user(db, name)
     rows = db.execute(
         select(Group, Rule)
         .join(Membership, Membership.group_id == Group.id)

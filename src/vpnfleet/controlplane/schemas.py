@@ -250,6 +250,11 @@ class SessionOut(BaseModel):
     bytes_in: int
     bytes_out: int
     end_reason: str | None
+    kill_reason: str | None = Field(
+        description="why the control plane asked this session to end; it stays live until "
+        "its pod closes it"
+    )
+    kill_requested_at: dt.datetime | None
 
 
 class PodOut(BaseModel):

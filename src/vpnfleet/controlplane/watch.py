@@ -4,6 +4,11 @@ The change log lives in the database, so replicas that share one PostgreSQL see 
 revisions. Each process polls the log (cheap: an indexed `id > last` query) or is woken by a
 local commit, keeps the most recent events in memory and serves every subscriber from there.
 A subscriber too far behind the log's oldest kept row is told to resync.
+
+Rows are served as typed messages (vpnfleet.wire). A row that does not read as a change event
+(written by an older version before an upgrade, or by hand) is not skipped, which would leave
+subscribers silently wrong, and not fatal: a subscriber that reaches it is told to resync, and
+the snapshot it fetches then holds the state that row described.
 """
 
 from __future__ import annotations
@@ -11,16 +16,17 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from dataclasses import dataclass
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from vpnfleet.controlplane.changelog import event_from_row
 from vpnfleet.controlplane.models import Change
+from vpnfleet.wire import ChangeEvent, WatchHeartbeat, WatchMessage, WatchResync
 
 log = logging.getLogger("vpnfleet.watch")
 
@@ -28,16 +34,29 @@ BUFFER = 10_000
 BATCH = 1_000
 
 
-def change_event(row: Change) -> dict[str, Any]:
-    return {
-        "type": "change",
-        "revision": row.id,
-        "at": row.at.isoformat(),
-        "kind": row.kind,
-        "op": row.op,
-        "id": row.object_id,
-        "data": row.data,
-    }
+@dataclass(frozen=True)
+class Unreadable:
+    """A change-log row that is not a valid change event: subscribers resync past it."""
+
+    revision: int
+    problem: str
+
+
+Entry = ChangeEvent | Unreadable
+
+
+def read_row(row: Change) -> Entry:
+    try:
+        return event_from_row(row)
+    except ValueError as exc:
+        log.warning(
+            "change-log row %d (%s/%s) is unreadable; watchers past it resync: %s",
+            row.id,
+            row.kind,
+            row.op,
+            exc,
+        )
+        return Unreadable(row.id, str(exc))
 
 
 class ChangeHub:
@@ -50,7 +69,7 @@ class ChangeHub:
         self._poll = poll_interval
         self._keep = keep
         # Newest events, ascending by revision; trimmed to BUFFER..2*BUFFER entries.
-        self._events: list[dict[str, Any]] = []
+        self._events: list[Entry] = []
         self._head = 0  # highest revision seen
         # Set (and replaced by a fresh one) whenever the head moves. An Event, not a
         # Condition: a subscriber cancelled while waiting (its client went away) must not be
@@ -90,12 +109,12 @@ class ChangeHub:
         with self._factory() as db:
             return int(db.scalar(select(func.coalesce(func.min(Change.id), 0))) or 0)
 
-    def _fetch(self, after: int, limit: int = BATCH) -> list[dict[str, Any]]:
+    def _fetch(self, after: int, limit: int = BATCH) -> list[Entry]:
         with self._factory() as db:
             rows = db.scalars(
                 select(Change).where(Change.id > after).order_by(Change.id).limit(limit)
             ).all()
-            return [change_event(r) for r in rows]
+            return [read_row(r) for r in rows]
 
     def _prune(self) -> int:
         with self._factory() as db, db.begin():
@@ -114,7 +133,7 @@ class ChangeHub:
                     self._events.extend(events)
                     if len(self._events) > 2 * BUFFER:
                         del self._events[:-BUFFER]
-                    self._head = events[-1]["revision"]
+                    self._head = events[-1].revision
                     moved, self._moved = self._moved, asyncio.Event()
                     moved.set()
                     if len(events) == BATCH:
@@ -133,34 +152,43 @@ class ChangeHub:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._poll)
             self._wake.clear()
 
-    async def subscribe(self, since: int, heartbeat: float) -> AsyncIterator[dict[str, Any]]:
-        """Events after revision `since`, forever; `resync` if `since` is no longer served."""
+    async def subscribe(self, since: int, heartbeat: float) -> AsyncIterator[WatchMessage]:
+        """Events after revision `since`, forever; a resync if `since` is no longer served or
+        an unreadable row lies ahead (the stream then goes on from the head)."""
         oldest = await run_in_threadpool(self._min_revision)
         if since > self._head or (oldest and since < oldest - 1):
-            yield {"type": "resync", "revision": self._head}
+            yield WatchResync(revision=self._head)
             since = self._head
         # Catch up from the database while the gap is wider than the in-memory buffer.
         while True:
-            first = self._events[0]["revision"] if self._events else self._head + 1
+            first = self._events[0].revision if self._events else self._head + 1
             if since + 1 >= first:
                 break
             batch = await run_in_threadpool(self._fetch, since)
             if not batch:
                 break
-            for ev in batch:
-                yield ev
-            since = batch[-1]["revision"]
+            for entry in batch:
+                if isinstance(entry, Unreadable):
+                    yield WatchResync(revision=self._head)
+                    since = max(self._head, entry.revision)
+                    break
+                yield entry
+                since = entry.revision
         while True:
             # Binary search: subscribers wake on every change, the buffer holds thousands.
-            start = bisect.bisect_right(self._events, since, key=lambda e: int(e["revision"]))
+            start = bisect.bisect_right(self._events, since, key=lambda e: e.revision)
             pending = self._events[start:]
             if pending:
-                for ev in pending:
-                    yield ev
-                since = pending[-1]["revision"]
+                for entry in pending:
+                    if isinstance(entry, Unreadable):
+                        yield WatchResync(revision=self._head)
+                        since = max(self._head, entry.revision)
+                        break
+                    yield entry
+                    since = entry.revision
                 continue
             if not await self._wait_past(since, heartbeat):
-                yield {"type": "heartbeat", "revision": self._head}
+                yield WatchHeartbeat(revision=self._head)
 
     async def _wait_past(self, revision: int, patience: float) -> bool:
         """Wait until the head moves past `revision`; False on timeout."""
@@ -178,5 +206,6 @@ class ChangeHub:
         return True
 
 
-def ndjson(event: dict[str, Any]) -> bytes:
-    return (json.dumps(event, separators=(",", ":"), default=str) + "\n").encode()
+def ndjson(message: WatchMessage) -> bytes:
+    """One line of the watch stream."""
+    return (message.model_dump_json() + "\n").encode()

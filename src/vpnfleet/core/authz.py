@@ -50,7 +50,8 @@ def decide(
 
     `local_sessions` counts this user's sessions on this pod that the fleet view may not have
     seen yet (established here, not yet echoed back by the watch stream). `superseded` names
-    session uids this connection replaces (the same device reconnecting): they do not count.
+    session uids this connection replaces (the same device reconnecting): they do not count,
+    and neither do sessions the control plane has marked to end (`LiveSession.kill`).
     """
     user = view.users.get(common_name)
     if user is None:
@@ -61,8 +62,12 @@ def decide(
         return Decision(False, "certificate not current", "certificate revoked or replaced", user)
     if user.mode == "gateway" and not user.gateway_address:
         return Decision(False, "no gateway address leased", "no gateway address", user)
+    # A session the control plane asked to end (killed, replaced) is on its way out and
+    # must not lock its user out meanwhile.
     fleet = sum(
-        1 for s in view.sessions.values() if s.user == user.name and s.uid not in superseded
+        1
+        for s in view.sessions.values()
+        if s.user == user.name and s.uid not in superseded and s.kill is None
     )
     live = max(fleet, local_sessions)
     if live >= user.max_sessions:

@@ -37,6 +37,8 @@ def session_out(s: VpnSession) -> SessionOut:
         bytes_in=s.bytes_in,
         bytes_out=s.bytes_out,
         end_reason=s.end_reason,
+        kill_reason=s.kill_reason,
+        kill_requested_at=s.kill_requested_at,
     )
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlalchemy import select
 
-from vpnfleet.controlplane import changelog
-from vpnfleet.controlplane.changelog import ChangeSpec
-from vpnfleet.controlplane.models import Pod, VpnSession
-from vpnfleet.controlplane.routers.users import get_user
+from vpnfleet.controlplane.models import Pod
 from vpnfleet.controlplane.schemas import PodOut
+from vpnfleet.controlplane.services import sessions, users
+from vpnfleet.controlplane.services.journal import Journal
 from vpnfleet.controlplane.state import DB, Operator
 
 router = APIRouter(prefix="/api/v1", tags=["fleet"])
@@ -37,18 +36,8 @@ def list_pods(db: DB, _who: Operator) -> list[PodOut]:
 
 @router.post("/users/{name}/kill")
 def kill_sessions(name: str, db: DB, who: Operator) -> dict[str, int]:
-    """Ask every pod to disconnect the user's live sessions now."""
-    user = get_user(db, name)
-    live = db.scalars(
-        select(VpnSession).where(VpnSession.user_id == user.id, VpnSession.ended_at.is_(None))
-    ).all()
-    revision = changelog.record(
-        db,
-        who,
-        "session.kill",
-        name,
-        None,
-        {"sessions": [s.id for s in live]},
-        [ChangeSpec("kill", "upsert", user.id, {"user": name, "sessions": [s.uid for s in live]})],
-    )
-    return {"sessions": len(live), "revision": revision}
+    """Mark every live session of the user to end; their pods disconnect them and close them
+    (a pod that is down now does it when it is back)."""
+    journal = Journal(db, who)
+    count = sessions.kill_user_sessions(db, journal, users.get_user(db, name))
+    return {"sessions": count, "revision": journal.commit()}

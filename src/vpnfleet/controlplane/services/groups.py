@@ -1,0 +1,112 @@
+"""Groups and their members."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from vpnfleet.controlplane import fleetstate
+from vpnfleet.controlplane.errors import conflict, not_found
+from vpnfleet.controlplane.models import Group, Membership, Rule, User
+from vpnfleet.controlplane.schemas import GroupOut
+from vpnfleet.controlplane.services.journal import AuditView, Journal
+from vpnfleet.controlplane.state import jsonable
+
+
+def get_group(db: Session, name: str) -> Group:
+    group = db.scalar(select(Group).where(Group.name == name))
+    if group is None:
+        raise not_found("group", name)
+    return group
+
+
+def group_out(db: Session, group: Group) -> GroupOut:
+    """The group as the admin API shows it (and the audit log records it)."""
+    members = db.scalars(
+        select(User.name)
+        .join(Membership)
+        .where(Membership.group_id == group.id)
+        .order_by(User.name)
+    ).all()
+    rules = db.scalar(select(func.count()).select_from(Rule).where(Rule.group_id == group.id))
+    return GroupOut(
+        id=group.id,
+        name=group.name,
+        description=group.description,
+        members=list(members),
+        rules=int(rules or 0),
+        created_at=group.created_at,
+    )
+
+
+def _audit_view(db: Session, group: Group) -> AuditView:
+    return dict(jsonable(group_out(db, group).model_dump()))
+
+
+def create_group(db: Session, journal: Journal, name: str, description: str | None) -> Group:
+    if db.scalar(select(Group.id).where(Group.name == name)) is not None:
+        raise conflict(f"group {name!r} already exists")
+    group = Group(name=name, description=description)
+    db.add(group)
+    db.flush()
+    journal.upsert(fleetstate.group_state(group))
+    journal.audit("group.create", name, None, journal.capture(lambda: _audit_view(db, group)))
+    return group
+
+
+def update_group(db: Session, journal: Journal, group: Group, description: str | None) -> Group:
+    """Change a group's description (agents see the group again; nothing else changes)."""
+    before = journal.capture(lambda: _audit_view(db, group))
+    group.description = description
+    db.flush()
+    journal.upsert(fleetstate.group_state(group))
+    journal.audit(
+        "group.update", group.name, before, journal.capture(lambda: _audit_view(db, group))
+    )
+    return group
+
+
+def delete_group(db: Session, journal: Journal, group: Group) -> None:
+    """Delete a group with its rules and memberships; its members' new state follows."""
+    before = journal.capture(lambda: _audit_view(db, group))
+    members = list(db.scalars(select(User).join(Membership).where(Membership.group_id == group.id)))
+    key = fleetstate.group_key(group)
+    db.delete(group)
+    db.flush()
+    journal.delete(key)
+    for user in members:
+        journal.user_changed(user)
+    journal.audit("group.delete", key.name, before, None)
+
+
+def add_member(db: Session, journal: Journal, group: Group, user: User) -> None:
+    if db.get(Membership, (group.id, user.id)) is not None:
+        raise conflict(f"user {user.name!r} is already a member of group {group.name!r}")
+    before = journal.capture(lambda: _audit_view(db, group))
+    db.add(Membership(group_id=group.id, user_id=user.id))
+    db.flush()
+    journal.upsert(fleetstate.membership_state(group, user))
+    journal.user_changed(user)
+    journal.audit(
+        "group.add_member",
+        f"{group.name}/{user.name}",
+        before,
+        journal.capture(lambda: _audit_view(db, group)),
+    )
+
+
+def remove_member(db: Session, journal: Journal, group: Group, user: User) -> None:
+    membership = db.get(Membership, (group.id, user.id))
+    if membership is None:
+        raise not_found(f"membership of user {user.name!r} in group", group.name)
+    before = journal.capture(lambda: _audit_view(db, group))
+    db.delete(membership)
+    db.flush()
+    journal.delete(fleetstate.membership_state(group, user))
+    journal.user_changed(user)
+    journal.audit(
+        "group.remove_member",
+        f"{group.name}/{user.name}",
+        before,
+        journal.capture(lambda: _audit_view(db, group)),
+    )

@@ -1,0 +1,250 @@
+"""Users: create, change, enable/disable, delete, certificates, gateway leases, profiles."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from vpnfleet.controlplane import certs, fleetstate, pki
+from vpnfleet.controlplane.errors import conflict, not_found
+from vpnfleet.controlplane.models import Certificate, GatewayLease, Group, Membership, Pool, User
+from vpnfleet.controlplane.schemas import CertOut, UserOut
+from vpnfleet.controlplane.services.journal import AuditView, Journal
+from vpnfleet.controlplane.state import jsonable
+from vpnfleet.core import ipam, netparse, ovpn_config
+
+LEASE_RETRIES = 8
+
+# What PATCH /users/{name} and a policy may change on a user.
+UPDATABLE = frozenset({"email", "mode", "enabled", "max_sessions"})
+
+
+def get_user(db: Session, name: str) -> User:
+    user = db.scalar(select(User).where(User.name == name))
+    if user is None:
+        raise not_found("user", name)
+    return user
+
+
+def cert_out(cert: Certificate | None) -> CertOut | None:
+    if cert is None:
+        return None
+    return CertOut(
+        serial=cert.serial,
+        common_name=cert.common_name,
+        not_after=cert.not_after,
+        created_at=cert.created_at,
+        revoked_at=cert.revoked_at,
+        revocation_reason=cert.revocation_reason,
+        fingerprint_sha256=pki.cert_info(cert.cert_pem).fingerprint_sha256,
+    )
+
+
+def user_out(db: Session, user: User) -> UserOut:
+    """The user as the admin API shows it (and the audit log records it)."""
+    groups = db.scalars(
+        select(Group.name)
+        .join(Membership)
+        .where(Membership.user_id == user.id)
+        .order_by(Group.name)
+    ).all()
+    lease = db.scalar(select(GatewayLease).where(GatewayLease.user_id == user.id))
+    return UserOut(
+        id=user.id,
+        name=user.name,
+        email=user.email,
+        mode=user.mode,
+        enabled=user.enabled,
+        max_sessions=user.max_sessions,
+        groups=list(groups),
+        gateway_address=lease.address if lease else None,
+        certificate=cert_out(certs.current_user_cert(db, user.id)),
+        created_at=user.created_at,
+        updated_at=user.updated_at,
+    )
+
+
+def _audit_view(db: Session, user: User) -> AuditView:
+    return dict(jsonable(user_out(db, user).model_dump()))
+
+
+def _ensure_gateway_lease(db: Session, user: User) -> GatewayLease:
+    """Give a gateway user a stable, fleet-unique address (race-safe via a unique index)."""
+    existing = db.scalar(select(GatewayLease).where(GatewayLease.user_id == user.id))
+    if existing is not None:
+        return existing
+    # Lock the pool row so concurrent leases queue here instead of colliding on the unique
+    # index over and over (PostgreSQL; SQLite serializes writers already).
+    pool = db.scalar(
+        select(Pool).where(Pool.kind == "gateway").order_by(Pool.id).limit(1).with_for_update()
+    )
+    if pool is None:
+        raise conflict("no gateway pool is configured: run 'vpnfleet pool set gateway --cidr ...'")
+    net = ipaddress.IPv4Network(pool.cidr)
+    skip: set[ipaddress.IPv4Address] = set()
+    for _ in range(LEASE_RETRIES):
+        used = {
+            ipaddress.IPv4Address(a)
+            for a in db.scalars(select(GatewayLease.address).where(GatewayLease.pool_id == pool.id))
+        }
+        try:
+            addr = ipam.allocate(net, used | skip)
+        except ipam.PoolExhausted as exc:
+            raise conflict(str(exc)) from None
+        lease = GatewayLease(pool_id=pool.id, user_id=user.id, address=str(addr))
+        try:
+            with db.begin_nested():
+                db.add(lease)
+                db.flush()
+            return lease
+        except IntegrityError:
+            # Another request took this address first: try the next one.
+            skip.add(addr)
+    raise conflict("could not lease a gateway address under contention; try again")
+
+
+def _sync_gateway_lease(db: Session, user: User) -> None:
+    """A gateway user holds a lease; a NAT user none (their address comes from the pod)."""
+    if user.mode == "gateway":
+        _ensure_gateway_lease(db, user)
+        return
+    lease = db.scalar(select(GatewayLease).where(GatewayLease.user_id == user.id))
+    if lease is not None:
+        db.delete(lease)
+        db.flush()
+
+
+def create_user(
+    db: Session,
+    journal: Journal,
+    sealer: pki.Sealer,
+    *,
+    name: str,
+    email: str | None,
+    mode: netparse.Mode,
+    enabled: bool,
+    max_sessions: int,
+    groups: Iterable[str],
+) -> User:
+    """A new user with its groups, a gateway lease if it needs one, and a client certificate."""
+    if db.scalar(select(User.id).where(User.name == name)) is not None:
+        raise conflict(f"user {name!r} already exists")
+    user = User(name=name, email=email, mode=mode, enabled=enabled, max_sessions=max_sessions)
+    db.add(user)
+    db.flush()
+    for gname in sorted(set(groups)):
+        group = db.scalar(select(Group).where(Group.name == gname))
+        if group is None:
+            raise not_found("group", gname)
+        db.add(Membership(group_id=group.id, user_id=user.id))
+    db.flush()
+    _sync_gateway_lease(db, user)
+    certs.issue(db, sealer, "client", user.name, user_id=user.id)
+    # Sent at once, groups included (no membership events): a policy apply keeps the order
+    # of its plan, new users before the membership changes of existing ones.
+    journal.upsert(fleetstate.user_state(db, user))
+    journal.audit("user.create", user.name, None, journal.capture(lambda: _audit_view(db, user)))
+    return user
+
+
+def update_user(
+    db: Session,
+    journal: Journal,
+    user: User,
+    changes: Mapping[str, object],
+    action: str = "user.update",
+) -> User:
+    """Change fields of UPDATABLE; switching mode takes or releases the gateway lease."""
+    unknown = set(changes) - UPDATABLE
+    if unknown:
+        raise ValueError(f"not a user field one may change: {', '.join(sorted(unknown))}")
+    before = journal.capture(lambda: _audit_view(db, user))
+    for key, value in changes.items():
+        setattr(user, key, value)
+    db.flush()
+    _sync_gateway_lease(db, user)
+    journal.user_changed(user)
+    journal.audit(action, user.name, before, journal.capture(lambda: _audit_view(db, user)))
+    return user
+
+
+def set_enabled(db: Session, journal: Journal, user: User, enabled: bool) -> User:
+    """Enable or disable a user; agents disconnect a disabled user's sessions."""
+    action = "user.enable" if enabled else "user.disable"
+    return update_user(db, journal, user, {"enabled": enabled}, action)
+
+
+def delete_user(db: Session, journal: Journal, user: User, reason: str = "user deleted") -> None:
+    """Delete a user and revoke their certificates (`reason` goes into the CRL records)."""
+    before = journal.capture(lambda: _audit_view(db, user))
+    name = user.name
+    revoked = certs.revoke_user_certs(db, user.id, reason)
+    key = fleetstate.user_key(user)
+    db.delete(user)
+    db.flush()
+    journal.delete(key)
+    if revoked:
+        journal.upsert(fleetstate.crl_update(revoked))
+    journal.audit("user.delete", name, before, None)
+
+
+def _revoked(
+    db: Session,
+    journal: Journal,
+    action: str,
+    user: User,
+    before: AuditView,
+    revoked: Sequence[Certificate],
+) -> User:
+    """Agents get the CRL and the user's new current serial."""
+    journal.upsert(fleetstate.crl_update(revoked))
+    journal.user_changed(user)
+    journal.audit(action, user.name, before, journal.capture(lambda: _audit_view(db, user)))
+    return user
+
+
+def reissue_cert(
+    db: Session, journal: Journal, sealer: pki.Sealer, user: User, reason: str = "reissued"
+) -> User:
+    """Revoke the user's current certificate and issue a new one."""
+    before = journal.capture(lambda: _audit_view(db, user))
+    revoked = certs.revoke_user_certs(db, user.id, reason)
+    certs.issue(db, sealer, "client", user.name, user_id=user.id)
+    return _revoked(db, journal, "user.reissue", user, before, revoked)
+
+
+def revoke_cert(db: Session, journal: Journal, user: User, reason: str = "revoked") -> User:
+    """Revoke the user's certificate without issuing a new one."""
+    before = journal.capture(lambda: _audit_view(db, user))
+    revoked = certs.revoke_user_certs(db, user.id, reason)
+    if not revoked:
+        raise conflict(f"user {user.name!r} has no valid certificate to revoke")
+    return _revoked(db, journal, "user.revoke", user, before, revoked)
+
+
+def client_profile(
+    db: Session, journal: Journal, sealer: pki.Sealer, user: User, endpoints: Sequence[str]
+) -> str:
+    """The user's complete .ovpn profile; handing out a private key is audited."""
+    cert = certs.current_user_cert(db, user.id)
+    if cert is None:
+        raise conflict(
+            f"user {user.name!r} has no valid certificate: run 'vpnfleet user reissue {user.name}'"
+        )
+    if not endpoints:
+        raise conflict(
+            "no public endpoint is configured: start the server with --public-endpoint HOST:PORT"
+        )
+    profile = ovpn_config.render_client_profile(
+        remotes=[netparse.parse_endpoint(e) for e in endpoints],
+        ca_pem=certs.ca_cert_pem(db),
+        cert_pem=cert.cert_pem,
+        key_pem=sealer.unseal(cert.key_sealed),
+        tls_crypt_key=certs.tls_crypt_key(db, sealer),
+    )
+    journal.audit("user.profile", user.name, None, {"serial": cert.serial})
+    return profile
