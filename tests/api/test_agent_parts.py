@@ -59,10 +59,18 @@ class Pod:
 
     def settings(self) -> AgentSettings:
         return AgentSettings(
-            server=self.server.url, token=self.token, name="pod1", state_dir=self.state,
-            http=f"127.0.0.1:{free_port()}", heartbeat_interval=0.2, reconcile_interval=0.5,
-            flow_audit=False, denied_audit=False, drain_delay=0.1, drain_timeout=1,
-        )  # fmt: skip
+            server=self.server.url,
+            token=self.token,
+            name="pod1",
+            state_dir=self.state,
+            http=f"127.0.0.1:{free_port()}",
+            heartbeat_interval=0.2,
+            reconcile_interval=0.5,
+            flow_audit=False,
+            denied_audit=False,
+            drain_delay=0.1,
+            drain_timeout=1,
+        )
 
     async def start(self, *, adopt: bool = False) -> PodAgent:
         if adopt:
@@ -76,9 +84,11 @@ class Pod:
             return mgmt
 
         agent = PodAgent(
-            self.settings(), firewall=self.firewall, process=lambda: self.process,
+            self.settings(),
+            firewall=self.firewall,
+            process=lambda: self.process,
             connect=connect,
-        )  # fmt: skip
+        )
         self.agent = agent
         self.task = asyncio.create_task(agent.run())
         await until(lambda: agent.ready()[0], 20, "the agent to be ready")
@@ -143,14 +153,26 @@ def api(server: Server, method: str, path: str, body: Any = None) -> Any:
 
 def setup_policy(server: Server) -> None:
     api(server, "POST", "/api/v1/users", {"name": "pa", "email": "pa@example.com"})
-    api(server, "POST", "/api/v1/users", {"name": "pb", "email": "pb@example.com",
-                                          "max_sessions": 1})  # fmt: skip
+    api(
+        server,
+        "POST",
+        "/api/v1/users",
+        {"name": "pb", "email": "pb@example.com", "max_sessions": 1},
+    )
     api(server, "POST", "/api/v1/groups", {"name": "web"})
     api(server, "POST", "/api/v1/groups", {"name": "ops"})
-    api(server, "POST", "/api/v1/rules",
-        {"group": "web", "destination": str(SVC), "proto": "tcp", "ports": "8080"})  # fmt: skip
-    api(server, "POST", "/api/v1/rules",
-        {"group": "ops", "destination": "10.20.0.0/24", "proto": "any"})  # fmt: skip
+    api(
+        server,
+        "POST",
+        "/api/v1/rules",
+        {"group": "web", "destination": str(SVC), "proto": "tcp", "ports": "8080"},
+    )
+    api(
+        server,
+        "POST",
+        "/api/v1/rules",
+        {"group": "ops", "destination": "10.20.0.0/24", "proto": "any"},
+    )
     api(server, "POST", "/api/v1/groups/web/members", {"user": "pa"})
 
 
@@ -164,8 +186,12 @@ async def test_a_port_limited_grant_reaches_a_connected_client_port_limited(
     assert not pod.allowed(pa, 22) and not pod.allowed(pa, 8081)
     assert not pod.allowed(pa, 8080, "udp")
     # A later port-limited rule arrives through the watch stream, still port-limited.
-    api(server, "POST", "/api/v1/rules",
-        {"group": "web", "destination": str(SVC), "proto": "tcp", "ports": "9000-9001"})  # fmt: skip
+    api(
+        server,
+        "POST",
+        "/api/v1/rules",
+        {"group": "web", "destination": str(SVC), "proto": "tcp", "ports": "9000-9001"},
+    )
     await until(lambda: pod.allowed(pa, 9001), 5, "the new rule")
     assert not pod.allowed(pa, 9002) and not pod.allowed(pa, 22)
 
@@ -191,9 +217,7 @@ async def test_membership_changes_reach_connected_clients_and_cut_their_flows(
     assert [a[0] for a in pod.mgmt.answers_for(pa)] == ["auth"]  # never disconnected
 
 
-async def test_the_same_device_reconnecting_replaces_its_session(
-    server: Server, pod: Pod
-) -> None:
+async def test_the_same_device_reconnecting_replaces_its_session(server: Server, pod: Pod) -> None:
     setup_policy(server)
     await pod.start()
     first = await pod.join("pb")
@@ -237,8 +261,11 @@ async def test_a_kill_made_while_the_agent_is_down_ends_the_session_once_it_is_b
     setup_policy(server)
     await pod.start()
     pa = await pod.join("pa")
-    await until(lambda: api(server, "GET", "/api/v1/sessions?user=pa&active=true"), 5,
-                "pa's session to be recorded")  # fmt: skip
+    await until(
+        lambda: api(server, "GET", "/api/v1/sessions?user=pa&active=true"),
+        5,
+        "pa's session to be recorded",
+    )
     await pod.crash()
     assert api(server, "POST", "/api/v1/users/pa/kill")["sessions"] == 1
     await pod.start(adopt=True)
@@ -269,7 +296,10 @@ async def test_a_revocation_made_while_the_agent_is_down_cuts_open_flows_at_rest
     # The first apply after adopting the running clients is followed by a cut.
     assert pod.firewall.flows == []
     assert not pod.allowed(pa, 8080)
-    assert [a[0] for a in pod.mgmt.answers_for(pa)] == ["auth"]  # pa stays connected
+    # pa stays connected (only a grant was lost), adopted under its session.
+    assert not any(a[0] == "kill" for a in pod.mgmt.answers)
+    assert pod.agent is not None and pod.agent.clients is not None
+    assert [c.cid for c in pod.agent.clients.established()] == [pa]
 
 
 async def test_readings_report_the_running_parts(server: Server, pod: Pod) -> None:

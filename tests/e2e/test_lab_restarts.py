@@ -45,7 +45,8 @@ READY_WATCH = f"""
 import time, urllib.request
 while True:
     try:
-        if urllib.request.urlopen("http://127.0.0.1:{AGENT_HTTP_PORT}/readyz", timeout=1).status == 200:
+        url = "http://127.0.0.1:{AGENT_HTTP_PORT}/readyz"
+        if urllib.request.urlopen(url, timeout=1).status == 200:
             print(time.time(), flush=True); break
     except Exception:
         pass
@@ -58,15 +59,22 @@ async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LabInfo
     async with lab_up(tmp_path_factory.mktemp("lab"), USERS, letters="vr") as info:
         api(info, "POST", "/api/v1/groups", {"name": "stream"})
         api(info, "POST", "/api/v1/groups", {"name": "burst"})
-        api(info, "POST", "/api/v1/rules",
-            {"group": "stream", "destination": SVC, "proto": "tcp", "ports": str(PORT)})  # fmt: skip
+        api(
+            info,
+            "POST",
+            "/api/v1/rules",
+            {"group": "stream", "destination": SVC, "proto": "tcp", "ports": str(PORT)},
+        )
         api(info, "POST", "/api/v1/rules", {"group": "burst", "destination": SVC, "proto": "udp"})
         for user in ("ra", "rb"):
             api(info, "POST", "/api/v1/groups/stream/members", {"user": user})
         server = topology.spawn_in(
-            info.plan.ns("svc"), sys.executable, "-c", ECHO_LINES,
+            info.plan.ns("svc"),
+            sys.executable,
+            "-c",
+            ECHO_LINES,
             log_path=info.dir / "stream-server.log",
-        )  # fmt: skip
+        )
         try:
             await asyncio.gather(*(runner.start_client(info, u.name) for u in USERS))
             yield info
@@ -76,9 +84,15 @@ async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LabInfo
 
 async def open_stream(info: LabInfo, user: str, out: Path) -> topology.LabProcess:
     proc = topology.spawn_in(
-        info.plan.client_ns(user), sys.executable, "-u", "-c", STREAM, SVC, str(PORT),
+        info.plan.client_ns(user),
+        sys.executable,
+        "-u",
+        "-c",
+        STREAM,
+        SVC,
+        str(PORT),
         log_path=out,
-    )  # fmt: skip
+    )
     await until(lambda: out.exists() and out.read_text().count("ok") >= 5, 10, f"{user}'s stream")
     return proc
 
@@ -153,9 +167,10 @@ async def test_a_session_kill_made_while_the_agent_was_down_applies_when_it_is_b
     assert "Halt command was pushed by server" not in client_log(lab, "rk")
     ready = await restart_agent(lab, pod, "rk")
     await until(
-        lambda: "Halt command was pushed by server" in client_log(lab, "rk"), 2.0 + max(
-            0.0, ready - time.time()), "rk to be halted within 2 s of readiness",
-    )  # fmt: skip
+        lambda: "Halt command was pushed by server" in client_log(lab, "rk"),
+        2.0 + max(0.0, ready - time.time()),
+        "rk to be halted within 2 s of readiness",
+    )
     assert time.time() - ready < 2.5
     await until(lambda: sessions(lab, user="rk") == [], 10, "rk's session to close")
     with lab.client() as c:
@@ -182,8 +197,9 @@ async def test_a_failed_apply_loses_no_revocation(lab: LabInfo) -> None:
     blocked = [f"vpnf-g{gid}-m" for gid in (probe["id"], probe["id"] + 1)]
     for name in blocked:
         await topology.run_in(ns, "ipset", "create", name, "hash:net")
-        await topology.run_in(ns, "iptables", "-A", "INPUT", "-m", "set", "--match-set", name,
-                              "src", "-j", "RETURN")  # fmt: skip
+        await topology.run_in(
+            ns, "iptables", "-A", "INPUT", "-m", "set", "--match-set", name, "src", "-j", "RETURN"
+        )
     out = lab.dir / "stream-rb.log"
     stream = await open_stream(lab, "rb", out)
     log_path = lab.dir / f"{pod}.log"
@@ -191,26 +207,53 @@ async def test_a_failed_apply_loses_no_revocation(lab: LabInfo) -> None:
     try:
         api(lab, "POST", "/api/v1/groups", {"name": "blocked"})  # this apply fails...
         await until(
-            lambda: "firewall update failed" in log_path.read_text()[offset:], 15,
+            lambda: "firewall update failed" in log_path.read_text()[offset:],
+            15,
             "the apply to fail",
-        )  # fmt: skip
+        )
         api(lab, "DELETE", "/api/v1/groups/stream/members/rb")  # ...and carries the revoke
         await asyncio.sleep(1.0)
         # Unblock: the retry succeeds (a full apply, which knows nothing of what was revoked).
         for name in blocked:
-            await topology.run_in(ns, "iptables", "-D", "INPUT", "-m", "set", "--match-set",
-                                  name, "src", "-j", "RETURN")  # fmt: skip
+            await topology.run_in(
+                ns,
+                "iptables",
+                "-D",
+                "INPUT",
+                "-m",
+                "set",
+                "--match-set",
+                name,
+                "src",
+                "-j",
+                "RETURN",
+            )
         unblocked = time.time()
-        await until(lambda: stream_ended(out) and time.time() - last_ok(out) > 3, 20,
-                    "rb's stream to stay cut")  # fmt: skip
+        await until(
+            lambda: stream_ended(out) and time.time() - last_ok(out) > 3,
+            20,
+            "rb's stream to stay cut",
+        )
         # While the firewall was locked down the stream stalled; once the apply succeeded it
         # must not come back (its connection was cut, not merely paused).
         assert last_ok(out) < unblocked + 2.0, out.read_text()[-400:]
     finally:
         await stream.stop()
         for name in blocked:
-            await topology.run_in(ns, "iptables", "-D", "INPUT", "-m", "set", "--match-set",
-                                  name, "src", "-j", "RETURN", check=False)  # fmt: skip
+            await topology.run_in(
+                ns,
+                "iptables",
+                "-D",
+                "INPUT",
+                "-m",
+                "set",
+                "--match-set",
+                name,
+                "src",
+                "-j",
+                "RETURN",
+                check=False,
+            )
         api(lab, "DELETE", "/api/v1/groups/blocked")
 
 
@@ -228,6 +271,6 @@ async def test_a_burst_of_membership_changes_reports_no_drift(lab: LabInfo) -> N
     # Several reconciles (every 2 s in the lab) happen during and after the burst.
     await asyncio.sleep(5)
     for pod, path in logs.items():
-        text = path.read_text()[offsets[pod]:]
+        text = path.read_text()[offsets[pod] :]
         assert "firewall drift repaired" not in text, (pod, changes)
     assert changes >= 20

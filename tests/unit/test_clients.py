@@ -84,7 +84,7 @@ async def test_an_allowed_client_gets_its_address_and_a_session_record(pod: Pod)
     cid = await pod.join("alice")
     (auth,) = pod.mgmt.answers_for(cid)
     assert auth[0] == "auth" and auth[3] == ["ifconfig-push 10.200.0.2 255.255.255.0"]
-    (kind, body), = pod.records()  # fmt: skip
+    ((kind, body),) = pod.records()
     assert kind == "open" and body["user"] == "alice" and body["tunnel_ip"] == "10.200.0.2"
     assert pod.pokes >= 1 and pod.handler.owner("10.200.0.2") == ("alice", body["uid"])
 
@@ -123,9 +123,11 @@ async def test_a_kill_made_while_the_agent_was_down_applies_at_restart(tmp_path:
     mgmt = before.mgmt
     before.close()  # the agent dies; OpenVPN and alice carry on
     # Meanwhile an operator kills alice's session: the next agent learns it from its view.
-    killed = view(user("alice"), user("bob"),
-                  sessions=(session(uid, "alice", "198.51.100.7", kill="disconnected by an "
-                                    "administrator"),))  # fmt: skip
+    killed = view(
+        user("alice"),
+        user("bob"),
+        sessions=(session(uid, "alice", "198.51.100.7", kill="disconnected by an administrator"),),
+    )
     after = Pod(tmp_path, killed)
     after.mgmt = mgmt.reopen()
     try:

@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import Server, free_port
 from vpnfleet.agent.dataplane import DataplaneStats
 from vpnfleet.agent.exporter import ExporterConfig, LagClock, Readings
+from vpnfleet.agent.flowaudit import FlowAudit
 from vpnfleet.agent.metrics import AgentMetrics
 from vpnfleet.agent.settings import AgentSettings
 from vpnfleet.agent.spool import Spool
@@ -339,7 +340,6 @@ def test_flow_and_watch_counters_when_the_agent_has_them(agent: Agent, tmp_path:
 
     from vpnfleet.agent.conntrack import ConntrackListener, ListenerCounters
     from vpnfleet.agent.cpclient import ControlPlane
-    from vpnfleet.agent.flowaudit import FlowAudit
     from vpnfleet.core.flows import FlowEvent, FlowEventKind
 
     listener = ConntrackListener()

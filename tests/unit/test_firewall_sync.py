@@ -21,14 +21,20 @@ SVC = ipaddress.IPv4Address("10.20.0.5")
 TCP_80 = fwplan.Grant(ipaddress.IPv4Network("10.20.0.0/24"), "tcp", 80)
 
 
-def state(members: set[ipaddress.IPv4Address], grants: tuple[fwplan.Grant, ...] = (TCP_80,),
-          clients: set[ipaddress.IPv4Address] | None = None) -> fwplan.DesiredState:  # fmt: skip
+def state(
+    members: set[ipaddress.IPv4Address],
+    grants: tuple[fwplan.Grant, ...] = (TCP_80,),
+    clients: set[ipaddress.IPv4Address] | None = None,
+) -> fwplan.DesiredState:
     everyone = frozenset(clients if clients is not None else {A, B})
     return fwplan.DesiredState(
-        prefix="vpnf", tunnel_networks=(NAT,), uplink=None, nat_members=everyone,
+        prefix="vpnf",
+        tunnel_networks=(NAT,),
+        uplink=None,
+        nat_members=everyone,
         all_clients=everyone,
         groups=(fwplan.GroupState(group_id=1, members=frozenset(members), grants=grants),),
-    )  # fmt: skip
+    )
 
 
 def flow(src: ipaddress.IPv4Address, dport: int) -> fwplan.Flow:

@@ -19,9 +19,16 @@ SVC = "10.20.0.5"
 def fleet(users: list[UserState], rules: list[RuleState], revision: int = 3) -> FleetView:
     groups = [GroupState(id=1, name="web"), GroupState(id=2, name="ops")]
     return FleetView.from_snapshot(
-        Snapshot(revision=revision, users=users, groups=groups, rules=rules, pools=[],
-                 sessions=[], pods=[])
-    )  # fmt: skip
+        Snapshot(
+            revision=revision,
+            users=users,
+            groups=groups,
+            rules=rules,
+            pools=[],
+            sessions=[],
+            pods=[],
+        )
+    )
 
 
 WEB_8080 = RuleState(id=10, group_id=1, destination=SVC, proto="tcp", ports="8080")
@@ -81,8 +88,9 @@ def test_a_membership_change_reaches_clients_already_connected() -> None:
     assert fwplan.diff(before, after).revoked_flows == ()
     alone = b.build(fleet([user("pa", groups=[])], [WEB_8080, OPS_ALL], revision=5), book)
     revoked = fwplan.diff(before, alone).revoked_flows
-    assert [(r.client, r.grant) for r in revoked] == [(addr, fwplan.Grant(
-        ipaddress.IPv4Network(SVC), "tcp", 8080, 8080))]  # fmt: skip
+    assert [(r.client, r.grant) for r in revoked] == [
+        (addr, fwplan.Grant(ipaddress.IPv4Network(SVC), "tcp", 8080, 8080))
+    ]
 
 
 def test_a_deleted_user_still_connected_gets_nothing() -> None:

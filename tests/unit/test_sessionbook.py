@@ -36,21 +36,41 @@ def user(name: str, **kw: object) -> UserState:
 
 def session(uid: str, name: str, real_ip: str, kill: str | None = None) -> LiveSession:
     return LiveSession.model_validate(
-        {"uid": uid, "user": name, "pod": "pod2", "tunnel_ip": "10.200.0.9", "mode": "nat",
-         "real_ip": real_ip, "kill": kill}
-    )  # fmt: skip
+        {
+            "uid": uid,
+            "user": name,
+            "pod": "pod2",
+            "tunnel_ip": "10.200.0.9",
+            "mode": "nat",
+            "real_ip": real_ip,
+            "kill": kill,
+        }
+    )
 
 
 def view(*users: UserState, sessions: tuple[LiveSession, ...] = (), revision: int = 7) -> FleetView:
     return FleetView.from_snapshot(
-        Snapshot(revision=revision, users=list(users), groups=[], rules=[], pools=[],
-                 sessions=list(sessions), pods=[])
-    )  # fmt: skip
+        Snapshot(
+            revision=revision,
+            users=list(users),
+            groups=[],
+            rules=[],
+            pools=[],
+            sessions=list(sessions),
+            pods=[],
+        )
+    )
 
 
-def env(name: str, ip: str = "198.51.100.7", serial: str = "7", port: int = 40000) -> dict[str, str]:
-    return {"common_name": name, "tls_serial_0": serial, "untrusted_ip": ip,
-            "untrusted_port": str(port)}  # fmt: skip
+def env(
+    name: str, ip: str = "198.51.100.7", serial: str = "7", port: int = 40000
+) -> dict[str, str]:
+    return {
+        "common_name": name,
+        "tls_serial_0": serial,
+        "untrusted_ip": ip,
+        "untrusted_port": str(port),
+    }
 
 
 def uids() -> Iterator[str]:
@@ -65,8 +85,9 @@ def book() -> SessionBook:
 
 
 def admit(book: SessionBook, v: FleetView, cid: int, **kw: str) -> Client:
-    out = book.connect(v, cid, env(**kw) if kw else env("alice"), reauth=False,
-                       uid=f"pod1-{cid:016x}", now=NOW)  # fmt: skip
+    out = book.connect(
+        v, cid, env(**kw) if kw else env("alice"), reauth=False, uid=f"pod1-{cid:016x}", now=NOW
+    )
     assert out.decision.allow, out.decision
     assert out.client is not None
     client = book.establish(cid)
@@ -148,8 +169,9 @@ def test_a_client_being_disconnected_does_not_count(book: SessionBook) -> None:
 def test_reauth_of_a_client_no_longer_allowed_ends_its_session(book: SessionBook) -> None:
     v = view(user("alice"))
     client = admit(book, v, 1)
-    out = book.connect(view(user("alice", enabled=False)), 1, env("alice"), reauth=True,
-                       uid="ignored", now=NOW)  # fmt: skip
+    out = book.connect(
+        view(user("alice", enabled=False)), 1, env("alice"), reauth=True, uid="ignored", now=NOW
+    )
     assert not out.decision.allow and out.ended is not None and out.ended.uid == client.uid
     assert book.owner(client.tunnel_ip) is None
     ok = book.connect(v, 1, env("alice"), reauth=True, uid="ignored", now=NOW)
@@ -169,8 +191,9 @@ def test_owners_follow_establish_kick_and_forget(book: SessionBook) -> None:
     tiny = SessionBook(BookConfig(ipaddress.IPv4Network("10.200.0.0/30")))
     first = admit(tiny, v, 1)
     tiny.kick(1, "x")
-    assert not tiny.connect(v, 2, env("alice", ip="192.0.2.5"), reauth=False, uid="b",
-                            now=NOW).decision.allow  # fmt: skip
+    assert not tiny.connect(
+        v, 2, env("alice", ip="192.0.2.5"), reauth=False, uid="b", now=NOW
+    ).decision.allow
     tiny.forget(1)
     assert admit(tiny, v, 3, name="alice", ip="192.0.2.5").tunnel_ip == first.tunnel_ip
 
@@ -178,8 +201,9 @@ def test_owners_follow_establish_kick_and_forget(book: SessionBook) -> None:
 def test_an_exhausted_pool_is_a_deny(book: SessionBook) -> None:
     tiny = SessionBook(BookConfig(ipaddress.IPv4Network("10.200.0.0/30")))
     v = view(user("alice", max_sessions=9))
-    assert tiny.connect(v, 1, env("alice", ip="192.0.2.1"), reauth=False, uid="a",
-                        now=NOW).decision.allow  # fmt: skip
+    assert tiny.connect(
+        v, 1, env("alice", ip="192.0.2.1"), reauth=False, uid="a", now=NOW
+    ).decision.allow
     out = tiny.connect(v, 2, env("alice", ip="192.0.2.2"), reauth=False, uid="b", now=NOW)
     assert (out.decision.allow, out.decision.client_reason) == (False, "server full")
     assert tiny.get(2) is None
@@ -210,9 +234,12 @@ def test_violations_name_every_client_the_view_no_longer_allows(book: SessionBoo
         "eve": ("connection mode changed", False),
         "fay": ("connection mode changed", False),
     }
-    killed = view(*users.values(), sessions=(
-        session(clients["ann"].uid, "ann", "x", kill="disconnected by an administrator"),
-    ))  # fmt: skip
+    killed = view(
+        *users.values(),
+        sessions=(
+            session(clients["ann"].uid, "ann", "x", kill="disconnected by an administrator"),
+        ),
+    )
     assert [(k.client.uid, k.reason) for k in book.violations(killed)] == [
         (clients["ann"].uid, "disconnected by an administrator")
     ]
@@ -226,24 +253,44 @@ def test_violations_name_every_client_the_view_no_longer_allows(book: SessionBoo
 
 def row(cid: int, name: str, address: str | None, ip: str = "198.51.100.7") -> StatusClient:
     return StatusClient(
-        common_name=name, real_address=f"{ip}:{40000 + cid}", virtual_address=address,
-        virtual_ipv6_address=None, bytes_received=10, bytes_sent=20,
-        connected_since=dt.datetime(2026, 12, 2, 9, tzinfo=dt.UTC), username=None,
-        client_id=cid, peer_id=cid, data_channel_cipher="AES-256-GCM",
-    )  # fmt: skip
+        common_name=name,
+        real_address=f"{ip}:{40000 + cid}",
+        virtual_address=address,
+        virtual_ipv6_address=None,
+        bytes_received=10,
+        bytes_sent=20,
+        connected_since=dt.datetime(2026, 12, 2, 9, tzinfo=dt.UTC),
+        username=None,
+        client_id=cid,
+        peer_id=cid,
+        data_channel_cipher="AES-256-GCM",
+    )
 
 
 def test_adoption_keeps_the_journal_identity_and_flags_nothing_new(book: SessionBook) -> None:
     v = view(user("alice"), user("bob"))
-    journal = Client(cid=9, user="alice", mode="nat", tunnel_ip="10.200.0.5", real_ip="x",
-                     real_port=1, uid="pod1-00000000000000aa", connected_at="2026-12-02T08:00:00",
-                     cert_serial="7", established=True)  # fmt: skip
+    journal = Client(
+        cid=9,
+        user="alice",
+        mode="nat",
+        tunnel_ip="10.200.0.5",
+        real_ip="x",
+        real_port=1,
+        uid="pod1-00000000000000aa",
+        connected_at="2026-12-02T08:00:00",
+        cert_serial="7",
+        established=True,
+    )
     book.seed_owners([journal])
     assert book.owner("10.200.0.5") == ("alice", journal.uid)
     result = book.reconcile(
-        [row(1, "alice", "10.200.0.5"), row(2, "bob", "10.200.0.6")], v,
-        {("alice", "10.200.0.5"): journal}, listed_after=book.seq, new_uid=uids(), now=NOW,
-    )  # fmt: skip
+        [row(1, "alice", "10.200.0.5"), row(2, "bob", "10.200.0.6")],
+        v,
+        {("alice", "10.200.0.5"): journal},
+        listed_after=book.seq,
+        new_uid=uids(),
+        now=NOW,
+    )
     adopted = {c.user: c for c in result.adopted}
     assert adopted["alice"].uid == journal.uid
     assert adopted["alice"].connected_at == journal.connected_at
@@ -259,8 +306,17 @@ def test_adoption_keeps_the_journal_identity_and_flags_nothing_new(book: Session
 
 
 def test_seeded_owners_without_a_client_are_dropped(book: SessionBook) -> None:
-    ghost = Client(cid=1, user="alice", mode="nat", tunnel_ip="10.200.0.5", real_ip=None,
-                   real_port=None, uid="u", connected_at=NOW, established=True)  # fmt: skip
+    ghost = Client(
+        cid=1,
+        user="alice",
+        mode="nat",
+        tunnel_ip="10.200.0.5",
+        real_ip=None,
+        real_port=None,
+        uid="u",
+        connected_at=NOW,
+        established=True,
+    )
     book.seed_owners([ghost])
     book.reconcile([], view(user("alice")), {}, listed_after=0, new_uid=uids(), now=NOW)
     assert book.owner("10.200.0.5") is None
@@ -296,17 +352,43 @@ def test_clear_ends_every_live_session(book: SessionBook) -> None:
 
 @pytest.mark.parametrize(
     "record",
-    [{}, {"cid": 1}, {"cid": "x", "user": "a", "mode": "nat", "tunnel_ip": "10.0.0.1", "uid": "u",
-      "connected_at": NOW}, {"cid": 1, "user": "a", "mode": "nat", "tunnel_ip": "nope",
-      "uid": "u", "connected_at": NOW}],
-)  # fmt: skip
+    [
+        {},
+        {"cid": 1},
+        {
+            "cid": "x",
+            "user": "a",
+            "mode": "nat",
+            "tunnel_ip": "10.0.0.1",
+            "uid": "u",
+            "connected_at": NOW,
+        },
+        {
+            "cid": 1,
+            "user": "a",
+            "mode": "nat",
+            "tunnel_ip": "nope",
+            "uid": "u",
+            "connected_at": NOW,
+        },
+    ],
+)
 def test_malformed_journal_records_are_refused(record: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         Client.from_record(record)
 
 
 def test_journal_records_round_trip() -> None:
-    c = Client(cid=3, user="a", mode="gateway", tunnel_ip="10.201.0.4", real_ip="192.0.2.1",
-               real_port=5, uid="pod-1", connected_at=NOW, cert_serial="12",
-               established=True)  # fmt: skip
+    c = Client(
+        cid=3,
+        user="a",
+        mode="gateway",
+        tunnel_ip="10.201.0.4",
+        real_ip="192.0.2.1",
+        real_port=5,
+        uid="pod-1",
+        connected_at=NOW,
+        cert_serial="12",
+        established=True,
+    )
     assert Client.from_record(c.to_record()) == c

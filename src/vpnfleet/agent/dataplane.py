@@ -452,6 +452,22 @@ class Dataplane:
         async with self._conntrack_slots:
             return await self._run("conntrack", *args, ok=(0, 1))
 
+    # --- routes ---------------------------------------------------------------------------
+
+    async def route_into(self, network: IPv4Network, dev: str, attempts: int = 50) -> None:
+        """Route ``network`` into the tunnel device ``dev`` (the gateway pool is another subnet
+        than the tunnel's own); retried while the device is still being created."""
+        err: DataplaneError | None = None
+        for _ in range(attempts):
+            try:
+                await self._run("ip", "route", "replace", str(network), "dev", dev)
+                return
+            except DataplaneError as exc:
+                err = exc
+                await asyncio.sleep(0.1)  # tun0 appears a moment after hold release
+        assert err is not None
+        raise err
+
     # --- sysctls --------------------------------------------------------------------------
 
     async def ensure_sysctls(self) -> None:

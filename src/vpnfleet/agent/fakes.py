@@ -53,6 +53,7 @@ class FakeFirewall:
         self.cuts: list[str] = []  # "revoked" / "index" / "walk", in order
         self.sysctls = False
         self.removed = False
+        self.routes: dict[str, str] = {}  # network -> device
 
     async def _maybe_block(self) -> None:
         if self.gate is not None:
@@ -135,6 +136,9 @@ class FakeFirewall:
 
     async def ensure_sysctls(self) -> None:
         self.sysctls = True
+
+    async def route_into(self, network: ipaddress.IPv4Network, dev: str) -> None:
+        self.routes[str(network)] = dev
 
     def tamper(self, state: fwplan.DesiredState) -> None:
         """Someone changed the kernel behind the agent's back: it now enforces ``state``."""

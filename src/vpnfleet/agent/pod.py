@@ -169,6 +169,7 @@ class PodAgent:
             gateway_pool=gateway,
             process=self._process,
             connect=self._connect,
+            route=self.dataplane.route_into,
             metrics=self.metrics,
         )
 

@@ -2,7 +2,7 @@
 
 Everything that decides (the session book, the firewall sync, the client handler, the
 supervisor's restart policy) talks to the outside through one of these. The real runners are
-:class:`vpnfleet.agent.dataplane.Dataplane` (iptables, ipset, conntrack),
+:class:`vpnfleet.agent.dataplane.Dataplane` (iptables, ipset, conntrack, routes),
 :class:`vpnfleet.agent.management.ManagementClient` (OpenVPN's management socket) and
 :class:`vpnfleet.agent.openvpn.OpenVPNProcess`; in-memory fakes of all three live in
 :mod:`vpnfleet.agent.fakes`, so decision code is tested in milliseconds and the real runners are
@@ -11,6 +11,7 @@ tested once, for real, in the end-to-end tests.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -57,6 +58,9 @@ class FirewallRunner(Protocol):
 
     async def ensure_sysctls(self) -> None:
         """Forwarding and conntrack accounting in this namespace."""
+
+    async def route_into(self, network: ipaddress.IPv4Network, dev: str) -> None:
+        """Route ``network`` into the tunnel device ``dev``."""
 
 
 class ManagementSession(Protocol):

@@ -3,7 +3,8 @@
 It starts openvpn (held by ``management-hold`` until the agent is ready for clients) or adopts
 the one a previous agent left running, attaches to the management socket, lets the owner of
 the clients prepare (``prepare(adopted)``: forget the old clients, or adopt the running ones,
-and put the firewall in place), releases the hold, routes the gateway pool into the tunnel,
+and put the firewall in place), releases the hold, routes the gateway pool into the tunnel
+(through ``route``, the firewall runner's: no command runs from here),
 and then feeds every ``>CLIENT:`` notification to ``on_event`` in arrival order. When openvpn
 dies it is restarted with backoff (1 s doubling to 30 s; back to 1 s after a minute of
 health). Process and session are reached through the runner interfaces, so the restart policy
@@ -20,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from vpnfleet.agent.dataplane import DataplaneError
 from vpnfleet.agent.management import ManagementClient, ManagementError
 from vpnfleet.agent.metrics import AgentMetrics
 from vpnfleet.agent.openvpn import OpenVPNProcess
@@ -54,10 +56,12 @@ class OpenVPNSupervisor:
         gateway_pool: ipaddress.IPv4Network | None = None,
         process: Callable[[], ProcessRunner] | None = None,
         connect: Callable[[], Awaitable[ManagementSession]] | None = None,
+        route: Callable[[ipaddress.IPv4Network, str], Awaitable[None]] | None = None,
         metrics: AgentMetrics | None = None,
     ) -> None:
         self._paths = paths
         self._gateway_pool = gateway_pool
+        self._route = route
         self._new_process = process or (lambda: OpenVPNProcess(binary, paths.conf, paths.root))
         self._connect = connect or self._connect_socket
         self._metrics = metrics
@@ -153,19 +157,12 @@ class OpenVPNSupervisor:
 
     async def _routes_up(self) -> None:
         """Route the gateway pool into the tunnel (its clients are on another subnet)."""
-        if self._gateway_pool is None:
+        if self._gateway_pool is None or self._route is None:
             return
-        err = b""
-        for _ in range(50):
-            proc = await asyncio.create_subprocess_exec(
-                "ip", "route", "replace", str(self._gateway_pool), "dev", TUN_DEV,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            _, err = await proc.communicate()
-            if proc.returncode == 0:
-                return
-            await asyncio.sleep(0.1)  # tun0 appears a moment after hold release
-        log.error("could not route %s into %s: %s", self._gateway_pool, TUN_DEV, err.decode())
+        try:
+            await self._route(self._gateway_pool, TUN_DEV)
+        except DataplaneError as exc:
+            log.error("could not route %s into %s: %s", self._gateway_pool, TUN_DEV, exc)
 
     async def probe(self) -> bool:
         """Liveness: does openvpn answer on its management socket?"""
