@@ -27,8 +27,10 @@ import pytest
 
 from tests.e2e.netns import Netns, NetnsPool, existing_namespaces, requires_netns, veth
 from vpnfleet.agent.dataplane import Dataplane, DataplaneError
-from vpnfleet.core import fwplan
-from vpnfleet.core.fwplan import DesiredState, Grant, GroupState
+from vpnfleet.core import fwnames
+from vpnfleet.core.fwstate import DesiredState, GroupAccess
+from vpnfleet.core.grants import Grant
+from vpnfleet.core.revocation import RevokedFlow
 
 pytestmark = [pytest.mark.e2e, requires_netns("iptables", "ipset", "conntrack", "sysctl")]
 
@@ -264,7 +266,7 @@ def make_state(
         nat_members=frozenset({A, C} if nat is None else nat),
         all_clients=frozenset(members | {A, B, C} if clients is None else clients),
         groups=tuple(
-            GroupState(gid, frozenset(m), tuple(g)) for gid, (m, g) in sorted(groups.items())
+            GroupAccess(gid, frozenset(m), tuple(g)) for gid, (m, g) in sorted(groups.items())
         ),
         allow_all=allow_all,
     )
@@ -327,7 +329,7 @@ async def test_sets_and_rules_stay_inside_the_namespace(lab: Lab, dp: Dataplane)
     root_before = await root_ipsets()
     await dp.apply_full(make_state(BASE))
     inside = lab.gw.run("ipset", "list", "-n").stdout.split()
-    assert fwplan.clients_set(PREFIX) in inside
+    assert fwnames.clients_set(PREFIX) in inside
     assert await root_ipsets() == root_before  # ipsets are per network namespace
 
 
@@ -462,7 +464,7 @@ async def test_disconnect_removes_client_and_its_flows(lab: Lab, dp: Dataplane) 
         # B disconnects.
         new = make_state({1: ({A}, BASE[1][1]), 2: BASE[2]}, clients={A, C})
         d = await dp.apply_diff(old, new)
-        assert fwplan.RevokedFlow(B, None) in d.revoked_flows
+        assert RevokedFlow(B, None) in d.revoked_flows
         assert await b_out.ask() == "timeout"
         assert await b_in.ask() == "timeout"  # inbound flows to a gone client end too
         assert (await a_out.ask()).startswith("ok")
@@ -517,13 +519,13 @@ async def test_drift_is_reported_and_repaired(lab: Lab, dp: Dataplane) -> None:
     state = make_state(BASE)
     await dp.apply_full(state)
     gw = lab.gw
-    fwd = fwplan.fwd_chain(PREFIX)
-    gw.run("ipset", "del", fwplan.group_set(PREFIX, 1, "d"), f"{BE1},tcp:8080")
-    gw.run("ipset", "add", fwplan.group_set(PREFIX, 1, "m"), str(C))
+    fwd = fwnames.fwd_chain(PREFIX)
+    gw.run("ipset", "del", fwnames.group_set(PREFIX, 1, "d"), f"{BE1},tcp:8080")
+    gw.run("ipset", "add", fwnames.group_set(PREFIX, 1, "m"), str(C))
     gw.run("iptables", "-D", "FORWARD", "-j", fwd)
     gw.run("iptables", "-D", fwd, "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP")
     gw.run("ipset", "create", f"{PREFIX}-g99-m", "hash:ip")
-    gw.run("iptables", "-t", "nat", "-F", fwplan.post_chain(PREFIX))
+    gw.run("iptables", "-t", "nat", "-F", fwnames.post_chain(PREFIX))
 
     report = "\n".join(await dp.check_drift(state))
     assert f"{PREFIX}-g1-d lacks 1 element(s): {BE1},tcp:8080" in report
@@ -539,7 +541,7 @@ async def test_drift_is_reported_and_repaired(lab: Lab, dp: Dataplane) -> None:
 
     # A set destroyed by hand (after unhooking the rules that referenced it) is noticed too.
     gw.run("iptables", "-F", fwd)
-    gw.run("ipset", "destroy", fwplan.group_set(PREFIX, 2, "i"))
+    gw.run("ipset", "destroy", fwnames.group_set(PREFIX, 2, "i"))
     report = "\n".join(await dp.check_drift(state))
     assert f"ipset {PREFIX}-g2-i is missing" in report
     await dp.apply_full(state)
@@ -549,7 +551,7 @@ async def test_drift_is_reported_and_repaired(lab: Lab, dp: Dataplane) -> None:
 
 async def test_wrong_set_type_is_recreated_without_failing_open(lab: Lab, dp: Dataplane) -> None:
     state = make_state(BASE)
-    lab.gw.run("ipset", "create", fwplan.group_set(PREFIX, 1, "d"), "hash:ip")
+    lab.gw.run("ipset", "create", fwnames.group_set(PREFIX, 1, "d"), "hash:ip")
     await dp.apply_full(state)
     assert await dp.check_drift(state) == []
     assert (await lab.probe("tcp", A, BE1, 8080)).startswith("ok")
@@ -566,7 +568,7 @@ async def test_remove_all_leaves_nothing_and_keeps_foreign_rules(lab: Lab, dp: D
     await dp.apply_full(state)
     await dp.apply_full(state)  # idempotent: no duplicate jump
     forward = gw.run("iptables", "-S", "FORWARD").stdout.splitlines()
-    assert forward[1:] == [f"-A FORWARD -j {fwplan.fwd_chain(PREFIX)}", foreign]
+    assert forward[1:] == [f"-A FORWARD -j {fwnames.fwd_chain(PREFIX)}", foreign]
 
     await dp.remove_all()
     filter_rules = gw.run("iptables", "-S").stdout
@@ -583,7 +585,7 @@ async def test_failure_raises_and_fails_closed(lab: Lab, dp: Dataplane) -> None:
     # A set of ours with the wrong type, pinned by someone else's rule: the dataplane locks
     # the tunnel down (no set references), cannot recreate the set, and says so.
     state = make_state(BASE)
-    pinned = fwplan.group_set(PREFIX, 1, "d")
+    pinned = fwnames.group_set(PREFIX, 1, "d")
     lab.gw.run("ipset", "create", pinned, "hash:ip")
     foreign = ("INPUT", "-m", "set", "--match-set", pinned, "src", "-j", "ACCEPT")
     lab.gw.run("iptables", "-A", *foreign)
@@ -604,7 +606,7 @@ async def test_large_state_keeps_rule_count_per_group(lab: Lab, dp: Dataplane) -
     big_tun = IPv4Network("198.18.64.0/18")
     clients = [big_tun[i] for i in range(2, 5002)]
     groups = tuple(
-        GroupState(
+        GroupAccess(
             gid,
             frozenset(clients[(gid * 25) % 5000 : (gid * 25) % 5000 + 25]),
             (
@@ -639,7 +641,7 @@ async def test_large_state_keeps_rule_count_per_group(lab: Lab, dp: Dataplane) -
         nat_members=state.nat_members | {newcomer},
         all_clients=state.all_clients | {newcomer},
         groups=(
-            GroupState(0, groups[0].members | {newcomer}, groups[0].grants),
+            GroupAccess(0, groups[0].members | {newcomer}, groups[0].grants),
             *groups[1:],
         ),
     )
@@ -651,6 +653,6 @@ async def test_large_state_keeps_rule_count_per_group(lab: Lab, dp: Dataplane) -
     drift = await dp.check_drift(grown)
     timings["drift check"] = time.monotonic() - t0
     assert drift == []
-    rules = lab.gw.run("iptables", "-S", fwplan.fwd_chain(PREFIX)).stdout.splitlines()
+    rules = lab.gw.run("iptables", "-S", fwnames.fwd_chain(PREFIX)).stdout.splitlines()
     assert len([r for r in rules if r.startswith("-A")]) == 6 + 5 * 200 + 2
     print("\n" + "\n".join(f"{k}: {v * 1000:.0f} ms" for k, v in timings.items()))

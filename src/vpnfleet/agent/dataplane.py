@@ -1,8 +1,9 @@
 """The pod's dataplane runner: the only code that runs iptables, ipset, conntrack and sysctl.
 
-It applies plans computed by :mod:`vpnfleet.core.fwplan`, reads the kernel back, reports
-drift and deletes conntrack entries of revoked flows. Every command runs through
-``asyncio.create_subprocess_exec`` (no shell); restore text goes to stdin.
+It applies states rendered by :mod:`vpnfleet.core.fwrender` and changes computed by
+:mod:`vpnfleet.core.fwdiff`, reads the kernel back (:mod:`vpnfleet.core.fwkernel`), reports
+drift and deletes conntrack entries of revoked flows (:mod:`vpnfleet.core.revocation`). Every
+command runs through ``asyncio.create_subprocess_exec`` (no shell); restore text goes to stdin.
 
 Failure model (why a failed apply never leaves the pod open):
 
@@ -17,7 +18,7 @@ Failure model (why a failed apply never leaves the pod open):
   the next :meth:`Dataplane.apply` does a full resync.
 * Step 3 failing only leaves unreferenced empty sets behind; it is retried on the next apply
   and reported by :meth:`Dataplane.check_drift`.
-* An incremental apply is one ``ipset restore`` whose operations :func:`fwplan.diff` ordered
+* An incremental apply is one ``ipset restore`` whose operations :func:`fwdiff.diff` ordered
   safely; if it fails (a set went missing, a hash filled up), a full resync follows.
 * Conntrack entries are deleted only after the new policy is in place, so the next packet of
   a revoked flow is judged as NEW by the new policy. A full apply without an old state (agent
@@ -38,15 +39,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from vpnfleet.core import fwplan
-from vpnfleet.core.fwplan import (
-    DesiredState,
-    Flow,
-    Grant,
-    KernelState,
-    StateDiff,
-    parse_conntrack,
-)
+from vpnfleet.core import fwdiff, fwkernel, fwrender, revocation
+from vpnfleet.core.fwdiff import StateDiff
+from vpnfleet.core.fwkernel import KernelState, parse_conntrack
+from vpnfleet.core.fwnames import validate_prefix
+from vpnfleet.core.fwstate import DesiredState, is_allowed
+from vpnfleet.core.grants import Grant
+from vpnfleet.core.revocation import Flow
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ class Dataplane:
         iptables: str = "iptables",
         timeout: float = 30.0,
     ) -> None:
-        self.prefix = fwplan.validate_prefix(prefix)
+        self.prefix = validate_prefix(prefix)
         self.netns = netns
         self.timeout = timeout
         self._iptables = iptables
@@ -180,11 +179,11 @@ class Dataplane:
         _, sets_text, _ = await self._run("ipset", "save")
         _, filter_text, _ = await self._run(self._iptables, "-w", "-t", "filter", "-S")
         _, nat_text, _ = await self._run(self._iptables, "-w", "-t", "nat", "-S")
-        fc, fj = fwplan.parse_iptables_s(filter_text, "filter", self.prefix)
-        nc, nj = fwplan.parse_iptables_s(nat_text, "nat", self.prefix)
+        fc, fj = fwkernel.parse_iptables_s(filter_text, "filter", self.prefix)
+        nc, nj = fwkernel.parse_iptables_s(nat_text, "nat", self.prefix)
         return KernelState(
             prefix=self.prefix,
-            sets=fwplan.parse_ipset_save(sets_text, self.prefix),
+            sets=fwkernel.parse_ipset_save(sets_text, self.prefix),
             chains={**fc, **nc},
             jumps={**fj, **nj},
         )
@@ -192,7 +191,7 @@ class Dataplane:
     async def check_drift(self, state: DesiredState) -> list[str]:
         """Describe every difference between the kernel and ``state`` (empty when in sync)."""
         self._check_prefix(state)
-        return fwplan.drift(state, await self.read_kernel())
+        return fwkernel.drift(state, await self.read_kernel())
 
     # --- applying -------------------------------------------------------------------------
 
@@ -225,20 +224,20 @@ class Dataplane:
 
     async def _apply_full_locked(self, state: DesiredState) -> None:
         kernel = await self.read_kernel()
-        wrong = fwplan.mismatched_sets(state, kernel)
+        wrong = fwrender.mismatched_sets(state, kernel)
         if wrong:
             # A set of the wrong type cannot be swapped: drop every set reference with a
             # fail-closed chain, recreate those sets, then continue as usual.
             log.warning("recreating ipsets with the wrong type: %s", ", ".join(wrong))
             await self._iptables_restore(
-                fwplan.render_lockdown(self.prefix, state.tunnel_networks, kernel)
+                fwrender.render_lockdown(self.prefix, state.tunnel_networks, kernel)
             )
             await self._destroy_sets(wrong)
             kernel = await self.read_kernel()
-        ipset_text, iptables_text = fwplan.render_full(state, kernel)
+        ipset_text, iptables_text = fwrender.render_full(state, kernel)
         await self._ipset_restore(ipset_text)
         await self._iptables_restore(iptables_text)
-        stale = fwplan.stale_sets(state, kernel)
+        stale = fwrender.stale_sets(state, kernel)
         if stale:
             try:
                 await self._destroy_sets(stale)
@@ -250,7 +249,7 @@ class Dataplane:
         """Apply the element changes from ``old`` to ``new`` (full resync when rules change),
         then delete conntrack entries of flows that lost access."""
         self._check_prefix(new)
-        d = fwplan.diff(old, new)
+        d = fwdiff.diff(old, new)
         if d.needs_full:
             await self.apply_full(new)
         else:
@@ -258,7 +257,7 @@ class Dataplane:
                 started = time.monotonic()
                 self.applied = None
                 try:
-                    await self._ipset_restore(fwplan.render_ops(d.ops))
+                    await self._ipset_restore(fwdiff.render_ops(d.ops))
                 except DataplaneError as exc:
                     log.warning("incremental apply failed, resyncing: %s", exc)
                     self.stats.fallbacks += 1
@@ -314,7 +313,7 @@ class Dataplane:
             for f in parse_conntrack(out)
             if (held := lost.get(f.src)) is not None
             and any(g.matches(f.proto, f.dst, f.dport) for g in held)
-            and not fwplan.is_allowed(keep, f.src, f.proto, f.dst, f.dport)
+            and not is_allowed(keep, f.src, f.proto, f.dst, f.dport)
         ]
         return await self._delete_flows(victims)
 
@@ -327,7 +326,7 @@ class Dataplane:
         async with self._lock:
             self.applied = None
             kernel = await self.read_kernel()
-            iptables_text, _ = fwplan.render_teardown(kernel)
+            iptables_text, _ = fwrender.render_teardown(kernel)
             await self._iptables_restore(iptables_text)
             if kernel.sets:
                 await self._destroy_sets(sorted(kernel.sets))
@@ -365,7 +364,7 @@ class Dataplane:
             for f in parse_conntrack(out)
             if f.src == client_ip
             and (grant is None or grant.matches(f.proto, f.dst, f.dport))
-            and not (keep and fwplan.is_allowed(keep, f.src, f.proto, f.dst, f.dport))
+            and not (keep and is_allowed(keep, f.src, f.proto, f.dst, f.dport))
         ]
         return await self._delete_flows(victims)
 
@@ -378,7 +377,7 @@ class Dataplane:
         """
         self._check_prefix(state)
         _, out, _ = await self._conntrack("-L")
-        return await self._delete_flows(fwplan.flows_to_cut(state, parse_conntrack(out)))
+        return await self._delete_flows(revocation.flows_to_cut(state, parse_conntrack(out)))
 
     async def _delete_flows(self, flows: Sequence[Flow]) -> int:
         # Allowance depends only on (client, proto, dst, dport), so one delete per such key
