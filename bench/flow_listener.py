@@ -116,7 +116,8 @@ def child_listener(out: str) -> None:
     from vpnfleet.agent.pod import PodAgent
     from vpnfleet.agent.settings import AgentSettings
     from vpnfleet.agent.spool import Spool
-    from vpnfleet.core.flows import FlowEvent, FlowEventKind, FlowItem, FlowTracker
+    from vpnfleet.core.flowevents import FlowEvent, FlowEventKind, FlowItem
+    from vpnfleet.core.flowtracker import FlowTracker
 
     state = Path(out).parent / "agent-state"
     shutil.rmtree(state, ignore_errors=True)  # a fresh spool per trial
@@ -481,8 +482,9 @@ def decode_only(repeat: int = 7) -> dict[str, float]:
     """µs per message: our decoder vs pyroute2's nfct_msg, on real kernel messages."""
     from pyroute2.netlink.nfnetlink.nfctsocket import nfct_msg
 
-    from tests.unit.test_flows import UDP_DESTROY, UDP_NEW
-    from vpnfleet.core.flows import FlowTracker, decode_ctnetlink
+    from tests.unit.ctnetlink_captures import UDP_DESTROY, UDP_NEW
+    from vpnfleet.core.ctnetlink import CtnetlinkDecoder
+    from vpnfleet.core.flowtracker import FlowTracker
 
     at = dt.datetime.now(dt.UTC)
     results: dict[str, float] = {}
@@ -496,6 +498,7 @@ def decode_only(repeat: int = 7) -> dict[str, float]:
             times.append((time.process_time() - t0) / n * 1e6)
         return min(times)
 
+    decoder = CtnetlinkDecoder()  # as the listener keeps one: layouts learned on first use
     for name, data in (("new", UDP_NEW), ("destroy", UDP_DESTROY)):
         buf = bytearray(65536)
         buf[: len(data)] = data
@@ -504,11 +507,11 @@ def decode_only(repeat: int = 7) -> dict[str, float]:
             msg = nfct_msg(d)
             msg.decode()
 
-        results[f"ours_{name}"] = best(lambda b=buf, d=data: decode_ctnetlink(b, len(d), at), 20000)
+        results[f"ours_{name}"] = best(lambda b=buf, d=data: decoder.decode(b, len(d), at), 20000)
         results[f"pyroute2_{name}"] = best(pyroute2_decode, 1000)
     tracker = FlowTracker("p", ["10.77.0.0/24"], lambda _: ("alice", "s"))
-    new = decode_ctnetlink(UDP_NEW, len(UDP_NEW), at).events[0]
-    end = decode_ctnetlink(UDP_DESTROY, len(UDP_DESTROY), at).events[0]
+    new = decoder.decode(UDP_NEW, len(UDP_NEW), at).events[0]
+    end = decoder.decode(UDP_DESTROY, len(UDP_DESTROY), at).events[0]
 
     def pair() -> None:
         for event in (new, end):

@@ -287,7 +287,8 @@ def test_flow_and_watch_counters_when_the_agent_has_them(agent: PodAgent, tmp_pa
     import io
 
     from vpnfleet.agent.conntrack import ConntrackListener, ListenerCounters
-    from vpnfleet.core.flows import FlowEvent, FlowEventKind, FlowTracker
+    from vpnfleet.core.flowevents import FlowEvent, FlowEventKind
+    from vpnfleet.core.flowtracker import FlowTracker
 
     listener = ConntrackListener()
     listener.counters = ListenerCounters(events=120, overruns=2, resyncs=1)

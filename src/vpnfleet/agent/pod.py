@@ -46,7 +46,8 @@ from vpnfleet.agent.spool import Spool
 from vpnfleet.core import authz, ipam, ovpn_config
 from vpnfleet.core.denied import DeniedAggregator, DeniedEvent
 from vpnfleet.core.fleet import Effects, FleetView
-from vpnfleet.core.flows import FlowItem, FlowRecord, FlowTracker
+from vpnfleet.core.flowevents import FlowItem
+from vpnfleet.core.flowtracker import FlowRecord, FlowTracker
 from vpnfleet.core.fwstate import ClientCheck, DesiredState, GroupAccess
 from vpnfleet.core.grants import Grant, grants_of
 from vpnfleet.core.mgmt_protocol import ClientEvent, ClientEventKind, Hold, StatusClient
