@@ -1,22 +1,25 @@
 """ctnetlink, pure part: decoding events and dumps (fast path against the reference walk,
-both against pyroute2, malformed input).
+both against pyroute2, malformed input), and the targeted-delete encoder and ack parser.
 
 The byte fixtures are real kernel messages (tests/unit/ctnetlink_captures.py). Synthetic
 messages are built with pyroute2's independent ``nfct_msg`` encoder, and pyroute2's decoder is
-the oracle our hand-written decoder is checked against.
+the oracle our hand-written decoder and encoder are checked against.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import socket
 import struct
+from ipaddress import IPv4Address
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pyroute2.netlink import nlmsgerr
 from pyroute2.netlink.nfnetlink.nfctsocket import nfct_msg
 
 from tests.unit.ctnetlink_captures import (
@@ -29,7 +32,7 @@ from tests.unit.ctnetlink_captures import (
     UDP_NEW,
 )
 from vpnfleet.core import ctnetlink
-from vpnfleet.core.ctnetlink import CtnetlinkDecoder
+from vpnfleet.core.ctnetlink import CtnetlinkDecoder, MalformedMessage, encode_ct_delete, parse_acks
 from vpnfleet.core.flowevents import FlowEvent, FlowEventKind
 
 AT = dt.datetime(2026, 11, 26, 15, 21, 36, tzinfo=dt.UTC)
@@ -287,3 +290,110 @@ def test_random_bytes_never_raise(data: bytes) -> None:
 def test_event_round_trips_through_json() -> None:
     ev = one(TCP_DESTROY)
     assert FlowEvent.from_dict(json.loads(json.dumps(ev.as_dict()))) == ev
+
+
+# --- targeted deletion --------------------------------------------------------------------
+
+NESTED = 0x8000
+
+
+def attr_tree(slots: Any) -> list[tuple[str, int, Any]]:
+    """pyroute2's decoded attributes as (name, flags, value or children), recursively."""
+    out = []
+    for slot in slots:
+        value = slot.get_value()
+        if hasattr(value, "get") and value.get("attrs") is not None:
+            value = attr_tree(value["attrs"])
+        out.append((slot.name, slot.get_flags() or 0, value))
+    return out
+
+
+ipv4 = st.integers(0, 2**32 - 1).map(lambda n: str(IPv4Address(n)))
+ports = st.integers(0, 65535)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    seq=st.integers(0, 2**32 - 1),
+    proto=st.sampled_from([socket.IPPROTO_TCP, socket.IPPROTO_UDP]),
+    src=ipv4,
+    dst=ipv4,
+    sport=ports,
+    dport=ports,
+)
+def test_delete_request_decodes_to_exactly_that_tuple_with_pyroute2(
+    seq: int, proto: int, src: str, dst: str, sport: int, dport: int
+) -> None:
+    data = encode_ct_delete(seq, proto, src, dst, sport, dport)
+    msg = nfct_msg(data)
+    msg.decode()
+    assert msg["header"] == {
+        "length": len(data),
+        "type": (1 << 8) | 2,  # NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_DELETE
+        "flags": 0x1 | 0x4,  # NLM_F_REQUEST | NLM_F_ACK
+        "sequence_number": seq,
+        "pid": 0,
+    }
+    assert (msg["nfgen_family"], msg["version"], msg["res_id"]) == (socket.AF_INET, 0, 0)
+    # Exactly one attribute, the original tuple: a delete without one flushes the table.
+    assert attr_tree(msg["attrs"]) == [
+        ("CTA_TUPLE_ORIG", NESTED, [
+            ("CTA_TUPLE_IP", NESTED, [("CTA_IP_V4_SRC", 0, src), ("CTA_IP_V4_DST", 0, dst)]),
+            ("CTA_TUPLE_PROTO", NESTED, [
+                ("CTA_PROTO_NUM", 0, proto),
+                ("CTA_PROTO_SRC_PORT", 0, sport),
+                ("CTA_PROTO_DST_PORT", 0, dport),
+            ]),
+        ]),
+    ]  # fmt: skip
+    assert len(data) % 4 == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((1, socket.IPPROTO_ICMP, "10.0.0.1", "10.0.0.2", 0, 0), "tcp \\(6\\) and udp \\(17\\)"),
+        ((1, 47, "10.0.0.1", "10.0.0.2", 0, 0), "not 47"),
+        ((1, True, "10.0.0.1", "10.0.0.2", 0, 0), "not True"),
+        ((1, 6, "10.0.0.1", "10.0.0.2", 65536, 80), "port out of range"),
+        ((1, 6, "10.0.0.1", "10.0.0.2", 80, -1), "port out of range"),
+        ((2**32, 6, "10.0.0.1", "10.0.0.2", 80, 80), "sequence number"),
+        ((1, 6, "fd00::1", "10.0.0.2", 80, 80), "4 octets"),
+        ((1, 6, "10.0.0.1", "10.0.0.256", 80, 80), "Octet 256"),
+    ],
+)
+def test_delete_requests_the_kernel_cannot_take_exactly_are_refused(
+    args: tuple[Any, ...], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        encode_ct_delete(*args)
+
+
+def ack(seq: int, code: int, echo: bytes = b"") -> bytes:
+    """An NLMSG_ERROR reply as pyroute2 encodes one (``code``: 0 or -errno), optionally
+    followed by the request it answers, as the kernel sends it without NETLINK_CAP_ACK."""
+    msg = nlmsgerr()
+    msg["header"]["type"] = 2
+    msg["header"]["sequence_number"] = seq
+    msg["error"] = code
+    msg.encode()
+    data = bytearray(msg.data) + echo
+    struct.pack_into("=I", data, 0, len(data))
+    return bytes(data)
+
+
+def test_acks_give_each_request_its_errno() -> None:
+    request = encode_ct_delete(8, 6, "10.0.0.1", "10.0.0.2", 1000, 80)
+    replies = ack(7, 0) + ack(8, -errno.ENOENT, echo=request) + ack(9, -errno.EPERM)
+    assert parse_acks(replies) == [(7, 0), (8, errno.ENOENT), (9, errno.EPERM)]
+    # Other messages (a dump's end, say) are not acks; nothing is not an error.
+    done = struct.pack("=IHHIIi", 20, 3, 0, 1, 0, 0)
+    assert parse_acks(done + ack(1, 0)) == [(1, 0)]
+    assert parse_acks(b"") == []
+
+
+@pytest.mark.parametrize("cut", [1, 15, 16, 19])
+def test_cut_acks_raise_instead_of_passing_for_missing(cut: int) -> None:
+    data = ack(3, 0) + ack(4, 0)
+    with pytest.raises(MalformedMessage):
+        parse_acks(data[: len(data) - 20 + cut])

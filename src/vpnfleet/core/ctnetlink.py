@@ -1,6 +1,7 @@
 """ctnetlink, the kernel's conntrack netlink protocol: decoding its event and dump messages
-into :class:`~vpnfleet.core.flowevents.FlowEvent` s. Pure: no I/O (the socket lives in
-:mod:`vpnfleet.agent.conntrack`).
+into :class:`~vpnfleet.core.flowevents.FlowEvent` s, and encoding the one request the agent
+sends besides a dump, a targeted delete. Pure: no I/O (the sockets live in
+:mod:`vpnfleet.agent.conntrack` and :mod:`vpnfleet.agent.dataplane`).
 
 Decoding is hand-written over ``struct`` because pyroute2's generic ``nfct_msg`` decoder
 costs ~8-10x more per message (``bench/flow_listener.py --decode-only``), and the listener
@@ -8,6 +9,10 @@ must keep up with a NAT pod's connection rate on one core. Two decoders agree on
 input: the reference walk (:func:`_conntrack_generic`, which reads every attribute) and the
 fast path of :class:`CtnetlinkDecoder`, which learns the few layouts a kernel sends over and
 over. Tests hold the fast path to the reference and the reference to pyroute2.
+
+Deleting by tuple (:func:`encode_ct_delete`) lets the kernel find the entry by a hash
+lookup, where ``conntrack -D`` with a filter walks the whole table (milliseconds per run
+at a large ``nf_conntrack_buckets``, however few entries match).
 
 Layouts from linux/netlink.h, linux/netfilter/nfnetlink.h and nfnetlink_conntrack.h.
 """
@@ -19,12 +24,15 @@ import operator
 import socket
 import struct
 from collections.abc import Callable
+from ipaddress import IPv4Address
 from typing import Any, NamedTuple
 
 from vpnfleet.core.flowevents import FlowEvent, FlowEventKind
 
 NETLINK_NETFILTER = 12  # the AF_NETLINK protocol of nfnetlink (conntrack among others)
 NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLA_F_NESTED = 0x8000
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 _NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid (host byte order)
@@ -430,3 +438,67 @@ class CtnetlinkDecoder:
             ntoa.clear()  # bounded: many distinct peers only cost the conversion again
         text = ntoa[value] = socket.inet_ntoa(value.to_bytes(4, "big"))
         return text
+
+
+# --- targeted deletion ----------------------------------------------------------------------
+
+
+def _nla(nla_type: int, payload: bytes) -> bytes:
+    """One attribute: header (length without padding, type), payload, padding to 4 bytes."""
+    length = 4 + len(payload)
+    return _NLA.pack(length, nla_type) + payload + b"\0" * (-length & 3)
+
+
+def encode_ct_delete(seq: int, proto: int, src: str, dst: str, sport: int, dport: int) -> bytes:
+    """One ``IPCTNL_MSG_CT_DELETE`` request for the entry whose original tuple is
+    (``proto``, ``src``:``sport`` -> ``dst``:``dport``), acknowledged by the kernel.
+
+    The kernel looks the tuple up in its hash table (either direction matches, in the
+    default zone) and deletes that entry alone; the reply carries ``seq`` (see
+    :func:`parse_acks`). Only TCP (6) and UDP (17): an ICMP entry is keyed by type, code and
+    id, which a :class:`~vpnfleet.core.revocation.Flow` does not keep, so those go through
+    ``conntrack -D``. Raises ValueError for other protocols and out-of-range values.
+    """
+    if proto not in (socket.IPPROTO_TCP, socket.IPPROTO_UDP) or isinstance(proto, bool):
+        raise ValueError(f"exact conntrack deletion is for tcp (6) and udp (17), not {proto!r}")
+    if not 0 <= seq <= 0xFFFFFFFF:
+        raise ValueError(f"netlink sequence number out of range: {seq}")
+    if not (0 <= sport <= 0xFFFF and 0 <= dport <= 0xFFFF):
+        raise ValueError(f"port out of range: {sport}, {dport}")
+    # Without a tuple the kernel's delete handler flushes the whole table: the tuple below
+    # is always complete (addresses, protocol and both ports, as the kernel requires).
+    ip = _nla(_IP_V4_SRC, IPv4Address(src).packed) + _nla(_IP_V4_DST, IPv4Address(dst).packed)
+    ports = (
+        _nla(_PROTO_NUM, bytes((proto,)))
+        + _nla(_PROTO_SRC_PORT, _BE16.pack(sport))
+        + _nla(_PROTO_DST_PORT, _BE16.pack(dport))
+    )
+    orig = _nla(_TUPLE_IP | NLA_F_NESTED, ip) + _nla(_TUPLE_PROTO | NLA_F_NESTED, ports)
+    # nfgenmsg: family, version NFNETLINK_V0, resource id 0 (big-endian, like any zero).
+    body = struct.pack("=BBH", socket.AF_INET, 0, 0) + _nla(_CTA_TUPLE_ORIG | NLA_F_NESTED, orig)
+    header = _NLMSG.pack(16 + len(body), MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq, 0)
+    return header + body
+
+
+def parse_acks(data: Any) -> list[tuple[int, int]]:
+    """(sequence number, errno) of each ``NLMSG_ERROR`` reply in ``data`` (bytes-like, one
+    or more netlink messages): errno 0 is an acknowledgement, ``ENOENT`` for a delete means
+    the entry was already gone. Other messages are skipped. Raises MalformedMessage when a
+    header is cut or inconsistent: replies to our own requests that do not parse must not
+    pass for missing ones.
+    """
+    out: list[tuple[int, int]] = []
+    off, end = 0, len(data)
+    while off < end:
+        if off + 16 > end:
+            raise MalformedMessage(f"netlink header cut at offset {off}")
+        msg_len, msg_type, _flags, seq, _pid = _NLMSG.unpack_from(data, off)
+        if msg_len < 16 or off + msg_len > end:
+            raise MalformedMessage(f"netlink message length {msg_len} at offset {off}")
+        if msg_type == NLMSG_ERROR:
+            if msg_len < 20:
+                raise MalformedMessage("error message without an error code")
+            (code,) = struct.unpack_from("=i", data, off + 16)
+            out.append((seq, -code))
+        off += (msg_len + 3) & ~3
+    return out
