@@ -1,10 +1,11 @@
-"""The flow tracker: attribution, privacy, late start, eviction, resync, and the records'
-JSON."""
+"""The flow tracker: attribution, privacy, late start, eviction, resync, the open-flow index
+for revocation, and the records' JSON."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pytest
@@ -12,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vpnfleet.core.flowevents import FlowEvent, FlowEventKind, Resync
-from vpnfleet.core.flowtracker import FlowRecord, FlowTracker, flow_id
+from vpnfleet.core.flowtracker import FlowRecord, FlowTracker, TrackerCounters, flow_id
+from vpnfleet.core.fwstate import DesiredState
+from vpnfleet.core.revocation import Flow, flows_to_cut
 
 AT = dt.datetime(2026, 11, 26, 15, 21, 36, tzinfo=dt.UTC)
 
@@ -290,3 +293,126 @@ def test_record_json_is_exactly_the_dict(record: FlowRecord) -> None:
     line = record.to_log_line()
     assert line.endswith("\n") and line.count("\n") == 1 and line.isascii()
     assert json.loads(line) == {"event": "flow", **record.as_dict()}
+
+
+# --- the open-flow index (revocation) -----------------------------------------------------
+
+OUTSIDE = "192.0.2.9"
+GATEWAY_USER = "10.77.0.3"
+
+
+def inbound(kind: FlowEventKind = FlowEventKind.NEW, **kw: Any) -> FlowEvent:
+    """A connection from outside to a (gateway) user's tunnel address, ssh to it by default."""
+    kw = {"src": OUTSIDE, "sport": 50000, "dst": GATEWAY_USER, "dport": 22, **kw}
+    if kind is FlowEventKind.DESTROY:
+        return destroy(**kw)
+    return new(**kw)
+
+
+def tuples(t: FlowTracker) -> list[tuple[str, str, int | None, str, int | None]]:
+    return [(f.proto, str(f.src), f.sport, str(f.dst), f.dport) for f in t.open_flows()]
+
+
+def test_flows_towards_a_tunnel_address_are_indexed_without_records() -> None:
+    t, owners = tracker()
+    assert t.feed(inbound(ct_id=5)) == []
+    assert (len(t), t.inbound, owners.calls) == (0, 1, 0)
+    assert t.counters == TrackerCounters(ignored=1)  # no record, nobody attributed
+    assert t.open_flows() == [
+        Flow("tcp", 6, IPv4Address(OUTSIDE), IPv4Address(GATEWAY_USER), 50000, 22)
+    ]
+    assert t.feed(inbound(FlowEventKind.DESTROY, ct_id=5)) == []
+    assert (t.inbound, t.open_flows()) == (0, [])
+    assert t.counters == TrackerCounters(ignored=2)
+
+
+def test_open_flows_list_both_directions_with_ports_where_they_are_ports() -> None:
+    t, _ = tracker()
+    t.feed(new(ct_id=1))
+    t.feed(new(ct_id=2, proto=1, sport=0x4242, dport=0))  # ICMP: the "port" is the echo id
+    t.feed(new(ct_id=3, proto=47, sport=7, dport=9))  # GRE keys are not ports either
+    t.feed(new(ct_id=4, proto=17, sport=5353, dport=53))
+    t.feed(new(ct_id=9, src="198.18.0.1", sport=1234))  # the pod's own: not ours
+    t.feed(inbound(ct_id=6))
+    assert tuples(t) == [
+        ("tcp", "10.77.0.2", 40000, "192.0.2.10", 443),
+        ("icmp", "10.77.0.2", None, "192.0.2.10", None),
+        ("47", "10.77.0.2", None, "192.0.2.10", None),
+        ("udp", "10.77.0.2", 5353, "192.0.2.10", 53),
+        ("tcp", OUTSIDE, 50000, GATEWAY_USER, 22),
+    ]
+    # The index is what revocation works from: alice (10.77.0.2, a NAT user with no grant
+    # left) and the gateway user's inbound ssh, now that the user is NAT'd, must all go.
+    tun = IPv4Network(TUNNEL)
+    users = frozenset({IPv4Address("10.77.0.2"), IPv4Address(GATEWAY_USER)})
+    state = DesiredState("vpnf", (tun,), None, users, users, ())
+    assert flows_to_cut(state, t.open_flows()) == t.open_flows()
+
+
+def test_synced_once_a_dump_has_completed() -> None:
+    t, _ = tracker()
+    assert not t.synced
+    t.feed(Resync("begin", AT))
+    t.feed(Resync("abort", AT))
+    assert not t.synced
+    t.feed(Resync("end", AT))  # an end without a begin proves nothing
+    assert not t.synced
+    t.feed(Resync("begin", AT))
+    assert not t.synced
+    t.feed(Resync("end", AT))
+    assert t.synced
+    t.feed(Resync("begin", AT))
+    t.feed(Resync("abort", AT))
+    assert t.synced  # the index was complete once; live events kept it so
+
+
+def test_resync_drops_inbound_flows_whose_destroy_was_lost() -> None:
+    t, _ = tracker()
+    before, after = _ns(AT - dt.timedelta(seconds=5)), _ns(AT + dt.timedelta(seconds=1))
+    t.feed(inbound(ct_id=1, sport=1, event_ns=before))  # still open: the dump lists it
+    t.feed(inbound(ct_id=2, sport=2, event_ns=before))  # ended during the overrun
+    t.feed(inbound(ct_id=3, sport=3, event_ns=before))  # ends during the dump, live event
+    t.feed(Resync("begin", AT))
+    t.feed(inbound(ct_id=6, sport=6, event_ns=after))  # started after the dump began
+    t.feed(inbound(FlowEventKind.DESTROY, ct_id=3, sport=3))
+    t.feed(inbound(ct_id=1, sport=1, start_ns=before, from_dump=True))
+    t.feed(inbound(ct_id=3, sport=3, start_ns=before, from_dump=True))  # stale: not revived
+    t.feed(inbound(ct_id=4, sport=4, start_ns=before, from_dump=True))  # opened while deaf
+    assert t.feed(Resync("end", AT + dt.timedelta(seconds=2))) == []
+    assert sorted(sport for _, _, sport, _, _ in tuples(t)) == [1, 4, 6]
+    assert t.counters.inferred_ends == 0 and t.counters.records == 0
+
+
+def test_inbound_index_is_bounded_and_forgotten_at_shutdown() -> None:
+    t, _ = tracker(max_flows=2)
+    for i in range(1, 4):
+        t.feed(inbound(ct_id=i, sport=i))
+    assert t.inbound == 2 and [sport for _, _, sport, _, _ in tuples(t)] == [2, 3]
+    assert t.counters.evicted == 0  # evicted counts records, and these have none
+    t.feed(new())
+    assert len(t.end_all(AT)) == 1 and (t.inbound, t.open_flows()) == (0, [])
+
+
+_addresses = st.sampled_from(["10.77.0.2", GATEWAY_USER, OUTSIDE, "198.18.0.1"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(_kinds, st.integers(0, 4), _addresses, _addresses, st.integers(1, 3)),
+        max_size=60,
+    )
+)
+def test_open_flows_are_those_opened_and_not_closed(
+    events: list[tuple[FlowEventKind, int, str, str, int]],
+) -> None:
+    t, _ = tracker()
+    tun = IPv4Network(TUNNEL)
+    model: set[tuple[int, str, int, str]] = set()
+    for kind, ct_id, src, dst, sport in events:
+        t.feed(event(kind, ct_id=ct_id, src=src, dst=dst, sport=sport))
+        if IPv4Address(src) in tun or IPv4Address(dst) in tun:
+            key = (ct_id, src, sport, dst)
+            (model.add if kind is FlowEventKind.NEW else model.discard)(key)
+    assert sorted(set(tuples(t))) == sorted(tuples(t))  # each tuple once
+    assert set(tuples(t)) == {("tcp", src, sport, dst, 443) for _, src, sport, dst in model}

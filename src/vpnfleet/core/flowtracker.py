@@ -1,5 +1,5 @@
-"""NAT audit: conntrack events + "which session owns this tunnel IP" -> flow records.
-Pure: no I/O.
+"""NAT audit: conntrack events + "which session owns this tunnel IP" -> flow records, and an
+index of the open flows for revocation. Pure: no I/O.
 
 :class:`FlowTracker` emits a :class:`FlowRecord` when a flow starts (so it is attributed even
 if its end is never seen) and when it ends (with bytes and end time). Both carry the same
@@ -8,6 +8,13 @@ if its end is never seen) and when it ends (with bytes and end time). Both carry
 Why the tracker attributes at NEW time: the tunnel IP may belong to somebody else by the time
 the flow ends (disconnect, then the address is leased again). The owner at the start is the
 one who opened the connection.
+
+The tracker also knows, from the same events, which connections are open: the ones from a
+tunnel address (it keeps a record of each) and the ones opened from outside towards a tunnel
+address (gateway users are reachable back; it keeps only their tuple).
+:meth:`FlowTracker.open_flows` lists both, so revocation can pick the entries to delete
+without listing the kernel's table (:mod:`vpnfleet.core.revocation`); the list is complete
+once a table dump has been read (:attr:`FlowTracker.synced`).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any, Literal, NamedTuple
 
 from vpnfleet.core.flowevents import PROTO_NAMES, FlowEvent, FlowEventKind, FlowItem, Resync
+from vpnfleet.core.revocation import Flow
 
 RecordKind = Literal["start", "end"]
 
@@ -135,6 +143,8 @@ _RECORD_LINE = '{"event":"flow",' + _RECORD_JSON[1:] + "\n"
 Attribution = tuple[str, str]  # (user, session uid)
 Lookup = Callable[[str], Attribution | None]
 _FlowKey = tuple[int, int, str, int, str, int]  # ct_id + original tuple
+# Protocols whose conntrack tuple ports are ports (ICMP's "source port" is its echo id).
+_PORTED = frozenset((socket.IPPROTO_TCP, socket.IPPROTO_UDP))
 
 
 @dataclass
@@ -155,17 +165,23 @@ def flow_id(pod: str, ct_id: int, start_ms: int) -> str:
 
 
 class FlowTracker:
-    """Turns conntrack events into attributed :class:`FlowRecord` s.
+    """Turns conntrack events into attributed :class:`FlowRecord` s, and knows which flows
+    are open.
 
-    ``networks``: the tunnel networks (events of other sources are ignored). ``lookup``: tunnel
-    IP -> (user, session uid) of the session holding it now, or None; it is asked when a flow
-    is first seen. ``max_flows`` bounds the open flows remembered; beyond it the oldest is
+    ``networks``: the tunnel networks (events of other sources produce no record). ``lookup``:
+    tunnel IP -> (user, session uid) of the session holding it now, or None; it is asked when a
+    flow is first seen. ``max_flows`` bounds the open flows remembered; beyond it the oldest is
     forgotten (counted in ``evicted``). A forgotten flow already has its start record; its
     DESTROY then yields a complete record with the same ``flow_id`` (kernel start time), but
     attributed to whoever owns the tunnel IP at that moment, so keep ``max_flows`` at or
     above ``nf_conntrack_max`` (a tracked flow costs ~0.5 KB: the default is ~130 MB at
     worst). ``record_destination=False`` leaves destinations out of the records and out of
     memory (privacy).
+
+    Flows opened from outside towards a tunnel address are remembered as tuples only (no
+    record, no attribution; ``max_flows`` bounds them separately, oldest forgotten first), so
+    :meth:`open_flows` can list them for revocation: a user who loses gateway mode must lose
+    the connections made to them too.
     """
 
     def __init__(
@@ -189,6 +205,8 @@ class FlowTracker:
             net = ipaddress.IPv4Network(n)
             self._nets.append((int(net.network_address), int(net.netmask)))
         self._flows: OrderedDict[_FlowKey, FlowRecord] = OrderedDict()
+        # Inbound flows (towards a tunnel address from elsewhere): key -> start, ms.
+        self._inbound: OrderedDict[_FlowKey, int] = OrderedDict()
         # Resync bookkeeping, between Resync begin and end: when the dump began, the flows
         # it listed, and the flows that ended meanwhile (so a stale dump entry cannot revive
         # them).
@@ -196,9 +214,22 @@ class FlowTracker:
         self._listed: set[_FlowKey] = set()
         self._ended_in_resync: set[_FlowKey] = set()
         self._is_tunnel: dict[str, bool] = {}
+        self._synced = False
 
     def __len__(self) -> int:
         return len(self._flows)
+
+    @property
+    def inbound(self) -> int:
+        """How many open flows towards a tunnel address from elsewhere are known (a gauge)."""
+        return len(self._inbound)
+
+    @property
+    def synced(self) -> bool:
+        """True once a table dump (Resync ``begin`` .. ``end``) has completed since the
+        tracker was created: before that, flows opened earlier may be missing from
+        :meth:`open_flows`."""
+        return self._synced
 
     def is_tunnel(self, address: str) -> bool:
         """Is ``address`` inside one of the tunnel networks?"""
@@ -224,12 +255,24 @@ class FlowTracker:
         # Runs once per conntrack event: the event is unpacked once and the NEW and DESTROY
         # paths are written out flat (attribute reads and method calls dominate otherwise).
         (kind, proto, src, sport, dst, dport, _, _, _, _, ct_id, start_ns,
-         stop_ns, _, p_out, b_out, p_in, b_in, at, from_dump) = item  # fmt: skip
+         stop_ns, event_ns, p_out, b_out, p_in, b_in, at, from_dump) = item  # fmt: skip
         tunnel = self._is_tunnel.get(src)
         if tunnel is None:
             tunnel = self.is_tunnel(src)
         if not tunnel:
             self.counters.ignored += 1
+            # Towards a tunnel address? One memoized lookup; the pod's own flows end here.
+            inbound = self._is_tunnel.get(dst)
+            if inbound is None:
+                inbound = self.is_tunnel(dst)
+            if inbound:
+                self._inbound_event(
+                    (ct_id, proto, src, sport, dst, dport),
+                    kind is FlowEventKind.NEW,
+                    from_dump,
+                    start_ns if start_ns is not None else event_ns,
+                    at,
+                )
             return []
         key: _FlowKey = (ct_id, proto, src, sport, dst, dport)
         flows = self._flows
@@ -261,6 +304,28 @@ class FlowTracker:
             p_out, b_out, p_in, b_in, False,
         ))]  # fmt: skip
 
+    def _inbound_event(
+        self, key: _FlowKey, new: bool, from_dump: bool, ns: int | None, at: dt.datetime
+    ) -> None:
+        """The index side of :meth:`feed` for a flow towards a tunnel address: the same
+        bookkeeping as for tracked flows (dump re-listing, DESTROY during a resync), no record.
+        ``ns``: the kernel's start or event time, if it gave one."""
+        inbound = self._inbound
+        if not new:
+            inbound.pop(key, None)
+            if self._resync_begin_ms is not None and len(self._ended_in_resync) < self.max_flows:
+                self._ended_in_resync.add(key)
+            return
+        if from_dump:
+            self._listed.add(key)
+            if key in self._ended_in_resync:
+                return  # the dump snapshot predates this flow's DESTROY
+        if key in inbound:
+            return
+        if len(inbound) >= self.max_flows:
+            inbound.popitem(last=False)
+        inbound[key] = ns // 1_000_000 if ns is not None else int(at.timestamp() * 1000)
+
     def _start_record(self, ev: FlowEvent) -> FlowRecord:
         owner = self.lookup(ev.orig_src)
         if owner is None:
@@ -268,6 +333,8 @@ class FlowTracker:
             user = session = None
         else:
             user, session = owner
+        # The kernel's start time (dumps, DESTROY), else its event time (NEW on Linux >= 6.14),
+        # else when the listener read the event.
         ns = ev.start_ns if ev.start_ns is not None else ev.event_ns
         start_ms = ns // 1_000_000 if ns is not None else int(ev.at.timestamp() * 1000)
         keep_dst = self.record_destination
@@ -281,9 +348,41 @@ class FlowTracker:
             None, None, None, None, False,
         ))  # fmt: skip
 
+    def open_flows(self) -> list[Flow]:
+        """Every open flow the tracker knows, as original-direction tuples: the ones from a
+        tunnel address, then the ones from elsewhere towards a tunnel address.
+
+        Complete only when :attr:`synced` (flows opened before the listener started are
+        learned from the first dump) and as long as nothing was evicted (``max_flows``).
+        Ports are given for TCP and UDP only, as :class:`~vpnfleet.core.revocation.Flow`
+        expects. Costs one pass over the open flows: for revocation, not per event.
+        """
+        out: dict[tuple[int, str, int, str, int], Flow] = {}
+        addrs: dict[str, ipaddress.IPv4Address] = {}
+        for keys in (self._flows.keys(), self._inbound.keys()):
+            for _, proto, src, sport, dst, dport in keys:
+                tup = (proto, src, sport, dst, dport)
+                if tup in out:
+                    continue  # a stale entry (its DESTROY lost) under an older ct_id
+                try:
+                    s, d = _address(addrs, src), _address(addrs, dst)
+                except ValueError:
+                    continue  # not an IPv4 address as the kernel prints one
+                ported = proto in _PORTED
+                out[tup] = Flow(
+                    proto=PROTO_NAMES.get(proto) or str(proto),
+                    protonum=proto,
+                    src=s,
+                    dst=d,
+                    sport=sport if ported else None,
+                    dport=dport if ported else None,
+                )
+        return list(out.values())
+
     def end_all(self, at: dt.datetime) -> list[FlowRecord]:
         """End every open flow now (``end_inferred``): the pod is shutting down, its clients
-        are gone, and nobody will be listening for these flows' DESTROY events."""
+        are gone, and nobody will be listening for these flows' DESTROY events. Inbound flows
+        are forgotten too (they have no records)."""
         at_ms = int(at.timestamp() * 1000)
         out = [
             tuple.__new__(FlowRecord, (
@@ -293,6 +392,7 @@ class FlowTracker:
             for start in self._flows.values()
         ]  # fmt: skip
         self._flows.clear()
+        self._inbound.clear()
         self.counters.inferred_ends += len(out)
         self.counters.records += len(out)
         return out
@@ -324,6 +424,20 @@ class FlowTracker:
                     None, None, None, None, True,
                 ))
             )  # fmt: skip
+        # Inbound flows the same way, silently: they have no records to end.
+        inbound = self._inbound
+        lost = [k for k, start_ms in inbound.items() if start_ms < begin_ms and k not in listed]
+        for key in lost:
+            del inbound[key]
+        self._synced = True
         self.counters.inferred_ends += len(out)
         self.counters.records += len(out)
         return out
+
+
+def _address(cache: dict[str, ipaddress.IPv4Address], text: str) -> ipaddress.IPv4Address:
+    # Few distinct addresses among many flows: one object (and one parse) each.
+    addr = cache.get(text)
+    if addr is None:
+        addr = cache[text] = ipaddress.IPv4Address(text)
+    return addr

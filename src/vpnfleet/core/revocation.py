@@ -11,7 +11,11 @@ to know what to delete:
   re-checks each with :func:`~vpnfleet.core.fwstate.is_allowed` before deleting it;
 - from a list of open flows and one state, with no old state to compare (an agent restart,
   a periodic reconcile): :func:`flows_to_cut`. The list comes from ``conntrack -L``
-  (:func:`~vpnfleet.core.fwkernel.parse_conntrack`).
+  (:func:`~vpnfleet.core.fwkernel.parse_conntrack`) or from the flow tracker's index
+  (:meth:`~vpnfleet.core.flowtracker.FlowTracker.open_flows`).
+
+A :class:`Flow` carries a whole original-direction tuple, so a TCP or UDP entry can be deleted
+exactly (:func:`~vpnfleet.core.ctnetlink.encode_ct_delete`).
 """
 
 from __future__ import annotations
