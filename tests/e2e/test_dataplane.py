@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -28,9 +29,10 @@ import pytest
 from tests.e2e.netns import Netns, NetnsPool, existing_namespaces, requires_netns, veth
 from vpnfleet.agent.dataplane import Dataplane, DataplaneError
 from vpnfleet.core import fwnames
+from vpnfleet.core.fwkernel import parse_conntrack
 from vpnfleet.core.fwstate import DesiredState, GroupAccess
 from vpnfleet.core.grants import Grant
-from vpnfleet.core.revocation import RevokedFlow
+from vpnfleet.core.revocation import Flow, RevokedFlow
 
 pytestmark = [pytest.mark.e2e, requires_netns("iptables", "ipset", "conntrack", "sysctl")]
 
@@ -449,6 +451,73 @@ async def test_kill_flows_by_network_and_protocol(lab: Lab, dp: Dataplane) -> No
         assert "dport=8080" not in lab.conntrack("-s", str(A), "-p", "tcp", "--dport", "8080") or (
             await conn.ask()
         ).startswith("ok")
+
+
+# Deletes entries by tuple from inside the namespace, as the agent does in its pod: over
+# ctnetlink, whose socket sees the namespace of the process that opens it. Prints the count
+# returned and the count in the stats.
+DELETE_EXACT = r"""
+import asyncio, json, sys
+from ipaddress import IPv4Address
+from vpnfleet.agent.dataplane import Dataplane
+from vpnfleet.core.revocation import Flow
+
+dataplane = Dataplane(sys.argv[1])
+flows = [Flow(p, n, IPv4Address(s), IPv4Address(d), sp, dp) for p, n, s, d, sp, dp in
+         json.loads(sys.argv[2])]
+first = asyncio.run(dataplane.delete_flows_exact(flows))
+again = asyncio.run(dataplane.delete_flows_exact(flows))  # already gone: nothing to count
+print(first, again, dataplane.stats.flows_killed)
+"""
+
+
+@pytest.mark.parametrize("where", ["netlink, in the namespace", "conntrack -D, from outside"])
+async def test_exact_deletion_cuts_those_connections_and_no_other(
+    lab: Lab, dp: Dataplane, where: str
+) -> None:
+    def web_flows() -> dict[int | None, Flow]:
+        listed = lab.conntrack("-p", "tcp", "-s", str(A), "-d", BE1, "--dport", "8080")
+        return {f.sport: f for f in parse_conntrack(listed)}
+
+    await dp.apply_full(make_state(BASE))
+    async with contextlib.AsyncExitStack() as stack:
+        # Three connections between the same two addresses and ports, told apart by their
+        # source ports (learned one at a time): only a whole tuple separates them.
+        conns: dict[int | None, Conn] = {}
+        for _ in range(3):
+            conn = await stack.enter_async_context(open_conn(lab.cl, A, BE1, 8080))
+            assert (await conn.ask()).startswith("ok")
+            (sport,) = web_flows().keys() - conns.keys()
+            conns[sport] = conn
+        *doomed, spared = conns
+        flows = web_flows()
+        spared_id = _ids(lab.conntrack("-p", "tcp", "--sport", str(spared), "-o", "id"))
+        assert len(spared_id) == 1
+        # A loses port 8080: open connections would keep going (ESTABLISHED) until deleted.
+        await dp.apply_full(make_state({**BASE, 1: ({A, B}, [web(8081, 8081)])}))
+
+        if where.startswith("netlink"):
+            payload = json.dumps([
+                [f.proto, f.protonum, str(f.src), str(f.dst), f.sport, f.dport]
+                for f in (flows[sport] for sport in doomed)
+            ])  # fmt: skip
+            out = await lab.gw.arun(PY, "-c", DELETE_EXACT, PREFIX, payload)
+            assert out.stdout.split() == ["2", "0", "2"], out.stderr
+        else:
+            assert dp.netns is not None  # so the runner cannot use its own netlink socket
+            assert await dp.delete_flows_exact([flows[sport] for sport in doomed]) == 2
+            assert await dp.delete_flows_exact([flows[sport] for sport in doomed]) == 0
+            assert dp.stats.flows_killed == 2
+
+        assert web_flows().keys() == {spared}
+        same = lab.conntrack("-p", "tcp", "--sport", str(spared), "-o", "id")
+        assert _ids(same) == spared_id  # the very same entry, untouched
+        answers = await asyncio.gather(*(conns[sport].ask() for sport in conns))
+        assert dict(zip(conns, answers, strict=True)) == {
+            doomed[0]: "timeout",
+            doomed[1]: "timeout",
+            spared: f"ok {GW_UP} ping",
+        }
 
 
 async def test_disconnect_removes_client_and_its_flows(lab: Lab, dp: Dataplane) -> None:

@@ -26,20 +26,26 @@ Failure model (why a failed apply never leaves the pod open):
   Each ``conntrack`` run walks the kernel's whole table (milliseconds, even when nothing
   matches), so one apply lists once for all lost grants and runs independent deletions side by
   side (at most ``_CONNTRACK_PARALLEL`` processes).
+* A caller that already knows the exact entries (the flow tracker's index) deletes them with
+  :meth:`Dataplane.delete_flows_exact`: TCP and UDP entries by tuple over ctnetlink, one hash
+  lookup each in the kernel and many per system call, no table walk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import re
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from vpnfleet.core import fwdiff, fwkernel, fwrender, revocation
+from vpnfleet.core import ctnetlink, fwdiff, fwkernel, fwrender, revocation
 from vpnfleet.core.fwdiff import StateDiff
 from vpnfleet.core.fwkernel import KernelState, parse_conntrack
 from vpnfleet.core.fwnames import validate_prefix
@@ -61,6 +67,11 @@ _DELETED_RE = re.compile(r"(\d+) flow entries have been deleted")
 # table (about 6 ms at 262144 buckets, however few entries match), so independent ones run
 # side by side; a mass disconnect must not fork hundreds at once.
 _CONNTRACK_PARALLEL = 4
+# Exact deletions sent per system call. The kernel handles a whole batch inside the call and
+# queues one acknowledgement per message (a few hundred bytes of socket buffer each, more for
+# an error, which echoes the request): a bounded batch keeps them all within the buffer.
+_CT_DELETE_BATCH = 128
+_CT_ACK_RCVBUF = 1 << 20
 # Destroying a set right after the last rule referencing it went away can briefly fail with
 # "in use" while the kernel releases the reference; retry a few times.
 _DESTROY_ATTEMPTS = 5
@@ -108,6 +119,7 @@ class Dataplane:
         self._iptables = iptables
         self._lock = asyncio.Lock()
         self._conntrack_slots = asyncio.Semaphore(_CONNTRACK_PARALLEL)
+        self._netlink_seq = int(time.time()) & 0xFFFF
         self.stats = DataplaneStats()
         # The state last applied in full success; None forces the next apply() to resync.
         self.applied: DesiredState | None = None
@@ -395,6 +407,107 @@ class Dataplane:
         n = await self._conntrack_deletes(filters)
         self.stats.flows_killed += n
         return n
+
+    async def delete_flows_exact(self, flows: Sequence[Flow]) -> int:
+        """Delete exactly these conntrack entries (original-direction tuples); returns how
+        many were deleted. An entry already gone counts 0; any other refusal raises
+        :class:`DataplaneError` after every deletion was tried (what was deleted is counted
+        in the stats either way).
+
+        TCP and UDP entries are deleted by tuple over ctnetlink from this process, which must
+        then run in the namespace whose table it means. With :attr:`netns` set it cannot (a
+        netlink socket belongs to the namespace of the process that opens it), so each goes
+        through ``conntrack -D`` with its full tuple instead. Other protocols (ICMP is keyed by
+        type, code and id, which a :class:`Flow` does not keep) go through ``conntrack -D``
+        by source, destination and protocol, which takes their siblings between the same two
+        addresses too.
+        """
+        exact: list[Flow] = []
+        other: list[Flow] = []
+        for f in dict.fromkeys(flows):  # each tuple once
+            tcp_udp = f.protonum in (socket.IPPROTO_TCP, socket.IPPROTO_UDP)
+            (exact if tcp_udp and f.sport is not None and f.dport is not None else other).append(f)
+        jobs = [self._delete_flows(other)] if other else []
+        if exact and self.netns is None:
+            jobs.append(self._delete_by_netlink(exact))
+        elif exact:
+            jobs.append(self._delete_by_tuple(exact))
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            self.stats.last_error = str(errors[0])
+            raise errors[0]
+        return sum(r for r in results if isinstance(r, int))
+
+    async def _delete_by_tuple(self, flows: Sequence[Flow]) -> int:
+        """``conntrack -D`` per entry, with its full tuple (for another namespace)."""
+        filters = [
+            ("-s", str(f.src), "-d", str(f.dst), "-p", f.proto,
+             "--sport", str(f.sport), "--dport", str(f.dport))
+            for f in flows
+        ]  # fmt: skip
+        n = await self._conntrack_deletes(filters)
+        self.stats.flows_killed += n
+        return n
+
+    async def _delete_by_netlink(self, flows: Sequence[Flow]) -> int:
+        """ctnetlink deletions by tuple, in batches; each batch's acks are read (bounded by
+        :attr:`timeout`) before the next is sent."""
+        loop = asyncio.get_running_loop()
+        deleted = 0
+        refused: list[tuple[Flow, int]] = []
+        pending: dict[int, Flow] = {}
+        try:
+            kind = socket.SOCK_RAW | socket.SOCK_CLOEXEC
+            sock = socket.socket(socket.AF_NETLINK, kind, ctnetlink.NETLINK_NETFILTER)
+        except OSError as exc:
+            raise DataplaneError("ctnetlink", -1, f"cannot open a netlink socket: {exc}") from exc
+        try:
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):  # the default buffer also holds a batch
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _CT_ACK_RCVBUF)
+            sock.bind((0, 0))
+            async with asyncio.timeout(self.timeout):
+                for start in range(0, len(flows), _CT_DELETE_BATCH):
+                    messages = []
+                    for f in flows[start : start + _CT_DELETE_BATCH]:
+                        self._netlink_seq = seq = (self._netlink_seq + 1) & 0xFFFFFFFF
+                        assert f.sport is not None and f.dport is not None
+                        messages.append(
+                            ctnetlink.encode_ct_delete(
+                                seq, f.protonum, str(f.src), str(f.dst), f.sport, f.dport
+                            )
+                        )
+                        pending[seq] = f
+                    await loop.sock_sendall(sock, b"".join(messages))
+                    while pending:
+                        data = await loop.sock_recv(sock, 1 << 16)
+                        for seq, code in ctnetlink.parse_acks(data):
+                            sent = pending.pop(seq, None)  # None: not ours (cannot happen)
+                            if sent is None or code == errno.ENOENT:
+                                continue  # ENOENT: already gone, nothing to count
+                            if code == 0:
+                                deleted += 1
+                            else:
+                                refused.append((sent, code))
+        except TimeoutError:
+            raise DataplaneError(
+                "ctnetlink", None, f"{len(pending)} deletions unanswered after {self.timeout:.0f}s"
+            ) from None
+        except (OSError, ctnetlink.MalformedMessage) as exc:
+            raise DataplaneError("ctnetlink", -1, f"conntrack deletion failed: {exc}") from exc
+        finally:
+            sock.close()
+            self.stats.flows_killed += deleted
+        if refused:
+            f, code = refused[0]
+            raise DataplaneError(
+                "ctnetlink",
+                -1,
+                f"{len(refused)} of {len(flows)} deletions refused: {os.strerror(code)} "
+                f"(first: {f.proto} {f.src}:{f.sport} -> {f.dst}:{f.dport})",
+            )
+        return deleted
 
     async def _conntrack_deletes(self, filters: Sequence[Sequence[str]]) -> int:
         """Run one ``conntrack -D`` per filter (side by side); total entries deleted.
