@@ -16,7 +16,8 @@ from vpnfleet.agent.cpclient import ControlPlaneError
 from vpnfleet.agent.pod import PodAgent
 from vpnfleet.agent.settings import AgentSettings
 from vpnfleet.agent.spool import Spool
-from vpnfleet.core.flows import FlowEvent, FlowEventKind, FlowTracker
+from vpnfleet.core.flowevents import FlowEvent, FlowEventKind
+from vpnfleet.core.flowtracker import FlowTracker
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 

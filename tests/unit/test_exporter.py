@@ -36,7 +36,8 @@ from vpnfleet.agent.settings import AgentSettings
 from vpnfleet.agent.spool import Spool
 from vpnfleet.cli.status import assess
 from vpnfleet.controlplane import pki
-from vpnfleet.core import fwplan
+from vpnfleet.core.fwstate import DesiredState, GroupAccess
+from vpnfleet.core.grants import Grant
 from vpnfleet.core.mgmt_protocol import StatusClient
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -228,17 +229,17 @@ def test_agent_state_values(agent: PodAgent) -> None:
     agent.spool.put({"kind": "open", "body": {"uid": "x"}})
     agent.spool.put({"kind": "close", "body": {"uid": "x"}})
     tunnel = ipaddress.IPv4Network("10.200.0.0/16")
-    agent.dataplane.applied = fwplan.DesiredState(
+    agent.dataplane.applied = DesiredState(
         prefix="vpnf",
         tunnel_networks=(tunnel,),
         uplink=None,
         nat_members=frozenset({ipaddress.IPv4Address("10.200.0.2")}),
         all_clients=frozenset(ipaddress.IPv4Address(a) for a in ("10.200.0.2", "10.200.0.3")),
         groups=(
-            fwplan.GroupState(
+            GroupAccess(
                 group_id=7,
                 members=frozenset({ipaddress.IPv4Address("10.200.0.2")}),
-                grants=(fwplan.Grant(ipaddress.IPv4Network("10.99.0.0/24"), "tcp", 80, 81),),
+                grants=(Grant(ipaddress.IPv4Network("10.99.0.0/24"), "tcp", 80, 81),),
             ),
         ),
     )
@@ -286,7 +287,8 @@ def test_flow_and_watch_counters_when_the_agent_has_them(agent: PodAgent, tmp_pa
     import io
 
     from vpnfleet.agent.conntrack import ConntrackListener, ListenerCounters
-    from vpnfleet.core.flows import FlowEvent, FlowEventKind, FlowTracker
+    from vpnfleet.core.flowevents import FlowEvent, FlowEventKind
+    from vpnfleet.core.flowtracker import FlowTracker
 
     listener = ConntrackListener()
     listener.counters = ListenerCounters(events=120, overruns=2, resyncs=1)

@@ -42,7 +42,7 @@ from cryptography import x509
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from vpnfleet.core import fwplan
+from vpnfleet.core import fwrender, fwstate
 from vpnfleet.core.mgmt_protocol import StatusClient
 
 log = logging.getLogger("vpnfleet.agent.metrics")
@@ -85,7 +85,7 @@ class _View(Protocol):
 
 class _Dataplane(Protocol):
     @property
-    def applied(self) -> fwplan.DesiredState | None: ...
+    def applied(self) -> fwstate.DesiredState | None: ...
     @property
     def stats(self) -> Any: ...
 
@@ -493,7 +493,7 @@ class AgentCollector(Collector):
         fams["vpnfleet_policy_lag_seconds"].add_metric([], self.lag.observe(now, view, applied))
         state = a.dataplane.applied
         if state is not None:
-            for name, spec in fwplan.desired_sets(state).items():
+            for name, spec in fwrender.desired_sets(state).items():
                 fams["vpnfleet_ipset_entries"].add_metric([name], len(spec.elements))
         stats = a.dataplane.stats
         for attr, name, _ in _DATAPLANE_COUNTERS:

@@ -43,10 +43,13 @@ from vpnfleet.agent.nflog import NflogError, NflogListener, pump_denied
 from vpnfleet.agent.openvpn import OpenVPNProcess
 from vpnfleet.agent.settings import AgentSettings
 from vpnfleet.agent.spool import Spool
-from vpnfleet.core import authz, fwplan, ipam, netparse, ovpn_config
+from vpnfleet.core import authz, ipam, ovpn_config
 from vpnfleet.core.denied import DeniedAggregator, DeniedEvent
 from vpnfleet.core.fleet import Effects, FleetView
-from vpnfleet.core.flows import FlowItem, FlowRecord, FlowTracker
+from vpnfleet.core.flowevents import FlowItem
+from vpnfleet.core.flowtracker import FlowRecord, FlowTracker
+from vpnfleet.core.fwstate import ClientCheck, DesiredState, GroupAccess
+from vpnfleet.core.grants import Grant, grants_of
 from vpnfleet.core.mgmt_protocol import ClientEvent, ClientEventKind, Hold, StatusClient
 from vpnfleet.wire import (
     Bootstrap,
@@ -69,15 +72,6 @@ CRL_REFRESH = 6 * 3600.0  # seconds between CRL downloads when OpenVPN checks th
 NFLOG_GROUP = 7007  # where the firewall sends denied packets for the agent to record
 FLOW_BATCH = 5000  # records per POST /agent/flows (the API's limit)
 FLOW_BATCH_BYTES = 4 << 20
-
-
-def grants_of(destination: str, proto: str, ports: str | None) -> list[fwplan.Grant]:
-    """One access rule as firewall grants (one per port range)."""
-    net = ipaddress.IPv4Network(destination)
-    ranges = netparse.parse_ports(ports)
-    if not ranges:
-        return [fwplan.Grant(net, proto)]  # type: ignore[arg-type]
-    return [fwplan.Grant(net, proto, r.lo, r.hi) for r in ranges]  # type: ignore[arg-type]
 
 
 def _now() -> dt.datetime:
@@ -160,11 +154,11 @@ class PodAgent:
         self.last_status: list[StatusClient] = []
         self._crl_refreshed = time.monotonic()
         self._addr_cache: dict[str, ipaddress.IPv4Address] = {}
-        self._group_cache: dict[str, fwplan.GroupState] = {}
+        self._group_cache: dict[str, GroupAccess] = {}
+        # Clients already validated by the last desired state: a connect checks one address.
+        self._client_check = ClientCheck()
         self.last_status_at = 0.0
-        self._grants_cache: tuple[int, dict[str, tuple[int, tuple[fwplan.Grant, ...]]]] | None = (
-            None
-        )
+        self._grants_cache: tuple[int, dict[str, tuple[int, tuple[Grant, ...]]]] | None = None
 
     # ------------------------------------------------------------------ files and cache
 
@@ -633,11 +627,11 @@ class PodAgent:
 
     # ------------------------------------------------------------------ firewall
 
-    def _grants(self) -> dict[str, tuple[int, tuple[fwplan.Grant, ...]]]:
+    def _grants(self) -> dict[str, tuple[int, tuple[Grant, ...]]]:
         """Group name -> (group id, grants), recomputed only when the view changed."""
         if self._grants_cache is not None and self._grants_cache[0] == self.view.revision:
             return self._grants_cache[1]
-        by_group: dict[int, list[fwplan.Grant]] = {g: [] for g in self.view.groups}
+        by_group: dict[int, list[Grant]] = {g: [] for g in self.view.groups}
         for rule in self.view.rules.values():
             if rule.group_id not in by_group:
                 continue
@@ -653,10 +647,10 @@ class PodAgent:
             addr = self._addr_cache[text] = ipaddress.IPv4Address(text)
         return addr
 
-    def desired_state(self) -> fwplan.DesiredState:
+    def desired_state(self) -> DesiredState:
         """Firewall state from connected clients and their groups' grants (default deny).
 
-        Unchanged groups keep their GroupState object: the dataplane skips identical objects
+        Unchanged groups keep their GroupAccess object: the dataplane skips identical objects
         when diffing, so a connect costs in proportion to the groups it touches.
         """
         assert self.nat_pool is not None
@@ -671,7 +665,7 @@ class PodAgent:
                 if name in members:
                     members[name].add(self._addr(client.tunnel_ip))
         groups = []
-        cache: dict[str, fwplan.GroupState] = {}
+        cache: dict[str, GroupAccess] = {}
         for name, (gid, g) in grants.items():
             old = self._group_cache.get(name)
             if (
@@ -682,13 +676,13 @@ class PodAgent:
             ):
                 state = old
             else:
-                state = fwplan.GroupState(group_id=gid, members=frozenset(members[name]), grants=g)
+                state = GroupAccess(group_id=gid, members=frozenset(members[name]), grants=g)
             cache[name] = state
             groups.append(state)
         self._group_cache = cache
         if len(self._addr_cache) > 4 * len(established) + 1024:
             self._addr_cache = {c.tunnel_ip: self._addr(c.tunnel_ip) for c in established}
-        return fwplan.DesiredState(
+        return DesiredState(
             prefix=self.s.fw_prefix,
             tunnel_networks=tuple(nets),
             uplink=self.s.uplink,
@@ -698,6 +692,7 @@ class PodAgent:
             allow_all=False,
             log_denied=True,
             nflog_group=NFLOG_GROUP,
+            client_check=self._client_check,
         )
 
     async def firewall_loop(self) -> None:
