@@ -7,7 +7,7 @@ For each database: a temporary database (a SQLite file in a temporary directory;
 PostgreSQL a database created and dropped through the test role, VPNFLEET_TEST_PG_URL),
 schema from the real migrations, then a bulk load of synthetic flows (SQLite: executemany in
 200,000-row transactions; PostgreSQL: COPY through psycopg), with the two random-order
-indexes built after the load. Then random lookups through `controlplane.attribution.lookup`,
+indexes built after the load. Then random lookups through `controlplane.reverse_lookup.lookup`,
 the function the API calls, each in its own session and transaction as a request has:
 
 - covering: a time inside a stored flow (every address:port is reused ~20 times over the
@@ -52,8 +52,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from vpnfleet.controlplane import db as dbmod
-from vpnfleet.controlplane.attribution import FLOW_COLUMNS, lookup
 from vpnfleet.controlplane.models import Flow, VpnSession
+from vpnfleet.controlplane.reverse_lookup import FLOW_COLUMNS, lookup
 from vpnfleet.core.attribution import Query, duration_class_ms
 
 DEFAULT_PG = "postgresql+psycopg://vpnfleet_test:vpnfleet_test@127.0.0.1:5432/postgres"

@@ -20,7 +20,7 @@ LAST (last group only; every other group's rules are walked before it matches) a
 Incremental updates are timed around ``Dataplane.apply(new_state)``, the call the agent makes,
 including deletion of revoked conntrack entries; "ipset step" is the ``ipset restore`` that
 puts the new set contents in the kernel (the policy is in force once it returns; conntrack
-entries of revoked flows are deleted after it), "plan" the pure ``fwplan.diff`` of an identical
+entries of revoked flows are deleted after it), "plan" the pure ``fwdiff.diff`` of an identical
 pair of states.
 New states are derived from the previous one (unchanged groups and sets reused);
 "incremental_unshared_connect" times building and diffing states rebuilt from strings instead,
@@ -61,8 +61,9 @@ from types import FrameType
 from typing import Any
 
 from vpnfleet.agent.dataplane import Dataplane
-from vpnfleet.core import fwplan
-from vpnfleet.core.fwplan import DesiredState, Grant, GroupState, Proto
+from vpnfleet.core import fwdiff, fwnames
+from vpnfleet.core.fwstate import ClientCheck, DesiredState, GroupAccess
+from vpnfleet.core.grants import Grant, Proto
 
 PREFIX = "vpnb"
 TUN = IPv4Network("198.18.0.0/17")
@@ -142,9 +143,12 @@ def synthetic(scale: Scale) -> Synthetic:
         nat_members=nat,
         all_clients=frozenset(members),
         groups=tuple(
-            GroupState(gid, frozenset(in_group[gid]), tuple(grants[gid]))
+            GroupAccess(gid, frozenset(in_group[gid]), tuple(grants[gid]))
             for gid in range(scale.groups)
         ),
+        # The memo of validated clients an agent keeps: states derived from this one with
+        # dataclasses.replace share it, so a connect validates one address, not 5,000.
+        client_check=ClientCheck(),
     )
     return Synthetic(state, first, last, denied)
 
@@ -161,7 +165,7 @@ def with_members(
         return s | {ip} if connected else s - {ip}
 
     groups = tuple(
-        GroupState(g.group_id, change(g.members), g.grants) if g.group_id in gids else g
+        GroupAccess(g.group_id, change(g.members), g.grants) if g.group_id in gids else g
         for g in state.groups
     )
     return dataclasses.replace(
@@ -175,7 +179,7 @@ def with_members(
 def with_grants(state: DesiredState, gid: int, grants: tuple[Grant, ...]) -> DesiredState:
     """``state`` with group ``gid``'s grants replaced."""
     groups = tuple(
-        GroupState(g.group_id, g.members, grants) if g.group_id == gid else g for g in state.groups
+        GroupAccess(g.group_id, g.members, grants) if g.group_id == gid else g for g in state.groups
     )
     return dataclasses.replace(state, groups=groups)
 
@@ -201,7 +205,7 @@ def unshared_connects(state: DesiredState, n: int, seed: int) -> dict[str, Any]:
             state,
             all_clients=frozenset(IPv4Address(c) for c in clients),
             nat_members=frozenset(IPv4Address(c) for c in clients if c in nat),
-            groups=tuple(GroupState(gid, frozenset(m), grants[gid]) for gid, m in members.items()),
+            groups=tuple(GroupAccess(gid, frozenset(m), grants[gid]) for gid, m in members.items()),
         )
 
     current = build(groups_of)
@@ -215,7 +219,7 @@ def unshared_connects(state: DesiredState, n: int, seed: int) -> dict[str, Any]:
         new = build(groups_of)
         build_ms.append((time.perf_counter() - t0) * 1000)
         t0 = time.perf_counter()
-        fwplan.diff(current, new)
+        fwdiff.diff(current, new)
         plan_ms.append((time.perf_counter() - t0) * 1000)
         current = new
     return {"state_build_ms": summary(build_ms), "plan_ms": summary(plan_ms)}
@@ -375,7 +379,7 @@ async def timed_update(
     """Apply ``make()`` incrementally on top of ``current``; record the timings."""
     twin = make()  # an equal pair of states: plan time without warm caches on ``new``
     t0 = time.perf_counter()
-    fwplan.diff(current, twin)
+    fwdiff.diff(current, twin)
     times.plan.append((time.perf_counter() - t0) * 1000)
     t0 = time.perf_counter()
     new = make()
@@ -416,8 +420,8 @@ async def incremental(
 
 async def kernel_counts(dp: Dataplane) -> dict[str, int]:
     k = await dp.read_kernel()
-    fwd = k.chains.get(("filter", fwplan.fwd_chain(PREFIX)), ())
-    post = k.chains.get(("nat", fwplan.post_chain(PREFIX)), ())
+    fwd = k.chains.get(("filter", fwnames.fwd_chain(PREFIX)), ())
+    post = k.chains.get(("nat", fwnames.post_chain(PREFIX)), ())
     return {
         "rules_fwd_chain": len(fwd),
         "rules_nat_chain": len(post),
@@ -518,7 +522,7 @@ async def measure(args: argparse.Namespace, nss: Namespaces, cl: str) -> dict[st
     build_ms = (time.perf_counter() - t0) * 1000
     state = syn.state
     # Validating a 5,000-client state from scratch: alternating tunnel networks defeat the
-    # cache of already-checked clients (a connect checks only the newcomer).
+    # ClientCheck the state carries (a connect checks only the newcomer).
     validate = []
     for nets in [(TUN, IPv4Network("198.18.128.0/17")), (TUN,)] * 10:
         t0 = time.perf_counter()

@@ -116,7 +116,8 @@ def child_listener(out: str) -> None:
     from vpnfleet.agent.pod import PodAgent
     from vpnfleet.agent.settings import AgentSettings
     from vpnfleet.agent.spool import Spool
-    from vpnfleet.core.flows import FlowEvent, FlowEventKind, FlowItem, FlowTracker
+    from vpnfleet.core.flowevents import FlowEvent, FlowEventKind, FlowItem
+    from vpnfleet.core.flowtracker import FlowTracker
 
     state = Path(out).parent / "agent-state"
     shutil.rmtree(state, ignore_errors=True)  # a fresh spool per trial
@@ -481,8 +482,9 @@ def decode_only(repeat: int = 7) -> dict[str, float]:
     """µs per message: our decoder vs pyroute2's nfct_msg, on real kernel messages."""
     from pyroute2.netlink.nfnetlink.nfctsocket import nfct_msg
 
-    from tests.unit.test_flows import UDP_DESTROY, UDP_NEW
-    from vpnfleet.core.flows import FlowTracker, decode_ctnetlink
+    from tests.unit.ctnetlink_captures import UDP_DESTROY, UDP_NEW
+    from vpnfleet.core.ctnetlink import CtnetlinkDecoder
+    from vpnfleet.core.flowtracker import FlowTracker
 
     at = dt.datetime.now(dt.UTC)
     results: dict[str, float] = {}
@@ -496,6 +498,7 @@ def decode_only(repeat: int = 7) -> dict[str, float]:
             times.append((time.process_time() - t0) / n * 1e6)
         return min(times)
 
+    decoder = CtnetlinkDecoder()  # as the listener keeps one: layouts learned on first use
     for name, data in (("new", UDP_NEW), ("destroy", UDP_DESTROY)):
         buf = bytearray(65536)
         buf[: len(data)] = data
@@ -504,11 +507,11 @@ def decode_only(repeat: int = 7) -> dict[str, float]:
             msg = nfct_msg(d)
             msg.decode()
 
-        results[f"ours_{name}"] = best(lambda b=buf, d=data: decode_ctnetlink(b, len(d), at), 20000)
+        results[f"ours_{name}"] = best(lambda b=buf, d=data: decoder.decode(b, len(d), at), 20000)
         results[f"pyroute2_{name}"] = best(pyroute2_decode, 1000)
     tracker = FlowTracker("p", ["10.77.0.0/24"], lambda _: ("alice", "s"))
-    new = decode_ctnetlink(UDP_NEW, len(UDP_NEW), at).events[0]
-    end = decode_ctnetlink(UDP_DESTROY, len(UDP_DESTROY), at).events[0]
+    new = decoder.decode(UDP_NEW, len(UDP_NEW), at).events[0]
+    end = decoder.decode(UDP_DESTROY, len(UDP_DESTROY), at).events[0]
 
     def pair() -> None:
         for event in (new, end):
@@ -516,6 +519,21 @@ def decode_only(repeat: int = 7) -> dict[str, float]:
                 record.to_json()
 
     results["tracker_json_per_event"] = best(pair, 20000) / 2
+    # Events that make no record: the pod's own connections (neither end in the tunnel) and
+    # connections from outside to a (gateway) user, which the tracker only indexes.
+    others = (("own", "198.18.0.1", "192.0.2.10"), ("inbound", "192.0.2.9", "10.77.0.3"))
+    for name, src, dst in others:
+        events = [
+            ev._replace(orig_src=src, orig_dst=dst, ct_id=i)
+            for i in range(1000)
+            for ev in (new, end)
+        ]
+
+        def feed_all(evs: list[Any] = events) -> None:
+            for event in evs:
+                tracker.feed(event)
+
+        results[f"tracker_{name}_per_event"] = best(feed_all, 20) / len(events)
     return results
 
 
@@ -558,6 +576,10 @@ def main() -> int:
         ours, ref = dec[f"ours_{kind}"], dec[f"pyroute2_{kind}"]
         print(f"  {kind:8s} ours {ours:6.2f}   pyroute2 nfct_msg {ref:6.1f}   ({ref / ours:.0f}x)")
     print(f"  tracker + JSON record: {dec['tracker_json_per_event']:.2f} µs/event")
+    print(
+        f"  tracker, no record: {dec['tracker_own_per_event']:.2f} µs/event (pod's own), "
+        f"{dec['tracker_inbound_per_event']:.2f} µs/event (inbound, indexed)"
+    )
     if args.decode_only:
         return 0
 

@@ -483,7 +483,7 @@ def _ipv4(value: str, what: str) -> str:
 
 class FlowReport(BaseModel):
     """One NAT'd connection as an agent reports it: the JSON of the agent's own record,
-    core.flows.FlowRecord.as_dict() (this model is its wire twin, hence the other name).
+    core.flowtracker.FlowRecord.as_dict() (this model is its wire twin, hence the other name).
 
     `kind="start"` when the flow opens (no end, no counters); `kind="end"` when it closes, and
     complete on its own (a flow whose start was lost gets only this one). Both carry the same

@@ -25,7 +25,7 @@ from tests.conftest import Server, free_port
 from vpnfleet.agent.fakes import FakeFirewall, FakeManagement, FakeProcess
 from vpnfleet.agent.pod import PodAgent
 from vpnfleet.agent.settings import AgentSettings
-from vpnfleet.core import fwplan
+from vpnfleet.core import fwstate, revocation
 
 SVC = ipaddress.IPv4Address("10.20.0.5")
 
@@ -122,12 +122,12 @@ class Pod:
         assert addr is not None
         return addr
 
-    def kernel(self) -> fwplan.DesiredState:
+    def kernel(self) -> fwstate.DesiredState:
         assert self.firewall.kernel is not None
         return self.firewall.kernel
 
     def allowed(self, cid: int, dport: int, proto: str = "tcp") -> bool:
-        return fwplan.is_allowed(self.kernel(), self.address(cid), proto, SVC, dport)
+        return fwstate.is_allowed(self.kernel(), self.address(cid), proto, SVC, dport)
 
     async def stop(self) -> None:
         if self.task is not None and self.agent is not None:
@@ -207,8 +207,8 @@ async def test_membership_changes_reach_connected_clients_and_cut_their_flows(
     api(server, "POST", "/api/v1/groups/ops/members", {"user": "pa"})
     await until(lambda: pod.allowed(pa, 22), 5, "ops' grant without reconnecting")
     pod.firewall.flows = [
-        fwplan.Flow("tcp", 6, pod.address(pa), SVC, 40000, 22),
-        fwplan.Flow("tcp", 6, pod.address(pa), SVC, 40001, 8080),
+        revocation.Flow("tcp", 6, pod.address(pa), SVC, 40000, 22),
+        revocation.Flow("tcp", 6, pod.address(pa), SVC, 40001, 8080),
     ]
     api(server, "DELETE", "/api/v1/groups/ops/members/pa")
     await until(lambda: not pod.allowed(pa, 22), 5, "ops' grant to go")
@@ -287,7 +287,7 @@ async def test_a_revocation_made_while_the_agent_is_down_cuts_open_flows_at_rest
     await pod.start()
     pa = await pod.join("pa")
     await until(lambda: pod.allowed(pa, 8080), 5, "web's grant")
-    pod.firewall.flows = [fwplan.Flow("tcp", 6, pod.address(pa), SVC, 40001, 8080)]
+    pod.firewall.flows = [revocation.Flow("tcp", 6, pod.address(pa), SVC, 40001, 8080)]
     await pod.crash()
     api(server, "DELETE", "/api/v1/groups/web/members/pa")
     await asyncio.sleep(0.3)

@@ -44,7 +44,7 @@ def rec(
     proto: str = "tcp",
     **extra: Any,
 ) -> dict[str, Any]:
-    """A flow record exactly as an agent sends it (core.flows.FlowRecord.as_dict())."""
+    """A flow record exactly as an agent sends it (core.flowtracker.FlowRecord.as_dict())."""
     body: dict[str, Any] = {
         "kind": kind,
         "flow_id": flow_id,

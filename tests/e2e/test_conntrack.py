@@ -29,7 +29,8 @@ from typing import Any
 import pytest
 
 from tests.e2e.netns import Netns, NetnsPool, existing_namespaces, requires_netns, veth
-from vpnfleet.core.flows import FlowEvent, FlowTracker
+from vpnfleet.core.flowevents import FlowEvent
+from vpnfleet.core.flowtracker import FlowTracker
 
 pytestmark = [pytest.mark.e2e, requires_netns("iptables", "sysctl")]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -27,8 +28,11 @@ import pytest
 
 from tests.e2e.netns import Netns, NetnsPool, existing_namespaces, requires_netns, veth
 from vpnfleet.agent.dataplane import Dataplane, DataplaneError
-from vpnfleet.core import fwplan
-from vpnfleet.core.fwplan import DesiredState, Grant, GroupState
+from vpnfleet.core import fwnames
+from vpnfleet.core.fwkernel import parse_conntrack
+from vpnfleet.core.fwstate import DesiredState, GroupAccess
+from vpnfleet.core.grants import Grant
+from vpnfleet.core.revocation import Flow, RevokedFlow
 
 pytestmark = [pytest.mark.e2e, requires_netns("iptables", "ipset", "conntrack", "sysctl")]
 
@@ -264,7 +268,7 @@ def make_state(
         nat_members=frozenset({A, C} if nat is None else nat),
         all_clients=frozenset(members | {A, B, C} if clients is None else clients),
         groups=tuple(
-            GroupState(gid, frozenset(m), tuple(g)) for gid, (m, g) in sorted(groups.items())
+            GroupAccess(gid, frozenset(m), tuple(g)) for gid, (m, g) in sorted(groups.items())
         ),
         allow_all=allow_all,
     )
@@ -327,7 +331,7 @@ async def test_sets_and_rules_stay_inside_the_namespace(lab: Lab, dp: Dataplane)
     root_before = await root_ipsets()
     await dp.apply_full(make_state(BASE))
     inside = lab.gw.run("ipset", "list", "-n").stdout.split()
-    assert fwplan.clients_set(PREFIX) in inside
+    assert fwnames.clients_set(PREFIX) in inside
     assert await root_ipsets() == root_before  # ipsets are per network namespace
 
 
@@ -449,6 +453,73 @@ async def test_kill_flows_by_network_and_protocol(lab: Lab, dp: Dataplane) -> No
         ).startswith("ok")
 
 
+# Deletes entries by tuple from inside the namespace, as the agent does in its pod: over
+# ctnetlink, whose socket sees the namespace of the process that opens it. Prints the count
+# returned and the count in the stats.
+DELETE_EXACT = r"""
+import asyncio, json, sys
+from ipaddress import IPv4Address
+from vpnfleet.agent.dataplane import Dataplane
+from vpnfleet.core.revocation import Flow
+
+dataplane = Dataplane(sys.argv[1])
+flows = [Flow(p, n, IPv4Address(s), IPv4Address(d), sp, dp) for p, n, s, d, sp, dp in
+         json.loads(sys.argv[2])]
+first = asyncio.run(dataplane.delete_flows_exact(flows))
+again = asyncio.run(dataplane.delete_flows_exact(flows))  # already gone: nothing to count
+print(first, again, dataplane.stats.flows_killed)
+"""
+
+
+@pytest.mark.parametrize("where", ["netlink, in the namespace", "conntrack -D, from outside"])
+async def test_exact_deletion_cuts_those_connections_and_no_other(
+    lab: Lab, dp: Dataplane, where: str
+) -> None:
+    def web_flows() -> dict[int | None, Flow]:
+        listed = lab.conntrack("-p", "tcp", "-s", str(A), "-d", BE1, "--dport", "8080")
+        return {f.sport: f for f in parse_conntrack(listed)}
+
+    await dp.apply_full(make_state(BASE))
+    async with contextlib.AsyncExitStack() as stack:
+        # Three connections between the same two addresses and ports, told apart by their
+        # source ports (learned one at a time): only a whole tuple separates them.
+        conns: dict[int | None, Conn] = {}
+        for _ in range(3):
+            conn = await stack.enter_async_context(open_conn(lab.cl, A, BE1, 8080))
+            assert (await conn.ask()).startswith("ok")
+            (sport,) = web_flows().keys() - conns.keys()
+            conns[sport] = conn
+        *doomed, spared = conns
+        flows = web_flows()
+        spared_id = _ids(lab.conntrack("-p", "tcp", "--sport", str(spared), "-o", "id"))
+        assert len(spared_id) == 1
+        # A loses port 8080: open connections would keep going (ESTABLISHED) until deleted.
+        await dp.apply_full(make_state({**BASE, 1: ({A, B}, [web(8081, 8081)])}))
+
+        if where.startswith("netlink"):
+            payload = json.dumps([
+                [f.proto, f.protonum, str(f.src), str(f.dst), f.sport, f.dport]
+                for f in (flows[sport] for sport in doomed)
+            ])  # fmt: skip
+            out = await lab.gw.arun(PY, "-c", DELETE_EXACT, PREFIX, payload)
+            assert out.stdout.split() == ["2", "0", "2"], out.stderr
+        else:
+            assert dp.netns is not None  # so the runner cannot use its own netlink socket
+            assert await dp.delete_flows_exact([flows[sport] for sport in doomed]) == 2
+            assert await dp.delete_flows_exact([flows[sport] for sport in doomed]) == 0
+            assert dp.stats.flows_killed == 2
+
+        assert web_flows().keys() == {spared}
+        same = lab.conntrack("-p", "tcp", "--sport", str(spared), "-o", "id")
+        assert _ids(same) == spared_id  # the very same entry, untouched
+        answers = await asyncio.gather(*(conns[sport].ask() for sport in conns))
+        assert dict(zip(conns, answers, strict=True)) == {
+            doomed[0]: "timeout",
+            doomed[1]: "timeout",
+            spared: f"ok {GW_UP} ping",
+        }
+
+
 async def test_disconnect_removes_client_and_its_flows(lab: Lab, dp: Dataplane) -> None:
     old = make_state(BASE)
     await dp.apply_full(old)
@@ -462,7 +533,7 @@ async def test_disconnect_removes_client_and_its_flows(lab: Lab, dp: Dataplane) 
         # B disconnects.
         new = make_state({1: ({A}, BASE[1][1]), 2: BASE[2]}, clients={A, C})
         d = await dp.apply_diff(old, new)
-        assert fwplan.RevokedFlow(B, None) in d.revoked_flows
+        assert RevokedFlow(B, None) in d.revoked_flows
         assert await b_out.ask() == "timeout"
         assert await b_in.ask() == "timeout"  # inbound flows to a gone client end too
         assert (await a_out.ask()).startswith("ok")
@@ -517,13 +588,13 @@ async def test_drift_is_reported_and_repaired(lab: Lab, dp: Dataplane) -> None:
     state = make_state(BASE)
     await dp.apply_full(state)
     gw = lab.gw
-    fwd = fwplan.fwd_chain(PREFIX)
-    gw.run("ipset", "del", fwplan.group_set(PREFIX, 1, "d"), f"{BE1},tcp:8080")
-    gw.run("ipset", "add", fwplan.group_set(PREFIX, 1, "m"), str(C))
+    fwd = fwnames.fwd_chain(PREFIX)
+    gw.run("ipset", "del", fwnames.group_set(PREFIX, 1, "d"), f"{BE1},tcp:8080")
+    gw.run("ipset", "add", fwnames.group_set(PREFIX, 1, "m"), str(C))
     gw.run("iptables", "-D", "FORWARD", "-j", fwd)
     gw.run("iptables", "-D", fwd, "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP")
     gw.run("ipset", "create", f"{PREFIX}-g99-m", "hash:ip")
-    gw.run("iptables", "-t", "nat", "-F", fwplan.post_chain(PREFIX))
+    gw.run("iptables", "-t", "nat", "-F", fwnames.post_chain(PREFIX))
 
     report = "\n".join(await dp.check_drift(state))
     assert f"{PREFIX}-g1-d lacks 1 element(s): {BE1},tcp:8080" in report
@@ -539,7 +610,7 @@ async def test_drift_is_reported_and_repaired(lab: Lab, dp: Dataplane) -> None:
 
     # A set destroyed by hand (after unhooking the rules that referenced it) is noticed too.
     gw.run("iptables", "-F", fwd)
-    gw.run("ipset", "destroy", fwplan.group_set(PREFIX, 2, "i"))
+    gw.run("ipset", "destroy", fwnames.group_set(PREFIX, 2, "i"))
     report = "\n".join(await dp.check_drift(state))
     assert f"ipset {PREFIX}-g2-i is missing" in report
     await dp.apply_full(state)
@@ -549,7 +620,7 @@ async def test_drift_is_reported_and_repaired(lab: Lab, dp: Dataplane) -> None:
 
 async def test_wrong_set_type_is_recreated_without_failing_open(lab: Lab, dp: Dataplane) -> None:
     state = make_state(BASE)
-    lab.gw.run("ipset", "create", fwplan.group_set(PREFIX, 1, "d"), "hash:ip")
+    lab.gw.run("ipset", "create", fwnames.group_set(PREFIX, 1, "d"), "hash:ip")
     await dp.apply_full(state)
     assert await dp.check_drift(state) == []
     assert (await lab.probe("tcp", A, BE1, 8080)).startswith("ok")
@@ -566,7 +637,7 @@ async def test_remove_all_leaves_nothing_and_keeps_foreign_rules(lab: Lab, dp: D
     await dp.apply_full(state)
     await dp.apply_full(state)  # idempotent: no duplicate jump
     forward = gw.run("iptables", "-S", "FORWARD").stdout.splitlines()
-    assert forward[1:] == [f"-A FORWARD -j {fwplan.fwd_chain(PREFIX)}", foreign]
+    assert forward[1:] == [f"-A FORWARD -j {fwnames.fwd_chain(PREFIX)}", foreign]
 
     await dp.remove_all()
     filter_rules = gw.run("iptables", "-S").stdout
@@ -583,7 +654,7 @@ async def test_failure_raises_and_fails_closed(lab: Lab, dp: Dataplane) -> None:
     # A set of ours with the wrong type, pinned by someone else's rule: the dataplane locks
     # the tunnel down (no set references), cannot recreate the set, and says so.
     state = make_state(BASE)
-    pinned = fwplan.group_set(PREFIX, 1, "d")
+    pinned = fwnames.group_set(PREFIX, 1, "d")
     lab.gw.run("ipset", "create", pinned, "hash:ip")
     foreign = ("INPUT", "-m", "set", "--match-set", pinned, "src", "-j", "ACCEPT")
     lab.gw.run("iptables", "-A", *foreign)
@@ -604,7 +675,7 @@ async def test_large_state_keeps_rule_count_per_group(lab: Lab, dp: Dataplane) -
     big_tun = IPv4Network("198.18.64.0/18")
     clients = [big_tun[i] for i in range(2, 5002)]
     groups = tuple(
-        GroupState(
+        GroupAccess(
             gid,
             frozenset(clients[(gid * 25) % 5000 : (gid * 25) % 5000 + 25]),
             (
@@ -639,7 +710,7 @@ async def test_large_state_keeps_rule_count_per_group(lab: Lab, dp: Dataplane) -
         nat_members=state.nat_members | {newcomer},
         all_clients=state.all_clients | {newcomer},
         groups=(
-            GroupState(0, groups[0].members | {newcomer}, groups[0].grants),
+            GroupAccess(0, groups[0].members | {newcomer}, groups[0].grants),
             *groups[1:],
         ),
     )
@@ -651,6 +722,6 @@ async def test_large_state_keeps_rule_count_per_group(lab: Lab, dp: Dataplane) -
     drift = await dp.check_drift(grown)
     timings["drift check"] = time.monotonic() - t0
     assert drift == []
-    rules = lab.gw.run("iptables", "-S", fwplan.fwd_chain(PREFIX)).stdout.splitlines()
+    rules = lab.gw.run("iptables", "-S", fwnames.fwd_chain(PREFIX)).stdout.splitlines()
     assert len([r for r in rules if r.startswith("-A")]) == 6 + 5 * 200 + 2
     print("\n" + "\n".join(f"{k}: {v * 1000:.0f} ms" for k, v in timings.items()))

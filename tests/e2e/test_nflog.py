@@ -30,7 +30,8 @@ import pytest
 
 from tests.e2e.netns import Netns, NetnsPool, existing_namespaces, requires_netns, veth
 from vpnfleet.agent.dataplane import Dataplane
-from vpnfleet.core.fwplan import DesiredState, Grant, GroupState
+from vpnfleet.core.fwstate import DesiredState, GroupAccess
+from vpnfleet.core.grants import Grant
 
 pytestmark = [pytest.mark.e2e, requires_netns("iptables", "iptables-restore", "ipset")]
 
@@ -318,14 +319,14 @@ async def test_denied_tcp_udp_icmp_are_reported_with_their_tuple(lab: Lab) -> No
 
 
 async def test_pod_firewall_denials_become_attributed_events(lab: Lab) -> None:
-    """The real pod ruleset (fwplan via the dataplane runner) feeding listener + aggregator."""
+    """The real pod ruleset (fwrender via the dataplane runner) feeding listener + aggregator."""
     state = DesiredState(
         prefix="vpnf",
         tunnel_networks=(CLIENT_NET,),
         uplink=None,
         nat_members=frozenset(),
         all_clients=frozenset({A, B}),
-        groups=(GroupState(1, frozenset({A}), (Grant(IPv4Network(f"{SERVER}/32"), "tcp", 80),)),),
+        groups=(GroupAccess(1, frozenset({A}), (Grant(IPv4Network(f"{SERVER}/32"), "tcp", 80),)),),
         nflog_group=GROUP,
     )
     plane = Dataplane("vpnf", netns=lab.pod.name, timeout=20)

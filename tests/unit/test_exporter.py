@@ -38,7 +38,8 @@ from vpnfleet.agent.settings import AgentSettings
 from vpnfleet.agent.spool import Spool
 from vpnfleet.cli.status import assess
 from vpnfleet.controlplane import pki
-from vpnfleet.core import fwplan
+from vpnfleet.core.fwstate import DesiredState, GroupAccess
+from vpnfleet.core.grants import Grant
 from vpnfleet.core.mgmt_protocol import StatusClient
 from vpnfleet.core.sessionbook import Client
 
@@ -83,7 +84,7 @@ class Agent:
         self.last_status_at = 0.0
         self.view_revision = 0
         self.applied_revision = 0
-        self.applied_state: fwplan.DesiredState | None = None
+        self.applied_state: DesiredState | None = None
         self.spool = Spool(state_dir, "sessions")
         self.openvpn_ready = False
         self.openvpn_version: str | None = None
@@ -281,17 +282,17 @@ def test_agent_state_values(agent: Agent) -> None:
     agent.spool.put({"kind": "open", "body": {"uid": "x"}})
     agent.spool.put({"kind": "close", "body": {"uid": "x"}})
     tunnel = ipaddress.IPv4Network("10.200.0.0/16")
-    agent.applied_state = fwplan.DesiredState(
+    agent.applied_state = DesiredState(
         prefix="vpnf",
         tunnel_networks=(tunnel,),
         uplink=None,
         nat_members=frozenset({ipaddress.IPv4Address("10.200.0.2")}),
         all_clients=frozenset(ipaddress.IPv4Address(a) for a in ("10.200.0.2", "10.200.0.3")),
         groups=(
-            fwplan.GroupState(
+            GroupAccess(
                 group_id=7,
                 members=frozenset({ipaddress.IPv4Address("10.200.0.2")}),
-                grants=(fwplan.Grant(ipaddress.IPv4Network("10.99.0.0/24"), "tcp", 80, 81),),
+                grants=(Grant(ipaddress.IPv4Network("10.99.0.0/24"), "tcp", 80, 81),),
             ),
         ),
     )
@@ -340,7 +341,7 @@ def test_flow_and_watch_counters_when_the_agent_has_them(agent: Agent, tmp_path:
 
     from vpnfleet.agent.conntrack import ConntrackListener, ListenerCounters
     from vpnfleet.agent.cpclient import ControlPlane
-    from vpnfleet.core.flows import FlowEvent, FlowEventKind
+    from vpnfleet.core.flowevents import FlowEvent, FlowEventKind
 
     listener = ConntrackListener()
     listener.counters = ListenerCounters(events=120, overruns=2, resyncs=1)

@@ -12,42 +12,42 @@ import pytest
 
 from vpnfleet.agent.fakes import FakeFirewall
 from vpnfleet.agent.firewall import FirewallSync
-from vpnfleet.core import fwplan
+from vpnfleet.core import fwstate, grants, revocation
 
 NAT = ipaddress.IPv4Network("10.200.0.0/24")
 A = ipaddress.IPv4Address("10.200.0.2")
 B = ipaddress.IPv4Address("10.200.0.3")
 SVC = ipaddress.IPv4Address("10.20.0.5")
-TCP_80 = fwplan.Grant(ipaddress.IPv4Network("10.20.0.0/24"), "tcp", 80)
+TCP_80 = grants.Grant(ipaddress.IPv4Network("10.20.0.0/24"), "tcp", 80)
 
 
 def state(
     members: set[ipaddress.IPv4Address],
-    grants: tuple[fwplan.Grant, ...] = (TCP_80,),
+    grants: tuple[grants.Grant, ...] = (TCP_80,),
     clients: set[ipaddress.IPv4Address] | None = None,
-) -> fwplan.DesiredState:
+) -> fwstate.DesiredState:
     everyone = frozenset(clients if clients is not None else {A, B})
-    return fwplan.DesiredState(
+    return fwstate.DesiredState(
         prefix="vpnf",
         tunnel_networks=(NAT,),
         uplink=None,
         nat_members=everyone,
         all_clients=everyone,
-        groups=(fwplan.GroupState(group_id=1, members=frozenset(members), grants=grants),),
+        groups=(fwstate.GroupAccess(group_id=1, members=frozenset(members), grants=grants),),
     )
 
 
-def flow(src: ipaddress.IPv4Address, dport: int) -> fwplan.Flow:
-    return fwplan.Flow("tcp", 6, src, SVC, 40000, dport)
+def flow(src: ipaddress.IPv4Address, dport: int) -> revocation.Flow:
+    return revocation.Flow("tcp", 6, src, SVC, 40000, dport)
 
 
 class Source:
     """The view's revision and desired state, as the agent's wiring provides them."""
 
-    def __init__(self, revision: int, s: fwplan.DesiredState) -> None:
+    def __init__(self, revision: int, s: fwstate.DesiredState) -> None:
         self.revision, self.state = revision, s
 
-    def __call__(self) -> tuple[int, fwplan.DesiredState]:
+    def __call__(self) -> tuple[int, fwstate.DesiredState]:
         return self.revision, self.state
 
 
@@ -152,9 +152,9 @@ async def test_a_restart_cuts_what_was_revoked_while_the_agent_was_down() -> Non
 async def test_the_restart_cut_uses_the_flow_index_when_it_is_complete() -> None:
     fake = FakeFirewall()
     fake.flows = [flow(A, 80), flow(B, 80)]
-    index: list[fwplan.Flow] | None = None
+    index: list[revocation.Flow] | None = None
 
-    def open_flows() -> Sequence[fwplan.Flow] | None:
+    def open_flows() -> Sequence[revocation.Flow] | None:
         return index
 
     sync = FirewallSync(fake, Source(9, state({B})), open_flows=open_flows)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from vpnfleet.core.flows import FlowRecord as AgentRecord
+from vpnfleet.core.flowtracker import FlowRecord as AgentRecord
 from vpnfleet.wire import FlowBatch, FlowReport
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 from tests.unit.test_sessionbook import NOW, admit, env, user
-from vpnfleet.core import fwplan
+from vpnfleet.core import fwdiff, fwstate, grants
 from vpnfleet.core.fleet import FleetView
 from vpnfleet.core.fwdesired import DesiredStateBuilder
 from vpnfleet.core.sessionbook import BookConfig, SessionBook
@@ -39,7 +39,7 @@ def builder() -> DesiredStateBuilder:
     return DesiredStateBuilder("vpnf", (NAT, GW), nflog_group=7007)
 
 
-def group(state: fwplan.DesiredState, gid: int) -> fwplan.GroupState:
+def group(state: fwstate.DesiredState, gid: int) -> fwstate.GroupAccess:
     (g,) = [g for g in state.groups if g.group_id == gid]
     return g
 
@@ -52,8 +52,8 @@ def test_a_port_limited_rule_stays_port_limited() -> None:
     (grant,) = group(state, 1).grants
     assert (grant.proto, grant.port_lo, grant.port_hi) == ("tcp", 8080, 8080)
     addr = ipaddress.IPv4Address(pa.tunnel_ip)
-    assert fwplan.is_allowed(state, addr, "tcp", ipaddress.IPv4Address(SVC), 8080)
-    assert not fwplan.is_allowed(state, addr, "tcp", ipaddress.IPv4Address(SVC), 22)
+    assert fwstate.is_allowed(state, addr, "tcp", ipaddress.IPv4Address(SVC), 8080)
+    assert not fwstate.is_allowed(state, addr, "tcp", ipaddress.IPv4Address(SVC), 22)
 
 
 def test_connected_clients_join_their_groups_sets_and_nat_users_are_masqueraded() -> None:
@@ -85,11 +85,11 @@ def test_a_membership_change_reaches_clients_already_connected() -> None:
     assert addr in group(before, 1).members
     assert addr not in group(after, 1).members and addr in group(after, 2).members
     # ops covers what web granted: nothing to cut. Leaving every group revokes the grant.
-    assert fwplan.diff(before, after).revoked_flows == ()
+    assert fwdiff.diff(before, after).revoked_flows == ()
     alone = b.build(fleet([user("pa", groups=[])], [WEB_8080, OPS_ALL], revision=5), book)
-    revoked = fwplan.diff(before, alone).revoked_flows
+    revoked = fwdiff.diff(before, alone).revoked_flows
     assert [(r.client, r.grant) for r in revoked] == [
-        (addr, fwplan.Grant(ipaddress.IPv4Network(SVC), "tcp", 8080, 8080))
+        (addr, grants.Grant(ipaddress.IPv4Network(SVC), "tcp", 8080, 8080))
     ]
 
 
@@ -100,7 +100,7 @@ def test_a_deleted_user_still_connected_gets_nothing() -> None:
     state = builder().build(fleet([], [WEB_8080]), book)
     addr = ipaddress.IPv4Address(pa.tunnel_ip)
     assert not group(state, 1).members
-    assert not fwplan.is_allowed(state, addr, "tcp", ipaddress.IPv4Address(SVC), 8080)
+    assert not fwstate.is_allowed(state, addr, "tcp", ipaddress.IPv4Address(SVC), 8080)
 
 
 def test_unchanged_groups_are_the_same_objects() -> None:
@@ -112,5 +112,5 @@ def test_unchanged_groups_are_the_same_objects() -> None:
     admit(book, v, 2, name="qb", ip="192.0.2.2")  # joins no group
     second = b.build(v, book)
     assert group(second, 1) is group(first, 1) and group(second, 2) is group(first, 2)
-    d = fwplan.diff(first, second)
+    d = fwdiff.diff(first, second)
     assert not d.needs_full and {op.set_name for op in d.ops} == {"vpnf-clients", "vpnf-nat"}

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from vpnfleet.core import netparse, policyfile
 from vpnfleet.core.policyfile import (
     FieldChange,
-    Grant,
+    GrantSpec,
     GroupSpec,
     MembershipRef,
     Policy,
@@ -430,7 +430,7 @@ texts = st.text(
 
 
 @st.composite
-def grants(draw: st.DrawFn) -> Grant:
+def grants(draw: st.DrawFn) -> GrantSpec:
     prefix = draw(st.integers(8, 32))
     addr = draw(st.integers(0, 2**32 - 1))
     net = ipaddress.IPv4Network((addr, prefix), strict=False)
@@ -442,7 +442,7 @@ def grants(draw: st.DrawFn) -> Grant:
         )
         spec = ",".join(f"{lo}-{min(lo + n, 65535)}" if n else str(lo) for lo, n in pairs)
         ports = netparse.format_ports(netparse.parse_ports(spec))
-    return Grant(str(net), proto, ports, draw(st.none() | texts))
+    return GrantSpec(str(net), proto, ports, draw(st.none() | texts))
 
 
 @st.composite
@@ -520,8 +520,8 @@ def test_diff_updates_replaces_and_leaves_unnamed_objects_alone() -> None:
                 "devs",
                 "old",
                 (
-                    Grant("10.10.0.0/16", "tcp", "22,443,8000-8100", "x", rule_id=7),
-                    Grant("10.99.0.0/16", "any", rule_id=8),
+                    GrantSpec("10.10.0.0/16", "tcp", "22,443,8000-8100", "x", rule_id=7),
+                    GrantSpec("10.99.0.0/16", "any", rule_id=8),
                 ),
             ),
             "legacy": GroupSpec("legacy"),

@@ -9,7 +9,7 @@ The kernel side is enabled by ``nf_conntrack_acct``/``nf_conntrack_timestamp`` (
 Losing events is never silent. When the socket buffer overflows the kernel drops events and
 the next read fails with ENOBUFS: that is counted in ``counters.overruns``, logged, and a
 resync is scheduled: a ctnetlink dump of the current table on a second socket, streamed as
-:class:`~vpnfleet.core.flows.Resync` ``begin``, the open flows as ``from_dump`` NEW events,
+:class:`~vpnfleet.core.flowevents.Resync` ``begin``, the open flows as ``from_dump`` NEW events,
 then ``end`` once the events queued behind the dump have been read. Flows whose NEW was lost
 are re-learned; flows whose DESTROY was lost show up as missing (the tracker closes them).
 The kernel stays silent about further drops until the backlog has been read empty, so a
@@ -38,23 +38,21 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 
-from vpnfleet.core.flows import (
+from vpnfleet.core.ctnetlink import (
     IPCTNL_MSG_CT_GET,
+    NETLINK_NETFILTER,
     NFNL_SUBSYS_CTNETLINK,
-    FlowEvent,
-    FlowItem,
-    Resync,
-    decode_ctnetlink,
+    NLM_F_REQUEST,
+    CtnetlinkDecoder,
 )
+from vpnfleet.core.flowevents import FlowEvent, FlowItem, Resync
 
 log = logging.getLogger("vpnfleet.agent.conntrack")
 
-NETLINK_NETFILTER = 12
 # Multicast group bitmask for bind(): bit (group - 1). NFNLGRP_CONNTRACK_NEW = 1,
 # NFNLGRP_CONNTRACK_DESTROY = 3. UPDATE (2) is left out: we do not need per-state changes.
 GROUPS_NEW_DESTROY = (1 << 0) | (1 << 2)
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
-_NLM_F_REQUEST = 0x1
 _NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
 _NLMSG = struct.Struct("=IHHII")
 _RECV_SIZE = 1 << 16  # events are a few hundred bytes; dump datagrams up to ~32 KiB
@@ -132,6 +130,8 @@ class ConntrackListener:
         self.rcvbuf_effective = 0
         self._sock: socket.socket | None = None
         self._buf = bytearray(_RECV_SIZE)
+        # One decoder for the listener's life: it learns the kernel's message layouts once.
+        self._decoder = CtnetlinkDecoder()
         self._callback: Callable[[FlowItem], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False  # the reader is registered with the loop
@@ -264,6 +264,7 @@ class ConntrackListener:
     def _drain(self) -> None:
         """Read up to ``batch`` datagrams; the selector calls again while more are queued."""
         sock, callback, buf = self._sock, self._callback, self._buf
+        decode = self._decoder.decode
         if sock is None or callback is None:
             return
         at = _now()  # one clock read per wakeup: events of a batch arrived together
@@ -281,7 +282,7 @@ class ConntrackListener:
                         self._overrun()
                         continue  # the socket keeps working after reporting the loss
                     raise
-                decoded = decode_ctnetlink(buf, n, at)
+                decoded = decode(buf, n, at)
                 errors += decoded.errors
                 for event in decoded.events:
                     events += 1
@@ -405,7 +406,7 @@ class ConntrackListener:
             header = _NLMSG.pack(
                 16 + len(payload),
                 (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
-                _NLM_F_REQUEST | _NLM_F_DUMP,
+                NLM_F_REQUEST | _NLM_F_DUMP,
                 self._seq,
                 0,
             )
@@ -413,7 +414,7 @@ class ConntrackListener:
             entries = 0
             while True:
                 data = await loop.sock_recv(sock, _RECV_SIZE)
-                decoded = decode_ctnetlink(data, len(data), _now(), from_dump=True)
+                decoded = self._decoder.decode(data, len(data), _now(), from_dump=True)
                 self.counters.decode_errors += decoded.errors
                 for event in decoded.events:
                     callback(event)

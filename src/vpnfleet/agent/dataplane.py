@@ -1,8 +1,9 @@
 """The pod's dataplane runner: the only code that runs iptables, ipset, conntrack and sysctl.
 
-It applies plans computed by :mod:`vpnfleet.core.fwplan`, reads the kernel back, reports
-drift and deletes conntrack entries of revoked flows. Every command runs through
-``asyncio.create_subprocess_exec`` (no shell); restore text goes to stdin.
+It applies states rendered by :mod:`vpnfleet.core.fwrender` and changes computed by
+:mod:`vpnfleet.core.fwdiff`, reads the kernel back (:mod:`vpnfleet.core.fwkernel`), reports
+drift and deletes conntrack entries of revoked flows (:mod:`vpnfleet.core.revocation`). Every
+command runs through ``asyncio.create_subprocess_exec`` (no shell); restore text goes to stdin.
 
 Failure model (why a failed apply never leaves the pod open):
 
@@ -17,7 +18,7 @@ Failure model (why a failed apply never leaves the pod open):
   the next :meth:`Dataplane.apply` does a full resync.
 * Step 3 failing only leaves unreferenced empty sets behind; it is retried on the next apply
   and reported by :meth:`Dataplane.check_drift`.
-* An incremental apply is one ``ipset restore`` whose operations :func:`fwplan.diff` ordered
+* An incremental apply is one ``ipset restore`` whose operations :func:`fwdiff.diff` ordered
   safely; if it fails (a set went missing, a hash filled up), a full resync follows.
 * Conntrack entries are deleted only after the new policy is in place, so the next packet of
   a revoked flow is judged as NEW by the new policy (:meth:`Dataplane.apply` changes sets and
@@ -27,28 +28,32 @@ Failure model (why a failed apply never leaves the pod open):
   Each ``conntrack`` run walks the kernel's whole table (milliseconds, even when nothing
   matches), so one apply lists once for all lost grants and runs independent deletions side by
   side (at most ``_CONNTRACK_PARALLEL`` processes).
+* A caller that already knows the exact entries (the flow tracker's index) deletes them with
+  :meth:`Dataplane.delete_flows_exact`: TCP and UDP entries by tuple over ctnetlink, one hash
+  lookup each in the kernel and many per system call, no table walk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import re
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from vpnfleet.core import fwplan
-from vpnfleet.core.fwplan import (
-    DesiredState,
-    Flow,
-    Grant,
-    KernelState,
-    StateDiff,
-    parse_conntrack,
-)
+from vpnfleet.core import ctnetlink, fwdiff, fwkernel, fwrender, revocation
+from vpnfleet.core.fwdiff import StateDiff
+from vpnfleet.core.fwkernel import KernelState, parse_conntrack
+from vpnfleet.core.fwnames import validate_prefix
+from vpnfleet.core.fwstate import DesiredState, is_allowed
+from vpnfleet.core.grants import Grant
+from vpnfleet.core.revocation import Flow
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,11 @@ _DELETED_RE = re.compile(r"(\d+) flow entries have been deleted")
 # table (about 6 ms at 262144 buckets, however few entries match), so independent ones run
 # side by side; a mass disconnect must not fork hundreds at once.
 _CONNTRACK_PARALLEL = 4
+# Exact deletions sent per system call. The kernel handles a whole batch inside the call and
+# queues one acknowledgement per message (a few hundred bytes of socket buffer each, more for
+# an error, which echoes the request): a bounded batch keeps them all within the buffer.
+_CT_DELETE_BATCH = 128
+_CT_ACK_RCVBUF = 1 << 20
 # Destroying a set right after the last rule referencing it went away can briefly fail with
 # "in use" while the kernel releases the reference; retry a few times.
 _DESTROY_ATTEMPTS = 5
@@ -105,12 +115,13 @@ class Dataplane:
         iptables: str = "iptables",
         timeout: float = 30.0,
     ) -> None:
-        self.prefix = fwplan.validate_prefix(prefix)
+        self.prefix = validate_prefix(prefix)
         self.netns = netns
         self.timeout = timeout
         self._iptables = iptables
         self._lock = asyncio.Lock()
         self._conntrack_slots = asyncio.Semaphore(_CONNTRACK_PARALLEL)
+        self._netlink_seq = int(time.time()) & 0xFFFF
         self.stats = DataplaneStats()
         # The state last applied in full success; None forces the next apply() to resync.
         self.applied: DesiredState | None = None
@@ -182,11 +193,11 @@ class Dataplane:
         _, sets_text, _ = await self._run("ipset", "save")
         _, filter_text, _ = await self._run(self._iptables, "-w", "-t", "filter", "-S")
         _, nat_text, _ = await self._run(self._iptables, "-w", "-t", "nat", "-S")
-        fc, fj = fwplan.parse_iptables_s(filter_text, "filter", self.prefix)
-        nc, nj = fwplan.parse_iptables_s(nat_text, "nat", self.prefix)
+        fc, fj = fwkernel.parse_iptables_s(filter_text, "filter", self.prefix)
+        nc, nj = fwkernel.parse_iptables_s(nat_text, "nat", self.prefix)
         return KernelState(
             prefix=self.prefix,
-            sets=fwplan.parse_ipset_save(sets_text, self.prefix),
+            sets=fwkernel.parse_ipset_save(sets_text, self.prefix),
             chains={**fc, **nc},
             jumps={**fj, **nj},
         )
@@ -194,7 +205,7 @@ class Dataplane:
     async def check_drift(self, state: DesiredState) -> list[str]:
         """Describe every difference between the kernel and ``state`` (empty when in sync)."""
         self._check_prefix(state)
-        return fwplan.drift(state, await self.read_kernel())
+        return fwkernel.drift(state, await self.read_kernel())
 
     # --- applying -------------------------------------------------------------------------
 
@@ -229,20 +240,20 @@ class Dataplane:
 
     async def _apply_full_locked(self, state: DesiredState) -> None:
         kernel = await self.read_kernel()
-        wrong = fwplan.mismatched_sets(state, kernel)
+        wrong = fwrender.mismatched_sets(state, kernel)
         if wrong:
             # A set of the wrong type cannot be swapped: drop every set reference with a
             # fail-closed chain, recreate those sets, then continue as usual.
             log.warning("recreating ipsets with the wrong type: %s", ", ".join(wrong))
             await self._iptables_restore(
-                fwplan.render_lockdown(self.prefix, state.tunnel_networks, kernel)
+                fwrender.render_lockdown(self.prefix, state.tunnel_networks, kernel)
             )
             await self._destroy_sets(wrong)
             kernel = await self.read_kernel()
-        ipset_text, iptables_text = fwplan.render_full(state, kernel)
+        ipset_text, iptables_text = fwrender.render_full(state, kernel)
         await self._ipset_restore(ipset_text)
         await self._iptables_restore(iptables_text)
-        stale = fwplan.stale_sets(state, kernel)
+        stale = fwrender.stale_sets(state, kernel)
         if stale:
             try:
                 await self._destroy_sets(stale)
@@ -259,7 +270,7 @@ class Dataplane:
 
     async def _apply_sets(self, old: DesiredState, new: DesiredState) -> StateDiff:
         self._check_prefix(new)
-        d = fwplan.diff(old, new)
+        d = fwdiff.diff(old, new)
         if d.needs_full:
             await self.apply_full(new)
         else:
@@ -267,7 +278,7 @@ class Dataplane:
                 started = time.monotonic()
                 self.applied = None
                 try:
-                    await self._ipset_restore(fwplan.render_ops(d.ops))
+                    await self._ipset_restore(fwdiff.render_ops(d.ops))
                 except DataplaneError as exc:
                     log.warning("incremental apply failed, resyncing: %s", exc)
                     self.stats.fallbacks += 1
@@ -326,7 +337,7 @@ class Dataplane:
             for f in parse_conntrack(out)
             if (held := lost.get(f.src)) is not None
             and any(g.matches(f.proto, f.dst, f.dport) for g in held)
-            and not fwplan.is_allowed(keep, f.src, f.proto, f.dst, f.dport)
+            and not is_allowed(keep, f.src, f.proto, f.dst, f.dport)
         ]
         return await self._delete_flows(victims)
 
@@ -339,7 +350,7 @@ class Dataplane:
         async with self._lock:
             self.applied = None
             kernel = await self.read_kernel()
-            iptables_text, _ = fwplan.render_teardown(kernel)
+            iptables_text, _ = fwrender.render_teardown(kernel)
             await self._iptables_restore(iptables_text)
             if kernel.sets:
                 await self._destroy_sets(sorted(kernel.sets))
@@ -377,13 +388,11 @@ class Dataplane:
             for f in parse_conntrack(out)
             if f.src == client_ip
             and (grant is None or grant.matches(f.proto, f.dst, f.dport))
-            and not (keep and fwplan.is_allowed(keep, f.src, f.proto, f.dst, f.dport))
+            and not (keep and is_allowed(keep, f.src, f.proto, f.dst, f.dport))
         ]
         return await self._delete_flows(victims)
 
-    async def cut_disallowed(
-        self, state: DesiredState, open_flows: Sequence[Flow] | None
-    ) -> int:
+    async def cut_disallowed(self, state: DesiredState, open_flows: Sequence[Flow] | None) -> int:
         """Delete every open flow ``state`` would not let start now; returns how many.
 
         With ``open_flows`` (the flow index: what the conntrack listener knows is open) only
@@ -393,7 +402,7 @@ class Dataplane:
         if open_flows is None:
             return await self.reconcile_flows(state)
         self._check_prefix(state)
-        return await self._delete_flows(fwplan.flows_to_cut(state, open_flows))
+        return await self.delete_flows_exact(revocation.flows_to_cut(state, open_flows))
 
     async def reconcile_flows(self, state: DesiredState) -> int:
         """Delete every open flow ``state`` would not let start now; returns how many.
@@ -404,7 +413,7 @@ class Dataplane:
         """
         self._check_prefix(state)
         _, out, _ = await self._conntrack("-L")
-        return await self._delete_flows(fwplan.flows_to_cut(state, parse_conntrack(out)))
+        return await self._delete_flows(revocation.flows_to_cut(state, parse_conntrack(out)))
 
     async def _delete_flows(self, flows: Sequence[Flow]) -> int:
         # Allowance depends only on (client, proto, dst, dport), so one delete per such key
@@ -422,6 +431,107 @@ class Dataplane:
         n = await self._conntrack_deletes(filters)
         self.stats.flows_killed += n
         return n
+
+    async def delete_flows_exact(self, flows: Sequence[Flow]) -> int:
+        """Delete exactly these conntrack entries (original-direction tuples); returns how
+        many were deleted. An entry already gone counts 0; any other refusal raises
+        :class:`DataplaneError` after every deletion was tried (what was deleted is counted
+        in the stats either way).
+
+        TCP and UDP entries are deleted by tuple over ctnetlink from this process, which must
+        then run in the namespace whose table it means. With :attr:`netns` set it cannot (a
+        netlink socket belongs to the namespace of the process that opens it), so each goes
+        through ``conntrack -D`` with its full tuple instead. Other protocols (ICMP is keyed by
+        type, code and id, which a :class:`Flow` does not keep) go through ``conntrack -D``
+        by source, destination and protocol, which takes their siblings between the same two
+        addresses too.
+        """
+        exact: list[Flow] = []
+        other: list[Flow] = []
+        for f in dict.fromkeys(flows):  # each tuple once
+            tcp_udp = f.protonum in (socket.IPPROTO_TCP, socket.IPPROTO_UDP)
+            (exact if tcp_udp and f.sport is not None and f.dport is not None else other).append(f)
+        jobs = [self._delete_flows(other)] if other else []
+        if exact and self.netns is None:
+            jobs.append(self._delete_by_netlink(exact))
+        elif exact:
+            jobs.append(self._delete_by_tuple(exact))
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            self.stats.last_error = str(errors[0])
+            raise errors[0]
+        return sum(r for r in results if isinstance(r, int))
+
+    async def _delete_by_tuple(self, flows: Sequence[Flow]) -> int:
+        """``conntrack -D`` per entry, with its full tuple (for another namespace)."""
+        filters = [
+            ("-s", str(f.src), "-d", str(f.dst), "-p", f.proto,
+             "--sport", str(f.sport), "--dport", str(f.dport))
+            for f in flows
+        ]  # fmt: skip
+        n = await self._conntrack_deletes(filters)
+        self.stats.flows_killed += n
+        return n
+
+    async def _delete_by_netlink(self, flows: Sequence[Flow]) -> int:
+        """ctnetlink deletions by tuple, in batches; each batch's acks are read (bounded by
+        :attr:`timeout`) before the next is sent."""
+        loop = asyncio.get_running_loop()
+        deleted = 0
+        refused: list[tuple[Flow, int]] = []
+        pending: dict[int, Flow] = {}
+        try:
+            kind = socket.SOCK_RAW | socket.SOCK_CLOEXEC
+            sock = socket.socket(socket.AF_NETLINK, kind, ctnetlink.NETLINK_NETFILTER)
+        except OSError as exc:
+            raise DataplaneError("ctnetlink", -1, f"cannot open a netlink socket: {exc}") from exc
+        try:
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):  # the default buffer also holds a batch
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _CT_ACK_RCVBUF)
+            sock.bind((0, 0))
+            async with asyncio.timeout(self.timeout):
+                for start in range(0, len(flows), _CT_DELETE_BATCH):
+                    messages = []
+                    for f in flows[start : start + _CT_DELETE_BATCH]:
+                        self._netlink_seq = seq = (self._netlink_seq + 1) & 0xFFFFFFFF
+                        assert f.sport is not None and f.dport is not None
+                        messages.append(
+                            ctnetlink.encode_ct_delete(
+                                seq, f.protonum, str(f.src), str(f.dst), f.sport, f.dport
+                            )
+                        )
+                        pending[seq] = f
+                    await loop.sock_sendall(sock, b"".join(messages))
+                    while pending:
+                        data = await loop.sock_recv(sock, 1 << 16)
+                        for seq, code in ctnetlink.parse_acks(data):
+                            sent = pending.pop(seq, None)  # None: not ours (cannot happen)
+                            if sent is None or code == errno.ENOENT:
+                                continue  # ENOENT: already gone, nothing to count
+                            if code == 0:
+                                deleted += 1
+                            else:
+                                refused.append((sent, code))
+        except TimeoutError:
+            raise DataplaneError(
+                "ctnetlink", None, f"{len(pending)} deletions unanswered after {self.timeout:.0f}s"
+            ) from None
+        except (OSError, ctnetlink.MalformedMessage) as exc:
+            raise DataplaneError("ctnetlink", -1, f"conntrack deletion failed: {exc}") from exc
+        finally:
+            sock.close()
+            self.stats.flows_killed += deleted
+        if refused:
+            f, code = refused[0]
+            raise DataplaneError(
+                "ctnetlink",
+                -1,
+                f"{len(refused)} of {len(flows)} deletions refused: {os.strerror(code)} "
+                f"(first: {f.proto} {f.src}:{f.sport} -> {f.dst}:{f.dport})",
+            )
+        return deleted
 
     async def _conntrack_deletes(self, filters: Sequence[Sequence[str]]) -> int:
         """Run one ``conntrack -D`` per filter (side by side); total entries deleted.

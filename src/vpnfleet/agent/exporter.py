@@ -42,7 +42,7 @@ from cryptography import x509
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from vpnfleet.core import fwplan
+from vpnfleet.core import fwrender, fwstate
 from vpnfleet.core.mgmt_protocol import StatusClient
 
 log = logging.getLogger("vpnfleet.agent.metrics")
@@ -91,7 +91,7 @@ class Readings:
     last_status_at: float
     view_revision: int
     applied_revision: int
-    applied_state: fwplan.DesiredState | None
+    applied_state: fwstate.DesiredState | None
     dataplane_stats: Any
     spools: Mapping[str, _Spool]
     openvpn_ready: bool
@@ -475,7 +475,7 @@ class AgentCollector(Collector):
         fams["vpnfleet_policy_revision_lag"].add_metric([], max(0, view - applied))
         fams["vpnfleet_policy_lag_seconds"].add_metric([], self.lag.observe(now, view, applied))
         if r.applied_state is not None:
-            for name, spec in fwplan.desired_sets(r.applied_state).items():
+            for name, spec in fwrender.desired_sets(r.applied_state).items():
                 fams["vpnfleet_ipset_entries"].add_metric([name], len(spec.elements))
         for attr, name, _ in _DATAPLANE_COUNTERS:
             value = getattr(r.dataplane_stats, attr, None)

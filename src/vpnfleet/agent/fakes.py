@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from vpnfleet.agent.dataplane import DataplaneError, DataplaneStats
 from vpnfleet.agent.management import CommandError, ManagementClosed
 from vpnfleet.agent.runners import FirewallRunner, ManagementSession, ProcessRunner
-from vpnfleet.core import fwplan
+from vpnfleet.core import fwdiff, fwstate, revocation
 from vpnfleet.core.mgmt_protocol import (
     ClientEvent,
     ClientEventKind,
@@ -41,10 +41,10 @@ class FakeFirewall:
     """A firewall runner over an in-memory "kernel"."""
 
     def __init__(self) -> None:
-        self.applied: fwplan.DesiredState | None = None
-        self.kernel: fwplan.DesiredState | None = None  # what the "kernel" enforces
+        self.applied: fwstate.DesiredState | None = None
+        self.kernel: fwstate.DesiredState | None = None  # what the "kernel" enforces
         self.stats = DataplaneStats()
-        self.flows: list[fwplan.Flow] = []  # the conntrack table
+        self.flows: list[revocation.Flow] = []  # the conntrack table
         self.fail_next = 0  # applies that raise DataplaneError
         self.fail_cuts = 0  # conntrack cuts that raise DataplaneError
         self.gate: asyncio.Event | None = None  # when set (not yet released), applies block
@@ -67,19 +67,19 @@ class FakeFirewall:
             self.stats.failures += 1
             raise DataplaneError("ipset", 1, "forced failure (fake)")
 
-    async def apply(self, state: fwplan.DesiredState) -> fwplan.StateDiff | None:
+    async def apply(self, state: fwstate.DesiredState) -> fwdiff.StateDiff | None:
         if self.applied is None:
             await self.apply_full(state)
             return None
         await self._maybe_block()
         self._fail()
-        d = fwplan.diff(self.applied, state)
+        d = fwdiff.diff(self.applied, state)
         self.applies.append("full" if d.needs_full else "diff")
         self.applied = self.kernel = state
         self.stats.diff_applies += 1
         return d
 
-    async def apply_full(self, state: fwplan.DesiredState) -> None:
+    async def apply_full(self, state: fwstate.DesiredState) -> None:
         await self._maybe_block()
         self._fail()
         self.applies.append("full")
@@ -91,7 +91,7 @@ class FakeFirewall:
             self.fail_cuts -= 1
             raise DataplaneError("conntrack", 1, "forced failure (fake)")
 
-    async def cut_revoked(self, diff: fwplan.StateDiff, keep: fwplan.DesiredState) -> int:
+    async def cut_revoked(self, diff: fwdiff.StateDiff, keep: fwstate.DesiredState) -> int:
         self._cut_fail()
         self.cuts.append("revoked")
         victims = []
@@ -102,30 +102,30 @@ class FakeFirewall:
                     continue
                 if rf.grant is not None and not rf.grant.matches(f.proto, f.dst, f.dport):
                     continue
-                if f.src == rf.client and fwplan.is_allowed(keep, f.src, f.proto, f.dst, f.dport):
+                if f.src == rf.client and fwstate.is_allowed(keep, f.src, f.proto, f.dst, f.dport):
                     continue
                 victims.append(f)
                 break
         return self._delete(victims)
 
     async def cut_disallowed(
-        self, state: fwplan.DesiredState, open_flows: Sequence[fwplan.Flow] | None
+        self, state: fwstate.DesiredState, open_flows: Sequence[revocation.Flow] | None
     ) -> int:
         self._cut_fail()
         self.cuts.append("walk" if open_flows is None else "index")
         pool = self.flows if open_flows is None else [f for f in open_flows if f in self.flows]
-        return self._delete(fwplan.flows_to_cut(state, pool))
+        return self._delete(revocation.flows_to_cut(state, pool))
 
-    def _delete(self, victims: Iterable[fwplan.Flow]) -> int:
+    def _delete(self, victims: Iterable[revocation.Flow]) -> int:
         gone = set(victims)
         self.flows = [f for f in self.flows if f not in gone]
         self.stats.flows_killed += len(gone)
         return len(gone)
 
-    async def check_drift(self, state: fwplan.DesiredState) -> list[str]:
+    async def check_drift(self, state: fwstate.DesiredState) -> list[str]:
         if self.kernel is None:
             return ["nothing of ours is in the kernel"]
-        d = fwplan.diff(self.kernel, state)
+        d = fwdiff.diff(self.kernel, state)
         if d.needs_full:
             return [f"rules differ: {', '.join(d.reasons)}"]
         return [op.line() for op in d.ops]
@@ -140,7 +140,7 @@ class FakeFirewall:
     async def route_into(self, network: ipaddress.IPv4Network, dev: str) -> None:
         self.routes[str(network)] = dev
 
-    def tamper(self, state: fwplan.DesiredState) -> None:
+    def tamper(self, state: fwstate.DesiredState) -> None:
         """Someone changed the kernel behind the agent's back: it now enforces ``state``."""
         self.kernel = state
 
@@ -221,9 +221,7 @@ class FakeManagement:
             raise CommandError("client-kill", "client-kill command failed (unknown cid)")
         self.answers.append(("kill", cid, message))
         if self.disconnect_after_kill is not None:
-            asyncio.get_running_loop().call_later(
-                self.disconnect_after_kill, self.disconnect, cid
-            )
+            asyncio.get_running_loop().call_later(self.disconnect_after_kill, self.disconnect, cid)
 
     async def status(self) -> list[StatusClient]:
         self._check()

@@ -31,15 +31,15 @@ from functools import partial
 from vpnfleet.agent.dataplane import DataplaneError
 from vpnfleet.agent.metrics import AgentMetrics
 from vpnfleet.agent.runners import FirewallRunner
-from vpnfleet.core import fwplan
+from vpnfleet.core import fwstate, revocation
 
 log = logging.getLogger("vpnfleet.agent.firewall")
 
 RETRY_DELAY = 0.5  # after a failed apply; doubles up to MAX_RETRY_DELAY
 MAX_RETRY_DELAY = 10.0
 
-StateSource = Callable[[], tuple[int, fwplan.DesiredState]]
-FlowIndex = Callable[[], Sequence[fwplan.Flow] | None]
+StateSource = Callable[[], tuple[int, fwstate.DesiredState]]
+FlowIndex = Callable[[], Sequence[revocation.Flow] | None]
 
 
 class FirewallSync:
@@ -64,7 +64,7 @@ class FirewallSync:
         self._first = asyncio.Event()
         self._busy = False
         # (revision, state) the kernel holds; revision advanced by note_revision when idle.
-        self._state: fwplan.DesiredState | None = None
+        self._state: fwstate.DesiredState | None = None
         self._revision = 0
         self._latest = 0  # newest revision the view reached
         # Set at start and whenever revocations may have been missed; cleared by a cut.
@@ -80,7 +80,7 @@ class FirewallSync:
         return self._revision
 
     @property
-    def applied_state(self) -> fwplan.DesiredState | None:
+    def applied_state(self) -> fwstate.DesiredState | None:
         """The state in the kernel (None before the first apply)."""
         return self._state
 
@@ -178,7 +178,7 @@ class FirewallSync:
             await self._cut(partial(self._cut_disallowed, state), "disallowed")
         return True
 
-    async def _cut_disallowed(self, state: fwplan.DesiredState) -> int:
+    async def _cut_disallowed(self, state: fwstate.DesiredState) -> int:
         index = self._open_flows() if self._open_flows is not None else None
         return await self.runner.cut_disallowed(state, index)
 

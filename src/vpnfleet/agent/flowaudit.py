@@ -24,8 +24,9 @@ from typing import TextIO
 from vpnfleet.agent.conntrack import ConntrackError, ConntrackListener
 from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
 from vpnfleet.agent.spool import Spool
-from vpnfleet.core import fwplan
-from vpnfleet.core.flows import FlowItem, FlowRecord, FlowTracker
+from vpnfleet.core import revocation
+from vpnfleet.core.flowevents import FlowItem
+from vpnfleet.core.flowtracker import FlowRecord, FlowTracker
 
 log = logging.getLogger("vpnfleet.agent.flows")
 
@@ -69,7 +70,7 @@ class FlowAudit:
 
     # ------------------------------------------------------------------ the index
 
-    def open_flows(self) -> list[fwplan.Flow] | None:
+    def open_flows(self) -> list[revocation.Flow] | None:
         """Every open flow from or to a tunnel address, or None while the index is incomplete
         (listener down, or its first table dump not finished)."""
         if not self.listener_up or not self.tracker.synced:

@@ -1,7 +1,7 @@
 """Listener for the firewall's NFLOG group: the packets the pod dropped, as they happen.
 
 The forward chain logs denied packets with ``-j NFLOG --nflog-group N`` (rate-limited by the
-rule itself, see :mod:`vpnfleet.core.fwplan`). This module owns the netlink side: a raw
+rule itself, see :mod:`vpnfleet.core.fwrender`). This module owns the netlink side: a raw
 ``AF_NETLINK``/``NETLINK_NETFILTER`` socket bound to that group in the network namespace of
 the calling process, read without blocking through ``loop.add_reader``. Decoding and
 aggregation are pure and live in :mod:`vpnfleet.core.denied`.

@@ -54,7 +54,7 @@ from vpnfleet.agent.settings import AgentSettings
 from vpnfleet.agent.spool import Spool
 from vpnfleet.agent.statedir import StateDir
 from vpnfleet.agent.supervisor import OpenVPNSupervisor
-from vpnfleet.core import fwplan
+from vpnfleet.core import fwstate
 from vpnfleet.core.fleet import Effects, FleetView
 from vpnfleet.core.fwdesired import DesiredStateBuilder
 from vpnfleet.core.mgmt_protocol import ClientEvent
@@ -149,7 +149,7 @@ class PodAgent:
         )
         clients = self.clients
 
-        def desired() -> tuple[int, fwplan.DesiredState]:
+        def desired() -> tuple[int, fwstate.DesiredState]:
             view = self.follower.view
             return view.revision, builder.build(view, clients.book)
 

@@ -15,7 +15,7 @@ import ipaddress
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Protocol
 
-from vpnfleet.core import fwplan
+from vpnfleet.core import fwdiff, fwstate, revocation
 from vpnfleet.core.mgmt_protocol import Event, StatusClient, VersionInfo
 
 
@@ -23,34 +23,34 @@ class FirewallRunner(Protocol):
     """Moves the pod's netfilter state (sets, chains, conntrack entries) to a desired state."""
 
     @property
-    def applied(self) -> fwplan.DesiredState | None:
+    def applied(self) -> fwstate.DesiredState | None:
         """The state last applied in full success (None: the next apply is a full resync)."""
 
     @property
     def stats(self) -> Any:
         """Counters for metrics (see ``DataplaneStats``)."""
 
-    async def apply(self, state: fwplan.DesiredState) -> fwplan.StateDiff | None:
+    async def apply(self, state: fwstate.DesiredState) -> fwdiff.StateDiff | None:
         """Sets and rules only: incrementally from :attr:`applied`, else a full resync (None).
 
         Open connections are left alone: cutting them is :meth:`cut_revoked`'s job, after the
         new policy is in place."""
 
-    async def apply_full(self, state: fwplan.DesiredState) -> None:
+    async def apply_full(self, state: fwstate.DesiredState) -> None:
         """A complete resync of sets, chains and jumps."""
 
-    async def cut_revoked(self, diff: fwplan.StateDiff, keep: fwplan.DesiredState) -> int:
+    async def cut_revoked(self, diff: fwdiff.StateDiff, keep: fwstate.DesiredState) -> int:
         """Delete the conntrack entries of the flows ``diff`` revoked that ``keep`` disallows."""
 
     async def cut_disallowed(
-        self, state: fwplan.DesiredState, open_flows: Sequence[fwplan.Flow] | None
+        self, state: fwstate.DesiredState, open_flows: Sequence[revocation.Flow] | None
     ) -> int:
         """Delete every open flow ``state`` would not let start now; returns how many.
 
         ``open_flows``: the flow index (the conntrack listener's view of the table), so only
         those entries are examined and deleted one by one; None walks the kernel's table."""
 
-    async def check_drift(self, state: fwplan.DesiredState) -> list[str]:
+    async def check_drift(self, state: fwstate.DesiredState) -> list[str]:
         """Every difference between the kernel and ``state`` (empty when in sync)."""
 
     async def remove_all(self) -> None:

@@ -25,7 +25,7 @@ from vpnfleet.controlplane.services import users as user_service
 from vpnfleet.controlplane.services.journal import Journal
 from vpnfleet.controlplane.state import jsonable
 from vpnfleet.core import netparse, policyfile
-from vpnfleet.core.policyfile import Grant, GroupSpec, Policy, PolicyDiff, UserSpec
+from vpnfleet.core.policyfile import GrantSpec, GroupSpec, Policy, PolicyDiff, UserSpec
 
 
 def settle(db: Session) -> None:
@@ -55,10 +55,10 @@ def current_policy(db: Session) -> Policy:
         )
         for u in db.scalars(select(User).order_by(User.name))
     }
-    grants: dict[int, list[Grant]] = {}
+    grants: dict[int, list[GrantSpec]] = {}
     for r in db.scalars(select(Rule).order_by(Rule.id)):
         grants.setdefault(r.group_id, []).append(
-            Grant(
+            GrantSpec(
                 destination=r.destination,
                 proto=netparse.parse_protocol(r.proto),
                 ports=r.ports,

@@ -1,7 +1,7 @@
 """Reverse lookup of NAT flows: which flow, hence which user, was POD_IP:PORT at time T.
 
 Pure decision logic; the queries that fetch the flows live in
-:mod:`vpnfleet.controlplane.attribution`.
+:mod:`vpnfleet.controlplane.reverse_lookup`.
 
 A backend saw a connection from the pod's address and port at some instant inside
 ``[at, at + window]`` (``window`` covers log times with whole seconds). A flow *covers* that

@@ -1,6 +1,6 @@
 """Denied packets: decode NFLOG netlink messages and aggregate them into audit events. Pure.
 
-The pod firewall (:mod:`vpnfleet.core.fwplan`) ends its forward chain with a rate-limited
+The pod firewall (:mod:`vpnfleet.core.fwrender`) ends its forward chain with a rate-limited
 ``-j NFLOG --nflog-prefix P-deny --nflog-group N`` followed by ``DROP``. The kernel hands each
 logged packet to ``nfnetlink_log``, which sends it to the listening socket
 (:mod:`vpnfleet.agent.nflog`) as one netlink message::

@@ -16,26 +16,26 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-from vpnfleet.core import fwplan
+from vpnfleet.core import fwnames, fwstate, grants
 from vpnfleet.core.fleet import FleetView
 from vpnfleet.core.sessionbook import Client
 
-_Grants = dict[str, tuple[int, tuple[fwplan.Grant, ...]]]
+_Grants = dict[str, tuple[int, tuple[grants.Grant, ...]]]
 
 
 def grants_by_group(view: FleetView) -> _Grants:
     """Group name -> (group id, grants) for every group in the view (one grant per port range)."""
-    by_group: dict[int, list[fwplan.Grant]] = {g: [] for g in view.groups}
+    by_group: dict[int, list[grants.Grant]] = {g: [] for g in view.groups}
     for rule in view.rules.values():
         if rule.group_id in by_group:
             by_group[rule.group_id].extend(
-                fwplan.grants_of(rule.destination, rule.proto, rule.ports)
+                grants.grants_of(rule.destination, rule.proto, rule.ports)
             )
     return {g.name: (g.id, tuple(by_group[g.id])) for g in view.groups.values()}
 
 
 class DesiredStateBuilder:
-    """Builds :class:`fwplan.DesiredState` objects for one pod, reusing unchanged parts."""
+    """Builds :class:`fwstate.DesiredState` objects for one pod, reusing unchanged parts."""
 
     def __init__(
         self,
@@ -46,14 +46,15 @@ class DesiredStateBuilder:
         nflog_group: int = 1,
         log_denied: bool = True,
     ) -> None:
-        self.prefix = fwplan.validate_prefix(prefix)
+        self.prefix = fwnames.validate_prefix(prefix)
         self.tunnel_networks = tunnel_networks
         self.uplink = uplink
         self.nflog_group = nflog_group
         self.log_denied = log_denied
         self._grants: tuple[FleetView, int, _Grants] | None = None
         self._addrs: dict[str, ipaddress.IPv4Address] = {}
-        self._groups: dict[str, fwplan.GroupState] = {}
+        self._groups: dict[str, fwstate.GroupAccess] = {}
+        self._check = fwstate.ClientCheck()
 
     def _grants_of(self, view: FleetView) -> _Grants:
         # Recomputed when the view object or its revision changed (a resync replaces the view).
@@ -70,7 +71,7 @@ class DesiredStateBuilder:
             addr = self._addrs[text] = ipaddress.IPv4Address(text)
         return addr
 
-    def build(self, view: FleetView, clients: Iterable[Client]) -> fwplan.DesiredState:
+    def build(self, view: FleetView, clients: Iterable[Client]) -> fwstate.DesiredState:
         """The state for the established ``clients`` under ``view``'s groups and rules."""
         established = [c for c in clients if c.established]
         addr = self._addr
@@ -86,8 +87,8 @@ class DesiredStateBuilder:
             for name in user.groups:
                 if name in members:
                     members[name].add(addr(c.tunnel_ip))
-        groups: list[fwplan.GroupState] = []
-        cache: dict[str, fwplan.GroupState] = {}
+        groups: list[fwstate.GroupAccess] = []
+        cache: dict[str, fwstate.GroupAccess] = {}
         for name, (gid, g) in grants.items():
             old = self._groups.get(name)
             if (
@@ -98,13 +99,15 @@ class DesiredStateBuilder:
             ):
                 state = old
             else:
-                state = fwplan.GroupState(group_id=gid, members=frozenset(members[name]), grants=g)
+                state = fwstate.GroupAccess(
+                    group_id=gid, members=frozenset(members[name]), grants=g
+                )
             cache[name] = state
             groups.append(state)
         self._groups = cache
         if len(self._addrs) > 4 * len(established) + 1024:
             self._addrs = {c.tunnel_ip: addr(c.tunnel_ip) for c in established}
-        return fwplan.DesiredState(
+        return fwstate.DesiredState(
             prefix=self.prefix,
             tunnel_networks=self.tunnel_networks,
             uplink=self.uplink,
@@ -114,4 +117,5 @@ class DesiredStateBuilder:
             allow_all=False,
             log_denied=self.log_denied,
             nflog_group=self.nflog_group,
+            client_check=self._check,
         )

@@ -82,8 +82,12 @@ class PolicyError(ValueError):
 
 
 @dataclass(frozen=True)
-class Grant:
-    """Members of a group may reach `destination` over `proto` on `ports` (None = all)."""
+class GrantSpec:
+    """Members of a group may reach `destination` over `proto` on `ports` (None = all).
+
+    The policy file's text form, as written and stored; the firewall's form, one per port
+    range, is :class:`vpnfleet.core.grants.Grant`.
+    """
 
     destination: str
     proto: Protocol = "any"
@@ -124,7 +128,7 @@ class GroupSpec:
 
     name: str
     description: str | None = None
-    grants: tuple[Grant, ...] = ()
+    grants: tuple[GrantSpec, ...] = ()
     line: int | None = field(default=None, compare=False)
 
 
@@ -429,7 +433,7 @@ def _read_group(r: _Reader, name: str, knode: Node, vnode: Node) -> GroupSpec | 
             if raw is not None
             else None
         )
-    grants: list[Grant] = []
+    grants: list[GrantSpec] = []
     if "grants" in fields:
         node = fields["grants"][1]
         items = r.sequence(node, f"{path}.grants") if r.visit(node, f"{path}.grants") else None
@@ -449,7 +453,7 @@ def _read_group(r: _Reader, name: str, knode: Node, vnode: Node) -> GroupSpec | 
     return GroupSpec(name=name, description=description, grants=tuple(grants), line=_line(knode))
 
 
-def _read_grant(r: _Reader, path: str, node: Node) -> Grant | None:
+def _read_grant(r: _Reader, path: str, node: Node) -> GrantSpec | None:
     if not r.visit(node, path):
         return None
     if _is_null(node):
@@ -505,7 +509,7 @@ def _read_grant(r: _Reader, path: str, node: Node) -> Grant | None:
         )
     if destination is None or len(r.issues) > before:
         return None
-    return Grant(
+    return GrantSpec(
         destination=destination,
         proto=proto,
         ports=netparse.format_ports(ranges),
@@ -618,7 +622,7 @@ def render(policy: Policy) -> str:
     )
 
 
-def _grant_entry(grant: Grant) -> _Flow:
+def _grant_entry(grant: GrantSpec) -> _Flow:
     entry = _Flow(destination=_short_destination(grant.destination), proto=grant.proto)
     if grant.ports is not None:
         entry["ports"] = grant.ports
@@ -768,7 +772,7 @@ def diff(current: Policy, desired: Policy, prune: bool = False) -> PolicyDiff:
     return out
 
 
-def _grant_ref(group: str, grant: Grant, rule_id: int | None = None) -> GrantRef:
+def _grant_ref(group: str, grant: GrantSpec, rule_id: int | None = None) -> GrantRef:
     return GrantRef(
         group=group,
         destination=grant.destination,

@@ -12,15 +12,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from vpnfleet.controlplane import retention
-from vpnfleet.controlplane.attribution import (
+from vpnfleet.controlplane.errors import Problem, bad_request
+from vpnfleet.controlplane.models import Flow
+from vpnfleet.controlplane.reverse_lookup import (
     FLOW_COLUMNS,
     AttributionOut,
     FlowOut,
     flow_out,
     lookup,
 )
-from vpnfleet.controlplane.errors import Problem, bad_request
-from vpnfleet.controlplane.models import Flow
 from vpnfleet.controlplane.state import DB, AppState, Auditor, State
 from vpnfleet.core import attribution as core
 from vpnfleet.core import netparse
