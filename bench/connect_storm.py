@@ -2,8 +2,9 @@
 
     sudo .venv/bin/python bench/connect_storm.py [--cycles 20000] [--window 64]
 
-The agent side is the real PodAgent event path (decision, client-auth, session tracking,
-coalesced firewall updates with real ipset/iptables) inside a private network namespace.
+The agent side is the real agent event path (session book decision, client-auth, client
+journal and session spool, coalesced firewall updates with real ipset/iptables) inside a private
+network namespace.
 The load generator is a fake OpenVPN *management server* speaking the real protocol on a
 unix socket: it sends CONNECT/ENV blocks (up to --window outstanding, as when many clients
 connect at once), answers SUCCESS to client-auth, then sends ESTABLISHED and DISCONNECT.
@@ -140,40 +141,69 @@ class FakeOpenVPN:
 
 
 async def run_agent_side(cycles: int, window: int, workdir: Path) -> dict[str, float]:
+    """The agent's own event path: supervisor-style event loop -> ClientHandler (session book
+    decision, client-auth, journal, session spool) -> FirewallSync (real ipset/iptables)."""
     import ipaddress
 
+    from vpnfleet.agent.clientjournal import ClientJournal
+    from vpnfleet.agent.clients import ClientHandler
+    from vpnfleet.agent.cpclient import ControlPlane
+    from vpnfleet.agent.dataplane import Dataplane
+    from vpnfleet.agent.firewall import FirewallSync
     from vpnfleet.agent.management import ManagementClient
-    from vpnfleet.agent.pod import PodAgent
-    from vpnfleet.agent.settings import AgentSettings
+    from vpnfleet.agent.sessionship import SessionShipper
     from vpnfleet.agent.spool import Spool
-    from vpnfleet.core import ipam
     from vpnfleet.core.fleet import FleetView
+    from vpnfleet.core.fwdesired import DesiredStateBuilder
+    from vpnfleet.core.mgmt_protocol import ClientEvent
+    from vpnfleet.core.sessionbook import BookConfig, SessionBook
     from vpnfleet.wire import Snapshot
 
     sock = workdir / "mgmt.sock"
     fake = FakeOpenVPN(cycles, window)
     server = await asyncio.start_unix_server(fake.handle, path=str(sock))
-    settings = AgentSettings(
-        server="http://127.0.0.1:9", token="x", name="bench", state_dir=workdir / "agent"
+    state = workdir / "agent"
+    state.mkdir()
+    view = FleetView.from_snapshot(Snapshot.model_validate_json(snapshot_json()))
+    nat = ipaddress.IPv4Network("10.200.0.0/16")
+    book = SessionBook(BookConfig(nat_pool=nat))
+    spool = Spool(state, "sessions")
+    shipper = SessionShipper(spool, ControlPlane("http://127.0.0.1:9", "x"), "bench")
+    dataplane = Dataplane("vpnf")
+    await dataplane.ensure_sysctls()
+    builder = DesiredStateBuilder("vpnf", (nat,), nflog_group=7007)
+    firewall = FirewallSync(dataplane, lambda: (view.revision, builder.build(view, book)))
+    mgmt = await ManagementClient.connect(sock)
+    handler = ClientHandler(
+        book,
+        ClientJournal(state / "clients.journal"),
+        shipper,
+        pod="bench",
+        view=lambda: view,
+        mgmt=lambda: mgmt,
+        changed=firewall.poke,
     )
-    settings.state_dir.mkdir()
-    agent = PodAgent(settings)
-    agent.view = FleetView.from_snapshot(Snapshot.model_validate_json(snapshot_json()))
-    agent.nat_pool = ipaddress.IPv4Network("10.200.0.0/16")
-    agent.nat_alloc = ipam.AddressAllocator(agent.nat_pool)
-    agent.spool = Spool(settings.state_dir, "sessions")
-    await agent.dataplane.ensure_sysctls()
-    firewall = asyncio.create_task(agent.firewall_loop())
-    agent.mgmt = await ManagementClient.connect(sock)
-    events = asyncio.create_task(agent.events_loop(agent.mgmt))
+    firewall.start()
+    fw_task = asyncio.create_task(firewall.run())
+
+    async def events() -> None:
+        async for event in mgmt.events():
+            if isinstance(event, ClientEvent):
+                await handler.on_event(event)
+
+    ev_task = asyncio.create_task(events())
     await asyncio.wait_for(fake.done.wait(), timeout=600)
     elapsed = fake.finished - fake.started
-    await agent.mgmt.close()
-    events.cancel()
-    firewall.cancel()
-    await agent.dataplane.remove_all()
+    await mgmt.close()
+    ev_task.cancel()
+    fw_task.cancel()
+    await asyncio.gather(ev_task, fw_task, return_exceptions=True)
+    await dataplane.remove_all()
+    handler.close()
+    spool.close()
     server.close()
     lat = [x * 1000 for x in fake.latencies]
+    stats = dataplane.stats
     return {
         "cycles": cycles,
         "window": window,
@@ -182,7 +212,7 @@ async def run_agent_side(cycles: int, window: int, workdir: Path) -> dict[str, f
         "p50_ms": pct(lat, 50),
         "p99_ms": pct(lat, 99),
         "denied": fake.denied,
-        "firewall_applies": agent.dataplane.stats.full_applies + agent.dataplane.stats.diff_applies,
+        "firewall_applies": stats.full_applies + stats.diff_applies,
     }
 
 

@@ -24,7 +24,7 @@ entries of revoked flows are deleted after it), "plan" the pure ``fwdiff.diff`` 
 pair of states.
 New states are derived from the previous one (unchanged groups and sets reused);
 "incremental_unshared_connect" times building and diffing states rebuilt from strings instead,
-as ``PodAgent.desired_state()`` does today.
+as the agent's ``DesiredStateBuilder`` (core/fwdesired.py) does.
 Throughput: iperf3 TCP client -> server through the pod (``-t`` seconds, only the server
 namespace's address), alternating runs with our chains absent (``Dataplane.remove_all``) and
 with the policy loaded, from FIRST and from LAST; the ratios compare medians. A diagnostic run
@@ -186,7 +186,7 @@ def with_grants(state: DesiredState, gid: int, grants: tuple[Grant, ...]) -> Des
 
 def unshared_connects(state: DesiredState, n: int, seed: int) -> dict[str, Any]:
     """Connects when every update rebuilds the state from strings, sharing no address, set or
-    group object with the previous one (as ``PodAgent.desired_state()`` builds it today; grant
+    group object with the previous one (as ``DesiredStateBuilder.build()`` makes it; grant
     tuples are shared, the agent caches those). Pure: no kernel involved."""
     rng = random.Random(seed)
     nat = {str(c) for c in state.nat_members}

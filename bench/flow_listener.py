@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import glob
+import ipaddress
 import json
 import os
 import platform
@@ -109,28 +110,30 @@ def child_generator(rate: int, seconds: float, dport: int) -> None:
 
 def child_listener(out: str) -> None:
     """Runs in the pod namespace: the agent's own flow pipeline (listener, tracker, JSON line
-    for the log, on-disk spool; PodAgent._on_flow_item), the log lines going to ``out`` and
+    for the log, on-disk spool: FlowAudit's per-event path), the log lines going to ``out`` and
     the spool next to it. Only delivery to a control plane is left out."""
     os.sched_setaffinity(0, {LISTENER_CPU})
     from vpnfleet.agent.conntrack import ConntrackListener
-    from vpnfleet.agent.pod import PodAgent
-    from vpnfleet.agent.settings import AgentSettings
+    from vpnfleet.agent.cpclient import ControlPlane
+    from vpnfleet.agent.flowaudit import FlowAudit
     from vpnfleet.agent.spool import Spool
     from vpnfleet.core.flowevents import FlowEvent, FlowEventKind, FlowItem
-    from vpnfleet.core.flowtracker import FlowTracker
 
     state = Path(out).parent / "agent-state"
     shutil.rmtree(state, ignore_errors=True)  # a fresh spool per trial
-    agent = PodAgent(
-        AgentSettings(server="http://127.0.0.1:9", token="-", name="bench-pod", state_dir=state)
-    )
-    agent.owners.update({ip: (f"user{i}", f"session-{i}") for i, ip in enumerate(SOURCES)})
-    tracker = agent.flow_tracker = FlowTracker("bench-pod", [TUNNEL], agent.owners.get)
-    agent.flow_spool = Spool(state, "flows", max_bytes=8 << 30)
-    listener = ConntrackListener(initial_dump=False)
+    owners = {ip: (f"user{i}", f"session-{i}") for i, ip in enumerate(SOURCES)}
     fh = open(out, "w", encoding="utf-8", buffering=1 << 20)  # noqa: SIM115 - closed below
-    agent.flow_out = fh
-    to_agent = agent._on_flow_item
+    audit = FlowAudit(
+        ControlPlane("http://127.0.0.1:9", "-"),
+        "bench-pod",
+        Spool(state, "flows", max_bytes=8 << 30),
+        [ipaddress.IPv4Network(TUNNEL)],
+        owners.get,
+        out=fh,
+    )
+    tracker = audit.tracker
+    listener = ConntrackListener(initial_dump=False)
+    to_agent = audit._on_item
     NEW = FlowEventKind.NEW
     # Live events only: entries listed by a resync dump must not hide lost events.
     counts = {FlowEventKind.NEW: 0, FlowEventKind.DESTROY: 0}
@@ -181,7 +184,7 @@ def child_listener(out: str) -> None:
 
     asyncio.run(main())
     fh.close()
-    agent.flow_spool.close()
+    audit.spool.close()
     print(status(), flush=True)
 
 

@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/scrape_cost.py [--users 2000] [--runs 50]
 
-No OpenVPN needed: a real PodAgent object is filled in-process with 2,000 established
-sessions and OpenVPN's `status` rows for them (what the agent holds after a reconcile), and its
-registry is rendered with prometheus_client's `generate_latest`, as `/metrics` does:
+No OpenVPN needed: the agent's session book adopts 2,000 established sessions from OpenVPN's
+`status` rows (the agent's own reconcile path), the collector reads them as ``PodAgent.readings()``
+presents them, and the registry is rendered with prometheus_client's `generate_latest`, as
+`/metrics` does:
 
 - per-user series on (cap raised above the user count),
 - default settings (cap 1,000: over it, only per-pod totals),
@@ -43,38 +44,54 @@ from prometheus_client.registry import Collector
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from vpnfleet.agent.exporter import ExporterConfig  # noqa: E402
+from vpnfleet.agent.dataplane import DataplaneStats  # noqa: E402
+from vpnfleet.agent.exporter import ExporterConfig, Readings  # noqa: E402
 from vpnfleet.agent.metrics import AgentMetrics  # noqa: E402
-from vpnfleet.agent.pod import LocalClient, PodAgent  # noqa: E402
-from vpnfleet.agent.settings import AgentSettings  # noqa: E402
 from vpnfleet.agent.spool import Spool  # noqa: E402
+from vpnfleet.core.fleet import FleetView  # noqa: E402
 from vpnfleet.core.mgmt_protocol import StatusClient  # noqa: E402
+from vpnfleet.core.sessionbook import BookConfig, SessionBook  # noqa: E402
 
 POD = "pod-bench"
 START = dt.datetime(2026, 11, 26, 8, 0, tzinfo=dt.UTC)
 
 
-def fill(agent: PodAgent, users: int) -> None:
-    """`users` established sessions, one per user, and OpenVPN's status rows for them."""
-    net = ipaddress.IPv4Network("10.200.0.0/16")
-    for i in range(1, users + 1):
-        tunnel = str(net.network_address + 1 + i)
-        started = START + dt.timedelta(seconds=i)
-        name = f"user{i:05d}"
-        agent.clients[i] = LocalClient(
-            cid=i,
-            user=name,
-            mode="gateway" if i % 10 == 0 else "nat",
-            tunnel_ip=tunnel,
-            real_ip=f"198.51.{i // 250}.{i % 250 + 1}",
-            real_port=30000 + i,
-            uid=f"{POD}-{i:016x}",
-            connected_at=started.isoformat(),
-            established=True,
+class BenchAgent:
+    """The agent's state as /metrics reads it: a session book and OpenVPN's last listing."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.book = SessionBook(
+            BookConfig(
+                nat_pool=ipaddress.IPv4Network("10.200.0.0/16"),
+                gateway_pool=ipaddress.IPv4Network("10.201.0.0/16"),
+            )
         )
+        self.last_status: list[StatusClient] = []
+        self.last_status_at = 0.0
+        self.spool = Spool(state_dir, "sessions")
+
+    def readings(self) -> Readings:
+        return Readings(
+            pod=POD, state_dir=self.state_dir, crl_verify=False, clients=list(self.book),
+            last_status=self.last_status, last_status_at=self.last_status_at,
+            view_revision=1, applied_revision=1, applied_state=None,
+            dataplane_stats=DataplaneStats(), spools={"sessions": self.spool},
+            openvpn_ready=True, openvpn_version="OpenVPN 2.6.14 x86_64-pc-linux-gnu",
+            draining=False, ready=True,
+        )  # fmt: skip
+
+
+def fill(agent: BenchAgent, users: int) -> None:
+    """`users` established sessions, one per user, adopted from OpenVPN's status rows."""
+    net = ipaddress.IPv4Network("10.200.0.0/16")
+    gw = ipaddress.IPv4Network("10.201.0.0/16")
+    for i in range(1, users + 1):
+        tunnel = str((gw if i % 10 == 0 else net).network_address + 1 + i)
+        started = START + dt.timedelta(seconds=i)
         agent.last_status.append(
             StatusClient(
-                common_name=name,
+                common_name=f"user{i:05d}",
                 real_address=f"198.51.{i // 250}.{i % 250 + 1}:{30000 + i}",
                 virtual_address=tunnel,
                 virtual_ipv6_address=None,
@@ -87,11 +104,14 @@ def fill(agent: PodAgent, users: int) -> None:
                 data_channel_cipher="AES-256-GCM",
             )
         )
+    uids = (f"{POD}-{i:016x}" for i in range(1, users + 1))
+    agent.book.reconcile(
+        agent.last_status, FleetView(), {}, listed_after=0, new_uid=uids, now=START.isoformat()
+    )
     agent.last_status_at = time.time()
-    agent.openvpn_ready = True
 
 
-def write_status_v2(agent: PodAgent, path: Path) -> None:
+def write_status_v2(agent: BenchAgent, path: Path) -> None:
     """The same clients as OpenVPN 2.6 writes them with `--status-version 2`."""
     now = int(time.time())
     lines = [
@@ -208,9 +228,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        settings = AgentSettings(server="http://127.0.0.1:9", token="t", name=POD, state_dir=d)
-        agent = PodAgent(settings)
-        agent.spool = Spool(d, "sessions")
+        agent = BenchAgent(d)
         fill(agent, args.users)
         status = d / "openvpn-status.log"
         write_status_v2(agent, status)

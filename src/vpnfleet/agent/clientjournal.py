@@ -18,6 +18,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
+from json.encoder import encode_basestring_ascii as _json_str
 from pathlib import Path
 from typing import IO
 
@@ -73,9 +74,9 @@ class ClientJournal:
             self._fh = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
         return self._fh
 
-    def _append(self, entry: dict[str, object]) -> None:
+    def _append(self, line: str) -> None:
         try:
-            self._writer().write(json.dumps(entry, separators=(",", ":")) + "\n")
+            self._writer().write(line)
         except OSError as exc:  # a full disk must not stop the VPN; the next rewrite retries
             log.error("client journal write failed: %s", exc)
             return
@@ -86,12 +87,13 @@ class ClientJournal:
     def up(self, client: Client) -> None:
         """``client``'s session is live (established or adopted)."""
         self._live[client.uid] = client
-        self._append({"op": "up", "client": client.to_record()})
+        record = json.dumps(client.to_record(), separators=(",", ":"))
+        self._append(f'{{"op":"up","client":{record}}}\n')
 
     def down(self, uid: str) -> None:
         """The session ``uid`` ended."""
         if self._live.pop(uid, None) is not None:
-            self._append({"op": "down", "uid": uid})
+            self._append(f'{{"op":"down","uid":{_json_str(uid)}}}\n')
 
     def rewrite(self, live: Iterable[Client]) -> None:
         """Replace the file with exactly ``live`` (after adoption, and to drop dead lines)."""
