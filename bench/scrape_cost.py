@@ -44,9 +44,9 @@ from prometheus_client.registry import Collector
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from vpnfleet.agent.dataplane import DataplaneStats  # noqa: E402
 from vpnfleet.agent.exporter import ExporterConfig, Readings  # noqa: E402
 from vpnfleet.agent.metrics import AgentMetrics  # noqa: E402
+from vpnfleet.agent.netcommands import DataplaneStats  # noqa: E402
 from vpnfleet.agent.spool import Spool  # noqa: E402
 from vpnfleet.core.fleet import FleetView  # noqa: E402
 from vpnfleet.core.mgmt_protocol import StatusClient  # noqa: E402

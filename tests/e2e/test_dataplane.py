@@ -27,7 +27,8 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from tests.e2e.netns import Netns, NetnsPool, existing_namespaces, requires_netns, veth
-from vpnfleet.agent.dataplane import Dataplane, DataplaneError
+from vpnfleet.agent.dataplane import Dataplane
+from vpnfleet.agent.netcommands import DataplaneError
 from vpnfleet.core import fwnames
 from vpnfleet.core.fwkernel import parse_conntrack
 from vpnfleet.core.fwstate import DesiredState, GroupAccess

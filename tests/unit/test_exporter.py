@@ -30,10 +30,10 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Server, free_port
-from vpnfleet.agent.dataplane import DataplaneStats
 from vpnfleet.agent.exporter import ExporterConfig, LagClock, Readings
 from vpnfleet.agent.flowaudit import FlowAudit
 from vpnfleet.agent.metrics import AgentMetrics
+from vpnfleet.agent.netcommands import DataplaneStats
 from vpnfleet.agent.settings import AgentSettings
 from vpnfleet.agent.spool import Spool
 from vpnfleet.cli.status import assess

@@ -22,8 +22,8 @@ import ipaddress
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from vpnfleet.agent.dataplane import DataplaneError, DataplaneStats
 from vpnfleet.agent.management import CommandError, ManagementClosed
+from vpnfleet.agent.netcommands import DataplaneError, DataplaneStats
 from vpnfleet.agent.runners import FirewallRunner, ManagementSession, ProcessRunner
 from vpnfleet.core import fwdiff, fwstate, revocation
 from vpnfleet.core.mgmt_protocol import (

@@ -28,8 +28,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
-from vpnfleet.agent.dataplane import DataplaneError
 from vpnfleet.agent.metrics import AgentMetrics
+from vpnfleet.agent.netcommands import DataplaneError
 from vpnfleet.agent.runners import FirewallRunner
 from vpnfleet.core import fwstate, revocation
 

@@ -38,7 +38,7 @@ from typing import Any
 from vpnfleet.agent.clientjournal import ClientJournal
 from vpnfleet.agent.clients import ClientHandler
 from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
-from vpnfleet.agent.dataplane import Dataplane, DataplaneError
+from vpnfleet.agent.dataplane import Dataplane
 from vpnfleet.agent.deniedaudit import NFLOG_GROUP, DeniedAudit
 from vpnfleet.agent.exporter import Readings
 from vpnfleet.agent.firewall import FirewallSync
@@ -47,6 +47,7 @@ from vpnfleet.agent.follower import ViewFollower
 from vpnfleet.agent.heartbeat import HeartbeatSender
 from vpnfleet.agent.management import ManagementError
 from vpnfleet.agent.metrics import AgentMetrics
+from vpnfleet.agent.netcommands import DataplaneError
 from vpnfleet.agent.registration import Registration
 from vpnfleet.agent.runners import FirewallRunner, ManagementSession, ProcessRunner
 from vpnfleet.agent.sessionship import SessionShipper

@@ -21,9 +21,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from vpnfleet.agent.dataplane import DataplaneError
 from vpnfleet.agent.management import ManagementClient, ManagementError
 from vpnfleet.agent.metrics import AgentMetrics
+from vpnfleet.agent.netcommands import DataplaneError
 from vpnfleet.agent.openvpn import OpenVPNProcess
 from vpnfleet.agent.registration import TUN_DEV
 from vpnfleet.agent.runners import ManagementSession, ProcessRunner
