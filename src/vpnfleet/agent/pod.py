@@ -194,8 +194,8 @@ class PodAgent:
             await clients.converge()
             await self.registration.refresh_crl()
             return
-        users = set(effects.kick)
-        for uid in effects.kick_sessions:
+        users = set(effects.users)
+        for uid in effects.sessions:
             users |= {c.user for c in clients.book.by_uid(uid)}
         if users:
             await clients.converge(users)

@@ -1,7 +1,9 @@
 """The agent's replica of the control plane's state, kept current from the watch stream.
 
-Pure: `FleetView.apply(event)` updates the view and returns what the agent must act on
-(whom to disconnect, whether the firewall or CRL needs work). The agent does the I/O.
+Pure: `FleetView.apply(event)` updates the view and returns what the agent must look at (whose
+clients to re-judge, which sessions were marked to end, whether the firewall or CRL needs
+work). Whether a client must go, and why, is decided in one place only:
+`core.sessionbook.SessionBook.violations`, against the view. The agent does the I/O.
 Events are typed (vpnfleet.wire): a malformed one never gets here, so nothing is guessed.
 """
 
@@ -37,18 +39,12 @@ from vpnfleet.wire import (
 
 @dataclass
 class Effects:
-    """What an applied change asks the agent to do."""
+    """What an applied change asks the agent to look at."""
 
-    kick: dict[str, str] = field(default_factory=dict)  # user name -> reason
-    kick_sessions: dict[str, str] = field(default_factory=dict)  # session uid -> reason
+    users: set[str] = field(default_factory=set)  # users whose clients must be re-judged
+    sessions: set[str] = field(default_factory=set)  # session uids marked to end
     dataplane: bool = False
     crl: bool = False
-
-    def merge(self, other: Effects) -> None:
-        self.kick.update(other.kick)
-        self.kick_sessions.update(other.kick_sessions)
-        self.dataplane |= other.dataplane
-        self.crl |= other.crl
 
 
 @dataclass
@@ -105,7 +101,7 @@ class FleetView:
             effects = self._upsert_user(event.object)
         elif isinstance(event, UserDelete):
             self.users.pop(event.key.name, None)
-            effects.kick[event.key.name] = "account deleted"
+            effects.users.add(event.key.name)
             effects.dataplane = True
         elif isinstance(event, GroupUpsert):
             self.groups[event.object.id] = event.object
@@ -138,7 +134,7 @@ class FleetView:
             session = event.object
             self.sessions[session.uid] = session
             if session.kill is not None:
-                effects.kick_sessions[session.uid] = session.kill
+                effects.sessions.add(session.uid)
         elif isinstance(event, SessionDelete):
             self.sessions.pop(event.key.uid, None)
         elif isinstance(event, CrlUpsert | PkiUpsert):
@@ -152,19 +148,13 @@ class FleetView:
         self.users[user.name] = user.model_copy(update={"groups": sorted(set(groups))})
 
     def _upsert_user(self, new: UserState) -> Effects:
-        effects = Effects()
         old = self.users.get(new.name)
         self.users[new.name] = new
-        if not new.enabled:
-            effects.kick[new.name] = "account disabled"
-        elif old is not None and old.cert_serial != new.cert_serial:
-            effects.kick[new.name] = "certificate revoked or replaced"
-            effects.crl = True
-        elif old is not None and (
-            old.mode != new.mode or old.gateway_address != new.gateway_address
-        ):
-            # The tunnel address depends on the mode: reconnect to get the new one.
-            effects.kick[new.name] = "connection mode changed"
+        # Enabled, certificate, mode or lease may have changed: the agent re-judges the user's
+        # clients (SessionBook.violations says whether one must go, and why).
+        effects = Effects(users={new.name})
+        if old is not None and old.cert_serial != new.cert_serial:
+            effects.crl = True  # a replaced certificate was revoked: OpenVPN's CRL copy too
         if old is None or old.groups != new.groups:
             effects.dataplane = True
         return effects
