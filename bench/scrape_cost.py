@@ -48,7 +48,6 @@ from vpnfleet.agent.exporter import ExporterConfig, Readings  # noqa: E402
 from vpnfleet.agent.metrics import AgentMetrics  # noqa: E402
 from vpnfleet.agent.netcommands import DataplaneStats  # noqa: E402
 from vpnfleet.agent.spool import Spool  # noqa: E402
-from vpnfleet.core.fleet import FleetView  # noqa: E402
 from vpnfleet.core.mgmt_protocol import StatusClient  # noqa: E402
 from vpnfleet.core.sessionbook import BookConfig, SessionBook  # noqa: E402
 
@@ -105,9 +104,7 @@ def fill(agent: BenchAgent, users: int) -> None:
             )
         )
     uids = (f"{POD}-{i:016x}" for i in range(1, users + 1))
-    agent.book.reconcile(
-        agent.last_status, FleetView(), {}, listed_after=0, new_uid=uids, now=START.isoformat()
-    )
+    agent.book.reconcile(agent.last_status, {}, listed_after=0, new_uid=uids, now=START.isoformat())
     agent.last_status_at = time.time()
 
 

@@ -10,9 +10,12 @@ import pytest
 from vpnfleet.core import authz, ipam
 from vpnfleet.core.fleet import FleetView
 from vpnfleet.wire import (
+    CrlUpdate,
+    CrlUpsert,
     GroupDelete,
     GroupKey,
     GroupState,
+    GroupUpsert,
     LiveSession,
     MembershipDelete,
     MembershipState,
@@ -223,3 +226,28 @@ def test_events_the_view_already_contains_are_not_replayed() -> None:
     assert not e.users and v.users["alice"].enabled and v.revision == 20
     e = v.apply(disabled.model_copy(update={"revision": 21}))
     assert e.users == {"alice"} and not v.users["alice"].enabled and v.revision == 21
+
+
+def test_a_gateway_user_without_a_lease_is_refused_and_limits_count_exactly() -> None:
+    no_lease = authz.decide(view(GW.model_copy(update={"gateway_address": None})), "gw", "55", 0)
+    assert (no_lease.allow, no_lease.client_reason) == (False, "no gateway address")
+    two = ALICE.model_copy(update={"max_sessions": 2})
+    # One session elsewhere, limit two: the second is allowed, the third is not.
+    assert authz.decide(view(two, sessions=(session("pod2-abcdefgh"),)), "alice", "123", 0).allow
+    both = (session("pod2-abcdefgh"), session("pod2-abcdefgi"))
+    assert not authz.decide(view(two, sessions=both), "alice", "123", 0).allow
+
+
+def test_what_each_event_asks_the_agent_to_do() -> None:
+    v = view(ALICE)
+    e = v.apply(GroupUpsert(revision=8, at=AT, object=GroupState(id=3, name="devs")))
+    assert e.dataplane and not e.users
+    e = v.apply(CrlUpsert(revision=9, at=AT, object=CrlUpdate(revoked=["12"])))
+    assert e.crl and not e.dataplane
+    # Deleting what the view does not hold is harmless (the view may be newer than the event).
+    v.apply(UserDelete(revision=10, at=AT, key=UserKey(id=9, name="nobody")))
+    v.apply(SessionDelete(revision=11, at=AT, key=SessionKey(uid="pod9-unknown0")))
+    assert v.revision == 11
+    # An event at the view's own revision is already in it.
+    e = v.apply(UserUpsert(revision=11, at=AT, object=user(enabled=False)))
+    assert not e.users and v.users["alice"].enabled

@@ -114,3 +114,14 @@ def test_unchanged_groups_are_the_same_objects() -> None:
     assert group(second, 1) is group(first, 1) and group(second, 2) is group(first, 2)
     d = fwdiff.diff(first, second)
     assert not d.needs_full and {op.set_name for op in d.ops} == {"vpnf-clients", "vpnf-nat"}
+
+
+def test_the_pod_settings_reach_the_state_and_a_deleted_user_stops_nobody_else() -> None:
+    v = fleet([user("ghost", groups=["web"]), user("pa", groups=["web"])], [WEB_8080])
+    book = SessionBook(BookConfig(NAT, GW))
+    admit(book, v, 1, name="ghost", ip="192.0.2.1")  # judged first
+    pa = admit(book, v, 2, name="pa", ip="192.0.2.2")
+    b = DesiredStateBuilder("vpnf", (NAT, GW), uplink="eth1", nflog_group=7007, log_denied=False)
+    state = b.build(fleet([user("pa", groups=["web"])], [WEB_8080]), book)
+    assert (state.uplink, state.nflog_group, state.log_denied) == ("eth1", 7007, False)
+    assert group(state, 1).members == {ipaddress.IPv4Address(pa.tunnel_ip)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import ipaddress
 import itertools
@@ -268,7 +269,6 @@ def row(cid: int, name: str, address: str | None, ip: str = "198.51.100.7") -> S
 
 
 def test_adoption_keeps_the_journal_identity_and_flags_nothing_new(book: SessionBook) -> None:
-    v = view(user("alice"), user("bob"))
     journal = Client(
         cid=9,
         user="alice",
@@ -285,7 +285,6 @@ def test_adoption_keeps_the_journal_identity_and_flags_nothing_new(book: Session
     assert book.owner("10.200.0.5") == ("alice", journal.uid)
     result = book.reconcile(
         [row(1, "alice", "10.200.0.5"), row(2, "bob", "10.200.0.6")],
-        v,
         {("alice", "10.200.0.5"): journal},
         listed_after=book.seq,
         new_uid=uids(),
@@ -318,7 +317,7 @@ def test_seeded_owners_without_a_client_are_dropped(book: SessionBook) -> None:
         established=True,
     )
     book.seed_owners([ghost])
-    book.reconcile([], view(user("alice")), {}, listed_after=0, new_uid=uids(), now=NOW)
+    book.reconcile([], {}, listed_after=0, new_uid=uids(), now=NOW)
     assert book.owner("10.200.0.5") is None
 
 
@@ -329,16 +328,15 @@ def test_a_client_gone_from_the_listing_vanishes_unless_admitted_after_it(
     old = admit(book, v, 1, name="alice", ip="192.0.2.1")
     listed_after = book.seq
     new = admit(book, v, 2, name="alice", ip="192.0.2.2")  # CONNECT raced the listing
-    result = book.reconcile([], v, {}, listed_after=listed_after, new_uid=uids(), now=NOW)
+    result = book.reconcile([], {}, listed_after=listed_after, new_uid=uids(), now=NOW)
     assert [c.uid for c in result.vanished] == [old.uid]
     assert book.get(new.cid) is not None and book.get(old.cid) is None
 
 
 def test_an_unanswered_connect_is_restarted_when_seen_twice(book: SessionBook) -> None:
-    v = view(user("alice"))
     rows = [row(4, "alice", None)]
-    first = book.reconcile(rows, v, {}, listed_after=0, new_uid=uids(), now=NOW)
-    second = book.reconcile(rows, v, {}, listed_after=0, new_uid=uids(), now=NOW)
+    first = book.reconcile(rows, {}, listed_after=0, new_uid=uids(), now=NOW)
+    second = book.reconcile(rows, {}, listed_after=0, new_uid=uids(), now=NOW)
     assert first.restart == () and second.restart == (4,)
 
 
@@ -392,3 +390,87 @@ def test_journal_records_round_trip() -> None:
         established=True,
     )
     assert Client.from_record(c.to_record()) == c
+
+
+# ------------------------------------------------------------------ edges mutation testing found
+
+
+def test_an_allowed_reauth_changes_nothing(book: SessionBook) -> None:
+    v = view(user("alice"))
+    client = admit(book, v, 1)
+    out = book.connect(v, 1, env("alice"), reauth=True, uid="ignored", now=NOW)
+    assert out.decision.allow and out.ended is None and out.client is None
+    assert book.get(1) == client and book.owner(client.tunnel_ip) == ("alice", client.uid)
+
+
+def test_a_connect_for_a_cid_the_book_holds_replaces_the_old_record(book: SessionBook) -> None:
+    v = view(user("alice", max_sessions=2))
+    old = admit(book, v, 1, name="alice", ip="192.0.2.1")
+    # OpenVPN reuses a client id only for a new instance: the old one is gone.
+    again = book.connect(v, 1, env("alice", ip="192.0.2.1"), reauth=False, uid="new", now=NOW)
+    assert again.client is not None and again.client.uid == "new"
+    assert [c.uid for c in book] == ["new"] and book.owner(old.tunnel_ip) is None
+    refused = book.connect(view(user("alice", enabled=False)), 1, env("alice"), reauth=False,
+                           uid="x", now=NOW)  # fmt: skip
+    assert not refused.decision.allow and book.get(1) is None
+
+
+@pytest.mark.parametrize(
+    ("port", "expected"), [("65535", 65535), ("65536", None), ("", None), ("x", None)]
+)
+def test_the_real_port_is_kept_only_when_it_is_a_port(
+    book: SessionBook, port: str, expected: int | None
+) -> None:
+    e = {**env("alice"), "untrusted_port": port}
+    out = book.connect(view(user("alice")), 1, e, reauth=False, uid="u", now=NOW)
+    assert out.client is not None and out.client.real_port == expected
+
+
+def test_every_client_is_judged_and_listed(book: SessionBook) -> None:
+    v = view(user("ann", max_sessions=2), user("bob"))
+    a1 = admit(book, v, 1, name="ann", ip="192.0.2.1")
+    a2 = admit(book, v, 2, name="ann", ip="192.0.2.2")
+    b = admit(book, v, 3, name="bob", ip="192.0.2.3")
+    assert {c.cid for c in book.of_users(["ann", "bob"])} == {a1.cid, a2.cid, b.cid}
+    book.kick(a1.cid, "x")  # judged before the others: must not stop the walk
+    gone = view(user("bob"))
+    assert [k.client.cid for k in book.violations(gone)] == [a2.cid]
+    book.forget(a1.cid)
+    assert [c.cid for c in book.of_users(["ann"])] == [a2.cid]
+
+
+def test_kicking_a_client_that_never_came_up_ends_no_session(book: SessionBook) -> None:
+    v = view(user("alice"))
+    book.connect(v, 1, env("alice"), reauth=False, uid="u", now=NOW)
+    assert book.kick(1, "x") is None and book.get(1) is not None
+
+
+def test_reconcile_forgets_silently_what_never_came_up(book: SessionBook) -> None:
+    v = view(user("alice"))
+    book.connect(v, 1, env("alice"), reauth=False, uid="u", now=NOW)
+    result = book.reconcile([], {}, listed_after=book.seq, new_uid=uids(), now=NOW)
+    assert result.vanished == () and book.get(1) is None
+
+
+def test_adoption_reads_each_row_and_reserves_its_address() -> None:
+    tiny = SessionBook(BookConfig(ipaddress.IPv4Network("10.200.0.0/30"), GWPOOL))
+    rows = [
+        row(1, "alice", "10.200.0.2", ip="192.0.2.7"),
+        row(7, "carl", None),  # never answered: skipped, the rest still adopted
+        row(2, "gary", "10.201.0.9", ip="192.0.2.8"),
+    ]
+    result = tiny.reconcile(rows, {}, listed_after=0, new_uid=uids(), now=NOW)
+    got = {c.user: c for c in result.adopted}
+    assert set(got) == {"alice", "gary"}
+    assert (got["alice"].mode, got["gary"].mode) == ("nat", "gateway")
+    assert (got["alice"].real_ip, got["alice"].real_port) == ("192.0.2.7", 40001)
+    assert got["alice"].connected_at == "2026-12-02T09:00:00+00:00"
+    # alice holds the pool's only NAT address: nobody else gets it.
+    out = tiny.connect(view(user("bob")), 3, env("bob"), reauth=False, uid="b", now=NOW)
+    assert out.decision.client_reason == "server full"
+    # A row without a start time is dated now.
+    late = tiny.reconcile(
+        [*rows, dataclasses.replace(row(4, "dan", "10.201.0.10"), connected_since=None)],
+        {}, listed_after=tiny.seq, new_uid=uids(), now=NOW,
+    )  # fmt: skip
+    assert [c.connected_at for c in late.adopted] == [NOW]

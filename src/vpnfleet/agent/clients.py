@@ -262,7 +262,6 @@ class ClientHandler:
         first = not self._journal_synced
         result = self.book.reconcile(
             rows,
-            self._view(),
             self._cached,
             listed_after=listed_after,
             new_uid=self._uids(),

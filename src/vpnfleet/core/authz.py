@@ -16,7 +16,8 @@ from vpnfleet.wire import UserState
 
 @dataclass(frozen=True)
 class Decision:
-    """`reason` is for logs and metrics; `client_reason` is what the user's client shows."""
+    """`reason` is for logs and metrics; `client_reason` is what the user's client shows;
+    `user` is the admitted user (only on an allow)."""
 
     allow: bool
     reason: str
@@ -57,11 +58,11 @@ def decide(
     if user is None:
         return Decision(False, "unknown user", "unknown account")
     if not user.enabled:
-        return Decision(False, "user disabled", "account disabled", user)
+        return Decision(False, "user disabled", "account disabled")
     if not serial_matches(user.cert_serial, cert_serial):
-        return Decision(False, "certificate not current", "certificate revoked or replaced", user)
+        return Decision(False, "certificate not current", "certificate revoked or replaced")
     if user.mode == "gateway" and not user.gateway_address:
-        return Decision(False, "no gateway address leased", "no gateway address", user)
+        return Decision(False, "no gateway address leased", "no gateway address")
     # A session the control plane asked to end (killed, replaced) is on its way out and
     # must not lock its user out meanwhile.
     fleet = sum(
@@ -71,10 +72,5 @@ def decide(
     )
     live = max(fleet, local_sessions)
     if live >= user.max_sessions:
-        return Decision(
-            False,
-            f"session limit reached ({user.max_sessions})",
-            "too many sessions",
-            user,
-        )
+        return Decision(False, f"session limit reached ({user.max_sessions})", "too many sessions")
     return Decision(True, "allowed", "", user)

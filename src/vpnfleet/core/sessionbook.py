@@ -328,8 +328,7 @@ class SessionBook:
             cids.discard(cid)
             if not cids:
                 del self._by_user[client.user]
-        if self._owners.get(client.tunnel_ip, ("", ""))[1] == client.uid:
-            del self._owners[client.tunnel_ip]
+        self._drop_owner(client)
         if client.mode == "nat":
             self._nat.release(ipaddress.IPv4Address(client.tunnel_ip))
         return client
@@ -349,7 +348,13 @@ class SessionBook:
         self._by_user.setdefault(client.user, set()).add(client.cid)
         if client.established:
             self._owners[client.tunnel_ip] = (client.user, client.uid)
-        elif self._owners.get(client.tunnel_ip, ("", ""))[1] == client.uid:
+        else:
+            self._drop_owner(client)
+
+    def _drop_owner(self, client: Client) -> None:
+        # Only if the address is still this session's (a later session may hold it now).
+        owner = self._owners.get(client.tunnel_ip)
+        if owner is not None and owner[1] == client.uid:
             del self._owners[client.tunnel_ip]
 
     # ------------------------------------------------------------------ convergence
@@ -385,7 +390,6 @@ class SessionBook:
     def reconcile(
         self,
         rows: Sequence[StatusClient],
-        view: FleetView,
         cached: Mapping[tuple[str, str], Client],
         *,
         listed_after: int,
@@ -419,11 +423,10 @@ class SessionBook:
                 if cid in self._unanswered:
                     restart.append(cid)
                 continue
-            user = view.users.get(row.common_name)
             vaddr = str(row.virtual_address)
             old = cached.get((row.common_name, vaddr))
             since = row.connected_since.isoformat() if row.connected_since else now
-            mode = old.mode if old else _mode_of(vaddr, self.config, user)
+            mode = old.mode if old else _mode_of(vaddr, self.config)
             self._seq += 1
             client = Client(
                 cid=cid,
@@ -449,13 +452,10 @@ class SessionBook:
         return Reconciled(tuple(vanished), tuple(adopted), tuple(restart))
 
 
-def _mode_of(address: str, config: BookConfig, user: Any) -> str:
+def _mode_of(address: str, config: BookConfig) -> str:
     # A client the journal did not know: its address tells the mode it connected with.
-    if config.gateway_pool is not None and ipaddress.IPv4Address(address) in config.gateway_pool:
-        return "gateway"
-    if ipaddress.IPv4Address(address) in config.nat_pool:
-        return "nat"
-    return str(user.mode) if user is not None else "nat"
+    gateway = config.gateway_pool
+    return "gateway" if gateway is not None and ipaddress.IPv4Address(address) in gateway else "nat"
 
 
 def _violation(view: FleetView, c: Client, killed: Mapping[str, str | None]) -> str | None:
