@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests import polling
 from tests.conftest import Server, free_port
 from vpnfleet.agent.fakes import FakeFirewall, FakeManagement, FakeProcess
 from vpnfleet.agent.pod import PodAgent
@@ -31,16 +32,7 @@ SVC = ipaddress.IPv4Address("10.20.0.5")
 
 
 async def until(check: Callable[[], Any], seconds: float, what: str) -> Any:
-    deadline = time.monotonic() + seconds
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {seconds}s waiting for {what}")
-        await asyncio.sleep(0.02)
+    return await polling.until(check, seconds, what, every=0.02)
 
 
 class Pod:

@@ -430,7 +430,7 @@ async def test_restarted_agent_reconciles_flows_it_could_not_diff(lab: Lab, dp: 
         assert await restarted.apply(narrowed) is None
         assert (await a80.ask()).startswith("ok")
         # ... so it reconciles: A's 8080 flow and the inbound flow to B (now NAT) go.
-        assert await restarted.reconcile_flows(narrowed) >= 2
+        assert await restarted.flows.reconcile_flows(narrowed) >= 2
         assert await a80.ask() == "timeout"
         assert await to_b.ask() == "timeout"
         assert (await a81.ask()).startswith("ok")
@@ -440,13 +440,16 @@ async def test_kill_flows_by_network_and_protocol(lab: Lab, dp: Dataplane) -> No
     await dp.apply_full(make_state(BASE))
     async with open_conn(lab.cl, A, BE1, 8080) as conn:
         assert (await conn.ask()).startswith("ok")
-        assert await dp.kill_flows(A, Grant(IPv4Network("198.18.20.0/24"), "udp")) == 0
-        assert await dp.kill_flows(A, Grant(IPv4Network("198.18.21.0/24"), "tcp")) == 0
+        assert await dp.flows.kill_flows(A, Grant(IPv4Network("198.18.20.0/24"), "udp")) == 0
+        assert await dp.flows.kill_flows(A, Grant(IPv4Network("198.18.21.0/24"), "tcp")) == 0
         # Still allowed by the applied state: spared.
         keep = make_state(BASE)
-        assert await dp.kill_flows(A, Grant(IPv4Network("198.18.20.0/24"), "tcp"), keep=keep) == 0
+        assert (
+            await dp.flows.kill_flows(A, Grant(IPv4Network("198.18.20.0/24"), "tcp"), keep=keep)
+            == 0
+        )
         assert (await conn.ask()).startswith("ok")
-        assert await dp.kill_flows(A, Grant(IPv4Network("198.18.20.0/24"), "tcp")) == 1
+        assert await dp.flows.kill_flows(A, Grant(IPv4Network("198.18.20.0/24"), "tcp")) == 1
         # The flow is gone; the policy still allows it, so the client's next segment simply
         # starts a new entry (tcp_loose) -- the kill itself is what is measured here.
         assert "dport=8080" not in lab.conntrack("-s", str(A), "-p", "tcp", "--dport", "8080") or (
@@ -466,8 +469,8 @@ from vpnfleet.core.revocation import Flow
 dataplane = Dataplane(sys.argv[1])
 flows = [Flow(p, n, IPv4Address(s), IPv4Address(d), sp, dp) for p, n, s, d, sp, dp in
          json.loads(sys.argv[2])]
-first = asyncio.run(dataplane.delete_flows_exact(flows))
-again = asyncio.run(dataplane.delete_flows_exact(flows))  # already gone: nothing to count
+first = asyncio.run(dataplane.flows.delete_flows_exact(flows))
+again = asyncio.run(dataplane.flows.delete_flows_exact(flows))  # already gone: nothing to count
 print(first, again, dataplane.stats.flows_killed)
 """
 
@@ -506,8 +509,8 @@ async def test_exact_deletion_cuts_those_connections_and_no_other(
             assert out.stdout.split() == ["2", "0", "2"], out.stderr
         else:
             assert dp.netns is not None  # so the runner cannot use its own netlink socket
-            assert await dp.delete_flows_exact([flows[sport] for sport in doomed]) == 2
-            assert await dp.delete_flows_exact([flows[sport] for sport in doomed]) == 0
+            assert await dp.flows.delete_flows_exact([flows[sport] for sport in doomed]) == 2
+            assert await dp.flows.delete_flows_exact([flows[sport] for sport in doomed]) == 0
             assert dp.stats.flows_killed == 2
 
         assert web_flows().keys() == {spared}

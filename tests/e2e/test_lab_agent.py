@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 
 from tests.e2e.labs import lab_up
+from tests.polling import until
 from vpnfleet.lab import runner, topology
 from vpnfleet.lab.runner import LabInfo, LabUser
 
@@ -41,20 +42,6 @@ async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LabInfo
     async with lab_up(tmp_path_factory.mktemp("lab"), USERS) as info:
         await asyncio.gather(*(runner.start_client(info, u) for u in ("alice", "bob", "gary")))
         yield info
-
-
-async def until(check: Callable[[], Any], seconds: float, what: str) -> Any:
-    """Poll an (a)sync check until it returns something truthy; fail after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {seconds}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def fetch(info: LabInfo, user: str, path: str = "/") -> dict[str, Any]:

@@ -134,11 +134,16 @@ async def _false(value: Any) -> bool:
     return not await value
 
 
+# A line every 100 ms through one TCP connection, each answered by the echo server. A stall
+# ends it, unless a third argument says "patient": then it keeps the connection and tries
+# again, so a connection merely paused (packets dropped for a while) shows "ok" again once
+# traffic passes, while one cut from conntrack never does.
 STREAM = r"""
 import socket, sys, time
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+patient = sys.argv[3:] == ["patient"]
 s.settimeout(1.0)
-deadline = time.monotonic() + 30
+deadline = time.monotonic() + (60 if patient else 30)
 while time.monotonic() < deadline:
     try:
         s.sendall(b"ping\n")
@@ -146,8 +151,12 @@ while time.monotonic() < deadline:
         if not data:
             print("closed", time.time(), flush=True); break
         print("ok", time.time(), flush=True)
+    except socket.timeout:
+        print("stalled", time.time(), flush=True)
+        if not patient: break
     except OSError as exc:
-        print("stalled", time.time(), type(exc).__name__, flush=True); break
+        print("closed" if patient else "stalled", time.time(), type(exc).__name__, flush=True)
+        break
     time.sleep(0.1)
 """
 

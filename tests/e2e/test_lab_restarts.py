@@ -40,29 +40,6 @@ USERS = (
 SVC = str(topology.CLUSTER_NET.network_address + 100)
 PORT = 7000
 
-# Like STREAM, but a stall is not the end: it keeps the connection and tries again, so a
-# connection merely paused (packets dropped for a while) shows "ok" again once traffic passes,
-# while one cut from conntrack never does.
-PATIENT_STREAM = r"""
-import socket, sys, time
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
-s.settimeout(1.0)
-deadline = time.monotonic() + 60
-while time.monotonic() < deadline:
-    try:
-        s.sendall(b"ping\n")
-        data = s.recv(100)
-        if not data:
-            print("closed", time.time(), flush=True); break
-        print("ok", time.time(), flush=True)
-    except socket.timeout:
-        print("stalled", time.time(), flush=True)
-        continue
-    except OSError as exc:
-        print("closed", time.time(), type(exc).__name__, flush=True); break
-    time.sleep(0.1)
-"""
-
 # Prints the time /readyz first answers 200 (polled every 20 ms), then exits.
 READY_WATCH = f"""
 import time, urllib.request
@@ -105,17 +82,16 @@ async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LabInfo
             await server.stop()
 
 
-async def open_stream(
-    info: LabInfo, user: str, out: Path, script: str = STREAM
-) -> topology.LabProcess:
+async def open_stream(info: LabInfo, user: str, out: Path, *extra: str) -> topology.LabProcess:
     proc = topology.spawn_in(
         info.plan.client_ns(user),
         sys.executable,
         "-u",
         "-c",
-        script,
+        STREAM,
         SVC,
         str(PORT),
+        *extra,
         log_path=out,
     )
     await until(lambda: out.exists() and out.read_text().count("ok") >= 5, 10, f"{user}'s stream")
@@ -232,7 +208,7 @@ async def test_a_failed_apply_loses_no_revocation(lab: LabInfo) -> None:
             ns, "iptables", "-A", "INPUT", "-m", "set", "--match-set", name, "src", "-j", "RETURN"
         )
     out = lab.dir / "stream-rb.log"
-    stream = await open_stream(lab, "rb", out, PATIENT_STREAM)
+    stream = await open_stream(lab, "rb", out, "patient")
     log_path = lab.dir / f"{pod}.log"
     offset = log_path.stat().st_size
     try:

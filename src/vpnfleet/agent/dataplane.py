@@ -35,7 +35,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
 
 from vpnfleet.agent.flowcuts import FlowCutter
 from vpnfleet.agent.netcommands import CommandRunner, DataplaneError, DataplaneStats
@@ -44,7 +44,6 @@ from vpnfleet.core.fwdiff import StateDiff
 from vpnfleet.core.fwkernel import KernelState
 from vpnfleet.core.fwnames import validate_prefix
 from vpnfleet.core.fwstate import DesiredState
-from vpnfleet.core.grants import Grant
 from vpnfleet.core.revocation import Flow
 
 log = logging.getLogger(__name__)
@@ -240,32 +239,13 @@ class Dataplane:
             if kernel.sets:
                 await self._destroy_sets(sorted(kernel.sets))
 
-    # --- conntrack (see flowcuts.py) -------------------------------------------------------
-
-    async def kill_flows(
-        self,
-        client_ip: IPv4Address,
-        grant: Grant | None = None,
-        *,
-        keep: DesiredState | None = None,
-    ) -> int:
-        """Delete conntrack entries of ``client_ip`` (see :meth:`FlowCutter.kill_flows`)."""
-        return await self.flows.kill_flows(client_ip, grant, keep=keep)
+    # --- conntrack (the cutting is flowcuts.py; ``self.flows``) ----------------------------
 
     async def cut_disallowed(self, state: DesiredState, open_flows: Sequence[Flow] | None) -> int:
         """Delete every open flow ``state`` would not let start now (over ``open_flows``, the
         flow index, when given; else by listing the table)."""
         self._check_prefix(state)
         return await self.flows.cut_disallowed(state, open_flows)
-
-    async def reconcile_flows(self, state: DesiredState) -> int:
-        """Delete every open flow ``state`` would not let start now, listing the table."""
-        self._check_prefix(state)
-        return await self.flows.reconcile_flows(state)
-
-    async def delete_flows_exact(self, flows: Sequence[Flow]) -> int:
-        """Delete exactly these entries (see :meth:`FlowCutter.delete_flows_exact`)."""
-        return await self.flows.delete_flows_exact(flows)
 
     # --- routes ---------------------------------------------------------------------------
 
