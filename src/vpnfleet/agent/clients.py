@@ -312,7 +312,16 @@ class ClientHandler:
         return self.book.owner(tunnel_ip)
 
     def established(self) -> list[Client]:
+        """Clients whose session is live."""
         return self.book.established()
+
+    def all(self) -> list[Client]:
+        """Every client OpenVPN told us about (connecting and being disconnected included)."""
+        return list(self.book)
+
+    def users_of(self, uid: str) -> set[str]:
+        """The user of session ``uid`` here (empty if it is not on this pod)."""
+        return {c.user for c in self.book.by_uid(uid)}
 
     def live_uids(self) -> list[str]:
         return [c.uid for c in self.book.established()]

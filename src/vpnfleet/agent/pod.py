@@ -152,7 +152,7 @@ class PodAgent:
 
         def desired() -> tuple[int, fwstate.DesiredState]:
             view = self.follower.view
-            return view.revision, builder.build(view, clients.book)
+            return view.revision, builder.build(view, clients.all())
 
         self.firewall = FirewallSync(
             self.dataplane,
@@ -196,7 +196,7 @@ class PodAgent:
             return
         users = set(effects.users)
         for uid in effects.sessions:
-            users |= {c.user for c in clients.book.by_uid(uid)}
+            users |= clients.users_of(uid)
         if users:
             await clients.converge(users)
         if effects.crl:
@@ -228,8 +228,8 @@ class PodAgent:
         assert self.shipper is not None and self.supervisor is not None
         while True:
             await asyncio.sleep(self.s.reconcile_interval)
-            if self.supervisor.ready and await self.clients.reconcile():
-                self.supervisor.last_ok = time.monotonic()
+            if self.supervisor.ready:
+                await self.clients.reconcile()
             if self.firewall.ready:
                 self.firewall.check_drift_soon()
             if self.cp.reachable:
@@ -306,7 +306,7 @@ class PodAgent:
             pod=self.s.name,
             state_dir=self.s.state_dir,
             crl_verify=self.s.crl_verify,
-            clients=list(clients.book) if clients else [],
+            clients=clients.all() if clients else [],
             last_status=list(clients.last_status) if clients else [],
             last_status_at=clients.last_status_at if clients else 0.0,
             view_revision=self.follower.view.revision,
@@ -417,7 +417,7 @@ class PodAgent:
         for client in clients.established():
             await clients.kick(client, "pod draining", halt=False)
         deadline = time.monotonic() + self.s.drain_timeout
-        while len(clients.book) and time.monotonic() < deadline:
+        while clients.all() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         clients.end_all("pod drained")
         if self.flow_audit is not None:

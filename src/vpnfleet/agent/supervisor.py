@@ -69,7 +69,6 @@ class OpenVPNSupervisor:
         self._session: ManagementSession | None = None
         self.ready = False
         self.version: str | None = None
-        self.last_ok = 0.0
 
     @property
     def session(self) -> ManagementSession | None:
@@ -137,7 +136,6 @@ class OpenVPNSupervisor:
                 self.version = (await mgmt.version()).openvpn
             await self._routes_up()
             self.ready = True
-            self.last_ok = time.monotonic()
             await events
         finally:
             if not events.done():
@@ -173,7 +171,6 @@ class OpenVPNSupervisor:
             await mgmt.pid(timeout=2)
         except ManagementError:
             return False
-        self.last_ok = time.monotonic()
         return True
 
     async def stop(self) -> None:
