@@ -125,3 +125,17 @@ def test_the_pod_settings_reach_the_state_and_a_deleted_user_stops_nobody_else()
     state = b.build(fleet([user("pa", groups=["web"])], [WEB_8080]), book)
     assert (state.uplink, state.nflog_group, state.log_denied) == ("eth1", 7007, False)
     assert group(state, 1).members == {ipaddress.IPv4Address(pa.tunnel_ip)}
+
+
+def test_a_long_churn_of_clients_keeps_building_the_same_states() -> None:
+    # The builder's address cache is trimmed as clients come and go: states stay right.
+    v = fleet([user("pa", groups=["web"], max_sessions=2)], [WEB_8080])
+    wide = ipaddress.IPv4Network("10.200.0.0/20")  # 1,200 distinct addresses over time
+    book = SessionBook(BookConfig(wide, GW))
+    b = DesiredStateBuilder("vpnf", (wide, GW), nflog_group=7007)
+    for cid in range(1200):
+        c = admit(book, v, cid, name="pa", ip=f"192.0.{cid // 250}.{cid % 250}")
+        state = b.build(v, book)
+        assert group(state, 1).members == {ipaddress.IPv4Address(c.tunnel_ip)}
+        book.forget(cid)
+    assert b.build(v, book).all_clients == frozenset()

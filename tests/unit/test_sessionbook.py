@@ -474,3 +474,51 @@ def test_adoption_reads_each_row_and_reserves_its_address() -> None:
         {}, listed_after=tiny.seq, new_uid=uids(), now=NOW,
     )  # fmt: skip
     assert [c.connected_at for c in late.adopted] == [NOW]
+
+
+def test_what_openvpn_may_leave_out_of_a_connect(book: SessionBook) -> None:
+    e = {"common_name": "alice", "tls_serial_0": "7"}  # no address or port reported
+    out = book.connect(view(user("alice")), 1, e, reauth=False, uid="u", now=NOW)
+    assert out.client is not None and (out.client.real_ip, out.client.real_port) == (None, None)
+    # A NAT user never takes a gateway address, whatever the view says about a lease.
+    natty = user("bob", gateway_address="10.201.0.77")
+    got = book.connect(view(natty), 2, env("bob", ip="192.0.2.9"), reauth=False, uid="b", now=NOW)
+    assert got.client is not None and ipaddress.IPv4Address(got.client.tunnel_ip) in NAT
+    tiny = SessionBook(BookConfig(ipaddress.IPv4Network("10.200.0.0/30")))
+    full = tiny.connect(
+        view(user("c", max_sessions=3)), 1, env("c"), reauth=False, uid="1", now=NOW
+    )
+    assert full.decision.allow
+    again = tiny.connect(view(user("c", max_sessions=3)), 2, env("c", ip="192.0.2.2"),
+                         reauth=False, uid="2", now=NOW)  # fmt: skip
+    assert (again.decision.reason, again.decision.client_reason) == (
+        "address pool exhausted", "server full")  # fmt: skip
+
+
+def test_adopted_clients_are_judged_by_later_listings(book: SessionBook) -> None:
+    v = view(user("alice", max_sessions=9))
+    early = [admit(book, v, i, name="alice", ip=f"192.0.2.{i}") for i in (1, 2, 3)]
+    book.reconcile(
+        [*(row(c.cid, "alice", c.tunnel_ip) for c in early), row(8, "bob", "10.200.0.50")],
+        {}, listed_after=book.seq, new_uid=uids(), now=NOW,
+    )  # fmt: skip
+    # Everyone left while nobody listened: the next listing finds them all gone.
+    gone = book.reconcile([], {}, listed_after=book.seq, new_uid=uids(), now=NOW)
+    assert {c.cid for c in gone.vanished} == {1, 2, 3, 8} and len(book) == 0
+
+
+def test_a_cleared_book_admits_again(book: SessionBook) -> None:
+    v = view(user("alice"))
+    admit(book, v, 1)
+    book.clear()
+    assert admit(book, v, 2).tunnel_ip == "10.200.0.2"
+
+
+def test_journal_records_keep_what_is_unknown_unknown() -> None:
+    c = Client(cid=3, user="a", mode="nat", tunnel_ip="10.200.0.4", real_ip=None,
+               real_port=None, uid="pod-1", connected_at=NOW)  # fmt: skip
+    assert Client.from_record(c.to_record()) == c
+    with pytest.raises(ValueError):
+        Client.from_record({**c.to_record(), "uid": ""})
+    with pytest.raises(ValueError):
+        Client.from_record({k: v for k, v in c.to_record().items() if k != "established"})

@@ -92,7 +92,7 @@ class Client:
                 uid=str(data["uid"]),
                 connected_at=str(data["connected_at"]),
                 cert_serial=None if data.get("cert_serial") is None else str(data["cert_serial"]),
-                established=bool(data.get("established", False)),
+                established=bool(data["established"]),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed client record: {exc!r}") from None
