@@ -247,7 +247,9 @@ def test_what_each_event_asks_the_agent_to_do() -> None:
     # Deleting what the view does not hold is harmless (the view may be newer than the event).
     v.apply(UserDelete(revision=10, at=AT, key=UserKey(id=9, name="nobody")))
     v.apply(SessionDelete(revision=11, at=AT, key=SessionKey(uid="pod9-unknown0")))
-    assert v.revision == 11
+    v.apply(GroupDelete(revision=12, at=AT, key=GroupKey(id=99, name="gone")))
+    v.apply(RuleDelete(revision=13, at=AT, key=RuleKey(id=99, group_id=99)))
+    assert v.revision == 13
     # An event at the view's own revision is already in it.
-    e = v.apply(UserUpsert(revision=11, at=AT, object=user(enabled=False)))
+    e = v.apply(UserUpsert(revision=13, at=AT, object=user(enabled=False)))
     assert not e.users and v.users["alice"].enabled
