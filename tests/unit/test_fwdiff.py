@@ -3,7 +3,8 @@ revocations, checked against random states."""
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+import dataclasses
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pytest
@@ -38,7 +39,9 @@ def test_connect_adds_nat_before_access() -> None:
         ("add", "vpnf-clients", str(ip(1))),
         ("add", "vpnf-g1-m", str(ip(1))),
     ]
-    assert fwdiff.render_ops(d.ops).splitlines()[0] == f"add vpnf-nat {ip(1)}"
+    assert fwdiff.render_ops(d.ops) == (
+        f"add vpnf-nat {ip(1)}\nadd vpnf-clients {ip(1)}\nadd vpnf-g1-m {ip(1)}\n"
+    )
 
 
 def test_disconnect_removes_access_before_nat_and_revokes_everything() -> None:
@@ -176,3 +179,14 @@ def test_diff_is_the_same_whether_states_share_objects_or_not(data: st.DataObjec
     )
     assert fwdiff.diff(old, new) == fwdiff.diff(rebuilt(old), rebuilt(new))
     assert fwrender.render_full(new) == fwrender.render_full(rebuilt(new))
+
+
+def test_a_new_tunnel_network_is_added_to_the_tunnel_set() -> None:
+    old = state({1: ({ip(0)}, [WEB])})
+    extra = IPv4Network("10.77.0.0/24")
+    new = dataclasses.replace(old, tunnel_networks=(*old.tunnel_networks, extra))
+    d = fwdiff.diff(old, new)
+    assert not d.needs_full
+    assert [(o.op, o.set_name, o.element) for o in d.ops] == [("add", "vpnf-tun", str(extra))]
+    back = fwdiff.diff(new, old)
+    assert [(o.op, o.set_name, o.element) for o in back.ops] == [("del", "vpnf-tun", str(extra))]

@@ -85,3 +85,66 @@ def test_a_client_check_is_not_part_of_the_state() -> None:
     grown = dataclasses.replace(s, all_clients=s.all_clients | {ip(1)})
     assert grown.client_check is check
     assert check.unchecked(grown.all_clients, (TUN,)) == frozenset()
+
+
+def test_group_covers_through_its_index() -> None:
+    from vpnfleet.core.grants import Grant
+
+    wide = Grant(IPv4Network("10.1.0.0/16"), "tcp")
+    narrow = Grant(IPv4Network("10.2.3.0/24"), "udp", 53)
+    g = GroupAccess(1, frozenset(), (wide, narrow))
+    assert g.covers(Grant(IPv4Network("10.1.0.0/16"), "tcp", 443))  # same prefix length
+    assert g.covers(Grant(IPv4Network("10.1.255.255/32"), "tcp", 22))  # last address
+    assert g.covers(Grant(IPv4Network("10.2.3.0/24"), "udp", 53))
+    assert not g.covers(Grant(IPv4Network("10.2.3.0/24"), "udp", 54))
+    assert not g.covers(Grant(IPv4Network("10.0.0.0/8"), "tcp", 22))  # wider than held
+    assert not g.covers(Grant(IPv4Network("10.3.0.0/24"), "tcp", 22))
+
+
+def test_addresses_outside_the_tunnel_networks_are_named_at_the_edges() -> None:
+    a, b = IPv4Network("10.8.0.0/24"), IPv4Network("10.9.0.0/24")
+    inside = {IPv4Address("10.8.0.0"), IPv4Address("10.8.0.255"), IPv4Address("10.9.0.0")}
+    assert fwstate._outside(frozenset(inside), (a, b)) == []
+    ends = frozenset({IPv4Address("10.8.0.0"), IPv4Address("10.8.0.255")})
+    assert fwstate._outside(ends, (a,)) == []
+    before, after = IPv4Address("10.7.255.255"), IPv4Address("10.8.1.0")
+    found = fwstate._outside(frozenset(inside | {before, after}), (a, b))
+    assert sorted(found) == [before, after]
+
+
+def test_a_group_may_use_the_whole_set_element_limit_and_no_more() -> None:
+    from vpnfleet.core.grants import Grant
+
+    limit = fwstate.MAX_SET_ELEMENTS  # 2**20 = 16 x 65534 + 32
+    full = tuple(Grant(IPv4Network(f"10.{i}.0.0/16"), "tcp", 2, 65535) for i in range(16))
+    assert GroupAccess(1, frozenset(), (*full, Grant(IPv4Network("10.99.0.0/16"), "udp", 1, 32)))
+    with pytest.raises(ValueError, match=f"expand to {limit + 1} set elements"):
+        GroupAccess(1, frozenset(), (*full, Grant(IPv4Network("10.99.0.0/16"), "udp", 1, 33)))
+    # 0.0.0.0/0 is two set elements per port (ipset cannot hold a /0).
+    world = Grant(IPv4Network("0.0.0.0/0"), "tcp", 1, 17)
+    with pytest.raises(ValueError, match=f"expand to {limit + 2} set elements"):
+        GroupAccess(1, frozenset(), (*full, world))
+    with pytest.raises(ValueError, match="group id"):
+        GroupAccess(fwstate.MAX_GROUP_ID + 1, frozenset(), ())
+    assert GroupAccess(fwstate.MAX_GROUP_ID, frozenset(), ())
+    with pytest.raises(ValueError, match="group id"):
+        GroupAccess(True, frozenset(), ())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="members must be"):
+        GroupAccess(1, frozenset({"10.0.0.1"}), ())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="grants must be"):
+        GroupAccess(1, frozenset(), ("10.0.0.0/8",))  # type: ignore[arg-type]
+
+
+def test_nflog_group_spans_0_to_65535() -> None:
+    base = state({})
+    for ok in (0, 65535):
+        assert dataclasses.replace(base, nflog_group=ok).nflog_group == ok
+    for bad in (-1, 65536):
+        with pytest.raises(ValueError, match=f"nflog_group must be in 0..65535, not {bad}"):
+            dataclasses.replace(base, nflog_group=bad)
+
+
+def test_refusals_name_at_most_five_addresses() -> None:
+    six = [IPv4Address(f"192.0.2.{i}") for i in range(1, 7)]
+    assert fwstate._ip_list(six[:5]) == ", ".join(str(a) for a in six[:5])
+    assert fwstate._ip_list(six) == ", ".join(str(a) for a in six[:5]) + " and 1 more"

@@ -74,3 +74,34 @@ def test_bad_access_rules_are_refused(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         grants_of(destination, proto, ports)
+
+
+def test_matching_and_covering_at_the_edges() -> None:
+    dst = IPv4Address("10.1.0.7")
+    all_tcp = Grant(net("10.1.0.0/24"), "tcp")
+    ping = Grant(net("10.1.0.0/24"), "icmp")
+    assert all_tcp.matches("tcp", dst, 1) and all_tcp.matches("tcp", dst, 65535)
+    assert ping.matches("icmp", dst, None) and not ping.matches("tcp", dst, 80)
+    assert not WEB.matches("tcp", dst, None)  # a port-limited grant needs a port
+    # A range covers the same range, and ranges sharing either end.
+    assert WEB.covers(WEB)
+    assert WEB.covers(Grant(net("10.1.0.0/24"), "tcp", 80))
+    assert WEB.covers(Grant(net("10.1.0.0/24"), "tcp", 81))
+    assert not WEB.covers(Grant(net("10.1.0.0/24"), "tcp", 79, 80))
+    assert not WEB.covers(Grant(net("10.1.0.0/24"), "tcp", 81, 82))
+    # The network is the same, or a subnet touching either end of it.
+    assert all_tcp.covers(Grant(net("10.1.0.0/25"), "tcp", 22))
+    assert all_tcp.covers(Grant(net("10.1.0.255/32"), "tcp", 22))
+    assert not all_tcp.covers(Grant(net("10.1.1.0/32"), "tcp", 22))
+    assert not all_tcp.covers(Grant(net("10.1.0.0/24"), "udp", 22))
+    assert not WEB.covers(all_tcp)  # all ports are more than 80-81
+    assert ping.covers(Grant(net("10.1.0.9/32"), "icmp"))
+
+
+def test_port_numbers_span_0_to_65535() -> None:
+    assert Grant(net("10.0.0.0/8"), "tcp", 0, 65534).port_count == 65535
+    assert Grant(net("10.0.0.0/8"), "tcp", 0, 65535).all_ports
+    with pytest.raises(ValueError, match="invalid port range"):
+        Grant(net("10.0.0.0/8"), "tcp", 1, 65536)
+    with pytest.raises(ValueError, match="must be integers"):
+        Grant(net("10.0.0.0/8"), "udp", 1, "2")  # type: ignore[arg-type]

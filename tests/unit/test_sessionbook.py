@@ -175,6 +175,8 @@ def test_reauth_of_a_client_no_longer_allowed_ends_its_session(book: SessionBook
     )
     assert not out.decision.allow and out.ended is not None and out.ended.uid == client.uid
     assert book.owner(client.tunnel_ip) is None
+    ending = book.get(1)  # kept, marked, until OpenVPN reports the disconnect
+    assert ending is not None and ending.kicked == out.decision.reason == "user disabled"
     ok = book.connect(v, 1, env("alice"), reauth=True, uid="ignored", now=NOW)
     assert ok.decision.allow and ok.client is None  # nothing new to record
 
@@ -522,3 +524,21 @@ def test_journal_records_keep_what_is_unknown_unknown() -> None:
         Client.from_record({**c.to_record(), "uid": ""})
     with pytest.raises(ValueError):
         Client.from_record({k: v for k, v in c.to_record().items() if k != "established"})
+
+
+def test_coming_up_and_being_kicked_keep_who_and_where(book: SessionBook) -> None:
+    out = book.connect(view(user("alice")), 4, env("alice", port=40123), reauth=False,
+                       uid="pod1-a", now=NOW)  # fmt: skip
+    assert out.client is not None
+    up = book.establish(4)
+    assert up is not None and up.established and up.kicked is None
+    same = ("cid", "user", "mode", "tunnel_ip", "real_ip", "real_port", "uid", "connected_at",
+            "cert_serial", "seq")  # fmt: skip
+    assert all(getattr(up, f) == getattr(out.client, f) for f in same)
+    assert up.real_port == 40123
+    kicked = book.kick(4, "removed from the fleet")
+    assert kicked is not None
+    after = book.get(4)
+    assert after is not None and after.established is False
+    assert after.kicked == "removed from the fleet"
+    assert all(getattr(after, f) == getattr(out.client, f) for f in same)
