@@ -16,7 +16,7 @@ from tests.conftest import Server, free_port
 from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
 from vpnfleet.agent.flowaudit import FlowAudit
 from vpnfleet.agent.spool import Spool
-from vpnfleet.core.flows import FlowEvent, FlowEventKind
+from vpnfleet.core.flowevents import FlowEvent, FlowEventKind
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 
