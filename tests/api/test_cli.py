@@ -106,3 +106,24 @@ def test_unreachable_control_plane(server: Server) -> None:
         [*VPNFLEET, "user", "list"], capture_output=True, text=True, env=env, timeout=60
     )
     assert proc.returncode == 1 and "cannot reach the control plane" in proc.stderr
+
+
+def test_stored_text_is_printed_as_text(server: Server) -> None:
+    # Descriptions and e-mails are free text an operator (or a directory) stored: they must
+    # neither break the listing (rich markup errors on "[/bad]") nor reach the terminal as
+    # markup or escape sequences.
+    description = "[/bad] [link=https://evil.example]click[/link] \x1b[2J\x1b]0;owned\x07 \u202eabc"
+    with server.client() as c:
+        assert c.post("/api/v1/groups", json={"name": "odd", "description": description}).is_success
+        email = "[bold]x[/bold]\x1b[31m@example.com"
+        assert c.post("/api/v1/users", json={"name": "mallory", "email": email}).is_success
+    groups = run(server, "group", "list")
+    assert "[/bad] [link=https://evil.example]click[/link]" in groups.stdout
+    assert "\\x1b[2J\\x1b]0;owned\\x07 \\u202eabc" in groups.stdout
+    users = run(server, "user", "list")
+    assert "[bold]x[/bold]\\x1b[31m@example.com" in users.stdout
+    for out in (groups.stdout, users.stdout):
+        assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
+    # JSON output keeps the stored text exactly (escaped by JSON itself).
+    listed = json.loads(run(server, "group", "list", "--json").stdout)
+    assert [g["description"] for g in listed if g["name"] == "odd"] == [description]

@@ -18,7 +18,7 @@ import typer
 
 from vpnfleet.cli.admin import JsonOpt, api, audit_app
 from vpnfleet.cli.client import APIClient, CLIError
-from vpnfleet.cli.output import console, emit_json, err_console, record, show, table
+from vpnfleet.cli.output import emit_json, record, say, show, table
 from vpnfleet.core import accesslog
 from vpnfleet.core.accesslog import LogFormat, LogHit
 
@@ -112,7 +112,7 @@ def audit_who(
             raise typer.Exit(1)
         return
     if out["status"] == "match":
-        console.print(out["message"], highlight=False, soft_wrap=True)
+        say(out["message"])
         details: dict[str, Any] = {"user": out["user"] or "(nobody)"}
         s = out["session"]
         if s:
@@ -129,7 +129,7 @@ def audit_who(
     if out["matches"]:
         table(_attributed_rows(out["matches"]), ["user", "flow", "flow_start", "flow_end", "pod"])
         if out["user"] is not None:
-            console.print(out["message"], highlight=False, soft_wrap=True)
+            say(out["message"])
             return
     elif out["candidates"]:
         cols = ["distance_s", "when", "user", "flow", "flow_start", "flow_end", "pod"]
@@ -228,7 +228,7 @@ class _Annotator:
     def warn(self, line: int, reason: str) -> None:
         self.unreadable += 1
         if self.unreadable <= MAX_WARNINGS:
-            err_console.print(f"warning: line {line}: {reason}", highlight=False, markup=False)
+            say(f"warning: line {line}: {reason}", err=True)
 
 
 def _lines(source: TextIO) -> Iterator[str]:
@@ -321,4 +321,4 @@ def audit_annotate(
             summary += f", the first {MAX_WARNINGS} are listed above"
     if annotator.expired:
         summary += f"; {annotator.expired} lookup(s) were older than the retention (user=-)"
-    err_console.print(summary, highlight=False, markup=False)
+    say(summary, err=True)

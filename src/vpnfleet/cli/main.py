@@ -13,7 +13,7 @@ import vpnfleet.cli.audit_cmds  # noqa: F401  (registers its commands on admin.a
 from vpnfleet import __version__
 from vpnfleet.cli import admin, lab, policy
 from vpnfleet.cli.client import CLIError
-from vpnfleet.cli.output import err_console
+from vpnfleet.cli.output import err_console, safe
 from vpnfleet.cli.status import status as status_command
 
 app = typer.Typer(
@@ -298,7 +298,8 @@ def main() -> None:
     try:
         result = app(standalone_mode=False)
     except CLIError as exc:
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        message = escape(safe(str(exc)))
+        err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
         sys.exit(exc.code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 
 from vpnfleet.cli.admin import api
-from vpnfleet.cli.output import console, emit_json, table
+from vpnfleet.cli.output import console, emit_json, safe, table
 from vpnfleet.wire import CERT_EXPIRY_WARNING, POD_FORGET_AFTER
 
 HEARTBEAT_STALE = dt.timedelta(seconds=30)
@@ -168,7 +168,8 @@ def _print(report: dict[str, Any]) -> None:
     console.print(f"[red]{len(report['conditions'])} alert condition(s) hold:[/red]")
     for c in report["conditions"]:
         console.print(
-            f"  {escape(c['name'])}  {escape(c['subject'])}: {escape(c['detail'])}",
+            f"  {escape(safe(c['name']))}  {escape(safe(c['subject']))}: "
+            f"{escape(safe(c['detail']))}",
             highlight=False,
         )
 
