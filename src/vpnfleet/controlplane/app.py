@@ -14,6 +14,7 @@ from vpnfleet.controlplane import db as dbmod
 from vpnfleet.controlplane import errors
 from vpnfleet.controlplane import metrics as cpmetrics
 from vpnfleet.controlplane.bootstrap import bootstrap
+from vpnfleet.controlplane.intake import RequestIntake
 from vpnfleet.controlplane.pki import Sealer
 from vpnfleet.controlplane.routers import (
     agents,
@@ -96,4 +97,7 @@ def create_app(settings: ServerSettings, state: AppState | None = None) -> FastA
         app.include_router(module.router)
     app.include_router(nataudit.router)
     cpmetrics.install(app)  # /metrics and API latency (controlplane/metrics.py)
+    app.add_middleware(
+        RequestIntake, known_token=ready.known_token, max_body_bytes=settings.max_body_bytes
+    )
     return app

@@ -28,6 +28,8 @@ class ServerSettings:
     log_format: str = "text"
     # Days to keep flows and denied attempts; None keeps them forever.
     audit_retention_days: int | None = None
+    # Largest request body for every route but the batch routes (controlplane/intake.py).
+    max_body_bytes: int = 1 << 20
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServerSettings:
@@ -54,6 +56,11 @@ class ServerSettings:
                     f"VPNFLEET_AUDIT_RETENTION_DAYS {raw!r} is not a whole number of days"
                 )
             values["audit_retention_days"] = int(raw)
+        if env.get("VPNFLEET_MAX_BODY_BYTES", "").strip():
+            raw = env["VPNFLEET_MAX_BODY_BYTES"].strip()
+            if not raw.isdigit():
+                raise ValueError(f"VPNFLEET_MAX_BODY_BYTES {raw!r} is not a whole number of bytes")
+            values["max_body_bytes"] = int(raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()
@@ -61,6 +68,8 @@ class ServerSettings:
 
     def validate(self) -> None:
         netparse.parse_listen(self.listen)
+        if not 4096 <= self.max_body_bytes <= 1 << 30:
+            raise ValueError("max body size must be between 4096 bytes and 1 GiB")
         if self.audit_retention_days is not None and self.audit_retention_days < 1:
             raise ValueError("audit retention must be at least 1 day (leave it unset: forever)")
         for endpoint in self.public_endpoints:

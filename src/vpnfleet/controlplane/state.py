@@ -28,6 +28,15 @@ class AppState:
     sealer: Sealer
     hub: ChangeHub
 
+    def known_token(self, token: str) -> bool:
+        """Is ``token`` a known, unrevoked API token? (The intake's check before a body.)"""
+        digest = auth.hash_token(token)
+        with self.factory() as db:
+            row = db.execute(
+                select(AdminToken.id, AdminToken.revoked_at).where(AdminToken.token_hash == digest)
+            ).first()
+        return row is not None and row.revoked_at is None
+
     def install_commit_hook(self) -> None:
         """Wake the local watch hub right after a transaction that changed the log commits."""
 
