@@ -7,10 +7,12 @@ agents that speak another major version with a clear message instead of misreadi
 from __future__ import annotations
 
 import datetime as dt
+import json
 import socket
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -26,18 +28,78 @@ from vpnfleet.core import netparse
 
 WIRE_VERSION = 2
 
+# --- bounds every API input shares ----------------------------------------------------------------
+#
+# Both databases store integers as signed 64-bit and refuse (PostgreSQL) or fail on (SQLite)
+# text with NUL characters or lone UTF-16 surrogates: such input is refused at the schema,
+# naming the field, instead of failing at the database as an HTTP 500.
+
+MAX_INT64 = 2**63 - 1
+Count = Annotated[int, Field(ge=0, le=MAX_INT64)]
+
+
+def _unstorable(value: object, path: str) -> str | None:
+    """The path of the first text in ``value`` a database cannot store, if any."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return f"{path}: NUL characters are not allowed"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{path}: text is not valid Unicode (a lone surrogate)"
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _unstorable(k, path) or _unstorable(v, f"{path}.{k}" if path else str(k))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _unstorable(v, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+class Storable(BaseModel):
+    """Base of the models the API reads: text a database cannot store is refused by name."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable_text(cls, data: object) -> object:
+        if isinstance(data, dict):
+            found = _unstorable(data, "")
+            if found:
+                raise ValueError(found)
+        return data
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    if value.tzinfo is None:
+        raise ValueError("needs a time zone (e.g. 2026-01-31T12:00:00Z)")
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError("is out of range once converted to UTC") from None
+
+
+# An aware time, normalized to UTC; one that leaves the calendar in UTC is refused.
+UtcTime = Annotated[dt.datetime, AfterValidator(_utc)]
+# A pod's name, as registered (what a pod reports about itself must name a pod).
+PodName = Annotated[str, AfterValidator(lambda v: netparse.validate_name(v, "pod name"))]
+
 _strict = ConfigDict(extra="forbid")
 
 
-class RegisterRequest(BaseModel):
+class RegisterRequest(Storable):
     """An agent announcing itself at start."""
 
     model_config = _strict
-    wire_version: int = WIRE_VERSION
+    wire_version: int = Field(default=WIRE_VERSION, ge=0, le=MAX_INT64)
     name: str
     template: str = "default"
-    public_endpoint: str | None = None
-    pod_ip: str | None = None
+    public_endpoint: str | None = Field(default=None, max_length=300)
+    pod_ip: str | None = Field(default=None, max_length=15)
 
     @field_validator("name", "template")
     @classmethod
@@ -385,29 +447,29 @@ def parse_change_event(obj: object) -> ChangeEvent:
         raise _problem(exc, "change event") from None
 
 
-class SessionOpen(BaseModel):
+class SessionOpen(Storable):
     """A client finished connecting on a pod. `uid` makes delivery idempotent."""
 
     model_config = _strict
     uid: str = Field(min_length=8, max_length=64)
-    user: str
-    pod: str
+    user: str = Field(max_length=64)
+    pod: PodName
     mode: netparse.Mode
-    tunnel_ip: str
-    real_ip: str | None = None
+    tunnel_ip: str = Field(max_length=15)
+    real_ip: str | None = Field(default=None, max_length=45)
     real_port: int | None = Field(default=None, ge=0, le=65535)
-    client_id: int | None = None
-    started_at: dt.datetime
+    client_id: Count | None = None
+    started_at: UtcTime
 
 
-class SessionClose(BaseModel):
+class SessionClose(Storable):
     """A client went away. Delivered after its SessionOpen (the spool keeps order)."""
 
     model_config = _strict
     uid: str = Field(min_length=8, max_length=64)
-    ended_at: dt.datetime
-    bytes_in: int = Field(default=0, ge=0)
-    bytes_out: int = Field(default=0, ge=0)
+    ended_at: UtcTime
+    bytes_in: Count = 0
+    bytes_out: Count = 0
     reason: str | None = Field(default=None, max_length=200)
 
 
@@ -420,41 +482,52 @@ class SessionVerdict(BaseModel):
     reason: str | None = None
 
 
-class SessionReport(BaseModel):
+class SessionReport(Storable):
     """The pod's whole list of live sessions: the control plane closes any it does not name."""
 
     model_config = _strict
-    pod: str
-    live: list[str]
+    pod: PodName
+    live: list[Annotated[str, Field(max_length=64)]] = Field(max_length=100_000)
 
 
-class Heartbeat(BaseModel):
+MAX_STATUS_BYTES = 16 * 1024
+
+
+class Heartbeat(Storable):
     model_config = _strict
-    name: str
-    applied_revision: int = Field(ge=0)
+    name: PodName
+    applied_revision: Count
     ready: bool
     status: dict[str, object] = Field(default_factory=dict)
 
+    @field_validator("status")
+    @classmethod
+    def _bounded(cls, v: dict[str, object]) -> dict[str, object]:
+        size = len(json.dumps(v, default=str))
+        if size > MAX_STATUS_BYTES:
+            raise ValueError(f"is {size} bytes of JSON, over the limit of {MAX_STATUS_BYTES}")
+        return v
 
-class DeniedRecord(BaseModel):
+
+class DeniedRecord(Storable):
     """Denied attempts of one source to one destination within one window."""
 
     model_config = _strict
-    event: str = "denied"
-    user: str | None = None
-    session_uid: str | None = None
-    src: str
-    dst: str | None = None
+    event: str = Field(default="denied", max_length=32)
+    user: str | None = Field(default=None, max_length=64)
+    session_uid: str | None = Field(default=None, max_length=64)
+    src: str = Field(max_length=15)
+    dst: str | None = Field(default=None, max_length=15)
     proto: str = Field(max_length=8)
     dport: int | None = Field(default=None, ge=0, le=65535)
-    first_at: dt.datetime
-    last_at: dt.datetime
-    count: int = Field(ge=1)
+    first_at: UtcTime
+    last_at: UtcTime
+    count: int = Field(ge=1, le=MAX_INT64)
 
 
-class DeniedBatch(BaseModel):
+class DeniedBatch(Storable):
     model_config = _strict
-    pod: str
+    pod: PodName
     events: list[DeniedRecord] = Field(max_length=5000)
 
 
@@ -481,7 +554,7 @@ def _ipv4(value: str, what: str) -> str:
     raise ValueError(f"{what} {value!r} is not an IPv4 address")
 
 
-class FlowReport(BaseModel):
+class FlowReport(Storable):
     """One NAT'd connection as an agent reports it: the JSON of the agent's own record,
     core.flowtracker.FlowRecord.as_dict() (this model is its wire twin, hence the other name).
 
@@ -495,7 +568,7 @@ class FlowReport(BaseModel):
     event: Literal["flow"] | None = None
     kind: Literal["start", "end"]
     flow_id: str = Field(min_length=1, max_length=128)
-    pod: str | None = None
+    pod: PodName | None = None
     user: str | None = Field(default=None, max_length=64)
     session_uid: str | None = Field(default=None, max_length=64)
     proto: str = Field(min_length=1, max_length=8)
@@ -507,10 +580,10 @@ class FlowReport(BaseModel):
     nat_port: int = Field(ge=0, le=65535)
     dst_ip: str | None = None
     dst_port: int | None = Field(default=None, ge=0, le=65535)
-    packets_out: int | None = Field(default=None, ge=0)
-    bytes_out: int | None = Field(default=None, ge=0)
-    packets_in: int | None = Field(default=None, ge=0)
-    bytes_in: int | None = Field(default=None, ge=0)
+    packets_out: Count | None = None
+    bytes_out: Count | None = None
+    packets_in: Count | None = None
+    bytes_in: Count | None = None
     end_inferred: bool = False
 
     @field_validator("tunnel_ip", "nat_ip", "dst_ip")
@@ -529,7 +602,7 @@ class FlowBatch(BaseModel):
     """Flow records of one pod, in the order the pod saw them (up to 5,000 per request)."""
 
     model_config = _strict
-    pod: str
+    pod: PodName
     records: list[FlowReport] = Field(max_length=5000)
 
     @model_validator(mode="after")

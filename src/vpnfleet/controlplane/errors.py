@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError, StatementError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("vpnfleet.api")
@@ -37,6 +37,12 @@ def conflict(detail: str) -> Problem:
 
 def bad_request(detail: str) -> Problem:
     return Problem(400, "Bad request", detail)
+
+
+_UNSTORABLE = (
+    "a value is out of range, too long for its field, or holds text the database cannot "
+    "store; nothing was written"
+)
 
 
 def problem_response(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
@@ -92,6 +98,23 @@ def install(app: FastAPI) -> None:
         # A race lost against a unique constraint: the other request won, nothing was written.
         log.info("integrity conflict: %s", type(exc.orig).__name__)
         return problem_response(409, "Conflict", "the change conflicts with existing data")
+
+    # Safety nets: input the schemas should have refused but a database did not take (a value
+    # out of range, too long for its column, or text it cannot store). Nothing was written:
+    # the request's transaction is rolled back. Logged, since each is a schema to tighten.
+    @app.exception_handler(DataError)
+    async def _data(req: Request, exc: DataError) -> JSONResponse:
+        log.warning("database refused a value on %s %s: %s", req.method, req.url.path,
+                    type(exc.orig).__name__)  # fmt: skip
+        return problem_response(422, "Invalid request", _UNSTORABLE)
+
+    @app.exception_handler(StatementError)
+    async def _statement(req: Request, exc: StatementError) -> JSONResponse:
+        if not isinstance(exc.orig, OverflowError | UnicodeError | ValueError):
+            raise exc
+        log.warning("database refused a value on %s %s: %s", req.method, req.url.path,
+                    type(exc.orig).__name__)  # fmt: skip
+        return problem_response(422, "Invalid request", _UNSTORABLE)
 
     @app.exception_handler(OperationalError)
     async def _db_down(_req: Request, exc: OperationalError) -> JSONResponse:

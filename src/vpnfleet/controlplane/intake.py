@@ -15,6 +15,8 @@ Limits: :data:`BULK_BODY` for the routes that take batches (:data:`BULK_PATHS`: 
 at most 4 MiB of flow records per request; policy files; annotate batches), the server setting
 ``max_body_bytes`` (default 1 MiB, far above any object the API stores) for every other route.
 
+A URL holding a NUL character (``%00``) is answered 400: nothing the API names may hold one.
+
 FastAPI's own ``max_body_size`` is not used: it answers ``text/plain`` rather than the API's
 problem+json, and its app-wide layer sits outside every middleware, so it would answer an
 oversized unauthenticated request before this one could say 401.
@@ -79,6 +81,10 @@ class RequestIntake:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b"").lower():
+            # No name, time or filter holds one, and PostgreSQL refuses them in text.
+            await _problem(send, 400, "Bad request", "the URL holds a NUL character (%00)")
             return
         length, chunked, token = _headers(scope)
         if length in (None, 0) and not chunked:

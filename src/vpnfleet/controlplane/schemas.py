@@ -8,11 +8,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vpnfleet.core import netparse
+from vpnfleet.wire import Storable
 
 _strict = ConfigDict(extra="forbid")
+MAX_PORTS_TEXT = 1000  # the rules.ports column
 
 
-class UserCreate(BaseModel):
+class UserCreate(Storable):
     model_config = _strict
     name: str
     email: str | None = None
@@ -43,7 +45,7 @@ def _check_email(v: str | None) -> str | None:
     return netparse.validate_email(v)
 
 
-class UserUpdate(BaseModel):
+class UserUpdate(Storable):
     model_config = _strict
     email: str | None = None
     mode: str | None = None
@@ -85,7 +87,7 @@ class UserOut(BaseModel):
     updated_at: dt.datetime
 
 
-class GroupCreate(BaseModel):
+class GroupCreate(Storable):
     model_config = _strict
     name: str
     description: str | None = Field(default=None, max_length=500)
@@ -105,12 +107,12 @@ class GroupOut(BaseModel):
     created_at: dt.datetime
 
 
-class MemberIn(BaseModel):
+class MemberIn(Storable):
     model_config = _strict
     user: str
 
 
-class RuleCreate(BaseModel):
+class RuleCreate(Storable):
     model_config = _strict
     group: str
     destination: str
@@ -131,7 +133,13 @@ class RuleCreate(BaseModel):
     @field_validator("ports")
     @classmethod
     def _ports(cls, v: str | None) -> str | None:
-        return netparse.format_ports(netparse.parse_ports(v))
+        text = netparse.format_ports(netparse.parse_ports(v))
+        if text is not None and len(text) > MAX_PORTS_TEXT:
+            raise ValueError(
+                f"{len(text)} characters of port ranges, over the limit of {MAX_PORTS_TEXT}: "
+                "use ranges (8000-8100) or split the rule"
+            )
+        return text
 
     @model_validator(mode="after")
     def _ports_need_tcp_udp(self) -> RuleCreate:
@@ -151,7 +159,7 @@ class RuleOut(BaseModel):
     created_at: dt.datetime
 
 
-class PoolSet(BaseModel):
+class PoolSet(Storable):
     model_config = _strict
     cidr: str
     kind: str | None = None
@@ -179,7 +187,7 @@ class PoolOut(BaseModel):
     updated_at: dt.datetime
 
 
-class TokenCreate(BaseModel):
+class TokenCreate(Storable):
     model_config = _strict
     name: str
     role: str
@@ -212,7 +220,7 @@ class TokenCreated(TokenOut):
     token: str
 
 
-class ReissueIn(BaseModel):
+class ReissueIn(Storable):
     model_config = _strict
     reason: str | None = Field(default=None, max_length=200)
 

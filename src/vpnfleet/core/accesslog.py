@@ -112,6 +112,10 @@ def parse_instant(text: str) -> tuple[dt.datetime, bool]:
         ) from None
     if value.tzinfo is None:
         raise ValueError(f"time {text!r} has no time zone; add Z or +HH:MM")
+    try:
+        value.astimezone(dt.UTC)  # databases compare in UTC; year 1 at +14:00 has none
+    except OverflowError:
+        raise ValueError(f"time {text!r} is out of range once converted to UTC") from None
     return value, _FRACTION.search(raw) is None
 
 

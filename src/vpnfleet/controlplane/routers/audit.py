@@ -18,9 +18,14 @@ MAX_LIMIT = 10_000
 
 
 def _aware(value: dt.datetime | None, name: str) -> dt.datetime | None:
-    if value is not None and value.tzinfo is None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
         raise bad_request(f"{name} needs a time zone, e.g. 2026-01-31T12:00:00Z")
-    return value
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        raise bad_request(f"{name} is out of range once converted to UTC") from None
 
 
 def session_out(s: VpnSession) -> SessionOut:

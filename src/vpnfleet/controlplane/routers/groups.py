@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response
 from sqlalchemy import select
 
 from vpnfleet.controlplane.models import Group, Rule
@@ -11,6 +13,7 @@ from vpnfleet.controlplane.services import groups, rules, users
 from vpnfleet.controlplane.services.journal import Journal
 from vpnfleet.controlplane.state import DB, Operator
 from vpnfleet.core import netparse
+from vpnfleet.wire import MAX_INT64
 
 router = APIRouter(prefix="/api/v1", tags=["groups"])
 
@@ -86,7 +89,9 @@ def create_rule(body: RuleCreate, db: DB, who: Operator) -> RuleOut:
 
 
 @router.delete("/rules/{rule_id}", status_code=204)
-def delete_rule(rule_id: int, db: DB, who: Operator) -> Response:
+def delete_rule(
+    rule_id: Annotated[int, Path(ge=1, le=MAX_INT64)], db: DB, who: Operator
+) -> Response:
     journal = Journal(db, who)
     rules.delete_rule(db, journal, rules.get_rule(db, rule_id))
     journal.commit()

@@ -25,6 +25,7 @@ from vpnfleet.controlplane.state import DB, AppState, Auditor, State
 from vpnfleet.core import attribution as core
 from vpnfleet.core import netparse
 from vpnfleet.core.accesslog import parse_instant
+from vpnfleet.wire import Storable
 
 router = APIRouter(prefix="/api/v1", tags=["audit"], lifespan=retention.lifespan)
 
@@ -80,7 +81,7 @@ def attribution(
     return out
 
 
-class AttributionQueryIn(BaseModel):
+class AttributionQueryIn(Storable):
     """One lookup of a batch (same meaning as the GET parameters)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -92,7 +93,7 @@ class AttributionQueryIn(BaseModel):
     dst: str | None = None
 
 
-class AttributionBatchIn(BaseModel):
+class AttributionBatchIn(Storable):
     """Up to 10,000 lookups answered in one response (what `audit annotate` sends)."""
 
     model_config = ConfigDict(extra="forbid")

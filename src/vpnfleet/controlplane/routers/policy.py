@@ -16,13 +16,14 @@ from vpnfleet.controlplane.errors import Problem
 from vpnfleet.controlplane.state import DB, Operator, Reader, State
 from vpnfleet.core import policyfile
 from vpnfleet.core.policyfile import Policy, PolicyDiff
+from vpnfleet.wire import Storable
 
 router = APIRouter(prefix="/api/v1", tags=["policy"])
 
 MAX_POLICY_CHARS = 5_000_000
 
 
-class PolicyIn(BaseModel):
+class PolicyIn(Storable):
     """A policy file's text; `filename` only labels error messages."""
 
     model_config = ConfigDict(extra="forbid")

@@ -7,6 +7,7 @@ import ipaddress
 from fastapi import APIRouter
 from sqlalchemy import select
 
+from vpnfleet.controlplane.errors import bad_request
 from vpnfleet.controlplane.models import Pool
 from vpnfleet.controlplane.schemas import PoolOut, PoolSet
 from vpnfleet.controlplane.services import pools
@@ -25,7 +26,10 @@ def list_pools(db: DB, _who: Operator) -> list[PoolOut]:
 @router.put("/{name}", response_model=PoolOut)
 def set_pool(name: str, body: PoolSet, db: DB, who: Operator) -> PoolOut:
     """Create or change a pool. Shrinking below existing gateway leases is refused."""
-    netparse.validate_name(name, "pool name")
+    try:
+        netparse.validate_name(name, "pool name")
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
     journal = Journal(db, who)
     pool = pools.set_pool(db, journal, name, ipaddress.IPv4Network(body.cidr), body.kind)
     journal.commit()
