@@ -525,7 +525,7 @@ class DeniedRecord(Storable):
     count: int = Field(ge=1, le=MAX_INT64)
 
 
-class DeniedBatch(Storable):
+class DeniedBatch(BaseModel):  # each record checks its own text (Storable)
     model_config = _strict
     pod: PodName
     events: list[DeniedRecord] = Field(max_length=5000)

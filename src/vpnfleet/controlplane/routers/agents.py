@@ -110,9 +110,6 @@ def heartbeat(body: Heartbeat, db: DB, _who: Agent, state: State) -> dict[str, i
 @router.post("/denied")
 def record_denied(body: DeniedBatch, db: DB, _who: Agent) -> dict[str, int]:
     """Store denied-attempt records (aggregated and rate-limited by the agent)."""
-    for ev in body.events:
-        if ev.first_at.tzinfo is None or ev.last_at.tzinfo is None:
-            raise Problem(422, "Invalid request", "first_at/last_at: need a time zone")
     db.add_all(
         DeniedAttempt(
             pod_name=body.pod,

@@ -93,7 +93,7 @@ class AttributionQueryIn(Storable):
     dst: str | None = None
 
 
-class AttributionBatchIn(Storable):
+class AttributionBatchIn(BaseModel):  # each query checks its own text (Storable)
     """Up to 10,000 lookups answered in one response (what `audit annotate` sends)."""
 
     model_config = ConfigDict(extra="forbid")
