@@ -78,6 +78,13 @@ class Server:
         headers = {"Authorization": f"Bearer {tok}"} if tok else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
 
+    def pod_token(self, pod: str) -> str:
+        """Pod `pod`'s own credential, enrolled with a fresh enrollment token."""
+        with self.client(self.make_token("agent")) as c:
+            r = c.post("/api/v1/agent/enroll", json={"name": pod})
+            r.raise_for_status()
+            return str(r.json()["token"])
+
     def make_token(self, role: str) -> str:
         with self.client() as c:
             r = c.post(

@@ -91,6 +91,36 @@ PodName = Annotated[str, AfterValidator(lambda v: netparse.validate_name(v, "pod
 _strict = ConfigDict(extra="forbid")
 
 
+# Server certificates are issued for `SERVER_CN_PREFIX + pod name`, and every client profile
+# says `verify-x509-name server. name-prefix`: a certificate the fleet CA signed for anything
+# else (a user, the control plane's HTTPS name) is refused by stock clients.
+SERVER_CN_PREFIX = "server."
+MAX_POD_NAME = 64 - len(SERVER_CN_PREFIX)  # a certificate CN holds at most 64 characters
+
+
+class EnrollRequest(Storable):
+    """A pod asking, with the enrollment token, for a credential of its own."""
+
+    model_config = _strict
+    wire_version: int = Field(default=WIRE_VERSION, ge=0, le=MAX_INT64)
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        netparse.validate_name(v, "pod name")
+        if len(v) > MAX_POD_NAME:
+            raise ValueError(f"pod name {v!r} is longer than {MAX_POD_NAME} characters")
+        return v
+
+
+class Enrollment(BaseModel):
+    """The pod's own credential: shown once; it acts as this pod and no other."""
+
+    name: str
+    token: str
+
+
 class RegisterRequest(Storable):
     """An agent announcing itself at start."""
 

@@ -15,6 +15,7 @@ def now() -> str:
 
 
 def opened(agent: httpx.Client, uid: str, user: str, real_ip: str, pod: str = "pod1") -> dict:  # type: ignore[type-arg]
+    """Open a session on `pod` through that pod's own client."""
     body = {
         "uid": uid,
         "user": user,
@@ -32,7 +33,11 @@ def opened(agent: httpx.Client, uid: str, user: str, real_ip: str, pod: str = "p
 
 def test_register_snapshot_and_session_lifecycle(server: Server, admin: httpx.Client) -> None:
     admin.post("/api/v1/users", json={"name": "alice", "max_sessions": 1})
-    with server.client(server.make_token("agent")) as agent:
+    with (
+        server.client(server.pod_token("pod1")) as agent,
+        server.client(server.pod_token("pod2")) as agent2,
+    ):
+        agent2.post("/api/v1/agent/register", json={"name": "pod2"}).raise_for_status()
         boot = agent.post("/api/v1/agent/register", json={"name": "pod1", "pod_ip": "10.99.0.11"})
         assert boot.status_code == 200
         b = boot.json()
@@ -54,11 +59,11 @@ def test_register_snapshot_and_session_lifecycle(server: Server, admin: httpx.Cl
         assert snap["users"][0]["cert_serial"] and snap["pods"][0]["pod_ip"] == "10.99.0.11"
 
         # Another device (another address) over the limit: recorded, refused, closed at once.
-        refused = opened(agent, "pod2-bbbbbbbb", "alice", "203.0.113.9", pod="pod2")
+        refused = opened(agent2, "pod2-bbbbbbbb", "alice", "203.0.113.9", pod="pod2")
         assert refused["allowed"] is False and "session limit" in refused["reason"]
         # The same device reconnecting replaces its old session instead: the old one is
         # marked to end and stays live until its pod closes it (bytes, real end time).
-        again_v = opened(agent, "pod2-cccccccc", "alice", "198.51.100.7", pod="pod2")
+        again_v = opened(agent2, "pod2-cccccccc", "alice", "198.51.100.7", pod="pod2")
         assert again_v["allowed"] is True
         live = admin.get("/api/v1/sessions", params={"active": "true"}).json()
         assert {s["pod"]: s["kill_reason"] for s in live} == {
@@ -71,7 +76,7 @@ def test_register_snapshot_and_session_lifecycle(server: Server, admin: httpx.Cl
             "pod2-cccccccc": None,
         }
         # The replaced session no longer holds a place: the limit still counts the new one.
-        over = opened(agent, "pod2-dddddddd", "alice", "203.0.113.10", pod="pod2")
+        over = opened(agent2, "pod2-dddddddd", "alice", "203.0.113.10", pod="pod2")
         assert over["allowed"] is False and "session limit" in over["reason"]
         old = {"uid": "pod1-aaaaaaaa", "ended_at": now(), "bytes_in": 7, "bytes_out": 9,
                "reason": "replaced by a new connection"}  # fmt: skip
@@ -88,27 +93,29 @@ def test_register_snapshot_and_session_lifecycle(server: Server, admin: httpx.Cl
         assert any(s["end_reason"].startswith("refused: session limit") for s in ended)
 
         close = {"uid": "pod2-cccccccc", "ended_at": now(), "bytes_in": 10, "bytes_out": 20}
-        assert agent.post("/api/v1/agent/sessions/close", json=close).json() == {"closed": True}
-        assert agent.post("/api/v1/agent/sessions/close", json=close).json() == {"closed": False}
+        assert agent2.post("/api/v1/agent/sessions/close", json=close).json() == {"closed": True}
+        assert agent2.post("/api/v1/agent/sessions/close", json=close).json() == {"closed": False}
         hb = {"name": "pod1", "applied_revision": 5, "ready": True, "status": {"clients": 0}}
         assert agent.post("/api/v1/agent/heartbeat", json=hb).status_code == 200
-        assert problem(agent.post("/api/v1/agent/heartbeat", json={**hb, "name": "ghost"}), 404)
+        assert "cannot act as pod 'ghost'" in problem(
+            agent.post("/api/v1/agent/heartbeat", json={**hb, "name": "ghost"}), 403
+        )
     pods = admin.get("/api/v1/pods").json()
-    assert pods[0]["ready"] is True and pods[0]["applied_revision"] == 5
+    assert pods[0]["name"] == "pod1" and pods[0]["ready"] is True and pods[0]["applied_revision"] == 5
 
 
 def test_session_report_closes_what_the_pod_no_longer_has(
     server: Server, admin: httpx.Client
 ) -> None:
     admin.post("/api/v1/users", json={"name": "bob", "max_sessions": 5})
-    with server.client(server.make_token("agent")) as agent:
+    with server.client(server.pod_token("pod1")) as agent:
         agent.post("/api/v1/agent/register", json={"name": "pod1"})
         opened(agent, "pod1-11111111", "bob", "198.51.100.1")
         opened(agent, "pod1-22222222", "bob", "198.51.100.2")
         out = agent.post(
             "/api/v1/agent/sessions/report", json={"pod": "pod1", "live": ["pod1-22222222"]}
         ).json()
-        assert out == {"closed": 1}
+        assert out == {"closed": 1, "ended": []}
     live = admin.get("/api/v1/sessions", params={"active": "true"}).json()
     assert [s["real_ip"] for s in live] == ["198.51.100.2"]
 
@@ -121,7 +128,7 @@ def test_kill_marks_live_sessions_until_their_pods_close_them(
     limit, so the user may connect again at once."""
     admin.post("/api/v1/users", json={"name": "kim", "max_sessions": 2}).raise_for_status()
     admin.post("/api/v1/users", json={"name": "other"}).raise_for_status()
-    with server.client(server.make_token("agent")) as agent:
+    with server.client(server.pod_token("pod1")) as agent:
         agent.post("/api/v1/agent/register", json={"name": "pod1"}).raise_for_status()
         opened(agent, "pod1-kim00001", "kim", "198.51.100.1")
         opened(agent, "pod1-kim00002", "kim", "198.51.100.2")

@@ -62,7 +62,8 @@ def stored(admin: httpx.Client) -> list[dict[str, object]]:
 def test_records_arrive_once_and_a_refused_one_is_dropped_alone(
     server: Server, admin: httpx.Client, tmp_path: Path
 ) -> None:
-    agent = agent_for(server.url, server.make_token("agent"), tmp_path)
+    token = server.pod_token("pod1")
+    agent = agent_for(server.url, token, tmp_path)
     for i in range(1, 301):
         agent._on_item(connection(i, 20000 + i))
     # One record no control plane accepts (a tunnel address that is not an address),
@@ -87,7 +88,7 @@ def test_records_arrive_once_and_a_refused_one_is_dropped_alone(
     ended = [f for f in flows if f["end_at"] is not None]
     assert len(ended) == 100 and all(f["bytes_in"] == 900 for f in ended)
     # Redelivery (at least once) changes nothing.
-    agent2 = agent_for(server.url, server.make_token("agent"), tmp_path / "again")
+    agent2 = agent_for(server.url, token, tmp_path / "again")
     for i in range(1, 11):
         agent2._on_item(connection(i, 20000 + i))
 

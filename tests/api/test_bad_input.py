@@ -146,7 +146,7 @@ def _agent_cases() -> list[tuple[str, dict[str, Any], str]]:
 
 @pytest.mark.parametrize(("path", "body", "field"), _agent_cases())
 def test_agent_input(server: Server, path: str, body: dict[str, Any], field: str) -> None:
-    agent = server.make_token("agent")
+    agent = server.pod_token("pod-a")
     _pod(server, agent)
     with server.client(agent) as c:
         r = _raw(c, "POST", path, json.dumps(body))

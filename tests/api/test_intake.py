@@ -96,7 +96,7 @@ def test_bodies_over_the_route_limit_are_413_and_write_nothing(
 
 
 def test_batch_routes_take_larger_bodies_up_to_their_own_limit(server: Server) -> None:
-    agent = server.make_token("agent")
+    agent = server.pod_token("pod-1")
     flow = {
         "flow_id": "f" * 16,
         "pod": "pod-1",

@@ -38,6 +38,7 @@ from vpnfleet.agent.management import ManagementClient, ManagementError
 from vpnfleet.controlplane import pki
 from vpnfleet.core.mgmt_protocol import ClientEvent, ClientEventKind, Event
 from vpnfleet.core.ovpn_config import render_client_profile, render_server_conf
+from vpnfleet.wire import SERVER_CN_PREFIX
 
 NS_PREFIX = "vft-mg-"
 SERVER_IP = "198.18.30.1"
@@ -46,7 +47,6 @@ UNDERLAY_PREFIX = 30
 PORT = 1194
 POOL_GATEWAY = "10.77.0.1/24"
 SERVER_TUNNEL_IP = "10.77.0.1"
-SERVER_CN_PREFIX = "vpnfleet-pod-"
 
 
 @dataclass

@@ -225,6 +225,23 @@ async def test_client_kill_halt_stops_the_client(lab: OvpnLab) -> None:
     assert "Halt command was pushed by server ('maintenance')" in client.log()
 
 
+async def test_client_refuses_a_server_certificate_that_is_not_a_fleet_servers(
+    lab: OvpnLab,
+) -> None:
+    """A serverAuth certificate from the fleet's own CA, for a name that is not a pod's (the
+    control plane's HTTPS name, say): the stock client with our profile refuses it."""
+    from vpnfleet.controlplane import pki as pkimod
+
+    lab.certs.server = pkimod.issue_server_cert(lab.certs.ca, "vpnfleet-control.vpnfleet.svc")
+    server, mgmt = await start_pod(lab)
+    client = lab.start_client("alice")
+    await client.wait_log(r"VERIFY X509NAME ERROR: CN=vpnfleet-control\.vpnfleet\.svc", 20)
+    leaked = [e for e in await drain_events(mgmt, 2.0) if isinstance(e, ClientEvent)]
+    assert leaked == []  # never got as far as asking the pod to let it in
+    assert await lab.client_tunnel_ipv4() is None
+    assert server.running
+
+
 async def test_revoked_certificate_is_refused_before_connect(lab: OvpnLab) -> None:
     mallory = lab.certs.client("mallory")
     server, mgmt = await start_pod(lab, revoked=[mallory])

@@ -13,6 +13,8 @@ from pydantic import BaseModel
 from vpnfleet.wire import (
     Bootstrap,
     DeniedBatch,
+    Enrollment,
+    EnrollRequest,
     Heartbeat,
     RegisterRequest,
     SessionClose,
@@ -68,6 +70,15 @@ class ControlPlane:
             headers={"Authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(timeout, connect=3.0),
         )
+
+    def use_token(self, token: str) -> None:
+        """Send ``token`` from now on (the pod's own credential, after enrollment)."""
+        self._http.headers["Authorization"] = f"Bearer {token}"
+
+    async def enroll(self, req: EnrollRequest) -> Enrollment:
+        """Exchange the enrollment token (the one this client was made with) for the pod's own
+        credential. The caller switches to it with :meth:`use_token`."""
+        return await self._typed(Enrollment, "POST", "/api/v1/agent/enroll", req)
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -125,9 +136,11 @@ class ControlPlane:
     async def session_close(self, body: SessionClose) -> None:
         await self._call("POST", "/api/v1/agent/sessions/close", body)
 
-    async def session_report(self, body: SessionReport) -> int:
+    async def session_report(self, body: SessionReport) -> tuple[int, list[str]]:
+        """(sessions the control plane closed, live uids it has ended: to disconnect)."""
         out = await self._call("POST", "/api/v1/agent/sessions/report", body)
-        return int(out.get("closed", 0))
+        ended = out.get("ended", [])
+        return int(out.get("closed", 0)), [str(u) for u in ended] if isinstance(ended, list) else []
 
     async def denied(self, body: DeniedBatch) -> None:
         await self._call("POST", "/api/v1/agent/denied", body)

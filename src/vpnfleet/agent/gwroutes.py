@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 
@@ -28,13 +29,23 @@ def desired_routes(view: FleetView) -> dict[str, str]:
 
     A session marked to end is left out: when the same device reconnects elsewhere, its old
     session (same stable address) lingers until its pod closes it, and the route must follow
-    the new one.
+    the new one. Only addresses inside a gateway pool, only via a registered pod's address:
+    whatever else a session row might say, a router must never learn it from us.
     """
+    pools = [ipaddress.IPv4Network(p.cidr) for p in view.pools.values() if p.kind == "gateway"]
     routes: dict[str, str] = {}
     for session in view.sessions.values():
         pod = view.pods.get(session.pod)
-        if session.mode == "gateway" and session.kill is None and pod is not None and pod.pod_ip:
-            routes[f"{session.tunnel_ip}/32"] = pod.pod_ip
+        if session.mode != "gateway" or session.kill is not None or pod is None:
+            continue
+        if not pod.pod_ip:  # pods are the registered ones; one without an address gets none
+            continue
+        try:
+            addr = ipaddress.IPv4Address(session.tunnel_ip)
+        except ValueError:
+            continue
+        if any(addr in net for net in pools):
+            routes[f"{addr}/32"] = str(pod.pod_ip)
     return routes
 
 

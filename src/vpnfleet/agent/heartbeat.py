@@ -30,6 +30,7 @@ class HeartbeatSender:
         self._interval = interval
         self._build = build
         self.last_tick = time.monotonic()
+        self.refused: ControlPlaneError | None = None
 
     @property
     def loop_alive(self) -> bool:
@@ -39,10 +40,18 @@ class HeartbeatSender:
         while True:
             self.last_tick = time.monotonic()
             await self.send(self._build())
+            if self.refused is not None:
+                # The pod's credential was revoked (or its record forgotten): it may no
+                # longer speak for the pod, so the agent stops (the task failing stops it).
+                raise self.refused
             await asyncio.sleep(self._interval)
 
     async def send(self, beat: Heartbeat) -> None:
         try:
             await self._cp.heartbeat(beat)
         except ControlPlaneError as exc:
-            log.debug("heartbeat failed: %s", exc)
+            if exc.status in (401, 403, 404):
+                log.error("the control plane refuses this pod: %s", exc)
+                self.refused = exc
+            else:
+                log.debug("heartbeat failed: %s", exc)

@@ -1,5 +1,10 @@
 """Registration: the pod's identity and OpenVPN material from the control plane, kept on disk.
 
+On its first start a pod enrolls: it sends its name with the enrollment token (the Secret
+every pod starts with) and receives a credential of its own, bound to that name, kept in the
+state directory (0600) and used for everything after. The control plane refuses a name that a
+live pod holds, so the enrollment token alone can never obtain another pod's key.
+
 At start the agent registers (its name, template, endpoint and pod IP) and receives its
 bootstrap: the pod's server certificate and key, the CA, the CRL, the tls-crypt key and the
 address pools. They are written to the state directory with OpenVPN's config, and the bootstrap
@@ -19,7 +24,7 @@ from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
 from vpnfleet.agent.settings import AgentSettings
 from vpnfleet.agent.statedir import StateDir, write_private
 from vpnfleet.core import ipam, ovpn_config
-from vpnfleet.wire import Bootstrap, RegisterRequest
+from vpnfleet.wire import Bootstrap, EnrollRequest, RegisterRequest
 
 log = logging.getLogger("vpnfleet.agent")
 
@@ -66,13 +71,31 @@ class Registration:
         delay = 0.5
         while True:
             try:
+                await self._credential()
                 boot = await self._cp.register(req)
                 break
             except ControlPlaneError as exc:
+                if exc.status == 401 and self.paths.credential.exists():
+                    # Revoked, or the control plane no longer knows it (a new database):
+                    # enroll again; a revoked pod's name is refused there.
+                    log.warning("the pod credential was refused (%s); enrolling again", exc)
+                    self.paths.credential.unlink()
+                    continue
+                if exc.status == 409 and "enroll" in str(exc):
+                    # The name is held by a live pod (or by this pod before it lost its
+                    # credential): it frees up when that lease ends.
+                    log.warning("%s; retrying in %.1fs", exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10)
+                    continue
                 if not exc.retryable:
                     raise
                 cached = self._cached()
-                if cached is not None and cached.name == self._s.name:
+                if (
+                    cached is not None
+                    and cached.name == self._s.name
+                    and self.paths.credential.exists()
+                ):
                     log.warning("control plane unreachable (%s); starting from cached state", exc)
                     boot = cached
                     break
@@ -83,6 +106,20 @@ class Registration:
         self.boot = boot
         log.info("registered as pod %s (NAT pool %s)", boot.name, boot.nat_pool)
         return boot
+
+    async def _credential(self) -> None:
+        """Use the pod's own credential, enrolling first if it has none yet."""
+        try:
+            token = self.paths.credential.read_text().strip()
+        except FileNotFoundError:
+            token = ""
+        if not token:
+            self._cp.use_token(self._s.token)
+            got = await self._cp.enroll(EnrollRequest(name=self._s.name))
+            write_private(self.paths.credential, got.token + "\n")
+            token = got.token
+            log.info("enrolled as pod %s: credential stored in the state directory", got.name)
+        self._cp.use_token(token)
 
     def _cached(self) -> Bootstrap | None:
         try:

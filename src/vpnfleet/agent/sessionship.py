@@ -151,14 +151,29 @@ class SessionShipper:
             log.error("dropped a malformed spool record: %s", exc)
 
     async def report(self, live: Iterable[str]) -> None:
-        """Level-triggered repair: the control plane closes this pod's sessions not in ``live``."""
+        """Level-triggered repair: the control plane closes this pod's sessions not in ``live``.
+
+        Skipped while records wait in the spool: a session that just ended has its close
+        (with bytes and the real reason) queued, and a report overtaking it would close the
+        row first as "not live on pod"."""
+        if len(self.spool):
+            return
         try:
-            closed = await self._cp.session_report(SessionReport(pod=self._pod, live=list(live)))
+            closed, ended = await self._cp.session_report(
+                SessionReport(pod=self._pod, live=list(live))
+            )
         except ControlPlaneError as exc:
             log.info("session report failed: %s", exc)
             return
         if closed:
             log.info("control plane closed %d stale session(s) of this pod", closed)
+        # Sessions the control plane ended while this pod still had them (its lease ran out
+        # while it was cut off): they no longer count anywhere, so they must not stay up.
+        for uid in ended:
+            if self._on_refused is not None:
+                await self._on_refused(
+                    uid, "session ended by the control plane (pod lease expired)"
+                )
 
     async def finish(self, budget: float) -> None:
         """At shutdown: give the records ``budget`` seconds; the spool keeps the rest."""

@@ -64,6 +64,11 @@ class StateDir:
         return self.root / "bootstrap.json"
 
     @property
+    def credential(self) -> Path:
+        """The pod's own API credential, received at enrollment (secret, 0600)."""
+        return self.root / "pod-credential"
+
+    @property
     def view(self) -> Path:
         return self.root / "view.json"
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from vpnfleet.cli.client import APIClient, CLIError, resolve
-from vpnfleet.cli.output import emit_json, record, show, table
+from vpnfleet.cli.output import emit_json, record, say, show, table
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -484,3 +484,21 @@ def pod_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List pods with readiness, heartbeat and applied revision."""
     cols = ["name", "ready", "pod_ip", "public_endpoint", "applied_revision", "last_heartbeat"]
     show(api(ctx).get("/api/v1/pods"), as_json, cols)
+
+
+@pod_app.command("revoke")
+def pod_revoke(ctx: typer.Context, name: str) -> None:
+    """Cut a pod off: credential and server certificate revoked, its sessions closed; its
+    name may not enroll again until 'vpnfleet pod forget'."""
+    out = api(ctx).post(f"/api/v1/pods/{name}/revoke")
+    say(
+        f"revoked pod {name}: {out['credentials']} credential(s), {out['certificates']} "
+        f"certificate(s), {out['sessions_closed']} session(s) closed"
+    )
+
+
+@pod_app.command("forget")
+def pod_forget(ctx: typer.Context, name: str) -> None:
+    """Remove a pod that is gone (revoked, or silent past its lease): its name is free again."""
+    api(ctx).delete(f"/api/v1/pods/{name}")
+    say(f"forgot pod {name}")

@@ -220,11 +220,17 @@ def gateway_routes(
         str | None, typer.Option(help="Control plane URL (env VPNFLEET_SERVER).")
     ] = None,
     token: Annotated[
-        str | None, typer.Option("--token", help="Agent token (env VPNFLEET_AGENT_TOKEN).")
+        str | None,
+        typer.Option(
+            "--token",
+            help="A read-only token, role auditor (env VPNFLEET_ROUTES_TOKEN).",
+        ),
     ] = None,
     log_format: Annotated[str, typer.Option(help="text or json.")] = "text",
 ) -> None:
-    """Keep /32 routes to gateway-mode users via the pod they are on (run on a router)."""
+    """Keep /32 routes to gateway-mode users via the pod they are on (run on a router).
+
+    Only addresses inside the gateway pool, only via registered pods' addresses."""
     import asyncio
     import os
     import signal
@@ -234,9 +240,9 @@ def gateway_routes(
     from vpnfleet.agent.gwroutes import follow
 
     url = server or os.environ.get("VPNFLEET_SERVER")
-    secret = token or os.environ.get("VPNFLEET_AGENT_TOKEN")
+    secret = token or os.environ.get("VPNFLEET_ROUTES_TOKEN")
     if not url or not secret:
-        raise CLIError("give --server and --token (or VPNFLEET_SERVER / VPNFLEET_AGENT_TOKEN)", 2)
+        raise CLIError("give --server and --token (or VPNFLEET_SERVER / VPNFLEET_ROUTES_TOKEN)", 2)
     logsetup.setup(log_format)
 
     async def main() -> None:

@@ -8,8 +8,12 @@ import secrets
 from dataclasses import dataclass
 from typing import Literal
 
-Role = Literal["admin", "operator", "auditor", "agent"]
-ROLES: tuple[Role, ...] = ("admin", "operator", "auditor", "agent")
+# "agent" is the enrollment role (the Secret every pod starts with): it may only enroll a pod
+# name that no live pod holds. "pod" is one pod's own credential, made at enrollment and bound
+# to that pod's name; only it may act as that pod. Neither is created by hand as "pod".
+Role = Literal["admin", "operator", "auditor", "agent", "pod"]
+ROLES: tuple[Role, ...] = ("admin", "operator", "auditor", "agent", "pod")
+TOKEN_ROLES: tuple[Role, ...] = ("admin", "operator", "auditor", "agent")
 TOKEN_PREFIX = "vpf_"  # noqa: S105 - a marker, not a secret
 
 
@@ -20,6 +24,7 @@ class Principal:
     token_id: int
     name: str
     role: Role
+    pod: str | None = None  # the pod a "pod" credential is bound to
 
 
 def parse_role(text: str) -> Role:

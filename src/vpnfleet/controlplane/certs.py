@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from vpnfleet.controlplane import pki
@@ -96,9 +96,15 @@ def current_user_cert(db: Session, user_id: int) -> Certificate | None:
 
 
 def revoke_user_certs(db: Session, user_id: int, reason: str) -> list[Certificate]:
-    rows = db.scalars(
-        select(Certificate).where(Certificate.user_id == user_id, Certificate.revoked_at.is_(None))
-    ).all()
+    return _revoke(db, Certificate.user_id == user_id, reason)
+
+
+def revoke_pod_certs(db: Session, pod_id: int, reason: str) -> list[Certificate]:
+    return _revoke(db, Certificate.pod_id == pod_id, reason)
+
+
+def _revoke(db: Session, owner: ColumnElement[bool], reason: str) -> list[Certificate]:
+    rows = db.scalars(select(Certificate).where(owner, Certificate.revoked_at.is_(None))).all()
     now = utcnow()
     for row in rows:
         row.revoked_at = now

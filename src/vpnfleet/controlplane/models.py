@@ -200,6 +200,11 @@ class Pod(Base):
     applied_revision: Mapped[int] = mapped_column(BigInteger, default=0)
     ready: Mapped[bool] = mapped_column(Boolean, default=False)
     status: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Set by `vpnfleet pod revoke`: the pod's credential and certificate are revoked, its
+    # sessions closed, and its name may not enroll again until `vpnfleet pod forget`.
+    revoked_at: Mapped[dt.datetime | None]
+    # When the control plane closed this pod's sessions because it stopped heartbeating.
+    lease_expired_at: Mapped[dt.datetime | None]
 
 
 class VpnSession(Base):
@@ -247,6 +252,8 @@ class AdminToken(Base):
     created_by: Mapped[str | None] = mapped_column(String(64))
     revoked_at: Mapped[dt.datetime | None]
     last_used_at: Mapped[dt.datetime | None]
+    # Role "pod": the one pod this credential may act as (set at enrollment).
+    pod_name: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class AdminAudit(Base):

@@ -200,9 +200,14 @@ class TokenCreate(Storable):
     @field_validator("role")
     @classmethod
     def _role(cls, v: str) -> str:
-        from vpnfleet.controlplane.auth import parse_role
+        from vpnfleet.controlplane.auth import TOKEN_ROLES
 
-        return parse_role(v)
+        if v not in TOKEN_ROLES:
+            raise ValueError(
+                f"unknown role {v!r}: use one of {', '.join(TOKEN_ROLES)} "
+                "(pod credentials are made by enrollment, not by hand)"
+            )
+        return v
 
 
 class TokenOut(BaseModel):

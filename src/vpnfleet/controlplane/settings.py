@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ class ServerSettings:
     audit_retention_days: int | None = None
     # Largest request body for every route but the batch routes (controlplane/intake.py).
     max_body_bytes: int = 1 << 20
+    # Seconds without a heartbeat after which a pod's sessions are closed and its name may
+    # enroll again (controlplane/podleases.py). Agents heartbeat every 5 s by default.
+    pod_lease_seconds: int = 90
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServerSettings:
@@ -61,6 +65,11 @@ class ServerSettings:
             if not raw.isdigit():
                 raise ValueError(f"VPNFLEET_MAX_BODY_BYTES {raw!r} is not a whole number of bytes")
             values["max_body_bytes"] = int(raw)
+        if env.get("VPNFLEET_POD_LEASE_SECONDS", "").strip():
+            raw = env["VPNFLEET_POD_LEASE_SECONDS"].strip()
+            if not raw.isdigit():
+                raise ValueError(f"VPNFLEET_POD_LEASE_SECONDS {raw!r} is not a whole number")
+            values["pod_lease_seconds"] = int(raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()
@@ -68,6 +77,8 @@ class ServerSettings:
 
     def validate(self) -> None:
         netparse.parse_listen(self.listen)
+        if not 10 <= self.pod_lease_seconds <= 86_400:
+            raise ValueError("pod lease must be between 10 seconds and 1 day")
         if not 4096 <= self.max_body_bytes <= 1 << 30:
             raise ValueError("max body size must be between 4096 bytes and 1 GiB")
         if self.audit_retention_days is not None and self.audit_retention_days < 1:
@@ -79,6 +90,10 @@ class ServerSettings:
             raise ValueError(
                 "database URL must be sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
             )
+
+    @property
+    def pod_lease(self) -> dt.timedelta:
+        return dt.timedelta(seconds=self.pod_lease_seconds)
 
     @property
     def resolved_database_url(self) -> str:

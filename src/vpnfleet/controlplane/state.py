@@ -80,7 +80,9 @@ def _authenticate(state: AppState, creds: HTTPAuthorizationCredentials | None) -
         now = dt.datetime.now(dt.UTC)
         if auth.touch_due(row.last_used_at, now):
             row.last_used_at = now
-        return auth.Principal(token_id=row.id, name=row.name, role=auth.parse_role(row.role))
+        return auth.Principal(
+            token_id=row.id, name=row.name, role=auth.parse_role(row.role), pod=row.pod_name
+        )
 
 
 def require(*roles: auth.Role) -> Callable[..., auth.Principal]:
@@ -103,12 +105,31 @@ def require(*roles: auth.Role) -> Callable[..., auth.Principal]:
     return _dep
 
 
+def _pod_caller(
+    state: State,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> auth.Principal:
+    """Only a pod's own credential (not even an admin token) may speak for a pod."""
+    who = _authenticate(state, creds)
+    if who.role != "pod" or not who.pod:
+        raise Problem(
+            403,
+            "Forbidden",
+            f"role {who.role!r} may not do this: agent endpoints need a pod credential "
+            "(agents enroll with the enrollment token and then use their own)",
+        )
+    return who
+
+
 Admin = Annotated[auth.Principal, Depends(require("admin"))]
 Operator = Annotated[auth.Principal, Depends(require("operator"))]
 Reader = Annotated[auth.Principal, Depends(require("operator", "auditor"))]
 Auditor = Annotated[auth.Principal, Depends(require("auditor", "operator"))]
-Agent = Annotated[auth.Principal, Depends(require("agent"))]
-Watcher = Annotated[auth.Principal, Depends(require("agent", "operator"))]
+Enroller = Annotated[auth.Principal, Depends(require("agent"))]
+PodCaller = Annotated[auth.Principal, Depends(_pod_caller)]
+# The fleet view (snapshot + watch): pods, and read-only followers such as gateway-routes
+# (an auditor token), never the enrollment token.
+Watcher = Annotated[auth.Principal, Depends(require("pod", "operator", "auditor"))]
 
 
 def jsonable(obj: Any) -> Any:

@@ -228,6 +228,11 @@ async def _start_control_plane(info: LabInfo) -> None:
     path = info.dir / "agent-token"
     path.write_text(token + "\n")
     path.chmod(0o600)
+    # gateway-routes only reads the fleet view: a read-only (auditor) token.
+    routes = _api(info, "POST", "/api/v1/tokens", {"name": "lab-routes", "role": "auditor"})
+    path = info.dir / "routes-token"
+    path.write_text(routes["token"] + "\n")
+    path.chmod(0o600)
     clients = info.dir / "clients"
     clients.mkdir(mode=0o700)
     _api(info, "POST", "/api/v1/groups", {"name": LAB_GROUP, "description": "lab users"})
@@ -275,7 +280,10 @@ async def _start_services(info: LabInfo) -> None:
         svc,
         *_cli("gateway-routes", "--server", info.agent_url, "--log-format", "json"),
         log_path=info.dir / "gateway-routes.log",
-        env={**os.environ, "VPNFLEET_AGENT_TOKEN": _agent_token(info)},
+        env={
+            **os.environ,
+            "VPNFLEET_ROUTES_TOKEN": (info.dir / "routes-token").read_text().strip(),
+        },
     )
     web = nginx.start(svc, info.dir / "nginx") if info.web else None
     if web is None:

@@ -1,24 +1,28 @@
-"""Endpoints the pod agents call: register, snapshot, sessions, heartbeat.
+"""Endpoints the pod agents call: enroll, register, snapshot, sessions, heartbeat.
 
 Agents decide CONNECTs locally from a snapshot plus the watch stream (see docs/operations.md);
-the control plane stays authoritative for fleet-wide limits when a session is opened.
+the control plane stays authoritative for fleet-wide limits when a session is opened. Every
+endpoint but `enroll` takes a pod's own credential and only lets it speak for its own pod
+(services/pods.py); what it says about sessions is checked (services/sessions.py).
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter
-from sqlalchemy import update
 
 from vpnfleet.controlplane import certs, fleetstate, flowstore
-from vpnfleet.controlplane.errors import Problem, not_found
-from vpnfleet.controlplane.models import DeniedAttempt, Pod, utcnow
+from vpnfleet.controlplane.errors import Problem
+from vpnfleet.controlplane.models import DeniedAttempt, utcnow
+from vpnfleet.controlplane.podleases import lifespan as leases_lifespan
 from vpnfleet.controlplane.services import pods, sessions
 from vpnfleet.controlplane.services.journal import Journal
-from vpnfleet.controlplane.state import DB, Agent, State
+from vpnfleet.controlplane.state import DB, Enroller, PodCaller, State, Watcher
 from vpnfleet.wire import (
     WIRE_VERSION,
     Bootstrap,
     DeniedBatch,
+    Enrollment,
+    EnrollRequest,
     FlowBatch,
     Heartbeat,
     RegisterRequest,
@@ -29,20 +33,34 @@ from vpnfleet.wire import (
     Snapshot,
 )
 
-router = APIRouter(prefix="/api/v1/agent", tags=["agent"])
+router = APIRouter(prefix="/api/v1/agent", tags=["agent"], lifespan=leases_lifespan)
 
 
-@router.post("/register", response_model=Bootstrap)
-def register(body: RegisterRequest, db: DB, who: Agent, state: State) -> Bootstrap:
-    if body.wire_version != WIRE_VERSION:
+def _check_version(version: int) -> None:
+    if version != WIRE_VERSION:
         raise Problem(
             400,
             "Unsupported agent",
-            f"agent speaks wire version {body.wire_version}, control plane {WIRE_VERSION}: "
+            f"agent speaks wire version {version}, control plane {WIRE_VERSION}: "
             "upgrade the older side",
         )
+
+
+@router.post("/enroll", response_model=Enrollment, status_code=201)
+def enroll(body: EnrollRequest, db: DB, who: Enroller, state: State) -> Enrollment:
+    """Exchange the enrollment token for a credential bound to one pod name (shown once)."""
+    _check_version(body.wire_version)
     journal = Journal(db, who)
-    reg = pods.register_pod(db, journal, state.sealer, body)
+    out = pods.enroll(db, journal, body, state.settings.pod_lease)
+    journal.commit()
+    return out
+
+
+@router.post("/register", response_model=Bootstrap)
+def register(body: RegisterRequest, db: DB, who: PodCaller, state: State) -> Bootstrap:
+    _check_version(body.wire_version)
+    journal = Journal(db, who)
+    reg = pods.register_pod(db, journal, state.sealer, body, state.settings.pod_lease)
     revision = journal.commit()
     return Bootstrap(
         pod_id=reg.pod.id,
@@ -59,22 +77,22 @@ def register(body: RegisterRequest, db: DB, who: Agent, state: State) -> Bootstr
 
 
 @router.get("/snapshot", response_model=Snapshot)
-def snapshot(db: DB, _who: Agent) -> Snapshot:
+def snapshot(db: DB, _who: Watcher) -> Snapshot:
     return fleetstate.build_snapshot(db)
 
 
 @router.post("/sessions/open", response_model=SessionVerdict)
-def open_session(body: SessionOpen, db: DB, who: Agent) -> SessionVerdict:
+def open_session(body: SessionOpen, db: DB, who: PodCaller, state: State) -> SessionVerdict:
     """Record a session (idempotent by uid) and say whether it may stay."""
     journal = Journal(db, who)
-    verdict = sessions.open_session(db, journal, body)
+    verdict = sessions.open_session(db, journal, body, state.settings.pod_lease)
     journal.commit()
     return verdict
 
 
 @router.post("/sessions/close")
-def close_session(body: SessionClose, db: DB, who: Agent) -> dict[str, bool]:
-    """Close a session (idempotent: closing twice, or an unknown uid, is not an error)."""
+def close_session(body: SessionClose, db: DB, who: PodCaller) -> dict[str, bool]:
+    """Close one of the caller's sessions (idempotent: twice, or an unknown uid, is fine)."""
     journal = Journal(db, who)
     closed = sessions.close_session(db, journal, body)
     journal.commit()
@@ -82,34 +100,30 @@ def close_session(body: SessionClose, db: DB, who: Agent) -> dict[str, bool]:
 
 
 @router.post("/sessions/report")
-def report_sessions(body: SessionReport, db: DB, who: Agent) -> dict[str, int]:
-    """Level-triggered repair: close this pod's sessions that the pod no longer has."""
+def report_sessions(body: SessionReport, db: DB, who: PodCaller) -> dict[str, object]:
+    """Level-triggered repair: close this pod's sessions that the pod no longer has, and
+    name those it still has that ended here (`ended`: the pod disconnects them)."""
     journal = Journal(db, who)
-    closed = sessions.report_sessions(db, journal, body)
+    closed, ended = sessions.report_sessions(db, journal, body)
     journal.commit()
-    return {"closed": closed}
+    return {"closed": closed, "ended": ended}
 
 
 @router.post("/heartbeat")
-def heartbeat(body: Heartbeat, db: DB, _who: Agent, state: State) -> dict[str, int]:
-    result = db.execute(
-        update(Pod)
-        .where(Pod.name == body.name)
-        .values(
-            last_heartbeat=utcnow(),
-            applied_revision=body.applied_revision,
-            ready=body.ready,
-            status=body.status,
-        )
-    )
-    if not getattr(result, "rowcount", 0):
-        raise not_found("pod", body.name)
+def heartbeat(body: Heartbeat, db: DB, who: PodCaller, state: State) -> dict[str, int]:
+    pod = pods.own_pod(db, who, body.name, lock=True)
+    pod.last_heartbeat = utcnow()
+    pod.applied_revision = body.applied_revision
+    pod.ready = body.ready
+    pod.status = body.status
+    pod.lease_expired_at = None
     return {"revision": state.hub.head}
 
 
 @router.post("/denied")
-def record_denied(body: DeniedBatch, db: DB, _who: Agent) -> dict[str, int]:
+def record_denied(body: DeniedBatch, db: DB, who: PodCaller) -> dict[str, int]:
     """Store denied-attempt records (aggregated and rate-limited by the agent)."""
+    pods.own_pod(db, who, body.pod)
     db.add_all(
         DeniedAttempt(
             pod_name=body.pod,
@@ -130,6 +144,7 @@ def record_denied(body: DeniedBatch, db: DB, _who: Agent) -> dict[str, int]:
 
 
 @router.post("/flows")
-def record_flows(body: FlowBatch, db: DB, _who: Agent) -> dict[str, int]:
+def record_flows(body: FlowBatch, db: DB, who: PodCaller) -> dict[str, int]:
     """Store NAT flow records: idempotent by flow_id (see controlplane/flowstore.py)."""
+    pods.own_pod(db, who, body.pod)
     return flowstore.store(db, body)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from sqlalchemy import select
 
 from vpnfleet.controlplane.models import Pod
 from vpnfleet.controlplane.schemas import PodOut
-from vpnfleet.controlplane.services import sessions, users
+from vpnfleet.controlplane.services import pods, sessions, users
 from vpnfleet.controlplane.services.journal import Journal
-from vpnfleet.controlplane.state import DB, Operator
+from vpnfleet.controlplane.state import DB, Admin, Operator, State
 
 router = APIRouter(prefix="/api/v1", tags=["fleet"])
 
@@ -34,10 +34,31 @@ def list_pods(db: DB, _who: Operator) -> list[PodOut]:
     return [pod_out(p) for p in db.scalars(select(Pod).order_by(Pod.name))]
 
 
-@router.post("/users/{name}/kill")
-def kill_sessions(name: str, db: DB, who: Operator) -> dict[str, int]:
-    """Mark every live session of the user to end; their pods disconnect them and close them
-    (a pod that is down now does it when it is back)."""
+@router.post("/pods/{name}/revoke")
+def revoke_pod(name: str, db: DB, who: Admin) -> dict[str, int]:
+    """Cut a pod off: its credentials and server certificate revoked, its sessions closed,
+    its name refused at enrollment until `forget`."""
     journal = Journal(db, who)
-    count = sessions.kill_user_sessions(db, journal, users.get_user(db, name))
+    out = pods.revoke_pod(db, journal, name)
+    out["revision"] = journal.commit()
+    return out
+
+
+@router.delete("/pods/{name}", status_code=204)
+def forget_pod(name: str, db: DB, who: Admin, state: State) -> Response:
+    """Remove a pod that is gone (revoked or out of its lease): its name may enroll again."""
+    journal = Journal(db, who)
+    pods.forget_pod(db, journal, name, state.settings.pod_lease)
+    journal.commit()
+    return Response(status_code=204)
+
+
+@router.post("/users/{name}/kill")
+def kill_sessions(name: str, db: DB, who: Operator, state: State) -> dict[str, int]:
+    """Mark every live session of the user to end; their pods disconnect them and close them
+    (a pod that is down now does it when it is back). Sessions on a pod that lost its lease
+    are closed at once."""
+    journal = Journal(db, who)
+    user = users.get_user(db, name)
+    count = sessions.kill_user_sessions(db, journal, user, state.settings.pod_lease)
     return {"sessions": count, "revision": journal.commit()}

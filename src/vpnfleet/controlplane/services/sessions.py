@@ -8,6 +8,8 @@ time; meanwhile it no longer counts toward the user's session limit.
 
 from __future__ import annotations
 
+import datetime as dt
+import ipaddress
 from collections.abc import Sequence
 
 from sqlalchemy import select
@@ -16,12 +18,14 @@ from sqlalchemy.orm import Session
 
 from vpnfleet.controlplane import fleetstate
 from vpnfleet.controlplane.errors import Problem, not_found
-from vpnfleet.controlplane.models import User, VpnSession, utcnow
+from vpnfleet.controlplane.models import GatewayLease, Pod, User, VpnSession, utcnow
+from vpnfleet.controlplane.services import pods
 from vpnfleet.controlplane.services.journal import Journal
 from vpnfleet.wire import SessionClose, SessionOpen, SessionReport, SessionVerdict
 
 ADMIN_KILL = "disconnected by an administrator"
 REPLACED = "replaced by a new connection from the same address"
+LEASE_EXPIRED = "pod lease expired (no heartbeat)"
 
 
 def _live(db: Session, user: User) -> list[VpnSession]:
@@ -43,26 +47,83 @@ def _mark_killed(journal: Journal, rows: Sequence[VpnSession], reason: str) -> N
         journal.upsert(fleetstate.session_state(row))
 
 
-def open_session(db: Session, journal: Journal, body: SessionOpen) -> SessionVerdict:
+def _wrong_address(db: Session, pod: Pod, user: User, body: SessionOpen) -> str | None:
+    """Why the pod's claimed tunnel address cannot be this session's, or None if it can.
+
+    A gateway session must use the address the control plane leased to the user; a NAT
+    session an address of its own pod's NAT pool. What a pod says is checked, not believed:
+    gateway routes are built from these rows.
+    """
+    try:
+        addr = ipaddress.IPv4Address(body.tunnel_ip)
+    except ValueError:
+        return f"tunnel_ip {body.tunnel_ip!r} is not an IPv4 address"
+    if body.mode == "gateway":
+        lease = db.scalar(select(GatewayLease).where(GatewayLease.user_id == user.id))
+        if lease is None or lease.address != str(addr):
+            have = lease.address if lease else "none"
+            return f"tunnel_ip {addr} is not the gateway address leased to {user.name} ({have})"
+        return None
+    pool = pods.nat_pool_of(db, pod)
+    if pool is None or addr not in ipaddress.IPv4Network(pool.cidr):
+        where = pool.cidr if pool else "no NAT pool"
+        return f"tunnel_ip {addr} is outside pod {pod.name}'s NAT pool ({where})"
+    return None
+
+
+def _drop_unheard(
+    db: Session, journal: Journal, rows: Sequence[VpnSession], lease: dt.timedelta
+) -> list[VpnSession]:
+    """Close the sessions whose pod lost its lease (gone without a word); return the rest.
+
+    The lease sweeper does the same every few seconds; doing it here too means a user whose
+    pod died can connect elsewhere as soon as the lease has run out, not a sweep later.
+    """
+    names = {r.pod_name for r in rows}
+    now = utcnow()
+    dead = {
+        p.name
+        for p in db.scalars(select(Pod).where(Pod.name.in_(names)))
+        if not pods.alive(p, lease, now)
+    }
+    dead |= names - {p for p in db.scalars(select(Pod.name).where(Pod.name.in_(names)))}
+    for name in sorted(dead):
+        pods.close_pod_sessions(
+            db, journal, name, LEASE_EXPIRED, [r.uid for r in rows if r.pod_name == name]
+        )
+    return [r for r in rows if r.pod_name not in dead]
+
+
+def open_session(
+    db: Session, journal: Journal, body: SessionOpen, lease: dt.timedelta
+) -> SessionVerdict:
     """Record a session (idempotent by uid) and say whether it may stay.
 
-    Sessions already marked to end do not count toward the limit. The same device
+    Only the caller's own pod may open sessions on it, and the tunnel address must be one the
+    control plane gave (see `_wrong_address`). Sessions already marked to end do not count
+    toward the limit, nor do sessions on pods whose lease expired. The same device
     reconnecting (same public address) replaces its old sessions: OpenVPN may keep those
     until a ping timeout, and they must not lock the user out meanwhile; they are marked
     killed, and their pods close them.
     """
+    pod = pods.own_pod(db, journal.who, body.pod)
     existing = db.scalar(select(VpnSession).where(VpnSession.uid == body.uid))
     if existing is not None:
+        if existing.pod_name != body.pod:
+            raise Problem(409, "Conflict", f"uid: session {body.uid!r} belongs to another pod")
         return SessionVerdict(uid=body.uid, session_id=existing.id, allowed=True)
     user = db.scalar(select(User).where(User.name == body.user).with_for_update())
     if user is None:
         raise not_found("user", body.user)
-    if body.started_at.tzinfo is None:
-        raise Problem(422, "Invalid request", "started_at: needs a time zone")
-    staying = [r for r in _live(db, user) if r.kill_reason is None]
+    staying = _drop_unheard(
+        db, journal, [r for r in _live(db, user) if r.kill_reason is None], lease
+    )
     replaced = [r for r in staying if body.real_ip and r.real_ip == body.real_ip]
     allowed, reason = True, None
-    if not user.enabled:
+    wrong = _wrong_address(db, pod, user, body)
+    if wrong is not None:
+        allowed, reason = False, wrong
+    elif not user.enabled:
         allowed, reason = False, "user is disabled"
     elif len(staying) - len(replaced) >= user.max_sessions:
         allowed, reason = False, f"session limit reached ({user.max_sessions})"
@@ -102,10 +163,17 @@ def open_session(db: Session, journal: Journal, body: SessionOpen) -> SessionVer
 def close_session(db: Session, journal: Journal, body: SessionClose) -> bool:
     """Close a session with its pod's bytes and reason, killed or not; False if it was
     already closed or is unknown (closing twice is not an error)."""
-    if body.ended_at.tzinfo is None:
-        raise Problem(422, "Invalid request", "ended_at: needs a time zone")
     row = db.scalar(select(VpnSession).where(VpnSession.uid == body.uid))
-    if row is None or row.ended_at is not None:
+    if row is None:
+        return False
+    if row.pod_name != journal.who.pod:
+        raise Problem(
+            403,
+            "Forbidden",
+            f"session {body.uid!r} is on pod {row.pod_name!r}; pod {journal.who.pod!r} "
+            "cannot close it",
+        )
+    if row.ended_at is not None:
         return False
     row.ended_at = max(body.ended_at, row.started_at)
     row.bytes_in = body.bytes_in
@@ -116,8 +184,11 @@ def close_session(db: Session, journal: Journal, body: SessionClose) -> bool:
     return True
 
 
-def report_sessions(db: Session, journal: Journal, body: SessionReport) -> int:
-    """Level-triggered repair: close this pod's sessions that the pod no longer has."""
+def report_sessions(db: Session, journal: Journal, body: SessionReport) -> tuple[int, list[str]]:
+    """Level-triggered repair, both ways: close this pod's sessions that the pod no longer
+    has (returns how many), and name the sessions the pod still has that are ended here
+    (its lease ran out while it was cut off, or it was refused): the pod disconnects them."""
+    pods.own_pod(db, journal.who, body.pod)
     live = set(body.live)
     stale = [
         s
@@ -134,13 +205,37 @@ def report_sessions(db: Session, journal: Journal, body: SessionReport) -> int:
         s.end_reason = "not live on pod (reconciled)"
         journal.delete(fleetstate.session_key(s))
     db.flush()
-    return len(stale)
+    ended: list[str] = []
+    uids = sorted(live)
+    for i in range(0, len(uids), 1000):
+        ended += db.scalars(
+            select(VpnSession.uid).where(
+                VpnSession.uid.in_(uids[i : i + 1000]),
+                VpnSession.pod_name == body.pod,
+                VpnSession.ended_at.is_not(None),
+            )
+        ).all()
+    return len(stale), sorted(ended)
 
 
-def kill_user_sessions(db: Session, journal: Journal, user: User, reason: str = ADMIN_KILL) -> int:
-    """Mark every live session of `user` to end; returns how many there are."""
+def kill_user_sessions(
+    db: Session,
+    journal: Journal,
+    user: User,
+    lease: dt.timedelta,
+    reason: str = ADMIN_KILL,
+) -> int:
+    """Mark every live session of `user` to end; returns how many there are.
+
+    Sessions on a pod that lost its lease (or was revoked) are closed at once: no pod will
+    close them.
+    """
     live = _live(db, user)
-    _mark_killed(journal, live, reason)
+    _drop_unheard(db, journal, live, lease)
+    for row in live:
+        if row.ended_at is not None and row.end_reason == LEASE_EXPIRED:
+            row.end_reason = reason
+    _mark_killed(journal, [r for r in live if r.ended_at is None], reason)
     db.flush()
     journal.audit("session.kill", user.name, None, {"sessions": [s.uid for s in live]})
     return len(live)

@@ -16,6 +16,7 @@ from vpnfleet.controlplane.schemas import CertOut, UserOut
 from vpnfleet.controlplane.services.journal import AuditView, Journal
 from vpnfleet.controlplane.state import jsonable
 from vpnfleet.core import ipam, netparse, ovpn_config
+from vpnfleet.wire import SERVER_CN_PREFIX
 
 LEASE_RETRIES = 8
 
@@ -245,6 +246,7 @@ def client_profile(
         cert_pem=cert.cert_pem,
         key_pem=sealer.unseal(cert.key_sealed),
         tls_crypt_key=certs.tls_crypt_key(db, sealer),
+        server_name_prefix=SERVER_CN_PREFIX,
     )
     journal.audit("user.profile", user.name, None, {"serial": cert.serial})
     return profile
