@@ -101,7 +101,8 @@ def test_register_snapshot_and_session_lifecycle(server: Server, admin: httpx.Cl
             agent.post("/api/v1/agent/heartbeat", json={**hb, "name": "ghost"}), 403
         )
     pods = admin.get("/api/v1/pods").json()
-    assert pods[0]["name"] == "pod1" and pods[0]["ready"] is True and pods[0]["applied_revision"] == 5
+    assert pods[0]["name"] == "pod1"
+    assert pods[0]["ready"] is True and pods[0]["applied_revision"] == 5
 
 
 def test_session_report_closes_what_the_pod_no_longer_has(

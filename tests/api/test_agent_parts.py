@@ -309,3 +309,38 @@ async def test_readings_report_the_running_parts(server: Server, pod: Pod) -> No
         metrics = await http.get(f"http://{host}/metrics")
     assert ready.status_code == 200 and ready.json()["config_applied"] is True
     assert 'openvpn_connections{server="pod1"} 1.0' in metrics.text
+
+
+async def test_a_pod_back_after_its_lease_ran_out_disconnects_the_ended_sessions(
+    server: Server, pod: Pod
+) -> None:
+    """The agent was away longer than the lease: the control plane closed its sessions (here
+    at once, by a kill on a pod out of its lease), and the client that OpenVPN kept must not
+    stay up unaccounted once the agent is back."""
+    import datetime as dt
+
+    from sqlalchemy import create_engine, update
+
+    from vpnfleet.controlplane.models import Pod as PodRow
+
+    setup_policy(server)
+    await pod.start()
+    pa = await pod.join("pa")
+    await until(
+        lambda: api(server, "GET", "/api/v1/sessions?user=pa&active=true"), 5, "pa's session"
+    )
+    await pod.crash()
+    then = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=120)
+    engine = create_engine(server.database_url)
+    with engine.begin() as conn:
+        conn.execute(
+            update(PodRow)
+            .where(PodRow.name == "pod1")
+            .values(last_heartbeat=then, registered_at=then)
+        )
+    engine.dispose()
+    assert api(server, "POST", "/api/v1/users/pa/kill")["sessions"] == 1
+    (ended,) = api(server, "GET", "/api/v1/sessions?user=pa&active=false")
+    assert ended["end_reason"] == "disconnected by an administrator"  # closed at once
+    await pod.start(adopt=True)
+    await until(lambda: any(a[:2] == ("kill", pa) for a in pod.mgmt.answers), 5, "pa kicked")

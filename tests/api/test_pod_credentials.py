@@ -182,9 +182,9 @@ def test_revoked_pod_is_cut_off(server: Server, admin: httpx.Client) -> None:
         assert _open(pod_a, "pod-a", "pod-a-ann00001", "ann", "10.200.0.9").json()["allowed"]
         serial = str(
             x509.load_pem_x509_certificate(
-                pod_a.post("/api/v1/agent/register", json={"name": "pod-a"}).json()[
-                    "cert_pem"
-                ].encode()
+                pod_a.post("/api/v1/agent/register", json={"name": "pod-a"})
+                .json()["cert_pem"]
+                .encode()
             ).serial_number
         )
         out = admin.post("/api/v1/pods/pod-a/revoke")

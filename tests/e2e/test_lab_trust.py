@@ -45,8 +45,7 @@ async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LabInfo
             os.environ["VPNFLEET_POD_LEASE_SECONDS"] = old
 
 
-@pytest.mark.asyncio(loop_scope="module")
-async def test_a_pod_credential_cannot_act_as_another_pod(lab: LabInfo) -> None:
+def test_a_pod_credential_cannot_act_as_another_pod(lab: LabInfo) -> None:
     pod1_credential = (lab.dir / "pod1" / "pod-credential").read_text().strip()
     assert (lab.dir / "pod1" / "pod-credential").stat().st_mode & 0o077 == 0
     enrollment = (lab.dir / "agent-token").read_text().strip()

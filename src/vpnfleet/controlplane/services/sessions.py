@@ -111,7 +111,15 @@ def open_session(
     if existing is not None:
         if existing.pod_name != body.pod:
             raise Problem(409, "Conflict", f"uid: session {body.uid!r} belongs to another pod")
-        return SessionVerdict(uid=body.uid, session_id=existing.id, allowed=True)
+        # Delivered again (at least once): the same verdict, unless the session was ended here
+        # meanwhile (its pod's lease ran out while its agent was away): then it may not stay.
+        ended = existing.ended_at is not None
+        return SessionVerdict(
+            uid=body.uid,
+            session_id=existing.id,
+            allowed=not ended,
+            reason=f"session ended: {existing.end_reason}" if ended else None,
+        )
     user = db.scalar(select(User).where(User.name == body.user).with_for_update())
     if user is None:
         raise not_found("user", body.user)
