@@ -344,3 +344,15 @@ async def test_a_pod_back_after_its_lease_ran_out_disconnects_the_ended_sessions
     assert ended["end_reason"] == "disconnected by an administrator"  # closed at once
     await pod.start(adopt=True)
     await until(lambda: any(a[:2] == ("kill", pa) for a in pod.mgmt.answers), 5, "pa kicked")
+
+
+async def test_a_revoked_pod_stops_its_agent(server: Server, pod: Pod) -> None:
+    """`vpnfleet pod revoke`: the agent's next heartbeat is refused and the agent stops."""
+    setup_policy(server)
+    await pod.start()
+    out = api(server, "POST", "/api/v1/pods/pod1/revoke")
+    assert out["credentials"] == 1
+    task = pod.task
+    assert task is not None
+    await asyncio.wait_for(asyncio.shield(task), 10)
+    pod.task = None

@@ -127,3 +127,18 @@ def test_stored_text_is_printed_as_text(server: Server) -> None:
     # JSON output keeps the stored text exactly (escaped by JSON itself).
     listed = json.loads(run(server, "group", "list", "--json").stdout)
     assert [g["description"] for g in listed if g["name"] == "odd"] == [description]
+
+
+def test_pod_revoke_and_forget(server: Server) -> None:
+    with server.client(server.pod_token("pod-x")) as pod:
+        pod.post("/api/v1/agent/register", json={"name": "pod-x"}).raise_for_status()
+    out = run(server, "pod", "revoke", "pod-x")
+    assert "revoked pod pod-x: 1 credential(s), 1 certificate(s), 0 session(s) closed" in out.stdout
+    again = run(server, "pod", "revoke", "pod-x", ok=False)
+    assert again.returncode == 1 and "already revoked" in again.stderr
+    listed = json.loads(run(server, "pod", "list", "--json").stdout)
+    assert [p["name"] for p in listed] == ["pod-x"] and listed[0]["ready"] is False
+    assert "forgot pod pod-x" in run(server, "pod", "forget", "pod-x").stdout
+    assert json.loads(run(server, "pod", "list", "--json").stdout) == []
+    ghost = run(server, "pod", "revoke", "ghost", ok=False)
+    assert ghost.returncode == 1 and "does not exist" in ghost.stderr
