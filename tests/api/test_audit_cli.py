@@ -34,7 +34,7 @@ def fleet(server: Server, admin: httpx.Client) -> Server:
     """alice used NAT port 40000 from 15:00 to 15:01, bob the same port 15:10-15:12."""
     for name in ("alice", "bob"):
         assert admin.post("/api/v1/users", json={"name": name}).status_code == 201
-    with server.client(server.make_token("agent")) as agent:
+    with server.client(server.pod_token("pod1")) as agent:
         open_session(agent, "pod1-alice-0001", "alice", T0 - 60 * M, "198.51.100.7")
         open_session(agent, "pod1-bob-00002", "bob", T0 - 60 * M, "203.0.113.9", "10.200.0.3")
         send(

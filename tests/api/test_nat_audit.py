@@ -109,7 +109,7 @@ def who(client: httpx.Client, at: dt.datetime, port: int = 40000, **params: Any)
 def agent(server: Server, admin: httpx.Client) -> Iterator[httpx.Client]:
     for name in ("alice", "bob"):
         assert admin.post("/api/v1/users", json={"name": name}).status_code == 201
-    with server.client(server.make_token("agent")) as c:
+    with server.client(server.pod_token("pod1")) as c:
         yield c
 
 
@@ -404,7 +404,7 @@ def test_retention_deletes_old_rows_in_batches_and_says_so(kept_30_days: Server)
          "first_at": iso(t), "last_at": iso(t)}
         for t in (old, old, old, recent)
     ]  # fmt: skip
-    with server.client(server.make_token("agent")) as agent, server.client() as admin:
+    with server.client(server.pod_token("pod1")) as agent, server.client() as admin:
         send(agent, records)
         r = agent.post("/api/v1/agent/denied", json={"pod": "pod1", "events": denied})
         assert r.status_code == 200, r.text

@@ -372,7 +372,15 @@ def test_apply_emits_the_same_events_as_the_endpoints(server: Server, admin: htt
 
 def register_pod(admin: httpx.Client, name: str) -> httpx.Client:
     """Register pod `name` the way its agent does; returns the agent's client."""
-    agent = token_client(admin, "agent", f"agent-{name}")
+    enroller = token_client(admin, "agent", f"agent-{name}")
+    r = enroller.post("/api/v1/agent/enroll", json={"name": name})
+    enroller.close()
+    r.raise_for_status()
+    agent = httpx.Client(
+        base_url=str(admin.base_url),
+        headers={"Authorization": f"Bearer {r.json()['token']}"},
+        timeout=30,
+    )
     agent.post("/api/v1/agent/register", json={"name": name}).raise_for_status()
     return agent
 

@@ -91,9 +91,9 @@ def test_watch_resync_when_ahead_or_pruned(server: Server, admin: httpx.Client) 
     assert ev[0]["type"] == "resync" and ev[0]["revision"] >= newest
 
 
-def test_watch_requires_agent_or_operator(server: Server) -> None:
-    auditor = server.make_token("auditor")
-    with server.client(auditor) as c:
+def test_watch_requires_a_pod_operator_or_auditor(server: Server) -> None:
+    enrollment = server.make_token("agent")
+    with server.client(enrollment) as c:
         assert c.get("/api/v1/watch").status_code == 403
     with server.client(None) as c:
         assert c.get("/api/v1/watch").status_code == 401
@@ -124,7 +124,7 @@ def test_a_stored_change_the_stream_cannot_read_makes_watchers_resync(
     assert [(e["type"], e.get("kind")) for e in events] == [("change", "user"), ("resync", None)]
     assert events[1]["revision"] >= bad
     # The snapshot at the resync's revision holds every user, and the stream goes on.
-    with server.client(server.make_token("agent")) as agent:
+    with server.client(server.pod_token("pod1")) as agent:
         snap = agent.get("/api/v1/agent/snapshot").json()
     assert {"before", "after"} <= {u["name"] for u in snap["users"]}
     assert snap["revision"] >= events[1]["revision"]

@@ -12,6 +12,7 @@ SQLite only: the contract is about shapes, not about the database.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -115,7 +116,10 @@ def policy_text(grant: tuple[str, str, str | None], mode: str, member: bool) -> 
     )
 
 
-def run(admin: httpx.Client, agent: httpx.Client, op: tuple[Any, ...], opened: list[str]) -> None:
+def run(
+    admin: httpx.Client, agents: dict[str, httpx.Client], op: tuple[Any, ...], opened: list[str]
+) -> None:
+    """Apply one operation: admin writes through `admin`, each pod's through its own client."""
     """One API call; refusals (404, 409, 422) are part of the game and change nothing."""
     kind = op[0]
     if kind == "create_user":
@@ -155,32 +159,37 @@ def run(admin: httpx.Client, agent: httpx.Client, op: tuple[Any, ...], opened: l
         )
     elif kind == "register":
         body = {"name": op[1]} | ({"pod_ip": op[2]} if op[2] else {})
-        r = agent.post("/api/v1/agent/register", json=body)
+        r = agents[op[1]].post("/api/v1/agent/register", json=body)
     elif kind == "open":
         _, name, pod, real_ip, gateway = op
         uid = f"{pod}-{next(_uids):08d}"
+        address = f"10.200.0.{2 + len(opened) % 200}"
+        if gateway:  # the user's lease if it has one (else refused: checked, not believed)
+            user = admin.get(f"/api/v1/users/{name}")
+            address = (user.json().get("gateway_address") if user.is_success else None) or address
         body = {
             "uid": uid,
             "user": name,
             "pod": pod,
             "mode": "gateway" if gateway else "nat",
-            "tunnel_ip": f"10.200.0.{2 + len(opened) % 200}",
+            "tunnel_ip": address,
             "real_ip": real_ip,
             "real_port": 5000,
             "started_at": now(),
         }
-        r = agent.post("/api/v1/agent/sessions/open", json=body)
+        r = agents[pod].post("/api/v1/agent/sessions/open", json=body)
         if r.status_code == 200:
             opened.append(uid)
     elif kind == "close":
         if not opened:
             return
-        body = {"uid": opened[op[1] % len(opened)], "ended_at": now(), "bytes_in": 1}
-        r = agent.post("/api/v1/agent/sessions/close", json=body)
+        uid = opened[op[1] % len(opened)]
+        body = {"uid": uid, "ended_at": now(), "bytes_in": 1}
+        r = agents[uid.rsplit("-", 1)[0]].post("/api/v1/agent/sessions/close", json=body)
     elif kind == "report":
         mine = [u for u in opened if u.startswith(op[1])]
         keep = mine[: op[2] % (len(mine) + 1)]
-        r = agent.post("/api/v1/agent/sessions/report", json={"pod": op[1], "live": keep})
+        r = agents[op[1]].post("/api/v1/agent/sessions/report", json={"pod": op[1], "live": keep})
     elif kind == "policy":
         text = policy_text(*op[1:])
         r = admin.post("/api/v1/policy/apply", json={"yaml": text, "filename": "p.yaml"})
@@ -190,7 +199,7 @@ def run(admin: httpx.Client, agent: httpx.Client, op: tuple[Any, ...], opened: l
     assert r.status_code in (200, 201, 204, 404, 409, 422), f"{op}: {r.status_code} {r.text}"
 
 
-def ensure_cast(admin: httpx.Client, agent: httpx.Client) -> None:
+def ensure_cast(admin: httpx.Client, agents: dict[str, httpx.Client]) -> None:
     """Before r0: the same cast each time (u0-u2 in g0, g1 exists, u3 and g2 do not, both pods
     registered), so the operations under test find things to delete, kill, reissue and join,
     and things left to create, instead of mostly 404s and 409s."""
@@ -205,7 +214,7 @@ def ensure_cast(admin: httpx.Client, agent: httpx.Client) -> None:
         admin.post(f"/api/v1/users/{name}/enable").raise_for_status()
     admin.delete(f"/api/v1/users/{USERS[3]}")
     for pod in PODS:
-        agent.post("/api/v1/agent/register", json={"name": pod}).raise_for_status()
+        agents[pod].post("/api/v1/agent/register", json={"name": pod}).raise_for_status()
 
 
 def events_after(server: Server, since: int, until: int) -> list[Any]:
@@ -248,7 +257,10 @@ def normalized(view: FleetView) -> dict[str, Any]:
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_snapshot_plus_watch_events_equals_the_next_snapshot(server: Server) -> None:
-    with server.client() as admin, server.client(server.make_token("agent")) as agent:
+    with contextlib.ExitStack() as stack:
+        admin = stack.enter_context(server.client())
+        agents = {pod: stack.enter_context(server.client(server.pod_token(pod))) for pod in PODS}
+        agent = agents[PODS[0]]
 
         def snapshot() -> Snapshot:
             return Snapshot.model_validate(agent.get("/api/v1/agent/snapshot").json())
@@ -262,12 +274,12 @@ def test_snapshot_plus_watch_events_equals_the_next_snapshot(server: Server) -> 
         @given(st.lists(operations, min_size=1, max_size=20))
         @example(EVERY_KIND)
         def contract(ops: list[tuple[Any, ...]]) -> None:
-            ensure_cast(admin, agent)
+            ensure_cast(admin, agents)
             before = snapshot()
             view = FleetView.from_snapshot(before)
             opened: list[str] = []
             for op in ops:
-                run(admin, agent, op, opened)
+                run(admin, agents, op, opened)
             after = snapshot()
             for event in events_after(server, before.revision, after.revision):
                 view.apply(event)

@@ -440,13 +440,16 @@ def test_control_plane_metrics(server: Server, admin: httpx.Client) -> None:
     admin.get("/api/v1/users/alice")
     admin.get("/api/v1/users/nobody")
     admin.get("/no/such/path/12345")
-    with server.client(server.make_token("agent")) as agent:
+    with (
+        server.client(server.pod_token("pod1")) as agent,
+        server.client(server.pod_token("pod2")) as agent2,
+    ):
         assert agent.post("/api/v1/agent/register", json={"name": "pod1"}).status_code == 200
-        assert agent.post("/api/v1/agent/register", json={"name": "pod2"}).status_code == 200
+        assert agent2.post("/api/v1/agent/register", json={"name": "pod2"}).status_code == 200
         hb = {"name": "pod1", "applied_revision": 1, "ready": True, "status": {"clients": 3}}
         agent.post("/api/v1/agent/heartbeat", json=hb)
         gone = {"name": "pod2", "applied_revision": 1, "ready": False, "status": {"drained": True}}
-        agent.post("/api/v1/agent/heartbeat", json=gone)
+        agent2.post("/api/v1/agent/heartbeat", json=gone)
         body = {
             "uid": "pod1-0000000000000001",
             "user": "alice",
@@ -486,7 +489,7 @@ def test_control_plane_metrics(server: Server, admin: httpx.Client) -> None:
 
 
 def test_watch_streams_are_counted_not_timed(server: Server) -> None:
-    with server.client(server.make_token("agent")) as agent:
+    with server.client(server.pod_token("pod1")) as agent:
         with agent.stream("GET", "/api/v1/watch", params={"since": 0}) as stream:
             assert stream.status_code == 200
             s = cp_scrape(agent)
@@ -607,7 +610,7 @@ def test_status_conditions() -> None:
 
 
 def test_status_command_against_a_control_plane(server: Server) -> None:
-    with server.client(server.make_token("agent")) as agent:
+    with server.client(server.pod_token("pod1")) as agent:
         agent.post("/api/v1/agent/register", json={"name": "pod1"})
         head = agent.get("/api/v1/revision").json()["revision"]
         hb = {"name": "pod1", "applied_revision": head, "ready": True, "status": {"clients": 2}}

@@ -26,9 +26,7 @@ def upgrade() -> None:
             sa.Column("revoked_at", vpnfleet.controlplane.models.UTCDateTime(), nullable=True)
         )
         batch_op.add_column(
-            sa.Column(
-                "lease_expired_at", vpnfleet.controlplane.models.UTCDateTime(), nullable=True
-            )
+            sa.Column("lease_expired_at", vpnfleet.controlplane.models.UTCDateTime(), nullable=True)
         )
 
 
