@@ -85,7 +85,7 @@ class PodAgent:
     ) -> None:
         self.s = settings
         self.paths = StateDir(settings.state_dir)
-        self.cp = cp or ControlPlane(settings.server, settings.token)
+        self.cp = cp or ControlPlane(settings.server, settings.token, ca_file=settings.ca_file)
         self.metrics = AgentMetrics(settings.name, self)
         self.registration = Registration(settings, self.cp, self.paths)
         self.follower = ViewFollower(self.cp, self.paths.view, self._view_changed)
