@@ -320,3 +320,22 @@ async def test_sigterm_drains_clients_to_the_other_pod(lab: LabInfo) -> None:
     # Nothing of ours is left in the drained pod's firewall.
     res = await topology.run_in(lab.plan.ns(pod), "ipset", "list", "-n")
     assert not [n for n in res.stdout.split() if n.startswith("vpnf")]
+
+
+def test_demo_cli_uses_the_token_file_at_the_lab_url_only(lab: LabInfo) -> None:
+    """scripts/demo.sh exports VPNFLEET_URL and VPNFLEET_TOKEN_FILE: the control plane bound
+    its token file to the URL the lab advertises, so that works, and another URL is refused."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VPNFLEET_")}
+    env.update(VPNFLEET_TOKEN_FILE=str(lab.dir / "cp" / "admin-token"), COLUMNS="200")
+    cmd = [sys.executable, "-m", "vpnfleet.cli.main", "pod", "list", "--json"]
+    ok = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=60, env={**env, "VPNFLEET_URL": lab.url}
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert {p["name"] for p in json.loads(ok.stdout)} >= {"pod1", "pod2"}
+    other = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=60, env={**env, "VPNFLEET_URL": lab.agent_url}
+    )
+    assert other.returncode == 1 and f"not {lab.agent_url}" in other.stderr

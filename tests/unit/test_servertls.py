@@ -166,3 +166,23 @@ def test_damaged_record_sends_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
     tokenbinding.binding_path(path).write_text("{not json")
     with pytest.raises(client.CLIError, match="not a token binding record"):
         client.resolve("http://127.0.0.1:8000", None)
+
+
+def test_server_cert_command_makes_a_pair_the_server_accepts(tmp_path: Path) -> None:
+    """`vpnfleet server-cert` (for a Secret shared by replicas) writes what --tls-cert/--tls-key
+    then serve; a bad name is refused with exit code 2 and nothing written."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "vpnfleet.cli.main", "server-cert"]
+    bad = subprocess.run(
+        [*cmd, str(tmp_path / "bad"), "--name", "no spaces"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "not a DNS name or IP address" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+    ok = subprocess.run(
+        [*cmd, str(tmp_path / "tls"), "--name", SVC], capture_output=True, text=True, check=True
+    )
+    assert "ca.pem" in ok.stdout
+    pair = servertls.operator_pair(tmp_path / "tls" / "server.pem", tmp_path / "tls" / "server.key")
+    assert SVC in pair.names

@@ -166,6 +166,33 @@ def server(
     )
 
 
+@app.command("server-cert")
+def server_cert(
+    directory: Annotated[
+        Path, typer.Argument(help="Where ca.pem, ca.key, server.pem and server.key go.")
+    ],
+    name: Annotated[
+        list[str],
+        typer.Option(
+            help="A DNS name or IP clients use for the control plane; repeat.", metavar="NAME"
+        ),
+    ],
+) -> None:
+    """Make the control plane's CA and HTTPS certificate without starting it (what
+    --tls-self-signed does at first start), e.g. for a Secret shared by several replicas.
+    Run again to add names or renew: the CA stays."""
+    from vpnfleet.controlplane import servertls
+
+    try:
+        tls = servertls.ensure_self_signed(directory, name)
+    except ValueError as exc:
+        raise CLIError(str(exc), 2) from None
+    except OSError as exc:
+        raise CLIError(f"cannot write {directory}: {exc.strerror}") from None
+    typer.echo(f"certificate {tls.cert_file} (key {tls.key_file}) for {', '.join(tls.names)}")
+    typer.echo(f"CA to give agents and operators: {tls.ca_file}; keep ca.key offline")
+
+
 def _describe(exc: Exception) -> str:
     from sqlalchemy.exc import OperationalError
 

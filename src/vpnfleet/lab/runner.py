@@ -213,6 +213,9 @@ async def start_control_plane(info: LabInfo) -> topology.LabProcess:
             str(info.dir / "cp"),
             "--public-endpoint",
             info.vpn_endpoint,
+            # The host reaches the server at this URL: the admin token file may go there.
+            "--advertise-url",
+            info.url,
             "--log-format",
             "json",
         ),
