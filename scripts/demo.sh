@@ -15,7 +15,7 @@ A short tour (all from this shell):
                                                   # alice (NAT) is seen as her pod's address
   .venv/bin/vpnfleet lab exec gary -- python3 -c "import urllib.request as u; print(u.urlopen('http://10.99.0.100:8080/').read().decode())"
                                                   # gary (gateway mode) keeps his tunnel address
-  export VPNFLEET_URL=http://10.99.254.2:8000 VPNFLEET_TOKEN_FILE=/var/lib/vpnfleet-lab/vfl/cp/admin-token
+  export VPNFLEET_URL=https://10.99.254.2:8000 VPNFLEET_TOKEN_FILE=/var/lib/vpnfleet-lab/vfl/cp/admin-token
   .venv/bin/vpnfleet session list
   .venv/bin/vpnfleet lab exec alice -- python3 -c "import urllib.request as u; u.urlopen('http://10.99.0.100:8088/report')"
   .venv/bin/vpnfleet audit annotate --format nginx /var/lib/vpnfleet-lab/vfl/nginx/access.log

@@ -286,8 +286,10 @@ async def test_control_plane_outage_decides_from_cache_and_delivers_later(lab: L
 async def _cp_up(info: LabInfo) -> bool:
     import httpx
 
+    from vpnfleet.tlspin import pinned_context
+
     try:
-        async with httpx.AsyncClient(timeout=1) as http:
+        async with httpx.AsyncClient(timeout=1, verify=pinned_context(info.ca_file)) as http:
             return (await http.get(f"{info.url}/readyz")).status_code == 200
     except httpx.HTTPError:
         return False
@@ -320,3 +322,24 @@ async def test_sigterm_drains_clients_to_the_other_pod(lab: LabInfo) -> None:
     # Nothing of ours is left in the drained pod's firewall.
     res = await topology.run_in(lab.plan.ns(pod), "ipset", "list", "-n")
     assert not [n for n in res.stdout.split() if n.startswith("vpnf")]
+
+
+def test_demo_cli_uses_the_token_file_at_the_lab_url_only(lab: LabInfo) -> None:
+    """scripts/demo.sh exports VPNFLEET_URL and VPNFLEET_TOKEN_FILE only: the control plane
+    bound its token file to the lab's https URL and named its CA beside it, so that works; the
+    token is not sent to another server (the lab's backend service here)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VPNFLEET_")}
+    env.update(VPNFLEET_TOKEN_FILE=str(lab.dir / "cp" / "admin-token"), COLUMNS="200")
+    cmd = [sys.executable, "-m", "vpnfleet.cli.main", "pod", "list", "--json"]
+    assert lab.url.startswith("https://")
+    ok = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=60, env={**env, "VPNFLEET_URL": lab.url}
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert {p["name"] for p in json.loads(ok.stdout)} >= {"pod1", "pod2"}
+    other = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=60, env={**env, "VPNFLEET_URL": lab.service}
+    )
+    assert other.returncode == 1 and f"not {lab.service}" in other.stderr

@@ -97,7 +97,7 @@ async def udp_probe(info: LabInfo, user: str) -> tuple[str, int, str]:
 
 def vpnfleet(info: LabInfo, *args: str) -> subprocess.CompletedProcess[str]:
     """The CLI, as an auditor would run it against the lab's control plane."""
-    env = {**os.environ, "VPNFLEET_URL": info.url, "VPNFLEET_TOKEN": info.admin_token}
+    env = {**os.environ, **info.cli_env()}
     return subprocess.run(
         [sys.executable, "-m", "vpnfleet.cli.main", *args],
         capture_output=True,

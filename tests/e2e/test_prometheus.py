@@ -63,6 +63,8 @@ def prometheus_config(info: LabInfo, directory: Path) -> Path:
             {
                 "job_name": "vpnfleet-controlplane",
                 "static_configs": [{"targets": [f"{plan.cp_ip}:{runner.CP_PORT}"]}],
+                "scheme": "https",
+                "tls_config": {"ca_file": str(info.ca_file)},
             },
         ],
     }
@@ -106,7 +108,7 @@ def sessions(info: LabInfo) -> dict[str, dict[str, Any]]:
 
 def status_report(info: LabInfo) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VPNFLEET_")}
-    env.update(VPNFLEET_URL=info.url, VPNFLEET_TOKEN=info.admin_token)
+    env.update(info.cli_env())
     out = subprocess.run(
         [sys.executable, "-m", "vpnfleet.cli.main", "status", "--json"],
         capture_output=True,

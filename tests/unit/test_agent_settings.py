@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from vpnfleet.agent.settings import AgentSettings
+from vpnfleet.controlplane import pki
 
 BASE = {"VPNFLEET_SERVER": "http://cp:8000", "VPNFLEET_AGENT_TOKEN": "t", "VPNFLEET_POD_NAME": "p1"}
 
@@ -47,4 +50,20 @@ def test_bad_values_are_refused_clearly(
 ) -> None:
     env.setenv(var, value)
     with pytest.raises(ValueError, match=message):
+        AgentSettings.from_env()
+
+
+def test_ca_file_pins_the_control_plane_ca(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text(pki.create_ca().cert_pem)
+    env.setenv("VPNFLEET_SERVER", "https://cp.vpnfleet.svc:8443")
+    env.setenv("VPNFLEET_CA_FILE", str(ca))
+    assert AgentSettings.from_env().ca_file == ca
+    with pytest.raises(ValueError, match="does not exist"):
+        AgentSettings.from_env(ca_file=ca.with_name("missing.pem"))
+    ca.write_text("not a certificate\n")
+    with pytest.raises(ValueError, match="holds no PEM certificate"):
+        AgentSettings.from_env()
+    env.setenv("VPNFLEET_SERVER", "http://cp:8000")
+    with pytest.raises(ValueError, match="server URL is not https"):
         AgentSettings.from_env()

@@ -121,6 +121,17 @@ def test_example_config_uses_the_job_names_the_rules_expect() -> None:
     assert jobs == {"vpnfleet-agent", "vpnfleet-controlplane"}
     used = " ".join([*(r["expr"] for r in rules()), *dashboard_queries()])
     assert set(re.findall(r'job="([^"]+)"', used)) == jobs
+    # The control plane serves HTTPS only (deploy/kustomize): scraped with its CA, checked for
+    # the Service's name (targets are pod IPs), on the port the Service names https.
+    [cp] = [c for c in cfg["scrape_configs"] if c["job_name"] == "vpnfleet-controlplane"]
+    assert cp["scheme"] == "https"
+    assert cp["tls_config"]["server_name"] == "vpnfleet-controlplane.vpnfleet.svc"
+    port_rule = next(
+        r
+        for r in cp["relabel_configs"]
+        if r["source_labels"] == ["__meta_kubernetes_endpoint_port_name"]
+    )
+    assert port_rule["regex"] == "https"
 
 
 # ------------------------------------------------------------------ names exist

@@ -34,7 +34,7 @@ def test_default_plan_addresses() -> None:
     assert plan.client_ip("alice") == IPv4Address("198.51.100.11")
     assert plan.client_ip("bob") == IPv4Address("198.51.100.12")
     assert plan.vpn_endpoint == (IPv4Address("198.51.100.1"), 1194)
-    assert plan.control_plane_url == "http://10.99.254.2:8000"
+    assert plan.control_plane_url == "https://10.99.254.2:8000"
     assert str(plan.admin.root_address) == "10.99.254.1/30"
     assert str(plan.admin.ns_address) == "10.99.254.2/30"
     assert plan.admin.root_ifname == "vfl-adm"
@@ -178,7 +178,7 @@ def test_admin_network_can_be_moved_for_a_second_lab() -> None:
     plan = LabPlan(prefix="vt", admin_net="10.99.254.8/30")
     assert str(plan.admin.root_address) == "10.99.254.9/30"
     assert str(plan.admin.ns_address) == "10.99.254.10/30"
-    assert plan.control_plane_url == "http://10.99.254.10:8000"
+    assert plan.control_plane_url == "https://10.99.254.10:8000"
     for bad in ("10.99.254.0/29", "10.98.0.0/30", "10.99.254.1/30", "nope"):
         with pytest.raises(ValueError, match="admin network"):
             LabPlan(admin_net=bad)

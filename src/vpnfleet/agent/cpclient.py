@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel
 
+from vpnfleet import tlspin
 from vpnfleet.wire import (
     Bootstrap,
     DeniedBatch,
@@ -60,8 +62,12 @@ class WatchProtocolError(ControlPlaneError):
 class ControlPlane:
     """Typed calls to the agent endpoints; every failure is a ControlPlaneError."""
 
-    def __init__(self, url: str, token: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self, url: str, token: str, timeout: float = 10.0, ca_file: str | Path | None = None
+    ) -> None:
+        """`ca_file` pins the CA the control plane's certificate must chain to (https)."""
         self.url = url.rstrip("/")
+        self._ca_file = ca_file
         # Did the control plane answer the last request? Written here only: this client is
         # the agent's one way to the control plane (probes and metrics read it).
         self.reachable = False
@@ -69,6 +75,7 @@ class ControlPlane:
             base_url=self.url,
             headers={"Authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(timeout, connect=3.0),
+            verify=tlspin.verify_for(ca_file),
         )
 
     def use_token(self, token: str) -> None:
@@ -79,6 +86,12 @@ class ControlPlane:
         """Exchange the enrollment token (the one this client was made with) for the pod's own
         credential. The caller switches to it with :meth:`use_token`."""
         return await self._typed(Enrollment, "POST", "/api/v1/agent/enroll", req)
+
+    def _failure(self, what: str, exc: httpx.HTTPError) -> ControlPlaneError:
+        """A network failure as one sentence; a TLS failure says which check failed."""
+        self.reachable = False
+        tls_problem = tlspin.describe_failure(self.url, exc, self._ca_file)
+        return ControlPlaneError(f"{what}: {tls_problem or type(exc).__name__}")
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -96,8 +109,7 @@ class ControlPlane:
                     method, path, json=None if body is None else body.model_dump(mode="json")
                 )
         except httpx.HTTPError as exc:
-            self.reachable = False
-            raise ControlPlaneError(f"{method} {path}: {type(exc).__name__}") from None
+            raise self._failure(f"{method} {path}", exc) from None
         self.reachable = resp.status_code < 500
         if resp.status_code >= 400:
             try:
@@ -124,8 +136,7 @@ class ControlPlane:
         try:
             resp = await self._http.get("/api/v1/pki/crl")
         except httpx.HTTPError as exc:
-            self.reachable = False
-            raise ControlPlaneError(f"GET crl: {type(exc).__name__}") from None
+            raise self._failure("GET crl", exc) from None
         if resp.status_code >= 400:
             raise ControlPlaneError(f"GET crl: {resp.status_code}", resp.status_code)
         return resp.text
@@ -178,5 +189,4 @@ class ControlPlane:
                         raise WatchProtocolError(f"watch: {exc}") from None
                     yield message
         except httpx.HTTPError as exc:
-            self.reachable = False
-            raise ControlPlaneError(f"watch: {type(exc).__name__}") from None
+            raise self._failure("watch", exc) from None

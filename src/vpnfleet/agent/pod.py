@@ -60,6 +60,7 @@ from vpnfleet.core.fleet import Effects, FleetView
 from vpnfleet.core.fwdesired import DesiredStateBuilder
 from vpnfleet.core.mgmt_protocol import ClientEvent
 from vpnfleet.core.sessionbook import BookConfig, SessionBook
+from vpnfleet.tokenbinding import is_loopback_url
 from vpnfleet.wire import Heartbeat
 
 log = logging.getLogger("vpnfleet.agent")
@@ -85,7 +86,7 @@ class PodAgent:
     ) -> None:
         self.s = settings
         self.paths = StateDir(settings.state_dir)
-        self.cp = cp or ControlPlane(settings.server, settings.token)
+        self.cp = cp or ControlPlane(settings.server, settings.token, ca_file=settings.ca_file)
         self.metrics = AgentMetrics(settings.name, self)
         self.registration = Registration(settings, self.cp, self.paths)
         self.follower = ViewFollower(self.cp, self.paths.view, self._view_changed)
@@ -343,6 +344,13 @@ class PodAgent:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
         self.paths.create()
+        if self.s.server.startswith("http://") and not is_loopback_url(self.s.server):
+            # Registration hands this pod its private key and the tls-crypt key.
+            log.warning(
+                "the control plane URL %s is plain HTTP: the agent token and this pod's keys "
+                "cross the network unencrypted; use https:// with --ca-file",
+                self.s.server,
+            )
         from vpnfleet.agent.health import serve_http
 
         http = asyncio.create_task(serve_http(self), name="http")

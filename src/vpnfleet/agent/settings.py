@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vpnfleet import tlspin
 from vpnfleet.core import netparse
 
 
@@ -46,6 +47,8 @@ class AgentSettings:
     flow_spool_mb: int = 1024
     # Denied attempts (docs/audit.md): read the firewall's NFLOG of dropped packets.
     denied_audit: bool = True
+    # The CA the control plane's HTTPS certificate must chain to (docs/operations.md, "TLS").
+    ca_file: Path | None = None
 
     @classmethod
     def from_env(cls, **flags: object) -> AgentSettings:
@@ -92,6 +95,9 @@ class AgentSettings:
                 values["flow_spool_mb"] = int(str(spool_mb))
             except ValueError:
                 raise ValueError("VPNFLEET_FLOW_SPOOL_MB must be a whole number of MiB") from None
+        ca_file = pick("ca_file", "VPNFLEET_CA_FILE")
+        if ca_file is not None:
+            values["ca_file"] = Path(str(ca_file))
         state_dir = pick("state_dir", "VPNFLEET_STATE_DIR")
         if state_dir is not None:
             values["state_dir"] = Path(str(state_dir))
@@ -127,6 +133,10 @@ class AgentSettings:
         netparse.parse_listen(self.http)
         if not self.server.startswith(("http://", "https://")):
             raise ValueError(f"server {self.server!r} must be an http:// or https:// URL")
+        if self.ca_file is not None:
+            if not self.server.startswith("https://"):
+                raise ValueError("a CA file is given but the server URL is not https://")
+            tlspin.pinned_context(self.ca_file)  # a missing or bad file stops the start
         if self.public_endpoint:
             netparse.parse_endpoint(self.public_endpoint)
         if self.pod_ip:

@@ -17,8 +17,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 
 def api(ctx: typer.Context) -> APIClient:
     obj = ctx.find_root().obj or {}
-    url, token = resolve(obj.get("url"), obj.get("token"))
-    return APIClient(url, token)
+    url, token, ca_file = resolve(obj.get("url"), obj.get("token"), obj.get("ca_file"))
+    return APIClient(url, token, ca_file=ca_file)
 
 
 def _time(value: str | None, name: str) -> str | None:

@@ -281,7 +281,9 @@ def audit_annotate(
     log_format: LogFormat = fmt  # checked against FORMATS just above
     base = api(ctx)
     annotator = _Annotator(
-        APIClient(base.url, base.token, timeout=ANNOTATE_TIMEOUT), proto.lower(), dst
+        APIClient(base.url, base.token, timeout=ANNOTATE_TIMEOUT, ca_file=base.ca_file),
+        proto.lower(),
+        dst,
     )
     # Written next to the target and renamed at the end: a failed run leaves no half file.
     partial = None if output is None else output.with_name(output.name + ".partial")

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from vpnfleet import tlspin, tokenbinding
 from vpnfleet.controlplane.settings import DEFAULT_DATA_DIR
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -35,27 +36,59 @@ def _config_file() -> dict[str, Any]:
         raise CLIError(f"cannot read config file {path}: {exc}") from None
 
 
-def resolve(url: str | None, token: str | None) -> tuple[str, str | None]:
-    """URL and token from flags, then VPNFLEET_URL/VPNFLEET_TOKEN(_FILE), then the config file,
-    then the local server's first admin token in its data directory."""
+def resolve(
+    url: str | None, token: str | None, ca_file: str | None = None
+) -> tuple[str, str | None, str | None]:
+    """URL, token and pinned CA file from flags, then VPNFLEET_URL/VPNFLEET_TOKEN(_FILE)/
+    VPNFLEET_CA_FILE, then the config file, then the local server's first admin token in its
+    data directory. A token read from a file is only sent where its binding record allows
+    (vpnfleet/tokenbinding.py); an explicit token goes wherever the URL says."""
     cfg = _config_file()
-    url = url or os.environ.get("VPNFLEET_URL") or cfg.get("url") or DEFAULT_URL
+    url = str(url or os.environ.get("VPNFLEET_URL") or cfg.get("url") or DEFAULT_URL).rstrip("/")
+    try:
+        tokenbinding.origin(url)
+    except ValueError:
+        raise CLIError(f"control plane URL {url!r} is not an http:// or https:// URL", 2) from None
+    ca_file = ca_file or os.environ.get("VPNFLEET_CA_FILE") or cfg.get("ca_file") or None
     token = token or os.environ.get("VPNFLEET_TOKEN") or cfg.get("token")
-    token_file = os.environ.get("VPNFLEET_TOKEN_FILE") or cfg.get("token_file")
-    if not token and token_file:
+    if token:
+        return url, token, ca_file
+    named = os.environ.get("VPNFLEET_TOKEN_FILE") or cfg.get("token_file")
+    if named:
+        path = Path(named)
         try:
-            token = Path(token_file).read_text().strip()
+            token = path.read_text().strip()
         except OSError as exc:
-            raise CLIError(f"cannot read token file {token_file}: {exc.strerror}") from None
-    if not token:
+            raise CLIError(f"cannot read token file {path}: {exc.strerror}") from None
+    else:
         data_dir = Path(os.environ.get("VPNFLEET_DATA_DIR", DEFAULT_DATA_DIR))
-        local = data_dir / "admin-token"
-        if local.exists():
-            try:
-                token = local.read_text().strip()
-            except OSError:
-                token = None
-    return str(url).rstrip("/"), token
+        path = data_dir / tokenbinding.ADMIN_TOKEN_FILE
+        try:
+            token = path.read_text().strip()
+        except OSError:
+            return url, None, ca_file
+    if not token:
+        return url, None, ca_file
+    try:
+        binding = tokenbinding.read(path)
+    except ValueError as exc:
+        raise CLIError(f"{exc}; not sending the token in {path}") from None
+    override = "to send a token there on purpose, pass --token or set VPNFLEET_TOKEN"
+    if binding is None:
+        if not named and not tokenbinding.is_loopback_url(url):
+            raise CLIError(
+                f"the token in {path} has no record of the URL it is for, so it is only sent "
+                f"to this host (loopback), not to {url}; {override}"
+            )
+    elif not tokenbinding.allows(binding, url):
+        shown = ", ".join(binding.urls[:3]) + (" ..." if len(binding.urls) > 3 else "")
+        raise CLIError(
+            f"the token in {path} was created for {shown or 'no URL'}, not {url}; "
+            f"refusing to send it there ({override})"
+        )
+    if binding is not None and binding.ca_file and not ca_file and url.startswith("https:"):
+        ca_file = binding.ca_file
+    return url, token, ca_file
 
 
 @dataclass
@@ -65,6 +98,8 @@ class APIClient:
     url: str
     token: str | None
     timeout: float = 30.0
+    # The CA the control plane's certificate must chain to (None: httpx's default CAs).
+    ca_file: str | None = None
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -78,14 +113,21 @@ class APIClient:
     ) -> httpx.Response:
         clean = {k: v for k, v in (params or {}).items() if v is not None}
         try:
-            with httpx.Client(base_url=self.url, timeout=self.timeout) as http:
+            verify = tlspin.verify_for(self.ca_file)
+        except tlspin.TrustError as exc:
+            raise CLIError(str(exc), 2) from None
+        try:
+            with httpx.Client(base_url=self.url, timeout=self.timeout, verify=verify) as http:
                 resp = http.request(method, path, json=json, params=clean, headers=self._headers())
-        except httpx.ConnectError:
-            raise CLIError(
-                f"cannot reach the control plane at {self.url} (is 'vpnfleet server' running? "
-                "set VPNFLEET_URL or --url)"
-            ) from None
         except httpx.HTTPError as exc:
+            tls_problem = tlspin.describe_failure(self.url, exc, self.ca_file)
+            if tls_problem:
+                raise CLIError(tls_problem) from None
+            if isinstance(exc, httpx.ConnectError):
+                raise CLIError(
+                    f"cannot reach the control plane at {self.url} (is 'vpnfleet server' "
+                    "running? set VPNFLEET_URL or --url)"
+                ) from None
             raise CLIError(f"request to {self.url} failed: {type(exc).__name__}") from None
         if resp.status_code >= 400:
             raise CLIError(_problem_text(resp))

@@ -53,6 +53,9 @@ def lab_up(
     typer.echo("talk to its control plane with:")
     typer.echo(f"  export VPNFLEET_URL={info.url}")
     typer.echo(f"  export VPNFLEET_TOKEN_FILE={info.dir / 'cp' / 'admin-token'}")
+    typer.echo(
+        f"  (its https certificate is checked against {info.ca_file}, named beside the token)"
+    )
     typer.echo(f"try:  vpnfleet lab exec alice -- curl -s {info.service}/")
     if info.web:
         fetch = f"import urllib.request as u; u.urlopen('{info.web}/report')"

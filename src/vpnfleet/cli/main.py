@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -40,11 +41,18 @@ def root(
     token: Annotated[
         str | None, typer.Option(help="API token (env VPNFLEET_TOKEN).", show_default=False)
     ] = None,
+    ca_file: Annotated[
+        str | None,
+        typer.Option(
+            help="Trust only this CA for an https URL (env VPNFLEET_CA_FILE).",
+            show_default=False,
+        ),
+    ] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print version.")
     ] = False,
 ) -> None:
-    ctx.obj = {"url": url, "token": token}
+    ctx.obj = {"url": url, "token": token, "ca_file": ca_file}
 
 
 @app.command()
@@ -74,12 +82,39 @@ def server(
             metavar="DAYS",
         ),
     ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(help="Serve HTTPS with this certificate (PEM; env VPNFLEET_TLS_CERT)."),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(help="The certificate's private key (PEM; env VPNFLEET_TLS_KEY)."),
+    ] = None,
+    tls_self_signed: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Serve HTTPS with a certificate for this DNS name or IP, made at first start "
+            "from the control plane's own CA (DATA_DIR/tls/ca.pem: give it to clients); "
+            "repeat for several (env VPNFLEET_TLS_SELF_SIGNED, comma-separated).",
+            metavar="NAME",
+        ),
+    ] = None,
+    advertise_url: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A URL clients reach this server at (beyond loopback and the certificate's "
+            "names); the local admin token file may be sent there. Repeat for several "
+            "(env VPNFLEET_ADVERTISE_URLS).",
+            metavar="URL",
+        ),
+    ] = None,
 ) -> None:
     """Run the control plane (applies database migrations first)."""
     import uvicorn
 
     from vpnfleet import logsetup
     from vpnfleet.controlplane.app import create_app, prepare
+    from vpnfleet.controlplane.servertls import SERVER_CIPHERS
     from vpnfleet.controlplane.settings import ServerSettings
     from vpnfleet.core.netparse import parse_listen
 
@@ -92,6 +127,13 @@ def server(
             public_endpoints=public_endpoint or None,
             log_format=log_format,
             audit_retention_days=audit_retention,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_self_signed=[
+                n.strip() for item in tls_self_signed or [] for n in item.split(",") if n.strip()
+            ]
+            or None,
+            advertise_urls=advertise_url or None,
         )
     except ValueError as exc:
         raise CLIError(str(exc), 2) from None
@@ -100,6 +142,19 @@ def server(
     except Exception as exc:
         raise CLIError(f"cannot start: {_describe(exc)}") from None
     host, port = parse_listen(settings.listen)
+    tls: dict[str, Any] = {}
+    if state.tls is not None:
+        tls = {
+            "ssl_certfile": str(state.tls.cert_file),
+            "ssl_keyfile": str(state.tls.key_file),
+            "ssl_ciphers": SERVER_CIPHERS,
+        }
+        if state.tls.ca_file is not None:
+            logging.getLogger("vpnfleet.server").info(
+                "serving HTTPS for %s; clients pin the CA in %s",
+                ", ".join(state.tls.names),
+                state.tls.ca_file,
+            )
     uvicorn.run(
         create_app(settings, state),
         host=host,
@@ -107,7 +162,35 @@ def server(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,
+        **tls,
     )
+
+
+@app.command("server-cert")
+def server_cert(
+    directory: Annotated[
+        Path, typer.Argument(help="Where ca.pem, ca.key, server.pem and server.key go.")
+    ],
+    name: Annotated[
+        list[str],
+        typer.Option(
+            help="A DNS name or IP clients use for the control plane; repeat.", metavar="NAME"
+        ),
+    ],
+) -> None:
+    """Make the control plane's CA and HTTPS certificate without starting it (what
+    --tls-self-signed does at first start), e.g. for a Secret shared by several replicas.
+    Run again to add names or renew: the CA stays."""
+    from vpnfleet.controlplane import servertls
+
+    try:
+        tls = servertls.ensure_self_signed(directory, name)
+    except ValueError as exc:
+        raise CLIError(str(exc), 2) from None
+    except OSError as exc:
+        raise CLIError(f"cannot write {directory}: {exc.strerror}") from None
+    typer.echo(f"certificate {tls.cert_file} (key {tls.key_file}) for {', '.join(tls.names)}")
+    typer.echo(f"CA to give agents and operators: {tls.ca_file}; keep ca.key offline")
 
 
 def _describe(exc: Exception) -> str:
@@ -181,6 +264,10 @@ def agent(
             "env VPNFLEET_DENIED_AUDIT).",
         ),
     ] = None,
+    ca_file: Annotated[
+        Path | None,
+        typer.Option(help="Trust only this CA for an https server URL (env VPNFLEET_CA_FILE)."),
+    ] = None,
 ) -> None:
     """Run the pod agent: supervise OpenVPN, enforce the firewall, report sessions and flows."""
     import asyncio
@@ -207,6 +294,7 @@ def agent(
             flow_log=flow_log,
             flow_spool_mb=flow_spool_mb,
             denied_audit=denied_audit,
+            ca_file=ca_file,
         )
         logsetup.setup(settings.log_format)
     except (ValueError, OSError) as exc:
@@ -227,6 +315,10 @@ def gateway_routes(
         ),
     ] = None,
     log_format: Annotated[str, typer.Option(help="text or json.")] = "text",
+    ca_file: Annotated[
+        Path | None,
+        typer.Option(help="Trust only this CA for an https server URL (env VPNFLEET_CA_FILE)."),
+    ] = None,
 ) -> None:
     """Keep /32 routes to gateway-mode users via the pod they are on (run on a router).
 
@@ -243,6 +335,14 @@ def gateway_routes(
     secret = token or os.environ.get("VPNFLEET_ROUTES_TOKEN")
     if not url or not secret:
         raise CLIError("give --server and --token (or VPNFLEET_SERVER / VPNFLEET_ROUTES_TOKEN)", 2)
+    pinned = ca_file or os.environ.get("VPNFLEET_CA_FILE") or None
+    if pinned:
+        from vpnfleet.tlspin import TrustError, pinned_context
+
+        try:
+            pinned_context(pinned)
+        except TrustError as exc:
+            raise CLIError(str(exc), 2) from None
     logsetup.setup(log_format)
 
     async def main() -> None:
@@ -250,7 +350,7 @@ def gateway_routes(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        cp = ControlPlane(url, secret)
+        cp = ControlPlane(url, secret, ca_file=pinned)
         try:
             await follow(cp, stop)
         finally:

@@ -9,11 +9,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy.exc import IntegrityError
 
-from vpnfleet import __version__
+from vpnfleet import __version__, tokenbinding
 from vpnfleet.controlplane import db as dbmod
-from vpnfleet.controlplane import errors
+from vpnfleet.controlplane import errors, servertls
 from vpnfleet.controlplane import metrics as cpmetrics
-from vpnfleet.controlplane.bootstrap import bootstrap
+from vpnfleet.controlplane.bootstrap import TOKEN_FILE, bootstrap
 from vpnfleet.controlplane.intake import RequestIntake
 from vpnfleet.controlplane.pki import Sealer
 from vpnfleet.controlplane.routers import (
@@ -33,6 +33,7 @@ from vpnfleet.controlplane.routers import (
 from vpnfleet.controlplane.settings import ServerSettings
 from vpnfleet.controlplane.state import AppState
 from vpnfleet.controlplane.watch import ChangeHub
+from vpnfleet.core.netparse import parse_listen
 
 log = logging.getLogger("vpnfleet.server")
 
@@ -40,6 +41,9 @@ log = logging.getLogger("vpnfleet.server")
 def prepare(settings: ServerSettings) -> AppState:
     """Open the database, apply migrations and bootstrap: everything before serving."""
     settings.ensure_data_dir()
+    tls = servertls.server_tls(
+        settings.data_dir, settings.tls_cert, settings.tls_key, settings.tls_self_signed
+    )
     engine = dbmod.make_engine(settings.resolved_database_url)
     dbmod.upgrade(engine)
     factory = dbmod.session_factory(engine)
@@ -53,10 +57,25 @@ def prepare(settings: ServerSettings) -> AppState:
             # Another replica bootstrapped the same database at the same moment.
             if attempt:
                 raise
+    bind_token_file(settings, tls)
     hub = ChangeHub(factory, settings.watch_poll_interval, settings.change_log_keep)
-    state = AppState(settings=settings, engine=engine, factory=factory, sealer=sealer, hub=hub)
+    state = AppState(
+        settings=settings, engine=engine, factory=factory, sealer=sealer, hub=hub, tls=tls
+    )
     state.install_commit_hook()
     return state
+
+
+def bind_token_file(settings: ServerSettings, tls: servertls.ServerTLS | None) -> None:
+    """(Re)write the record of where the first admin token file may be sent: this server's
+    URLs as configured now (vpnfleet/tokenbinding.py). Nothing to do without the file."""
+    token_file = settings.data_dir / TOKEN_FILE
+    if not token_file.exists():
+        return
+    host, port = parse_listen(settings.listen)
+    urls = tokenbinding.server_urls(host, port, tls.names if tls else None, settings.advertise_urls)
+    ca_file = str(tls.ca_file.resolve()) if tls and tls.ca_file else None
+    tokenbinding.write(token_file, tokenbinding.TokenBinding(urls, ca_file))
 
 
 def create_app(settings: ServerSettings, state: AppState | None = None) -> FastAPI:

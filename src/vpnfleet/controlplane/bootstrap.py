@@ -13,12 +13,13 @@ from vpnfleet.controlplane import auth, certs, changelog, fleetstate
 from vpnfleet.controlplane.changelog import Pending, Upsert
 from vpnfleet.controlplane.models import AdminToken, Pool
 from vpnfleet.controlplane.pki import Sealer
+from vpnfleet.tokenbinding import ADMIN_TOKEN_FILE
 
 log = logging.getLogger("vpnfleet.bootstrap")
 
 DEFAULT_NAT_POOL = ("default", "nat", "10.200.0.0/16")
 DEFAULT_GATEWAY_POOL = ("gateway", "gateway", "10.201.0.0/16")
-TOKEN_FILE = "admin-token"  # noqa: S105 - a file name
+TOKEN_FILE = ADMIN_TOKEN_FILE
 
 
 def _write_secret_file(path: Path, content: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import ipaddress
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -111,7 +112,13 @@ def create_ca(common_name: str = "vpnfleet CA", days: int = CA_DAYS) -> KeyPair:
     return KeyPair(cert.public_bytes(serialization.Encoding.PEM).decode(), _key_pem(key))
 
 
-def _issue(ca: KeyPair, common_name: str, server: bool, days: int) -> KeyPair:
+def _issue(
+    ca: KeyPair,
+    common_name: str,
+    server: bool,
+    days: int,
+    alt_names: list[x509.GeneralName] | None = None,
+) -> KeyPair:
     ca_cert, ca_key = _load(ca)
     key = _new_key()
     now = _now()
@@ -148,9 +155,8 @@ def _issue(ca: KeyPair, common_name: str, server: bool, days: int) -> KeyPair:
         )
     )
     if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(common_name)]), critical=False
-        )
+        names = alt_names if alt_names is not None else [x509.DNSName(common_name)]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     return KeyPair(cert.public_bytes(serialization.Encoding.PEM).decode(), _key_pem(key))
 
@@ -158,6 +164,21 @@ def _issue(ca: KeyPair, common_name: str, server: bool, days: int) -> KeyPair:
 def issue_server_cert(ca: KeyPair, common_name: str, days: int = LEAF_DAYS) -> KeyPair:
     """Issue a TLS server certificate for a pod (extendedKeyUsage serverAuth)."""
     return _issue(ca, common_name, server=True, days=days)
+
+
+def issue_https_server_cert(ca: KeyPair, names: Iterable[str], days: int = LEAF_DAYS) -> KeyPair:
+    """Issue an HTTPS server certificate whose subjectAltName holds `names` (DNS names or IP
+    addresses; the first is also the CN). Used for the control plane's own API endpoint."""
+    alt: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alt.append(x509.DNSName(name))
+    if not alt:
+        raise PKIError("a server certificate needs at least one name")
+    first = alt[0].value
+    return _issue(ca, str(first), server=True, days=days, alt_names=alt)
 
 
 def issue_client_cert(ca: KeyPair, common_name: str, days: int = LEAF_DAYS) -> KeyPair:

@@ -8,6 +8,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vpnfleet import tokenbinding
+from vpnfleet.controlplane import servertls
 from vpnfleet.core import netparse
 
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "vpnfleet"
@@ -34,6 +36,14 @@ class ServerSettings:
     # Seconds without a heartbeat after which a pod's sessions are closed and its name may
     # enroll again (controlplane/podleases.py). Agents heartbeat every 5 s by default.
     pod_lease_seconds: int = 90
+    # HTTPS (docs/operations.md, "TLS"): the operator's certificate and key, or DNS names/IPs
+    # for a certificate made at first start from a control-plane CA of its own.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_self_signed: list[str] = field(default_factory=list)
+    # URLs clients reach this server at, beyond loopback and the certificate's names: the
+    # first admin token file may be sent there (vpnfleet/tokenbinding.py).
+    advertise_urls: list[str] = field(default_factory=list)
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServerSettings:
@@ -70,6 +80,15 @@ class ServerSettings:
             if not raw.isdigit():
                 raise ValueError(f"VPNFLEET_POD_LEASE_SECONDS {raw!r} is not a whole number")
             values["pod_lease_seconds"] = int(raw)
+        for key, var in (("tls_cert", "VPNFLEET_TLS_CERT"), ("tls_key", "VPNFLEET_TLS_KEY")):
+            if env.get(var, "").strip():
+                values[key] = Path(env[var].strip())
+        for key, var in (
+            ("tls_self_signed", "VPNFLEET_TLS_SELF_SIGNED"),
+            ("advertise_urls", "VPNFLEET_ADVERTISE_URLS"),
+        ):
+            if env.get(var, "").strip():
+                values[key] = [e.strip() for e in env[var].split(",") if e.strip()]
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()
@@ -85,6 +104,18 @@ class ServerSettings:
             raise ValueError("audit retention must be at least 1 day (leave it unset: forever)")
         for endpoint in self.public_endpoints:
             netparse.parse_endpoint(endpoint)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give both --tls-cert and --tls-key (VPNFLEET_TLS_CERT/_KEY)")
+        if self.tls_cert is not None and self.tls_self_signed:
+            raise ValueError("--tls-self-signed and --tls-cert exclude each other: choose one")
+        for name in self.tls_self_signed:
+            servertls.validate_name(name)
+        for advertised in self.advertise_urls:
+            scheme = tokenbinding.origin(advertised)[0]
+            if self.tls_enabled and scheme != "https":
+                raise ValueError(f"advertised URL {advertised!r} must be https: TLS is on")
+            if not self.tls_enabled and scheme != "http":
+                raise ValueError(f"advertised URL {advertised!r} must be http: TLS is off")
         url = self.resolved_database_url
         if not (url.startswith("sqlite") or url.startswith("postgresql+psycopg://")):
             raise ValueError(
@@ -94,6 +125,10 @@ class ServerSettings:
     @property
     def pod_lease(self) -> dt.timedelta:
         return dt.timedelta(seconds=self.pod_lease_seconds)
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None or bool(self.tls_self_signed)
 
     @property
     def resolved_database_url(self) -> str:

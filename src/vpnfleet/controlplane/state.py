@@ -16,6 +16,7 @@ from vpnfleet.controlplane import auth
 from vpnfleet.controlplane.errors import Problem
 from vpnfleet.controlplane.models import AdminToken
 from vpnfleet.controlplane.pki import Sealer
+from vpnfleet.controlplane.servertls import ServerTLS
 from vpnfleet.controlplane.settings import ServerSettings
 from vpnfleet.controlplane.watch import ChangeHub
 
@@ -27,6 +28,8 @@ class AppState:
     factory: sessionmaker[Session]
     sealer: Sealer
     hub: ChangeHub
+    # What the server serves over HTTPS (None: plain HTTP); see controlplane/servertls.py.
+    tls: ServerTLS | None = None
 
     def known_token(self, token: str) -> bool:
         """Is ``token`` a known, unrevoked API token? (The intake's check before a body.)"""

@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from vpnfleet import tlspin
 from vpnfleet.core import netparse
 from vpnfleet.lab import nginx, topology
 from vpnfleet.lab.topology import LabPlan
@@ -94,6 +95,11 @@ class LabInfo:
         return Path(self.state_dir)
 
     @property
+    def ca_file(self) -> Path:
+        """The control plane's own CA (made at its first start): what agents and the CLI pin."""
+        return self.dir / "cp" / "tls" / "ca.pem"
+
+    @property
     def admin_token(self) -> str:
         return (self.dir / "cp" / "admin-token").read_text().strip()
 
@@ -115,24 +121,48 @@ class LabInfo:
 
     def client(self) -> httpx.Client:
         return httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=30
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {self.admin_token}"},
+            timeout=30,
+            # A lab made before the lab ran TLS has an http URL and no CA.
+            verify=tlspin.pinned_context(self.ca_file) if self.url.startswith("https:") else True,
         )
+
+    def cli_env(self) -> dict[str, str]:
+        """Environment for the CLI as an operator on the host: URL, pinned CA, admin token."""
+        return {
+            "VPNFLEET_URL": self.url,
+            "VPNFLEET_CA_FILE": str(self.ca_file),
+            "VPNFLEET_TOKEN": self.admin_token,
+        }
 
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "vpnfleet.cli.main", *args]
 
 
-async def _wait_http(url: str, seconds: float, what: str, proc: topology.LabProcess | None) -> None:
+async def _wait_http(
+    url: str,
+    seconds: float,
+    what: str,
+    proc: topology.LabProcess | None,
+    ca_file: Path | None = None,
+) -> None:
+    """Wait for `url` to answer 200; over https, once the server has written `ca_file`."""
     deadline = time.monotonic() + seconds
-    async with httpx.AsyncClient(timeout=2) as http:
-        while time.monotonic() < deadline:
-            if proc is not None and proc.returncode is not None:
-                raise LabRunError(f"{what} exited; see {proc.log_path}")
+    while time.monotonic() < deadline:
+        if proc is not None and proc.returncode is not None:
+            raise LabRunError(f"{what} exited; see {proc.log_path}")
+        try:
+            verify = tlspin.verify_for(ca_file)
+        except tlspin.TrustError:  # not written yet
+            verify = None
+        if verify is not None:
             with contextlib.suppress(httpx.HTTPError):
-                if (await http.get(url)).status_code == 200:
-                    return
-            await asyncio.sleep(0.2)
+                async with httpx.AsyncClient(timeout=2, verify=verify) as http:
+                    if (await http.get(url)).status_code == 200:
+                        return
+        await asyncio.sleep(0.2)
     raise LabRunError(f"{what} did not become ready within {seconds:.0f}s")
 
 
@@ -171,7 +201,7 @@ async def up(
             users=list(users),
             state_dir=str(state),
             url=plan.control_plane_url,
-            agent_url=f"http://{plan.cp_ip}:{CP_PORT}",
+            agent_url=f"https://{plan.cp_ip}:{CP_PORT}",
             service=f"http://{plan.svc_ip}:{ECHO_PORT}",
             vpn_endpoint=f"{host}:{port}",
             web=f"http://{plan.svc_ip}:{nginx.NGINX_PORT}" if nginx.available() else None,
@@ -213,12 +243,19 @@ async def start_control_plane(info: LabInfo) -> topology.LabProcess:
             str(info.dir / "cp"),
             "--public-endpoint",
             info.vpn_endpoint,
+            # HTTPS as in a deployment: a certificate for the addresses agents (cluster
+            # network) and the host (admin link) use, from the control plane's own CA.
+            "--tls-self-signed",
+            f"{info.plan.cp_ip},{info.plan.admin.ns_address.ip}",
+            # The host reaches the server at this URL: the admin token file may go there.
+            "--advertise-url",
+            info.url,
             "--log-format",
             "json",
         ),
         log_path=info.dir / "cp.log",
     )
-    await _wait_http(f"{info.url}/readyz", 60, "the control plane", cp)
+    await _wait_http(f"{info.url}/readyz", 60, "the control plane", cp, info.ca_file)
     return cp
 
 
@@ -283,6 +320,7 @@ async def _start_services(info: LabInfo) -> None:
         env={
             **os.environ,
             "VPNFLEET_ROUTES_TOKEN": (info.dir / "routes-token").read_text().strip(),
+            "VPNFLEET_CA_FILE": str(info.ca_file),
         },
     )
     web = nginx.start(svc, info.dir / "nginx") if info.web else None
@@ -307,6 +345,7 @@ async def start_agent(info: LabInfo, index: int) -> topology.LabProcess:
     env = {
         **os.environ,
         "VPNFLEET_AGENT_TOKEN": _agent_token(info),
+        "VPNFLEET_CA_FILE": str(info.ca_file),
         "VPNFLEET_HEARTBEAT_INTERVAL": "1",
         "VPNFLEET_RECONCILE_INTERVAL": "2",
         "VPNFLEET_DRAIN_DELAY": "1.5",
@@ -463,6 +502,7 @@ async def status(info: LabInfo) -> dict[str, Any]:
         "prefix": info.prefix,
         "url": info.url,
         "token_file": str(info.dir / "cp" / "admin-token"),
+        "ca_file": str(info.ca_file),
         "service": info.service,
         "web": info.web,
         "web_access_log": str(info.web_access_log) if info.web else None,

@@ -323,7 +323,7 @@ class LabPlan:
     @property
     def control_plane_url(self) -> str:
         """URL at which the root namespace (the operator's CLI) reaches the control plane."""
-        return f"http://{self.admin.ns_address.ip}:{CONTROL_PLANE_PORT}"
+        return f"https://{self.admin.ns_address.ip}:{CONTROL_PLANE_PORT}"
 
     def _check_pod(self, index: int) -> None:
         if not 1 <= index <= self.pods:

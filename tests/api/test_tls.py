@@ -1,0 +1,325 @@
+"""HTTPS between the control plane and its clients, with a real uvicorn on loopback.
+
+The CLI and the agent pin the control plane's own CA; a certificate from the fleet CA (which
+signs every pod's certificate) does not pass for the control plane; the local admin token file
+is never sent to another URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import os
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Server, free_port
+from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
+from vpnfleet.controlplane import pki, servertls
+from vpnfleet.tokenbinding import ADMIN_TOKEN_FILE
+
+VPNFLEET = [sys.executable, "-m", "vpnfleet.cli.main"]
+SVC = "vpnfleet-controlplane.vpnfleet.svc"
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """TLS and the token binding do not depend on the database: SQLite only here."""
+    return f"sqlite:///{tmp_path / 'test.db'}"
+
+
+@dataclass
+class TLSServer:
+    url: str
+    port: int
+    data_dir: Path
+    ca_file: Path
+    admin_token: str
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[TLSServer]:
+    """`vpnfleet server --tls-self-signed SVC` as the server command runs it (SQLite)."""
+    import uvicorn
+
+    from vpnfleet.controlplane.app import create_app, prepare
+    from vpnfleet.controlplane.settings import ServerSettings
+
+    port = free_port()
+    settings = ServerSettings(
+        data_dir=tmp_path / "data",
+        listen=f"127.0.0.1:{port}",
+        secret="test-secret",
+        tls_self_signed=[SVC],
+    )
+    settings.validate()
+    state = prepare(settings)
+    assert state.tls is not None and state.tls.ca_file is not None
+    config = uvicorn.Config(
+        create_app(settings, state),
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        access_log=False,
+        ssl_certfile=str(state.tls.cert_file),
+        ssl_keyfile=str(state.tls.key_file),
+        ssl_ciphers=servertls.SERVER_CIPHERS,
+    )
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("control plane did not start")
+        time.sleep(0.05)
+    token = (settings.data_dir / ADMIN_TOKEN_FILE).read_text().strip()
+    try:
+        yield TLSServer(
+            f"https://127.0.0.1:{port}", port, settings.data_dir, state.tls.ca_file, token
+        )
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=15)
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("VPNFLEET_")}
+    base.update(COLUMNS="200", VPNFLEET_CONFIG="/nonexistent/config.toml", **env)
+    return subprocess.run([*VPNFLEET, *args], capture_output=True, text=True, env=base, timeout=60)
+
+
+def test_cli_with_the_pinned_ca(tls_server: TLSServer) -> None:
+    proc = cli(
+        "--url",
+        tls_server.url,
+        "--ca-file",
+        str(tls_server.ca_file),
+        "user",
+        "add",
+        "alice",
+        VPNFLEET_TOKEN=tls_server.admin_token,
+    )
+    assert proc.returncode == 0, proc.stderr
+    proc = cli(
+        "user",
+        "list",
+        VPNFLEET_URL=tls_server.url,
+        VPNFLEET_CA_FILE=str(tls_server.ca_file),
+        VPNFLEET_TOKEN=tls_server.admin_token,
+    )
+    assert proc.returncode == 0 and "alice" in proc.stdout, proc.stderr
+
+
+def test_local_token_file_brings_its_url_and_ca(tls_server: TLSServer) -> None:
+    """On the server's host the CLI needs nothing but the URL: the binding record names the CA."""
+    proc = cli(
+        "user",
+        "list",
+        "--json",
+        VPNFLEET_URL=tls_server.url,
+        VPNFLEET_DATA_DIR=str(tls_server.data_dir),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith("[")
+
+
+def test_cli_without_or_with_the_wrong_ca_is_refused(tls_server: TLSServer, tmp_path: Path) -> None:
+    token = {"VPNFLEET_TOKEN": tls_server.admin_token}
+    proc = cli("--url", tls_server.url, "user", "list", **token)
+    assert proc.returncode == 1
+    assert (
+        f"the TLS certificate of {tls_server.url} failed the check against the default"
+        in proc.stderr
+    )
+    assert "unable to get local issuer certificate" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    other = tmp_path / "other-ca.pem"
+    other.write_text(pki.create_ca("vpnfleet control plane CA").cert_pem)  # same name, other key
+    proc = cli("--url", tls_server.url, "--ca-file", str(other), "user", "list", **token)
+    assert proc.returncode == 1
+    assert f"failed the check against the CA in {other}" in proc.stderr
+    proc = cli(
+        "--url", tls_server.url, "--ca-file", str(tmp_path / "nope.pem"), "user", "list", **token
+    )
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_plain_http_to_the_https_port_is_explained(tls_server: TLSServer) -> None:
+    url = f"http://127.0.0.1:{tls_server.port}"
+    proc = cli("--url", url, "user", "list", VPNFLEET_TOKEN=tls_server.admin_token)
+    assert proc.returncode == 1
+    assert "use an https:// URL" in proc.stderr, proc.stderr
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+def test_server_refuses_tls_below_1_2(tls_server: TLSServer) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(tls_server.ca_file)
+    ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    with pytest.raises(httpx.ConnectError), httpx.Client(verify=ctx) as http:
+        http.get(f"{tls_server.url}/healthz")
+    with httpx.Client(verify=servertls_ctx(tls_server.ca_file)) as http:
+        assert http.get(f"{tls_server.url}/healthz").status_code == 200
+
+
+def servertls_ctx(ca_file: Path) -> ssl.SSLContext:
+    from vpnfleet.tlspin import pinned_context
+
+    return pinned_context(ca_file)
+
+
+def test_agent_client_pins_the_ca(tls_server: TLSServer, tmp_path: Path) -> None:
+    other = tmp_path / "other-ca.pem"
+    other.write_text(pki.create_ca().cert_pem)
+
+    with httpx.Client(
+        base_url=tls_server.url,
+        verify=servertls_ctx(tls_server.ca_file),
+        headers={"Authorization": f"Bearer {tls_server.admin_token}"},
+    ) as admin:
+        resp = admin.post("/api/v1/tokens", json={"name": "agents", "role": "agent"})
+        agent_token = resp.json()["token"]
+
+    async def crl(ca_file: Path) -> str:
+        cp = ControlPlane(tls_server.url, agent_token, ca_file=ca_file)
+        try:
+            return await cp.crl()
+        finally:
+            await cp.close()
+
+    assert asyncio.run(crl(tls_server.ca_file)).startswith("-----BEGIN X509 CRL-----")
+    with pytest.raises(ControlPlaneError, match="unable to get local issuer certificate") as err:
+        asyncio.run(crl(other))
+    assert err.value.retryable and str(other) in str(err.value)
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    seen: list[str | None] = []
+
+    def do_GET(self) -> None:
+        type(self).seen.append(self.headers.get("Authorization"))
+        body = b"[]"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def recorder(tmp_path: Path) -> Iterator[tuple[str, list[str | None]]]:
+    """A plain HTTP server on loopback that records the Authorization header it receives."""
+    handler = type("Recorder", (_Recorder,), {"seen": []})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", handler.seen
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.parametrize("how", ["data-dir", "token-file"])
+def test_file_token_is_not_sent_to_another_url(
+    server: Server, recorder: tuple[str, list[str | None]], how: str
+) -> None:
+    url, seen = recorder
+    token_file = server.data_dir / ADMIN_TOKEN_FILE
+    env = (
+        {"VPNFLEET_DATA_DIR": str(server.data_dir)}
+        if how == "data-dir"
+        else {"VPNFLEET_TOKEN_FILE": str(token_file)}
+    )
+    # The token works at the URL it was created for...
+    proc = cli("user", "list", "--json", VPNFLEET_URL=server.url, **env)
+    assert proc.returncode == 0, proc.stderr
+    # ...and is not sent anywhere else: no request reaches the other server at all.
+    proc = cli("user", "list", VPNFLEET_URL=url, **env)
+    assert proc.returncode == 1
+    assert f"was created for {server.url}" in proc.stderr and f"not {url}" in proc.stderr
+    assert "pass --token or set VPNFLEET_TOKEN" in proc.stderr
+    assert seen == []
+    # Given explicitly, a token goes where the user says (the recorder can see it).
+    proc = cli("user", "list", VPNFLEET_URL=url, VPNFLEET_TOKEN="vpf_explicit")
+    assert proc.returncode == 0, proc.stderr
+    assert seen == ["Bearer vpf_explicit"]
+
+
+@pytest.fixture
+def https_with(tmp_path: Path) -> Iterator[object]:
+    """Start a loopback HTTPS server presenting a given certificate; yields a starter."""
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def start(pair: pki.KeyPair) -> int:
+        (tmp_path / "pod.pem").write_text(pair.cert_pem)
+        (tmp_path / "pod.key").write_text(pair.key_pem)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(tmp_path / "pod.pem", tmp_path / "pod.key")
+        handler = type("Recorder", (_Recorder,), {"seen": []})
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        servers.append(httpd)
+        return int(httpd.server_address[1])
+
+    yield start
+    for httpd in servers:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_pod_certificate_does_not_pass_for_the_control_plane(
+    tls_server: TLSServer, https_with: object, tmp_path: Path
+) -> None:
+    """The fleet CA signs every pod's server certificate (its DNS name is the pod name). Such a
+    certificate is refused by the hostname check where the fleet CA is trusted, and by the CA
+    check where clients pin the control-plane CA, even for a pod named like the control plane."""
+    from vpnfleet.controlplane import certs, db
+    from vpnfleet.controlplane.pki import Sealer
+
+    engine = db.make_engine(f"sqlite:///{tls_server.data_dir / 'vpnfleet.db'}")
+    with db.session_factory(engine)() as session:
+        fleet_ca = certs.load_ca(session, Sealer("test-secret"))
+    engine.dispose()
+    fleet_ca_file = tmp_path / "fleet-ca.pem"
+    fleet_ca_file.write_text(fleet_ca.cert_pem)
+    start = https_with  # type: ignore[assignment]
+    token = {"VPNFLEET_TOKEN": "vpf_should_not_matter"}
+
+    pod_port = start(pki.issue_server_cert(fleet_ca, "pod1"))  # type: ignore[operator]
+    proc = cli(
+        "--url",
+        f"https://localhost:{pod_port}",
+        "--ca-file",
+        str(fleet_ca_file),
+        "user",
+        "list",
+        **token,
+    )
+    assert proc.returncode == 1
+    assert "Hostname mismatch, certificate is not valid for 'localhost'" in proc.stderr
+    assert "use a host name the certificate carries" in proc.stderr
+
+    # A pod registered under a name the control plane answers to ("localhost" here) gets a
+    # fleet-signed certificate for it; the control-plane CA never signed it.
+    impostor = start(pki.issue_server_cert(fleet_ca, "localhost"))  # type: ignore[operator]
+    url = f"https://localhost:{impostor}"
+    proc = cli("--url", url, "--ca-file", str(tls_server.ca_file), "user", "list", **token)
+    assert proc.returncode == 1
+    assert f"the TLS certificate of {url} failed the check against the CA in" in proc.stderr
+    assert "unable to get local issuer certificate" in proc.stderr
