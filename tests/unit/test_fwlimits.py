@@ -77,3 +77,28 @@ def test_the_agent_denies_the_largest_groups_first_and_as_few_as_needed() -> Non
     assert fwlimits.groups_to_deny({"x": LIMIT - 1, "y": 2, "z": 3}) == ["x"]
     assert fwlimits.groups_to_deny({"x": LIMIT - 1, "y": LIMIT - 1, "z": 3}) == ["x", "y"]
     assert fwlimits.groups_to_deny({"a": 2 * LIMIT, "b": 2 * LIMIT, "c": 5}) == ["a", "b"]
+
+
+def test_group_sizes_recount_only_what_changed_and_agree_with_a_fresh_count() -> None:
+    calls: list[frozenset[fwlimits.StoredRule]] = []
+    sizes = fwlimits.GroupSizes()
+    real = fwlimits.rules_elements
+
+    def counting(rules: frozenset[fwlimits.StoredRule]) -> int:
+        calls.append(rules)
+        return real(rules)
+
+    groups = {
+        "a": [("10.0.0.0/24", "tcp", "80-90")],
+        "b": [("10.0.0.0/24", "udp", None), ("0.0.0.0/0", "tcp", "1-3")],
+    }
+    fwlimits.rules_elements = counting  # type: ignore[assignment]
+    try:
+        assert sizes.count(groups) == {"a": 11, "b": 7}
+        assert len(calls) == 2
+        groups["a"] = [*groups["a"], ("10.0.0.0/24", "tcp", "85-100")]
+        assert sizes.count(groups) == {"a": 21, "b": 7}
+        assert len(calls) == 3  # only "a" was recounted
+    finally:
+        fwlimits.rules_elements = real  # type: ignore[assignment]
+    assert sizes.count(groups) == {n: real(r) for n, r in groups.items()}

@@ -58,6 +58,7 @@ class DesiredStateBuilder:
         self.nflog_group = nflog_group
         self.log_denied = log_denied
         self._grants: tuple[FleetView, int, _Grants] | None = None
+        self._sizes = fwlimits.GroupSizes()
         self.over_limit: dict[str, int] = {}
         """Groups denied because the firewall would exceed its limit: name -> elements."""
         self._addrs: dict[str, ipaddress.IPv4Address] = {}
@@ -70,7 +71,11 @@ class DesiredStateBuilder:
         if cached is not None and cached[0] is view and cached[1] == view.revision:
             return cached[2]
         grants = grants_by_group(view)
-        sizes = {name: fwlimits.group_elements(g) for name, (_, g) in grants.items()}
+        stored: dict[int, list[fwlimits.StoredRule]] = {gid: [] for gid in view.groups}
+        for r in view.rules.values():
+            if r.group_id in stored:
+                stored[r.group_id].append((r.destination, r.proto, r.ports))
+        sizes = self._sizes.count({g.name: stored[g.id] for g in view.groups.values()})
         deny = fwlimits.groups_to_deny(sizes)
         for name in deny:
             grants[name] = (grants[name][0], ())

@@ -61,9 +61,43 @@ def _covered(spans: list[tuple[int, int]]) -> int:
     return total
 
 
-def rules_elements(rules: Iterable[tuple[str, str, str | None]]) -> int:
-    """:func:`group_elements` of a group's rules as stored: (destination, proto, ports)."""
+StoredRule = tuple[str, str, str | None]
+"""A rule as stored and sent to agents: (destination, proto, ports)."""
+
+
+def rules_elements(rules: Iterable[StoredRule]) -> int:
+    """:func:`group_elements` of a group's rules as stored."""
     return group_elements(g for d, p, ports in rules for g in grants_of(d, p, ports))
+
+
+class GroupSizes:
+    """Counts groups' elements, remembering each group's count by its rules' content, so a
+    write or a view change recounts only the groups it touched (parsing 10,000 rules takes
+    about half a second; a lookup per group is microseconds).
+
+    Whoever checks repeatedly owns one (the agent's desired-state builder, the control
+    plane's rule service). It is trimmed to the last call's groups when it grows past a few
+    times their number. A cache only: the counts are :func:`rules_elements`'s.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[frozenset[StoredRule], int] = {}
+
+    def count(self, groups: Mapping[str, Iterable[StoredRule]]) -> dict[str, int]:
+        """Group name -> elements."""
+        known = self._known
+        used: dict[frozenset[StoredRule], int] = {}
+        out: dict[str, int] = {}
+        for name, rules in groups.items():
+            # Identical rules yield identical elements: a set of them counts the same.
+            key = frozenset(rules)
+            n = known.get(key)
+            if n is None:
+                n = known[key] = rules_elements(key)
+            out[name] = used[key] = n
+        if len(known) > 4 * len(used) + 1024:
+            self._known = used
+        return out
 
 
 @dataclass(frozen=True)
