@@ -341,7 +341,8 @@ async def test_a_group_stored_over_the_firewall_limit_does_not_block_the_pod(
         errors[0]
         .getMessage()
         .startswith(
-            "group 'web' needs 1,114,079 firewall set elements (limit 1,048,576 on every pod)"
+            "group 'web' needs 1,114,079 firewall set elements, 1,114,080 with all other groups "
+            "(limit 1,048,576 on every pod)"
         )
     )
 

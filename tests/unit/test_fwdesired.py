@@ -165,6 +165,7 @@ def test_a_group_over_the_firewall_limit_grants_nothing_and_the_others_still_app
     b = builder()
     state = b.build(v, book)  # does not raise
     assert b.over_limit == {"web": 17 * 65534}
+    assert b.total_elements == 17 * 65534 + 1  # ops: one network, any protocol
     addr = ipaddress.IPv4Address(pa.tunnel_ip)
     assert group(state, 1).grants == () and group(state, 1).members == {addr}
     assert not fwstate.is_allowed(state, addr, "tcp", ipaddress.IPv4Address("10.100.0.1"), 22)

@@ -156,7 +156,7 @@ class PodAgent:
         def desired() -> tuple[int, fwstate.DesiredState]:
             view = self.follower.view
             state = builder.build(view, clients.all())
-            self._note_over_limit(builder.over_limit)
+            self._note_over_limit(builder.over_limit, builder.total_elements)
             return view.revision, state
 
         self.firewall = FirewallSync(
@@ -181,12 +181,12 @@ class PodAgent:
 
     # ------------------------------------------------------------------ messages
 
-    def _note_over_limit(self, groups: dict[str, int]) -> None:
+    def _note_over_limit(self, groups: dict[str, int], total: int) -> None:
         """Report groups the firewall denies for being over its limit, once per change."""
         if groups == self.over_limit:
             return
         for name in sorted(groups.keys() - self.over_limit.keys()):
-            overflow = fwlimits.Overflow(name, groups[name], sum(groups.values()))
+            overflow = fwlimits.Overflow(name, groups[name], total)
             log.error(
                 "%s; it grants nothing on this pod until its rules are narrowed",
                 overflow.message().replace(" would need ", " needs "),

@@ -61,6 +61,8 @@ class DesiredStateBuilder:
         self._sizes = fwlimits.GroupSizes()
         self.over_limit: dict[str, int] = {}
         """Groups denied because the firewall would exceed its limit: name -> elements."""
+        self.total_elements = 0
+        """Elements all groups' rules would need (before denying any)."""
         self._addrs: dict[str, ipaddress.IPv4Address] = {}
         self._groups: dict[str, fwstate.GroupAccess] = {}
         self._check = fwstate.ClientCheck()
@@ -80,6 +82,7 @@ class DesiredStateBuilder:
         for name in deny:
             grants[name] = (grants[name][0], ())
         self.over_limit = {name: sizes[name] for name in deny}
+        self.total_elements = sum(sizes.values())
         self._grants = (view, view.revision, grants)
         return grants
 

@@ -7,16 +7,15 @@ start, drift repair), renders and loads at once. The count is the renderer's own
 grant lands in comes from :func:`~vpnfleet.core.fwrender.destination_kind`, its networks
 from :func:`~vpnfleet.core.fwrender.net_elements`, and elements the renderer would merge
 (the same network and port from two grants) are counted once. Port ranges are summed as
-merged intervals instead of being expanded, so checking a million elements costs
-microseconds, not the seconds rendering them takes.
+merged intervals instead of being expanded: checking costs per grant, not per element.
 
 Why a limit at all: a ``hash:net,port`` set has no port wildcard, so ``tcp 2-65535`` on one
-network is 65,534 elements. Measured on the lab machine (kernel 6.18, ipset 7.17), 1.1
-million elements took the agent about 7 s and 460 MB to render and ``ipset restore`` about
-11 s to load (33 MB of kernel memory): every pod pays that at each start. The control plane
-refuses writes past :data:`MAX_FIREWALL_ELEMENTS`; an agent given such a state anyway (data
-written before the check existed) enforces the other groups and denies the largest ones
-(:func:`groups_to_deny`) instead of failing the whole apply.
+network is 65,534 elements. Measured on the shared 2-core lab machine (kernel 6.18, ipset
+7.17), 1 million elements took the agent about 7 s and 460 MB to render and 1.1 million took
+``ipset restore`` about 11 s to load (33 MB of kernel memory): every pod pays that at each
+start. The control plane refuses writes past :data:`MAX_FIREWALL_ELEMENTS`; an agent given
+such a state anyway (data written before the check existed) enforces the other groups and
+denies the largest ones (:func:`groups_to_deny`) instead of failing the whole apply.
 
 Group members (``hash:ip``) and the fixed sets are not counted: they hold connected clients,
 bounded by the address pools, not by what an operator writes.
