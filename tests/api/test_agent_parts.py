@@ -356,3 +356,58 @@ async def test_a_revoked_pod_stops_its_agent(server: Server, pod: Pod) -> None:
     assert task is not None
     await asyncio.wait_for(asyncio.shield(task), 10)
     pod.task = None
+
+
+async def test_a_group_stored_over_the_firewall_limit_does_not_block_the_pod(
+    server: Server, pod: Pod, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The issue's reproducer as an older release stored it (the API now refuses it): "web"
+    # holds 17 x "tcp 2-65535". Before, the agent never became ready and applied nothing.
+    from sqlalchemy import create_engine
+    from sqlalchemy import text as sql
+
+    setup_policy(server)
+    engine = create_engine(server.database_url)
+    with engine.begin() as conn:
+        gid = conn.execute(sql("SELECT id FROM groups WHERE name = 'web'")).scalar_one()
+        for nn in range(17):
+            conn.execute(
+                sql(
+                    "INSERT INTO rules (group_id, destination, proto, ports, created_at) "
+                    "VALUES (:g, :d, 'tcp', '2-65535', CURRENT_TIMESTAMP)"
+                ),
+                {"g": gid, "d": f"10.1{nn:02d}.0.0/16"},
+            )
+    engine.dispose()
+    agent = await pod.start()  # ready: the rest of the policy is enforced
+    pa = await pod.join("pa")  # a member of web only
+    assert not pod.allowed(pa, 8080)  # web grants nothing while it is over the limit
+    errors = [r for r in caplog.records if getattr(r, "event", "") == "group_over_limit"]
+    assert len(errors) == 1
+    assert (
+        errors[0]
+        .getMessage()
+        .startswith(
+            "group 'web' needs 1,114,079 firewall set elements, 1,114,080 with all other groups "
+            "(limit 1,048,576 on every pod)"
+        )
+    )
+
+    def status() -> dict[str, Any]:
+        return dict(api(server, "GET", "/api/v1/pods")[0]["status"])
+
+    await until(lambda: status().get("groups_over_limit") == ["web"], 5, "the heartbeat")
+    assert status()["groups_over_limit_count"] == 1
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(f"http://{agent.s.http}/metrics")).text
+    assert "vpnfleet_firewall_groups_over_limit 1.0" in metrics
+    # Later changes still apply: a membership, then narrowing web enforces it again.
+    api(server, "POST", "/api/v1/groups/ops/members", {"user": "pa"})
+    await until(lambda: pod.allowed(pa, 22), 5, "ops' grant")
+    rules = api(server, "GET", "/api/v1/rules?group=web")
+    for rule in rules:
+        if rule["ports"] == "2-65535" and rule["destination"] != "10.100.0.0/16":
+            api(server, "DELETE", f"/api/v1/rules/{rule['id']}")
+    await until(lambda: pod.allowed(pa, 8080), 10, "web enforced again")
+    await until(lambda: "groups_over_limit" not in status(), 5, "the heartbeat to clear")
+    assert agent.metrics.groups_over_limit._value.get() == 0

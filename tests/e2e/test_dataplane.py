@@ -729,3 +729,52 @@ async def test_large_state_keeps_rule_count_per_group(lab: Lab, dp: Dataplane) -
     rules = lab.gw.run("iptables", "-S", fwnames.fwd_chain(PREFIX)).stdout.splitlines()
     assert len([r for r in rules if r.startswith("-A")]) == 6 + 5 * 200 + 2
     print("\n" + "\n".join(f"{k}: {v * 1000:.0f} ms" for k, v in timings.items()))
+
+
+async def test_an_over_limit_group_is_denied_and_the_firewall_still_becomes_ready(
+    lab: Lab, dp: Dataplane
+) -> None:
+    # The reproducer as a pod receives it from data stored before the write-time
+    # check: "web" has 17 x "tcp 2-65535" (1,114,078 elements, over the limit). The agent's
+    # own builder and sync against the real ipset: ready at once, "ops" enforced, "web"
+    # grants nothing (before: every apply failed and the pod never became ready).
+    from tests.unit.test_sessionbook import user
+    from vpnfleet.agent.firewall import FirewallSync
+    from vpnfleet.core.fleet import FleetView
+    from vpnfleet.core.fwdesired import DesiredStateBuilder
+    from vpnfleet.core.sessionbook import Client
+    from vpnfleet.wire import GroupState, RuleState, Snapshot
+
+    wide = [
+        RuleState(id=100 + n, group_id=1, destination=f"198.18.{20 + n}.0/24", proto="tcp",
+                  ports="2-65535")
+        for n in range(17)
+    ]  # fmt: skip
+    ping = RuleState(id=200, group_id=2, destination="198.18.20.0/24", proto="icmp", ports=None)
+    view = FleetView.from_snapshot(
+        Snapshot(
+            revision=5,
+            users=[user("ann", groups=["ops", "web"])],
+            groups=[GroupState(id=1, name="web"), GroupState(id=2, name="ops")],
+            rules=[*wide, ping],
+            pools=[], sessions=[], pods=[],
+        )
+    )  # fmt: skip
+    ann = Client(1, "ann", "nat", str(A), None, None, "u1", "2026-01-01T00:00:00Z",
+                 established=True)  # fmt: skip
+    builder = DesiredStateBuilder(PREFIX, (TUN,), uplink="up0")
+    sync = FirewallSync(dp, lambda: (view.revision, builder.build(view, [ann])))
+    task = asyncio.create_task(sync.run())
+    try:
+        sync.start()
+        await asyncio.wait_for(sync.wait_ready(), 30)
+        assert sync.failures == 0 and sync.applied_revision == 5
+        assert builder.over_limit == {"web": 17 * 65534}
+        assert await lab.probe("icmp", A, BE1) == "ok echo-reply"  # ops
+        assert (await lab.probe("tcp", A, BE1, 8080)).startswith("fail")  # web: denied
+        out = lab.gw.run("ipset", "list", "-t", fwnames.group_set(PREFIX, 1, "d")).stdout
+        assert "Number of entries: 0" in out
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -250,3 +250,42 @@ async def test_no_false_drift_under_a_burst_of_changes(burst: int) -> None:
             await asyncio.sleep(0)
         await settle(sync)
     assert sync.drift_repairs == 0 and sync.applied_revision == 1 + burst
+
+
+async def test_an_over_limit_group_does_not_freeze_the_firewall() -> None:
+    # The reproducer: a group stored with 17 x "tcp 2-65535" (more elements than the
+    # firewall may hold). Before: building the state raised, the sync retried forever, never
+    # became ready and applied no later change. Now that group grants nothing, the rest applies.
+    from tests.unit.test_fwdesired import OPS_ALL, _over_limit_fleet, builder
+    from vpnfleet.core.fleet import FleetView
+    from vpnfleet.core.sessionbook import BookConfig, SessionBook
+    from vpnfleet.wire import RuleState
+
+    gw = ipaddress.IPv4Network("10.201.0.0/24")
+    book = SessionBook(BookConfig(NAT, gw))
+    b = builder()
+    view: list[FleetView] = [_over_limit_fleet()]
+
+    def source() -> tuple[int, fwstate.DesiredState]:
+        return view[0].revision, b.build(view[0], book)
+
+    fw = FakeFirewall()
+    sync = FirewallSync(fw, source)
+    async with running(sync):
+        sync.start()
+        await asyncio.wait_for(sync.wait_ready(), 5)
+        assert await sync.wait_idle(5)
+        assert sync.failures == 0 and sync.applied_revision == 3
+        assert fw.kernel is not None
+        by_id = {g.group_id: g for g in fw.kernel.groups}
+        assert by_id[1].grants == () and by_id[2].grants != ()
+        # A later change (a new ops rule) is applied.
+        extra = RuleState(id=12, group_id=2, destination="10.30.0.0/24", proto="udp", ports="53")
+        assert extra != OPS_ALL
+        view[0] = _over_limit_fleet(revision=4, extra=[extra])
+        sync.poke()
+        sync.note_revision(4)
+        assert await sync.wait_idle(5)
+        assert sync.applied_revision == 4
+        by_id = {g.group_id: g for g in fw.kernel.groups}
+        assert len(by_id[2].grants) == 2 and by_id[1].grants == ()

@@ -139,3 +139,43 @@ def test_a_long_churn_of_clients_keeps_building_the_same_states() -> None:
         assert group(state, 1).members == {ipaddress.IPv4Address(c.tunnel_ip)}
         book.forget(cid)
     assert b.build(v, book).all_clients == frozenset()
+
+
+def _over_limit_fleet(revision: int = 3, extra: list[RuleState] | None = None) -> FleetView:
+    # The reproducer, stored before the control plane checked it: 17 x 65,534
+    # elements in "web"; "ops" is small.
+    wide = [
+        RuleState(
+            id=100 + nn,
+            group_id=1,
+            destination=f"10.1{nn:02d}.0.0/16",
+            proto="tcp",
+            ports="2-65535",
+        )
+        for nn in range(17)
+    ]
+    users = [user("pa", groups=["web", "ops"])]
+    return fleet(users, [*wide, OPS_ALL, *(extra or [])], revision)
+
+
+def test_a_group_over_the_firewall_limit_grants_nothing_and_the_others_still_apply() -> None:
+    v = _over_limit_fleet()
+    book = SessionBook(BookConfig(NAT, GW))
+    pa = admit(book, v, 1, name="pa")
+    b = builder()
+    state = b.build(v, book)  # does not raise
+    assert b.over_limit == {"web": 17 * 65534}
+    assert b.total_elements == 17 * 65534 + 1  # ops: one network, any protocol
+    addr = ipaddress.IPv4Address(pa.tunnel_ip)
+    assert group(state, 1).grants == () and group(state, 1).members == {addr}
+    assert not fwstate.is_allowed(state, addr, "tcp", ipaddress.IPv4Address("10.100.0.1"), 22)
+    assert fwstate.is_allowed(state, addr, "tcp", ipaddress.IPv4Address(SVC), 22)  # ops: any
+    # Narrowed (one rule fewer... still over; all ports instead: fits) -> enforced again.
+    v2 = fleet(
+        [user("pa", groups=["web", "ops"])],
+        [RuleState(id=100, group_id=1, destination="10.100.0.0/16", proto="tcp", ports=None)],
+        revision=4,
+    )
+    state2 = b.build(v2, book)
+    assert b.over_limit == {}
+    assert fwstate.is_allowed(state2, addr, "tcp", ipaddress.IPv4Address("10.100.0.1"), 22)

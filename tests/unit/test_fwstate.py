@@ -118,11 +118,11 @@ def test_a_group_may_use_the_whole_set_element_limit_and_no_more() -> None:
     limit = fwstate.MAX_SET_ELEMENTS  # 2**20 = 16 x 65534 + 32
     full = tuple(Grant(IPv4Network(f"10.{i}.0.0/16"), "tcp", 2, 65535) for i in range(16))
     assert GroupAccess(1, frozenset(), (*full, Grant(IPv4Network("10.99.0.0/16"), "udp", 1, 32)))
-    with pytest.raises(ValueError, match=f"expand to {limit + 1} set elements"):
+    with pytest.raises(ValueError, match=f"would need {limit + 1} firewall set elements"):
         GroupAccess(1, frozenset(), (*full, Grant(IPv4Network("10.99.0.0/16"), "udp", 1, 33)))
     # 0.0.0.0/0 is two set elements per port (ipset cannot hold a /0).
     world = Grant(IPv4Network("0.0.0.0/0"), "tcp", 1, 17)
-    with pytest.raises(ValueError, match=f"expand to {limit + 2} set elements"):
+    with pytest.raises(ValueError, match=f"would need {limit + 2} firewall set elements"):
         GroupAccess(1, frozenset(), (*full, world))
     with pytest.raises(ValueError, match="group id"):
         GroupAccess(fwstate.MAX_GROUP_ID + 1, frozenset(), ())

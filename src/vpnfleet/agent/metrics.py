@@ -51,6 +51,11 @@ class AgentMetrics:
             "Firewall drift found and repaired",
             registry=r,
         )
+        self.groups_over_limit = Gauge(
+            "vpnfleet_firewall_groups_over_limit",
+            "Groups granting nothing because the firewall would exceed its element limit",
+            registry=r,
+        )
         self.openvpn_restarts = Counter(
             "vpnfleet_openvpn_restarts_total", "Times openvpn stopped and was restarted", registry=r
         )

@@ -55,7 +55,7 @@ from vpnfleet.agent.settings import AgentSettings
 from vpnfleet.agent.spool import Spool
 from vpnfleet.agent.statedir import StateDir
 from vpnfleet.agent.supervisor import OpenVPNSupervisor
-from vpnfleet.core import fwstate
+from vpnfleet.core import fwlimits, fwstate
 from vpnfleet.core.fleet import Effects, FleetView
 from vpnfleet.core.fwdesired import DesiredStateBuilder
 from vpnfleet.core.mgmt_protocol import ClientEvent
@@ -66,6 +66,7 @@ from vpnfleet.wire import Heartbeat
 log = logging.getLogger("vpnfleet.agent")
 
 ADOPT_ATTEMPTS = 10  # status listings tried before a running openvpn is given up on
+MAX_REPORTED_GROUPS = 10  # over-limit group names in the heartbeat status
 
 
 class PodAgent:
@@ -94,6 +95,8 @@ class PodAgent:
         self._process = process
         self._connect = connect
         self.draining = False
+        # Groups the firewall denies for being over its element limit: name -> elements.
+        self.over_limit: dict[str, int] = {}
         self._stop = asyncio.Event()
         # Built once registration tells the pools (see _assemble).
         self.clients: ClientHandler | None = None
@@ -153,7 +156,9 @@ class PodAgent:
 
         def desired() -> tuple[int, fwstate.DesiredState]:
             view = self.follower.view
-            return view.revision, builder.build(view, clients.all())
+            state = builder.build(view, clients.all())
+            self._note_over_limit(builder.over_limit, builder.total_elements)
+            return view.revision, state
 
         self.firewall = FirewallSync(
             self.dataplane,
@@ -176,6 +181,26 @@ class PodAgent:
         )
 
     # ------------------------------------------------------------------ messages
+
+    def _note_over_limit(self, groups: dict[str, int], total: int) -> None:
+        """Report groups the firewall denies for being over its limit, once per change."""
+        if groups == self.over_limit:
+            return
+        for name in sorted(groups.keys() - self.over_limit.keys()):
+            overflow = fwlimits.Overflow(name, groups[name], total)
+            log.error(
+                "%s; it grants nothing on this pod until its rules are narrowed",
+                overflow.message().replace(" would need ", " needs "),
+                extra={"event": "group_over_limit", "group": name},
+            )
+        for name in sorted(self.over_limit.keys() - groups.keys()):
+            log.info(
+                "group %r fits the firewall again and is enforced",
+                name,
+                extra={"event": "group_over_limit_cleared", "group": name},
+            )
+        self.over_limit = dict(groups)
+        self.metrics.groups_over_limit.set(len(groups))
 
     def _clients_changed(self) -> None:
         if self.firewall is not None:
@@ -249,6 +274,10 @@ class PodAgent:
             # Sessions, denied attempts and flow records waiting.
             "spooled": sum(len(sp) for sp in self.spools().values()),
         }
+        if self.over_limit:
+            # Bounded: a handful of names is enough to act on; the count says the rest.
+            status["groups_over_limit"] = sorted(self.over_limit)[:MAX_REPORTED_GROUPS]
+            status["groups_over_limit_count"] = len(self.over_limit)
         if drained:
             status["drained"] = True
         return Heartbeat(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sqlalchemy import and_, func, or_, select
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from vpnfleet.controlplane import changelog
 from vpnfleet.controlplane.auth import Principal
+from vpnfleet.controlplane.errors import Problem
 from vpnfleet.controlplane.models import Change, Group, Membership, Pod, Rule, User
 from vpnfleet.controlplane.pki import Sealer
 from vpnfleet.controlplane.services import groups as group_service
@@ -24,7 +26,7 @@ from vpnfleet.controlplane.services import rules as rule_service
 from vpnfleet.controlplane.services import users as user_service
 from vpnfleet.controlplane.services.journal import Journal
 from vpnfleet.controlplane.state import jsonable
-from vpnfleet.core import netparse, policyfile
+from vpnfleet.core import fwlimits, netparse, policyfile
 from vpnfleet.core.policyfile import GrantSpec, GroupSpec, Policy, PolicyDiff, UserSpec
 
 
@@ -75,10 +77,42 @@ def current_policy(db: Session) -> Policy:
     return Policy(users=users, groups=groups)
 
 
-def plan(db: Session, desired: Policy, prune: bool) -> PolicyDiff:
-    """What applying `desired` would change; reads only."""
+def plan(db: Session, desired: Policy, prune: bool, filename: str = "policy.yaml") -> PolicyDiff:
+    """What applying `desired` would change; reads only. Raises Problem (422) when the
+    result would put the pods' firewall over its element limit."""
     settle(db)
-    return policyfile.diff(current_policy(db), desired, prune)
+    current = current_policy(db)
+    check_firewall_limit(current, desired, prune, filename)
+    return policyfile.diff(current, desired, prune)
+
+
+def _sizes(groups: Iterable[GroupSpec]) -> dict[str, int]:
+    return rule_service.firewall_sizes(
+        {g.name: [(r.destination, r.proto, r.ports) for r in g.grants] for g in groups}
+    )
+
+
+def check_firewall_limit(current: Policy, desired: Policy, prune: bool, filename: str) -> None:
+    """Refuse (422, naming the group) an apply whose result needs more firewall set elements
+    than :data:`fwlimits.MAX_FIREWALL_ELEMENTS` and more than the fleet holds now."""
+    now = _sizes(current.groups.values())
+    after = {} if prune else dict(now)
+    after.update(_sizes(desired.groups.values()))
+    grown = [g for g in desired.groups if after[g] > now.get(g, 0)]
+    overflow = fwlimits.check(after, grown or desired.groups, before=sum(now.values()))
+    if overflow is None:
+        return
+    issue = policyfile.Issue(
+        desired.groups[overflow.group].line if overflow.group in desired.groups else None,
+        f"groups.{overflow.group}.grants",
+        overflow.message(),
+    )
+    raise Problem(
+        422,
+        "Invalid policy",
+        f"{issue.format(filename)}; nothing was written",
+        errors=[dataclasses.asdict(issue)],
+    )
 
 
 def export(db: Session) -> str:
@@ -101,7 +135,7 @@ def apply(
     revision after it. Raises Problem (e.g. an exhausted gateway pool) with nothing kept."""
     # plan() settles first: the diff is computed against committed state, and a concurrent
     # apply waits for this one instead of creating the same objects.
-    diff = plan(db, desired, prune)
+    diff = plan(db, desired, prune, filename)
     # One audit row for the whole apply (below), not one per object; users whose groups or
     # fields change get one upsert each, with their final state, after everything else.
     journal = Journal(db, who, itemized=False)

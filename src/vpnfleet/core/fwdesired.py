@@ -5,6 +5,12 @@ view allow, nothing else; NAT-mode clients are masqueraded. Groups come from the
 time, never from a copy taken at connect time, so a membership change reaches clients that are
 already connected.
 
+A group whose grants would put the firewall over :data:`fwlimits.MAX_FIREWALL_ELEMENTS`
+(the control plane refuses such writes; older data may still hold them) is built with no
+grants at all: it grants nothing on this pod, every other group is enforced, and
+:attr:`DesiredStateBuilder.over_limit` names it for the agent to report. Denying is the safe
+direction; failing the whole state would freeze every other change instead.
+
 The builder owns its caches (it is one object per agent, not module state). They make
 successive states share unchanged objects: the firewall diff skips identical group objects, and
 comparing the same address objects is a pointer check instead of Python-level ``__eq__``, so a
@@ -16,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-from vpnfleet.core import fwnames, fwstate, grants
+from vpnfleet.core import fwlimits, fwnames, fwstate, grants
 from vpnfleet.core.fleet import FleetView
 from vpnfleet.core.sessionbook import Client
 
@@ -52,6 +58,11 @@ class DesiredStateBuilder:
         self.nflog_group = nflog_group
         self.log_denied = log_denied
         self._grants: tuple[FleetView, int, _Grants] | None = None
+        self._sizes = fwlimits.GroupSizes()
+        self.over_limit: dict[str, int] = {}
+        """Groups denied because the firewall would exceed its limit: name -> elements."""
+        self.total_elements = 0
+        """Elements all groups' rules would need (before denying any)."""
         self._addrs: dict[str, ipaddress.IPv4Address] = {}
         self._groups: dict[str, fwstate.GroupAccess] = {}
         self._check = fwstate.ClientCheck()
@@ -62,6 +73,16 @@ class DesiredStateBuilder:
         if cached is not None and cached[0] is view and cached[1] == view.revision:
             return cached[2]
         grants = grants_by_group(view)
+        stored: dict[int, list[fwlimits.StoredRule]] = {gid: [] for gid in view.groups}
+        for r in view.rules.values():
+            if r.group_id in stored:
+                stored[r.group_id].append((r.destination, r.proto, r.ports))
+        sizes = self._sizes.count({g.name: stored[g.id] for g in view.groups.values()})
+        deny = fwlimits.groups_to_deny(sizes)
+        for name in deny:
+            grants[name] = (grants[name][0], ())
+        self.over_limit = {name: sizes[name] for name in deny}
+        self.total_elements = sum(sizes.values())
         self._grants = (view, view.revision, grants)
         return grants
 

@@ -23,11 +23,11 @@ port and expands a range into one element per port, so "tcp, all ports" would be
 elements per network and "any protocol" cannot be written at all (it only accepts
 ``proto:0`` for port-less protocols, one protocol per element). Whole-protocol grants
 therefore live in plain ``hash:net`` sets behind ``-p tcp``/``-p udp``/``-p icmp`` rules, and
-port ranges up to :data:`~vpnfleet.core.fwstate.MAX_SET_ELEMENTS` elements per set are
-expanded (a grant whose range covers 1-65535 counts as all ports). Sets are sized with
-``maxelem`` from their element count. ``hash:net`` types reject ``/0``; it is stored as two
-``/1`` halves. ICMP grants carry no type filter: replies and errors of allowed flows pass as
-ESTABLISHED/RELATED anyway.
+port ranges are expanded (a grant whose range covers 1-65535 counts as all ports), up to
+:data:`~vpnfleet.core.fwlimits.MAX_FIREWALL_ELEMENTS` elements for all groups together. Sets
+are sized with ``maxelem`` from their element count. ``hash:net`` types reject ``/0``; it is
+stored as two ``/1`` halves. ICMP grants carry no type filter: replies and errors of allowed
+flows pass as ESTABLISHED/RELATED anyway.
 
 filter table, chain ``P-FWD`` (one jump from FORWARD, inserted at position 1 if missing)::
 
@@ -137,8 +137,9 @@ def ip_elements(ips: Iterable[IPv4Address]) -> frozenset[str]:
     return frozenset(map(str, ips))
 
 
-def _net_elements(net: IPv4Network) -> tuple[str, ...]:
-    # hash:net rejects /0; /32 is printed by ipset as a bare address.
+def net_elements(net: IPv4Network) -> tuple[str, ...]:
+    """A network as ``hash:net`` elements: /0 (which hash:net rejects) as two /1 halves, /32
+    as a bare address (the way ipset prints it)."""
     if net.prefixlen == 0:
         return ("0.0.0.0/1", "128.0.0.0/1")
     if net.prefixlen == 32:
@@ -148,20 +149,33 @@ def _net_elements(net: IPv4Network) -> tuple[str, ...]:
 
 def tunnel_elements(state: DesiredState) -> frozenset[str]:
     """Elements of the tunnel-network set."""
-    return frozenset(e for n in state.tunnel_networks for e in _net_elements(n))
+    return frozenset(e for n in state.tunnel_networks for e in net_elements(n))
+
+
+DestinationKind = Literal["d", "t", "u", "i", "n"]
+
+
+def destination_kind(grant: Grant) -> DestinationKind:
+    """Which of a group's destination sets holds ``grant``: ``d`` (one element per network
+    and port), or one element per network in ``t``/``u`` (tcp/udp, all ports), ``i`` (icmp)
+    or ``n`` (any protocol). :mod:`vpnfleet.core.fwlimits` counts with this too."""
+    if grant.proto == "any":
+        return "n"
+    if grant.proto == "icmp":
+        return "i"
+    if grant.all_ports:
+        return "t" if grant.proto == "tcp" else "u"
+    return "d"
 
 
 def group_destinations(grants: Iterable[Grant]) -> dict[GroupSetKind, frozenset[str]]:
     """Elements of a group's five destination sets."""
     out: dict[GroupSetKind, set[str]] = {k: set() for k in ("d", "t", "u", "i", "n")}
     for g in grants:
-        nets = _net_elements(g.network)
-        if g.proto == "any":
-            out["n"].update(nets)
-        elif g.proto == "icmp":
-            out["i"].update(nets)
-        elif g.all_ports:
-            out["t" if g.proto == "tcp" else "u"].update(nets)
+        nets = net_elements(g.network)
+        kind = destination_kind(g)
+        if kind != "d":
+            out[kind].update(nets)
         else:
             assert g.port_lo is not None and g.port_hi is not None
             ports = range(g.port_lo, g.port_hi + 1)

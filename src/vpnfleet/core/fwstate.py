@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
+from vpnfleet.core import fwlimits
 from vpnfleet.core.fwnames import MAX_GROUP_ID, GroupSetKind, group_set, validate_prefix
 from vpnfleet.core.fwrender import (
     GROUP_SET_TYPES,
@@ -42,9 +43,9 @@ from vpnfleet.core.fwrender import (
 )
 from vpnfleet.core.grants import Grant
 
-# A hash:net,port set holding more than this is refused: wide port ranges must be narrowed or
-# widened to "all ports" (which costs one element per network).
-MAX_SET_ELEMENTS = 1 << 20
+# A group needing more destination-set elements than every group together may have is refused
+# here; the limit and the count are fwlimits' (the agent denies such a group before this).
+MAX_SET_ELEMENTS = fwlimits.MAX_FIREWALL_ELEMENTS
 
 # Interface names: at most 15 bytes; "+" is iptables' wildcard.
 _IFACE_RE = re.compile(r"^[A-Za-z0-9_.@:+-]{1,15}$")
@@ -76,16 +77,15 @@ class GroupAccess:
             raise ValueError(f"group {gid}: members must be a frozenset of IPv4Address")
         if not isinstance(self.grants, tuple) or not _all_instances(self.grants, Grant):
             raise ValueError(f"group {gid}: grants must be a tuple of Grant")
-        ports = sum(
-            (2 if g.network.prefixlen == 0 else 1) * g.port_count
-            for g in self.grants
-            if g.port_lo is not None
-        )
-        if ports > MAX_SET_ELEMENTS:
-            raise ValueError(
-                f"group {gid}: port ranges expand to {ports} set elements "
-                f"(limit {MAX_SET_ELEMENTS}); narrow them or grant all ports"
-            )
+        # Cheap upper bound first (each grant's elements, without merging); exact if over.
+        bound = sum(2 * max(1, g.port_count) for g in self.grants)
+        if bound > MAX_SET_ELEMENTS:
+            need = fwlimits.group_elements(self.grants)
+            if need > MAX_SET_ELEMENTS:
+                raise ValueError(
+                    f"group {gid} would need {need} firewall set elements "
+                    f"(limit {MAX_SET_ELEMENTS}): {fwlimits.ADVICE}"
+                )
 
     @functools.cached_property
     def destinations(self) -> dict[GroupSetKind, frozenset[str]]:

@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from vpnfleet.core import netparse
+from vpnfleet.core import fwlimits, netparse
 from vpnfleet.core.netparse import Mode, PortRange, Protocol
 
 VERSION = 1
@@ -336,6 +336,17 @@ def _read_policy(r: _Reader, root: Node) -> Policy | None:
             user = _read_user(r, name, knode, vnode, defined)
             if user is not None:
                 users[name] = user
+    overflow = fwlimits.check(
+        {
+            g.name: fwlimits.rules_elements((a.destination, a.proto, a.ports) for a in g.grants)
+            for g in groups.values()
+        },
+        groups,
+    )
+    if overflow is not None:
+        # The file alone: the server checks the result of applying it against what it holds.
+        group = groups[overflow.group]
+        r.issues.append(Issue(group.line, f"groups.{group.name}.grants", overflow.message()))
     warnings = tuple(itertools.chain.from_iterable(_overlaps(g) for g in groups.values()))
     return Policy(users=users, groups=groups, warnings=warnings)
 

@@ -74,6 +74,7 @@ def list_rules(db: DB, _who: Operator, group: str | None = None) -> list[RuleOut
 @router.post("/rules", response_model=RuleOut, status_code=201)
 def create_rule(body: RuleCreate, db: DB, who: Operator) -> RuleOut:
     group = groups.get_group(db, body.group)
+    rules.check_new_rule(db, group, body.destination, body.proto, body.ports)
     journal = Journal(db, who)
     rule = rules.create_rule(
         db,

@@ -209,7 +209,7 @@ def apply_policy(
     """Make users, groups, memberships and grants match the file, in one transaction."""
     desired = _parse(body)
     if dry_run:
-        diff = service.plan(db, desired, prune)
+        diff = service.plan(db, desired, prune, body.filename)
         revision = changelog.current_revision(db)
     else:
         diff, revision = service.apply(db, who, state.sealer, desired, prune, body.filename)

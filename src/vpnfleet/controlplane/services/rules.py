@@ -5,13 +5,13 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from vpnfleet.controlplane import fleetstate
-from vpnfleet.controlplane.errors import conflict, not_found
+from vpnfleet.controlplane import changelog, fleetstate
+from vpnfleet.controlplane.errors import Problem, conflict, not_found
 from vpnfleet.controlplane.models import Group, Rule
 from vpnfleet.controlplane.schemas import RuleOut
 from vpnfleet.controlplane.services.journal import AuditView, Journal
 from vpnfleet.controlplane.state import jsonable
-from vpnfleet.core import netparse
+from vpnfleet.core import fwlimits, netparse
 
 
 def get_rule(db: Session, rule_id: int) -> Rule:
@@ -36,6 +36,60 @@ def rule_out(rule: Rule, group_name: str) -> RuleOut:
 
 def _audit_view(rule: Rule, group: Group) -> AuditView:
     return dict(jsonable(rule_out(rule, group.name).model_dump()))
+
+
+StoredRule = fwlimits.StoredRule
+
+# Counts by rules' content, so a create recounts only its own group (a cache; thread-safe
+# enough: a lost update only means a recount).
+_sizes = fwlimits.GroupSizes()
+
+
+def firewall_sizes(groups: dict[str, list[StoredRule]]) -> dict[str, int]:
+    """Each group's firewall set elements (:func:`fwlimits.group_elements`)."""
+    return _sizes.count(groups)
+
+
+def stored_rules(db: Session) -> dict[str, list[StoredRule]]:
+    """Every group's rules as (destination, proto, ports), groups without rules included."""
+    rules: dict[str, list[StoredRule]] = {name: [] for name in db.scalars(select(Group.name))}
+    query = select(Group.name, Rule.destination, Rule.proto, Rule.ports).join(Group)
+    for gname, dest, proto, ports in db.execute(query):
+        rules[gname].append((dest, proto, ports))
+    return rules
+
+
+def limit_problem(overflow: fwlimits.Overflow, field: str) -> Problem:
+    """The 422 answer for a write that would put the pods' firewall over its limit."""
+    detail = f"{overflow.message()}; nothing was written"
+    return Problem(
+        422,
+        "Firewall limit exceeded",
+        detail,
+        errors=[{"field": field, "message": overflow.message()}],
+        group=overflow.group,
+        elements=overflow.elements,
+        total_elements=overflow.total,
+        limit=overflow.limit,
+    )
+
+
+def check_new_rule(
+    db: Session, group: Group, destination: str, proto: str, ports: str | None
+) -> None:
+    """Refuse (422) a rule that would put the firewall of every pod over its element limit.
+
+    Takes the change-log lock first (PostgreSQL), so two concurrent creates cannot both fit
+    alone and overflow together."""
+    changelog.lock(db)
+    rules = stored_rules(db)
+    sizes = firewall_sizes(rules)
+    before = sum(sizes.values())
+    rules[group.name].append((destination, proto, ports))
+    sizes = firewall_sizes(rules)
+    overflow = fwlimits.check(sizes, [group.name], before=before)
+    if overflow is not None:
+        raise limit_problem(overflow, "ports" if ports else "destination")
 
 
 def create_rule(
