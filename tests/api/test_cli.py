@@ -16,11 +16,16 @@ VPNFLEET = [sys.executable, "-m", "vpnfleet.cli.main"]
 
 
 def run(
-    server: Server, *args: str, token: str | None = None, ok: bool = True
+    server: Server,
+    *args: str,
+    token: str | None = None,
+    ok: bool = True,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VPNFLEET_")}
-    env.update(VPNFLEET_URL=server.url, VPNFLEET_TOKEN=token or server.admin_token, COLUMNS="200")
-    proc = subprocess.run([*VPNFLEET, *args], capture_output=True, text=True, env=env, timeout=60)
+    full = {k: v for k, v in os.environ.items() if not k.startswith("VPNFLEET_")}
+    full.update(VPNFLEET_URL=server.url, VPNFLEET_TOKEN=token or server.admin_token, COLUMNS="200")
+    full.update(env or {})
+    proc = subprocess.run([*VPNFLEET, *args], capture_output=True, text=True, env=full, timeout=60)
     if ok:
         assert proc.returncode == 0, proc.stderr
     return proc
