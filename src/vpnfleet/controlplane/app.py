@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from vpnfleet import __version__
 from vpnfleet.controlplane import db as dbmod
-from vpnfleet.controlplane import errors
+from vpnfleet.controlplane import errors, openapi
 from vpnfleet.controlplane import metrics as cpmetrics
 from vpnfleet.controlplane.bootstrap import bootstrap
 from vpnfleet.controlplane.intake import RequestIntake
@@ -81,6 +81,7 @@ def create_app(settings: ServerSettings, state: AppState | None = None) -> FastA
     )
     app.state.vpnfleet = ready
     errors.install(app)
+    openapi.install(app)  # error responses and roles in the schema
     for module in (
         system,
         agents,

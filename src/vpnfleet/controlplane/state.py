@@ -100,6 +100,7 @@ def require(*roles: auth.Role) -> Callable[..., auth.Principal]:
             )
         return who
 
+    _dep.roles = frozenset(allowed)  # type: ignore[attr-defined]  # read by openapi.roles_of
     return _dep
 
 

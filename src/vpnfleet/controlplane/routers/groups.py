@@ -76,7 +76,7 @@ def list_rules(db: DB, _who: Operator, page: PageParams, group: str | None = Non
     if group is not None:
         groups.get_group(db, group)
         query = query.where(Group.name == group)
-    found = db.execute(page.query(RULES, query)).tuples().all()
+    found = db.execute(page.query(RULES, query)).all()
     return [
         rules.rule_out(rule, gname)
         for rule, gname in page.rows(RULES, found, lambda r: (r[1], r[0].id))

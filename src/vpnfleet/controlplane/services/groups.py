@@ -49,9 +49,7 @@ def groups_out(db: Session, rows: Sequence[Group]) -> list[GroupOut]:
                 select(Rule.group_id, func.count())
                 .where(Rule.group_id.in_(chunk))
                 .group_by(Rule.group_id)
-            )
-            .tuples()
-            .all()
+            ).all()
         )
     return [
         GroupOut(

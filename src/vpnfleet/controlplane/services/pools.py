@@ -29,9 +29,7 @@ def pools_out(db: Session, rows: Sequence[Pool]) -> list[PoolOut]:
             select(GatewayLease.pool_id, func.count())
             .where(GatewayLease.pool_id.in_([p.id for p in rows]))
             .group_by(GatewayLease.pool_id)
-        )
-        .tuples()
-        .all()
+        ).all()
     )
     return [
         PoolOut(

@@ -72,9 +72,7 @@ def users_out(db: Session, rows: Sequence[User]) -> list[UserOut]:
                 select(GatewayLease.user_id, GatewayLease.address).where(
                     GatewayLease.user_id.in_(chunk)
                 )
-            )
-            .tuples()
-            .all()
+            ).all()
         )
         # The newest unrevoked client certificate of each (ascending ids: the last one wins).
         for cert in db.scalars(
