@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from tests.conftest import Server
 
@@ -64,6 +65,8 @@ def test_newcomer_flow(server: Server, tmp_path: Path) -> None:
     text = profile.read_text()
     cert_pem = text.split("<cert>\n", 1)[1].split("</cert>", 1)[0]
     old_serial = x509.load_pem_x509_certificate(cert_pem.encode()).serial_number
+    fingerprint = x509.load_pem_x509_certificate(cert_pem.encode()).fingerprint(hashes.SHA256())
+    assert listed[0]["certificate"]["fingerprint_sha256"] == fingerprint.hex()
 
     run(server, "user", "reissue", "alice")
     crl = x509.load_pem_x509_crl(run(server, "pki", "crl").stdout.encode())

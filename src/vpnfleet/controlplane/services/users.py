@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import ssl
 from collections.abc import Iterable, Mapping, Sequence
 
 from sqlalchemy import select
@@ -40,8 +42,13 @@ def cert_out(cert: Certificate | None) -> CertOut | None:
         created_at=cert.created_at,
         revoked_at=cert.revoked_at,
         revocation_reason=cert.revocation_reason,
-        fingerprint_sha256=pki.cert_info(cert.cert_pem).fingerprint_sha256,
+        fingerprint_sha256=_fingerprint(cert.cert_pem),
     )
+
+
+def _fingerprint(cert_pem: str) -> str:
+    """SHA-256 of the certificate's DER: the PEM decoded, not parsed (a list shows thousands)."""
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert_pem)).hexdigest()
 
 
 def user_out(db: Session, user: User) -> UserOut:
