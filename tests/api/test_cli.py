@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from tests.conftest import Server
 
@@ -16,11 +17,16 @@ VPNFLEET = [sys.executable, "-m", "vpnfleet.cli.main"]
 
 
 def run(
-    server: Server, *args: str, token: str | None = None, ok: bool = True
+    server: Server,
+    *args: str,
+    token: str | None = None,
+    ok: bool = True,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VPNFLEET_")}
-    env.update(VPNFLEET_URL=server.url, VPNFLEET_TOKEN=token or server.admin_token, COLUMNS="200")
-    proc = subprocess.run([*VPNFLEET, *args], capture_output=True, text=True, env=env, timeout=60)
+    full = {k: v for k, v in os.environ.items() if not k.startswith("VPNFLEET_")}
+    full.update(VPNFLEET_URL=server.url, VPNFLEET_TOKEN=token or server.admin_token, COLUMNS="200")
+    full.update(env or {})
+    proc = subprocess.run([*VPNFLEET, *args], capture_output=True, text=True, env=full, timeout=60)
     if ok:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -59,6 +65,8 @@ def test_newcomer_flow(server: Server, tmp_path: Path) -> None:
     text = profile.read_text()
     cert_pem = text.split("<cert>\n", 1)[1].split("</cert>", 1)[0]
     old_serial = x509.load_pem_x509_certificate(cert_pem.encode()).serial_number
+    fingerprint = x509.load_pem_x509_certificate(cert_pem.encode()).fingerprint(hashes.SHA256())
+    assert listed[0]["certificate"]["fingerprint_sha256"] == fingerprint.hex()
 
     run(server, "user", "reissue", "alice")
     crl = x509.load_pem_x509_crl(run(server, "pki", "crl").stdout.encode())

@@ -73,7 +73,7 @@ def user_add(
 @user_app.command("list")
 def user_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List users."""
-    show(api(ctx).get("/api/v1/users"), as_json, USER_COLS)
+    show(api(ctx).get_all("/api/v1/users"), as_json, USER_COLS)
 
 
 @user_app.command("show")
@@ -233,7 +233,7 @@ def group_add(
 @group_app.command("list")
 def group_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List groups."""
-    show(api(ctx).get("/api/v1/groups"), as_json, ["name", "members", "rules", "description"])
+    show(api(ctx).get_all("/api/v1/groups"), as_json, ["name", "members", "rules", "description"])
 
 
 @group_app.command("show")
@@ -303,7 +303,7 @@ def rule_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List access rules."""
-    rows = api(ctx).get("/api/v1/rules", group=group)
+    rows = api(ctx).get_all("/api/v1/rules", group=group)
     show(rows, as_json, ["id", "group", "destination", "proto", "ports", "description"])
 
 
@@ -322,7 +322,7 @@ pool_app = typer.Typer(help="Address pools.", no_args_is_help=True)
 @pool_app.command("list")
 def pool_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List address pools."""
-    show(api(ctx).get("/api/v1/pools"), as_json, ["name", "kind", "cidr", "capacity", "leases"])
+    show(api(ctx).get_all("/api/v1/pools"), as_json, ["name", "kind", "cidr", "capacity", "leases"])
 
 
 @pool_app.command("set")
@@ -363,7 +363,7 @@ def token_create(
 def token_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List tokens (never their secrets)."""
     cols = ["name", "role", "prefix", "created_by", "created_at", "last_used_at", "revoked_at"]
-    show(api(ctx).get("/api/v1/tokens"), as_json, cols)
+    show(api(ctx).get_all("/api/v1/tokens"), as_json, cols)
 
 
 @token_app.command("revoke")
@@ -415,17 +415,17 @@ def audit_admin(
     action: Annotated[str | None, typer.Option(help="Action prefix, e.g. user.")] = None,
     since: Annotated[str | None, typer.Option(help="ISO 8601 time with zone.")] = None,
     until: Annotated[str | None, typer.Option(help="ISO 8601 time with zone.")] = None,
-    limit: Annotated[int, typer.Option()] = 100,
+    limit: Annotated[int, typer.Option(min=1, help="Print at most this many rows.")] = 100,
     as_json: JsonOpt = False,
 ) -> None:
     """Who changed what, when."""
-    rows = api(ctx).get(
+    rows = api(ctx).get_all(
         "/api/v1/audit/admin",
+        total=limit,
         actor=actor,
         action=action,
         since=_time(since, "--since"),
         until=_time(until, "--until"),
-        limit=limit,
     )
     show(rows, as_json, ["at", "actor", "role", "action", "target", "revision"])
 
@@ -436,16 +436,16 @@ def audit_denied(
     user: Annotated[str | None, typer.Option()] = None,
     since: Annotated[str | None, typer.Option(help="ISO 8601 time with zone.")] = None,
     until: Annotated[str | None, typer.Option(help="ISO 8601 time with zone.")] = None,
-    limit: Annotated[int, typer.Option()] = 100,
+    limit: Annotated[int, typer.Option(min=1, help="Print at most this many rows.")] = 100,
     as_json: JsonOpt = False,
 ) -> None:
     """Traffic from VPN users that no grant allowed."""
-    rows = api(ctx).get(
+    rows = api(ctx).get_all(
         "/api/v1/audit/denied",
+        total=limit,
         user=user,
         since=_time(since, "--since"),
         until=_time(until, "--until"),
-        limit=limit,
     )
     show(rows, as_json, ["first_at", "user", "pod", "src", "dst", "proto", "dport", "count"])
 
@@ -462,7 +462,7 @@ def session_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List sessions, newest first."""
-    rows = api(ctx).get("/api/v1/sessions", user=user, pod=pod, active=True if active else None)
+    rows = api(ctx).get_all("/api/v1/sessions", user=user, pod=pod, active=True if active else None)
     cols = ["id", "user", "pod", "mode", "tunnel_ip", "real_ip", "started_at", "ended_at"]
     show(rows, as_json, cols)
 
@@ -483,7 +483,7 @@ pod_app = typer.Typer(help="Registered pods.", no_args_is_help=True)
 def pod_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List pods with readiness, heartbeat and applied revision."""
     cols = ["name", "ready", "pod_ip", "public_endpoint", "applied_revision", "last_heartbeat"]
-    show(api(ctx).get("/api/v1/pods"), as_json, cols)
+    show(api(ctx).get_all("/api/v1/pods"), as_json, cols)
 
 
 @pod_app.command("revoke")

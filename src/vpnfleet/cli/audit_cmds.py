@@ -145,18 +145,18 @@ def audit_flows(
     since: TimeOpt = None,
     until: TimeOpt = None,
     dst: Annotated[str | None, typer.Option(help="Destination IP or CIDR.")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 100,
+    limit: Annotated[int, typer.Option(min=1, help="Print at most this many rows.")] = 100,
     as_json: JsonOpt = False,
 ) -> None:
     """NAT flows that started in a time range, newest first."""
-    rows = api(ctx).get(
+    rows = api(ctx).get_all(
         "/api/v1/audit/flows",
+        total=limit,
         user=user,
         pod=pod,
         since=_time(since, "--since"),
         until=_time(until, "--until"),
         dst=dst,
-        limit=limit,
     )
     if as_json:
         emit_json(rows)
@@ -173,16 +173,16 @@ def audit_sessions(
     user: Annotated[str | None, typer.Option()] = None,
     since: TimeOpt = None,
     until: TimeOpt = None,
-    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 100,
+    limit: Annotated[int, typer.Option(min=1, help="Print at most this many rows.")] = 100,
     as_json: JsonOpt = False,
 ) -> None:
     """VPN sessions alive in a time range, newest first."""
-    rows = api(ctx).get(
+    rows = api(ctx).get_all(
         "/api/v1/sessions",
+        total=limit,
         user=user,
         since=_time(since, "--since"),
         until=_time(until, "--until"),
-        limit=limit,
     )
     cols = ["id", "user", "pod", "real_ip", "tunnel_ip", "started_at", "ended_at", "end_reason"]
     show(rows, as_json, cols)

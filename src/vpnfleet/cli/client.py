@@ -118,7 +118,14 @@ class APIClient:
             raise CLIError(str(exc), 2) from None
         try:
             with httpx.Client(base_url=self.url, timeout=self.timeout, verify=verify) as http:
-                resp = http.request(method, path, json=json, params=clean, headers=self._headers())
+                resp = http.request(
+                    # no params at all, not {}: that would drop the query of a next-page link
+                    method,
+                    path,
+                    json=json,
+                    params=clean or None,
+                    headers=self._headers(),
+                )
         except httpx.HTTPError as exc:
             tls_problem = tlspin.describe_failure(self.url, exc, self.ca_file)
             if tls_problem:
@@ -152,6 +159,43 @@ class APIClient:
 
     def text(self, path: str) -> str:
         return self.request("GET", path).text
+
+    def get_all(self, path: str, *, total: int | None = None, **params: Any) -> list[Any]:
+        """Every row of a paginated list (or its first `total`), following each page's
+        `Link: <...>; rel="next"`. Pages hold `VPNFLEET_PAGE_SIZE` rows (default: the server's)."""
+        size = _page_size()
+        if total is not None:
+            size = min(size or MAX_PAGE, total, MAX_PAGE)
+        rows: list[Any] = []
+        resp = self.request("GET", path, params={**params, "limit": size})
+        while True:
+            page = resp.json()
+            if not isinstance(page, list):
+                raise CLIError(f"the control plane answered {path} with something not a list")
+            rows += page
+            following = resp.links.get("next", {}).get("url")
+            if not following or (total is not None and len(rows) >= total):
+                return rows[:total]
+            # Only ever a path on the same server: the token goes nowhere else.
+            if not following.startswith("/") or following.startswith("//"):
+                raise CLIError(f"the control plane's next page is not on it: {following!r}")
+            resp = self.request("GET", following)
+
+
+MAX_PAGE = 10_000  # the control plane's largest page
+
+
+def _page_size() -> int | None:
+    text = os.environ.get("VPNFLEET_PAGE_SIZE")
+    if not text:
+        return None
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if not 1 <= size <= MAX_PAGE:
+        raise CLIError(f"VPNFLEET_PAGE_SIZE must be a number from 1 to {MAX_PAGE}, not {text!r}")
+    return size
 
 
 def _problem_text(resp: httpx.Response) -> str:

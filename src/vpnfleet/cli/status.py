@@ -184,7 +184,7 @@ def status(
     """The fleet on one screen: pods, totals and which alert conditions hold now."""
     client = api(ctx)
     revision = int(client.get("/api/v1/revision")["revision"])
-    pods = client.get("/api/v1/pods")
+    pods = client.get_all("/api/v1/pods")
     pki = client.get("/api/v1/pki")
     report = assess(revision, pods, pki, dt.datetime.now(dt.UTC), show_all)
     if as_json:

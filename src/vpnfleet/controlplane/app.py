@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from vpnfleet import __version__, tokenbinding
 from vpnfleet.controlplane import db as dbmod
-from vpnfleet.controlplane import errors, servertls
+from vpnfleet.controlplane import errors, openapi, servertls
 from vpnfleet.controlplane import metrics as cpmetrics
 from vpnfleet.controlplane.bootstrap import TOKEN_FILE, bootstrap
 from vpnfleet.controlplane.intake import RequestIntake
@@ -100,6 +100,7 @@ def create_app(settings: ServerSettings, state: AppState | None = None) -> FastA
     )
     app.state.vpnfleet = ready
     errors.install(app)
+    openapi.install(app)  # error responses and roles in the schema
     for module in (
         system,
         agents,

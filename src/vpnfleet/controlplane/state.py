@@ -105,6 +105,7 @@ def require(*roles: auth.Role) -> Callable[..., auth.Principal]:
             )
         return who
 
+    _dep.roles = frozenset(allowed)  # type: ignore[attr-defined]  # read by openapi.roles_of
     return _dep
 
 
@@ -122,6 +123,9 @@ def _pod_caller(
             "(agents enroll with the enrollment token and then use their own)",
         )
     return who
+
+
+_pod_caller.roles = frozenset({"pod"})  # type: ignore[attr-defined]  # read by openapi.roles_of
 
 
 Admin = Annotated[auth.Principal, Depends(require("admin"))]

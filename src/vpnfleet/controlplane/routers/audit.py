@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import datetime as dt
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from sqlalchemy import select
 
 from vpnfleet.controlplane.errors import bad_request
 from vpnfleet.controlplane.models import AdminAudit, DeniedAttempt, VpnSession
+from vpnfleet.controlplane.pagination import LINK_HEADER, Keyset, PageParams
 from vpnfleet.controlplane.schemas import AdminAuditOut, SessionOut
 from vpnfleet.controlplane.state import DB, Auditor
 
 router = APIRouter(prefix="/api/v1", tags=["audit"])
 
-MAX_LIMIT = 10_000
+# Newest first; the id breaks ties between rows of the same time.
+ADMIN_LOG = Keyset("audit-admin", (AdminAudit.id,), ("int",), descending=True)
+SESSIONS = Keyset(
+    "sessions", (VpnSession.started_at, VpnSession.id), ("time", "int"), descending=True
+)
+DENIED = Keyset(
+    "audit-denied", (DeniedAttempt.first_at, DeniedAttempt.id), ("time", "int"), descending=True
+)
 
 
 def _aware(value: dt.datetime | None, name: str) -> dt.datetime | None:
@@ -47,17 +55,18 @@ def session_out(s: VpnSession) -> SessionOut:
     )
 
 
-@router.get("/audit/admin", response_model=list[AdminAuditOut])
+@router.get("/audit/admin", response_model=list[AdminAuditOut], responses=LINK_HEADER)
 def admin_log(
     db: DB,
     _who: Auditor,
+    page: PageParams,
     actor: str | None = None,
     action: str | None = None,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
-    limit: int = Query(default=100, ge=1, le=MAX_LIMIT),
 ) -> list[AdminAuditOut]:
-    query = select(AdminAudit).order_by(AdminAudit.id.desc()).limit(limit)
+    """The admin log, newest first, a page at a time."""
+    query = select(AdminAudit)
     if actor:
         query = query.where(AdminAudit.actor == actor)
     if action:
@@ -78,22 +87,27 @@ def admin_log(
             after=r.after,
             revision=r.revision,
         )
-        for r in db.scalars(query)
+        for r in page.rows(ADMIN_LOG, db.scalars(page.query(ADMIN_LOG, query)).all(), _by_id)
     ]
 
 
-@router.get("/sessions", response_model=list[SessionOut])
+def _by_id(row: AdminAudit) -> tuple[int]:
+    return (row.id,)
+
+
+@router.get("/sessions", response_model=list[SessionOut], responses=LINK_HEADER)
 def list_sessions(
     db: DB,
     _who: Auditor,
+    page: PageParams,
     user: str | None = None,
     pod: str | None = None,
     active: bool | None = None,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
-    limit: int = Query(default=500, ge=1, le=MAX_LIMIT),
 ) -> list[SessionOut]:
-    query = select(VpnSession).order_by(VpnSession.started_at.desc()).limit(limit)
+    """Sessions, newest first, a page at a time."""
+    query = select(VpnSession)
     if user:
         query = query.where(VpnSession.user_name == user)
     if pod:
@@ -106,20 +120,21 @@ def list_sessions(
         query = query.where((VpnSession.ended_at.is_(None)) | (VpnSession.ended_at >= since))
     if (until := _aware(until, "until")) is not None:
         query = query.where(VpnSession.started_at <= until)
-    return [session_out(s) for s in db.scalars(query)]
+    found = db.scalars(page.query(SESSIONS, query)).all()
+    return [session_out(s) for s in page.rows(SESSIONS, found, lambda s: (s.started_at, s.id))]
 
 
-@router.get("/audit/denied")
+@router.get("/audit/denied", responses=LINK_HEADER)
 def denied_attempts(
     db: DB,
     _who: Auditor,
+    page: PageParams,
     user: str | None = None,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
-    limit: int = Query(default=500, ge=1, le=MAX_LIMIT),
 ) -> list[dict[str, object]]:
-    """Traffic that no grant allowed, newest first."""
-    query = select(DeniedAttempt).order_by(DeniedAttempt.first_at.desc()).limit(limit)
+    """Traffic that no grant allowed, newest first, a page at a time."""
+    query = select(DeniedAttempt)
     if user:
         query = query.where(DeniedAttempt.user_name == user)
     if (since := _aware(since, "since")) is not None:
@@ -140,5 +155,7 @@ def denied_attempts(
             "count": r.count,
             "overflow": r.overflow,
         }
-        for r in db.scalars(query)
+        for r in page.rows(
+            DENIED, db.scalars(page.query(DENIED, query)).all(), lambda r: (r.first_at, r.id)
+        )
     ]

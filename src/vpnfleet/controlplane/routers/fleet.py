@@ -6,6 +6,7 @@ from fastapi import APIRouter, Response
 from sqlalchemy import select
 
 from vpnfleet.controlplane.models import Pod
+from vpnfleet.controlplane.pagination import LINK_HEADER, Keyset, PageParams
 from vpnfleet.controlplane.schemas import PodOut
 from vpnfleet.controlplane.services import pods, sessions, users
 from vpnfleet.controlplane.services.journal import Journal
@@ -29,9 +30,14 @@ def pod_out(p: Pod) -> PodOut:
     )
 
 
-@router.get("/pods", response_model=list[PodOut])
-def list_pods(db: DB, _who: Operator) -> list[PodOut]:
-    return [pod_out(p) for p in db.scalars(select(Pod).order_by(Pod.name))]
+PODS = Keyset("pods", (Pod.name,), ("str",))
+
+
+@router.get("/pods", response_model=list[PodOut], responses=LINK_HEADER)
+def list_pods(db: DB, _who: Operator, page: PageParams) -> list[PodOut]:
+    """Pods by name, a page at a time."""
+    found = db.scalars(page.query(PODS, select(Pod))).all()
+    return [pod_out(p) for p in page.rows(PODS, found, lambda p: (p.name,))]
 
 
 @router.post("/pods/{name}/revoke")

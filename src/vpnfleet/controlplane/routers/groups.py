@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Response
 from sqlalchemy import select
 
 from vpnfleet.controlplane.models import Group, Rule
+from vpnfleet.controlplane.pagination import LINK_HEADER, Keyset, PageParams
 from vpnfleet.controlplane.schemas import GroupCreate, GroupOut, MemberIn, RuleCreate, RuleOut
 from vpnfleet.controlplane.services import groups, rules, users
 from vpnfleet.controlplane.services.journal import Journal
@@ -18,9 +19,15 @@ from vpnfleet.wire import MAX_INT64
 router = APIRouter(prefix="/api/v1", tags=["groups"])
 
 
-@router.get("/groups", response_model=list[GroupOut])
-def list_groups(db: DB, _who: Operator) -> list[GroupOut]:
-    return [groups.group_out(db, g) for g in db.scalars(select(Group).order_by(Group.name))]
+GROUPS = Keyset("groups", (Group.name,), ("str",))
+RULES = Keyset("rules", (Group.name, Rule.id), ("str", "int"))
+
+
+@router.get("/groups", response_model=list[GroupOut], responses=LINK_HEADER)
+def list_groups(db: DB, _who: Operator, page: PageParams) -> list[GroupOut]:
+    """Groups by name, a page at a time."""
+    found = db.scalars(page.query(GROUPS, select(Group))).all()
+    return groups.groups_out(db, page.rows(GROUPS, found, lambda g: (g.name,)))
 
 
 @router.post("/groups", response_model=GroupOut, status_code=201)
@@ -62,13 +69,18 @@ def remove_member(name: str, user_name: str, db: DB, who: Operator) -> GroupOut:
     return groups.group_out(db, group)
 
 
-@router.get("/rules", response_model=list[RuleOut])
-def list_rules(db: DB, _who: Operator, group: str | None = None) -> list[RuleOut]:
-    query = select(Rule, Group.name).join(Group).order_by(Group.name, Rule.id)
+@router.get("/rules", response_model=list[RuleOut], responses=LINK_HEADER)
+def list_rules(db: DB, _who: Operator, page: PageParams, group: str | None = None) -> list[RuleOut]:
+    """Rules by group name, then id, a page at a time."""
+    query = select(Rule, Group.name).join(Group)
     if group is not None:
         groups.get_group(db, group)
         query = query.where(Group.name == group)
-    return [rules.rule_out(rule, gname) for rule, gname in db.execute(query).all()]
+    found = db.execute(page.query(RULES, query)).all()
+    return [
+        rules.rule_out(rule, gname)
+        for rule, gname in page.rows(RULES, found, lambda r: (r[1], r[0].id))
+    ]
 
 
 @router.post("/rules", response_model=RuleOut, status_code=201)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import datetime as dt
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from vpnfleet.controlplane import retention
 from vpnfleet.controlplane.errors import Problem, bad_request
 from vpnfleet.controlplane.models import Flow
+from vpnfleet.controlplane.pagination import LINK_HEADER, Keyset, PageParams
 from vpnfleet.controlplane.reverse_lookup import (
     FLOW_COLUMNS,
     AttributionOut,
@@ -31,7 +32,7 @@ router = APIRouter(prefix="/api/v1", tags=["audit"], lifespan=retention.lifespan
 
 MAX_QUERIES = 10_000
 BATCH_TRANSACTION = 500  # lookups per read transaction of a batch (~0.3 s)
-MAX_LIMIT = 10_000
+FLOWS = Keyset("audit-flows", (Flow.start_at, Flow.id), ("time", "int"), descending=True)
 
 
 def _time(text: str, name: str) -> dt.datetime:
@@ -129,19 +130,20 @@ def attribution_batch(body: AttributionBatchIn, _who: Auditor, state: State) -> 
     return AttributionBatchOut(results=results)
 
 
-@router.get("/audit/flows", response_model=list[FlowOut])
+@router.get("/audit/flows", response_model=list[FlowOut], responses=LINK_HEADER)
 def list_flows(
     db: DB,
     _who: Auditor,
+    page: PageParams,
     user: str | None = None,
     pod: str | None = None,
     since: str | None = None,
     until: str | None = None,
     dst: str | None = None,
-    limit: int = Query(default=500, ge=1, le=MAX_LIMIT),
 ) -> list[FlowOut]:
-    """Flows that started between `since` and `until`, newest first; `dst` is an IP or CIDR."""
-    query = select(*FLOW_COLUMNS).order_by(Flow.start_at.desc()).limit(limit)
+    """Flows that started between `since` and `until`, newest first, a page at a time; `dst` is
+    an IP or CIDR."""
+    query = select(*FLOW_COLUMNS)
     if user:
         query = query.where(Flow.user_name == user)
     if pod:
@@ -157,4 +159,5 @@ def list_flows(
             raise bad_request(f"dst: {exc}") from None
         first, last = int(net.network_address), int(net.broadcast_address)
         query = query.where(Flow.dst_num >= first, Flow.dst_num <= last)
-    return [flow_out(row) for row in db.execute(query)]
+    found = db.execute(page.query(FLOWS, query)).all()
+    return [flow_out(row) for row in page.rows(FLOWS, found, lambda r: (r.start_at, r.id))]

@@ -9,6 +9,7 @@ from sqlalchemy import select
 
 from vpnfleet.controlplane.errors import bad_request
 from vpnfleet.controlplane.models import Pool
+from vpnfleet.controlplane.pagination import LINK_HEADER, Keyset, PageParams
 from vpnfleet.controlplane.schemas import PoolOut, PoolSet
 from vpnfleet.controlplane.services import pools
 from vpnfleet.controlplane.services.journal import Journal
@@ -18,9 +19,14 @@ from vpnfleet.core import netparse
 router = APIRouter(prefix="/api/v1/pools", tags=["pools"])
 
 
-@router.get("", response_model=list[PoolOut])
-def list_pools(db: DB, _who: Operator) -> list[PoolOut]:
-    return [pools.pool_out(db, p) for p in db.scalars(select(Pool).order_by(Pool.kind, Pool.name))]
+POOLS = Keyset("pools", (Pool.kind, Pool.name), ("str", "str"))
+
+
+@router.get("", response_model=list[PoolOut], responses=LINK_HEADER)
+def list_pools(db: DB, _who: Operator, page: PageParams) -> list[PoolOut]:
+    """Pools by kind, then name, a page at a time."""
+    found = db.scalars(page.query(POOLS, select(Pool))).all()
+    return pools.pools_out(db, page.rows(POOLS, found, lambda p: (p.kind, p.name)))
 
 
 @router.put("/{name}", response_model=PoolOut)

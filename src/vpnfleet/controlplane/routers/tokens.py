@@ -8,6 +8,7 @@ from sqlalchemy import select
 from vpnfleet.controlplane import auth, changelog
 from vpnfleet.controlplane.errors import conflict, not_found
 from vpnfleet.controlplane.models import AdminToken, utcnow
+from vpnfleet.controlplane.pagination import LINK_HEADER, Keyset, PageParams
 from vpnfleet.controlplane.schemas import TokenCreate, TokenCreated, TokenOut
 from vpnfleet.controlplane.state import DB, Admin
 
@@ -27,9 +28,14 @@ def token_out(row: AdminToken) -> TokenOut:
     )
 
 
-@router.get("", response_model=list[TokenOut])
-def list_tokens(db: DB, _who: Admin) -> list[TokenOut]:
-    return [token_out(t) for t in db.scalars(select(AdminToken).order_by(AdminToken.id))]
+TOKENS = Keyset("tokens", (AdminToken.id,), ("int",))
+
+
+@router.get("", response_model=list[TokenOut], responses=LINK_HEADER)
+def list_tokens(db: DB, _who: Admin, page: PageParams) -> list[TokenOut]:
+    """Tokens in creation order, a page at a time."""
+    found = db.scalars(page.query(TOKENS, select(AdminToken))).all()
+    return [token_out(t) for t in page.rows(TOKENS, found, lambda t: (t.id,))]
 
 
 @router.post("", response_model=TokenCreated, status_code=201)

@@ -7,6 +7,7 @@ from sqlalchemy import select
 
 from vpnfleet.controlplane.errors import Problem
 from vpnfleet.controlplane.models import User
+from vpnfleet.controlplane.pagination import LINK_HEADER, Keyset, PageParams
 from vpnfleet.controlplane.schemas import ReissueIn, UserCreate, UserOut, UserUpdate
 from vpnfleet.controlplane.services import users
 from vpnfleet.controlplane.services.journal import Journal
@@ -16,9 +17,14 @@ from vpnfleet.core import netparse
 router = APIRouter(prefix="/api/v1/users", tags=["users"])
 
 
-@router.get("", response_model=list[UserOut])
-def list_users(db: DB, _who: Operator) -> list[UserOut]:
-    return [users.user_out(db, u) for u in db.scalars(select(User).order_by(User.name))]
+USERS = Keyset("users", (User.name,), ("str",))
+
+
+@router.get("", response_model=list[UserOut], responses=LINK_HEADER)
+def list_users(db: DB, _who: Operator, page: PageParams) -> list[UserOut]:
+    """Users by name, a page at a time."""
+    rows = page.rows(USERS, db.scalars(page.query(USERS, select(User))).all(), lambda u: (u.name,))
+    return users.users_out(db, rows)
 
 
 @router.post("", response_model=UserOut, status_code=201)

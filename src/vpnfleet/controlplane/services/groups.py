@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -22,21 +24,44 @@ def get_group(db: Session, name: str) -> Group:
 
 def group_out(db: Session, group: Group) -> GroupOut:
     """The group as the admin API shows it (and the audit log records it)."""
-    members = db.scalars(
-        select(User.name)
-        .join(Membership)
-        .where(Membership.group_id == group.id)
-        .order_by(User.name)
-    ).all()
-    rules = db.scalar(select(func.count()).select_from(Rule).where(Rule.group_id == group.id))
-    return GroupOut(
-        id=group.id,
-        name=group.name,
-        description=group.description,
-        members=list(members),
-        rules=int(rules or 0),
-        created_at=group.created_at,
-    )
+    return groups_out(db, [group])[0]
+
+
+ID_CHUNK = 1_000  # ids per IN list (SQLite binds each as a parameter)
+
+
+def groups_out(db: Session, rows: Sequence[Group]) -> list[GroupOut]:
+    """Many groups as the API shows them, in two queries per 1,000 groups (not two each)."""
+    members: dict[int, list[str]] = {g.id: [] for g in rows}
+    rules: dict[int, int] = {}
+    ids = list(members)
+    for first in range(0, len(ids), ID_CHUNK):
+        chunk = ids[first : first + ID_CHUNK]
+        for group_id, user in db.execute(
+            select(Membership.group_id, User.name)
+            .join(User)
+            .where(Membership.group_id.in_(chunk))
+            .order_by(User.name)
+        ):
+            members[group_id].append(user)
+        rules.update(
+            db.execute(
+                select(Rule.group_id, func.count())
+                .where(Rule.group_id.in_(chunk))
+                .group_by(Rule.group_id)
+            ).all()
+        )
+    return [
+        GroupOut(
+            id=group.id,
+            name=group.name,
+            description=group.description,
+            members=members[group.id],
+            rules=rules.get(group.id, 0),
+            created_at=group.created_at,
+        )
+        for group in rows
+    ]
 
 
 def _audit_view(db: Session, group: Group) -> AuditView:

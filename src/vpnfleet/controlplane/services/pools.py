@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -18,18 +19,30 @@ from vpnfleet.core import ipam
 
 def pool_out(db: Session, pool: Pool) -> PoolOut:
     """The pool as the admin API shows it (and the audit log records it)."""
-    leases = db.scalar(
-        select(func.count()).select_from(GatewayLease).where(GatewayLease.pool_id == pool.id)
+    return pools_out(db, [pool])[0]
+
+
+def pools_out(db: Session, rows: Sequence[Pool]) -> list[PoolOut]:
+    """Many pools as the API shows them, with one query counting every pool's leases."""
+    leases = dict(
+        db.execute(
+            select(GatewayLease.pool_id, func.count())
+            .where(GatewayLease.pool_id.in_([p.id for p in rows]))
+            .group_by(GatewayLease.pool_id)
+        ).all()
     )
-    return PoolOut(
-        id=pool.id,
-        name=pool.name,
-        kind=pool.kind,
-        cidr=pool.cidr,
-        capacity=ipam.capacity(ipaddress.IPv4Network(pool.cidr)),
-        leases=int(leases or 0),
-        updated_at=pool.updated_at,
-    )
+    return [
+        PoolOut(
+            id=pool.id,
+            name=pool.name,
+            kind=pool.kind,
+            cidr=pool.cidr,
+            capacity=ipam.capacity(ipaddress.IPv4Network(pool.cidr)),
+            leases=leases.get(pool.id, 0),
+            updated_at=pool.updated_at,
+        )
+        for pool in rows
+    ]
 
 
 def _audit_view(db: Session, pool: Pool) -> AuditView:
