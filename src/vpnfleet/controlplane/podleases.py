@@ -22,12 +22,12 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from vpnfleet.controlplane.auth import Principal
-from vpnfleet.controlplane.models import Pod, VpnSession, utcnow
+from vpnfleet.controlplane.models import Pod, utcnow
 from vpnfleet.controlplane.services import pods, sessions
 from vpnfleet.controlplane.services.journal import Journal
 
@@ -55,16 +55,7 @@ def sweep(factory: sessionmaker[Session], lease: dt.timedelta) -> dict[str, int]
                 continue  # another replica got there first, or it just came back
             locked.lease_expired_at = now
             locked.ready = False
-            live = db.scalar(
-                select(func.count())
-                .select_from(VpnSession)
-                .where(VpnSession.pod_name == locked.name, VpnSession.ended_at.is_(None))
-            )
-            closed = (
-                pods.close_pod_sessions(db, journal, locked.name, sessions.LEASE_EXPIRED)
-                if live
-                else 0
-            )
+            closed = pods.close_pod_sessions(db, journal, locked.name, sessions.LEASE_EXPIRED)
             journal.audit(
                 "pod.lease_expired",
                 locked.name,

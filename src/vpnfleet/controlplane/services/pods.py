@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -255,13 +255,7 @@ def forget_pod(db: Session, journal: Journal, name: str, lease: dt.timedelta) ->
             f"pod {name!r} is alive: revoke it first ('vpnfleet pod revoke {name}') or wait "
             "for its lease to expire"
         )
-    live = db.scalar(
-        select(func.count())
-        .select_from(VpnSession)
-        .where(VpnSession.pod_name == name, VpnSession.ended_at.is_(None))
-    )
-    if live:
-        close_pod_sessions(db, journal, name, "pod forgotten by an administrator")
+    close_pod_sessions(db, journal, name, "pod forgotten by an administrator")
     _revoke_credentials(db, name)
     revoked = certs.revoke_pod_certs(db, pod.id, "pod forgotten")
     if revoked:

@@ -72,7 +72,11 @@ def _wrong_address(db: Session, pod: Pod, user: User, body: SessionOpen) -> str 
 
 
 def _drop_unheard(
-    db: Session, journal: Journal, rows: Sequence[VpnSession], lease: dt.timedelta
+    db: Session,
+    journal: Journal,
+    rows: Sequence[VpnSession],
+    lease: dt.timedelta,
+    reason: str = LEASE_EXPIRED,
 ) -> list[VpnSession]:
     """Close the sessions whose pod lost its lease (gone without a word); return the rest.
 
@@ -89,7 +93,7 @@ def _drop_unheard(
     dead |= names - {p for p in db.scalars(select(Pod.name).where(Pod.name.in_(names)))}
     for name in sorted(dead):
         pods.close_pod_sessions(
-            db, journal, name, LEASE_EXPIRED, [r.uid for r in rows if r.pod_name == name]
+            db, journal, name, reason, [r.uid for r in rows if r.pod_name == name]
         )
     return [r for r in rows if r.pod_name not in dead]
 
@@ -239,10 +243,7 @@ def kill_user_sessions(
     close them.
     """
     live = _live(db, user)
-    _drop_unheard(db, journal, live, lease)
-    for row in live:
-        if row.ended_at is not None and row.end_reason == LEASE_EXPIRED:
-            row.end_reason = reason
+    _drop_unheard(db, journal, live, lease, reason)
     _mark_killed(journal, [r for r in live if r.ended_at is None], reason)
     db.flush()
     journal.audit("session.kill", user.name, None, {"sessions": [s.uid for s in live]})
