@@ -184,10 +184,12 @@ def agent(
 ) -> None:
     """Run the pod agent: supervise OpenVPN, enforce the firewall, report sessions and flows."""
     import asyncio
+    import os
 
     from vpnfleet import logsetup
     from vpnfleet.agent.pod import PodAgent
     from vpnfleet.agent.settings import AgentSettings
+    from vpnfleet.agent.statedir import StateDir
 
     try:
         settings = AgentSettings.from_env(
@@ -209,8 +211,12 @@ def agent(
             denied_audit=denied_audit,
         )
         logsetup.setup(settings.log_format)
+        # Refuse early, in one sentence, a state directory this user cannot make private.
+        StateDir(settings.state_dir).create()
     except (ValueError, OSError) as exc:
         raise CLIError(str(exc), 2) from None
+    # Whatever the agent and openvpn create (pid, logs, spools) is for this user alone.
+    os.umask(0o077)
     asyncio.run(PodAgent(settings).run())
 
 
