@@ -534,7 +534,7 @@ def test_a_locked_database_reads_as_down_without_hanging_the_scrape(tmp_path: Pa
         database_url=f"sqlite:///{db_path}",
         listen="127.0.0.1:9",
         public_endpoints=["vpn.example.test:1194"],
-        secret="test-secret",
+        secret="test-seal-secret-Qx9LmPz4Rk8Vw2b7",
     )
     app = create_app(settings)
     app.state.metrics.db_timeout = 0.5

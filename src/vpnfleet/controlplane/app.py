@@ -39,6 +39,7 @@ log = logging.getLogger("vpnfleet.server")
 
 def prepare(settings: ServerSettings) -> AppState:
     """Open the database, apply migrations and bootstrap: everything before serving."""
+    settings.validate()  # also when built without from_env: weak secrets never get this far
     settings.ensure_data_dir()
     engine = dbmod.make_engine(settings.resolved_database_url)
     dbmod.upgrade(engine)
