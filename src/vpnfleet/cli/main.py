@@ -131,7 +131,22 @@ def agent(
         str | None, typer.Option(help="HOST:PORT clients use (env VPNFLEET_PUBLIC_ENDPOINT).")
     ] = None,
     http: Annotated[
-        str | None, typer.Option(help="Probes and metrics HOST:PORT (default 0.0.0.0:9176).")
+        str | None,
+        typer.Option(help="Probes and fleet metrics HOST:PORT, no user names (0.0.0.0:9176)."),
+    ] = None,
+    user_metrics_listen: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT of the metrics with per-user series, or off (default "
+            "127.0.0.1:9177; env VPNFLEET_USER_METRICS_LISTEN).",
+        ),
+    ] = None,
+    user_metrics_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File with the bearer token the per-user metrics require (env "
+            "VPNFLEET_USER_METRICS_TOKEN_FILE).",
+        ),
     ] = None,
     state_dir: Annotated[
         Path | None, typer.Option(help="Working directory (env VPNFLEET_STATE_DIR).")
@@ -198,6 +213,8 @@ def agent(
             name=name,
             public_endpoint=public_endpoint,
             http=http,
+            user_metrics_listen=user_metrics_listen,
+            user_metrics_token_file=user_metrics_token_file,
             state_dir=state_dir,
             uplink=uplink,
             pod_ip=pod_ip,
