@@ -116,3 +116,57 @@ def test_prepare_refuses_a_weak_bootstrap_token_however_settings_were_made(
     with pytest.raises(ValueError, match="VPNFLEET_BOOTSTRAP_TOKEN"):
         prepare(ServerSettings(data_dir=tmp_path / "d", secret=SECRET, bootstrap_token="x"))
     assert not (tmp_path / "d").exists()
+
+
+def vpnfleet(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("VPNFLEET_")}
+    return subprocess.run(
+        [sys.executable, "-m", "vpnfleet.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env={**base, **env},
+        timeout=60,
+    )
+
+
+def test_a_weak_seal_secret_can_be_replaced_by_resealing(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A database sealed with a weak secret (from before the check) is re-sealed with a strong
+    one, after which the server starts and every key opens; the weak one opens nothing."""
+    from vpnfleet.controlplane import certs, db
+    from vpnfleet.controlplane.bootstrap import bootstrap
+    from vpnfleet.controlplane.pki import PKIError, Sealer
+
+    weak = "changeme"
+    engine = db.make_engine(database_url)
+    db.upgrade(engine)
+    with db.transaction(db.session_factory(engine)) as session:
+        bootstrap(session, Sealer(weak), tmp_path, None)
+        certs.issue(session, Sealer(weak), "server", "pod1")
+    engine.dispose()
+    old_file = tmp_path / "old-secret"
+    old_file.write_text(weak + "\n")
+    strong = secrets.token_urlsafe(32)
+
+    wrong = tmp_path / "wrong-secret"
+    wrong.write_text("not-it\n")
+    out = vpnfleet("db", "reseal", "--old-secret-file", str(wrong),
+                   "--database-url", database_url, VPNFLEET_SECRET=strong)  # fmt: skip
+    assert out.returncode == 1 and "nothing changed" in out.stderr, out.stderr
+
+    out = vpnfleet("db", "reseal", "--old-secret-file", str(old_file),
+                   "--database-url", database_url, VPNFLEET_SECRET=strong)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "re-sealed 3 private keys" in out.stdout
+    assert weak not in out.stdout + out.stderr and strong not in out.stdout + out.stderr
+
+    state = prepare(ServerSettings(data_dir=tmp_path, database_url=database_url, secret=strong))
+    try:
+        with db.transaction(state.factory) as session:
+            assert "PRIVATE KEY" in certs.load_ca(session, state.sealer).key_pem
+            assert "OpenVPN Static key" in certs.tls_crypt_key(session, state.sealer)
+            with pytest.raises(PKIError):
+                certs.load_ca(session, Sealer(weak))
+    finally:
+        state.engine.dispose()

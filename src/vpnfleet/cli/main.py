@@ -301,6 +301,43 @@ def db_upgrade(
         raise CLIError(f"migration failed: {_describe(exc)}") from None
 
 
+@db_app.command("reseal")
+def db_reseal(
+    old_secret_file: Annotated[
+        Path,
+        typer.Option(help="File holding the secret the keys are sealed with now (any strength)."),
+    ],
+    data_dir: Annotated[Path | None, typer.Option()] = None,
+    database_url: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Re-seal every stored private key with the current secret (VPNFLEET_SECRET or the data
+    dir's secret.key), e.g. to replace a weak secret the server now refuses. Stop the servers
+    first; one transaction: on any error nothing is changed."""
+    from vpnfleet.controlplane import certs, db
+    from vpnfleet.controlplane.pki import PKIError, Sealer
+    from vpnfleet.controlplane.settings import ServerSettings
+
+    try:
+        settings = ServerSettings.from_env(data_dir=data_dir, database_url=database_url)
+        old = Sealer(old_secret_file.read_text().strip())
+        new = Sealer(settings.resolved_secret())
+    except (ValueError, OSError) as exc:
+        raise CLIError(str(exc), 2) from None
+    engine = db.make_engine(settings.resolved_database_url)
+    try:
+        with db.transaction(db.session_factory(engine)) as session:
+            count = certs.reseal(session, old, new)
+    except PKIError:
+        raise CLIError(
+            f"nothing changed: the stored keys do not open with the secret in {old_secret_file}"
+        ) from None
+    except Exception as exc:
+        raise CLIError(f"re-sealing failed, nothing changed: {_describe(exc)}") from None
+    finally:
+        engine.dispose()
+    typer.echo(f"re-sealed {count} private keys with the current secret")
+
+
 app.add_typer(db_app, name="db")
 app.add_typer(admin.user_app, name="user")
 app.add_typer(admin.group_app, name="group")

@@ -168,3 +168,20 @@ def crl_pem(db: Session, sealer: pki.Sealer, now: dt.datetime | None = None) -> 
     state.crl_next_update = next_update
     db.flush()
     return pem
+
+
+def reseal(db: Session, old: pki.Sealer, new: pki.Sealer) -> int:
+    """Seal every stored private key (CA, tls-crypt, certificates) with ``new`` instead of
+    ``old``; the number of keys. Raises PKIError, with nothing changed once the caller rolls
+    back, when a key does not open with ``old``."""
+    count = 0
+    state = db.get(PKIState, 1)
+    if state is not None:
+        state.ca_key_sealed = new.seal(old.unseal(state.ca_key_sealed))
+        state.tls_crypt_sealed = new.seal(old.unseal(state.tls_crypt_sealed))
+        count += 2
+    for cert in db.scalars(select(Certificate)):
+        cert.key_sealed = new.seal(old.unseal(cert.key_sealed))
+        count += 1
+    db.flush()
+    return count
