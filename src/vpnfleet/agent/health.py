@@ -110,7 +110,15 @@ async def serve_http(agent: PodAgent) -> None:
                 "who reaches it (NetworkPolicy) or set VPNFLEET_USER_METRICS_TOKEN_FILE",
                 s.user_metrics_listen,
             )
-        servers.append(
-            _serve(build_user_metrics_app(agent, s.user_metrics_token), s.user_metrics_listen)
-        )
+        app = build_user_metrics_app(agent, s.user_metrics_token)
+        servers.append(_serve_optional(app, s.user_metrics_listen, "per-user metrics"))
     await asyncio.gather(*servers)
+
+
+async def _serve_optional(app: Starlette, listen: str, what: str) -> None:
+    """Serve ``app``; if it cannot (port taken), log it and carry on: metrics must never
+    keep the VPN from running."""
+    try:
+        await _serve(app, listen)
+    except (SystemExit, OSError) as exc:  # uvicorn exits when it cannot bind
+        log.error("cannot serve %s on %s (%r); the agent runs without them", what, listen, exc)
