@@ -498,6 +498,21 @@ def test_the_user_listener_defaults_to_loopback_and_can_be_switched_off(
     assert AgentSettings.from_env(**base).user_metrics_listen == "off"
 
 
+def test_with_the_user_listener_off_no_per_user_series_are_built(tmp_path: Path) -> None:
+    from vpnfleet.agent.pod import PodAgent
+
+    def settings(listen: str) -> AgentSettings:
+        return AgentSettings(
+            server="http://127.0.0.1:9", token="t", name="p", state_dir=tmp_path,
+            user_metrics_listen=listen,
+        )  # fmt: skip
+
+    on = PodAgent(settings("127.0.0.1:9177")).metrics.collector
+    off = PodAgent(settings("off")).metrics.collector
+    assert on is not None and off is not None
+    assert (on.config.per_client, off.config.per_client) == (True, False)
+
+
 def test_user_metrics_settings_refuse_a_weak_token_and_a_shared_port(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
