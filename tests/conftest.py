@@ -115,7 +115,7 @@ def server(database_url: str, tmp_path: Path) -> Iterator[Server]:
         database_url=database_url,
         listen=f"127.0.0.1:{port}",
         public_endpoints=["vpn.example.test:1194", "vpn2.example.test:1195"],
-        secret="test-secret",
+        secret="test-seal-secret-Qx9LmPz4Rk8Vw2b7",
         heartbeat_interval=1.0,
     )
     app = create_app(settings)

@@ -56,6 +56,7 @@ class Pod:
             name="pod1",
             state_dir=self.state,
             http=f"127.0.0.1:{free_port()}",
+            user_metrics_listen=f"127.0.0.1:{free_port()}",
             heartbeat_interval=0.2,
             reconcile_interval=0.5,
             flow_audit=False,

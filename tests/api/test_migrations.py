@@ -10,7 +10,7 @@ from sqlalchemy import inspect, text
 from vpnfleet.controlplane import db
 from vpnfleet.controlplane.models import Base
 
-HEAD = "0003"
+HEAD = "0004"
 
 
 def test_migrations_from_empty_match_models(database_url: str) -> None:
@@ -60,5 +60,32 @@ def test_0002_keeps_sessions_and_adds_kill_state(database_url: str) -> None:
         assert db.current_revision(engine) == "0001"
         columns = {c["name"] for c in inspect(engine).get_columns("sessions")}
         assert "uid" in columns and not {"kill_reason", "kill_requested_at"} & columns
+    finally:
+        engine.dispose()
+
+
+def test_0004_keeps_the_pki_and_adds_an_empty_crl_cache(database_url: str) -> None:
+    """The CA survives the upgrade; the stored CRL starts empty (the first request signs it);
+    a downgrade drops only the CRL columns."""
+    engine = db.make_engine(database_url)
+    try:
+        db.upgrade(engine, "0003")
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO pki_state (id, ca_cert_pem, ca_key_sealed, tls_crypt_sealed,"
+                    " created_at) VALUES (1, 'CA', 'sealed', 'sealed', '2026-01-31 12:00:00')"
+                )
+            )
+        db.upgrade(engine)
+        with engine.connect() as conn:
+            row = conn.execute(
+                text("SELECT ca_cert_pem, crl_pem, crl_revoked_digest, crl_next_update"
+                     " FROM pki_state")
+            ).one()  # fmt: skip
+            assert tuple(row) == ("CA", None, None, None)
+        command.downgrade(db.alembic_config(engine), "0003")
+        columns = {c["name"] for c in inspect(engine).get_columns("pki_state")}
+        assert "ca_cert_pem" in columns and not {"crl_pem", "crl_next_update"} & columns
     finally:
         engine.dispose()

@@ -368,7 +368,7 @@ def kept_30_days(database_url: str, tmp_path: Path) -> Iterator[Server]:
         data_dir=tmp_path / "data",
         database_url=database_url,
         listen=f"127.0.0.1:{port}",
-        secret="test-secret",
+        secret="test-seal-secret-Qx9LmPz4Rk8Vw2b7",
         audit_retention_days=30,
     )
     srv = uvicorn.Server(

@@ -26,7 +26,9 @@ PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 def app_schema(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, Any]]:
     data = tmp_path_factory.mktemp("openapi")
     settings = ServerSettings(
-        data_dir=data, database_url=f"sqlite:///{data / 'db.sqlite'}", secret="test-secret"
+        data_dir=data,
+        database_url=f"sqlite:///{data / 'db.sqlite'}",
+        secret="test-seal-secret-Qx9LmPz4Rk8Vw2b7",
     )
     app = create_app(settings)
     return app, app.openapi()

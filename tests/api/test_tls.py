@@ -58,7 +58,7 @@ def tls_server(tmp_path: Path) -> Iterator[TLSServer]:
     settings = ServerSettings(
         data_dir=tmp_path / "data",
         listen=f"127.0.0.1:{port}",
-        secret="test-secret",
+        secret="test-seal-secret-Qx9LmPz4Rk8Vw2b7",
         tls_self_signed=[SVC],
     )
     settings.validate()
@@ -294,7 +294,7 @@ def test_a_pod_certificate_does_not_pass_for_the_control_plane(
 
     engine = db.make_engine(f"sqlite:///{tls_server.data_dir / 'vpnfleet.db'}")
     with db.session_factory(engine)() as session:
-        fleet_ca = certs.load_ca(session, Sealer("test-secret"))
+        fleet_ca = certs.load_ca(session, Sealer("test-seal-secret-Qx9LmPz4Rk8Vw2b7"))
     engine.dispose()
     fleet_ca_file = tmp_path / "fleet-ca.pem"
     fleet_ca_file.write_text(fleet_ca.cert_pem)

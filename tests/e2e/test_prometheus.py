@@ -53,13 +53,19 @@ async def until(check: Callable[[], Awaitable[T]], seconds: float, what: str) ->
 
 def prometheus_config(info: LabInfo, directory: Path) -> Path:
     plan = info.plan
-    agents = [f"{ip}:{runner.AGENT_HTTP_PORT}" for ip in plan.pod_ips]
+    # The agents' per-user listener (with its bearer token) serves every series; the probes
+    # port (AGENT_HTTP_PORT) serves the same minus user names, checked separately below.
+    agents = [f"{ip}:{runner.AGENT_USER_METRICS_PORT}" for ip in plan.pod_ips]
     shutil.copy(ROOT / "deploy" / "prometheus" / "alerts.yml", directory / "alerts.yml")
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
         "rule_files": [str(directory / "alerts.yml")],
         "scrape_configs": [
-            {"job_name": "vpnfleet-agent", "static_configs": [{"targets": agents}]},
+            {
+                "job_name": "vpnfleet-agent",
+                "authorization": {"credentials_file": str(runner.metrics_token_path(info))},
+                "static_configs": [{"targets": agents}],
+            },
             {
                 "job_name": "vpnfleet-controlplane",
                 "static_configs": [{"targets": [f"{plan.cp_ip}:{runner.CP_PORT}"]}],
@@ -92,6 +98,21 @@ class Prom:
 
     async def by(self, q: str, label: str) -> dict[str, float]:
         return {r["metric"].get(label, ""): float(r["value"][1]) for r in await self.query(q)}
+
+
+async def pod_network_metrics(info: LabInfo, port: int, token: str | None = None) -> str:
+    """GET an agent's /metrics from another namespace of the pod network (the control plane's),
+    as any workload there could; the status code and the body."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    code = (
+        "import sys,urllib.request,urllib.error\n"
+        f"req=urllib.request.Request('http://{info.plan.pod_ips[0]}:{port}/metrics',"
+        f"headers={headers!r})\n"
+        "try:\n r=urllib.request.urlopen(req,timeout=5);print(r.status);print(r.read().decode())\n"
+        "except urllib.error.HTTPError as e:\n print(e.code)\n"
+    )
+    res = await topology.run_in(info.plan.ns("cp"), sys.executable, "-c", code, timeout=20)
+    return res.stdout
 
 
 async def fetch(info: LabInfo, user: str) -> None:
@@ -190,6 +211,14 @@ async def test_prometheus_sees_clients_come_and_go(tmp_path: Path) -> None:
         assert (await prom.scalar("sum(vpnfleet_flow_records_total)") or 0) >= 2
         assert await prom.scalar("sum(vpnfleet_flow_event_overruns_total)") == 0
         assert await prom.scalar('sum(vpnfleet_spool_dropped_total{spool="flows"})') == 0
+
+        # The pod network sees no user names on the probes port, and the per-user port
+        # answers only with the token.
+        public = await pod_network_metrics(info, runner.AGENT_HTTP_PORT)
+        assert public.startswith("200") and "openvpn_connections" in public
+        assert "common_name" not in public and "alice" not in public and "bob" not in public
+        refused = await pod_network_metrics(info, runner.AGENT_USER_METRICS_PORT)
+        assert refused.strip() == "401"
 
         seen_in = await prom.scalar('openvpn_bytes_received{common_name="bob"}')
         seen_out = await prom.scalar('openvpn_bytes_sent{common_name="bob"}')

@@ -8,6 +8,7 @@ parser, as a scraper would.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
@@ -419,6 +420,114 @@ def test_the_default_cap_is_a_thousand_users(agent: Agent) -> None:
     assert names(scrape(metrics_for(agent)), "openvpn_bytes_received") == []
 
 
+# ------------------------------------------------------------------ who may see user names
+
+METRICS_TOKEN = "metrics-token-Qx9LmPz4Rk8Vw2b7Tn5H"
+
+
+def parsed(text: str) -> Samples:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_user_names_are_served_only_on_the_user_listener_with_its_token(
+    agent: Agent, tmp_path: Path
+) -> None:
+    from vpnfleet.agent.health import serve_http
+
+    connect(agent, 1, "alice", "10.200.0.2", 1000, 5000)
+    http_port, user_port = free_port(), free_port()
+    agent.s = AgentSettings(
+        server="http://127.0.0.1:9",
+        token="t",
+        name="pod-a",
+        state_dir=tmp_path,
+        http=f"127.0.0.1:{http_port}",
+        user_metrics_listen=f"127.0.0.1:{user_port}",
+        user_metrics_token=METRICS_TOKEN,
+    )
+    agent.metrics = AgentMetrics("pod-a", agent)  # type: ignore[attr-defined]
+    task = asyncio.create_task(serve_http(agent))  # type: ignore[arg-type]
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            public_url = f"http://127.0.0.1:{http_port}/metrics"
+            user_url = f"http://127.0.0.1:{user_port}/metrics"
+            for _ in range(100):
+                with contextlib.suppress(httpx.TransportError):
+                    await http.get(public_url)
+                    await http.get(user_url)
+                    break
+                await asyncio.sleep(0.05)
+            public = await http.get(public_url)
+            assert public.status_code == 200
+            assert "alice" not in public.text and "common_name" not in public.text
+            assert "openvpn_bytes_received" not in public.text  # not even its HELP line
+            fleet = parsed(public.text)
+            assert value(fleet, "openvpn_connections", server="pod-a") == 1
+            assert value(fleet, "vpnfleet_clients_received_bytes") == 1000
+
+            assert (await http.get(user_url)).status_code == 401
+            wrong = await http.get(user_url, headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401 and "alice" not in wrong.text
+            full = await http.get(user_url, headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+            assert full.status_code == 200
+            users = parsed(full.text)
+            alice = {"server": "pod-a", "common_name": "alice"}
+            assert value(users, "openvpn_bytes_received", **alice) == 1000
+            assert value(users, "openvpn_connections", server="pod-a") == 1
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def test_the_user_listener_defaults_to_loopback_and_can_be_switched_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for var in ("VPNFLEET_USER_METRICS_LISTEN", "VPNFLEET_USER_METRICS_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("VPNFLEET_USER_METRICS_TOKEN_FILE", raising=False)
+    base = {"server": "http://cp:8000", "token": "t", "name": "p1"}
+    s = AgentSettings.from_env(**base)
+    assert (s.http, s.user_metrics_listen, s.user_metrics_token) == (
+        "0.0.0.0:9176", "127.0.0.1:9177", None)  # fmt: skip
+    monkeypatch.setenv("VPNFLEET_USER_METRICS_LISTEN", "off")
+    assert AgentSettings.from_env(**base).user_metrics_listen == "off"
+
+
+def test_with_the_user_listener_off_no_per_user_series_are_built(tmp_path: Path) -> None:
+    from vpnfleet.agent.pod import PodAgent
+
+    def settings(listen: str) -> AgentSettings:
+        return AgentSettings(
+            server="http://127.0.0.1:9", token="t", name="p", state_dir=tmp_path,
+            user_metrics_listen=listen,
+        )  # fmt: skip
+
+    on = PodAgent(settings("127.0.0.1:9177")).metrics.collector
+    off = PodAgent(settings("off")).metrics.collector
+    assert on is not None and off is not None
+    assert (on.config.per_client, off.config.per_client) == (True, False)
+
+
+def test_user_metrics_settings_refuse_a_weak_token_and_a_shared_port(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    base = {"server": "http://cp:8000", "token": "t", "name": "p1"}
+    token_file = tmp_path / "metrics-token"
+    token_file.write_text("secret\n")
+    with pytest.raises(ValueError, match=r"VPNFLEET_USER_METRICS_TOKEN\(_FILE\) is too weak"):
+        AgentSettings.from_env(**base, user_metrics_token_file=token_file)
+    token_file.write_text(METRICS_TOKEN + "\n")
+    s = AgentSettings.from_env(**base, user_metrics_token_file=token_file)
+    assert s.user_metrics_token == METRICS_TOKEN
+    with pytest.raises(ValueError, match="port of its own"):
+        AgentSettings.from_env(**base, user_metrics_listen="127.0.0.1:9176")
+
+
 # ------------------------------------------------------------------ control plane /metrics
 
 
@@ -537,7 +646,7 @@ def test_a_locked_database_reads_as_down_without_hanging_the_scrape(tmp_path: Pa
         database_url=f"sqlite:///{db_path}",
         listen="127.0.0.1:9",
         public_endpoints=["vpn.example.test:1194"],
-        secret="test-secret",
+        secret="test-seal-secret-Qx9LmPz4Rk8Vw2b7",
     )
     app = create_app(settings)
     app.state.metrics.db_timeout = 0.5

@@ -20,6 +20,11 @@ per-user series are left out and only per-pod totals remain) or switched off
 exporter's ``real_address``/``virtual_address``/``connection_time`` labels would create a new
 series per connection and are answered by the audit API instead.
 
+Who may see user names: the per-user series (``PER_USER_FAMILIES``, the ones with a
+``common_name`` label) are served only on the agent's user-metrics listener (127.0.0.1:9177 by
+default, optionally behind a bearer token); the probes listener every pod exposes on the pod
+network serves :class:`WithoutUsers`, the same registry with those series left out.
+
 One user with two sessions on the same pod (laptop and phone) yields one series per user:
 bytes are summed over the sessions, ``openvpn_connected_since`` is the oldest session's start.
 patrickjahns/openvpn_exporter emits two samples with the same labels there, and Prometheus
@@ -49,6 +54,10 @@ log = logging.getLogger("vpnfleet.agent.metrics")
 
 DEFAULT_MAX_CLIENTS = 1000
 MODES = ("nat", "gateway")
+USER_LABEL = "common_name"
+PER_USER_FAMILIES = frozenset(
+    {"openvpn_bytes_received", "openvpn_bytes_sent", "openvpn_connected_since"}
+)
 
 
 # ------------------------------------------------------------------ what the collector reads
@@ -550,3 +559,26 @@ class AgentCollector(Collector):
         ):
             if value is not None:
                 extra[name].add_metric([], value)
+
+
+class WithoutUsers(Collector):
+    """A registry's series with every per-user one left out: what the pod network may read.
+
+    Whole families in ``PER_USER_FAMILIES`` go (not even their HELP lines remain), and any
+    other sample that carries a ``common_name`` label is dropped too, so a per-user series
+    added later cannot leak by being forgotten here.
+    """
+
+    def __init__(self, registry: Collector) -> None:
+        self._registry = registry
+
+    def describe(self) -> list[Metric]:
+        return []  # the wrapped registry has checked the names already
+
+    def collect(self) -> Iterator[Metric]:
+        for fam in self._registry.collect():
+            if fam.name in PER_USER_FAMILIES:
+                continue
+            if any(USER_LABEL in sample.labels for sample in fam.samples):
+                fam.samples = [s for s in fam.samples if USER_LABEL not in s.labels]
+            yield fam

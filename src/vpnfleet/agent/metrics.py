@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from vpnfleet.agent.exporter import AgentCollector
+from vpnfleet.agent.exporter import AgentCollector, WithoutUsers
 
 if TYPE_CHECKING:
     from vpnfleet.agent.exporter import AgentState
@@ -17,6 +17,8 @@ class AgentMetrics:
 
     With `agent`, the scrape-time series of agent/exporter.py (openvpn_* per pod and per user,
     policy lag, ipsets, spool, certificate expiry) are served from the same registry.
+    ``registry`` holds everything (the user-metrics listener serves it); ``fleet_registry``
+    is the same without per-user series (the probes listener on the pod network serves it).
     """
 
     def __init__(self, pod: str, agent: AgentState | None = None) -> None:
@@ -78,3 +80,5 @@ class AgentMetrics:
         if agent is not None:
             self.collector = AgentCollector(agent)
             r.register(self.collector)
+        self.fleet_registry = CollectorRegistry(auto_describe=False)
+        self.fleet_registry.register(WithoutUsers(r))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -89,6 +90,10 @@ class PodAgent:
         self.paths = StateDir(settings.state_dir)
         self.cp = cp or ControlPlane(settings.server, settings.token, ca_file=settings.ca_file)
         self.metrics = AgentMetrics(settings.name, self)
+        collector = self.metrics.collector
+        if settings.user_metrics_listen == "off" and collector is not None:
+            # No listener serves per-user series: do not build them for every scrape.
+            collector.config = dataclasses.replace(collector.config, per_client=False)
         self.registration = Registration(settings, self.cp, self.paths)
         self.follower = ViewFollower(self.cp, self.paths.view, self._view_changed)
         self.dataplane: FirewallRunner = firewall or Dataplane(settings.fw_prefix)

@@ -129,11 +129,11 @@ class Registration:
 
     def _write(self, boot: Bootstrap) -> None:
         p = self.paths
-        write_private(p.ca, boot.ca_pem, 0o644)
-        write_private(p.cert, boot.cert_pem, 0o644)
+        write_private(p.ca, boot.ca_pem)
+        write_private(p.cert, boot.cert_pem)
         write_private(p.key, boot.key_pem)
         write_private(p.tls_crypt, boot.tls_crypt_key)
-        write_private(p.crl, boot.crl_pem, 0o644)
+        write_private(p.crl, boot.crl_pem)
         # Kept so the agent can restart while the control plane is away.
         write_private(p.bootstrap, boot.model_dump_json())
 
@@ -155,7 +155,7 @@ class Registration:
             proto="udp",
             management_hold=True,
         )
-        write_private(p.conf, conf, 0o644)
+        write_private(p.conf, conf)
 
     async def refresh_crl(self) -> None:
         """Download the CRL (a revocation was announced, or the copy is getting old)."""
@@ -164,7 +164,7 @@ class Registration:
         except ControlPlaneError as exc:
             log.warning("could not refresh the CRL: %s", exc)
             return
-        write_private(self.paths.crl, crl, 0o644)
+        write_private(self.paths.crl, crl)
         self._crl_at = time.monotonic()
         log.info("CRL updated")
 

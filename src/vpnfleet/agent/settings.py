@@ -9,6 +9,11 @@ from pathlib import Path
 
 from vpnfleet import tlspin
 from vpnfleet.core import netparse
+from vpnfleet.core.secretstrength import require_strong
+
+# Per-user metric series name the connected users: served on their own listener, on loopback
+# unless the operator says otherwise (docs/observability.md, "Who may see user names").
+DEFAULT_USER_METRICS_LISTEN = "127.0.0.1:9177"
 
 
 @dataclass
@@ -18,6 +23,8 @@ class AgentSettings:
     name: str
     public_endpoint: str | None = None
     http: str = "0.0.0.0:9176"
+    user_metrics_listen: str = DEFAULT_USER_METRICS_LISTEN  # "off": no per-user series at all
+    user_metrics_token: str | None = None
     state_dir: Path = Path("/var/lib/vpnfleet-agent")
     uplink: str | None = None
     template: str = "default"
@@ -66,6 +73,7 @@ class AgentSettings:
             ("name", "VPNFLEET_POD_NAME"),
             ("public_endpoint", "VPNFLEET_PUBLIC_ENDPOINT"),
             ("http", "VPNFLEET_HTTP"),
+            ("user_metrics_listen", "VPNFLEET_USER_METRICS_LISTEN"),
             ("uplink", "VPNFLEET_UPLINK"),
             ("template", "VPNFLEET_TEMPLATE"),
             ("pod_ip", "VPNFLEET_POD_IP"),
@@ -115,6 +123,11 @@ class AgentSettings:
                     values[key] = float(env[var])
                 except ValueError:
                     raise ValueError(f"{var} must be a number of seconds") from None
+        metrics_token_file = pick("user_metrics_token_file", "VPNFLEET_USER_METRICS_TOKEN_FILE")
+        if metrics_token_file is not None:
+            values["user_metrics_token"] = Path(str(metrics_token_file)).read_text().strip()
+        elif env.get("VPNFLEET_USER_METRICS_TOKEN"):
+            values["user_metrics_token"] = env["VPNFLEET_USER_METRICS_TOKEN"]
         if values.get("token") is None and env.get("VPNFLEET_AGENT_TOKEN_FILE"):
             values["token"] = Path(env["VPNFLEET_AGENT_TOKEN_FILE"]).read_text().strip()
         for required, hint in (
@@ -131,6 +144,14 @@ class AgentSettings:
     def validate(self) -> None:
         netparse.validate_name(self.name, "pod name")
         netparse.parse_listen(self.http)
+        if self.user_metrics_listen != "off":
+            _, port = netparse.parse_listen(self.user_metrics_listen)
+            if port == netparse.parse_listen(self.http)[1]:
+                raise ValueError(
+                    f"the user metrics listener needs a port of its own ({port} is --http's)"
+                )
+        if self.user_metrics_token is not None:
+            require_strong(self.user_metrics_token, "VPNFLEET_USER_METRICS_TOKEN(_FILE)")
         if not self.server.startswith(("http://", "https://")):
             raise ValueError(f"server {self.server!r} must be an http:// or https:// URL")
         if self.ca_file is not None:

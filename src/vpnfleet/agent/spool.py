@@ -31,6 +31,8 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
+from vpnfleet.privatefiles import private_opener, tighten
+
 log = logging.getLogger("vpnfleet.agent.spool")
 
 
@@ -59,15 +61,25 @@ class Spool:
         self._r: IO[bytes] = open(self.path, "rb")  # noqa: SIM115 - lives with the spool
 
     def _writer(self) -> IO[str]:
-        return open(self.path, "a", encoding="utf-8", newline="\n", buffering=1 << 16)
+        return open(
+            self.path,
+            "a",
+            encoding="utf-8",
+            newline="\n",
+            buffering=1 << 16,
+            opener=private_opener,
+        )
 
     # -- start
 
     def _load(self) -> None:
         # A compaction interrupted by a crash: its copy is incomplete, the original is intact.
         self.path.with_suffix(".compact").unlink(missing_ok=True)
+        # Records name users and their addresses: readable by the agent only.
         if not self.path.exists():
-            self.path.write_bytes(b"")
+            os.close(private_opener(self.path, os.O_WRONLY | os.O_CREAT))
+        tighten(self.path)
+        tighten(self.offset_path)
         size = self.path.stat().st_size
         try:
             head = int(self.offset_path.read_text().strip() or 0)
@@ -193,7 +205,8 @@ class Spool:
 
     def _write_offset(self) -> None:
         tmp = self.offset_path.with_suffix(".tmp")
-        tmp.write_text(str(self._head))
+        with open(tmp, "w", opener=private_opener) as fh:
+            fh.write(str(self._head))
         os.replace(tmp, self.offset_path)
 
     def _truncate(self) -> None:
@@ -207,7 +220,7 @@ class Spool:
         """Rewrite the file without its delivered head (crash-safe: write, fsync, rename)."""
         self._w.flush()
         tmp = self.path.with_suffix(".compact")
-        with open(self.path, "rb") as src, open(tmp, "wb") as dst:
+        with open(self.path, "rb") as src, open(tmp, "wb", opener=private_opener) as dst:
             src.seek(self._head)
             while chunk := src.read(1 << 20):
                 dst.write(chunk)

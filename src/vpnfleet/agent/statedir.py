@@ -1,25 +1,23 @@
 """The agent's state directory: what lives there, and how files are written into it.
 
 One pod's working files (OpenVPN's keys and config, the management socket, the cached
-bootstrap and fleet view, the client journal, the spools) live in one directory, created
-0700 and readable by the agent only. Files are written to a temporary name and renamed, so a
-crash never leaves a half-written key or config behind.
+bootstrap and fleet view, the client journal, the spools) live in one directory, owned by the
+agent's user and mode 0700, every file in it 0600. That is enforced at every start, also when
+the directory already exists (a Kubernetes emptyDir is created 0777) or holds files an older
+agent wrote with looser modes. OpenVPN creates its management socket 0777 whatever the umask
+(it clears the umask around ``bind``), so the directory is what keeps other users of the pod
+away from it; the supervisor also makes the socket 0600 as soon as it appears. Files are written
+to a temporary name and renamed, so a crash never leaves a half-written key or config behind.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from vpnfleet.privatefiles import make_private_dir, tighten_tree, write_private
 
-def write_private(path: Path, text: str, mode: int = 0o600) -> None:
-    """Write ``text`` to ``path`` atomically with permission ``mode``."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+__all__ = ["StateDir", "write_private"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +27,9 @@ class StateDir:
     root: Path
 
     def create(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Create or take over the directory: ours, 0700, every file in it 0600."""
+        make_private_dir(self.root)
+        tighten_tree(self.root)
 
     @property
     def conf(self) -> Path:

@@ -79,9 +79,20 @@ class OpenVPNSupervisor:
     async def _connect_socket(self) -> ManagementSession:
         return await ManagementClient.connect(self._paths.mgmt_socket, timeout=3)
 
+    def _protect_socket(self) -> None:
+        """Make the management socket 0600 (OpenVPN binds it 0777 whatever the umask).
+
+        Whoever holds the socket decides every client, so it must be the agent alone. The
+        state directory (0700) already keeps others out; this keeps the socket private even
+        if the directory is loosened later.
+        """
+        with contextlib.suppress(FileNotFoundError):
+            self._paths.mgmt_socket.chmod(0o600)
+
     async def _attach(self) -> ManagementSession:
         deadline = time.monotonic() + ATTACH_TIMEOUT
         while True:
+            self._protect_socket()
             try:
                 return await self._connect()
             except ManagementError:

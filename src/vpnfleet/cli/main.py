@@ -214,7 +214,22 @@ def agent(
         str | None, typer.Option(help="HOST:PORT clients use (env VPNFLEET_PUBLIC_ENDPOINT).")
     ] = None,
     http: Annotated[
-        str | None, typer.Option(help="Probes and metrics HOST:PORT (default 0.0.0.0:9176).")
+        str | None,
+        typer.Option(help="Probes and fleet metrics HOST:PORT, no user names (0.0.0.0:9176)."),
+    ] = None,
+    user_metrics_listen: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT of the metrics with per-user series, or off (default "
+            "127.0.0.1:9177; env VPNFLEET_USER_METRICS_LISTEN).",
+        ),
+    ] = None,
+    user_metrics_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File with the bearer token the per-user metrics require (env "
+            "VPNFLEET_USER_METRICS_TOKEN_FILE).",
+        ),
     ] = None,
     state_dir: Annotated[
         Path | None, typer.Option(help="Working directory (env VPNFLEET_STATE_DIR).")
@@ -271,10 +286,12 @@ def agent(
 ) -> None:
     """Run the pod agent: supervise OpenVPN, enforce the firewall, report sessions and flows."""
     import asyncio
+    import os
 
     from vpnfleet import logsetup
     from vpnfleet.agent.pod import PodAgent
     from vpnfleet.agent.settings import AgentSettings
+    from vpnfleet.agent.statedir import StateDir
 
     try:
         settings = AgentSettings.from_env(
@@ -283,6 +300,8 @@ def agent(
             name=name,
             public_endpoint=public_endpoint,
             http=http,
+            user_metrics_listen=user_metrics_listen,
+            user_metrics_token_file=user_metrics_token_file,
             state_dir=state_dir,
             uplink=uplink,
             pod_ip=pod_ip,
@@ -297,8 +316,12 @@ def agent(
             ca_file=ca_file,
         )
         logsetup.setup(settings.log_format)
+        # Refuse early, in one sentence, a state directory this user cannot make private.
+        StateDir(settings.state_dir).create()
     except (ValueError, OSError) as exc:
         raise CLIError(str(exc), 2) from None
+    # Whatever the agent and openvpn create (pid, logs, spools) is for this user alone.
+    os.umask(0o077)
     asyncio.run(PodAgent(settings).run())
 
 
@@ -382,6 +405,43 @@ def db_upgrade(
         typer.echo(f"database at revision {db.current_revision(engine)}")
     except Exception as exc:
         raise CLIError(f"migration failed: {_describe(exc)}") from None
+
+
+@db_app.command("reseal")
+def db_reseal(
+    old_secret_file: Annotated[
+        Path,
+        typer.Option(help="File holding the secret the keys are sealed with now (any strength)."),
+    ],
+    data_dir: Annotated[Path | None, typer.Option()] = None,
+    database_url: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Re-seal every stored private key with the current secret (VPNFLEET_SECRET or the data
+    dir's secret.key), e.g. to replace a weak secret the server now refuses. Stop the servers
+    first; one transaction: on any error nothing is changed."""
+    from vpnfleet.controlplane import certs, db
+    from vpnfleet.controlplane.pki import PKIError, Sealer
+    from vpnfleet.controlplane.settings import ServerSettings
+
+    try:
+        settings = ServerSettings.from_env(data_dir=data_dir, database_url=database_url)
+        old = Sealer(old_secret_file.read_text().strip())
+        new = Sealer(settings.resolved_secret())
+    except (ValueError, OSError) as exc:
+        raise CLIError(str(exc), 2) from None
+    engine = db.make_engine(settings.resolved_database_url)
+    try:
+        with db.transaction(db.session_factory(engine)) as session:
+            count = certs.reseal(session, old, new)
+    except PKIError:
+        raise CLIError(
+            f"nothing changed: the stored keys do not open with the secret in {old_secret_file}"
+        ) from None
+    except Exception as exc:
+        raise CLIError(f"re-sealing failed, nothing changed: {_describe(exc)}") from None
+    finally:
+        engine.dispose()
+    typer.echo(f"re-sealed {count} private keys with the current secret")
 
 
 app.add_typer(db_app, name="db")

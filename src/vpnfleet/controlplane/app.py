@@ -40,6 +40,7 @@ log = logging.getLogger("vpnfleet.server")
 
 def prepare(settings: ServerSettings) -> AppState:
     """Open the database, apply migrations and bootstrap: everything before serving."""
+    settings.validate()  # also when built without from_env: weak secrets never get this far
     settings.ensure_data_dir()
     tls = servertls.server_tls(
         settings.data_dir, settings.tls_cert, settings.tls_key, settings.tls_self_signed

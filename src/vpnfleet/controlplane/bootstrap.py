@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from sqlalchemy import select
@@ -13,6 +12,7 @@ from vpnfleet.controlplane import auth, certs, changelog, fleetstate
 from vpnfleet.controlplane.changelog import Pending, Upsert
 from vpnfleet.controlplane.models import AdminToken, Pool
 from vpnfleet.controlplane.pki import Sealer
+from vpnfleet.privatefiles import tighten, write_private
 from vpnfleet.tokenbinding import ADMIN_TOKEN_FILE
 
 log = logging.getLogger("vpnfleet.bootstrap")
@@ -24,15 +24,12 @@ TOKEN_FILE = ADMIN_TOKEN_FILE
 
 def _write_secret_file(path: Path, content: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(content + "\n")
-    os.replace(tmp, path)
+    write_private(path, content + "\n")
 
 
 def bootstrap(db: Session, sealer: Sealer, data_dir: Path, bootstrap_token: str | None) -> None:
     """Idempotent: create what a fresh database lacks, in one transaction."""
+    tighten(data_dir / TOKEN_FILE)  # a token file loosened since it was written
     specs: list[Pending] = []
     if certs.ensure_ca(db, sealer):
         log.info("created the fleet CA and tls-crypt key")

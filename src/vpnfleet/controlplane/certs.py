@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 
+from cryptography import x509
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from vpnfleet.controlplane import pki
 from vpnfleet.controlplane.errors import Problem
 from vpnfleet.controlplane.models import Certificate, PKIState, utcnow
+
+# Re-sign the stored CRL once less than this fraction of its validity is left.
+CRL_RESIGN_FRACTION = 0.5
 
 
 def load_ca(db: Session, sealer: pki.Sealer) -> pki.KeyPair:
@@ -122,6 +127,67 @@ def revoked_serials(db: Session) -> list[tuple[int, dt.datetime]]:
     return [(int(serial), when) for serial, when in rows if when is not None]
 
 
-def crl_pem(db: Session, sealer: pki.Sealer) -> str:
-    """A freshly signed CRL of every revoked certificate."""
-    return pki.build_crl(load_ca(db, sealer), revoked_serials(db))
+def revoked_digest(revoked: list[tuple[int, dt.datetime]]) -> str:
+    """A fingerprint of the revoked set: equal on every replica reading the same rows."""
+    lines = sorted(f"{serial}:{when.astimezone(dt.UTC).isoformat()}" for serial, when in revoked)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _crl_current(state: PKIState, digest: str, now: dt.datetime) -> bool:
+    if state.crl_pem is None or state.crl_next_update is None:
+        return False
+    resign_at = state.crl_next_update - dt.timedelta(days=pki.CRL_DAYS * CRL_RESIGN_FRACTION)
+    return state.crl_revoked_digest == digest and now < resign_at
+
+
+def crl_pem(db: Session, sealer: pki.Sealer, now: dt.datetime | None = None) -> str:
+    """The CRL of every revoked certificate, signed once and stored for every replica.
+
+    Re-signed only when the revoked set differs from the one the stored CRL lists (any code
+    path that revokes is covered, since the set is read, not announced) or when less than
+    half of its validity is left, so agents refreshing every few hours always hold one with
+    weeks to go. Every GET, register and snapshot in between gets the same bytes.
+    """
+    now = now or utcnow()
+    revoked = revoked_serials(db)
+    digest = revoked_digest(revoked)
+    state = db.get(PKIState, 1)
+    if state is None:
+        raise Problem(503, "PKI not initialised", "the CA has not been created yet")
+    if _crl_current(state, digest, now):
+        assert state.crl_pem is not None
+        return state.crl_pem
+    # Lock the row, then look again: another replica may have signed it meanwhile.
+    state = db.execute(
+        select(PKIState)
+        .where(PKIState.id == 1)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one()
+    if _crl_current(state, digest, now):
+        assert state.crl_pem is not None
+        return state.crl_pem
+    pem = pki.build_crl(load_ca(db, sealer), revoked)
+    next_update = x509.load_pem_x509_crl(pem.encode()).next_update_utc
+    state.crl_pem = pem
+    state.crl_revoked_digest = digest
+    state.crl_next_update = next_update
+    db.flush()
+    return pem
+
+
+def reseal(db: Session, old: pki.Sealer, new: pki.Sealer) -> int:
+    """Seal every stored private key (CA, tls-crypt, certificates) with ``new`` instead of
+    ``old``; the number of keys. Raises PKIError, with nothing changed once the caller rolls
+    back, when a key does not open with ``old``."""
+    count = 0
+    state = db.get(PKIState, 1)
+    if state is not None:
+        state.ca_key_sealed = new.seal(old.unseal(state.ca_key_sealed))
+        state.tls_crypt_sealed = new.seal(old.unseal(state.tls_crypt_sealed))
+        count += 2
+    for cert in db.scalars(select(Certificate)):
+        cert.key_sealed = new.seal(old.unseal(cert.key_sealed))
+        count += 1
+    db.flush()
+    return count

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,15 +10,37 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from vpnfleet.privatefiles import private_opener, tighten
+
 MIGRATIONS = Path(__file__).parent / "migrations"
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def private_sqlite_file(url: str) -> None:
+    """Make the SQLite database of ``url`` (and its WAL/shm/journal files) 0600.
+
+    SQLite creates the file with the process umask (0644 usually), and gives its WAL and shm
+    files the database file's mode: creating it 0600 first keeps all three private, and an
+    existing one (made by an older version, or copied in) is tightened at every start. The
+    database holds token hashes, sealed keys and everyone's sessions and flows.
+    """
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    if not path.exists() and path.parent.is_dir():
+        os.close(private_opener(path, os.O_WRONLY | os.O_CREAT))
+    for p in (path, *(path.with_name(path.name + suffix) for suffix in SQLITE_COMPANIONS)):
+        tighten(p)
 
 
 def make_engine(url: str) -> Engine:
     """An engine for `url` with the settings vpnfleet relies on (FKs and WAL on SQLite)."""
     if url.startswith("sqlite"):
+        private_sqlite_file(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")

@@ -164,6 +164,11 @@ class PKIState(Base):
     ca_key_sealed: Mapped[str] = mapped_column(Text)
     tls_crypt_sealed: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # The signed CRL every replica serves (certs.crl_pem): re-signed only when the set of
+    # revoked certificates (its digest) changes or half its validity has passed.
+    crl_pem: Mapped[str | None] = mapped_column(Text, default=None)
+    crl_revoked_digest: Mapped[str | None] = mapped_column(String(64), default=None)
+    crl_next_update: Mapped[dt.datetime | None] = mapped_column(default=None)
 
 
 class Certificate(Base):

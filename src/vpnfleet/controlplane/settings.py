@@ -11,6 +11,8 @@ from pathlib import Path
 from vpnfleet import tokenbinding
 from vpnfleet.controlplane import servertls
 from vpnfleet.core import netparse
+from vpnfleet.core.secretstrength import require_strong
+from vpnfleet.privatefiles import tighten
 
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "vpnfleet"
 
@@ -116,6 +118,11 @@ class ServerSettings:
                 raise ValueError(f"advertised URL {advertised!r} must be https: TLS is on")
             if not self.tls_enabled and scheme != "http":
                 raise ValueError(f"advertised URL {advertised!r} must be http: TLS is off")
+        # Weak secrets are refused at start (core/secretstrength.py); the value is never shown.
+        if self.bootstrap_token is not None:
+            require_strong(self.bootstrap_token, "VPNFLEET_BOOTSTRAP_TOKEN")
+        if self.secret is not None:
+            require_strong(self.secret, "VPNFLEET_SECRET")
         url = self.resolved_database_url
         if not (url.startswith("sqlite") or url.startswith("postgresql+psycopg://")):
             raise ValueError(
@@ -135,6 +142,7 @@ class ServerSettings:
         return self.database_url or f"sqlite:///{self.data_dir / 'vpnfleet.db'}"
 
     def ensure_data_dir(self) -> None:
+        """Create the data dir 0700; an existing one is the operator's (a volume) and stays."""
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def resolved_secret(self) -> str:
@@ -147,4 +155,7 @@ class ServerSettings:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_urlsafe(48) + "\n")
-        return path.read_text().strip()
+        tighten(path)  # one made readable by someone else since is taken back
+        value = path.read_text().strip()
+        require_strong(value, f"the sealing secret in {path}")
+        return value

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -38,6 +39,10 @@ ECHO_UDP_PORT = 8081
 ECHO_PORT_2 = 9090  # a second service, for permission tests
 LAB_GROUP = "lab"
 AGENT_HTTP_PORT = 9176
+# The lab's agents serve per-user metrics on the pod network behind a bearer token (the file
+# below), so a Prometheus in the lab can scrape them as a deployment would.
+AGENT_USER_METRICS_PORT = 9177
+METRICS_TOKEN_FILE = "metrics-token"  # noqa: S105 - a file name
 CP_PORT = 8000
 
 
@@ -337,6 +342,16 @@ def _agent_token(info: LabInfo) -> str:
     return (info.dir / "agent-token").read_text().strip()
 
 
+def metrics_token_path(info: LabInfo) -> Path:
+    """The bearer token for the agents' per-user metrics (made once per lab, 0600)."""
+    path = info.dir / METRICS_TOKEN_FILE
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32) + "\n")
+    return path
+
+
 async def start_agent(info: LabInfo, index: int) -> topology.LabProcess:
     """Start (or restart) the agent of pod `index`."""
     plan = info.plan
@@ -349,6 +364,7 @@ async def start_agent(info: LabInfo, index: int) -> topology.LabProcess:
         "VPNFLEET_HEARTBEAT_INTERVAL": "1",
         "VPNFLEET_RECONCILE_INTERVAL": "2",
         "VPNFLEET_DRAIN_DELAY": "1.5",
+        "VPNFLEET_USER_METRICS_TOKEN_FILE": str(metrics_token_path(info)),
     }
     return topology.spawn_in(
         plan.pod_ns(index),
@@ -368,6 +384,8 @@ async def start_agent(info: LabInfo, index: int) -> topology.LabProcess:
             str(topology.CLUSTER_NET),
             "--http",
             f"0.0.0.0:{AGENT_HTTP_PORT}",
+            "--user-metrics-listen",
+            f"0.0.0.0:{AGENT_USER_METRICS_PORT}",
             "--log-format",
             "json",
         ),
