@@ -53,7 +53,12 @@ def prepare(settings: ServerSettings) -> AppState:
             # Another replica bootstrapped the same database at the same moment.
             if attempt:
                 raise
-    hub = ChangeHub(factory, settings.watch_poll_interval, settings.change_log_keep)
+    hub = ChangeHub(
+        factory,
+        settings.watch_poll_interval,
+        settings.change_log_keep,
+        max_subscribers=settings.watch_max_subscribers,
+    )
     state = AppState(settings=settings, engine=engine, factory=factory, sealer=sealer, hub=hub)
     state.install_commit_hook()
     return state
