@@ -8,7 +8,7 @@ whose change log already holds `--changes` realistic changes (users with groups 
 certificates, groups, memberships, rules with ports, sessions opened and closed), written
 before the server starts, as after a restart. Then `--streams` watch streams connect at once
 from revision 0, and until every one has received the last change (checked: each stream gets
-as many changes up to the head as the log holds), two probe threads time `GET /healthz` and
+as many changes up to the head as the log holds), two probe processes time `GET /healthz` and
 `POST /api/v1/users` (a real write: a user, its certificate, its change and audit rows), each
 back to back ~50 ms apart (a request still waiting at the end counts with its wait so far).
 Prints p50/p99/max of each, with the same probes on the idle server first.
@@ -42,7 +42,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,49 +221,72 @@ async def follow(port: int, token: str, head: int, run: Run, connected: list[flo
         writer.close()
 
 
+class _Stop(Exception):
+    pass
+
+
+def probe_main(method: str, path: str, base: str, token: str) -> int:
+    """The probe process: time `method path` back to back, ~50 ms apart, printing each
+    duration; on SIGTERM print the wait of a request still unanswered, and stop."""
+    since: float | None = None
+
+    def stop(_sig: int, _frame: object) -> None:
+        raise _Stop
+
+    signal.signal(signal.SIGTERM, stop)
+    print("ready", flush=True)
+    sys.stdin.readline()  # "go"
+    n = 0
+    try:
+        with httpx.Client(base_url=base, timeout=600,
+                          headers={"Authorization": f"Bearer {token}"}) as c:  # fmt: skip
+            while True:
+                n += 1
+                body = {"name": f"probe-{secrets.token_hex(3)}-{n}"} if method == "POST" else None
+                since = time.perf_counter()
+                r = c.request(method, path, json=body)
+                took, since = time.perf_counter() - since, None
+                r.raise_for_status()
+                print(f"ok {took:.6f}", flush=True)
+                time.sleep(0.05)
+    except _Stop:
+        if since is not None:
+            print(f"waiting {time.perf_counter() - since:.6f}", flush=True)
+    return 0
+
+
 class Probe:
-    """Times one request back to back, ~50 ms apart, in its own thread until stopped. A
-    request still unanswered when the run ends counts with the time it has waited so far
-    (a lower bound), so that a stuck request cannot hide behind the missing sample."""
+    """One probe process (its own process: a thread here would share the GIL with the
+    stream client and measure it). A request still unanswered when the run ends counts
+    with the time it has waited so far (a lower bound)."""
 
     def __init__(self, base: str, token: str, method: str, path: str, out: list[float]) -> None:
-        self.base, self.token, self.method, self.path, self.out = base, token, method, path, out
-        self.stop = threading.Event()
-        self.since: float | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        self.out = out
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--probe", method, path, base, token],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the probe process did not start")
 
-    def _run(self) -> None:
-        n = 0
-        with httpx.Client(base_url=self.base, timeout=600,
-                          headers={"Authorization": f"Bearer {self.token}"}) as c:  # fmt: skip
-            while not self.stop.is_set():
-                n += 1
-                body = (
-                    {"name": f"probe-{secrets.token_hex(3)}-{n}"} if self.method == "POST" else None
-                )
-                self.since = time.perf_counter()
-                try:
-                    r = c.request(self.method, self.path, json=body)
-                except httpx.HTTPError:
-                    return  # the server is going away
-                took = time.perf_counter() - self.since
-                self.since = None
-                if self.stop.is_set():
-                    return
-                r.raise_for_status()
-                self.out.append(took)
-                time.sleep(0.05)
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
 
     def finish(self) -> int:
         """Stop; returns 1 if a request was still waiting (its wait so far is counted)."""
-        since = self.since
-        self.stop.set()
-        if since is not None:
-            self.out.append(time.perf_counter() - since)
-            return 1
-        self.thread.join(timeout=30)
-        return 0
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.stdout is not None
+        stdout = self.proc.stdout.read()
+        self.proc.wait(timeout=60)
+        waiting = 0
+        for line in stdout.splitlines():
+            kind, _, value = line.partition(" ")
+            self.out.append(float(value))
+            waiting += kind == "waiting"
+        return waiting
 
 
 def rss_mb(pid: int) -> float:
@@ -307,6 +329,8 @@ def bench_one(label: str, src: Path, url: str, data_dir: Path, streams: int, hea
         # Idle: the same probes for a few seconds with no stream.
         idle = [Probe(base, admin, "GET", "/healthz", run.health_idle),
                 Probe(base, admin, "POST", "/api/v1/users", run.write_idle)]  # fmt: skip
+        for p in idle:
+            p.go()
         time.sleep(5)
         for p in idle:
             p.finish()
@@ -323,9 +347,11 @@ def bench_one(label: str, src: Path, url: str, data_dir: Path, streams: int, hea
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
-        t0 = time.perf_counter()
         loaded = [Probe(base, admin, "GET", "/healthz", run.health),
                   Probe(base, admin, "POST", "/api/v1/users", run.write)]  # fmt: skip
+        t0 = time.perf_counter()
+        for p in loaded:
+            p.go()
         asyncio.run(everyone())
         run.catchup_s = time.perf_counter() - t0
         run.connect_s = max(connected, default=float("nan"))
@@ -377,6 +403,8 @@ def pg_database(admin_url: str) -> tuple[str, Any]:
 
 
 def main() -> int:
+    if len(sys.argv) == 6 and sys.argv[1] == "--probe":
+        return probe_main(*sys.argv[2:6])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--streams", type=int, default=1000)
     ap.add_argument("--changes", type=int, default=4000)
