@@ -36,9 +36,14 @@ M = TypeVar("M", bound=BaseModel)
 class ControlPlaneError(Exception):
     """The control plane could not be reached or refused the request."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, status: int | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
+        # Seconds the control plane asked us to wait (Retry-After), e.g. when a replica
+        # serves its most watch streams.
+        self.retry_after = retry_after
 
     @property
     def retryable(self) -> bool:
@@ -177,9 +182,16 @@ class ControlPlane:
                 params={"since": since},
                 timeout=httpx.Timeout(10.0, read=60.0),
             ) as resp:
-                self.reachable = resp.status_code < 500
+                retry_after = _retry_after(resp)
+                # A replica at its stream limit answered: it is reachable, just full.
+                self.reachable = resp.status_code < 500 or retry_after is not None
                 if resp.status_code >= 400:
-                    raise ControlPlaneError(f"watch: HTTP {resp.status_code}", resp.status_code)
+                    await resp.aread()
+                    raise ControlPlaneError(
+                        f"watch: HTTP {resp.status_code} {_detail(resp)}",
+                        resp.status_code,
+                        retry_after,
+                    )
                 async for line in resp.aiter_lines():
                     if not line:
                         continue
@@ -190,3 +202,16 @@ class ControlPlane:
                     yield message
         except httpx.HTTPError as exc:
             raise self._failure("watch", exc) from None
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    """Retry-After in seconds (the delta form; the control plane never sends a date)."""
+    raw = resp.headers.get("retry-after", "").strip()
+    return float(min(int(raw), 3600)) if raw.isdigit() else None
+
+
+def _detail(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json().get("detail", ""))[:300]
+    except ValueError:
+        return resp.text[:200]

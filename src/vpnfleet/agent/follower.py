@@ -2,7 +2,8 @@
 
 It owns the :class:`~vpnfleet.core.fleet.FleetView`: loaded from a snapshot at start (or from
 the copy on disk when the control plane is away, so decisions go on), then kept current from
-the watch stream, resumed from the view's revision after every break. A ``resync`` message, or
+the watch stream, resumed from the view's revision after every break (after the control
+plane's Retry-After when it refused the stream at its limit). A ``resync`` message, or
 a message the parser refuses, replaces the view with a fresh snapshot. Every change is handed
 to ``on_change`` with its :class:`~vpnfleet.core.fleet.Effects` (None after a resync: anything
 may have changed). The copy on disk is rewritten at most every few seconds.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,6 +29,15 @@ log = logging.getLogger("vpnfleet.agent")
 SAVE_INTERVAL = 5.0
 
 OnChange = Callable[[Effects | None], Awaitable[None]]
+
+
+def retry_wait(exc: ControlPlaneError, delay: float) -> float:
+    """How long to wait before the next watch attempt: the backoff `delay`, or longer when the
+    control plane said so (Retry-After: a replica serving its most streams), spread by up to
+    half again so that the refused agents do not all come back at the same moment."""
+    if exc.retry_after is None:
+        return delay
+    return max(delay, exc.retry_after * random.uniform(1.0, 1.5))  # noqa: S311 - jitter
 
 
 class ViewFollower:
@@ -103,7 +114,9 @@ class ViewFollower:
                     with contextlib.suppress(ControlPlaneError):
                         await self.resync()
                 except ControlPlaneError as exc:
-                    log.warning("watch stream lost (%s); retrying in %.1fs", exc, delay)
+                    wait = retry_wait(exc, delay)
+                    log.warning("watch stream lost (%s); retrying in %.1fs", exc, wait)
+                    delay = max(delay, wait)
                 self.connected = False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5)

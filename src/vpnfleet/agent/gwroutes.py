@@ -16,6 +16,7 @@ import json
 import logging
 
 from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError, WatchProtocolError
+from vpnfleet.agent.follower import retry_wait
 from vpnfleet.core.fleet import FleetView
 from vpnfleet.wire import PodUpsert, SessionDelete, SessionUpsert, WatchHeartbeat, WatchResync
 
@@ -116,7 +117,8 @@ async def follow(cp: ControlPlane, stop: asyncio.Event) -> None:
             # turning into a busy loop.
             resync = isinstance(exc, WatchProtocolError)
             what = "resyncing from a snapshot" if resync else "retrying"
-            log.warning("control plane: %s; %s in %.1fs", exc, what, delay)
+            wait = retry_wait(exc, delay)  # longer when refused at a replica's stream limit
+            log.warning("control plane: %s; %s in %.1fs", exc, what, wait)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+                await asyncio.wait_for(stop.wait(), wait)
             delay = min(delay * 2, 5)

@@ -59,7 +59,12 @@ def prepare(settings: ServerSettings) -> AppState:
             if attempt:
                 raise
     bind_token_file(settings, tls)
-    hub = ChangeHub(factory, settings.watch_poll_interval, settings.change_log_keep)
+    hub = ChangeHub(
+        factory,
+        settings.watch_poll_interval,
+        settings.change_log_keep,
+        max_subscribers=settings.watch_max_subscribers,
+    )
     state = AppState(
         settings=settings, engine=engine, factory=factory, sealer=sealer, hub=hub, tls=tls
     )

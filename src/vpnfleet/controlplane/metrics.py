@@ -4,7 +4,8 @@
   *template* (``/api/v1/users/{name}``, never the raw path), the method and the status class;
   requests no route matched share one label value, so scanners cannot blow up cardinality.
   The watch stream is long-lived by design: it is counted as `vpnfleet_watch_subscribers`
-  instead of polluting the latency histogram.
+  instead of polluting the latency histogram; streams refused at the replica's limit are
+  counted in `vpnfleet_watch_refused_total` (and answered 503, which the histogram keeps).
 - Fleet and database facts are read at scrape time in a worker thread with a timeout: a slow or
   unreachable database turns `vpnfleet_database_up` to 0 and leaves the database-derived
   series out (instead of hanging the scrape). A probe still running from an earlier scrape is
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram
 from prometheus_client import generate_latest as render
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
@@ -194,6 +195,10 @@ class FleetCollector(Collector):
     def __init__(self) -> None:
         self.facts = DbFacts(up=False)
         self.head = 0
+        # The change hub's own counts (controlplane/watch.py), copied at each refresh.
+        self.watch_limit = 0
+        self.watch_refused = 0
+        self.watch_log_reads = 0
         self.clock = time.time
 
     def describe(self) -> list[Metric]:
@@ -209,6 +214,22 @@ class FleetCollector(Collector):
         )
         head.add_metric([], self.head)
         yield head
+        limit = GaugeMetricFamily(
+            "vpnfleet_watch_subscriber_limit",
+            "Most watch streams this replica serves at once (VPNFLEET_WATCH_MAX_SUBSCRIBERS)",
+        )
+        limit.add_metric([], self.watch_limit)
+        yield limit
+        yield CounterMetricFamily(
+            "vpnfleet_watch_refused",
+            "Watch streams refused (503) because the replica served its limit",
+            value=self.watch_refused,
+        )
+        yield CounterMetricFamily(
+            "vpnfleet_watch_log_reads",
+            "Reads of the change log for streams further behind than the in-memory ring",
+            value=self.watch_log_reads,
+        )
         if not f.up:
             return
         if f.probe_seconds is not None:
@@ -331,7 +352,11 @@ class ControlPlaneMetrics:
 
     async def refresh(self, state: AppState) -> None:
         """Read the database-derived facts, within `db_timeout`, for the next render."""
-        self.fleet.head = state.hub.head
+        hub = state.hub
+        self.fleet.head = hub.head
+        self.fleet.watch_limit = hub.max_subscribers
+        self.fleet.watch_refused = hub.refused
+        self.fleet.watch_log_reads = hub.old_reads
         if self._probe is None or self._probe.done():
             previous = self.fleet.facts.pki
             self._probe = asyncio.ensure_future(

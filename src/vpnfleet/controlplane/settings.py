@@ -46,6 +46,9 @@ class ServerSettings:
     # URLs clients reach this server at, beyond loopback and the certificate's names: the
     # first admin token file may be sent there (vpnfleet/tokenbinding.py).
     advertise_urls: list[str] = field(default_factory=list)
+    # Open watch streams one replica serves at once; past it a new one is refused with 503
+    # (controlplane/watch.py). One per pod and per gateway-routes follower, plus operators.
+    watch_max_subscribers: int = 2_000
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServerSettings:
@@ -91,6 +94,13 @@ class ServerSettings:
         ):
             if env.get(var, "").strip():
                 values[key] = [e.strip() for e in env[var].split(",") if e.strip()]
+        if env.get("VPNFLEET_WATCH_MAX_SUBSCRIBERS", "").strip():
+            raw = env["VPNFLEET_WATCH_MAX_SUBSCRIBERS"].strip()
+            if not raw.isdigit():
+                raise ValueError(
+                    f"VPNFLEET_WATCH_MAX_SUBSCRIBERS {raw!r} is not a whole number of streams"
+                )
+            values["watch_max_subscribers"] = int(raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()
@@ -102,6 +112,11 @@ class ServerSettings:
             raise ValueError("pod lease must be between 10 seconds and 1 day")
         if not 4096 <= self.max_body_bytes <= 1 << 30:
             raise ValueError("max body size must be between 4096 bytes and 1 GiB")
+        if not 1 <= self.watch_max_subscribers <= 1_000_000:
+            raise ValueError(
+                "VPNFLEET_WATCH_MAX_SUBSCRIBERS (the watch stream limit) must be between 1 and "
+                "1,000,000"
+            )
         if self.audit_retention_days is not None and self.audit_retention_days < 1:
             raise ValueError("audit retention must be at least 1 day (leave it unset: forever)")
         for endpoint in self.public_endpoints:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import anyio.to_thread
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine, event, select
@@ -96,14 +97,38 @@ def require(*roles: auth.Role) -> Callable[..., auth.Principal]:
         state: State,
         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> auth.Principal:
-        who = _authenticate(state, creds)
-        if who.role not in allowed:
-            raise Problem(
-                403,
-                "Forbidden",
-                f"role {who.role!r} may not do this (needs {' or '.join(sorted(allowed))})",
-            )
-        return who
+        return _admit(state, creds, allowed)
+
+    _dep.roles = frozenset(allowed)  # type: ignore[attr-defined]  # read by openapi.roles_of
+    return _dep
+
+
+def _admit(
+    state: AppState, creds: HTTPAuthorizationCredentials | None, allowed: set[str]
+) -> auth.Principal:
+    who = _authenticate(state, creds)
+    if who.role not in allowed:
+        raise Problem(
+            403,
+            "Forbidden",
+            f"role {who.role!r} may not do this (needs {' or '.join(sorted(allowed))})",
+        )
+    return who
+
+
+def require_for_watch(*roles: auth.Role) -> Callable[..., Awaitable[auth.Principal]]:
+    """Like `require`, but the token check runs under the change hub's admission limiter
+    instead of the request threadpool's: a storm of (re)connecting watch streams then queues
+    there, not in front of every other request (controlplane/watch.py)."""
+    allowed = set(roles) | {"admin"}
+
+    async def _dep(
+        state: State,
+        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> auth.Principal:
+        return await anyio.to_thread.run_sync(
+            _admit, state, creds, allowed, limiter=state.hub.admission
+        )
 
     _dep.roles = frozenset(allowed)  # type: ignore[attr-defined]  # read by openapi.roles_of
     return _dep
@@ -137,6 +162,7 @@ PodCaller = Annotated[auth.Principal, Depends(_pod_caller)]
 # The fleet view (snapshot + watch): pods, and read-only followers such as gateway-routes
 # (an auditor token), never the enrollment token.
 Watcher = Annotated[auth.Principal, Depends(require("pod", "operator", "auditor"))]
+StreamWatcher = Annotated[auth.Principal, Depends(require_for_watch("pod", "operator", "auditor"))]
 
 
 def jsonable(obj: Any) -> Any:

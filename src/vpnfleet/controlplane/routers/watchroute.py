@@ -5,27 +5,65 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Query
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
-from vpnfleet.controlplane.state import State, Watcher
-from vpnfleet.controlplane.watch import ndjson
+from vpnfleet.controlplane.errors import PROBLEM, problem_response
+from vpnfleet.controlplane.state import State, StreamWatcher
+from vpnfleet.controlplane.watch import RETRY_AFTER, ChangeHub
 
 router = APIRouter(prefix="/api/v1", tags=["watch"])
 
+LIMIT_SETTING = "VPNFLEET_WATCH_MAX_SUBSCRIBERS"
 
-@router.get("/watch")
+
+class WatchResponse(StreamingResponse):
+    """A stream that gives its slot back when it ends, however it ends (client gone,
+    server stopping): released around the whole response, not inside the body generator,
+    whose `finally` would never run if the stream were cancelled before it started."""
+
+    def __init__(self, body: AsyncIterator[bytes], hub: ChangeHub) -> None:
+        super().__init__(body, media_type="application/x-ndjson")
+        self._hub = hub
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._hub.release()
+
+
+@router.get(
+    "/watch",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/x-ndjson": {}}, "description": "the change stream"},
+        503: {
+            "content": {PROBLEM: {}},
+            "description": f"this replica serves its most watch streams ({LIMIT_SETTING}); "
+            "retry after the Retry-After header's seconds",
+        },
+    },
+)
 async def watch(
     state: State,
-    _who: Watcher,
+    _who: StreamWatcher,
     since: int = Query(default=0, ge=0, description="last revision the client has applied"),
-) -> StreamingResponse:
+) -> Response:
     """Stream `change` events after `since`, `heartbeat`s while idle, `resync` if too far behind.
 
-    A client that gets `resync` must fetch a full snapshot and resume from its revision.
+    A client that gets `resync` must fetch a full snapshot and resume from its revision. The
+    token is checked before anything streams; past the replica's stream limit the answer is
+    503 with `Retry-After`.
     """
-
-    async def body() -> AsyncIterator[bytes]:
-        async for event in state.hub.subscribe(since, state.settings.heartbeat_interval):
-            yield ndjson(event)
-
-    return StreamingResponse(body(), media_type="application/x-ndjson")
+    hub = state.hub
+    if not hub.admit():
+        response = problem_response(
+            503,
+            "Too many watch streams",
+            f"this control plane serves at most {hub.max_subscribers} watch streams at once "
+            f"({LIMIT_SETTING}); retry in {RETRY_AFTER} s",
+        )
+        response.headers["Retry-After"] = str(RETRY_AFTER)
+        return response
+    return WatchResponse(hub.lines(since, state.settings.heartbeat_interval), hub)
