@@ -22,7 +22,7 @@ Error responses are checked the same way, and undocumented status codes refused,
 schema documents its 4xx problem+json answers: flip :data:`ERRORS_IN_SCHEMA`.
 
 Bounded: ``VPNFLEET_FUZZ_EXAMPLES`` generated requests per operation (default 12, plus the
-examples and coverage cases), about a minute and a half per database on two cores. The seed
+examples and coverage cases), about two minutes per database on two cores. The seed
 is fixed (``VPNFLEET_FUZZ_SEED``) so a CI failure replays; a run with another seed explores
 other inputs (docs/testing.md).
 """
