@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +31,11 @@ def _pg_admin_url() -> str:
     return url
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database: a SQLite file, or a new database on the real PostgreSQL."""
-    if request.param == "sqlite":
+@contextmanager
+def fresh_database(kind: str, tmp_path: Path) -> Iterator[str]:
+    """The URL of a fresh, empty database: a SQLite file under `tmp_path`, or a new database
+    on the real PostgreSQL (dropped on exit)."""
+    if kind == "sqlite":
         yield f"sqlite:///{tmp_path / 'test.db'}"
         return
     admin = make_url(_pg_admin_url())
@@ -46,6 +48,16 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     finally:
         _drop_database(engine, name)
         engine.dispose()
+
+
+DATABASES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=DATABASES)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a new database on the real PostgreSQL."""
+    with fresh_database(request.param, tmp_path) as url:
+        yield url
 
 
 def _drop_database(engine: Engine, name: str) -> None:
@@ -100,15 +112,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def server(database_url: str, tmp_path: Path) -> Iterator[Server]:
-    """A real control plane (uvicorn on a free loopback port) on the given database."""
+@contextmanager
+def running_server(database_url: str, data_dir: Path) -> Iterator[Server]:
+    """A real control plane (uvicorn on a free loopback port) on the given database, stopped
+    on exit."""
     import uvicorn
 
     from vpnfleet.controlplane.app import create_app
     from vpnfleet.controlplane.settings import ServerSettings
 
-    data_dir = tmp_path / "data"
     port = free_port()
     settings = ServerSettings(
         data_dir=data_dir,
@@ -134,6 +146,13 @@ def server(database_url: str, tmp_path: Path) -> Iterator[Server]:
     finally:
         srv.should_exit = True
         thread.join(timeout=15)
+
+
+@pytest.fixture
+def server(database_url: str, tmp_path: Path) -> Iterator[Server]:
+    """A real control plane (uvicorn on a free loopback port) on the given database."""
+    with running_server(database_url, tmp_path / "data") as srv:
+        yield srv
 
 
 @pytest.fixture

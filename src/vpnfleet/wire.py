@@ -32,9 +32,11 @@ WIRE_VERSION = 2
 #
 # Both databases store integers as signed 64-bit and refuse (PostgreSQL) or fail on (SQLite)
 # text with NUL characters or lone UTF-16 surrogates: such input is refused at the schema,
-# naming the field, instead of failing at the database as an HTTP 500.
+# naming the field, instead of failing at the database as an HTTP 500. A plain `Integer`
+# column is 32-bit on PostgreSQL (row ids, denied counts, client ids): MAX_INT32 bounds those.
 
 MAX_INT64 = 2**63 - 1
+MAX_INT32 = 2**31 - 1
 Count = Annotated[int, Field(ge=0, le=MAX_INT64)]
 
 
@@ -488,7 +490,7 @@ class SessionOpen(Storable):
     tunnel_ip: str = Field(max_length=15)
     real_ip: str | None = Field(default=None, max_length=45)
     real_port: int | None = Field(default=None, ge=0, le=65535)
-    client_id: Count | None = None
+    client_id: Annotated[int, Field(ge=0, le=MAX_INT32)] | None = None  # OpenVPN's CID
     started_at: UtcTime
 
 
@@ -552,7 +554,7 @@ class DeniedRecord(Storable):
     dport: int | None = Field(default=None, ge=0, le=65535)
     first_at: UtcTime
     last_at: UtcTime
-    count: int = Field(ge=1, le=MAX_INT64)
+    count: int = Field(ge=1, le=MAX_INT32)
 
 
 class DeniedBatch(BaseModel):  # each record checks its own text (Storable)

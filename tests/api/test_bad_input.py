@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import Server
 
 BIG = 2**63  # one past the largest 64-bit signed integer both databases store
+BIG32 = 2**31  # one past a plain Integer column on PostgreSQL (found by tests/api/test_fuzz.py)
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
 NOW_MS = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
 EARLY = "0001-01-01T00:00:00+14:00"  # before year 1 in UTC
@@ -44,6 +45,7 @@ def _pod(server: Server, agent: str, name: str = "pod-a") -> None:
         ("PUT", "/api/v1/pools/" + "p" * 300, {"cidr": "10.99.0.0/24", "kind": "nat"}, "pool"),
         ("DELETE", "/api/v1/rules/329044669945398820864", None, "rule_id"),
         ("DELETE", "/api/v1/rules/-1", None, None),
+        ("DELETE", f"/api/v1/rules/{BIG32}", None, "rule_id"),
         ("GET", f"/api/v1/sessions?until={EARLY}", None, "until"),
         ("GET", f"/api/v1/sessions?since={LATE}", None, "since"),
         ("GET", f"/api/v1/audit/admin?until={EARLY}", None, "until"),
@@ -119,6 +121,7 @@ def _agent_cases() -> list[tuple[str, dict[str, Any], str]]:
         ("/api/v1/agent/heartbeat", {"name": "pod-a", "applied_revision": 1, "ready": True,
                                      "status": {"x": "y" * 70_000}}, "status"),
         ("/api/v1/agent/sessions/open", {**open_ok, "client_id": BIG}, "client_id"),
+        ("/api/v1/agent/sessions/open", {**open_ok, "client_id": BIG32}, "client_id"),
         ("/api/v1/agent/sessions/open", {**open_ok, "tunnel_ip": "1" * 300}, "tunnel_ip"),
         ("/api/v1/agent/sessions/open", {**open_ok, "pod": "p" * 300}, "pod"),
         ("/api/v1/agent/sessions/open", {**open_ok, "real_ip": "r" * 300}, "real_ip"),
@@ -127,6 +130,8 @@ def _agent_cases() -> list[tuple[str, dict[str, Any], str]]:
         ("/api/v1/agent/sessions/close", {"uid": "pod-a-0000000001", "ended_at": NOW,
                                           "bytes_in": BIG}, "bytes_in"),
         ("/api/v1/agent/denied", {"pod": "pod-a", "events": [{**denied_ok, "count": BIG}]},
+         "count"),
+        ("/api/v1/agent/denied", {"pod": "pod-a", "events": [{**denied_ok, "count": BIG32}]},
          "count"),
         ("/api/v1/agent/denied", {"pod": "pod-a", "events": [{**denied_ok, "src": "s" * 300}]},
          "src"),
@@ -153,4 +158,5 @@ def test_agent_input(server: Server, path: str, body: dict[str, Any], field: str
         _check(r, field=field)
     with server.client() as c:
         assert c.get("/api/v1/sessions").json() == []
+        assert c.get("/api/v1/audit/denied").json() == []
         assert [p["name"] for p in c.get("/api/v1/pods").json()] == ["pod-a"]

@@ -14,7 +14,7 @@ from vpnfleet.controlplane.services import groups, rules, users
 from vpnfleet.controlplane.services.journal import Journal
 from vpnfleet.controlplane.state import DB, Operator
 from vpnfleet.core import netparse
-from vpnfleet.wire import MAX_INT64
+from vpnfleet.wire import MAX_INT32
 
 router = APIRouter(prefix="/api/v1", tags=["groups"])
 
@@ -103,7 +103,7 @@ def create_rule(body: RuleCreate, db: DB, who: Operator) -> RuleOut:
 
 @router.delete("/rules/{rule_id}", status_code=204)
 def delete_rule(
-    rule_id: Annotated[int, Path(ge=1, le=MAX_INT64)], db: DB, who: Operator
+    rule_id: Annotated[int, Path(ge=1, le=MAX_INT32)], db: DB, who: Operator
 ) -> Response:
     journal = Journal(db, who)
     rules.delete_rule(db, journal, rules.get_rule(db, rule_id))

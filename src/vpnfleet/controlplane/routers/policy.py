@@ -231,10 +231,29 @@ def check_policy(body: PolicyIn, _who: Reader) -> PolicyCheckOut:
     )
 
 
-@router.get("/policy/export", response_class=PlainTextResponse)
-def export_policy(db: DB, _who: Reader) -> PlainTextResponse:
+class YamlResponse(PlainTextResponse):
+    """A policy file; declared so that the OpenAPI schema names the type it is served as."""
+
+    media_type = "application/yaml"
+
+
+@router.get(
+    "/policy/export",
+    response_class=YamlResponse,
+    responses={
+        200: {
+            "description": "A policy file (docs/policy.md)",
+            "content": {
+                "application/yaml": {
+                    "schema": {"type": "object", "required": ["version", "users", "groups"]}
+                }
+            },
+        }
+    },
+)
+def export_policy(db: DB, _who: Reader) -> YamlResponse:
     """The current users, groups and grants as a policy file (apply it back: no changes)."""
-    return PlainTextResponse(service.export(db), media_type="application/yaml")
+    return YamlResponse(service.export(db))
 
 
 @router.get("/users/{name}/access", response_model=UserAccessOut)
