@@ -137,3 +137,63 @@ def test_a_stored_change_the_stream_cannot_read_makes_watchers_resync(
     admin.post("/api/v1/users", json={"name": "later"}).raise_for_status()
     later = read_events(server, snap["revision"], 1)
     assert later[0]["kind"] == "user" and later[0]["object"]["name"] == "later"
+
+
+def _stream_until_end(server: Server, token: str, timeout: float) -> tuple[float | None, int]:
+    """Follow the watch with `token` from the head; return when the server ended the stream
+    (seconds after the call started waiting) and how many lines came. None: still open."""
+    with (
+        server.client(token) as c,
+        c.stream("GET", "/api/v1/watch", params={"since": 10**9}, timeout=timeout + 5) as r,
+    ):
+        assert r.status_code == 200
+        lines = 0
+        started = time.monotonic()
+        ended: float | None = None
+        try:
+            for line in r.iter_lines():
+                lines += bool(line)
+                if time.monotonic() - started > timeout:
+                    break
+            else:
+                ended = time.monotonic() - started
+        except httpx.ReadTimeout:
+            pass
+        return ended, lines
+
+
+def test_a_revoked_token_s_open_watch_streams_end(server: Server, admin: httpx.Client) -> None:
+    """Revoking a pod or a reader cuts it off the fleet view at once, also an open stream; a
+    stream whose token stays valid goes on."""
+    pod = server.pod_token("pod-w")
+    auditor_name = "watch-auditor"
+    r = admin.post("/api/v1/tokens", json={"name": auditor_name, "role": "auditor"})
+    r.raise_for_status()
+    auditor = r.json()["token"]
+    kept = server.make_token("operator")
+    results: dict[str, tuple[float | None, int]] = {}
+
+    def follow(label: str, token: str, timeout: float) -> None:
+        results[label] = _stream_until_end(server, token, timeout)
+
+    threads = [
+        threading.Thread(target=follow, args=("pod", pod, 20)),
+        threading.Thread(target=follow, args=("auditor", auditor, 20)),
+        threading.Thread(target=follow, args=("kept", kept, 6)),
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)  # every stream is open (each starts with a resync line from the future)
+    admin.post("/api/v1/pods/pod-w/revoke").raise_for_status()
+    admin.delete(f"/api/v1/tokens/{auditor_name}").raise_for_status()
+    revoked_at = time.monotonic()
+    for t in threads:
+        t.join(timeout=30)
+    pod_end, auditor_end = results["pod"][0], results["auditor"][0]
+    assert pod_end is not None and auditor_end is not None, results
+    # Each stream began waiting ~1.5 s before the revocations; they end within ~1 s of them.
+    assert pod_end < 1.5 + 3.0 and auditor_end < 1.5 + 3.0, (results, revoked_at)
+    assert results["kept"][0] is None, "a valid token's stream must not be ended"
+    for token in (pod, auditor):
+        with server.client(token) as c:
+            assert c.get("/api/v1/watch", params={"since": 0}).status_code == 401

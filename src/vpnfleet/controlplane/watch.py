@@ -30,6 +30,11 @@ routes share). So:
 - at most ``max_subscribers`` streams at once (``VPNFLEET_WATCH_MAX_SUBSCRIBERS``): past it a
   new stream is refused (the route answers 503 with Retry-After) and counted.
 
+A stream outlives nothing its token is: about once a second (:data:`REVALIDATE_SECONDS`) the
+hub checks, in one query for all of them, that the tokens of its open streams are still valid,
+and ends the streams of a revoked one (a revoked pod, a revoked operator or auditor token).
+Their next request is then refused like any other.
+
 A subscriber whose `since` is older than the log's oldest kept row (as of the hub's last poll)
 is told to resync, as is one ahead of the head.
 
@@ -45,7 +50,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -56,7 +61,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from vpnfleet.controlplane.changelog import event_from_row
-from vpnfleet.controlplane.models import Change
+from vpnfleet.controlplane.models import AdminToken, Change
 from vpnfleet.wire import ChangeEvent, WatchHeartbeat, WatchMessage, WatchResync
 
 log = logging.getLogger("vpnfleet.watch")
@@ -70,6 +75,7 @@ PACE_SECONDS = 0.002
 DB_THREADS = 2  # the hub's own worker threads (tail and old reads)
 ADMISSION_THREADS = 8  # authentication of new streams
 RETRY_AFTER = 10  # seconds a refused stream is told to wait
+REVALIDATE_SECONDS = 1.0  # how often the tokens of open streams are checked for revocation
 
 T = TypeVar("T")
 
@@ -145,6 +151,9 @@ class ChangeHub:
         self.subscribers = 0
         self.refused = 0  # streams refused at the cap since start
         self.old_reads = 0  # reads of the log older than the ring since start
+        # Open streams per token id, and the ids found revoked while streams still used them.
+        self._tokens: Counter[int] = Counter()
+        self._cut: set[int] = set()
         # Newest entries, ascending by revision: every revision in (_floor, _head] the log
         # holds. Trimmed to `ring` entries when it passes twice that.
         self._ring: list[Entry] = []
@@ -207,17 +216,28 @@ class ChangeHub:
 
     # ------------------------------------------------------------------ admission
 
-    def admit(self) -> bool:
-        """Take a stream slot; False (and counted) when all `max_subscribers` are taken.
-        Called on the event loop only, so no lock."""
+    def admit(self, token_id: int | None = None) -> bool:
+        """Take a stream slot for a stream authenticated by `token_id`; False (and counted)
+        when all `max_subscribers` are taken. Called on the event loop only, so no lock."""
         if self.subscribers >= self.max_subscribers:
             self.refused += 1
             return False
         self.subscribers += 1
+        if token_id is not None:
+            self._tokens[token_id] += 1
         return True
 
-    def release(self) -> None:
+    def release(self, token_id: int | None = None) -> None:
         self.subscribers -= 1
+        if token_id is not None:
+            self._tokens[token_id] -= 1
+            if self._tokens[token_id] <= 0:
+                del self._tokens[token_id]
+                self._cut.discard(token_id)
+
+    def is_cut(self, token_id: int | None) -> bool:
+        """Whether the streams of `token_id` must end: the token was revoked."""
+        return token_id is not None and token_id in self._cut
 
     # ------------------------------------------------------------------ database side
 
@@ -242,6 +262,34 @@ class ChangeHub:
             oldest = int(db.scalar(select(func.coalesce(func.min(Change.id), 0))) or 0)
             return Batch([read_row(r) for r in rows], oldest)
 
+    def _valid_tokens(self, ids: list[int]) -> set[int]:
+        """Which of `ids` are still unrevoked tokens."""
+        with self._factory() as db:
+            return set(
+                db.scalars(
+                    select(AdminToken.id).where(
+                        AdminToken.id.in_(ids), AdminToken.revoked_at.is_(None)
+                    )
+                )
+            )
+
+    async def _revalidate(self) -> None:
+        """End the streams whose token has been revoked since they started."""
+        ids = [t for t in self._tokens if t not in self._cut]
+        if not ids:
+            return
+        valid = await self._in_thread(self._valid_tokens, ids)
+        revoked = {t for t in ids if t not in valid and t in self._tokens}
+        if revoked:
+            self._cut |= revoked
+            log.info(
+                "ending %d watch stream(s) of %d revoked token(s)",
+                sum(self._tokens[t] for t in revoked),
+                len(revoked),
+            )
+            moved, self._moved = self._moved, asyncio.Event()
+            moved.set()  # waiting streams wake up and see they are cut
+
     def _prune(self) -> int:
         with self._factory() as db, db.begin():
             cutoff = self._head - self._keep
@@ -252,8 +300,13 @@ class ChangeHub:
 
     async def _run(self) -> None:
         ticks = 0
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         while True:
             try:
+                if loop.time() - checked >= REVALIDATE_SECONDS:
+                    checked = loop.time()
+                    await self._revalidate()
                 batch = await self._in_thread(self._fetch, self._head)
                 self._oldest = batch.oldest
                 if batch.entries:
@@ -308,14 +361,14 @@ class ChangeHub:
     # ------------------------------------------------------------------ subscribers
 
     async def _follow(
-        self, since: int, heartbeat: float
+        self, since: int, heartbeat: float, token_id: int | None = None
     ) -> AsyncIterator[list[Stored] | WatchResync | WatchHeartbeat]:
         """Runs of changes after `since` (each at most CHUNK_BYTES of lines), resyncs and
-        heartbeats, forever."""
+        heartbeats, until `token_id` is revoked."""
         if since > self._head:
             yield WatchResync(revision=self._head)
             since = self._head
-        while True:
+        while not self.is_cut(token_id):
             if since < min(self._oldest, self._head + 1) - 1:
                 # Older than anything the log still has: the changes in between are gone.
                 yield WatchResync(revision=self._head)
@@ -325,7 +378,7 @@ class ChangeHub:
                 start = bisect.bisect_right(self._ring, since, key=_revision)
                 pending = self._ring[start : start + BATCH]
                 if not pending:
-                    if not await self._wait_past(since, heartbeat):
+                    if not await self._wait_past(since, heartbeat, token_id):
                         yield WatchHeartbeat(revision=self._head)
                     continue
             else:
@@ -365,29 +418,36 @@ class ChangeHub:
         await self._turns.acquire()
         asyncio.get_running_loop().call_later(PACE_SECONDS, self._turns.release)
 
-    async def subscribe(self, since: int, heartbeat: float) -> AsyncIterator[WatchMessage]:
-        """Events after revision `since`, forever; a resync if `since` is no longer served or
-        an unreadable row lies ahead (the stream then goes on from the head)."""
-        async for item in self._follow(since, heartbeat):
+    async def subscribe(
+        self, since: int, heartbeat: float, token_id: int | None = None
+    ) -> AsyncIterator[WatchMessage]:
+        """Events after revision `since`, until `token_id` is revoked; a resync if `since` is
+        no longer served or an unreadable row lies ahead (the stream then goes on from the
+        head)."""
+        async for item in self._follow(since, heartbeat, token_id):
             if isinstance(item, list):
                 for stored in item:
                     yield stored.event
             else:
                 yield item
 
-    async def lines(self, since: int, heartbeat: float) -> AsyncIterator[bytes]:
+    async def lines(
+        self, since: int, heartbeat: float, token_id: int | None = None
+    ) -> AsyncIterator[bytes]:
         """The same as :meth:`subscribe`, as stream lines joined into chunks."""
-        async for item in self._follow(since, heartbeat):
+        async for item in self._follow(since, heartbeat, token_id):
             if isinstance(item, list):
                 yield b"".join(stored.line for stored in item)
             else:
                 yield ndjson(item)
 
-    async def _wait_past(self, revision: int, patience: float) -> bool:
-        """Wait until the head moves past `revision`; False on timeout."""
+    async def _wait_past(
+        self, revision: int, patience: float, token_id: int | None = None
+    ) -> bool:
+        """Wait until the head moves past `revision` or `token_id` is cut; False on timeout."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + patience
-        while self._head <= revision:
+        while self._head <= revision and not self.is_cut(token_id):
             left = deadline - loop.time()
             if left <= 0:
                 return False

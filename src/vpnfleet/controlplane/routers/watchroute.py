@@ -22,15 +22,16 @@ class WatchResponse(StreamingResponse):
     server stopping): released around the whole response, not inside the body generator,
     whose `finally` would never run if the stream were cancelled before it started."""
 
-    def __init__(self, body: AsyncIterator[bytes], hub: ChangeHub) -> None:
+    def __init__(self, body: AsyncIterator[bytes], hub: ChangeHub, token_id: int) -> None:
         super().__init__(body, media_type="application/x-ndjson")
         self._hub = hub
+        self._token_id = token_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._hub.release()
+            self._hub.release(self._token_id)
 
 
 @router.get(
@@ -47,17 +48,17 @@ class WatchResponse(StreamingResponse):
 )
 async def watch(
     state: State,
-    _who: StreamWatcher,
+    who: StreamWatcher,
     since: int = Query(default=0, ge=0, description="last revision the client has applied"),
 ) -> Response:
     """Stream `change` events after `since`, `heartbeat`s while idle, `resync` if too far behind.
 
     A client that gets `resync` must fetch a full snapshot and resume from its revision. The
     token is checked before anything streams; past the replica's stream limit the answer is
-    503 with `Retry-After`.
+    503 with `Retry-After`. The stream ends within about a second of its token's revocation.
     """
     hub = state.hub
-    if not hub.admit():
+    if not hub.admit(who.token_id):
         response = problem_response(
             503,
             "Too many watch streams",
@@ -66,4 +67,6 @@ async def watch(
         )
         response.headers["Retry-After"] = str(RETRY_AFTER)
         return response
-    return WatchResponse(hub.lines(since, state.settings.heartbeat_interval), hub)
+    return WatchResponse(
+        hub.lines(since, state.settings.heartbeat_interval, who.token_id), hub, who.token_id
+    )
