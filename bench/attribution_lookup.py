@@ -360,7 +360,9 @@ def run_http(url: str, data_dir: Path, queries: list[tuple[str, Query]], n: int)
 
     port = free_port()
     settings = ServerSettings(
-        data_dir=data_dir, database_url=url, listen=f"127.0.0.1:{port}",
+        data_dir=data_dir,
+        database_url=url,
+        listen=f"127.0.0.1:{port}",
         secret=secrets.token_urlsafe(32),
     )
     server = uvicorn.Server(

@@ -28,9 +28,7 @@ def test_repeated_gets_return_the_same_signed_crl(server: Server, admin: httpx.C
     assert get_crl(admin) == first
     # Another replica on the same database serves the very same bytes.
     other = prepare(
-        ServerSettings(
-            data_dir=server.data_dir, database_url=server.database_url, secret=SECRET
-        )
+        ServerSettings(data_dir=server.data_dir, database_url=server.database_url, secret=SECRET)
     )
     try:
         with db.transaction(other.factory) as session:

@@ -129,9 +129,7 @@ def vpnfleet(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_a_weak_seal_secret_can_be_replaced_by_resealing(
-    database_url: str, tmp_path: Path
-) -> None:
+def test_a_weak_seal_secret_can_be_replaced_by_resealing(database_url: str, tmp_path: Path) -> None:
     """A database sealed with a weak secret (from before the check) is re-sealed with a strong
     one, after which the server starts and every key opens; the weak one opens nothing."""
     from vpnfleet.controlplane import certs, db

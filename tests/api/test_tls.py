@@ -189,7 +189,14 @@ def test_agent_client_pins_the_ca(tls_server: TLSServer, tmp_path: Path) -> None
         headers={"Authorization": f"Bearer {tls_server.admin_token}"},
     ) as admin:
         resp = admin.post("/api/v1/tokens", json={"name": "agents", "role": "agent"})
-        agent_token = resp.json()["token"]
+        enrollment = resp.json()["token"]
+        resp = httpx.post(
+            f"{tls_server.url}/api/v1/agent/enroll",
+            json={"name": "pod-tls"},
+            headers={"Authorization": f"Bearer {enrollment}"},
+            verify=servertls_ctx(tls_server.ca_file),
+        )
+        agent_token = resp.json()["token"]  # the pod's own credential reads the CRL
 
     async def crl(ca_file: Path) -> str:
         cp = ControlPlane(tls_server.url, agent_token, ca_file=ca_file)

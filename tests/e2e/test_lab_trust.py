@@ -15,7 +15,6 @@ import signal
 import time
 from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 import pytest_asyncio
 
@@ -49,17 +48,13 @@ def test_a_pod_credential_cannot_act_as_another_pod(lab: LabInfo) -> None:
     pod1_credential = (lab.dir / "pod1" / "pod-credential").read_text().strip()
     assert (lab.dir / "pod1" / "pod-credential").stat().st_mode & 0o077 == 0
     enrollment = (lab.dir / "agent-token").read_text().strip()
-    with httpx.Client(
-        base_url=lab.url, headers={"Authorization": f"Bearer {pod1_credential}"}, timeout=10
-    ) as pod1:
+    with lab.client(pod1_credential) as pod1:
         r = pod1.post("/api/v1/agent/register", json={"name": "pod2", "pod_ip": "192.0.2.1"})
         assert r.status_code == 403 and "cannot act as pod 'pod2'" in r.json()["detail"]
         assert "PRIVATE KEY" not in r.text
         beat = {"name": "pod2", "applied_revision": 0, "ready": False}
         assert pod1.post("/api/v1/agent/heartbeat", json=beat).status_code == 403
-    with httpx.Client(
-        base_url=lab.url, headers={"Authorization": f"Bearer {enrollment}"}, timeout=10
-    ) as enroller:
+    with lab.client(enrollment) as enroller:
         r = enroller.post("/api/v1/agent/enroll", json={"name": "pod2"})
         assert r.status_code == 409, r.text
         assert enroller.get("/api/v1/agent/snapshot").status_code == 403

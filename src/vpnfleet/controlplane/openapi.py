@@ -63,6 +63,8 @@ NAMES_OBJECTS = {
     ("post", "/api/v1/agent/heartbeat"),  # its pod
 }
 WRITES = {"post", "put", "patch", "delete"}
+# Reads that can answer 409: a profile of a user whose certificate is revoked or expired.
+CONFLICTING_READS = {("get", "/api/v1/users/{name}/profile")}
 _PATH_PARAM = re.compile(r"\{[^}]+\}")
 
 
@@ -104,7 +106,7 @@ def error_codes(method: str, path: str, operation: dict[str, Any]) -> list[int]:
         codes.add(413)
     if _PATH_PARAM.search(path) or (method, path) in NAMES_OBJECTS:
         codes.add(404)
-    if method in WRITES and operation.get("security"):
+    if (method in WRITES and operation.get("security")) or (method, path) in CONFLICTING_READS:
         codes.add(409)
     if path in ("/readyz", "/api/v1/watch"):
         codes.add(503)

@@ -441,9 +441,7 @@ class ChangeHub:
             else:
                 yield ndjson(item)
 
-    async def _wait_past(
-        self, revision: int, patience: float, token_id: int | None = None
-    ) -> bool:
+    async def _wait_past(self, revision: int, patience: float, token_id: int | None = None) -> bool:
         """Wait until the head moves past `revision` or `token_id` is cut; False on timeout."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + patience

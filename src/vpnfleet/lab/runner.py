@@ -124,10 +124,11 @@ class LabInfo:
         data["users"] = [LabUser(**u) for u in data["users"]]
         return cls(**data)
 
-    def client(self) -> httpx.Client:
+    def client(self, token: str | None = None) -> httpx.Client:
+        """A client of the lab's control plane with `token` (default: the admin token)."""
         return httpx.Client(
             base_url=self.url,
-            headers={"Authorization": f"Bearer {self.admin_token}"},
+            headers={"Authorization": f"Bearer {token or self.admin_token}"},
             timeout=30,
             # A lab made before the lab ran TLS has an http URL and no CA.
             verify=tlspin.pinned_context(self.ca_file) if self.url.startswith("https:") else True,
