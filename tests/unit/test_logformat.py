@@ -249,7 +249,7 @@ def test_annotate_with_a_compiled_format_keeps_and_marks_lines() -> None:
         COMBINED_LINE.replace(" 40000", " 40001") + " user=bob\n",
         COMBINED_LINE.replace("10.99.0.11", "2001:db8::1") + " user=-",
     ]
-    assert warned == [(2, "the line does not match the log format at ' - '")]
+    assert warned == [(2, "the line ends before the log format's $remote_user")]
 
 
 def test_annotated_json_lines_stay_json() -> None:

@@ -49,7 +49,7 @@ TimeParser = Callable[[str], tuple[dt.datetime, bool]]
 
 # Patterns of the values the parser reads. Each is wide enough to let the value's own check
 # give a clear message ("client port '-' is not a number") instead of "does not match".
-_ADDR = r"[^\s\"]+?"
+_ADDR = r"[^\s\"]+"  # greedy: backtracks to the last ":" before a port
 _PORT = r"\d+|-"
 _NUMBER = r"\d+|-"
 _DECIMAL = r"\d+(?:\.\d+)?|-"
@@ -57,8 +57,9 @@ _TIME_LOCAL = r"\d{1,2}/[A-Za-z]{3}/\d{4}:\d{2}:\d{2}:\d{2}(?: [+-]\d{4})?"
 _ISO8601 = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}:?\d{2})?"
 _EPOCH_FRACTION = r"\d+(?:\.\d+)?"
 # Inside double quotes: anything but a quote, or a backslash escape (Apache writes \" and
-# \\; nginx writes \x22, which this also reads).
-_QUOTED = r"(?:[^\"\\]|\\.)*"
+# \\; nginx writes \x22, which this also reads). Written as runs of plain characters between
+# escapes: the same language as (?:[^"\\]|\\.)*, three times faster in Python's re.
+_QUOTED = r"[^\"\\]*(?:\\.[^\"\\]*)*"
 _QUOTED_LAZY = r"(?:[^\"\\]|\\.)*?"
 
 _ROLE_NAMES = {
@@ -306,7 +307,8 @@ def _generic(inside_quotes: bool, following: _Token | None) -> str:
         stop = following.text[0]
         if stop == '"':
             return _QUOTED
-        return rf"(?:[^\"\\{re.escape(stop)}]|\\.)*"
+        plain = rf"[^\"\\{re.escape(stop)}]*"
+        return rf"{plain}(?:\\.{plain})*"
     if following is None:
         return r"\S*"
     if isinstance(following, _Var):
@@ -402,7 +404,8 @@ def unwrap_nginx(text: str) -> tuple[str, bool]:
     directive = rest.startswith("log_format") and rest[10:11].isspace()
     if directive:
         rest = rest[10:].strip()
-        name, _, rest = rest.partition(" ")
+        parts = rest.split(None, 1)
+        name, rest = (parts[0], parts[1]) if len(parts) == 2 else (rest, "")
         if not name or not rest.strip():
             raise LogFormatError("'log_format NAME STRING;' needs a name and a format string")
         rest = rest.strip()
