@@ -61,7 +61,9 @@ def test_nginx_bare_string_and_quoted_pieces_give_the_same_parser() -> None:
     )
     quoted = "'$remote_addr - $remote_user [$time_local] ' '\"$request\" $status "
     quoted += '$body_bytes_sent "$http_referer" "$http_user_agent" $remote_port\''
-    for fmt in (bare, quoted, COMBINED_PORT):
+    newline_after_name = "log_format combined_port\n    " + quoted + ";"
+    double = '"' + bare.replace('"', '\\"') + '"'  # nginx's double-quoted string
+    for fmt in (bare, quoted, COMBINED_PORT, newline_after_name, double):
         assert hit(fmt, COMBINED_LINE).port == 40000
 
 
