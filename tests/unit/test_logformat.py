@@ -270,3 +270,27 @@ def test_any_input_gives_one_line_per_line(parts: list[str], json_format: bool) 
     assert len(out) == len(lines)
     for before, after in zip(lines, out, strict=True):
         assert after.endswith("\n") == before.endswith("\n")
+
+
+@pytest.mark.parametrize(
+    ("time_format", "text"),
+    [
+        ("%{end:%d/%b/%Y:%H:%M:%S %z}t", "26/Nov/2026:16:04:05 +0100"),
+        ("%{begin:%F %T %z}t", "2026-11-26 15:04:05 +0000"),
+        ("%{%a %e %b %Y %H:%M:%S %z}t", "Thu 26 Nov 2026 15:04:05 Z"),
+        ("[%{%d/%m/%y %H.%M.%S%z}t]", "[26/11/26 10.04.05-0500]"),
+        ("%{usec}t", "1795705445000000"),
+    ],
+)  # fmt: skip
+def test_apache_time_formats(time_format: str, text: str) -> None:
+    got = hit(f"%a %{{remote}}p {time_format} %>s", f"10.99.0.11 40000 {text} 200", "apache")
+    assert got.at == T
+
+
+def test_apache_time_that_does_not_fit_its_strftime_says_so() -> None:
+    with pytest.raises(ValueError, match="is not like '%d/%b/%Y:%H:%M:%S %z'"):
+        hit(
+            "%a %{remote}p %{%d/%b/%Y:%H:%M:%S %z}t",
+            "10.0.0.1 1 31/Feb/2026:15:04:05 +0000",
+            "apache",
+        )
