@@ -160,6 +160,9 @@ def test_annotate_with_an_nginx_json_format(fleet: Server) -> None:
     assert [json.loads(o)["vpnfleet_user"] for o in out[:3]] == ["alice", "bob", "?"]
     assert json.loads(out[0])["request"] == "GET /"  # the line is kept as it was
     assert out[3] == "not json at all user=?"
+    assert "reading the client address, port and time from $remote_addr, $remote_port, $msec" in (
+        proc.stderr
+    )
     assert "line 3: the object has no client.port" in proc.stderr
     assert "line 4: the line is not JSON" in proc.stderr
 

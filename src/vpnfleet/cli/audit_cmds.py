@@ -322,6 +322,9 @@ def audit_annotate(
     log_format = _annotate_format(fmt, nginx_format, apache_format)
     if proto.lower() not in ("tcp", "udp", "icmp"):
         raise CLIError(f"--proto {proto!r} is not one of tcp, udp, icmp", 2)
+    if isinstance(log_format, logformat.CompiledFormat):
+        # Which variables were picked matters when a format has several (realip, $msec).
+        say(f"reading the client address, port and time from {log_format.describes}", err=True)
     base = api(ctx)
     annotator = _Annotator(
         APIClient(base.url, base.token, timeout=ANNOTATE_TIMEOUT, ca_file=base.ca_file),
