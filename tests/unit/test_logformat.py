@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -294,3 +295,20 @@ def test_apache_time_that_does_not_fit_its_strftime_says_so() -> None:
             "10.0.0.1 1 31/Feb/2026:15:04:05 +0000",
             "apache",
         )
+
+
+def test_variables_back_to_back_are_read_as_one_field() -> None:
+    fmt = '"$host$request_uri" $remote_addr:$remote_port [$time_local] "$http_user_agent$status"'
+    line = '"example.org/a/b?c" 10.99.0.11:40000 [26/Nov/2026:15:04:05 +0000] "curl200"'
+    assert hit(fmt, line) == LogHit("10.99.0.11", 40000, T, True)
+
+
+@pytest.mark.parametrize("junk", ["a" * 100_000, "a:" * 50_000, '"' * 100_000, "x " * 50_000])
+def test_a_long_line_that_does_not_match_is_refused_at_once(junk: str) -> None:
+    # Two unbounded patterns side by side ($host$request_uri) once took a minute on such a
+    # line (quadratic backtracking); linear, it takes milliseconds. The bound is 500x that.
+    fmt = compile_format("nginx", '$host$request_uri $remote_addr:$remote_port [$time_local] "$x"')
+    start = time.perf_counter()
+    with pytest.raises(ValueError):
+        fmt.parse(junk)
+    assert time.perf_counter() - start < 10

@@ -344,7 +344,24 @@ def _choose(tokens: Sequence[_Token]) -> dict[Role, _Var]:
     return chosen
 
 
+def _join_runs(tokens: Sequence[_Token]) -> list[_Token]:
+    """Variables written back to back (``$host$request_uri``) become one generic field.
+
+    Nothing is captured from them, and two unbounded patterns side by side would make a
+    line that does not match cost time quadratic in its length (a 100 kB line: a minute).
+    """
+    out: list[_Token] = []
+    for t in tokens:
+        last = out[-1] if out else None
+        if isinstance(t, _Var) and t.role is None and isinstance(last, _Var) and last.role is None:
+            out[-1] = _Var(last.text + t.text)
+        else:
+            out.append(t)
+    return out
+
+
 def _compile(tokens: Sequence[_Token], chosen: dict[Role, _Var]) -> _Pattern:
+    tokens = _join_runs(tokens)
     parts: list[str] = []
     quoted = False
     for i, t in enumerate(tokens):
