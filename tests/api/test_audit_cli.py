@@ -105,6 +105,109 @@ def test_annotate_refuses_unknown_format(fleet: Server, tmp_path: Path) -> None:
     assert proc.returncode == 2 and "--format 'apache' is not one of" in proc.stderr
 
 
+# The issue's three custom formats, each as an operator would copy it from the server's config.
+COMBINED_PORT = (
+    "log_format combined_port '$remote_addr - $remote_user [$time_local] '\n"
+    '    \'"$request" $status $body_bytes_sent "$http_referer" "$http_user_agent" '
+    "$remote_port';"
+)
+JSON_FORMAT = (
+    'log_format audit escape=json \'{"ts":$msec,"client":{"ip":"$remote_addr",'
+    '"port":$remote_port},"request":"$request","status":$status}\';'
+)
+APACHE = (
+    'LogFormat "%h %l %u %t \\"%r\\" %>s %b \\"%{Referer}i\\" \\"%{User-Agent}i\\" '
+    '%{remote}p" combined_port'
+)
+
+
+def test_annotate_with_nginx_combined_plus_port(fleet: Server, tmp_path: Path) -> None:
+    def line(port: int, when: str, addr: str = POD_IP, req: str = "GET /x HTTP/1.1") -> str:
+        return f'{addr} - - [{when}] "{req}" 200 5 "-" "curl/8" {port}'
+
+    lines = [
+        line(40000, "26/Nov/2026:15:00:30 +0000", req="GET /q?a=\\x22b\\x22 HTTP/1.1"),  # alice
+        line(40000, "26/Nov/2026:16:11:00 +0100"),  # bob, another zone
+        line(40000, "26/Nov/2026:15:05:00 +0000"),  # nobody
+        nginx_line(40000, "26/Nov/2026:15:00:30 +0000"),  # the vpnfleet format: does not match
+        line(40000, "26/Nov/2026:15:00:30 +0000", addr="2001:db8::1"),  # not a pod
+    ]
+    log = tmp_path / "access.log"
+    log.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "annotated.log"
+    proc = vpnfleet(fleet, "audit", "annotate", "--log-format", COMBINED_PORT, str(log),
+                    "-o", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    users = ["alice", "bob", "-", "?", "-"]
+    assert out.read_text().splitlines() == [
+        f"{x} user={u}" for x, u in zip(lines, users, strict=True)
+    ]
+    assert "warning: line 4: the line ends before the log format's $remote_port" in proc.stderr
+    assert "annotated 5 line(s); 1 could not be read (user=?)" in proc.stderr
+
+
+def test_annotate_with_an_nginx_json_format(fleet: Server) -> None:
+    rows: list[dict[str, object] | str] = [
+        {"ts": 1795705230.25, "client": {"ip": POD_IP, "port": 40000}, "request": "GET /"},
+        {"ts": 1795705860.5, "client": {"ip": POD_IP, "port": 40000}, "status": 200},
+        {"ts": 1795705845.0, "client": {"ip": POD_IP}, "status": 200},  # no port
+        "not json at all",
+    ]
+    text = "".join((json.dumps(r) if isinstance(r, dict) else r) + "\n" for r in rows)
+    proc = vpnfleet(fleet, "audit", "annotate", "--log-format", JSON_FORMAT, "-", stdin=text)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    assert [json.loads(o)["vpnfleet_user"] for o in out[:3]] == ["alice", "bob", "?"]
+    assert json.loads(out[0])["request"] == "GET /"  # the line is kept as it was
+    assert out[3] == "not json at all user=?"
+    assert "reading the client address, port and time from $remote_addr, $remote_port, $msec" in (
+        proc.stderr
+    )
+    assert "line 3: the object has no client.port" in proc.stderr
+    assert "line 4: the line is not JSON" in proc.stderr
+
+
+def test_annotate_with_an_apache_logformat(fleet: Server, tmp_path: Path) -> None:
+    lines = [
+        f'{POD_IP} - - [26/Nov/2026:15:11:00 +0000] "GET /a\\"b HTTP/1.1" 200 - "-" "x" 40000',
+        f'{POD_IP} - - [26/Nov/2026:15:00:10 +0000] "GET / HTTP/1.1" 304 - "-" "x" 40000',
+        f'{POD_IP} - - [26/Nov/2026:15:00:10 +0000] "GET / HTTP/1.1" 304 - "-" "x"',  # no port
+    ]
+    log = tmp_path / "access_log"
+    log.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    out = tmp_path / "annotated"
+    proc = vpnfleet(fleet, "audit", "annotate", "--apache-format", APACHE, str(log),
+                    "-o", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes().decode().split("\r\n") == [
+        lines[0] + " user=bob",
+        lines[1] + " user=alice",
+        lines[2] + " user=?",
+        "",
+    ]
+    assert "line 3: the line ends before the log format's %{remote}p" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--log-format", "$remote_addr [$time_local]"],
+         "--log-format: the log format has no client port ($remote_port)"),
+        (["--apache-format", "%h %{remote}p %t %Y"],
+         "--apache-format: %Y is not an Apache LogFormat directive"),
+        (["--format", "json", "--log-format", "$remote_addr $remote_port $msec"],
+         "give only one of --format and --log-format"),
+    ],
+)  # fmt: skip
+def test_annotate_refuses_a_bad_format_before_reading(
+    fleet: Server, tmp_path: Path, args: list[str], message: str
+) -> None:
+    out = tmp_path / "out.log"
+    proc = vpnfleet(fleet, "audit", "annotate", *args, "-", "-o", str(out), stdin="x\n")
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not out.exists() and not (tmp_path / "out.log.partial").exists()
+
+
 def test_who_names_the_user_or_lists_candidates(fleet: Server) -> None:
     ok = vpnfleet(fleet, "audit", "who", "--ip", POD_IP, "--port", "40000",
                   "--at", "2026-11-26T15:11:00Z")  # fmt: skip

@@ -155,6 +155,34 @@ def check_annotated(info: LabInfo) -> int:
     return len(annotated)
 
 
+def check_custom_formats(info: LabInfo) -> int:
+    """The same requests in nginx's other logs, written by the real nginx in the lab's own
+    log_format lines (combined + $remote_port, escape=json): annotate reads each with
+    --log-format given the line as it is in nginx.conf, and names each page's owner."""
+    web_dir = info.web_access_log.parent
+    counted = []
+    for name, fmt in runner.nginx.CUSTOM_FORMATS.items():
+        log = runner.nginx.custom_log(web_dir, name)
+        out = info.dir / f"annotated.{name}.log"
+        res = vpnfleet(info, "audit", "annotate", "--log-format", f"log_format {name} {fmt};",
+                       str(log), "-o", str(out))  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        assert "could not be read" not in res.stderr, res.stderr
+        original = log.read_text().splitlines()
+        annotated = out.read_text().splitlines()
+        assert len(annotated) == len(original) == len(access_lines(info))
+        for before, after in zip(original, annotated, strict=True):
+            if name == "audit_json":
+                row = json.loads(before)
+                owner = row["request"].split()[1].split("/")[2]
+                assert json.loads(after) == {**row, "vpnfleet_user": owner}, after
+            else:
+                owner = before.split('"')[1].split()[1].split("/")[2]
+                assert after == f"{before} user={owner}", after
+        counted.append(len(annotated))
+    return min(counted)
+
+
 @pytest.mark.asyncio(loop_scope="module")
 async def test_annotate_and_who_name_the_person_behind_the_pod_address(lab: LabInfo) -> None:
     placed = {s["user"]: s for s in sessions(lab)}
@@ -169,6 +197,7 @@ async def test_annotate_and_who_name_the_person_behind_the_pod_address(lab: LabI
     assert seen <= pod_ips and len(seen) == 2
     await until(lambda: len(web_flows(lab)) >= 24, 15, "the 24 flows at the control plane")
     assert check_annotated(lab) == 24
+    assert check_custom_formats(lab) == 24
     # `audit who` with the logged address, port and time, for one line of each user.
     for user in placed:
         m = next(m for m in map(LINE.match, lines) if m and f"/{user}/" in m["path"])

@@ -19,8 +19,8 @@ import typer
 from vpnfleet.cli.admin import JsonOpt, api, audit_app
 from vpnfleet.cli.client import APIClient, CLIError
 from vpnfleet.cli.output import emit_json, record, say, show, table
-from vpnfleet.core import accesslog
-from vpnfleet.core.accesslog import LogFormat, LogHit
+from vpnfleet.core import accesslog, logformat
+from vpnfleet.core.accesslog import Format, LogHit
 
 # A 10,000-line chunk is up to 10,000 lookups in one request: give it time.
 ANNOTATE_TIMEOUT = 600.0
@@ -256,13 +256,58 @@ def _open_input(path: Path) -> Iterator[TextIO]:
         yield fh
 
 
+def _annotate_format(fmt: str | None, nginx: str | None, apache: str | None) -> Format:
+    """One of the fixed formats, or the operator's own format compiled (checked before any
+    line is read: a format that cannot name the person is refused at once)."""
+    given = [n for n, v in (("--format", fmt), ("--log-format", nginx), ("--apache-format", apache))
+             if v is not None]  # fmt: skip
+    if len(given) > 1:
+        raise CLIError(f"give only one of {' and '.join(given)}", 2)
+    try:
+        if nginx is not None:
+            return logformat.compile_format("nginx", nginx)
+        if apache is not None:
+            return logformat.compile_format("apache", apache)
+    except logformat.LogFormatError as exc:
+        raise CLIError(f"--{'log' if nginx is not None else 'apache'}-format: {exc}", 2) from None
+    chosen = fmt or "nginx"
+    for known in accesslog.FORMATS:
+        if chosen == known:
+            return known
+    raise CLIError(
+        f"--format {chosen!r} is not one of {', '.join(accesslog.FORMATS)} "
+        "(for another layout give its string with --log-format or --apache-format)",
+        2,
+    )
+
+
 @audit_app.command("annotate")
 def audit_annotate(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="Access log to annotate ('-' for stdin).")],
     fmt: Annotated[
-        str, typer.Option("--format", help="nginx (log_format vpnfleet), combined-with-port, json.")
-    ] = "nginx",
+        str | None,
+        typer.Option(
+            "--format",
+            help="nginx (log_format vpnfleet, the default), combined-with-port, json.",
+        ),
+    ] = None,
+    nginx_format: Annotated[
+        str | None,
+        typer.Option(
+            "--log-format",
+            help="The backend's own nginx log_format string (or the whole "
+            "'log_format NAME ...;' line from nginx.conf) instead of --format.",
+        ),
+    ] = None,
+    apache_format: Annotated[
+        str | None,
+        typer.Option(
+            "--apache-format",
+            help="The backend's own Apache LogFormat string (or the whole LogFormat line) "
+            "instead of --format.",
+        ),
+    ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
     ] = None,
@@ -274,11 +319,12 @@ def audit_annotate(
 ) -> None:
     """Append the VPN user to every line of a backend access log (user=- if none, ? if the
     line could not be read). Never drops a line."""
-    if fmt not in accesslog.FORMATS:
-        raise CLIError(f"--format {fmt!r} is not one of {', '.join(accesslog.FORMATS)}", 2)
+    log_format = _annotate_format(fmt, nginx_format, apache_format)
     if proto.lower() not in ("tcp", "udp", "icmp"):
         raise CLIError(f"--proto {proto!r} is not one of tcp, udp, icmp", 2)
-    log_format: LogFormat = fmt  # checked against FORMATS just above
+    if isinstance(log_format, logformat.CompiledFormat):
+        # Which variables were picked matters when a format has several (realip, $msec).
+        say(f"reading the client address, port and time from {log_format.describes}", err=True)
     base = api(ctx)
     annotator = _Annotator(
         APIClient(base.url, base.token, timeout=ANNOTATE_TIMEOUT, ca_file=base.ca_file),

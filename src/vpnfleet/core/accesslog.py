@@ -8,7 +8,9 @@ Formats (see docs/audit.md for the nginx configuration):
 - ``combined-with-port``: nginx's ``combined`` with ``$remote_port`` as the second field,
   ``$remote_addr $remote_port - $remote_user [$time_local] "$request" ...``;
 - ``json``: one object per line with ``remote_addr``, ``remote_port`` and ``time`` (ISO 8601
-  with a zone, ``$time_local``, or epoch seconds like ``$msec``).
+  with a zone, ``$time_local``, or epoch seconds like ``$msec``);
+- any other nginx ``log_format`` or Apache ``LogFormat``: compiled by
+  :mod:`vpnfleet.core.logformat` into a :class:`LineParser`.
 
 A log time with whole seconds (``$time_local``, ``$time_iso8601``) only says the request
 happened within that second, so it is looked up as the range ``[t, t + 1 s]``.
@@ -26,7 +28,7 @@ import json
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 LogFormat = Literal["nginx", "combined-with-port", "json"]
 FORMATS: tuple[LogFormat, ...] = ("nginx", "combined-with-port", "json")
@@ -50,6 +52,22 @@ _EPOCH = re.compile(r"\d{9,11}(\.\d+)?")
 # Everything up to the first "[...]": the bracket holds $time_local in both text formats.
 _NGINX = re.compile(r"(?P<client>\S+) .*?\[(?P<time>[^\]]*)\]")
 _COMBINED = re.compile(r"(?P<addr>\S+) (?P<port>\S+) .*?\[(?P<time>[^\]]*)\]")
+
+
+class LineParser(Protocol):
+    """A parser compiled from an operator's own log format (:mod:`vpnfleet.core.logformat`)."""
+
+    @property
+    def is_json(self) -> bool:
+        """Lines are JSON objects: annotate adds a key instead of a text suffix."""
+        ...
+
+    def parse(self, content: str) -> LogHit:
+        """One line without its ending; ValueError with one sentence if it can't be read."""
+        ...
+
+
+Format = LogFormat | LineParser
 
 
 @dataclass(frozen=True)
@@ -99,7 +117,7 @@ def parse_instant(text: str) -> tuple[dt.datetime, bool]:
     if not raw:
         raise ValueError("the time is empty")
     if _EPOCH.fullmatch(raw):
-        return _epoch(float(raw)), "." not in raw
+        return epoch_time(float(raw)), "." not in raw
     if "/" in raw:
         return parse_time_local(raw), True
     # A "+" in a URL query turns into a space when not encoded: put it back.
@@ -119,14 +137,14 @@ def parse_instant(text: str) -> tuple[dt.datetime, bool]:
     return value, _FRACTION.search(raw) is None
 
 
-def _epoch(seconds: float) -> dt.datetime:
+def epoch_time(seconds: float) -> dt.datetime:
     """Epoch seconds (nginx ``$msec``) as an aware UTC time."""
     if not 0 < seconds < 4_102_444_800:  # also rejects NaN
         raise ValueError(f"time {seconds!r} is not epoch seconds between 1970 and 2100")
     return dt.datetime.fromtimestamp(seconds, dt.UTC)
 
 
-def _port(text: str) -> int:
+def parse_port(text: str) -> int:
     if not text.isdigit():
         raise ValueError(f"client port {text!r} is not a number")
     port = int(text)
@@ -135,7 +153,7 @@ def _port(text: str) -> int:
     return port
 
 
-def _address(text: str) -> str:
+def parse_address(text: str) -> str:
     try:
         return str(ipaddress.ip_address(text.strip("[]")))
     except ValueError:
@@ -143,8 +161,8 @@ def _address(text: str) -> str:
 
 
 def _hit(addr: str, port: str, time_text: str, local: bool) -> LogHit:
-    address = _address(addr)
-    number = _port(port)
+    address = parse_address(addr)
+    number = parse_port(port)
     if local:
         return LogHit(address, number, parse_time_local(time_text), True)
     at, whole = parse_instant(time_text)
@@ -168,14 +186,17 @@ def _parse_json(content: str) -> LogHit:
     if isinstance(when, bool) or not isinstance(when, int | float | str):
         raise ValueError(f"time {when!r} is not a time")
     if isinstance(when, int | float):
-        at = _epoch(float(when))
-        return LogHit(_address(str(obj["remote_addr"])), _port(str(port)), at, at.microsecond == 0)
+        at = epoch_time(float(when))
+        addr = parse_address(str(obj["remote_addr"]))
+        return LogHit(addr, parse_port(str(port)), at, at.microsecond == 0)
     return _hit(str(obj["remote_addr"]), str(port), when, local=False)
 
 
-def parse_line(fmt: LogFormat, line: str) -> LogHit:
+def parse_line(fmt: Format, line: str) -> LogHit:
     """Read one log line (without its line ending); ValueError with one sentence if it can't."""
     content = line.rstrip("\r\n")
+    if not isinstance(fmt, str):
+        return fmt.parse(content)
     if fmt == "json":
         return _parse_json(content)
     if fmt == "nginx":
@@ -202,10 +223,10 @@ def _split_ending(line: str) -> tuple[str, str]:
     return line, ""
 
 
-def annotate_line(fmt: LogFormat, line: str, name: str) -> str:
+def annotate_line(fmt: Format, line: str, name: str) -> str:
     """The line with its user appended, keeping its line ending (and JSON lines JSON)."""
     content, ending = _split_ending(line)
-    if fmt == "json":
+    if fmt == "json" or (not isinstance(fmt, str) and fmt.is_json):
         body = content.rstrip()
         try:
             is_object = body.endswith("}") and isinstance(json.loads(body), dict)
@@ -224,7 +245,7 @@ Warn = Callable[[int, str], None]
 
 def annotate(
     lines: Iterable[str],
-    fmt: LogFormat,
+    fmt: Format,
     resolve: Resolver,
     warn: Warn,
     *,
@@ -249,7 +270,7 @@ def annotate(
 
 
 def _annotate_chunk(
-    lines: list[str], first: int, fmt: LogFormat, resolve: Resolver, warn: Warn
+    lines: list[str], first: int, fmt: Format, resolve: Resolver, warn: Warn
 ) -> list[str]:
     hits: list[LogHit | None] = []
     for n, line in enumerate(lines, first):

@@ -23,9 +23,33 @@ LOG_FORMAT = (
 )
 
 
+# Two more logs of the same requests in layouts operators use, read with
+# `vpnfleet audit annotate --log-format` (docs/audit.md): nginx's `combined` with the port
+# appended, and JSON lines (escape=json) with the exact time ($msec) and the client nested.
+CUSTOM_FORMATS = {
+    "combined_port": (
+        "'$remote_addr - $remote_user [$time_local] \"$request\" $status $body_bytes_sent '\n"
+        '        \'"$http_referer" "$http_user_agent" $remote_port\''
+    ),
+    "audit_json": (
+        'escape=json \'{"ts":$msec,"client":{"ip":"$remote_addr",'
+        '"port":$remote_port},"request":"$request","status":$status}\''
+    ),
+}
+
+
+def custom_log(directory: Path, name: str) -> Path:
+    """Where nginx writes the log in the ``CUSTOM_FORMATS[name]`` layout."""
+    return directory / f"access.{name}.log"
+
+
 def config(directory: Path, port: int = NGINX_PORT) -> str:
     """The nginx.conf of the lab backend (foreground, all paths under ``directory``)."""
     d = directory
+    custom = "".join(
+        f"    log_format {name} {fmt};\n    access_log {custom_log(d, name)} {name};\n"
+        for name, fmt in CUSTOM_FORMATS.items()
+    )
     return f"""daemon off;
 worker_processes 1;
 pid {d}/nginx.pid;
@@ -34,7 +58,7 @@ events {{ worker_connections 256; }}
 http {{
     log_format vpnfleet {LOG_FORMAT};
     access_log {d}/access.log vpnfleet;
-    client_body_temp_path {d}/work/body;
+{custom}    client_body_temp_path {d}/work/body;
     proxy_temp_path {d}/work/proxy;
     fastcgi_temp_path {d}/work/fastcgi;
     uwsgi_temp_path {d}/work/uwsgi;
