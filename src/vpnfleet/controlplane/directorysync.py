@@ -117,59 +117,60 @@ def _sync_leased(
     except DirectoryError as exc:
         _fail(factory, req, "error", str(exc), at)
         raise Problem(502, "Directory unavailable", f"{exc}; nothing was changed") from None
-    with factory() as db, db.begin():
-        if not req.dry_run:
-            row = dirsvc.get_config(db, lock=True)
-            if row is None or row.lease_holder != holder:
-                # The lease ran out while the directory was read and another replica took it.
-                raise conflict("the directory sync lease was lost during the sync; try again")
-        local = dirsvc.local_view(db, set(read.view.members))
-        plan = plan_sync(read.view, local)
-        counts = plan.counts()
-        try:
+    counts: dict[str, int] = {}
+    try:
+        with factory() as db, db.begin():
+            if not req.dry_run:
+                row = dirsvc.get_config(db, lock=True)
+                if row is None or row.lease_holder != holder:
+                    # The lease ran out while the directory was read and another replica took it.
+                    raise conflict("the directory sync lease was lost during the sync; try again")
+            local = dirsvc.local_view(db, set(read.view.members))
+            plan = plan_sync(read.view, local)
+            counts = plan.counts()
             if not req.force:
                 check_mass_disable(plan, local, settings.max_disable_fraction)
-        except MassDisableRefused as exc:
-            if not req.dry_run:
-                _fail(factory, req, "refused", str(exc), at, counts)
-            raise Problem(409, "Conflict", f"{exc}; nothing was changed", counts=counts) from None
-        out = DirectorySyncOut(
-            dry_run=req.dry_run,
-            applied=False,
-            counts=counts,
-            diff=dirsvc.diff_out(plan),
-            directory_users=len(read.view.users),
-            queries=read.queries,
-            seconds=0.0,
-            skipped=read.skipped[:100],
-            sessions_killed=0,
-            revision=None,
-        )
-        if req.dry_run:
-            db.rollback()
-            out.seconds = round(time.monotonic() - started, 3)
-            return out
-        journal = Journal(db, req.who, itemized=False)
-        killed = dirsvc.apply_plan(db, journal, sealer, plan, settings.new_user_mode, pod_lease)
-        summary = {
-            **counts,
-            "sessions_killed": killed,
-            "directory_users": len(read.view.users),
-            "queries": read.queries,
-            "skipped": len(read.skipped),
-        }
-        if not plan.empty:
-            journal.summarize(
-                "directory.sync",
-                "directory",
-                {"counts": summary, "diff": out.diff.model_dump(), "forced": req.force},
+            out = DirectorySyncOut(
+                dry_run=req.dry_run,
+                applied=False,
+                counts=counts,
+                diff=dirsvc.diff_out(plan),
+                directory_users=len(read.view.users),
+                queries=read.queries,
+                seconds=0.0,
+                skipped=read.skipped[:100],
+                sessions_killed=0,
+                revision=None,
             )
-        dirsvc.record_outcome(
-            db, actor=req.who.name, status="ok", error=None, counts=summary, at=at
-        )
-        out.revision = journal.commit()
-        out.applied = True
-        out.sessions_killed = killed
+            if req.dry_run:
+                db.rollback()
+                out.seconds = round(time.monotonic() - started, 3)
+                return out
+            journal = Journal(db, req.who, itemized=False)
+            killed = dirsvc.apply_plan(db, journal, sealer, plan, settings.new_user_mode, pod_lease)
+            summary = {
+                **counts,
+                "sessions_killed": killed,
+                "directory_users": len(read.view.users),
+                "queries": read.queries,
+                "skipped": len(read.skipped),
+            }
+            if not plan.empty:
+                journal.summarize(
+                    "directory.sync",
+                    "directory",
+                    {"counts": summary, "diff": out.diff.model_dump(), "forced": req.force},
+                )
+            dirsvc.record_outcome(
+                db, actor=req.who.name, status="ok", error=None, counts=summary, at=at
+            )
+            out.revision = journal.commit()
+            out.applied = True
+            out.sessions_killed = killed
+    except MassDisableRefused as exc:
+        # The transaction is rolled back; the refusal is recorded in one of its own.
+        _fail(factory, req, "refused", str(exc), at, counts)
+        raise Problem(409, "Conflict", f"{exc}; nothing was changed", counts=counts) from None
     out.seconds = round(time.monotonic() - started, 3)
     if not plan.empty:
         log.info("directory sync by %s: %s", req.who.name, summary)
