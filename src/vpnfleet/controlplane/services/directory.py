@@ -250,6 +250,13 @@ def apply_plan(
 
     for gname in plan.create_groups:
         group_rows[gname] = groups.create_group(db, journal, gname, "managed by the directory sync")
+    # A new user is created with their groups: one event with the user's whole state, and
+    # no membership event each (what `vpnfleet user create --group` does too).
+    new_names = {u.name for u in plan.create_users}
+    groups_of: dict[str, list[str]] = {}
+    for gname, uname in plan.add_members:
+        if uname in new_names:
+            groups_of.setdefault(uname, []).append(gname)
     for new in plan.create_users:
         row = users.create_user(
             db,
@@ -260,7 +267,7 @@ def apply_plan(
             mode=mode,
             enabled=new.enabled,
             max_sessions=1,
-            groups=(),
+            groups=groups_of.get(new.name, ()),
         )
         by_name[new.name] = row
         db.add(DirectoryAccount(user_id=row.id, dn=new.dn, disabled_by_sync=not new.enabled))
@@ -284,6 +291,7 @@ def apply_plan(
     for gname, uname in plan.remove_members:
         groups.remove_member(db, journal, group(gname), user(uname))
     for gname, uname in plan.add_members:
-        groups.add_member(db, journal, group(gname), user(uname))
+        if uname not in new_names:
+            groups.add_member(db, journal, group(gname), user(uname))
     db.flush()
     return killed
