@@ -69,6 +69,16 @@ def set_config(db: Session, journal: Journal, sealer: pki.Sealer, body: Director
     journal.audit("directory.set", "directory", before, after)
 
 
+def reseal(db: Session, old: pki.Sealer, new: pki.Sealer) -> bool:
+    """Seal the stored bind password with ``new`` (`vpnfleet db reseal`); False if none."""
+    row = get_config(db)
+    if row is None:
+        return False
+    row.bind_password_sealed = new.seal(old.unseal(row.bind_password_sealed))
+    db.flush()
+    return True
+
+
 def ldap_config(row: DirectoryConfig, sealer: pki.Sealer) -> LdapConfig:
     s = settings_of(row)
     return LdapConfig(
