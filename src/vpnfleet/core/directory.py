@@ -16,8 +16,8 @@ services/directory.py applies the plan in one transaction. The rules:
   mapped group; a user an administrator disabled by hand stays disabled.
 - Mass-disable guard: when more than `max_disable_fraction` of the enabled
   directory-managed users would be disabled in one sync, nothing is applied
-  (`MassDisableRefused`) unless forced. A search that returns nobody while managed users
-  exist is always a mass disable.
+  (`MassDisableRefused`) unless forced. Disabling every managed user (a search that returns
+  nobody) is always a mass disable.
 """
 
 from __future__ import annotations
@@ -164,8 +164,9 @@ def plan_sync(directory: DirectoryView, local: LocalView) -> SyncPlan:
 
 def check_mass_disable(plan: SyncPlan, local: LocalView, fraction: float) -> None:
     """Raise MassDisableRefused when the plan disables more than `fraction` of the enabled
-    directory-managed users (users created by this very plan do not count)."""
+    directory-managed users, or every one of them whatever `fraction` (users created by this
+    very plan do not count)."""
     managed_enabled = sum(1 for u in local.users.values() if u.managed and u.enabled)
     would = sum(1 for name, _ in plan.disable_users if local.users[name].managed)
-    if would and would > fraction * managed_enabled:
+    if would and (would > fraction * managed_enabled or would == managed_enabled):
         raise MassDisableRefused(would, managed_enabled, fraction)
