@@ -42,6 +42,12 @@ class Slapd:
     conf: Path
     proc: subprocess.Popen[bytes] | None = None
     tls: tuple[Path, Path, Path] | None = None  # ca, cert, key
+    ldaps_port: int | None = None  # with tls: ldaps:// on this port too
+
+    @property
+    def ldaps_url(self) -> str:
+        assert self.ldaps_port is not None, "started without TLS"
+        return f"ldaps://127.0.0.1:{self.ldaps_port}"
 
     def ldapadd(self, ldif: str) -> None:
         _ldap_tool("ldapadd", self.url, ldif)
@@ -50,7 +56,7 @@ class Slapd:
         _ldap_tool("ldapmodify", self.url, ldif)
 
     def start(self) -> None:
-        urls = self.url
+        urls = self.url + (f" {self.ldaps_url}" if self.ldaps_port else "")
         self.proc = subprocess.Popen(
             [SLAPD, "-f", str(self.conf), "-h", urls, "-d", "0"],
             stdout=subprocess.DEVNULL,
@@ -139,7 +145,8 @@ ou: groups
 def running_slapd(workdir: Path, tls: tuple[Path, Path, Path] | None = None) -> Iterator[Slapd]:
     """A started slapd with the base entries (suffix, ou=people, ou=groups); stopped on exit.
 
-    With `tls` (CA, certificate, key files) it also offers StartTLS on the same port."""
+    With `tls` (CA, certificate, key files) it also offers StartTLS on the same port and
+    ldaps:// on another (`ldaps_url`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "data").mkdir(exist_ok=True)
     port = _free_port()
@@ -153,7 +160,14 @@ def running_slapd(workdir: Path, tls: tuple[Path, Path, Path] | None = None) -> 
     conf.write_text(
         CONF.format(dir=workdir, suffix=SUFFIX, rootdn=ROOT_DN, rootpw=ROOT_PW, tls=tls_lines)
     )
-    srv = Slapd(url=f"ldap://127.0.0.1:{port}", port=port, workdir=workdir, conf=conf, tls=tls)
+    srv = Slapd(
+        url=f"ldap://127.0.0.1:{port}",
+        port=port,
+        workdir=workdir,
+        conf=conf,
+        tls=tls,
+        ldaps_port=_free_port() if tls else None,
+    )
     srv.start()
     try:
         srv.ldapadd(BASE_LDIF)

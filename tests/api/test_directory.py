@@ -349,3 +349,117 @@ def test_periodic_sync_disables_within_the_interval(
     assert audit[0]["after"]["diff"]["users_disabled"] == [
         "bob: no longer in a mapped directory group"
     ]
+
+
+def test_one_replica_at_a_time_through_the_lease(
+    server: Server, admin: httpx.Client, slapd: ldap.Slapd
+) -> None:
+    """While another replica holds the sync lease (written into the shared database as that
+    replica would), a sync here is refused with who holds it; a dry run, which writes nothing,
+    still runs; once the lease has run out the sync goes ahead."""
+    from sqlalchemy import create_engine, text
+
+    configure(admin, slapd)
+    engine = create_engine(server.database_url)
+    try:
+        until = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(minutes=5)
+        with engine.begin() as conn:
+            conn.execute(
+                text("UPDATE directory_config SET lease_holder = 'replica-b:42', lease_until = :u"),
+                {"u": until},
+            )
+        detail = problem(sync(admin), 409)
+        assert "already running (replica-b:42)" in detail
+        assert admin.get("/api/v1/directory/status").json()["syncing"] == "replica-b:42"
+        assert sync(admin, dry_run="true").status_code == 200
+        assert users(admin) == {}
+        with engine.begin() as conn:
+            conn.execute(
+                text("UPDATE directory_config SET lease_until = :u"),
+                {"u": until - dt.timedelta(minutes=10)},
+            )
+        assert sync(admin).status_code == 200
+        assert sorted(users(admin)) == ["alice", "bob", "carol", "dave"]
+        status = admin.get("/api/v1/directory/status").json()
+        assert status["syncing"] is None
+    finally:
+        engine.dispose()
+
+
+def test_starttls_and_ldaps_check_the_server_against_the_ca_file(
+    server: Server, admin: httpx.Client, tmp_path: Path
+) -> None:
+    """A directory over TLS (slapd with a certificate from a CA made here): StartTLS and
+    ldaps:// work with that CA file; with another CA the sync fails and changes nothing."""
+    from vpnfleet.controlplane import pki
+
+    ca = pki.create_ca("directory test CA")
+    leaf = pki.issue_https_server_cert(ca, ["127.0.0.1"])
+    other = pki.create_ca("some other CA")
+    files = {}
+    for name, pem in (("ca.pem", ca.cert_pem), ("cert.pem", leaf.cert_pem),
+                      ("key.pem", leaf.key_pem), ("other.pem", other.cert_pem)):  # fmt: skip
+        files[name] = tmp_path / name
+        files[name].write_text(pem)
+    tls = (files["ca.pem"], files["cert.pem"], files["key.pem"])
+    with ldap.running_slapd(tmp_path / "slapd", tls=tls) as srv:
+        srv.ldapadd(ldap.person("alice") + "\n" + ldap.group("eng", [ldap.user_dn("alice")]))
+        over = {"group_map": {"eng": "engineering"}}
+        configure(admin, srv, start_tls=True, ca_file=str(files["other.pem"]), **over)
+        detail = problem(sync(admin), 502)
+        assert "certificate" in detail.lower() and "nothing was changed" in detail
+        assert users(admin) == {}
+
+        configure(admin, srv, start_tls=True, ca_file=str(files["ca.pem"]), **over)
+        assert sync(admin).json()["diff"]["users_created"] == ["alice"]
+
+        srv.ldapadd(ldap.person("bob") + "\n")
+        srv.ldapmodify(
+            f"dn: {ldap.group_dn('eng')}\nchangetype: modify\nadd: member\n"
+            f"member: {ldap.user_dn('bob')}\n"
+        )
+        configure(admin, srv, url=srv.ldaps_url, ca_file=str(files["ca.pem"]), **over)
+        assert sync(admin).json()["diff"]["users_created"] == ["bob"]
+
+
+def test_cli_set_show_dry_run_sync_status(
+    server: Server, slapd: ldap.Slapd, tmp_path: Path
+) -> None:
+    """The commands an administrator types: the password from a file, never on the command
+    line or in the settings file; the dry run prints the diff; sync and status tell what
+    happened; errors are one sentence and exit 1."""
+    import yaml
+
+    from tests.api.test_cli import run
+
+    body = settings(slapd)
+    password = body.pop("bind_password")
+    conf = tmp_path / "directory.yaml"
+    conf.write_text(yaml.safe_dump(body))
+    pw_file = tmp_path / "bind-password"
+    pw_file.write_text(password + "\n")
+
+    leaked = tmp_path / "leaky.yaml"
+    leaked.write_text(yaml.safe_dump({**body, "bind_password": password}))
+    out = run(server, "directory", "set", "-f", str(leaked), ok=False)
+    assert out.returncode == 2 and "--bind-password-file" in out.stderr
+
+    out = run(server, "directory", "status")
+    assert "no directory configured" in out.stdout
+    out = run(server, "directory", "set", "-f", str(conf), "--bind-password-file", str(pw_file))
+    assert "directory settings stored" in out.stdout
+
+    out = run(server, "directory", "sync", "--dry-run")
+    assert "+ user alice" in out.stdout and "+ member engineering/carol" in out.stdout
+    assert "dry run: 12 change(s), nothing was written" in out.stdout
+    out = run(server, "directory", "sync")
+    assert "synced at revision" in out.stdout and "3 LDAP queries" in out.stdout
+    out = run(server, "directory", "status")
+    assert "last sync: ok at" in out.stdout and "users_created 4" in out.stdout
+    out = run(server, "directory", "show")
+    assert "eng -> engineering" in out.stdout and password not in out.stdout
+
+    slapd.stop()
+    out = run(server, "directory", "sync", ok=False)
+    assert out.returncode == 1 and "cannot reach the directory" in out.stderr
+    assert "Traceback" not in out.stderr
