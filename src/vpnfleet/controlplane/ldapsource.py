@@ -110,8 +110,8 @@ def _values(entry: dict[str, Any], attr: str | None) -> list[str]:
     for key, raw in entry.items():
         if key.lower() == attr.lower():
             if isinstance(raw, list | tuple):
-                return [v.decode() if isinstance(v, bytes) else str(v) for v in raw]
-            return [raw.decode() if isinstance(raw, bytes) else str(raw)]
+                return [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in raw]
+            return [raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)]
     return []
 
 
@@ -134,6 +134,16 @@ class _Reader:
             host, port, use_ssl = check_url(cfg.url)
         except ValueError as exc:
             raise DirectoryError(str(exc)) from None
+        try:
+            self._open(host, port, use_ssl)
+        except LDAPException as exc:
+            raise DirectoryError(f"cannot reach the directory at {cfg.url}: {exc}") from None
+        except (OSError, ValueError) as exc:
+            # e.g. a CA file that cannot be read on this replica
+            raise DirectoryError(f"cannot connect to {cfg.url}: {exc}") from None
+
+    def _open(self, host: str, port: int, use_ssl: bool) -> None:
+        cfg = self.cfg
         tls = None
         if use_ssl or cfg.start_tls:
             tls = ldap3.Tls(
@@ -159,23 +169,20 @@ class _Reader:
             raise_exceptions=False,
             auto_referrals=False,
         )
-        try:
-            self.conn.open()
-            if cfg.start_tls and not use_ssl:
-                self.queries += 1
-                if not self.conn.start_tls():
-                    raise self._fail(f"StartTLS with {cfg.url} failed")
+        self.conn.open()
+        if cfg.start_tls and not use_ssl:
             self.queries += 1
-            if not self.conn.bind():
-                result = self.conn.result or {}
-                if result.get("description") == "invalidCredentials":
-                    raise DirectoryError(
-                        f"the directory at {cfg.url} refused the bind DN {cfg.bind_dn!r}: "
-                        "wrong DN or password (invalidCredentials)"
-                    )
-                raise self._fail(f"binding to {cfg.url} as {cfg.bind_dn!r} failed")
-        except LDAPException as exc:
-            raise DirectoryError(f"cannot reach the directory at {cfg.url}: {exc}") from None
+            if not self.conn.start_tls():
+                raise self._fail(f"StartTLS with {cfg.url} failed")
+        self.queries += 1
+        if not self.conn.bind():
+            result = self.conn.result or {}
+            if result.get("description") == "invalidCredentials":
+                raise DirectoryError(
+                    f"the directory at {cfg.url} refused the bind DN {cfg.bind_dn!r}: "
+                    "wrong DN or password (invalidCredentials)"
+                )
+            raise self._fail(f"binding to {cfg.url} as {cfg.bind_dn!r} failed")
 
     def close(self) -> None:
         if self.conn is not None:
