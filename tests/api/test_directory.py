@@ -178,6 +178,11 @@ def test_dry_run_shows_the_diff_and_changes_nothing(
     assert admin.get("/api/v1/revision").json()["revision"] == head
     assert admin.get("/api/v1/audit/admin").json() == audit_before
     assert admin.get("/api/v1/directory/status").json()["last_attempt_at"] is None
+    # Read from memberOf (slapd's memberof overlay keeps it on users and nested groups), the
+    # directory says the same.
+    configure(admin, slapd, member_attribute="memberOf")
+    assert sync(admin, dry_run="true").json()["diff"] == out["diff"]
+    configure(admin, slapd)
     # The same diff is what a real sync then applies.
     applied = sync(admin).json()
     assert applied["diff"] == out["diff"]
