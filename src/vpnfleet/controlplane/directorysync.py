@@ -112,8 +112,10 @@ def _sync_leased(
     started: float,
 ) -> DirectorySyncOut:
     at = utcnow()
+    reading = time.monotonic()
     try:
         read: ReadResult = read_directory(cfg)
+        read_seconds = round(time.monotonic() - reading, 3)
     except DirectoryError as exc:
         _fail(factory, req, "error", str(exc), at)
         raise Problem(502, "Directory unavailable", f"{exc}; nothing was changed") from None
@@ -138,6 +140,7 @@ def _sync_leased(
                 directory_users=len(read.view.users),
                 queries=read.queries,
                 seconds=0.0,
+                read_seconds=read_seconds,
                 skipped=read.skipped[:100],
                 sessions_killed=0,
                 revision=None,

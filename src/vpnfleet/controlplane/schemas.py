@@ -410,8 +410,9 @@ class DirectorySyncOut(BaseModel):
     counts: dict[str, int]
     diff: DirectoryDiff
     directory_users: int
-    queries: int
+    queries: int  # LDAP requests sent (bind, StartTLS, each search page)
     seconds: float
+    read_seconds: float  # of which reading and resolving the directory
     skipped: list[str]
     sessions_killed: int
     revision: int | None

@@ -190,18 +190,23 @@ def record_outcome(
 
 def local_view(db: Session, managed_groups: set[str]) -> LocalView:
     """What vpnfleet holds now, for the parts a sync may change (four queries)."""
-    accounts = {a.user_id: a for a in db.scalars(select(DirectoryAccount))}
+    # Plain rows, not ORM objects: a steady-state sync reads every user and does nothing.
+    by_sync: dict[int, bool] = {
+        uid: flag
+        for uid, flag in db.execute(
+            select(DirectoryAccount.user_id, DirectoryAccount.disabled_by_sync)
+        )
+    }
     local: dict[str, LocalUser] = {}
     for uid, name, enabled, email in db.execute(
         select(User.id, User.name, User.enabled, User.email)
     ):
-        acct = accounts.get(uid)
         local[name] = LocalUser(
             name=name,
             enabled=enabled,
             email=email,
-            managed=acct is not None,
-            disabled_by_sync=bool(acct and acct.disabled_by_sync),
+            managed=uid in by_sync,
+            disabled_by_sync=by_sync.get(uid, False),
         )
     existing = set(db.scalars(select(Group.name).where(Group.name.in_(sorted(managed_groups)))))
     members: dict[str, set[str]] = {g: set() for g in existing}
@@ -284,18 +289,20 @@ def apply_plan(
     for name, dn in plan.adopt_users:
         db.add(DirectoryAccount(user_id=user(name).id, dn=dn, disabled_by_sync=False))
     db.flush()
-    accounts = {a.user_id: a for a in db.scalars(select(DirectoryAccount))}
     killed = 0
     for name, _why in plan.disable_users:
         row = user(name)
         users.set_enabled(db, journal, row, False)
-        if row.id in accounts:
-            accounts[row.id].disabled_by_sync = True
+        account = db.get(DirectoryAccount, row.id)
+        if account is not None:
+            account.disabled_by_sync = True
         killed += sessions.kill_user_sessions(db, journal, row, pod_lease, DISABLED_REASON)
     for name in plan.enable_users:
         row = user(name)
         users.set_enabled(db, journal, row, True)
-        accounts[row.id].disabled_by_sync = False
+        account = db.get(DirectoryAccount, row.id)
+        if account is not None:
+            account.disabled_by_sync = False
     for name, email in plan.update_emails:
         users.update_user(db, journal, user(name), {"email": email})
     for gname, uname in plan.remove_members:
