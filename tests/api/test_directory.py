@@ -468,3 +468,25 @@ def test_cli_set_show_dry_run_sync_status(
     out = run(server, "directory", "sync", ok=False)
     assert out.returncode == 1 and "cannot reach the directory" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_large_import_commits_new_users_in_batches(
+    server: Server, admin: httpx.Client, slapd: ldap.Slapd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New users are created a batch per transaction (here 3 per batch: 3 users, 1 user, then
+    the changes to existing users), each with its own audit entry naming the part; together
+    they are the whole diff."""
+    from vpnfleet.controlplane import directorysync
+
+    monkeypatch.setattr(directorysync, "CREATE_BATCH", 3)
+    configure(admin, slapd)
+    out = sync(admin)
+    assert out.status_code == 200, out.text
+    assert out.json()["diff"]["users_created"] == ["alice", "bob", "carol", "dave"]
+    audit = admin.get("/api/v1/audit/admin", params={"action": "directory.sync"}).json()
+    parts = {a["after"]["part"]: a["after"]["diff"]["users_created"] for a in audit}
+    # The third part (changes to existing users) is empty here: no entry of its own.
+    assert parts == {"1/3": ["alice", "bob", "carol"], "2/3": ["dave"]}
+    assert members(admin, "engineering") == ["alice", "bob", "carol", "dave"]
+    assert members(admin, "operations") == ["carol", "dave"]
+    assert admin.get("/api/v1/directory/status").json()["last_counts"]["users_created"] == 4

@@ -136,3 +136,28 @@ def test_a_directory_that_returns_nobody_is_refused_even_with_limit_one() -> Non
     nobody = plan_sync(view([], {"eng": set()}), local(people, {"eng": {"ann"}}))
     with pytest.raises(MassDisableRefused):
         check_mass_disable(nobody, local(people, {"eng": {"ann"}}), 1.0)
+
+
+def test_a_large_import_is_split_into_parts_that_add_up_to_the_plan() -> None:
+    from vpnfleet.core.directory import split_plan
+
+    names = [f"u{i}" for i in range(5)]
+    plan = plan_sync(
+        view([d_user(n) for n in names] + [d_user("old", disabled=True)],
+             {"eng": set(names) | {"old"}, "ops": {"u1", "old"}}),
+        local([l_user("old")], {"eng": set(), "ops": set()}),
+    )  # fmt: skip
+    assert split_plan(plan, 5) == [plan]
+    parts = split_plan(plan, 2)
+    assert [[u.name for u in p.create_users] for p in parts] == [
+        ["u0", "u1"], ["u2", "u3"], ["u4"], []
+    ]  # fmt: skip
+    assert parts[0].create_groups == [] and plan.create_groups == []
+    assert parts[0].add_members == [("eng", "u0"), ("eng", "u1"), ("ops", "u1")]
+    # The last part holds everything about existing users.
+    assert parts[-1].disable_users == [("old", "disabled in the directory")]
+    assert parts[-1].add_members == [("eng", "old"), ("ops", "old")]
+    for field in ("create_users", "add_members", "disable_users", "remove_members"):
+        assert sorted(map(repr, (x for p in parts for x in getattr(p, field)))) == sorted(
+            map(repr, getattr(plan, field))
+        )

@@ -40,13 +40,21 @@ from vpnfleet.controlplane.models import utcnow
 from vpnfleet.controlplane.schemas import DirectorySettings, DirectorySyncOut
 from vpnfleet.controlplane.services import directory as dirsvc
 from vpnfleet.controlplane.services.journal import Journal
-from vpnfleet.core.directory import MassDisableRefused, check_mass_disable, plan_sync
+from vpnfleet.core.directory import (
+    MassDisableRefused,
+    SyncPlan,
+    check_mass_disable,
+    plan_sync,
+    split_plan,
+)
 
 log = logging.getLogger("vpnfleet.directory")
 
 SYNC_ACTOR = Principal(token_id=0, name="directory-sync", role="admin")
 TICK = 5.0  # seconds between the loop's checks whether a sync is due
-LEASE_TTL = dt.timedelta(minutes=10)  # a replica that dies mid-sync blocks others this long
+LEASE_TTL = dt.timedelta(minutes=10)
+# New users per transaction in a large import (each gets a certificate: about 10-25 ms each).
+CREATE_BATCH = 200  # a replica that dies mid-sync blocks others this long
 
 
 @dataclass(frozen=True)
@@ -120,13 +128,11 @@ def _sync_leased(
         _fail(factory, req, "error", str(exc), at)
         raise Problem(502, "Directory unavailable", f"{exc}; nothing was changed") from None
     counts: dict[str, int] = {}
+    parts: list[SyncPlan] = []
     try:
         with factory() as db, db.begin():
             if not req.dry_run:
-                row = dirsvc.get_config(db, lock=True)
-                if row is None or row.lease_holder != holder:
-                    # The lease ran out while the directory was read and another replica took it.
-                    raise conflict("the directory sync lease was lost during the sync; try again")
+                _check_lease(db, holder)
             local = dirsvc.local_view(db, set(read.view.members))
             plan = plan_sync(read.view, local)
             counts = plan.counts()
@@ -149,35 +155,83 @@ def _sync_leased(
                 db.rollback()
                 out.seconds = round(time.monotonic() - started, 3)
                 return out
-            journal = Journal(db, req.who, itemized=False)
-            killed = dirsvc.apply_plan(db, journal, sealer, plan, settings.new_user_mode, pod_lease)
-            summary = {
-                **counts,
-                "sessions_killed": killed,
-                "directory_users": len(read.view.users),
-                "queries": read.queries,
-                "skipped": len(read.skipped),
-            }
-            if not plan.empty:
-                journal.summarize(
-                    "directory.sync",
-                    "directory",
-                    {"counts": summary, "diff": out.diff.model_dump(), "forced": req.force},
-                )
-            dirsvc.record_outcome(
-                db, actor=req.who.name, status="ok", error=None, counts=summary, at=at
-            )
-            out.revision = journal.commit()
-            out.applied = True
-            out.sessions_killed = killed
+            parts = split_plan(plan, CREATE_BATCH)
+            if len(parts) == 1:  # the usual case: planned and applied in one transaction
+                _apply_part(db, _Run(req, sealer, settings, pod_lease, read, out, at), plan, "")
+                parts = []
     except MassDisableRefused as exc:
         # The transaction is rolled back; the refusal is recorded in one of its own.
         _fail(factory, req, "refused", str(exc), at, counts)
         raise Problem(409, "Conflict", f"{exc}; nothing was changed", counts=counts) from None
+    run = _Run(req, sealer, settings, pod_lease, read, out, at)
+    for i, part in enumerate(parts):
+        try:
+            with factory() as db, db.begin():
+                _check_lease(db, holder)
+                _apply_part(db, run, part, f"{i + 1}/{len(parts)}", last=i == len(parts) - 1)
+        except Problem as exc:
+            _fail(factory, req, "error", f"stopped after {i} of {len(parts)} steps: {exc}", at)
+            raise
     out.seconds = round(time.monotonic() - started, 3)
     if not plan.empty:
-        log.info("directory sync by %s: %s", req.who.name, summary)
+        log.info(
+            "directory sync by %s: %s",
+            req.who.name,
+            {**counts, "sessions_killed": out.sessions_killed},
+        )
     return out
+
+
+@dataclass
+class _Run:
+    """What every transaction of one applied sync needs."""
+
+    req: SyncRequest
+    sealer: pki.Sealer
+    settings: DirectorySettings
+    pod_lease: dt.timedelta
+    read: ReadResult
+    out: DirectorySyncOut
+    at: dt.datetime
+
+
+def _check_lease(db: Session, holder: str) -> None:
+    row = dirsvc.get_config(db, lock=True)
+    if row is None or row.lease_holder != holder:
+        # The lease ran out while the directory was read and another replica took it.
+        raise conflict("the directory sync lease was lost during the sync; try again")
+
+
+def _apply_part(db: Session, run: _Run, part: SyncPlan, label: str, last: bool = True) -> None:
+    """Apply one part of the plan in `db`'s transaction with its own audit entry (naming the
+    part, e.g. "2/21", when the plan was split); the last part records the outcome."""
+    journal = Journal(db, run.req.who, itemized=False)
+    killed = dirsvc.apply_plan(
+        db, journal, run.sealer, part, run.settings.new_user_mode, run.pod_lease
+    )
+    run.out.sessions_killed += killed
+    if not part.empty:
+        after: dict[str, object] = {
+            "counts": {**part.counts(), "sessions_killed": killed},
+            "diff": dirsvc.diff_out(part).model_dump(),
+            "forced": run.req.force,
+        }
+        if label:
+            after["part"] = label
+        journal.summarize("directory.sync", "directory", after)
+    if last:
+        summary = {
+            **run.out.counts,
+            "sessions_killed": run.out.sessions_killed,
+            "directory_users": len(run.read.view.users),
+            "queries": run.read.queries,
+            "skipped": len(run.read.skipped),
+        }
+        dirsvc.record_outcome(
+            db, actor=run.req.who.name, status="ok", error=None, counts=summary, at=run.at
+        )
+    run.out.revision = journal.commit()
+    run.out.applied = True
 
 
 def _fail(

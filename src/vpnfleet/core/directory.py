@@ -110,6 +110,38 @@ class SyncPlan:
         }
 
 
+def split_plan(plan: SyncPlan, batch: int) -> list[SyncPlan]:
+    """The plan as consecutive transactions: new users `batch` at a time (the first part also
+    creates the groups; each new user comes with their memberships), then everything else.
+    One part when there are at most `batch` new users. A first import of thousands of users
+    then never holds the database's write lock for minutes (SQLite has one writer)."""
+    if len(plan.create_users) <= batch:
+        return [plan]
+    new = {u.name for u in plan.create_users}
+    parts: list[SyncPlan] = []
+    for first in range(0, len(plan.create_users), batch):
+        chunk = plan.create_users[first : first + batch]
+        names = {u.name for u in chunk}
+        parts.append(
+            SyncPlan(
+                create_groups=plan.create_groups if first == 0 else [],
+                create_users=chunk,
+                add_members=[m for m in plan.add_members if m[1] in names],
+            )
+        )
+    parts.append(
+        SyncPlan(
+            adopt_users=plan.adopt_users,
+            disable_users=plan.disable_users,
+            enable_users=plan.enable_users,
+            update_emails=plan.update_emails,
+            add_members=[m for m in plan.add_members if m[1] not in new],
+            remove_members=plan.remove_members,
+        )
+    )
+    return parts
+
+
 class MassDisableRefused(Exception):
     """Applying the plan would disable too many directory-managed users at once."""
 
