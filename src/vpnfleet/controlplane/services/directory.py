@@ -272,20 +272,36 @@ def apply_plan(
     for gname, uname in plan.add_members:
         if uname in new_names:
             groups_of.setdefault(uname, []).append(gname)
-    for new in plan.create_users:
-        row = users.create_user(
+    if mode == "nat":
+        created = users.create_nat_users(
             db,
             journal,
             sealer,
-            name=new.name,
-            email=new.email,
-            mode=mode,
-            enabled=new.enabled,
-            max_sessions=1,
-            groups=groups_of.get(new.name, ()),
+            [
+                users.NewNatUser(u.name, u.email, u.enabled, groups_of.get(u.name, ()))
+                for u in plan.create_users
+            ],
         )
-        by_name[new.name] = row
-        db.add(DirectoryAccount(user_id=row.id, dn=new.dn, disabled_by_sync=not new.enabled))
+        by_name.update((row.name, row) for row in created)
+    else:  # a gateway user needs a lease each: the one-by-one path takes it
+        for new in plan.create_users:
+            by_name[new.name] = users.create_user(
+                db,
+                journal,
+                sealer,
+                name=new.name,
+                email=new.email,
+                mode=mode,
+                enabled=new.enabled,
+                max_sessions=1,
+                groups=groups_of.get(new.name, ()),
+            )
+    for new in plan.create_users:
+        db.add(
+            DirectoryAccount(
+                user_id=by_name[new.name].id, dn=new.dn, disabled_by_sync=not new.enabled
+            )
+        )
     for name, dn in plan.adopt_users:
         db.add(DirectoryAccount(user_id=user(name).id, dn=dn, disabled_by_sync=False))
     db.flush()
