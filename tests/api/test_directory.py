@@ -479,7 +479,8 @@ def test_a_large_import_commits_new_users_in_batches(
     from vpnfleet.controlplane import directorysync
 
     monkeypatch.setattr(directorysync, "CREATE_BATCH", 3)
-    configure(admin, slapd)
+    # Gateway users each take a lease from the gateway pool (the one-by-one path).
+    configure(admin, slapd, new_user_mode="gateway")
     out = sync(admin)
     assert out.status_code == 200, out.text
     assert out.json()["diff"]["users_created"] == ["alice", "bob", "carol", "dave"]
@@ -490,3 +491,7 @@ def test_a_large_import_commits_new_users_in_batches(
     assert members(admin, "engineering") == ["alice", "bob", "carol", "dave"]
     assert members(admin, "operations") == ["carol", "dave"]
     assert admin.get("/api/v1/directory/status").json()["last_counts"]["users_created"] == 4
+    have = users(admin)
+    assert {u["mode"] for u in have.values()} == {"gateway"}
+    addresses = {u["gateway_address"] for u in have.values()}
+    assert len(addresses) == 4 and all(a.startswith("10.201.") for a in addresses)
