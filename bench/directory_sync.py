@@ -17,7 +17,10 @@ dropped through the test role, VPNFLEET_TEST_PG_URL), through the same code the 
 - reading and resolving the directory alone (`read_directory`): time and LDAP requests;
 - the first sync (10,000 users created with a certificate each, memberships set);
 - a sync with nothing to change (the steady state every interval);
-- a sync after 1 % of the users were disabled in the directory (ldapmodify).
+- a sync after 1 % of the users were disabled in the directory (ldapmodify);
+- creating `--import-users` users one by one through `users.create_user` (the admin API's
+  path, which the first import used before) against the bulk `users.create_nat_users`, in
+  the same database kind and run.
 
 Prints each median over `--rounds` (the first sync runs once per database) and the read as a
 ratio of the ldapsearch baseline.
@@ -44,6 +47,7 @@ from tests import ldapserver as ldap
 from vpnfleet.controlplane import directorysync
 from vpnfleet.controlplane.app import prepare
 from vpnfleet.controlplane.ldapsource import LdapConfig, read_directory
+from vpnfleet.controlplane.models import Group
 from vpnfleet.controlplane.schemas import DirectorySetIn
 from vpnfleet.controlplane.services import directory as dirsvc
 from vpnfleet.controlplane.services.journal import Journal
@@ -178,11 +182,63 @@ def run_db(kind: str, srv: ldap.Slapd, args: argparse.Namespace, work: Path) -> 
             drop_pg(args.pg_url, pg_name)
 
 
+def import_paths(kind: str, args: argparse.Namespace, work: Path, n: int) -> tuple[float, float]:
+    """Creating `n` users one by one through `users.create_user` (the admin API's path, what
+    the sync did before the bulk import) against `users.create_nat_users`, same database,
+    same run: (one by one, bulk) seconds."""
+    from vpnfleet.controlplane.services import users
+
+    pg_name = None
+    if kind == "sqlite":
+        url = f"sqlite:///{work / f'import-{kind}.db'}"
+    else:
+        url, pg_name = pg_database(args.pg_url)
+    try:
+        state = prepare(
+            ServerSettings(
+                data_dir=work / f"import-{kind}",
+                database_url=url,
+                secret="bench-seal-secret-Qx9LmPz4Rk8Vw2b7",
+            )
+        )
+        with state.factory() as db, db.begin():
+            journal = Journal(db, directorysync.SYNC_ACTOR, itemized=False)
+            for g in ("ga", "gb"):
+                db.add(Group(name=g))
+            journal.commit()
+        timings = []
+        for prefix, bulk in (("one", False), ("bulk", True)):
+            t0 = time.perf_counter()
+            with state.factory() as db, db.begin():
+                journal = Journal(db, directorysync.SYNC_ACTOR, itemized=False)
+                names = [f"{prefix}{i:05d}" for i in range(n)]
+                if bulk:
+                    users.create_nat_users(
+                        db, journal, state.sealer,
+                        [users.NewNatUser(u, f"{u}@example.test", True, ["ga", "gb"])
+                         for u in names],
+                    )  # fmt: skip
+                else:
+                    for u in names:
+                        users.create_user(
+                            db, journal, state.sealer, name=u, email=f"{u}@example.test",
+                            mode="nat", enabled=True, max_sessions=1, groups=["ga", "gb"],
+                        )  # fmt: skip
+                journal.commit()
+            timings.append(time.perf_counter() - t0)
+        state.engine.dispose()
+        return timings[0], timings[1]
+    finally:
+        if pg_name:
+            drop_pg(args.pg_url, pg_name)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--users", type=int, default=10_000)
     p.add_argument("--groups", type=int, default=500)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--import-users", type=int, default=1000, help="users per import path")
     p.add_argument("--db", default="sqlite,postgresql")
     p.add_argument("--pg-url", default=os.environ.get("VPNFLEET_TEST_PG_URL"))
     args = p.parse_args()
@@ -221,6 +277,11 @@ def main() -> None:
                   f"{queries} LDAP requests")  # fmt: skip
             for kind in kinds:
                 out = run_db(kind, srv, args, work)
+                one, bulk = import_paths(kind, args, work, args.import_users)
+                print(
+                    f"{kind}: creating {args.import_users} users one by one {one:.1f} s, "
+                    f"in bulk {bulk:.1f} s ({bulk / one:.2f}x)"
+                )
                 print(
                     f"{kind}: first sync {out['first']:.1f} s ({int(out['first_queries'])} "
                     f"LDAP requests); no change {out['steady']:.2f} s (reading the directory "
