@@ -386,7 +386,12 @@ def test_no_server_errors_and_responses_match_the_schema(case: Case, fuzz_target
         _watch(case, fuzz_target)
     else:
         response = case.call(headers=fuzz_target.headers_for(case))
-        case.validate_response(response, checks=_checks(response.status_code))
+        checks = _checks(response.status_code)
+        if case.operation.path == f"{DIRECTORY}/sync" and response.status_code == 502:
+            # The fuzzed directory is deliberately unreachable: its documented 502 is the
+            # right answer, not a server error (the body is still checked as problem+json).
+            checks = [c for c in checks if c is not not_a_server_error]
+        case.validate_response(response, checks=checks)
     # The safety net in errors.py answers 422 when the database refuses a value the schema
     # let through; the answer cannot name the field, so the schema must be tightened.
     assert not fuzz_target.refusals, (
