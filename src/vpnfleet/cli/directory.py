@@ -121,9 +121,7 @@ def directory_status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         if s.get("last_success_at"):
             typer.echo(f"last success: {s['last_success_at']}")
         if s.get("last_counts"):
-            typer.echo(
-                "last counts: " + ", ".join(f"{k} {v}" for k, v in s["last_counts"].items())
-            )
+            typer.echo("last counts: " + ", ".join(f"{k} {v}" for k, v in s["last_counts"].items()))
         if s.get("syncing"):
             typer.echo(f"syncing now: {s['syncing']}")
 
