@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vpnfleet.controlplane.ldapsource import _walk, check_url, norm_dn
+from vpnfleet.controlplane.ldapsource import LdapConfig, _is_disabled, _walk, check_url, norm_dn
 
 
 def test_dns_compare_without_case_or_spaces_around_separators() -> None:
@@ -46,3 +46,31 @@ def test_ldap_urls(url: str, expected: tuple[str, int, bool]) -> None:
 def test_bad_ldap_urls_are_refused(url: str) -> None:
     with pytest.raises(ValueError):
         check_url(url)
+
+
+def _cfg(**over: object) -> LdapConfig:
+    base: dict[str, object] = {
+        "url": "ldap://127.0.0.1",
+        "bind_dn": "cn=x",
+        "bind_password": "pw",
+        "user_bases": ("dc=x",),
+        "group_bases": ("dc=x",),
+        "group_map": {"g": "g"},
+    }
+    base.update(over)
+    return LdapConfig(**base)  # type: ignore[arg-type]
+
+
+def test_disabled_accounts_by_ad_flag_attribute_value_or_presence() -> None:
+    ad = _cfg(flavor="ad")
+    assert _is_disabled(ad, {"userAccountControl": [b"514"]})  # 512 + ACCOUNTDISABLE
+    assert not _is_disabled(ad, {"userAccountControl": [b"512"]})
+    assert not _is_disabled(ad, {"userAccountControl": [b"garbage"]})
+    # The AD flag is ignored for OpenLDAP; a configured attribute decides.
+    assert not _is_disabled(_cfg(), {"userAccountControl": [b"514"]})
+    by_value = _cfg(disabled_attribute="employeeType", disabled_value="Left")
+    assert _is_disabled(by_value, {"employeetype": [b"left"]})  # names and values: any case
+    assert not _is_disabled(by_value, {"employeeType": [b"staff"]})
+    present = _cfg(disabled_attribute="pwdAccountLockedTime")
+    assert _is_disabled(present, {"pwdAccountLockedTime": [b"000001010000Z"]})
+    assert not _is_disabled(present, {"pwdAccountLockedTime": []})
