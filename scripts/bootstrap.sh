@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(openvpn iptables ipset conntrack iproute2 postgresql nginx-light prometheus iperf3 procps ulogd2 ulogd2-json)
+PACKAGES=(openvpn iptables ipset conntrack iproute2 postgresql nginx-light prometheus iperf3 procps ulogd2 ulogd2-json slapd ldap-utils)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -133,8 +133,12 @@ def test_a_weak_seal_secret_can_be_replaced_by_resealing(database_url: str, tmp_
     """A database sealed with a weak secret (from before the check) is re-sealed with a strong
     one, after which the server starts and every key opens; the weak one opens nothing."""
     from vpnfleet.controlplane import certs, db
+    from vpnfleet.controlplane.auth import Principal
     from vpnfleet.controlplane.bootstrap import bootstrap
     from vpnfleet.controlplane.pki import PKIError, Sealer
+    from vpnfleet.controlplane.schemas import DirectorySetIn
+    from vpnfleet.controlplane.services import directory
+    from vpnfleet.controlplane.services.journal import Journal
 
     weak = "changeme"
     engine = db.make_engine(database_url)
@@ -142,6 +146,17 @@ def test_a_weak_seal_secret_can_be_replaced_by_resealing(database_url: str, tmp_
     with db.transaction(db.session_factory(engine)) as session:
         bootstrap(session, Sealer(weak), tmp_path, None)
         certs.issue(session, Sealer(weak), "server", "pod1")
+        settings = {
+            "url": "ldap://127.0.0.1:389",
+            "bind_dn": "cn=sync,dc=example,dc=test",
+            "bind_password": "directory-bind-pw",
+            "user_bases": ["dc=example,dc=test"],
+            "group_bases": ["dc=example,dc=test"],
+            "group_map": {"eng": "engineering"},
+        }
+        journal = Journal(session, Principal(token_id=0, name="test", role="admin"))
+        directory.set_config(session, journal, Sealer(weak), DirectorySetIn(**settings))
+        journal.commit()
     engine.dispose()
     old_file = tmp_path / "old-secret"
     old_file.write_text(weak + "\n")
@@ -156,7 +171,7 @@ def test_a_weak_seal_secret_can_be_replaced_by_resealing(database_url: str, tmp_
     out = vpnfleet("db", "reseal", "--old-secret-file", str(old_file),
                    "--database-url", database_url, VPNFLEET_SECRET=strong)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert "re-sealed 3 private keys" in out.stdout
+    assert "re-sealed 3 private keys and the directory bind password" in out.stdout
     assert weak not in out.stdout + out.stderr and strong not in out.stdout + out.stderr
 
     state = prepare(ServerSettings(data_dir=tmp_path, database_url=database_url, secret=strong))
@@ -166,5 +181,8 @@ def test_a_weak_seal_secret_can_be_replaced_by_resealing(database_url: str, tmp_
             assert "OpenVPN Static key" in certs.tls_crypt_key(session, state.sealer)
             with pytest.raises(PKIError):
                 certs.load_ca(session, Sealer(weak))
+            row = directory.get_config(session)
+            assert row is not None
+            assert directory.ldap_config(row, state.sealer).bind_password == "directory-bind-pw"
     finally:
         state.engine.dispose()

@@ -12,7 +12,7 @@ from rich.markup import escape
 
 import vpnfleet.cli.audit_cmds  # noqa: F401  (registers its commands on admin.audit_app)
 from vpnfleet import __version__
-from vpnfleet.cli import admin, lab, policy
+from vpnfleet.cli import admin, directory, lab, policy
 from vpnfleet.cli.client import CLIError
 from vpnfleet.cli.output import err_console, safe
 from vpnfleet.cli.status import status as status_command
@@ -416,11 +416,12 @@ def db_reseal(
     data_dir: Annotated[Path | None, typer.Option()] = None,
     database_url: Annotated[str | None, typer.Option()] = None,
 ) -> None:
-    """Re-seal every stored private key with the current secret (VPNFLEET_SECRET or the data
-    dir's secret.key), e.g. to replace a weak secret the server now refuses. Stop the servers
-    first; one transaction: on any error nothing is changed."""
+    """Re-seal every stored private key and the directory bind password with the current
+    secret (VPNFLEET_SECRET or the data dir's secret.key), e.g. to replace a weak secret the
+    server now refuses. Stop the servers first; one transaction: on any error nothing is changed."""
     from vpnfleet.controlplane import certs, db
     from vpnfleet.controlplane.pki import PKIError, Sealer
+    from vpnfleet.controlplane.services import directory as directory_service
     from vpnfleet.controlplane.settings import ServerSettings
 
     try:
@@ -433,6 +434,7 @@ def db_reseal(
     try:
         with db.transaction(db.session_factory(engine)) as session:
             count = certs.reseal(session, old, new)
+            bind_password = directory_service.reseal(session, old, new)
     except PKIError:
         raise CLIError(
             f"nothing changed: the stored keys do not open with the secret in {old_secret_file}"
@@ -441,7 +443,8 @@ def db_reseal(
         raise CLIError(f"re-sealing failed, nothing changed: {_describe(exc)}") from None
     finally:
         engine.dispose()
-    typer.echo(f"re-sealed {count} private keys with the current secret")
+    also = " and the directory bind password" if bind_password else ""
+    typer.echo(f"re-sealed {count} private keys{also} with the current secret")
 
 
 app.add_typer(db_app, name="db")
@@ -455,6 +458,7 @@ app.add_typer(admin.audit_app, name="audit")
 app.add_typer(admin.session_app, name="session")
 app.add_typer(admin.pod_app, name="pod")
 app.add_typer(policy.policy_app, name="policy")
+app.add_typer(directory.directory_app, name="directory")
 app.add_typer(lab.lab_app, name="lab")
 app.command("status")(status_command)
 

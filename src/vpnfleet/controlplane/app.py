@@ -19,6 +19,7 @@ from vpnfleet.controlplane.pki import Sealer
 from vpnfleet.controlplane.routers import (
     agents,
     audit,
+    directory,
     fleet,
     groups,
     nataudit,
@@ -119,6 +120,7 @@ def create_app(settings: ServerSettings, state: AppState | None = None) -> FastA
         fleet,
         watchroute,
         policy,
+        directory,
     ):
         app.include_router(module.router)
     app.include_router(nataudit.router)

@@ -64,14 +64,28 @@ def issue(
     pod_id: int | None = None,
 ) -> Certificate:
     """Issue and store a client (`kind="client"`) or server certificate."""
-    ca = load_ca(db, sealer)
+    cert = new_certificate(load_ca(db, sealer), sealer, kind, common_name, user_id, pod_id)
+    db.add(cert)
+    db.flush()
+    return cert
+
+
+def new_certificate(
+    ca: pki.KeyPair,
+    sealer: pki.Sealer,
+    kind: str,
+    common_name: str,
+    user_id: int | None = None,
+    pod_id: int | None = None,
+) -> Certificate:
+    """A certificate row signed by `ca`, not yet added (many users at once load the CA once)."""
     pair = (
         pki.issue_client_cert(ca, common_name)
         if kind == "client"
         else pki.issue_server_cert(ca, common_name)
     )
     info = pki.cert_info(pair.cert_pem)
-    cert = Certificate(
+    return Certificate(
         kind=kind,
         common_name=common_name,
         user_id=user_id,
@@ -81,9 +95,6 @@ def issue(
         key_sealed=sealer.seal(pair.key_pem),
         not_after=info.not_after,
     )
-    db.add(cert)
-    db.flush()
-    return cert
 
 
 def current_user_cert(db: Session, user_id: int) -> Certificate | None:

@@ -342,3 +342,38 @@ class Flow(Base):
         Index("ix_flows_user_time", "user_name", "start_at"),
         Index("ix_flows_time", "start_at"),
     )
+
+
+class DirectoryConfig(Base):
+    """The singleton LDAP/AD directory sync: its settings, sealed bind password, the lease that
+    lets one replica sync at a time, and the outcome of the last sync (controlplane/ldapsync)."""
+
+    __tablename__ = "directory_config"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # Everything but the password, as schemas.DirectorySettings validates it.
+    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    bind_password_sealed: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(64))
+    # Held while one replica syncs (taken with a conditional UPDATE, so it works the same on
+    # SQLite and PostgreSQL); it expires on its own if that replica dies mid-sync.
+    lease_holder: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[dt.datetime | None]
+    last_attempt_at: Mapped[dt.datetime | None]
+    last_success_at: Mapped[dt.datetime | None]
+    last_status: Mapped[str | None] = mapped_column(String(16))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_actor: Mapped[str | None] = mapped_column(String(64))
+    last_counts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class DirectoryAccount(Base):
+    """A user the directory sync manages (created or adopted by a sync) and their entry."""
+
+    __tablename__ = "directory_users"
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    dn: Mapped[str] = mapped_column(String(1000))
+    # True when the sync disabled the user: only then does it enable them again.
+    disabled_by_sync: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -50,6 +50,8 @@ WHY = {
     "pool, a race lost to a concurrent request. Nothing was written.",
     413: "The body is over the size limit (docs/api.md); it was not read.",
     422: "Invalid request: `errors` names each field and what is wrong with it.",
+    502: "A server this operation depends on (the LDAP directory) could not be reached or "
+    "refused it; `detail` says which and why. Nothing was written.",
     503: "The database is unavailable (or, for the watch, the server refuses more streams).",
 }
 
@@ -61,7 +63,10 @@ NAMES_OBJECTS = {
     ("get", "/api/v1/audit/attribution"),  # a time past the retention horizon
     ("post", "/api/v1/agent/sessions/open"),  # its user
     ("post", "/api/v1/agent/heartbeat"),  # its pod
+    ("get", "/api/v1/directory"),  # the directory settings, before they are set
 }
+# Operations that answer 502 when a server they call fails.
+CALLS_OUT = {("post", "/api/v1/directory/sync")}
 WRITES = {"post", "put", "patch", "delete"}
 # Reads that can answer 409: a profile of a user whose certificate is revoked or expired.
 CONFLICTING_READS = {("get", "/api/v1/users/{name}/profile")}
@@ -110,6 +115,8 @@ def error_codes(method: str, path: str, operation: dict[str, Any]) -> list[int]:
         codes.add(409)
     if path in ("/readyz", "/api/v1/watch"):
         codes.add(503)
+    if (method, path) in CALLS_OUT:
+        codes.add(502)
     return sorted(codes)
 
 

@@ -285,3 +285,134 @@ class PodOut(BaseModel):
 
 class RevisionOut(BaseModel):
     revision: int
+
+
+class DirectorySettings(Storable):
+    """The LDAP/AD directory sync, as `PUT /directory` takes it (docs/sso.md)."""
+
+    model_config = _strict
+    url: str = Field(max_length=300)
+    flavor: str = "openldap"
+    start_tls: bool = False
+    ca_file: str | None = Field(default=None, max_length=1000)
+    bind_dn: str = Field(min_length=1, max_length=1000)
+    user_bases: list[str] = Field(min_length=1, max_length=20)
+    group_bases: list[str] = Field(min_length=1, max_length=20)
+    user_filter: str = Field(default="(objectClass=inetOrgPerson)", max_length=2000)
+    group_filter: str = Field(
+        default="(|(objectClass=groupOfNames)(objectClass=groupOfUniqueNames))", max_length=2000
+    )
+    name_attribute: str = Field(default="uid", max_length=100)
+    email_attribute: str | None = Field(default="mail", max_length=100)
+    group_name_attribute: str = Field(default="cn", max_length=100)
+    member_attribute: str = "member"
+    disabled_attribute: str | None = Field(default=None, max_length=100)
+    disabled_value: str | None = Field(default=None, max_length=200)
+    nested: bool = True
+    # directory group (DN, or its name attribute) -> vpnfleet group the sync manages
+    group_map: dict[str, str] = Field(min_length=1, max_length=1000)
+    new_user_mode: str = "nat"
+    enabled: bool = True  # the periodic sync; `sync` on demand works either way
+    interval_seconds: int = Field(default=300, ge=10, le=86400)
+    max_disable_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from vpnfleet.controlplane.ldapsource import check_url
+
+        check_url(v)
+        return v
+
+    @field_validator("flavor")
+    @classmethod
+    def _flavor(cls, v: str) -> str:
+        if v not in ("openldap", "ad"):
+            raise ValueError("flavor must be 'openldap' or 'ad'")
+        return v
+
+    @field_validator("member_attribute")
+    @classmethod
+    def _member(cls, v: str) -> str:
+        if v not in ("member", "uniqueMember", "memberOf"):
+            raise ValueError("member_attribute must be member, uniqueMember or memberOf")
+        return v
+
+    @field_validator("user_filter", "group_filter")
+    @classmethod
+    def _filter(cls, v: str) -> str:
+        if not (v.startswith("(") and v.endswith(")")) or v.count("(") != v.count(")"):
+            raise ValueError(f"{v!r} is not an LDAP filter in parentheses")
+        return v
+
+    @field_validator("user_bases", "group_bases")
+    @classmethod
+    def _bases(cls, v: list[str]) -> list[str]:
+        for base in v:
+            if "=" not in base or len(base) > 1000:
+                raise ValueError(f"{base!r} is not a DN")
+        return v
+
+    @field_validator("group_map")
+    @classmethod
+    def _map(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, group in v.items():
+            if not key.strip() or len(key) > 1000:
+                raise ValueError("a mapped directory group needs a DN or a name")
+            netparse.validate_name(group, "group name")
+        return v
+
+    @field_validator("new_user_mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        return netparse.parse_mode(v)
+
+
+class DirectorySetIn(DirectorySettings):
+    # Sealed before it is stored, never shown again; may be left out to keep the stored one.
+    bind_password: str | None = Field(default=None, min_length=1, max_length=1000)
+
+
+class DirectoryStatusOut(BaseModel):
+    configured: bool
+    enabled: bool = False
+    interval_seconds: int | None = None
+    last_attempt_at: dt.datetime | None = None
+    last_success_at: dt.datetime | None = None
+    last_status: str | None = None
+    last_error: str | None = None
+    last_actor: str | None = None
+    last_counts: dict[str, Any] | None = None
+    syncing: str | None = None  # the replica holding the sync lease right now
+
+
+class DirectoryOut(DirectorySettings):
+    updated_at: dt.datetime
+    updated_by: str | None
+    status: DirectoryStatusOut
+
+
+class DirectoryDiff(BaseModel):
+    groups_created: list[str]
+    users_created: list[str]
+    users_adopted: list[str]
+    users_disabled: list[str]  # "name: why"
+    users_enabled: list[str]
+    emails_updated: list[str]
+    members_added: list[str]  # "group/user"
+    members_removed: list[str]
+
+
+class DirectorySyncOut(BaseModel):
+    dry_run: bool
+    applied: bool
+    counts: dict[str, int]
+    diff: DirectoryDiff
+    directory_users: int
+    queries: int  # LDAP requests sent (bind, StartTLS, each search page)
+    seconds: float
+    read_seconds: float  # of which reading and resolving the directory
+    skipped: list[str]
+    sessions_killed: int
+    revision: int | None

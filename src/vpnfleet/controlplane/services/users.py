@@ -6,6 +6,7 @@ import hashlib
 import ipaddress
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -192,6 +193,48 @@ def create_user(
     journal.upsert(fleetstate.user_state(db, user))
     journal.audit("user.create", user.name, None, journal.capture(lambda: _audit_view(db, user)))
     return user
+
+
+@dataclass(frozen=True)
+class NewNatUser:
+    name: str
+    email: str | None
+    enabled: bool
+    groups: Sequence[str]
+
+
+def create_nat_users(
+    db: Session, journal: Journal, sealer: pki.Sealer, new: Sequence[NewNatUser]
+) -> list[User]:
+    """Many new NAT users at once (the directory sync's import): what `create_user` does for
+    each (groups, a client certificate, one event with the user's whole state), with the CA
+    loaded once and one flush per table instead of several round trips per user."""
+    names = [u.name for u in new]
+    taken = db.scalars(select(User.name).where(User.name.in_(names))).all()
+    if taken:
+        raise conflict(f"user {sorted(taken)[0]!r} already exists")
+    wanted = sorted({g for u in new for g in u.groups})
+    group_ids = dict(db.execute(select(Group.name, Group.id).where(Group.name.in_(wanted))).all())
+    for gname in wanted:
+        if gname not in group_ids:
+            raise not_found("group", gname)
+    rows = [User(name=u.name, email=u.email, mode="nat", enabled=u.enabled, max_sessions=1)
+            for u in new]  # fmt: skip
+    db.add_all(rows)
+    db.flush()
+    ca = certs.load_ca(db, sealer)
+    for spec, row in zip(new, rows, strict=True):
+        db.add_all(
+            Membership(group_id=group_ids[g], user_id=row.id) for g in sorted(set(spec.groups))
+        )
+        db.add(certs.new_certificate(ca, sealer, "client", row.name, user_id=row.id))
+    db.flush()
+    for state in fleetstate.user_states(db, rows):
+        journal.upsert(state)
+    if journal.itemized:  # (the directory sync writes one summary entry instead)
+        for row in rows:
+            journal.audit("user.create", row.name, None, _audit_view(db, row))
+    return rows
 
 
 def update_user(
