@@ -119,6 +119,7 @@ def running_server(database_url: str, data_dir: Path) -> Iterator[Server]:
     import uvicorn
 
     from vpnfleet.controlplane.app import create_app
+    from vpnfleet.controlplane.serving import ControlPlaneServer
     from vpnfleet.controlplane.settings import ServerSettings
 
     port = free_port()
@@ -132,7 +133,7 @@ def running_server(database_url: str, data_dir: Path) -> Iterator[Server]:
     )
     app = create_app(settings)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
-    srv = uvicorn.Server(config)
+    srv = ControlPlaneServer(config, app.state.vpnfleet.hub)  # as `vpnfleet server` serves
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

@@ -115,6 +115,7 @@ def server(
     from vpnfleet import logsetup
     from vpnfleet.controlplane.app import create_app, prepare
     from vpnfleet.controlplane.servertls import SERVER_CIPHERS
+    from vpnfleet.controlplane.serving import SHUTDOWN_GRACE, ControlPlaneServer
     from vpnfleet.controlplane.settings import ServerSettings
     from vpnfleet.core.netparse import parse_listen
 
@@ -155,15 +156,17 @@ def server(
                 ", ".join(state.tls.names),
                 state.tls.ca_file,
             )
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings, state),
         host=host,
         port=port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE,
         **tls,
     )
+    # Ends the watch streams first when it stops (controlplane/serving.py).
+    ControlPlaneServer(config, state.hub).run()
 
 
 @app.command("server-cert")

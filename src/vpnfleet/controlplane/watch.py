@@ -31,7 +31,14 @@ routes share). So:
   new stream is refused (the route answers 503 with Retry-After) and counted.
 
 A subscriber whose `since` is older than the log's oldest kept row (as of the hub's last poll)
-is told to resync, as is one ahead of the head.
+is told to resync, as is one ahead of the head. A subscriber that has caught up with the head
+is told so at once by a heartbeat (then one per heartbeat interval while idle): a follower
+knows its view is current without waiting for the next change.
+
+When the process stops, :meth:`ChangeHub.close_streams` ends every stream cleanly (the HTTP
+body ends; no change is cut in half): followers see the end, not a reset, and reconnect at once
+to another replica; the server does not wait out its shutdown grace on streams that would
+never end by themselves (docs/operations.md, "Rolling upgrades of the control plane").
 
 Rows are served as typed messages (vpnfleet.wire). A row that does not read as a change event
 (written by an older version before an upgrade, or by hand) is not skipped, which would leave
@@ -161,6 +168,7 @@ class ChangeHub:
         # tailing task then blocked on it forever: no change reached any agent again.
         self._moved = asyncio.Event()
         self._wake = asyncio.Event()
+        self._closing = False  # close_streams() was called: every stream ends
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Created in start(): they belong to the serving event loop.
@@ -192,7 +200,18 @@ class ChangeHub:
         self._floor = entries[0].revision - 1 if len(entries) >= self._ring_size else 0
         self._task = asyncio.create_task(self._run(), name="change-hub")
 
+    def close_streams(self) -> None:
+        """End every stream (and every stream that starts from now on) cleanly: the process is
+        stopping. Called on the event loop."""
+        if self._closing:
+            return
+        self._closing = True
+        log.info("ending %d watch stream(s): this replica is stopping", self.subscribers)
+        moved, self._moved = self._moved, asyncio.Event()
+        moved.set()
+
     async def stop(self) -> None:
+        self.close_streams()
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -311,11 +330,12 @@ class ChangeHub:
         self, since: int, heartbeat: float
     ) -> AsyncIterator[list[Stored] | WatchResync | WatchHeartbeat]:
         """Runs of changes after `since` (each at most CHUNK_BYTES of lines), resyncs and
-        heartbeats, forever."""
+        heartbeats, until the hub closes its streams."""
         if since > self._head:
             yield WatchResync(revision=self._head)
             since = self._head
-        while True:
+        caught_up = False  # told the subscriber it is at the head
+        while not self._closing:
             if since < min(self._oldest, self._head + 1) - 1:
                 # Older than anything the log still has: the changes in between are gone.
                 yield WatchResync(revision=self._head)
@@ -325,7 +345,11 @@ class ChangeHub:
                 start = bisect.bisect_right(self._ring, since, key=_revision)
                 pending = self._ring[start : start + BATCH]
                 if not pending:
-                    if not await self._wait_past(since, heartbeat):
+                    if not caught_up:
+                        caught_up = True
+                        yield WatchHeartbeat(revision=self._head)
+                        continue
+                    if not await self._wait_past(since, heartbeat) and not self._closing:
                         yield WatchHeartbeat(revision=self._head)
                     continue
             else:
@@ -366,8 +390,9 @@ class ChangeHub:
         asyncio.get_running_loop().call_later(PACE_SECONDS, self._turns.release)
 
     async def subscribe(self, since: int, heartbeat: float) -> AsyncIterator[WatchMessage]:
-        """Events after revision `since`, forever; a resync if `since` is no longer served or
-        an unreadable row lies ahead (the stream then goes on from the head)."""
+        """Events after revision `since` until the hub closes its streams; a resync if `since`
+        is no longer served or an unreadable row lies ahead (the stream then goes on from the
+        head)."""
         async for item in self._follow(since, heartbeat):
             if isinstance(item, list):
                 for stored in item:
@@ -384,10 +409,11 @@ class ChangeHub:
                 yield ndjson(item)
 
     async def _wait_past(self, revision: int, patience: float) -> bool:
-        """Wait until the head moves past `revision`; False on timeout."""
+        """Wait until the head moves past `revision`; False on timeout or when the hub
+        closes its streams."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + patience
-        while self._head <= revision:
+        while self._head <= revision and not self._closing:
             left = deadline - loop.time()
             if left <= 0:
                 return False
