@@ -207,7 +207,11 @@ def _describe(exc: Exception) -> str:
 @app.command()
 def agent(
     server: Annotated[
-        str | None, typer.Option(help="Control plane URL (env VPNFLEET_SERVER).")
+        str | None,
+        typer.Option(
+            help="Control plane URL, or several replicas' URLs separated by commas, tried in "
+            "that order (env VPNFLEET_SERVER).",
+        ),
     ] = None,
     token: Annotated[
         str | None, typer.Option("--token", help="Agent token (env VPNFLEET_AGENT_TOKEN).")
