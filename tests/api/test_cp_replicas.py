@@ -24,6 +24,7 @@ import pytest
 
 from tests.api.test_agent_parts import Pod, until
 from tests.conftest import RunningServer, Server, free_port, fresh_database
+from vpnfleet.agent.clients import HOLD_REFUSAL
 from vpnfleet.agent.settings import AgentSettings
 
 pytestmark = pytest.mark.postgres
@@ -202,6 +203,43 @@ async def test_a_user_enabled_once_a_restarted_control_plane_is_back_can_connect
         await asyncio.sleep(1.5)
         answer = await pod.try_connect("bob")
         assert answer[0] == "auth", f"bob was refused: {answer}"
+    finally:
+        await pod.stop()
+        replicas.stop_all()
+        await replicas.close()
+
+
+async def test_a_pod_that_cannot_reach_its_control_plane_holds_refusals_until_it_can(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The pod's replica is away; an operator re-enables bob through another one and bob
+    connects at once: the pod does not refuse him from a view it knows may be behind, it
+    answers once it caught up. Someone still disabled is refused after the hold."""
+    replicas = Replicas(pg_url, tmp_path / "data", 2)
+    await replicas.start(0)
+    await replicas.start(1)
+    pod = ReplicaPod(replicas, 0, "pod0", tmp_path)
+    pod.urls = pod.urls[:1]  # this pod knows replica 0 only
+    try:
+        await make_users(replicas, ["bob", "carl"], [pod])
+        await replicas.api("POST", "/api/v1/users/bob/disable")
+        await replicas.api("POST", "/api/v1/users/carl/disable")
+        agent = await pod.start()
+        await until(lambda: not agent.view.users["bob"].enabled, 10, "the pod to follow")
+        started = time.monotonic()
+        assert (await pod.try_connect("carl"))[3] == "user disabled"
+        assert time.monotonic() - started < HOLD_REFUSAL / 2  # current: refused at once
+        await replicas.stop(0)
+        started = time.monotonic()
+        assert (await pod.try_connect("carl"))[3] == "user disabled"
+        assert time.monotonic() - started >= HOLD_REFUSAL - 0.2  # held, then refused
+        await replicas.api("POST", "/api/v1/users/bob/enable")  # through replica 1
+        cid = pod.mgmt.connect("bob", real_ip="198.51.100.9", serial=pod.serials["bob"])
+        await asyncio.sleep(0.5)
+        assert pod.mgmt.answers_for(cid) == []  # held: no answer yet
+        await replicas.start(0)
+        answers = await until(lambda: pod.mgmt.answers_for(cid), 5, "bob's answer")
+        assert answers[0][0] == "auth", f"bob was refused: {answers}"
     finally:
         await pod.stop()
         replicas.stop_all()

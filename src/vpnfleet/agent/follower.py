@@ -68,9 +68,29 @@ class ViewFollower:
         self._on_change = on_change
         self.view = FleetView()
         self.connected = False
-        self.current = False  # connected and caught up with the control plane's head
+        # Set while the stream is up and has caught up with the control plane's head.
+        self._current = asyncio.Event()
         self.last_event = 0.0  # monotonic time the stream last delivered anything
         self._saved_revision = -1
+
+    @property
+    def current(self) -> bool:
+        """Is the view known to be the control plane's latest (stream up, caught up)?"""
+        return self._current.is_set()
+
+    def _set_current(self, current: bool) -> None:
+        if current:
+            self._current.set()
+        else:
+            self._current.clear()
+
+    async def wait_current(self, seconds: float) -> bool:
+        """Wait up to `seconds` for the view to be current; whether it is."""
+        if not self._current.is_set() and seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self._current.wait()
+        return self._current.is_set()
 
     async def load(self) -> None:
         """The first view: a snapshot, else the cached copy. Raises ControlPlaneError when
@@ -128,7 +148,7 @@ class ViewFollower:
                         if isinstance(msg, WatchResync):
                             await self.resync()
                         elif isinstance(msg, WatchHeartbeat):
-                            self.current = msg.revision <= self.view.revision
+                            self._set_current(msg.revision <= self.view.revision)
                         else:
                             effects = self.view.apply(msg)
                             await self._on_change(effects)
@@ -141,7 +161,8 @@ class ViewFollower:
                         await self.resync()
                 except ControlPlaneError as exc:
                     refused = exc
-                self.connected = self.current = False
+                self.connected = False
+                self._set_current(False)
                 failures = 0 if delivered else failures + 1
                 delay = reconnect_delay(failures, len(self._cp.urls))
                 if refused is not None:

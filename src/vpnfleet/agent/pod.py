@@ -137,6 +137,7 @@ class PodAgent:
             mgmt=lambda: self.supervisor.session if self.supervisor else None,
             changed=self._clients_changed,
             metrics=self.metrics,
+            wait_current=self.follower.wait_current,
         )
         self.clients.load_journal()
         self.shipper.on_refused(self.clients.kick_uid)
