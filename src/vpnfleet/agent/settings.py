@@ -19,7 +19,7 @@ DEFAULT_USER_METRICS_LISTEN = "127.0.0.1:9177"
 @dataclass
 class AgentSettings:
     # One control-plane URL, or several separated by commas (replicas, tried in this order;
-    # see agent/cpclient.py and docs/operations.md, "Rolling upgrades of the control plane").
+    # see agent/cpclient.py and docs/operations.md, "Rolling upgrades and failover").
     server: str
     token: str
     name: str

@@ -38,7 +38,7 @@ knows its view is current without waiting for the next change.
 When the process stops, :meth:`ChangeHub.close_streams` ends every stream cleanly (the HTTP
 body ends; no change is cut in half): followers see the end, not a reset, and reconnect at once
 to another replica; the server does not wait out its shutdown grace on streams that would
-never end by themselves (docs/operations.md, "Rolling upgrades of the control plane").
+never end by themselves (docs/operations.md, "Rolling upgrades and failover").
 
 Rows are served as typed messages (vpnfleet.wire). A row that does not read as a change event
 (written by an older version before an upgrade, or by hand) is not skipped, which would leave
