@@ -120,7 +120,7 @@ class RunningServer:
         import uvicorn
 
         from vpnfleet.controlplane.app import create_app
-        from vpnfleet.controlplane.serving import ControlPlaneServer
+        from vpnfleet.controlplane.serving import SHUTDOWN_GRACE, ControlPlaneServer
         from vpnfleet.controlplane.settings import ServerSettings
 
         self.port = port or free_port()
@@ -134,7 +134,12 @@ class RunningServer:
         )
         app = create_app(settings)
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_config=None, access_log=False
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=SHUTDOWN_GRACE,
         )
         self._srv = ControlPlaneServer(config, app.state.vpnfleet.hub)
         self._thread = threading.Thread(target=self._srv.run, daemon=True)
