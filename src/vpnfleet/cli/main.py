@@ -335,7 +335,11 @@ def agent(
 @app.command("gateway-routes")
 def gateway_routes(
     server: Annotated[
-        str | None, typer.Option(help="Control plane URL (env VPNFLEET_SERVER).")
+        str | None,
+        typer.Option(
+            help="Control plane URL, or several replicas' URLs separated by commas "
+            "(env VPNFLEET_SERVER).",
+        ),
     ] = None,
     token: Annotated[
         str | None,
@@ -361,9 +365,10 @@ def gateway_routes(
     from vpnfleet.agent.cpclient import ControlPlane
     from vpnfleet.agent.gwroutes import follow
 
-    url = server or os.environ.get("VPNFLEET_SERVER")
+    urls = [u.strip() for u in (server or os.environ.get("VPNFLEET_SERVER") or "").split(",")]
+    urls = [u for u in urls if u]
     secret = token or os.environ.get("VPNFLEET_ROUTES_TOKEN")
-    if not url or not secret:
+    if not urls or not secret:
         raise CLIError("give --server and --token (or VPNFLEET_SERVER / VPNFLEET_ROUTES_TOKEN)", 2)
     pinned = ca_file or os.environ.get("VPNFLEET_CA_FILE") or None
     if pinned:
@@ -380,7 +385,7 @@ def gateway_routes(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        cp = ControlPlane(url, secret, ca_file=pinned)
+        cp = ControlPlane(urls, secret, ca_file=pinned)
         try:
             await follow(cp, stop)
         finally:
