@@ -112,40 +112,63 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class RunningServer:
+    """A real control plane (uvicorn in a thread, served as `vpnfleet server` serves) on
+    loopback: started by the constructor, stopped by :meth:`stop` as a SIGTERM would."""
+
+    def __init__(self, database_url: str, data_dir: Path, port: int | None = None) -> None:
+        import uvicorn
+
+        from vpnfleet.controlplane.app import create_app
+        from vpnfleet.controlplane.serving import SHUTDOWN_GRACE, ControlPlaneServer
+        from vpnfleet.controlplane.settings import ServerSettings
+
+        self.port = port or free_port()
+        settings = ServerSettings(
+            data_dir=data_dir,
+            database_url=database_url,
+            listen=f"127.0.0.1:{self.port}",
+            public_endpoints=["vpn.example.test:1194", "vpn2.example.test:1195"],
+            secret="test-seal-secret-Qx9LmPz4Rk8Vw2b7",
+            heartbeat_interval=1.0,
+        )
+        app = create_app(settings)
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=SHUTDOWN_GRACE,
+        )
+        self._srv = ControlPlaneServer(config, app.state.vpnfleet.hub)
+        self._thread = threading.Thread(target=self._srv.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self._srv.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("control plane did not start")
+            time.sleep(0.05)
+        token = (data_dir / "admin-token").read_text().strip()
+        self.server = Server(f"http://127.0.0.1:{self.port}", token, data_dir, database_url)
+
+    def stop(self, timeout: float = 15) -> float:
+        """Stop as on SIGTERM; the seconds until the server had stopped."""
+        started = time.monotonic()
+        self._srv.should_exit = True
+        self._thread.join(timeout=timeout)
+        return time.monotonic() - started
+
+
 @contextmanager
 def running_server(database_url: str, data_dir: Path) -> Iterator[Server]:
     """A real control plane (uvicorn on a free loopback port) on the given database, stopped
     on exit."""
-    import uvicorn
-
-    from vpnfleet.controlplane.app import create_app
-    from vpnfleet.controlplane.settings import ServerSettings
-
-    port = free_port()
-    settings = ServerSettings(
-        data_dir=data_dir,
-        database_url=database_url,
-        listen=f"127.0.0.1:{port}",
-        public_endpoints=["vpn.example.test:1194", "vpn2.example.test:1195"],
-        secret="test-seal-secret-Qx9LmPz4Rk8Vw2b7",
-        heartbeat_interval=1.0,
-    )
-    app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("control plane did not start")
-        time.sleep(0.05)
-    token = (data_dir / "admin-token").read_text().strip()
+    running = RunningServer(database_url, data_dir)
     try:
-        yield Server(f"http://127.0.0.1:{port}", token, data_dir, database_url)
+        yield running.server
     finally:
-        srv.should_exit = True
-        thread.join(timeout=15)
+        running.stop()
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ USERS = (
     LabUser("carl", "nat"),  # disabled while connected
     LabUser("kim", "nat"),  # session kill
     LabUser("nora", "nat"),  # connects while the control plane is down
+    LabUser("rena", "nat"),  # re-enabled just after a control-plane restart
 )
 
 
@@ -281,6 +282,34 @@ async def test_control_plane_outage_decides_from_cache_and_delivers_later(lab: L
     with lab.client() as c:
         everything = c.get("/api/v1/sessions", params={"user": "nora"}).json()
     assert len(everything) == 1
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_control_plane_restart_is_quick_quiet_and_refuses_no_one(lab: LabInfo) -> None:
+    """SIGTERM the control plane while both pods and gateway-routes follow its watch stream:
+    it exits at once without an error; rena, re-enabled as soon as it is back, connects at once
+    with the stock client (which gives up for good on a refusal)."""
+    api(lab, "POST", "/api/v1/users/rena/disable")
+    log = lab.dir / "cp.log"
+    mark = len(log.read_text())
+    pids = await ns_processes(lab, "cp", b"server")
+    assert pids
+    started = time.monotonic()
+    for pid in pids:
+        os.kill(pid, 15)
+    await until(lambda: not any(alive(p) for p in pids), 10, "the control plane to exit")
+    took = time.monotonic() - started
+    stopping = log.read_text()[mark:].splitlines()
+    records = [json.loads(line) for line in stopping if line.startswith("{")]
+    assert records and [r for r in records if r["level"] in ("error", "critical")] == []
+    assert not [line for line in stopping if not line.startswith("{")]  # no bare traceback
+    assert took < 2.5, f"the control plane took {took:.2f}s to stop"
+    await runner.start_control_plane(lab)
+    api(lab, "POST", "/api/v1/users/rena/enable")
+    await runner.start_client(lab, "rena")  # raises if she gets no address (AUTH_FAILED)
+    assert (await fetch(lab, "rena"))["remote_addr"] in {str(ip) for ip in lab.plan.pod_ips}
+    await runner.stop_client(lab, "rena")
+    await until(lambda: not sessions(lab, user="rena"), 20, "rena's session to close")
 
 
 async def _cp_up(info: LabInfo) -> bool:

@@ -4,6 +4,7 @@ records, the journal across a restart, and convergence to the fleet view."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -175,3 +176,66 @@ async def test_a_session_refused_by_the_control_plane_is_kicked(pod: Pod) -> Non
     assert ("kill", cid, "HALT") in pod.mgmt.answers
     await pod.pump()
     assert len(pod.handler.book) == 0  # OpenVPN's DISCONNECT arrived and was absorbed
+
+
+class Freshness:
+    """Whether the fleet view is current, as the view follower would say."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.waits: list[float] = []
+
+    async def wait_current(self, seconds: float) -> bool:
+        self.waits.append(seconds)
+        if not self.event.is_set() and seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self.event.wait()
+        return self.event.is_set()
+
+
+@pytest.fixture
+def stale(tmp_path: Path) -> Iterator[tuple[Pod, Freshness]]:
+    p = Pod(tmp_path, view(user("alice", enabled=False), user("bob")))
+    fresh = Freshness()
+    p.handler._wait_current = fresh.wait_current
+    try:
+        yield p, fresh
+    finally:
+        p.close()
+
+
+async def test_a_refusal_from_a_view_that_is_not_current_waits_for_it(
+    stale: tuple[Pod, Freshness],
+) -> None:
+    pod, fresh = stale
+    cid = pod.mgmt.connect("alice", serial="7")
+    await pod.pump()
+    assert pod.mgmt.answers_for(cid) == []  # held
+    other = await pod.join("bob")  # clients behind the held one are answered meanwhile
+    assert pod.mgmt.answers_for(other)[0][0] == "auth"
+    pod.fleet = view(user("alice"), user("bob"))  # the view catches up: alice is enabled
+    fresh.event.set()
+    await asyncio.sleep(0.01)
+    assert pod.mgmt.answers_for(cid)[0][0] == "auth"
+
+
+async def test_a_held_refusal_is_given_once_the_hold_runs_out(
+    stale: tuple[Pod, Freshness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pod, _ = stale
+    monkeypatch.setattr("vpnfleet.agent.clients.HOLD_REFUSAL", 0.05)
+    cid = pod.mgmt.connect("alice", serial="7")
+    await pod.pump()
+    assert pod.mgmt.answers_for(cid) == []
+    await asyncio.sleep(0.1)
+    assert pod.mgmt.answers_for(cid) == [("deny", cid, 1, "user disabled", "account disabled")]
+
+
+async def test_a_current_view_refuses_at_once(stale: tuple[Pod, Freshness]) -> None:
+    pod, fresh = stale
+    fresh.event.set()
+    cid = pod.mgmt.connect("alice", serial="7")
+    await pod.pump()
+    assert pod.mgmt.answers_for(cid)[0][3] == "user disabled"
+    assert fresh.waits == [0]  # asked, never waited

@@ -7,15 +7,24 @@ ESTABLISHED and DISCONNECT it records the session and tells the firewall. It dis
 whatever :meth:`SessionBook.violations` names (disabled users, killed sessions, replaced
 certificates...), compares the book with OpenVPN's own client list, and hands session records
 to the shipper. A decision never waits on the network: it comes from the local fleet view.
+
+One exception, for refusals only: while the view may be behind the control plane (its watch
+stream is reconnecting, say to another replica after one stopped), a CONNECT the view would
+refuse is held until the view is current again, at most :data:`HOLD_REFUSAL` seconds, and
+decided then. A stock client gives up on a refusal ("account disabled"), so a refusal read
+from a view that missed the account's re-enabling would lock a user out; an admission never
+waits. Held answers run beside the event stream (OpenVPN accepts answers in any order), so the
+clients behind a held one are not kept waiting.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 from vpnfleet.agent.clientjournal import ClientJournal
 from vpnfleet.agent.management import ManagementError
@@ -24,9 +33,11 @@ from vpnfleet.agent.runners import ManagementSession
 from vpnfleet.agent.sessionship import SessionShipper
 from vpnfleet.core.fleet import FleetView
 from vpnfleet.core.mgmt_protocol import ClientEvent, ClientEventKind, StatusClient
-from vpnfleet.core.sessionbook import Client, Kick, SessionBook
+from vpnfleet.core.sessionbook import Client, ConnectOutcome, Kick, SessionBook
 
 log = logging.getLogger("vpnfleet.agent")
+
+HOLD_REFUSAL = 3.0  # seconds a refusal may wait for a view that is not current
 
 
 def _now() -> str:
@@ -48,7 +59,11 @@ class ClientHandler:
         changed: Callable[[], None],
         metrics: AgentMetrics | None = None,
         clock: Callable[[], str] = _now,
+        wait_current: Callable[[float], Awaitable[bool]] | None = None,
     ) -> None:
+        """``wait_current(seconds)`` waits up to that long for the fleet view to be current
+        with the control plane and says whether it is (0: just say); without it, refusals
+        are never held."""
         self.book = book
         self._journal = journal
         self._shipper = shipper
@@ -64,6 +79,8 @@ class ClientHandler:
         self.last_status_at = 0.0
         self._bytes: dict[int, tuple[int, int]] = {}
         self._journal_synced = False
+        self._wait_current = wait_current
+        self._holding: dict[int, asyncio.Task[None]] = {}  # cid -> its held CONNECT
 
     def new_uid(self) -> str:
         """A fresh session uid (unique across the fleet: pod name + 64 random bits)."""
@@ -96,7 +113,8 @@ class ClientHandler:
     # ------------------------------------------------------------------ events
 
     async def on_event(self, ev: ClientEvent) -> None:
-        """One ``>CLIENT:`` notification, handled in arrival order (answers must not reorder)."""
+        """One ``>CLIENT:`` notification, handled in arrival order (answers must not reorder;
+        a held refusal is answered on its own, see the module's docstring)."""
         if ev.kind in (ClientEventKind.CONNECT, ClientEventKind.REAUTH):
             await self._on_connect(ev)
         elif ev.kind is ClientEventKind.ESTABLISHED:
@@ -110,6 +128,37 @@ class ClientHandler:
         out = self.book.connect(
             self._view(), ev.cid, ev.env, reauth=reauth, uid=self.new_uid(), now=self._clock()
         )
+        if (
+            not out.decision.allow
+            and not reauth
+            and self._wait_current is not None
+            and not await self._wait_current(0)
+        ):
+            log.info(
+                "holding the answer to %s: the fleet view may be behind (%s)",
+                ev.env.get("common_name") or "?",
+                out.decision.reason,
+            )
+            task = asyncio.create_task(self._held(ev, started), name=f"held-connect-{ev.cid}")
+            self._holding[ev.cid] = task  # dropped by _held, a DISCONNECT or close()
+            return
+        await self._answer(ev, out, started)
+
+    async def _held(self, ev: ClientEvent, started: float) -> None:
+        """Decide a held CONNECT again once the view is current (or the hold ran out)."""
+        assert self._wait_current is not None
+        try:
+            await self._wait_current(HOLD_REFUSAL)
+        finally:
+            self._holding.pop(ev.cid, None)
+        out = self.book.connect(
+            self._view(), ev.cid, ev.env, reauth=False, uid=self.new_uid(), now=self._clock()
+        )
+        await self._answer(ev, out, started)
+
+    async def _answer(self, ev: ClientEvent, out: ConnectOutcome, started: float) -> None:
+        """Tell OpenVPN the book's decision on a CONNECT or REAUTH."""
+        reauth = ev.kind is ClientEventKind.REAUTH
         decision = out.decision
         kid = ev.kid if ev.kid is not None else 0
         mgmt = self._mgmt()
@@ -168,6 +217,9 @@ class ClientHandler:
         )
 
     def _on_disconnect(self, ev: ClientEvent, reason: str = "disconnected") -> None:
+        held = self._holding.pop(ev.cid, None)
+        if held is not None:  # it gave up while its answer was held
+            held.cancel()
         client = self.book.forget(ev.cid)
         self._bytes.pop(ev.cid, None)
         if client is None or not client.established:
@@ -282,6 +334,8 @@ class ClientHandler:
                 extra={"event": "adopt", "user": client.user, "session_uid": client.uid},
             )
         for cid in result.restart:
+            if cid in self._holding:
+                continue  # answered once the view is current
             log.info("client %d never got an answer; asking it to reconnect", cid)
             try:
                 await mgmt.client_kill(cid, "RESTART")
@@ -327,6 +381,9 @@ class ClientHandler:
         return [c.uid for c in self.book.established()]
 
     def close(self) -> None:
+        for task in self._holding.values():
+            task.cancel()
+        self._holding.clear()
         self._journal.close()
 
 

@@ -1,10 +1,18 @@
-"""The agent's client of the control plane API (async httpx)."""
+"""The agent's client of the control plane API (async httpx), over one or several replicas.
+
+Given several control-plane URLs (``--server`` with a comma-separated list), it talks to one at a
+time, in the order given, and moves on to the next (wrapping around) when the current one
+cannot be reached or ends the watch stream (a replica stopping). A request that could not even
+connect is tried on the next replica at once: it never reached a server, so sending it again
+cannot do it twice. Given one URL (a Kubernetes Service, which balances by itself), every
+request goes there.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -68,10 +76,19 @@ class ControlPlane:
     """Typed calls to the agent endpoints; every failure is a ControlPlaneError."""
 
     def __init__(
-        self, url: str, token: str, timeout: float = 10.0, ca_file: str | Path | None = None
+        self,
+        url: str | Sequence[str],
+        token: str,
+        timeout: float = 10.0,
+        ca_file: str | Path | None = None,
     ) -> None:
-        """`ca_file` pins the CA the control plane's certificate must chain to (https)."""
-        self.url = url.rstrip("/")
+        """`url` is one control-plane URL or several (replicas, tried in this order);
+        `ca_file` pins the CA the control plane's certificate must chain to (https)."""
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("no control plane URL")
+        self.urls = [u.rstrip("/") for u in urls]
+        self._current = 0
         self._ca_file = ca_file
         # Did the control plane answer the last request? Written here only: this client is
         # the agent's one way to the control plane (probes and metrics read it).
@@ -83,6 +100,20 @@ class ControlPlane:
             verify=tlspin.verify_for(ca_file),
         )
 
+    @property
+    def url(self) -> str:
+        """The control-plane URL requests go to now."""
+        return self.urls[self._current]
+
+    def failover(self, away_from: str) -> None:
+        """Move on to the next URL if `away_from` is still the current one (two requests that
+        fail at once move on once, not twice)."""
+        if len(self.urls) < 2 or self.url != away_from:
+            return
+        self._current = (self._current + 1) % len(self.urls)
+        self._http.base_url = httpx.URL(self.url)
+        log.info("control plane %s is away; using %s", away_from, self.url)
+
     def use_token(self, token: str) -> None:
         """Send ``token`` from now on (the pod's own credential, after enrollment)."""
         self._http.headers["Authorization"] = f"Bearer {token}"
@@ -92,11 +123,29 @@ class ControlPlane:
         credential. The caller switches to it with :meth:`use_token`."""
         return await self._typed(Enrollment, "POST", "/api/v1/agent/enroll", req)
 
-    def _failure(self, what: str, exc: httpx.HTTPError) -> ControlPlaneError:
-        """A network failure as one sentence; a TLS failure says which check failed."""
+    def _failure(self, what: str, exc: httpx.HTTPError, url: str) -> ControlPlaneError:
+        """A network failure at `url` as one sentence (a TLS failure says which check failed);
+        the next request goes to the next replica."""
         self.reachable = False
-        tls_problem = tlspin.describe_failure(self.url, exc, self._ca_file)
-        return ControlPlaneError(f"{what}: {tls_problem or type(exc).__name__}")
+        self.failover(url)
+        tls_problem = tlspin.describe_failure(url, exc, self._ca_file)
+        where = f" ({url})" if len(self.urls) > 1 else ""
+        return ControlPlaneError(f"{what}{where}: {tls_problem or type(exc).__name__}")
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request, tried on each replica in turn while none accepts the connection."""
+        for attempt in range(len(self.urls)):
+            url = self.url
+            try:
+                return await self._http.request(method, path, **kwargs)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # Never reached a server: the next replica may take it.
+                if attempt + 1 == len(self.urls):
+                    raise self._failure(f"{method} {path}", exc, url) from None
+                self.failover(url)
+            except httpx.HTTPError as exc:
+                raise self._failure(f"{method} {path}", exc, url) from None
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -104,17 +153,14 @@ class ControlPlane:
     async def _call(
         self, method: str, path: str, body: BaseModel | None = None, raw: bytes | None = None
     ) -> Any:
-        try:
-            if raw is not None:
-                resp = await self._http.request(
-                    method, path, content=raw, headers={"Content-Type": "application/json"}
-                )
-            else:
-                resp = await self._http.request(
-                    method, path, json=None if body is None else body.model_dump(mode="json")
-                )
-        except httpx.HTTPError as exc:
-            raise self._failure(f"{method} {path}", exc) from None
+        if raw is not None:
+            resp = await self._send(
+                method, path, content=raw, headers={"Content-Type": "application/json"}
+            )
+        else:
+            resp = await self._send(
+                method, path, json=None if body is None else body.model_dump(mode="json")
+            )
         self.reachable = resp.status_code < 500
         if resp.status_code >= 400:
             try:
@@ -138,10 +184,7 @@ class ControlPlane:
         return await self._typed(Snapshot, "GET", "/api/v1/agent/snapshot")
 
     async def crl(self) -> str:
-        try:
-            resp = await self._http.get("/api/v1/pki/crl")
-        except httpx.HTTPError as exc:
-            raise self._failure("GET crl", exc) from None
+        resp = await self._send("GET", "/api/v1/pki/crl")
         if resp.status_code >= 400:
             raise ControlPlaneError(f"GET crl: {resp.status_code}", resp.status_code)
         return resp.text
@@ -174,7 +217,10 @@ class ControlPlane:
 
     async def watch(self, since: int) -> AsyncIterator[WatchMessage]:
         """Messages after `since` until the stream breaks (raises ControlPlaneError then), or
-        until a line does not parse (raises WatchProtocolError: resync from a snapshot)."""
+        until a line does not parse (raises WatchProtocolError: resync from a snapshot), or
+        until the control plane ends it (returns: the replica is stopping; the next stream
+        goes to the next replica)."""
+        url = self.url
         try:
             async with self._http.stream(
                 "GET",
@@ -187,6 +233,8 @@ class ControlPlane:
                 self.reachable = resp.status_code < 500 or retry_after is not None
                 if resp.status_code >= 400:
                     await resp.aread()
+                    if resp.status_code >= 500:
+                        self.failover(url)  # full or failing: another replica may serve
                     raise ControlPlaneError(
                         f"watch: HTTP {resp.status_code} {_detail(resp)}",
                         resp.status_code,
@@ -201,7 +249,8 @@ class ControlPlane:
                         raise WatchProtocolError(f"watch: {exc}") from None
                     yield message
         except httpx.HTTPError as exc:
-            raise self._failure("watch", exc) from None
+            raise self._failure("watch", exc, url) from None
+        self.failover(url)
 
 
 def _retry_after(resp: httpx.Response) -> float | None:

@@ -88,7 +88,7 @@ class PodAgent:
     ) -> None:
         self.s = settings
         self.paths = StateDir(settings.state_dir)
-        self.cp = cp or ControlPlane(settings.server, settings.token, ca_file=settings.ca_file)
+        self.cp = cp or ControlPlane(settings.servers, settings.token, ca_file=settings.ca_file)
         self.metrics = AgentMetrics(settings.name, self)
         collector = self.metrics.collector
         if settings.user_metrics_listen == "off" and collector is not None:
@@ -137,6 +137,7 @@ class PodAgent:
             mgmt=lambda: self.supervisor.session if self.supervisor else None,
             changed=self._clients_changed,
             metrics=self.metrics,
+            wait_current=self.follower.wait_current,
         )
         self.clients.load_journal()
         self.shipper.on_refused(self.clients.kick_uid)
@@ -378,13 +379,14 @@ class PodAgent:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
         self.paths.create()
-        if self.s.server.startswith("http://") and not is_loopback_url(self.s.server):
-            # Registration hands this pod its private key and the tls-crypt key.
-            log.warning(
-                "the control plane URL %s is plain HTTP: the agent token and this pod's keys "
-                "cross the network unencrypted; use https:// with --ca-file",
-                self.s.server,
-            )
+        for url in self.s.servers:
+            if url.startswith("http://") and not is_loopback_url(url):
+                # Registration hands this pod its private key and the tls-crypt key.
+                log.warning(
+                    "the control plane URL %s is plain HTTP: the agent token and this pod's "
+                    "keys cross the network unencrypted; use https:// with --ca-file",
+                    url,
+                )
         from vpnfleet.agent.health import serve_http
 
         http = asyncio.create_task(serve_http(self), name="http")

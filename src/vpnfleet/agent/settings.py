@@ -18,6 +18,8 @@ DEFAULT_USER_METRICS_LISTEN = "127.0.0.1:9177"
 
 @dataclass
 class AgentSettings:
+    # One control-plane URL, or several separated by commas (replicas, tried in this order;
+    # see agent/cpclient.py and docs/operations.md, "Rolling upgrades and failover").
     server: str
     token: str
     name: str
@@ -141,6 +143,11 @@ class AgentSettings:
         settings.validate()
         return settings
 
+    @property
+    def servers(self) -> list[str]:
+        """The control-plane URLs, in the order given."""
+        return [u.strip() for u in self.server.split(",") if u.strip()]
+
     def validate(self) -> None:
         netparse.validate_name(self.name, "pod name")
         netparse.parse_listen(self.http)
@@ -152,11 +159,16 @@ class AgentSettings:
                 )
         if self.user_metrics_token is not None:
             require_strong(self.user_metrics_token, "VPNFLEET_USER_METRICS_TOKEN(_FILE)")
-        if not self.server.startswith(("http://", "https://")):
-            raise ValueError(f"server {self.server!r} must be an http:// or https:// URL")
+        if not self.servers:
+            raise ValueError("missing server: give --server or VPNFLEET_SERVER")
+        if len(set(self.servers)) != len(self.servers):
+            raise ValueError(f"server {self.server!r} names the same URL twice")
+        for url in self.servers:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"server {url!r} must be an http:// or https:// URL")
+            if self.ca_file is not None and not url.startswith("https://"):
+                raise ValueError(f"a CA file is given but the server URL is not https:// ({url})")
         if self.ca_file is not None:
-            if not self.server.startswith("https://"):
-                raise ValueError("a CA file is given but the server URL is not https://")
             tlspin.pinned_context(self.ca_file)  # a missing or bad file stops the start
         if self.public_endpoint:
             netparse.parse_endpoint(self.public_endpoint)

@@ -115,6 +115,7 @@ def server(
     from vpnfleet import logsetup
     from vpnfleet.controlplane.app import create_app, prepare
     from vpnfleet.controlplane.servertls import SERVER_CIPHERS
+    from vpnfleet.controlplane.serving import SHUTDOWN_GRACE, ControlPlaneServer
     from vpnfleet.controlplane.settings import ServerSettings
     from vpnfleet.core.netparse import parse_listen
 
@@ -155,15 +156,17 @@ def server(
                 ", ".join(state.tls.names),
                 state.tls.ca_file,
             )
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings, state),
         host=host,
         port=port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE,
         **tls,
     )
+    # Ends the watch streams first when it stops (controlplane/serving.py).
+    ControlPlaneServer(config, state.hub).run()
 
 
 @app.command("server-cert")
@@ -204,7 +207,11 @@ def _describe(exc: Exception) -> str:
 @app.command()
 def agent(
     server: Annotated[
-        str | None, typer.Option(help="Control plane URL (env VPNFLEET_SERVER).")
+        str | None,
+        typer.Option(
+            help="Control plane URL, or several replicas' URLs separated by commas, tried in "
+            "that order (env VPNFLEET_SERVER).",
+        ),
     ] = None,
     token: Annotated[
         str | None, typer.Option("--token", help="Agent token (env VPNFLEET_AGENT_TOKEN).")
@@ -328,7 +335,11 @@ def agent(
 @app.command("gateway-routes")
 def gateway_routes(
     server: Annotated[
-        str | None, typer.Option(help="Control plane URL (env VPNFLEET_SERVER).")
+        str | None,
+        typer.Option(
+            help="Control plane URL, or several replicas' URLs separated by commas "
+            "(env VPNFLEET_SERVER).",
+        ),
     ] = None,
     token: Annotated[
         str | None,
@@ -354,9 +365,10 @@ def gateway_routes(
     from vpnfleet.agent.cpclient import ControlPlane
     from vpnfleet.agent.gwroutes import follow
 
-    url = server or os.environ.get("VPNFLEET_SERVER")
+    urls = [u.strip() for u in (server or os.environ.get("VPNFLEET_SERVER") or "").split(",")]
+    urls = [u for u in urls if u]
     secret = token or os.environ.get("VPNFLEET_ROUTES_TOKEN")
-    if not url or not secret:
+    if not urls or not secret:
         raise CLIError("give --server and --token (or VPNFLEET_SERVER / VPNFLEET_ROUTES_TOKEN)", 2)
     pinned = ca_file or os.environ.get("VPNFLEET_CA_FILE") or None
     if pinned:
@@ -373,7 +385,7 @@ def gateway_routes(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        cp = ControlPlane(url, secret, ca_file=pinned)
+        cp = ControlPlane(urls, secret, ca_file=pinned)
         try:
             await follow(cp, stop)
         finally:

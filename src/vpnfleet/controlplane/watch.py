@@ -36,7 +36,14 @@ and ends the streams of a revoked one (a revoked pod, a revoked operator or audi
 Their next request is then refused like any other.
 
 A subscriber whose `since` is older than the log's oldest kept row (as of the hub's last poll)
-is told to resync, as is one ahead of the head.
+is told to resync, as is one ahead of the head. A subscriber that has caught up with the head
+is told so at once by a heartbeat (then one per heartbeat interval while idle): a follower
+knows its view is current without waiting for the next change.
+
+When the process stops, :meth:`ChangeHub.close_streams` ends every stream cleanly (the HTTP
+body ends; no change is cut in half): followers see the end, not a reset, and reconnect at once
+to another replica; the server does not wait out its shutdown grace on streams that would
+never end by themselves (docs/operations.md, "Rolling upgrades and failover").
 
 Rows are served as typed messages (vpnfleet.wire). A row that does not read as a change event
 (written by an older version before an upgrade, or by hand) is not skipped, which would leave
@@ -170,6 +177,7 @@ class ChangeHub:
         # tailing task then blocked on it forever: no change reached any agent again.
         self._moved = asyncio.Event()
         self._wake = asyncio.Event()
+        self._closing = False  # close_streams() was called: every stream ends
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Created in start(): they belong to the serving event loop.
@@ -201,7 +209,18 @@ class ChangeHub:
         self._floor = entries[0].revision - 1 if len(entries) >= self._ring_size else 0
         self._task = asyncio.create_task(self._run(), name="change-hub")
 
+    def close_streams(self) -> None:
+        """End every stream (and every stream that starts from now on) cleanly: the process is
+        stopping. Called on the event loop."""
+        if self._closing:
+            return
+        self._closing = True
+        log.info("ending %d watch stream(s): this replica is stopping", self.subscribers)
+        moved, self._moved = self._moved, asyncio.Event()
+        moved.set()
+
     async def stop(self) -> None:
+        self.close_streams()
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -364,11 +383,12 @@ class ChangeHub:
         self, since: int, heartbeat: float, token_id: int | None = None
     ) -> AsyncIterator[list[Stored] | WatchResync | WatchHeartbeat]:
         """Runs of changes after `since` (each at most CHUNK_BYTES of lines), resyncs and
-        heartbeats, until `token_id` is revoked."""
+        heartbeats, until the hub closes its streams or `token_id` is revoked."""
         if since > self._head:
             yield WatchResync(revision=self._head)
             since = self._head
-        while not self.is_cut(token_id):
+        caught_up = False  # told the subscriber it is at the head
+        while not self._closing and not self.is_cut(token_id):
             if since < min(self._oldest, self._head + 1) - 1:
                 # Older than anything the log still has: the changes in between are gone.
                 yield WatchResync(revision=self._head)
@@ -378,7 +398,11 @@ class ChangeHub:
                 start = bisect.bisect_right(self._ring, since, key=_revision)
                 pending = self._ring[start : start + BATCH]
                 if not pending:
-                    if not await self._wait_past(since, heartbeat, token_id):
+                    if not caught_up:
+                        caught_up = True
+                        yield WatchHeartbeat(revision=self._head)
+                        continue
+                    if not await self._wait_past(since, heartbeat, token_id) and not self._closing:
                         yield WatchHeartbeat(revision=self._head)
                     continue
             else:
@@ -421,9 +445,9 @@ class ChangeHub:
     async def subscribe(
         self, since: int, heartbeat: float, token_id: int | None = None
     ) -> AsyncIterator[WatchMessage]:
-        """Events after revision `since`, until `token_id` is revoked; a resync if `since` is
-        no longer served or an unreadable row lies ahead (the stream then goes on from the
-        head)."""
+        """Events after revision `since` until the hub closes its streams or `token_id` is
+        revoked; a resync if `since` is no longer served or an unreadable row lies ahead (the
+        stream then goes on from the head)."""
         async for item in self._follow(since, heartbeat, token_id):
             if isinstance(item, list):
                 for stored in item:
@@ -442,10 +466,11 @@ class ChangeHub:
                 yield ndjson(item)
 
     async def _wait_past(self, revision: int, patience: float, token_id: int | None = None) -> bool:
-        """Wait until the head moves past `revision` or `token_id` is cut; False on timeout."""
+        """Wait until the head moves past `revision`, the hub closes its streams or `token_id`
+        is cut; False on timeout."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + patience
-        while self._head <= revision and not self.is_cut(token_id):
+        while self._head <= revision and not self._closing and not self.is_cut(token_id):
             left = deadline - loop.time()
             if left <= 0:
                 return False

@@ -1,0 +1,38 @@
+"""The HTTP server of `vpnfleet server`: uvicorn, told to end the watch streams when it stops.
+
+uvicorn stops in this order: stop accepting, ask every connection to close once its response is
+complete, wait up to the graceful-shutdown timeout for them, cancel what is left, then run the
+application's shutdown. A watch stream never completes by itself, so each one used to be
+cancelled at the timeout: the process always took the full grace and logged an ERROR with a
+traceback per stream, and agents saw their streams cut. Here the listening sockets close first
+(a follower that reconnects does not land on this replica again), then the change hub ends
+every stream cleanly, and the wait that follows is only for requests still in flight.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import uvicorn
+
+from vpnfleet.controlplane.watch import ChangeHub
+
+# Seconds requests still in flight get to finish once a stop is asked for (watch streams
+# end at once and do not count).
+SHUTDOWN_GRACE = 5
+
+
+class ControlPlaneServer(uvicorn.Server):
+    """uvicorn's server that ends the change hub's streams before waiting for connections."""
+
+    def __init__(self, config: uvicorn.Config, hub: ChangeHub) -> None:
+        super().__init__(config)
+        self._hub = hub
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:  # closing twice (uvicorn does it again) is harmless
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        self._hub.close_streams()
+        await super().shutdown(sockets)
