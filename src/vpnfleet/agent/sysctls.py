@@ -59,7 +59,7 @@ def explain(shortfalls: Sequence[Shortfall], reason: str = "") -> str:
         f"Kubernetes: the pod's securityContext.sysctls (the kubelet must allow them with "
         f"--allowed-unsafe-sysctls) or a privileged init container running "
         f"`sysctl -w {' '.join(f'{s.key}={s.want}' for s in shortfalls)}`; "
-        f"podman/docker: `{flags}` (see docs/kubernetes.md, Least privilege)"
+        f"podman/docker: `{flags}` (docs/kubernetes.md, the agent's sysctls)"
     )
     if any(s.have is None and s.key.startswith("net.netfilter.") for s in shortfalls):
         text += "; the net.netfilter keys exist once the node has the nf_conntrack module loaded"
