@@ -36,7 +36,7 @@ def test_base_manifests() -> None:
     docs = render("deploy/kustomize/base")
     agent = find(docs, "Deployment", "vpnfleet-agent")["spec"]["template"]["spec"]
     c = agent["containers"][0]
-    _agent_has_net_admin_only(c)
+    _agent_has_network_capabilities_only(c)
     # Set by the kubelet, the Kubernetes way: exactly the settings the agent checks at start.
     assert {s["name"]: s["value"] for s in agent["securityContext"]["sysctls"]} == dict(SYSCTLS)
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -73,9 +73,10 @@ def test_base_manifests() -> None:
     assert all(d["metadata"].get("namespace", "vpnfleet") == "vpnfleet" for d in docs)
 
 
-def _agent_has_net_admin_only(container: dict[str, Any]) -> None:
+def _agent_has_network_capabilities_only(container: dict[str, Any]) -> None:
     sc = container["securityContext"]
-    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    # NET_RAW: iptables' set match looks ipsets up through a raw socket (docs/kubernetes.md).
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}
     assert sc["allowPrivilegeEscalation"] is False
     assert sc.get("privileged", False) is False
     assert sc["runAsUser"] == 0  # added capabilities reach uid 0 only (deploy/README.md)
@@ -91,7 +92,7 @@ def test_init_container_overlay_sets_the_sysctls_instead_of_the_kubelet() -> Non
     assert init["securityContext"]["privileged"] is True
     [c] = agent["containers"]
     assert init["image"] == c["image"] == "vpnfleet:0.1.0"
-    _agent_has_net_admin_only(c)
+    _agent_has_network_capabilities_only(c)
 
 
 def _serves_https_on_the_service_port(
