@@ -26,6 +26,7 @@ from tests.conftest import Server, free_port
 from vpnfleet.agent.fakes import FakeFirewall, FakeManagement, FakeProcess
 from vpnfleet.agent.pod import PodAgent
 from vpnfleet.agent.settings import AgentSettings
+from vpnfleet.agent.sysctls import Shortfall, SysctlsMissing
 from vpnfleet.core import fwstate, revocation
 
 SVC = ipaddress.IPv4Address("10.20.0.5")
@@ -187,6 +188,24 @@ async def test_a_port_limited_grant_reaches_a_connected_client_port_limited(
     )
     await until(lambda: pod.allowed(pa, 9001), 5, "the new rule")
     assert not pod.allowed(pa, 9002) and not pod.allowed(pa, 22)
+
+
+async def test_a_pod_without_its_kernel_settings_stops_before_registering(
+    server: Server, pod: Pod
+) -> None:
+    # The fake stands for a read-only /proc/sys (tests/e2e/test_container.py has the real one).
+    pod.firewall.missing_sysctls = [
+        Shortfall("net.netfilter.nf_conntrack_acct", "1", "0"),
+        Shortfall("net.netfilter.nf_conntrack_timestamp", "1", "0"),
+    ]
+    agent = PodAgent(pod.settings(), firewall=pod.firewall, process=lambda: pod.process)
+    with pytest.raises(SysctlsMissing) as err:
+        await asyncio.wait_for(agent.run(), 20)
+    assert "net.netfilter.nf_conntrack_acct=1 (is 0)" in str(err.value)
+    assert "--sysctl net.netfilter.nf_conntrack_timestamp=1" in str(err.value)
+    # Nothing reached the control plane and nothing was started.
+    assert api(server, "GET", "/api/v1/pods") == []
+    assert not pod.process.running and pod.firewall.applies == []
 
 
 async def test_membership_changes_reach_connected_clients_and_cut_their_flows(

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
+from vpnfleet.agent.sysctls import SYSCTLS
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -34,7 +36,9 @@ def test_base_manifests() -> None:
     docs = render("deploy/kustomize/base")
     agent = find(docs, "Deployment", "vpnfleet-agent")["spec"]["template"]["spec"]
     c = agent["containers"][0]
-    assert "NET_ADMIN" in c["securityContext"]["capabilities"]["add"]
+    _agent_has_network_capabilities_only(c)
+    # Set by the kubelet, the Kubernetes way: exactly the settings the agent checks at start.
+    assert {s["name"]: s["value"] for s in agent["securityContext"]["sysctls"]} == dict(SYSCTLS)
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert agent["terminationGracePeriodSeconds"] >= 20
@@ -60,7 +64,35 @@ def test_base_manifests() -> None:
     assert "vpnfleet-controlplane.vpnfleet.svc" in cp_env["VPNFLEET_TLS_SELF_SIGNED"].split(",")
     assert cp_env["VPNFLEET_DATA_DIR"] == "/data"
     _serves_https_on_the_service_port(docs, cpc, server)
+    cp_pod = cp["template"]["spec"]["securityContext"]
+    assert cp_pod["runAsNonRoot"] is True and cp_pod["runAsUser"] != 0
+    assert cpc["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
     assert all(d["metadata"].get("namespace", "vpnfleet") == "vpnfleet" for d in docs)
+
+
+def _agent_has_network_capabilities_only(container: dict[str, Any]) -> None:
+    sc = container["securityContext"]
+    # NET_RAW: iptables' set match looks ipsets up through a raw socket (docs/kubernetes.md).
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc.get("privileged", False) is False
+    assert sc["runAsUser"] == 0  # added capabilities reach uid 0 only (deploy/README.md)
+
+
+def test_init_container_overlay_sets_the_sysctls_instead_of_the_kubelet() -> None:
+    docs = render("deploy/kustomize/overlays/sysctl-init-container")
+    agent = find(docs, "Deployment", "vpnfleet-agent")["spec"]["template"]["spec"]
+    assert "sysctls" not in agent["securityContext"]
+    [init] = agent["initContainers"]
+    assert init["command"][:2] == ["sysctl", "-w"]
+    assert init["command"][2:] == [f"{k}={v}" for k, v in SYSCTLS]
+    assert init["securityContext"]["privileged"] is True
+    [c] = agent["containers"]
+    assert init["image"] == c["image"] == "vpnfleet:0.1.0"
+    _agent_has_network_capabilities_only(c)
 
 
 def _serves_https_on_the_service_port(

@@ -37,6 +37,7 @@ import time
 from collections.abc import Sequence
 from ipaddress import IPv4Network
 
+from vpnfleet.agent import sysctls
 from vpnfleet.agent.flowcuts import FlowCutter
 from vpnfleet.agent.netcommands import CommandRunner, DataplaneError, DataplaneStats
 from vpnfleet.core import fwdiff, fwkernel, fwrender
@@ -47,13 +48,6 @@ from vpnfleet.core.fwstate import DesiredState
 from vpnfleet.core.revocation import Flow
 
 log = logging.getLogger(__name__)
-
-SYSCTLS: tuple[tuple[str, str], ...] = (
-    ("net.ipv4.ip_forward", "1"),
-    # Flow records need byte counters and start/stop timestamps on every conntrack entry.
-    ("net.netfilter.nf_conntrack_acct", "1"),
-    ("net.netfilter.nf_conntrack_timestamp", "1"),
-)
 
 # Destroying a set right after the last rule referencing it went away can briefly fail with
 # "in use" while the kernel releases the reference; retry a few times.
@@ -266,5 +260,37 @@ class Dataplane:
     # --- sysctls --------------------------------------------------------------------------
 
     async def ensure_sysctls(self) -> None:
-        """Enable forwarding and conntrack accounting/timestamps in this namespace."""
-        await self._run("sysctl", "-q", "-w", *(f"{k}={v}" for k, v in SYSCTLS))
+        """Check forwarding and conntrack accounting/timestamps in this namespace and write
+        only what differs (:mod:`vpnfleet.agent.sysctls`); raises
+        :class:`~vpnfleet.agent.sysctls.SysctlsMissing` naming every setting still wrong."""
+        if self.netns is None:
+            written = sysctls.ensure()
+        else:
+            written = await self._ensure_sysctls_in_netns()
+        if written:
+            log.info("set %s", ", ".join(f"{k}={dict(sysctls.SYSCTLS)[k]}" for k in written))
+
+    async def _read_sysctls_in_netns(self) -> dict[str, str | None]:
+        current: dict[str, str | None] = {}
+        for key, _ in sysctls.SYSCTLS:
+            path = sysctls.path_of(key)
+            rc, out, _ = await self._run("cat", str(path), ok=(0, 1))
+            current[key] = " ".join(out.split()) if rc == 0 else None
+        return current
+
+    async def _ensure_sysctls_in_netns(self) -> list[str]:
+        written: list[str] = []
+        reasons: list[str] = []
+        for s in sysctls.shortfalls(await self._read_sysctls_in_netns()):
+            if s.have is None:
+                continue
+            try:
+                await self._run("sysctl", "-q", "-w", f"{s.key}={s.want}")
+            except DataplaneError as exc:
+                reasons.append(str(exc))
+                continue
+            written.append(s.key)
+        left = sysctls.shortfalls(await self._read_sysctls_in_netns())
+        if left:
+            raise sysctls.SysctlsMissing(left, "; ".join(reasons[:1]))
+        return written

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from vpnfleet.agent.management import CommandError, ManagementClosed
 from vpnfleet.agent.netcommands import DataplaneError, DataplaneStats
 from vpnfleet.agent.runners import FirewallRunner, ManagementSession, ProcessRunner
+from vpnfleet.agent.sysctls import Shortfall, SysctlsMissing
 from vpnfleet.core import fwdiff, fwstate, revocation
 from vpnfleet.core.mgmt_protocol import (
     ClientEvent,
@@ -52,6 +53,8 @@ class FakeFirewall:
         self.applies: list[str] = []  # "full" / "diff", in order
         self.cuts: list[str] = []  # "revoked" / "index" / "walk", in order
         self.sysctls = False
+        # Settings "the pod was created without" (and cannot set): ensure_sysctls raises.
+        self.missing_sysctls: list[Shortfall] = []
         self.removed = False
         self.routes: dict[str, str] = {}  # network -> device
 
@@ -135,6 +138,8 @@ class FakeFirewall:
         self.applied = self.kernel = None
 
     async def ensure_sysctls(self) -> None:
+        if self.missing_sysctls:
+            raise SysctlsMissing(self.missing_sysctls, "read-only file system (fake)")
         self.sysctls = True
 
     async def route_into(self, network: ipaddress.IPv4Network, dev: str) -> None:

@@ -392,6 +392,9 @@ class PodAgent:
         http = asyncio.create_task(serve_http(self), name="http")
         tasks: list[asyncio.Task[None]] = []
         try:
+            # First, before registering: a pod whose kernel settings are wrong (and cannot be
+            # set from inside, as in an unprivileged container) stops with SysctlsMissing.
+            await self.dataplane.ensure_sysctls()
             register = asyncio.create_task(self.registration.register())
             stop = asyncio.create_task(self._stop.wait())
             await asyncio.wait([register, stop], return_when=asyncio.FIRST_COMPLETED)
@@ -403,7 +406,6 @@ class PodAgent:
             await self.follower.load()
             self.metrics.revision.set(self.follower.view.revision)
             self.registration.render_config()
-            await self.dataplane.ensure_sysctls()
             self._assemble()
             tasks = self._start_tasks()
             stop = asyncio.create_task(self._stop.wait())

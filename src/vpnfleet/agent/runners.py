@@ -57,7 +57,9 @@ class FirewallRunner(Protocol):
         """Remove everything the agent owns (drain)."""
 
     async def ensure_sysctls(self) -> None:
-        """Forwarding and conntrack accounting in this namespace."""
+        """Forwarding and conntrack accounting in this namespace: checked, written only where
+        they differ; :class:`~vpnfleet.agent.sysctls.SysctlsMissing` names every setting that
+        is still wrong (e.g. a read-only ``/proc/sys`` in an unprivileged container)."""
 
     async def route_into(self, network: ipaddress.IPv4Network, dev: str) -> None:
         """Route ``network`` into the tunnel device ``dev``."""

@@ -299,6 +299,7 @@ def agent(
     from vpnfleet.agent.pod import PodAgent
     from vpnfleet.agent.settings import AgentSettings
     from vpnfleet.agent.statedir import StateDir
+    from vpnfleet.agent.sysctls import SysctlsMissing
 
     try:
         settings = AgentSettings.from_env(
@@ -329,7 +330,10 @@ def agent(
         raise CLIError(str(exc), 2) from None
     # Whatever the agent and openvpn create (pid, logs, spools) is for this user alone.
     os.umask(0o077)
-    asyncio.run(PodAgent(settings).run())
+    try:
+        asyncio.run(PodAgent(settings).run())
+    except SysctlsMissing as exc:
+        raise CLIError(str(exc), 3) from None
 
 
 @app.command("gateway-routes")
