@@ -38,11 +38,19 @@ def _is_openvpn(pid: int) -> bool:
 class OpenVPNProcess:
     """One openvpn server process, started by us or adopted from a previous agent."""
 
-    def __init__(self, binary: str, config: Path, state_dir: Path) -> None:
+    def __init__(
+        self,
+        binary: str,
+        config: Path,
+        state_dir: Path,
+        *,
+        pid_file: Path | None = None,
+        log_file: Path | None = None,
+    ) -> None:
         self.binary = binary
         self.config = config
-        self.pid_file = state_dir / "openvpn.pid"
-        self.log_file = state_dir / "openvpn.log"
+        self.pid_file = pid_file or state_dir / "openvpn.pid"
+        self.log_file = log_file or state_dir / "openvpn.log"
         self.pid: int | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._tail: asyncio.Task[None] | None = None

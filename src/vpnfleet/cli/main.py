@@ -283,6 +283,12 @@ def agent(
         Path | None,
         typer.Option(help="Trust only this CA for an https server URL (env VPNFLEET_CA_FILE)."),
     ] = None,
+    tcp_port: Annotated[
+        str | None,
+        typer.Option(
+            help="Port of the TCP fallback server, or 'off' (default 443; env VPNFLEET_TCP_PORT)."
+        ),
+    ] = None,
 ) -> None:
     """Run the pod agent: supervise OpenVPN, enforce the firewall, report sessions and flows."""
     import asyncio
@@ -314,6 +320,7 @@ def agent(
             flow_spool_mb=flow_spool_mb,
             denied_audit=denied_audit,
             ca_file=ca_file,
+            tcp_port=tcp_port,
         )
         logsetup.setup(settings.log_format)
         # Refuse early, in one sentence, a state directory this user cannot make private.
