@@ -73,6 +73,14 @@ def server(
         list[str] | None,
         typer.Option(help="HOST[:PORT] clients connect to; repeat for several."),
     ] = None,
+    public_tcp_endpoint: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="HOST[:PORT] of the TCP fallback (port 443 if left out); repeat for several, "
+            "or 'off'. Default: each public endpoint's host on 443 (env "
+            "VPNFLEET_PUBLIC_TCP_ENDPOINTS).",
+        ),
+    ] = None,
     log_format: Annotated[str, typer.Option(help="text or json.")] = "text",
     audit_retention: Annotated[
         int | None,
@@ -125,6 +133,11 @@ def server(
             database_url=database_url,
             listen=listen,
             public_endpoints=public_endpoint or None,
+            public_tcp_endpoints=(
+                None
+                if not public_tcp_endpoint
+                else [e for e in public_tcp_endpoint if e.strip().lower() != "off"]
+            ),
             log_format=log_format,
             audit_retention_days=audit_retention,
             tls_cert=tls_cert,
