@@ -72,7 +72,8 @@ class Pod:
             drain_timeout=1,
         )
 
-    async def start(self, *, adopt: bool = False) -> PodAgent:
+    async def start(self, *, adopt: bool = False, slow: str | None = None) -> PodAgent:
+        """``slow``: that server's management socket answers a second late."""
         if adopt:
             # openvpn kept running: the next agent finds its pid and socket, and attaches anew.
             for n, server in enumerate(self.mgmts):
@@ -82,6 +83,8 @@ class Pod:
         mgmts = dict(self.mgmts)
 
         async def connect(server: str) -> FakeManagement:
+            if server == slow:
+                await asyncio.sleep(1.0)
             return mgmts[server]
 
         agent = PodAgent(
@@ -121,8 +124,8 @@ class Pod:
             cert = c.get(f"/api/v1/users/{user}").json()["certificate"]
             return str(int(cert["serial"]))
 
-    def address(self, cid: int) -> ipaddress.IPv4Address:
-        addr = self.mgmt.address_of(cid)
+    def address(self, cid: int, server: str = "udp") -> ipaddress.IPv4Address:
+        addr = self.mgmts[server].address_of(cid)
         assert addr is not None
         return addr
 
@@ -130,8 +133,8 @@ class Pod:
         assert self.firewall.kernel is not None
         return self.firewall.kernel
 
-    def allowed(self, cid: int, dport: int, proto: str = "tcp") -> bool:
-        return fwstate.is_allowed(self.kernel(), self.address(cid), proto, SVC, dport)
+    def allowed(self, cid: int, dport: int, proto: str = "tcp", server: str = "udp") -> bool:
+        return fwstate.is_allowed(self.kernel(), self.address(cid, server), proto, SVC, dport)
 
     async def stop(self) -> None:
         if self.task is not None and self.agent is not None:
@@ -480,13 +483,21 @@ async def test_clients_of_both_servers_are_adopted_under_their_sessions(
     server: Server, pod: Pod
 ) -> None:
     setup_policy(server)
+    api(server, "POST", "/api/v1/groups/ops/members", {"user": "pb"})
     await pod.start()
     a = await pod.join("pa", ip="192.0.2.1", server="udp")
     b = await pod.join("pb", ip="192.0.2.2", server="tcp")
     assert a == b  # both servers number their clients from the same start
+    await until(lambda: pod.allowed(b, 22, server="tcp"), 5, "pb's address in the firewall")
     before = {c.key: c.uid for c in pod.agent.clients.established()}  # type: ignore[union-attr]
+    # pb has an open connection through the TCP server while the agent is away.
+    flow = revocation.Flow("tcp", 6, pod.address(b, "tcp"), SVC, 40001, 22)
+    pod.firewall.flows = [flow]
     await pod.crash()
-    agent = await pod.start(adopt=True)
+    # The TCP openvpn answers late: the first apply must still wait for its clients (an
+    # apply without pb would lock it out and cut its connection).
+    agent = await pod.start(adopt=True, slow="tcp")
     assert agent.clients is not None
     assert {c.key: c.uid for c in agent.clients.established()} == before
     assert not any(a[0] == "kill" for m in pod.mgmts.values() for a in m.answers)
+    assert pod.firewall.flows == [flow] and pod.allowed(b, 22, server="tcp")

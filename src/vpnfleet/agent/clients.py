@@ -112,6 +112,7 @@ class ClientHandler:
         for client in self.book.clear(server):
             self._ended(client, reason)
         for client in self._cached_of(server).values():
+            self.book.release_owner(client)
             if client.established:
                 self._journal.down(client.uid)
                 self._shipper.closed(client, 0, 0, reason)

@@ -73,6 +73,10 @@ from vpnfleet.wire import Heartbeat
 log = logging.getLogger("vpnfleet.agent")
 
 ADOPT_ATTEMPTS = 10  # status listings tried before a running openvpn is given up on
+# How long the first server ready waits for the other's clients before the first firewall
+# apply (longer than a supervisor's attach timeout: a server that cannot come up at all must
+# not keep the other one's users out).
+PREPARE_WAIT = 20.0
 MAX_REPORTED_GROUPS = 10  # over-limit group names in the heartbeat status
 
 
@@ -115,6 +119,8 @@ class PodAgent:
         self.firewall: FirewallSync | None = None
         self.supervisors: dict[str, OpenVPNSupervisor] = {}
         self.host_routes: HostRoutes | None = None
+        self._prepared: set[str] = set()
+        self._all_prepared = asyncio.Event()
         self.shipper: SessionShipper | None = None
         self.flow_audit: FlowAudit | None = None
         self.denied_audit: DeniedAudit | None = None
@@ -282,7 +288,15 @@ class PodAgent:
                 raise ManagementError(f"could not list the running {server} openvpn's clients")
         else:
             self.clients.reset(f"openvpn ({server}) restarted", server)
-        self.firewall.start()  # once: the second server finds it started
+        self._prepared.add(server)
+        if self._prepared >= self.supervisors.keys():
+            self._all_prepared.set()
+        # The first apply (and the cut of disallowed flows that follows it) must see the
+        # clients of every server: one applied before the other server's running clients
+        # were adopted would lock them out and cut their connections.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._all_prepared.wait(), PREPARE_WAIT)
+        self.firewall.start()
         await self.firewall.wait_ready()
 
     async def on_event(self, ev: ClientEvent, server: str) -> None:

@@ -393,6 +393,10 @@ class SessionBook:
         else:
             self._drop_owner(client)
 
+    def release_owner(self, client: Client) -> None:
+        """``client`` (from the journal) will not be adopted: its address has no owner now."""
+        self._drop_owner(client)
+
     def _drop_owner(self, client: Client) -> None:
         # Only if the address is still this session's (a later session may hold it now).
         owner = self._owners.get(client.tunnel_ip)
