@@ -72,7 +72,12 @@ class OpenVPNSupervisor:
         self._route = route
         self._new_process = process or (
             lambda: OpenVPNProcess(
-                binary, files.conf, paths.root, pid_file=files.pid_file, log_file=files.log_file
+                binary,
+                files.conf,
+                paths.root,
+                pid_file=files.pid_file,
+                log_file=files.log_file,
+                label=server,
             )
         )
         self._connect = connect or self._connect_socket
