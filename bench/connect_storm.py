@@ -180,7 +180,7 @@ async def run_agent_side(cycles: int, window: int, workdir: Path) -> dict[str, f
         shipper,
         pod="bench",
         view=lambda: view,
-        mgmt=lambda: mgmt,
+        mgmt=lambda _server: mgmt,
         changed=firewall.poke,
     )
     firewall.start()

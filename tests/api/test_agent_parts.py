@@ -26,6 +26,7 @@ from tests.conftest import Server, free_port
 from vpnfleet.agent.fakes import FakeFirewall, FakeManagement, FakeProcess
 from vpnfleet.agent.pod import PodAgent
 from vpnfleet.agent.settings import AgentSettings
+from vpnfleet.agent.statedir import StateDir
 from vpnfleet.agent.sysctls import Shortfall, SysctlsMissing
 from vpnfleet.core import fwstate, revocation
 
@@ -45,10 +46,16 @@ class Pod:
         self.token = token
         self.state = state
         self.firewall = FakeFirewall()
-        self.mgmt = FakeManagement()
-        self.process = FakeProcess()
+        # One OpenVPN server per protocol, as a pod runs them (TCP is on by default).
+        self.mgmts = {"udp": FakeManagement(), "tcp": FakeManagement()}
+        self.processes = {"udp": FakeProcess(), "tcp": FakeProcess()}
         self.agent: PodAgent | None = None
         self.task: asyncio.Task[None] | None = None
+
+    @property
+    def mgmt(self) -> FakeManagement:
+        """The UDP server's management session."""
+        return self.mgmts["udp"]
 
     def settings(self) -> AgentSettings:
         return AgentSettings(
@@ -66,21 +73,25 @@ class Pod:
             drain_timeout=1,
         )
 
-    async def start(self, *, adopt: bool = False) -> PodAgent:
+    async def start(self, *, adopt: bool = False, slow: str | None = None) -> PodAgent:
+        """``slow``: that server's management socket answers a second late."""
         if adopt:
             # openvpn kept running: the next agent finds its pid and socket, and attaches anew.
-            self.process = FakeProcess(recorded=4242)
-            self.mgmt = self.mgmt.reopen()
-            (self.state / "mgmt.sock").touch()
-        mgmt = self.mgmt
+            for n, server in enumerate(self.mgmts):
+                self.processes[server] = FakeProcess(recorded=4242 + n)
+                self.mgmts[server] = self.mgmts[server].reopen()
+                StateDir(self.state).server(server).mgmt_socket.touch()
+        mgmts = dict(self.mgmts)
 
-        async def connect() -> FakeManagement:
-            return mgmt
+        async def connect(server: str) -> FakeManagement:
+            if server == slow:
+                await asyncio.sleep(1.0)
+            return mgmts[server]
 
         agent = PodAgent(
             self.settings(),
             firewall=self.firewall,
-            process=lambda: self.process,
+            process=lambda server: self.processes[server],
             connect=connect,
         )
         self.agent = agent
@@ -96,13 +107,16 @@ class Pod:
             await self.task
         self.task = None
 
-    async def join(self, user: str, ip: str = "198.51.100.7") -> int:
-        cid = self.mgmt.connect(user, real_ip=ip, serial=self.serial(user))
-        await until(lambda: self.mgmt.answers_for(cid), 5, f"{user}'s CONNECT to be answered")
-        self.mgmt.establish(cid)
+    async def join(self, user: str, ip: str = "198.51.100.7", server: str = "udp") -> int:
+        mgmt = self.mgmts[server]
+        cid = mgmt.connect(user, real_ip=ip, serial=self.serial(user))
+        await until(lambda: mgmt.answers_for(cid), 5, f"{user}'s CONNECT to be answered")
+        mgmt.establish(cid)
         assert self.agent is not None and self.agent.clients is not None
         await until(
-            lambda: any(c.cid == cid for c in self.agent.clients.established()), 5, "ESTABLISHED"
+            lambda: any(c.key == (server, cid) for c in self.agent.clients.established()),
+            5,
+            "ESTABLISHED",
         )
         return cid
 
@@ -111,8 +125,8 @@ class Pod:
             cert = c.get(f"/api/v1/users/{user}").json()["certificate"]
             return str(int(cert["serial"]))
 
-    def address(self, cid: int) -> ipaddress.IPv4Address:
-        addr = self.mgmt.address_of(cid)
+    def address(self, cid: int, server: str = "udp") -> ipaddress.IPv4Address:
+        addr = self.mgmts[server].address_of(cid)
         assert addr is not None
         return addr
 
@@ -120,8 +134,8 @@ class Pod:
         assert self.firewall.kernel is not None
         return self.firewall.kernel
 
-    def allowed(self, cid: int, dport: int, proto: str = "tcp") -> bool:
-        return fwstate.is_allowed(self.kernel(), self.address(cid), proto, SVC, dport)
+    def allowed(self, cid: int, dport: int, proto: str = "tcp", server: str = "udp") -> bool:
+        return fwstate.is_allowed(self.kernel(), self.address(cid, server), proto, SVC, dport)
 
     async def stop(self) -> None:
         if self.task is not None and self.agent is not None:
@@ -431,3 +445,78 @@ async def test_a_group_stored_over_the_firewall_limit_does_not_block_the_pod(
     await until(lambda: pod.allowed(pa, 8080), 10, "web enforced again")
     await until(lambda: "groups_over_limit" not in status(), 5, "the heartbeat to clear")
     assert agent.metrics.groups_over_limit._value.get() == 0
+
+
+# ------------------------------------------------------------------ UDP and TCP servers
+
+
+async def test_udp_and_tcp_clients_share_limits_kills_and_the_drain(
+    server: Server, pod: Pod
+) -> None:
+    setup_policy(server)
+    api(server, "POST", "/api/v1/users", {"name": "pc", "email": "pc@x.com", "max_sessions": 2})
+    agent = await pod.start()
+    udp, tcp = pod.mgmts["udp"], pod.mgmts["tcp"]
+    # pb may hold one session: one on UDP leaves no room for another device on TCP.
+    await pod.join("pb", ip="192.0.2.1", server="udp")
+    other = tcp.connect("pb", real_ip="192.0.2.2", serial=pod.serial("pb"))
+    await until(lambda: tcp.answers_for(other), 5, "the TCP CONNECT's answer")
+    (answer,) = tcp.answers_for(other)
+    assert (answer[0], answer[3]) == ("deny", "session limit reached (1)")
+    # The same device falling back to TCP replaces its UDP session instead.
+    first = next(c.cid for c in agent.clients.established() if c.user == "pb")  # type: ignore[union-attr]
+    fallback = await pod.join("pb", ip="192.0.2.1", server="tcp")
+    assert ("kill", first, "HALT") in udp.answers
+    assert [a[0] for a in tcp.answers_for(fallback)] == ["auth"]
+    # pc on both servers; OpenVPN's client ids repeat across them, the sessions do not.
+    c_udp = await pod.join("pc", ip="192.0.2.3", server="udp")
+    c_tcp = await pod.join("pc", ip="192.0.2.4", server="tcp")
+    assert agent.clients is not None
+    keys = sorted(c.key for c in agent.clients.established() if c.user == "pc")
+    assert keys == [("tcp", c_tcp), ("udp", c_udp)]
+    addresses = {str(pod.mgmts[s].address_of(cid)) for s, cid in keys}
+    assert len(addresses) == 2  # the servers split the NAT pool
+    r = agent.readings()
+    assert r.connections_by_server == {"udp": 1, "tcp": 2}
+    assert r.servers_ready == {"udp": True, "tcp": True} and r.openvpn_ready
+
+    def active(user: str) -> list[dict[str, Any]]:
+        return list(api(server, "GET", f"/api/v1/sessions?user={user}&active=true"))
+
+    await until(lambda: len(active("pc")) == 2, 5, "pc's two sessions to be recorded")
+    # One kill reaches the clients on both servers.
+    assert api(server, "POST", "/api/v1/users/pc/kill")["sessions"] == 2
+    await until(
+        lambda: ("kill", c_udp, "HALT") in udp.answers and ("kill", c_tcp, "HALT") in tcp.answers,
+        5,
+        "pc's clients on both servers to be disconnected",
+    )
+    await until(lambda: not active("pc"), 5, "pc's sessions to close")
+    # Drain: the remaining client (pb, on TCP) is moved, both openvpn processes stop.
+    await pod.stop()
+    assert ("kill", fallback, "RESTART") in tcp.answers
+    assert pod.processes["udp"].stopped and pod.processes["tcp"].stopped
+
+
+async def test_clients_of_both_servers_are_adopted_under_their_sessions(
+    server: Server, pod: Pod
+) -> None:
+    setup_policy(server)
+    api(server, "POST", "/api/v1/groups/ops/members", {"user": "pb"})
+    await pod.start()
+    a = await pod.join("pa", ip="192.0.2.1", server="udp")
+    b = await pod.join("pb", ip="192.0.2.2", server="tcp")
+    assert a == b  # both servers number their clients from the same start
+    await until(lambda: pod.allowed(b, 22, server="tcp"), 5, "pb's address in the firewall")
+    before = {c.key: c.uid for c in pod.agent.clients.established()}  # type: ignore[union-attr]
+    # pb has an open connection through the TCP server while the agent is away.
+    flow = revocation.Flow("tcp", 6, pod.address(b, "tcp"), SVC, 40001, 22)
+    pod.firewall.flows = [flow]
+    await pod.crash()
+    # The TCP openvpn answers late: the first apply must still wait for its clients (an
+    # apply without pb would lock it out and cut its connection).
+    agent = await pod.start(adopt=True, slow="tcp")
+    assert agent.clients is not None
+    assert {c.key: c.uid for c in agent.clients.established()} == before
+    assert not any(a[0] == "kill" for m in pod.mgmts.values() for a in m.answers)
+    assert pod.firewall.flows == [flow] and pod.allowed(b, 22, server="tcp")

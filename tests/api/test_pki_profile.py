@@ -25,7 +25,13 @@ def test_profile_is_complete_and_its_cert_verifies(admin: httpx.Client) -> None:
     assert r.status_code == 200
     assert 'filename="alice.ovpn"' in r.headers["content-disposition"]
     profile = r.text
-    assert "remote vpn.example.test 1194" in profile and "remote vpn2.example.test 1195" in profile
+    # UDP first (both endpoints, rotated per user), then the TCP fallback on the same hosts.
+    remotes = [line for line in profile.splitlines() if line.startswith("remote ")]
+    assert sorted(remotes[:2]) == [
+        "remote vpn.example.test 1194 udp",
+        "remote vpn2.example.test 1195 udp",
+    ]
+    assert remotes[2:] == ["remote vpn.example.test 443 tcp", "remote vpn2.example.test 443 tcp"]
     assert "remote-cert-tls server" in profile
 
     ca = x509.load_pem_x509_certificate(inline(profile, "ca").encode())
@@ -92,3 +98,13 @@ def test_private_keys_are_sealed_in_the_database(server: Server, admin: httpx.Cl
         )
     eng.dispose()
     assert "PRIVATE KEY" not in dump and key_pem.splitlines()[1] not in dump
+
+
+def test_profiles_spread_users_over_the_udp_endpoints(admin: httpx.Client) -> None:
+    firsts = set()
+    for n in range(8):
+        admin.post("/api/v1/users", json={"name": f"spread{n}"})
+        profile = admin.get(f"/api/v1/users/spread{n}/profile").text
+        firsts.add(next(line for line in profile.splitlines() if line.startswith("remote ")))
+        assert profile == admin.get(f"/api/v1/users/spread{n}/profile").text  # stable
+    assert firsts == {"remote vpn.example.test 1194 udp", "remote vpn2.example.test 1195 udp"}

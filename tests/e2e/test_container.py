@@ -81,6 +81,9 @@ class Fleet:
             "VPNFLEET_UPLINK": "eth1" if len(networks) > 1 else "eth0",
             "VPNFLEET_STATE_DIR": "/run/vpnfleet",
             "VPNFLEET_HEARTBEAT_INTERVAL": "1",
+            # The TCP fallback on an unprivileged port, as deploy/ does: binding 443 would need
+            # NET_BIND_SERVICE, which the agent does not get.
+            "VPNFLEET_TCP_PORT": "1194",
         }
         return self.pm.run(
             name,

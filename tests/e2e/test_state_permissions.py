@@ -40,10 +40,10 @@ print("connected")
 
 
 class NoClients:
-    async def prepare(self, adopted: bool) -> None:
+    async def prepare(self, adopted: bool, server: str) -> None:
         return None
 
-    async def on_event(self, ev: ClientEvent) -> None:
+    async def on_event(self, ev: ClientEvent, server: str) -> None:
         return None
 
 

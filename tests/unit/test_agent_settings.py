@@ -67,3 +67,19 @@ def test_ca_file_pins_the_control_plane_ca(env: pytest.MonkeyPatch, tmp_path: Pa
     env.setenv("VPNFLEET_SERVER", "http://cp:8000")
     with pytest.raises(ValueError, match="server URL is not https"):
         AgentSettings.from_env()
+
+
+def test_the_tcp_fallback_is_on_at_443_and_can_be_moved_or_turned_off(
+    env: pytest.MonkeyPatch,
+) -> None:
+    s = AgentSettings.from_env()
+    assert (s.tcp_port, s.servers) == (443, ("udp", "tcp"))
+    env.setenv("VPNFLEET_TCP_PORT", "8443")
+    assert AgentSettings.from_env().tcp_port == 8443
+    assert AgentSettings.from_env(tcp_port="off").servers == ("udp",)  # the flag wins
+    env.setenv("VPNFLEET_TCP_PORT", "off")
+    assert AgentSettings.from_env().servers == ("udp",)
+    for bad in ("https", "70000"):
+        env.setenv("VPNFLEET_TCP_PORT", bad)
+        with pytest.raises(ValueError, match=r"TCP port|VPNFLEET_TCP_PORT"):
+            AgentSettings.from_env()

@@ -37,7 +37,7 @@ class Pod:
             self.shipper,
             pod="pod1",
             view=lambda: self.fleet,
-            mgmt=lambda: self.mgmt,
+            mgmt=lambda _server: self.mgmt,
             changed=self._poke,
         )
         self.handler.load_journal()

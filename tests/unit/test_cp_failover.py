@@ -136,7 +136,7 @@ def test_several_control_plane_urls_are_given_comma_separated(
         monkeypatch.delenv(var, raising=False)
     flags = {"token": "t" * 32, "name": "pod1"}
     settings = AgentSettings.from_env(server=f"{A}, {B}", **flags)
-    assert settings.servers == [A, B]
+    assert settings.control_planes == [A, B]
     with pytest.raises(ValueError, match="names the same URL twice"):
         AgentSettings.from_env(server=f"{A},{A}", **flags)
     with pytest.raises(ValueError, match="'cp-b:8000' must be an http:// or https:// URL"):

@@ -56,6 +56,14 @@ def test_base_manifests() -> None:
     assert any(v["hostPath"]["path"] == "/dev/net/tun" for v in agent["volumes"] if "hostPath" in v)
     svc = find(docs, "Service", "vpnfleet-openvpn")["spec"]
     assert svc["ports"][0]["protocol"] == "UDP" and svc["ports"][0]["port"] == 1194
+    # The TCP fallback: its own Service on 443, to the port the agent's TCP server listens on.
+    tcp = find(docs, "Service", "vpnfleet-openvpn-tcp")["spec"]
+    assert tcp["selector"] == svc["selector"] and tcp["externalTrafficPolicy"] == "Local"
+    (tcp_port,) = tcp["ports"]
+    assert (tcp_port["protocol"], tcp_port["port"]) == ("TCP", 443)
+    (container_port,) = [p for p in c["ports"] if p["name"] == tcp_port["targetPort"]]
+    assert container_port["protocol"] == "TCP"
+    assert env["VPNFLEET_TCP_PORT"]["value"] == str(container_port["containerPort"])
     cp = find(docs, "Deployment", "vpnfleet-controlplane")["spec"]
     assert cp["replicas"] == 1  # SQLite on a volume: one writer
     cpc = cp["template"]["spec"]["containers"][0]

@@ -78,8 +78,11 @@ def test_interface_names_fit_and_fabric_ports_are_unique() -> None:
 @pytest.mark.parametrize("pods", [1, 2, 3, 5, 20])
 def test_dnat_rules_spread_new_flows_evenly(pods: int) -> None:
     plan = LabPlan(pods=pods)
-    rules = [line for line in plan.lb_ruleset().splitlines() if line.startswith("-A PREROUTING")]
-    assert len(rules) == pods
+    all_rules = [r for r in plan.lb_ruleset().splitlines() if r.startswith("-A PREROUTING")]
+    assert len(all_rules) == 2 * pods  # UDP 1194 and the TCP fallback, each over every pod
+    tcp = [r for r in all_rules if "-p tcp -m tcp --dport 443" in r]
+    rules = [r for r in all_rules if "-p udp -m udp --dport 1194" in r]
+    assert [r.replace("tcp", "udp").replace("443", "1194") for r in tcp] == rules
     targets = [re.search(r"--to-destination (\S+)", r).group(1) for r in rules]  # type: ignore[union-attr]
     assert targets == [str(ip) for ip in plan.pod_ips]
     assert "--probability" not in rules[-1]  # the last pod takes whatever is left
@@ -99,7 +102,9 @@ def test_dnat_rules_spread_new_flows_evenly(pods: int) -> None:
 def test_dnat_only_for_the_vpn_port_on_the_public_side_and_no_snat() -> None:
     ruleset = LabPlan(pods=2).lb_ruleset()
     for rule in (r for r in ruleset.splitlines() if r.startswith("-A PREROUTING")):
-        assert "-d 198.51.100.1/32 -i eth1 -p udp -m udp --dport 1194" in rule
+        assert ("-d 198.51.100.1/32 -i eth1 -p udp -m udp --dport 1194" in rule) != (
+            "-d 198.51.100.1/32 -i eth1 -p tcp -m tcp --dport 443" in rule
+        )
     assert "SNAT" not in ruleset
     assert "MASQUERADE" not in ruleset
     # The internet reaches the pod network only through the Service (DNAT).

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -118,7 +123,7 @@ def test_server_conf_quotes_paths_with_spaces() -> None:
         ({"port": 65536}, "port"),
         ({"port": True}, "port"),
         ({"proto": "tcp"}, "proto"),
-        ({"proto": "tcp-server"}, "proto"),
+        ({"proto": "tcp-client"}, "proto"),
         ({"local": "pod.example"}, "local"),
         ({"keepalive": (10, 15)}, "keepalive"),
         ({"verb": 12}, "verb"),
@@ -241,3 +246,153 @@ def test_client_profile_rejects_bad_options(material: dict[str, Any]) -> None:
         render_client_profile(remotes=[("h.example", 1)], name="a\nb", **material)
     with pytest.raises(ValueError, match="control character"):
         render_client_profile(remotes=[("h.example", 1)], server_name_prefix="pod\nx", **material)
+
+
+# ------------------------------------------------------------------ TCP fallback
+
+
+def test_tcp_server_conf_has_no_udp_only_options() -> None:
+    lines = directives(server(proto="tcp-server", port=443, dev="tun1"))
+    assert {"proto tcp-server", "port 443", "dev tun1"} <= set(lines)
+    # explicit-exit-notify is a UDP feature: OpenVPN refuses it on a TCP server.
+    assert "explicit-exit-notify 1" not in lines
+    assert "explicit-exit-notify 1" in directives(server())
+
+
+def connection_blocks(profile: str) -> list[list[str]]:
+    blocks: list[list[str]] = []
+    current: list[str] | None = None
+    for line in profile.splitlines():
+        if line == "<connection>":
+            current = []
+        elif line == "</connection>":
+            assert current is not None
+            blocks.append(current)
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def test_client_profile_lists_udp_first_then_tcp(material: dict[str, Any]) -> None:
+    profile = render_client_profile(
+        remotes=[("vpn.example.com", 1194), ("198.51.100.7", 1194)],
+        tcp_remotes=[("vpn-tcp.example.com", 443)],
+        server_name_prefix="vpnfleet-pod-",
+        **material,
+    )
+    assert connection_blocks(profile) == [
+        ["remote vpn.example.com 1194 udp", "server-poll-timeout 10", "explicit-exit-notify 1"],
+        ["remote 198.51.100.7 1194 udp", "server-poll-timeout 10", "explicit-exit-notify 1"],
+        ["remote vpn-tcp.example.com 443 tcp", "server-poll-timeout 10"],
+    ]
+    outside = [line for line in profile.split("</connection>")[-1].splitlines() if line]
+    # remote-random would shuffle TCP ahead of UDP; global proto/remote would add an entry.
+    assert "remote-random" not in profile.splitlines()
+    assert not any(line.startswith(("proto ", "remote ")) for line in outside)
+    assert {"remote-cert-tls server", "verify-x509-name vpnfleet-pod- name-prefix"} <= set(outside)
+    udp4 = render_client_profile(
+        remotes=[("h.example", 1194)], tcp_remotes=[("h.example", 443)], proto="udp4", **material
+    )
+    assert [b[0] for b in connection_blocks(udp4)] == [
+        "remote h.example 1194 udp4",
+        "remote h.example 443 tcp4",
+    ]
+    with pytest.raises(ValueError, match="port"):
+        render_client_profile(
+            remotes=[("h.example", 1194)], tcp_remotes=[("h.example", 0)], **material
+        )
+
+
+_PROFILE_RE = re.compile(r"Connection profiles \[(\d+)\]:")
+_SETTING_RE = re.compile(r"^\s+(\w+) = (.*)$")
+
+
+def stock_client_parse(profile: str, tmp: Path) -> list[dict[str, str]]:
+    """What a stock OpenVPN client makes of ``profile``: its connection list.
+
+    OpenVPN has no parse-only switch, but at ``--verb 4`` it prints every parsed option,
+    connection entries included, before it opens any socket; a profile it refuses ends it at
+    once with "Options error". It runs in a network namespace of its own with nothing in it
+    (so it can reach nobody) and is stopped as soon as the listing is out.
+    """
+    path = tmp / "profile.ovpn"
+    path.write_text(profile)
+    path.chmod(0o600)
+    unshare = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--net", "--map-root-user"]
+    proc = subprocess.Popen(
+        [*unshare, "openvpn", "--config", str(path), "--verb", "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    out: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 20
+        for line in proc.stdout:
+            out.append(line)
+            if "Options error" in line:
+                raise AssertionError(f"openvpn refused the profile: {line.strip()}")
+            if "Connection profiles END" in line or time.monotonic() > deadline:
+                break
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    entries: list[dict[str, str]] = []
+    for line in out:
+        text = line.split(" ", 3)[-1] if line[:2].isdigit() else line  # after the timestamp
+        if m := _PROFILE_RE.search(text):
+            entries.append({})
+        elif entries and (m := _SETTING_RE.match(text.rstrip("\n"))):
+            entries[-1][m.group(1)] = m.group(2).strip("'")
+        if "Connection profiles END" in text:
+            return entries
+    raise AssertionError("openvpn printed no connection list:\n" + "".join(out[-20:]))
+
+
+def test_a_stock_client_reads_the_connection_blocks(
+    material: dict[str, Any], tmp_path: Path
+) -> None:
+    profile = render_client_profile(
+        remotes=[("vpn.example.com", 1194)],
+        tcp_remotes=[("vpn-tcp.example.com", 443)],
+        server_name_prefix="vpnfleet-pod-",
+        name="alice",
+        **material,
+    )
+    entries = stock_client_parse(profile, tmp_path)
+    got = [
+        (
+            e["proto"],
+            e["remote"],
+            e["remote_port"],
+            e["connect_timeout"],
+            e["explicit_exit_notification"],
+        )
+        for e in entries
+    ]
+    assert got == [
+        ("udp", "vpn.example.com", "1194", "10", "1"),
+        ("tcp-client", "vpn-tcp.example.com", "443", "10", "0"),
+    ]
+    # The check itself is not blind: an option OpenVPN forbids inside a block is refused.
+    bad = profile.replace(
+        "server-poll-timeout 10\n</connection>", "remote-cert-tls server\n</connection>", 1
+    )
+    assert bad != profile
+    with pytest.raises(AssertionError, match="cannot be used in this context"):
+        stock_client_parse(bad, tmp_path)
+
+
+def test_a_stock_client_reads_the_udp_only_profile(
+    material: dict[str, Any], tmp_path: Path
+) -> None:
+    profile = render_client_profile(
+        remotes=[("vpn.example.com", 1194), ("h.example", 1195)], **material
+    )
+    entries = stock_client_parse(profile, tmp_path)
+    assert [(e["proto"], e["remote"], e["remote_port"]) for e in entries] == [
+        ("udp", "vpn.example.com", "1194"),
+        ("udp", "h.example", "1195"),
+    ]

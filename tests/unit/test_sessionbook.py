@@ -10,9 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from vpnfleet.core import ipam
 from vpnfleet.core.fleet import FleetView
 from vpnfleet.core.mgmt_protocol import StatusClient
-from vpnfleet.core.sessionbook import BookConfig, Client, SessionBook
+from vpnfleet.core.sessionbook import BookConfig, Client, ConnectOutcome, SessionBook
 from vpnfleet.wire import LiveSession, Snapshot, UserState
 
 NAT = ipaddress.IPv4Network("10.200.0.0/24")
@@ -542,3 +543,125 @@ def test_coming_up_and_being_kicked_keep_who_and_where(book: SessionBook) -> Non
     assert after is not None and after.established is False
     assert after.kicked == "removed from the fleet"
     assert all(getattr(after, f) == getattr(out.client, f) for f in same)
+
+
+# ------------------------------------------------------------------ UDP and TCP, one book
+
+
+def two_servers() -> SessionBook:
+    return SessionBook(BookConfig(nat_pool=NAT, gateway_pool=GWPOOL, servers=("udp", "tcp")))
+
+
+def connect(
+    book: SessionBook, v: FleetView, cid: int, server: str, name: str, ip: str = "198.51.100.7"
+) -> ConnectOutcome:
+    return book.connect(
+        v, cid, env(name, ip), reauth=False, uid=f"pod1-{server}-{cid}", now=NOW, server=server
+    )
+
+
+def test_the_servers_split_the_nat_pool_and_never_share_an_address() -> None:
+    with pytest.raises(ValueError, match="too small"):
+        BookConfig(nat_pool=ipaddress.IPv4Network("10.0.0.0/30"), servers=("udp", "tcp"))
+    assert ipam.server_pools(NAT, 1) == [NAT]
+    book = two_servers()
+    v = view(*(user(f"u{i}") for i in range(6)))
+    out = [
+        book.connect(
+            v, 0, env(f"u{i}", ip=f"192.0.2.{i}"), reauth=False, uid=f"x{i}", now=NOW,
+            server=("udp", "tcp")[i % 2],
+        )
+        for i in range(6)
+    ]  # fmt: skip
+    # The same OpenVPN client id on both servers is two clients.
+    assert len(book) == 2
+    udp = book.get(0, "udp")
+    tcp = book.get(0, "tcp")
+    assert udp is not None and tcp is not None and udp.user == "u4" and tcp.user == "u5"
+    assert ipaddress.IPv4Address(udp.tunnel_ip) in ipaddress.IPv4Network("10.200.0.0/25")
+    assert ipaddress.IPv4Address(tcp.tunnel_ip) in ipaddress.IPv4Network("10.200.0.128/25")
+    # A TCP client's netmask is its half's; its gateway (.129) is what its server pushes.
+    assert out[5].push[0] == f"ifconfig-push {tcp.tunnel_ip} 255.255.255.128"
+
+
+def test_a_session_limit_counts_both_servers() -> None:
+    book = two_servers()
+    v = view(user("alice", max_sessions=2))
+    assert connect(book, v, 1, "udp", name="alice", ip="192.0.2.1").decision.allow
+    assert connect(book, v, 1, "tcp", name="alice", ip="192.0.2.2").decision.allow
+    third = connect(book, v, 2, "tcp", name="alice", ip="192.0.2.3")
+    assert not third.decision.allow and "session limit" in third.decision.reason
+    # The same device falling back from UDP to TCP replaces its UDP client instead.
+    again = connect(book, v, 3, "tcp", name="alice", ip="192.0.2.1")
+    assert again.decision.allow
+    assert [c.key for c in again.replaced] == [("udp", 1)]
+
+
+def test_violations_and_kicks_reach_clients_of_both_servers() -> None:
+    book = two_servers()
+    v = view(user("alice", max_sessions=2))
+    connect(book, v, 4, "udp", name="alice", ip="192.0.2.1")
+    connect(book, v, 4, "tcp", name="alice", ip="192.0.2.2")
+    book.establish(4, "udp")
+    book.establish(4, "tcp")
+    kicks = book.violations(view(user("alice", enabled=False)))
+    assert sorted(k.client.key for k in kicks) == [("tcp", 4), ("udp", 4)]
+    assert book.kick(4, "account disabled", "tcp") is not None
+    udp = book.get(4, "udp")
+    assert udp is not None and udp.kicked is None  # only the TCP one was kicked
+
+
+def test_a_restarted_server_loses_only_its_own_clients() -> None:
+    book = two_servers()
+    v = view(user("alice", max_sessions=2), user("bob"))
+    connect(book, v, 1, "udp", name="alice", ip="192.0.2.1")
+    connect(book, v, 1, "tcp", name="bob", ip="192.0.2.2")
+    book.establish(1, "udp")
+    book.establish(1, "tcp")
+    tcp = book.get(1, "tcp")
+    assert tcp is not None
+    assert [c.user for c in book.clear("tcp")] == ["bob"]
+    assert [c.key for c in book] == [("udp", 1)]
+    assert book.owner(tcp.tunnel_ip) is None
+    # A reconcile of one server judges its clients only.
+    result = book.reconcile(
+        [row(9, "bob", "10.200.0.130")], {}, listed_after=book.seq, new_uid=uids(), now=NOW,
+        server="tcp",
+    )  # fmt: skip
+    assert [c.key for c in result.adopted] == [("tcp", 9)] and not result.vanished
+    assert sorted(c.key for c in book) == [("tcp", 9), ("udp", 1)]
+
+
+def test_gateway_users_on_tcp_need_a_host_route() -> None:
+    book = two_servers()
+    gw = user("gw", mode="gateway", gateway_address="10.201.0.7", max_sessions=2)
+    v = view(gw, user("n"))
+    connect(book, v, 1, "udp", name="gw", ip="192.0.2.1")
+    book.establish(1, "udp")
+    connect(book, v, 2, "tcp", name="n", ip="192.0.2.2")
+    book.establish(2, "tcp")
+    assert book.gateway_routes() == {}  # the pool's route into the UDP device covers it
+    connect(book, v, 3, "tcp", name="gw", ip="192.0.2.3")
+    assert book.gateway_routes() == {}  # not established yet
+    book.establish(3, "tcp")
+    assert book.gateway_routes() == {"10.201.0.7": "tcp"}  # the newest session has it
+    book.forget(3, "tcp")
+    assert book.gateway_routes() == {}
+    book.forget(1, "udp")
+    connect(book, v, 5, "tcp", name="gw", ip="192.0.2.3")
+    book.establish(5, "tcp")
+    connect(book, v, 6, "udp", name="gw", ip="192.0.2.4")
+    book.establish(6, "udp")
+    # Live on both: the newer (UDP) one needs its route back into the UDP device explicitly.
+    assert book.gateway_routes() == {"10.201.0.7": "udp"}
+
+
+def test_journal_records_keep_their_server() -> None:
+    book = two_servers()
+    v = view(user("alice"))
+    connect(book, v, 3, "tcp", name="alice")
+    client = book.establish(3, "tcp")
+    assert client is not None
+    assert Client.from_record(client.to_record()) == dataclasses.replace(client, seq=0)
+    old = {k: val for k, val in client.to_record().items() if k != "server"}
+    assert Client.from_record(old).server == "udp"  # written before TCP existed

@@ -15,6 +15,10 @@ decided then. A stock client gives up on a refusal ("account disabled"), so a re
 from a view that missed the account's re-enabling would lock a user out; an admission never
 waits. Held answers run beside the event stream (OpenVPN accepts answers in any order), so the
 clients behind a held one are not kept waiting.
+
+The pod's OpenVPN servers (UDP, and TCP unless turned off) share this one handler and book:
+every event comes with the name of the server it came from, and every answer, kick and status
+listing goes to that server's management session.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from vpnfleet.agent.runners import ManagementSession
 from vpnfleet.agent.sessionship import SessionShipper
 from vpnfleet.core.fleet import FleetView
 from vpnfleet.core.mgmt_protocol import ClientEvent, ClientEventKind, StatusClient
-from vpnfleet.core.sessionbook import Client, ConnectOutcome, Kick, SessionBook
+from vpnfleet.core.sessionbook import PRIMARY, Client, ConnectOutcome, Kick, SessionBook
 
 log = logging.getLogger("vpnfleet.agent")
 
@@ -55,7 +59,7 @@ class ClientHandler:
         *,
         pod: str,
         view: Callable[[], FleetView],
-        mgmt: Callable[[], ManagementSession | None],
+        mgmt: Callable[[str], ManagementSession | None],
         changed: Callable[[], None],
         metrics: AgentMetrics | None = None,
         clock: Callable[[], str] = _now,
@@ -74,13 +78,16 @@ class ClientHandler:
         self._metrics = metrics
         self._clock = clock
         self._cached: dict[tuple[str, str], Client] = {}
-        # OpenVPN's last client listing: byte counters for metrics and for sessions we end.
-        self.last_status: list[StatusClient] = []
+        # Each server's last client listing: byte counters for metrics and for sessions we end.
+        self._status: dict[str, list[StatusClient]] = {}
         self.last_status_at = 0.0
-        self._bytes: dict[int, tuple[int, int]] = {}
-        self._journal_synced = False
+        self._bytes: dict[tuple[str, int], tuple[int, int]] = {}
+        # Servers whose clients the journal still holds unjudged (until each has been listed
+        # or reset once); the journal is compacted when none is left.
+        self._unsynced = set(book.config.servers)
         self._wait_current = wait_current
-        self._holding: dict[int, asyncio.Task[None]] = {}  # cid -> its held CONNECT
+        # (server, cid) -> its held CONNECT
+        self._holding: dict[tuple[str, int], asyncio.Task[None]] = {}
 
     def new_uid(self) -> str:
         """A fresh session uid (unique across the fleet: pod name + 64 random bits)."""
@@ -97,36 +104,62 @@ class ClientHandler:
         self._cached = self._journal.load()
         self.book.seed_owners(self._cached.values())
 
-    def reset(self, reason: str) -> None:
-        """OpenVPN was started afresh: every client it had is gone (and so are the sessions
-        the previous agent's journal still held)."""
-        for client in self.book.clear():
+    @property
+    def last_status(self) -> list[StatusClient]:
+        """Every server's last client listing, one list (metrics match rows to clients by
+        client id and tunnel address, which together are unique across the servers)."""
+        return [row for rows in self._status.values() for row in rows]
+
+    def _cached_of(self, server: str) -> dict[tuple[str, str], Client]:
+        return {k: c for k, c in self._cached.items() if c.server == server}
+
+    def _synced(self, server: str) -> None:
+        """``server``'s clients from the journal are judged: adopted, or closed."""
+        for key in self._cached_of(server):
+            del self._cached[key]
+        if server in self._unsynced:
+            self._unsynced.discard(server)
+            if not self._unsynced:
+                # The journal now holds exactly the live sessions (drops the previous
+                # agent's ones that were not there to adopt).
+                self._journal.rewrite(self.book.established())
+
+    def reset(self, reason: str, server: str = PRIMARY) -> None:
+        """``server``'s OpenVPN was started afresh: every client it had is gone (and so are
+        the sessions of it the previous agent's journal still held)."""
+        for client in self.book.clear(server):
             self._ended(client, reason)
-        for client in self._cached.values():
+        for client in self._cached_of(server).values():
+            self.book.release_owner(client)
             if client.established:
+                self._journal.down(client.uid)
                 self._shipper.closed(client, 0, 0, reason)
-        self._cached = {}
-        self._journal.rewrite(())
-        self._journal_synced = True
+        self._synced(server)
         self._changed()
 
     # ------------------------------------------------------------------ events
 
-    async def on_event(self, ev: ClientEvent) -> None:
-        """One ``>CLIENT:`` notification, handled in arrival order (answers must not reorder;
-        a held refusal is answered on its own, see the module's docstring)."""
+    async def on_event(self, ev: ClientEvent, server: str = PRIMARY) -> None:
+        """One ``>CLIENT:`` notification of ``server``, handled in arrival order (answers
+        must not reorder; a held refusal is answered on its own, see the module's docstring)."""
         if ev.kind in (ClientEventKind.CONNECT, ClientEventKind.REAUTH):
-            await self._on_connect(ev)
+            await self._on_connect(ev, server)
         elif ev.kind is ClientEventKind.ESTABLISHED:
-            self._on_established(ev)
+            self._on_established(ev, server)
         elif ev.kind is ClientEventKind.DISCONNECT:
-            self._on_disconnect(ev)
+            self._on_disconnect(ev, server)
 
-    async def _on_connect(self, ev: ClientEvent) -> None:
+    async def _on_connect(self, ev: ClientEvent, server: str) -> None:
         started = time.perf_counter()
         reauth = ev.kind is ClientEventKind.REAUTH
         out = self.book.connect(
-            self._view(), ev.cid, ev.env, reauth=reauth, uid=self.new_uid(), now=self._clock()
+            self._view(),
+            ev.cid,
+            ev.env,
+            reauth=reauth,
+            uid=self.new_uid(),
+            now=self._clock(),
+            server=server,
         )
         if (
             not out.decision.allow
@@ -139,29 +172,39 @@ class ClientHandler:
                 ev.env.get("common_name") or "?",
                 out.decision.reason,
             )
-            task = asyncio.create_task(self._held(ev, started), name=f"held-connect-{ev.cid}")
-            self._holding[ev.cid] = task  # dropped by _held, a DISCONNECT or close()
+            task = asyncio.create_task(
+                self._held(ev, server, started), name=f"held-connect-{server}-{ev.cid}"
+            )
+            self._holding[(server, ev.cid)] = task  # dropped by _held, a DISCONNECT or close()
             return
-        await self._answer(ev, out, started)
+        await self._answer(ev, server, out, started)
 
-    async def _held(self, ev: ClientEvent, started: float) -> None:
+    async def _held(self, ev: ClientEvent, server: str, started: float) -> None:
         """Decide a held CONNECT again once the view is current (or the hold ran out)."""
         assert self._wait_current is not None
         try:
             await self._wait_current(HOLD_REFUSAL)
         finally:
-            self._holding.pop(ev.cid, None)
+            self._holding.pop((server, ev.cid), None)
         out = self.book.connect(
-            self._view(), ev.cid, ev.env, reauth=False, uid=self.new_uid(), now=self._clock()
+            self._view(),
+            ev.cid,
+            ev.env,
+            reauth=False,
+            uid=self.new_uid(),
+            now=self._clock(),
+            server=server,
         )
-        await self._answer(ev, out, started)
+        await self._answer(ev, server, out, started)
 
-    async def _answer(self, ev: ClientEvent, out: ConnectOutcome, started: float) -> None:
+    async def _answer(
+        self, ev: ClientEvent, server: str, out: ConnectOutcome, started: float
+    ) -> None:
         """Tell OpenVPN the book's decision on a CONNECT or REAUTH."""
         reauth = ev.kind is ClientEventKind.REAUTH
         decision = out.decision
         kid = ev.kid if ev.kid is not None else 0
-        mgmt = self._mgmt()
+        mgmt = self._mgmt(server)
         try:
             if mgmt is None:
                 raise ManagementError("no management session")
@@ -170,9 +213,10 @@ class ClientHandler:
                     self._ended(out.ended, decision.reason)
                 await mgmt.client_deny(ev.cid, kid, decision.reason, decision.client_reason)
                 log.info(
-                    "denied %s from %s: %s",
+                    "denied %s from %s over %s: %s",
                     ev.env.get("common_name") or "?",
                     ev.env.get("untrusted_ip", "?"),
+                    server,
                     decision.reason,
                     extra={"event": "auth", "user": ev.env.get("common_name"), "result": "deny"},
                 )
@@ -184,17 +228,19 @@ class ClientHandler:
                 await mgmt.client_auth(ev.cid, kid, out.push)
         except (ManagementError, ValueError) as exc:
             # The client vanished meanwhile, or openvpn restarted: reconcile tidies up.
-            log.info("could not answer client %d: %s", ev.cid, exc)
+            log.info("could not answer %s client %d: %s", server, ev.cid, exc)
             if not reauth:
-                self.book.forget(ev.cid)
+                self.book.forget(ev.cid, server)
         if self._metrics is not None:
             self._metrics.decisions.labels(result=decision.label).inc()
             self._metrics.decision_seconds.observe(time.perf_counter() - started)
 
-    def _on_established(self, ev: ClientEvent) -> None:
-        client = self.book.establish(ev.cid)
+    def _on_established(self, ev: ClientEvent, server: str) -> None:
+        client = self.book.establish(ev.cid, server)
         if client is None:
-            log.warning("ESTABLISHED for unknown client %d; reconcile will decide", ev.cid)
+            log.warning(
+                "ESTABLISHED for unknown %s client %d; reconcile will decide", server, ev.cid
+            )
             return
         self._journal.up(client)
         self._shipper.opened(client)
@@ -202,10 +248,11 @@ class ClientHandler:
         if self._metrics is not None:
             self._metrics.connects.inc()
         log.info(
-            "%s connected from %s:%s as %s (%s)",
+            "%s connected from %s:%s over %s as %s (%s)",
             client.user,
             client.real_ip,
             client.real_port,
+            client.server,
             client.tunnel_ip,
             client.mode,
             extra={
@@ -213,15 +260,16 @@ class ClientHandler:
                 "user": client.user,
                 "tunnel_ip": client.tunnel_ip,
                 "session_uid": client.uid,
+                "proto": client.server,
             },
         )
 
-    def _on_disconnect(self, ev: ClientEvent, reason: str = "disconnected") -> None:
-        held = self._holding.pop(ev.cid, None)
+    def _on_disconnect(self, ev: ClientEvent, server: str, reason: str = "disconnected") -> None:
+        held = self._holding.pop((server, ev.cid), None)
         if held is not None:  # it gave up while its answer was held
             held.cancel()
-        client = self.book.forget(ev.cid)
-        self._bytes.pop(ev.cid, None)
+        client = self.book.forget(ev.cid, server)
+        self._bytes.pop((server, ev.cid), None)
         if client is None or not client.established:
             return
         self._ended(
@@ -244,7 +292,7 @@ class ClientHandler:
     ) -> None:
         """A live session is over: journal, session record, firewall."""
         if bytes_in is None or bytes_out is None:
-            bytes_in, bytes_out = self._bytes.get(client.cid, (0, 0))
+            bytes_in, bytes_out = self._bytes.get(client.key, (0, 0))
         self._journal.down(client.uid)
         self._shipper.closed(client, bytes_in, bytes_out, reason)
         self._changed()
@@ -257,8 +305,8 @@ class ClientHandler:
         OpenVPN keeps a killed instance for a few seconds (delayed exit): the address leaves
         the firewall and the session record closes now, not at DISCONNECT.
         """
-        ended = self.book.kick(client.cid, reason)
-        if ended is None and self.book.get(client.cid) is None:
+        ended = self.book.kick(client.cid, reason, client.server)
+        if ended is None and self.book.get(client.cid, client.server) is None:
             return
         log.info(
             "disconnecting %s (%s): %s",
@@ -269,7 +317,7 @@ class ClientHandler:
         )
         if ended is not None:
             self._ended(ended, reason)
-        mgmt = self._mgmt()
+        mgmt = self._mgmt(client.server)
         if mgmt is None:
             return
         try:
@@ -292,12 +340,12 @@ class ClientHandler:
 
     # ------------------------------------------------------------------ reconcile
 
-    async def reconcile(self) -> bool:
-        """Compare OpenVPN's client list with the book; adopt, close and restart as needed.
+    async def reconcile(self, server: str = PRIMARY) -> bool:
+        """Compare ``server``'s client list with the book; adopt, close and restart as needed.
 
         False when OpenVPN could not be asked (no session, or it did not answer).
         """
-        mgmt = self._mgmt()
+        mgmt = self._mgmt(server)
         if mgmt is None or mgmt.closed:
             return False
         listed_after = self.book.seq
@@ -306,18 +354,21 @@ class ClientHandler:
         except ManagementError as exc:
             log.info("reconcile skipped: %s", exc)
             return False
-        self.last_status = rows
+        self._status[server] = rows
         self.last_status_at = time.time()
-        self._bytes = {
-            r.client_id: (r.bytes_received, r.bytes_sent) for r in rows if r.client_id is not None
-        }
-        first = not self._journal_synced
+        self._bytes = {k: v for k, v in self._bytes.items() if k[0] != server}
+        self._bytes.update(
+            ((server, r.client_id), (r.bytes_received, r.bytes_sent))
+            for r in rows
+            if r.client_id is not None
+        )
         result = self.book.reconcile(
             rows,
-            self._cached,
+            self._cached_of(server),
             listed_after=listed_after,
             new_uid=self._uids(),
             now=self._clock(),
+            server=server,
         )
         for client in result.vanished:
             log.warning("client %d (%s) vanished without DISCONNECT", client.cid, client.user)
@@ -328,25 +379,21 @@ class ClientHandler:
             self._journal.up(client)
             self._shipper.opened(client)
             log.info(
-                "adopted %s (%s) after restart",
+                "adopted %s (%s, %s) after restart",
                 client.user,
                 client.tunnel_ip,
+                client.server,
                 extra={"event": "adopt", "user": client.user, "session_uid": client.uid},
             )
         for cid in result.restart:
-            if cid in self._holding:
+            if (server, cid) in self._holding:
                 continue  # answered once the view is current
             log.info("client %d never got an answer; asking it to reconnect", cid)
             try:
                 await mgmt.client_kill(cid, "RESTART")
             except ManagementError as exc:
                 log.info("client-kill %d: %s", cid, exc)
-        if first:
-            # The journal now holds exactly the live sessions (drops the previous agent's ones
-            # that were not there to adopt).
-            self._cached = {}
-            self._journal_synced = True
-            self._journal.rewrite(self.book.established())
+        self._synced(server)
         if result.adopted:
             self._changed()
         await self.converge()
@@ -355,7 +402,7 @@ class ClientHandler:
     def end_all(self, reason: str) -> None:
         """Forget every client (drain, after OpenVPN stopped serving them); close live ones."""
         for client in self.book:
-            gone = self.book.forget(client.cid)
+            gone = self.book.forget(client.cid, client.server)
             if gone is not None and gone.established:
                 self._ended(gone, reason)
 

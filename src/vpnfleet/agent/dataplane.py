@@ -32,6 +32,7 @@ Failure model (why a failed apply never leaves the pod open):
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -48,6 +49,10 @@ from vpnfleet.core.fwstate import DesiredState
 from vpnfleet.core.revocation import Flow
 
 log = logging.getLogger(__name__)
+
+# Our mark on the host routes of gateway users on the TCP server (`ip route ... proto N`; the
+# number is unassigned in iproute2's rt_protos and differs from gateway-routes' 241).
+HOST_ROUTE_PROTO = "242"
 
 # Destroying a set right after the last rule referencing it went away can briefly fail with
 # "in use" while the kernel releases the reference; retry a few times.
@@ -256,6 +261,25 @@ class Dataplane:
                 await asyncio.sleep(0.1)  # tun0 appears a moment after hold release
         assert err is not None
         raise err
+
+    async def host_routes(self) -> dict[str, str]:
+        """The host routes the agent owns (its ``proto`` mark): address -> device."""
+        _, out, _ = await self._run("ip", "-j", "route", "show", "proto", HOST_ROUTE_PROTO)
+        try:
+            rows = json.loads(out or "[]")
+        except ValueError as exc:
+            raise DataplaneError("ip route show", 0, f"unreadable listing: {exc}") from None
+        return {str(r["dst"]).split("/")[0]: str(r.get("dev", "")) for r in rows if "dst" in r}
+
+    async def set_host_route(self, address: str, dev: str) -> None:
+        """Route ``address``/32 into ``dev``, more specific than the gateway pool's route."""
+        await self._run(
+            "ip", "route", "replace", f"{address}/32", "dev", dev, "proto", HOST_ROUTE_PROTO
+        )
+
+    async def del_host_route(self, address: str) -> None:
+        """Remove the host route of ``address`` (gone already, with its device: fine)."""
+        await self._run("ip", "route", "del", f"{address}/32", "proto", HOST_ROUTE_PROTO, ok=(0, 2))
 
     # --- sysctls --------------------------------------------------------------------------
 

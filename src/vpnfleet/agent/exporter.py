@@ -25,6 +25,11 @@ Who may see user names: the per-user series (``PER_USER_FAMILIES``, the ones wit
 default, optionally behind a bearer token); the probes listener every pod exposes on the pod
 network serves :class:`WithoutUsers`, the same registry with those series left out.
 
+A pod runs a UDP and (unless turned off) a TCP OpenVPN server. The ``openvpn_*`` series keep
+their names and labels and count both servers together (``openvpn_up`` is 1 only while every
+server runs); the split by protocol is in separate series, ``vpnfleet_openvpn_server_up`` and
+``vpnfleet_connections_by_proto`` (label ``proto``), so no existing series changes shape.
+
 One user with two sessions on the same pod (laptop and phone) yields one series per user:
 bytes are summed over the sessions, ``openvpn_connected_since`` is the oldest session's start.
 patrickjahns/openvpn_exporter emits two samples with the same labels there, and Prometheus
@@ -74,6 +79,8 @@ class _Client(Protocol):
     def connected_at(self) -> str: ...
     @property
     def established(self) -> bool: ...
+    @property
+    def tunnel_ip(self) -> str: ...
 
 
 class _Spool(Protocol):
@@ -115,6 +122,9 @@ class Readings:
     flow_listener_up: bool | None = None
     flows_delivered: int | None = None
     flows_refused: int | None = None
+    # Per OpenVPN server ("udp", "tcp"): running and attached; established sessions.
+    servers_ready: Mapping[str, bool] | None = None
+    connections_by_server: Mapping[str, int] | None = None
 
 
 class AgentState(Protocol):
@@ -190,9 +200,15 @@ def per_user(clients: Iterable[_Client], status: Sequence[StatusClient]) -> dict
 
     Presence comes from the agent's client table (updated on every CONNECT/DISCONNECT event),
     byte counters from OpenVPN's last `status` listing (refreshed every reconcile), matched by
-    client id: a disconnected user disappears at once, not at the next reconcile.
+    client id: a disconnected user disappears at once, not at the next reconcile. ``status``
+    holds the rows of every OpenVPN server of the pod; client ids repeat across servers, so a
+    row is matched by client id and tunnel address (the servers split the NAT pool).
     """
-    by_cid = {row.client_id: row for row in status if row.client_id is not None}
+    by_cid = {
+        (row.client_id, str(row.virtual_address)): row
+        for row in status
+        if row.client_id is not None
+    }
     out: dict[str, UserTotals] = {}
     for c in clients:
         if not c.established:
@@ -201,7 +217,7 @@ def per_user(clients: Iterable[_Client], status: Sequence[StatusClient]) -> dict
         if t is None:
             t = out[c.user] = UserTotals()
         t.sessions += 1
-        row = by_cid.get(c.cid)
+        row = by_cid.get((c.cid, c.tunnel_ip))
         if row is not None and row.common_name == c.user:
             t.bytes_received += row.bytes_received
             t.bytes_sent += row.bytes_sent
@@ -396,6 +412,12 @@ class AgentCollector(Collector):
         fams: list[GaugeMetricFamily | CounterMetricFamily] = [
             _g("openvpn_server_info", "OpenVPN version", ("server", "version", "arch")),
             _g(
+                "vpnfleet_openvpn_server_up",
+                "1 if the pod's OpenVPN server for this protocol runs and is attached",
+                ("proto",),
+            ),
+            _g("vpnfleet_connections_by_proto", "Established sessions by protocol", ("proto",)),
+            _g(
                 "vpnfleet_crl_next_update_timestamp_seconds",
                 "nextUpdate of the CRL OpenVPN checks (only with --crl-verify)",
             ),
@@ -473,6 +495,10 @@ class AgentCollector(Collector):
         version = _version_labels(r.openvpn_version)
         if version is not None:
             extra["openvpn_server_info"].add_metric([server, *version], 1.0)
+        for proto, up in (r.servers_ready or {}).items():
+            extra["vpnfleet_openvpn_server_up"].add_metric([proto], 1.0 if up else 0.0)
+        for proto, n in (r.connections_by_server or {}).items():
+            extra["vpnfleet_connections_by_proto"].add_metric([proto], n)
 
     def _policy(
         self, r: Readings, now: float, fams: dict[str, GaugeMetricFamily | CounterMetricFamily]

@@ -57,6 +57,7 @@ class FakeFirewall:
         self.missing_sysctls: list[Shortfall] = []
         self.removed = False
         self.routes: dict[str, str] = {}  # network -> device
+        self.host_routes_: dict[str, str] = {}  # gateway address -> device (our /32s)
 
     async def _maybe_block(self) -> None:
         if self.gate is not None:
@@ -144,6 +145,15 @@ class FakeFirewall:
 
     async def route_into(self, network: ipaddress.IPv4Network, dev: str) -> None:
         self.routes[str(network)] = dev
+
+    async def host_routes(self) -> dict[str, str]:
+        return dict(self.host_routes_)
+
+    async def set_host_route(self, address: str, dev: str) -> None:
+        self.host_routes_[address] = dev
+
+    async def del_host_route(self, address: str) -> None:
+        self.host_routes_.pop(address, None)
 
     def tamper(self, state: fwstate.DesiredState) -> None:
         """Someone changed the kernel behind the agent's back: it now enforces ``state``."""

@@ -38,11 +38,22 @@ def _is_openvpn(pid: int) -> bool:
 class OpenVPNProcess:
     """One openvpn server process, started by us or adopted from a previous agent."""
 
-    def __init__(self, binary: str, config: Path, state_dir: Path) -> None:
+    def __init__(
+        self,
+        binary: str,
+        config: Path,
+        state_dir: Path,
+        *,
+        pid_file: Path | None = None,
+        log_file: Path | None = None,
+        label: str = "",
+    ) -> None:
         self.binary = binary
         self.config = config
-        self.pid_file = state_dir / "openvpn.pid"
-        self.log_file = state_dir / "openvpn.log"
+        self.pid_file = pid_file or state_dir / "openvpn.pid"
+        self.log_file = log_file or state_dir / "openvpn.log"
+        # Put before each forwarded log line, so the two servers' lines can be told apart.
+        self.label = f"[{label}] " if label else ""
         self.pid: int | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._tail: asyncio.Task[None] | None = None
@@ -97,7 +108,7 @@ class OpenVPNProcess:
             while True:
                 line = fh.readline()
                 if line:
-                    ovpn_log.info("%s", line.rstrip())
+                    ovpn_log.info("%s%s", self.label, line.rstrip())
                     continue
                 await asyncio.sleep(0.3)
                 if fh.tell() > os.path.getsize(self.log_file):  # truncated (rotation)

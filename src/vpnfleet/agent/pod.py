@@ -6,10 +6,14 @@ kernel — and reports flow back (sessions, flows, denied attempts, heartbeats):
 
 - :class:`~vpnfleet.agent.registration.Registration`: identity, keys, config, CRL.
 - :class:`~vpnfleet.agent.follower.ViewFollower`: the fleet view, from snapshot + watch stream.
-- :class:`~vpnfleet.agent.supervisor.OpenVPNSupervisor`: the openvpn process and its
-  management session; client notifications in.
-- :class:`~vpnfleet.agent.clients.ClientHandler`: the session book (who is connected, with
-  which address), CONNECT decisions, kicks, adoption after a restart, the client journal.
+- :class:`~vpnfleet.agent.supervisor.OpenVPNSupervisor`, one per OpenVPN server (UDP, and the
+  TCP fallback unless turned off): the openvpn process and its management session; client
+  notifications in, tagged with the server they came from.
+- :class:`~vpnfleet.agent.clients.ClientHandler`: the one session book of both servers (who is
+  connected where, with which address), CONNECT decisions, kicks, adoption after a restart,
+  the client journal.
+- :class:`~vpnfleet.agent.hostroutes.HostRoutes`: the /32 routes of gateway users on the TCP
+  server.
 - :class:`~vpnfleet.agent.firewall.FirewallSync`: the kernel's sets, rules and open flows.
 - :class:`~vpnfleet.agent.sessionship.SessionShipper`,
   :class:`~vpnfleet.agent.flowaudit.FlowAudit`, :class:`~vpnfleet.agent.deniedaudit.DeniedAudit`:
@@ -28,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import logging
 import signal
@@ -46,10 +51,11 @@ from vpnfleet.agent.firewall import FirewallSync
 from vpnfleet.agent.flowaudit import FlowAudit
 from vpnfleet.agent.follower import ViewFollower
 from vpnfleet.agent.heartbeat import HeartbeatSender
+from vpnfleet.agent.hostroutes import HostRoutes
 from vpnfleet.agent.management import ManagementError
 from vpnfleet.agent.metrics import AgentMetrics
 from vpnfleet.agent.netcommands import DataplaneError
-from vpnfleet.agent.registration import Registration
+from vpnfleet.agent.registration import TUN_DEVS, Registration
 from vpnfleet.agent.runners import FirewallRunner, ManagementSession, ProcessRunner
 from vpnfleet.agent.sessionship import SessionShipper
 from vpnfleet.agent.settings import AgentSettings
@@ -67,6 +73,10 @@ from vpnfleet.wire import Heartbeat
 log = logging.getLogger("vpnfleet.agent")
 
 ADOPT_ATTEMPTS = 10  # status listings tried before a running openvpn is given up on
+# How long the first server ready waits for the other's clients before the first firewall
+# apply (longer than a supervisor's attach timeout: a server that cannot come up at all must
+# not keep the other one's users out).
+PREPARE_WAIT = 20.0
 MAX_REPORTED_GROUPS = 10  # over-limit group names in the heartbeat status
 
 
@@ -74,7 +84,8 @@ class PodAgent:
     """The agent of one OpenVPN pod. ``run()`` until SIGTERM, then drain.
 
     ``firewall``, ``process`` and ``connect`` replace the real runners (tests use the fakes
-    in :mod:`vpnfleet.agent.fakes`).
+    in :mod:`vpnfleet.agent.fakes`); the latter two are given the server's name ("udp",
+    "tcp").
     """
 
     def __init__(
@@ -83,12 +94,14 @@ class PodAgent:
         cp: ControlPlane | None = None,
         *,
         firewall: FirewallRunner | None = None,
-        process: Callable[[], ProcessRunner] | None = None,
-        connect: Callable[[], Awaitable[ManagementSession]] | None = None,
+        process: Callable[[str], ProcessRunner] | None = None,
+        connect: Callable[[str], Awaitable[ManagementSession]] | None = None,
     ) -> None:
         self.s = settings
         self.paths = StateDir(settings.state_dir)
-        self.cp = cp or ControlPlane(settings.servers, settings.token, ca_file=settings.ca_file)
+        self.cp = cp or ControlPlane(
+            settings.control_planes, settings.token, ca_file=settings.ca_file
+        )
         self.metrics = AgentMetrics(settings.name, self)
         collector = self.metrics.collector
         if settings.user_metrics_listen == "off" and collector is not None:
@@ -106,7 +119,10 @@ class PodAgent:
         # Built once registration tells the pools (see _assemble).
         self.clients: ClientHandler | None = None
         self.firewall: FirewallSync | None = None
-        self.supervisor: OpenVPNSupervisor | None = None
+        self.supervisors: dict[str, OpenVPNSupervisor] = {}
+        self.host_routes: HostRoutes | None = None
+        self._prepared: set[str] = set()
+        self._all_prepared = asyncio.Event()
         self.shipper: SessionShipper | None = None
         self.flow_audit: FlowAudit | None = None
         self.denied_audit: DeniedAudit | None = None
@@ -122,6 +138,7 @@ class PodAgent:
                 nat_pool=nat,
                 gateway_pool=gateway,
                 push_routes=tuple(ipaddress.IPv4Network(r) for r in s.push_routes),
+                servers=s.servers,
             )
         )
         networks = book.config.tunnel_networks
@@ -134,7 +151,7 @@ class PodAgent:
             self.shipper,
             pod=s.name,
             view=lambda: self.follower.view,
-            mgmt=lambda: self.supervisor.session if self.supervisor else None,
+            mgmt=self._session_of,
             changed=self._clients_changed,
             metrics=self.metrics,
             wait_current=self.follower.wait_current,
@@ -176,15 +193,38 @@ class PodAgent:
             self.denied_audit = DeniedAudit(
                 s.fw_prefix, self.clients.owner, self.shipper, metrics=self.metrics
             )
-        self.supervisor = OpenVPNSupervisor(
-            self.paths,
-            binary=s.openvpn,
-            gateway_pool=gateway,
-            process=self._process,
-            connect=self._connect,
-            route=self.dataplane.route_into,
-            metrics=self.metrics,
-        )
+        for server in s.servers:
+            process, connect = self._process, self._connect
+            self.supervisors[server] = OpenVPNSupervisor(
+                self.paths,
+                server=server,
+                binary=s.openvpn,
+                # The gateway pool is routed into the UDP server's device; a gateway user on
+                # TCP gets a host route into tun1 (HostRoutes).
+                gateway_pool=gateway if server == "udp" else None,
+                process=functools.partial(process, server) if process else None,
+                connect=functools.partial(connect, server) if connect else None,
+                route=self.dataplane.route_into,
+                metrics=self.metrics,
+            )
+        if gateway is not None and len(s.servers) > 1:
+            self.host_routes = HostRoutes(
+                self.dataplane, self.clients.book.gateway_routes, TUN_DEVS
+            )
+
+    def _session_of(self, server: str) -> ManagementSession | None:
+        sup = self.supervisors.get(server)
+        return sup.session if sup is not None else None
+
+    @property
+    def supervisor(self) -> OpenVPNSupervisor | None:
+        """The UDP server's supervisor (every pod runs one)."""
+        return self.supervisors.get("udp")
+
+    @property
+    def openvpn_ready(self) -> bool:
+        """Every OpenVPN server of the pod runs and is attached."""
+        return bool(self.supervisors) and all(s.ready for s in self.supervisors.values())
 
     # ------------------------------------------------------------------ messages
 
@@ -211,6 +251,8 @@ class PodAgent:
     def _clients_changed(self) -> None:
         if self.firewall is not None:
             self.firewall.poke()
+        if self.host_routes is not None:
+            self.host_routes.poke()
 
     async def _view_changed(self, effects: Effects | None) -> None:
         """A change event (``effects``) or a resync (None) reached the fleet view."""
@@ -234,34 +276,46 @@ class PodAgent:
         if effects.crl:
             await self.registration.refresh_crl()
 
-    async def prepare(self, adopted: bool) -> None:
-        """Before openvpn lets clients in (supervisor): the book and the firewall are ready."""
+    async def prepare(self, adopted: bool, server: str) -> None:
+        """Before ``server``'s openvpn lets clients in (its supervisor): its clients are in the
+        book and the firewall is ready."""
         assert self.clients is not None and self.firewall is not None
         if adopted:
             # The running clients must be in the book before the first apply: otherwise the
             # firewall would lock them out and cut their connections.
             for _ in range(ADOPT_ATTEMPTS):
-                if await self.clients.reconcile():
+                if await self.clients.reconcile(server):
                     break
                 await asyncio.sleep(0.5)
             else:
-                raise ManagementError("could not list the running openvpn's clients")
+                raise ManagementError(f"could not list the running {server} openvpn's clients")
         else:
-            self.clients.reset("openvpn restarted")
+            self.clients.reset(f"openvpn ({server}) restarted", server)
+        self._prepared.add(server)
+        if self._prepared >= self.supervisors.keys():
+            self._all_prepared.set()
+        # The first apply (and the cut of disallowed flows that follows it) must see the
+        # clients of every server: one applied before the other server's running clients
+        # were adopted would lock them out and cut their connections.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._all_prepared.wait(), PREPARE_WAIT)
         self.firewall.start()
         await self.firewall.wait_ready()
 
-    async def on_event(self, ev: ClientEvent) -> None:
+    async def on_event(self, ev: ClientEvent, server: str) -> None:
         assert self.clients is not None
-        await self.clients.on_event(ev)
+        await self.clients.on_event(ev, server)
 
     async def _reconcile_loop(self) -> None:
         assert self.clients is not None and self.firewall is not None
-        assert self.shipper is not None and self.supervisor is not None
+        assert self.shipper is not None and self.supervisors
         while True:
             await asyncio.sleep(self.s.reconcile_interval)
-            if self.supervisor.ready:
-                await self.clients.reconcile()
+            for server, sup in self.supervisors.items():
+                if sup.ready:
+                    await self.clients.reconcile(server)
+            if self.host_routes is not None:
+                self.host_routes.check_soon()
             if self.firewall.ready:
                 self.firewall.check_drift_soon()
             if self.cp.reachable:
@@ -275,7 +329,7 @@ class PodAgent:
         self.metrics.cp_up.set(1 if self.cp.reachable else 0)
         status: dict[str, object] = {
             "clients": 0 if drained else clients,
-            "openvpn": bool(self.supervisor and self.supervisor.ready) and not drained,
+            "openvpn": self.openvpn_ready and not drained,
             "view_revision": self.follower.view.revision,
             # Sessions, denied attempts and flow records waiting.
             "spooled": sum(len(sp) for sp in self.spools().values()),
@@ -302,16 +356,19 @@ class PodAgent:
         return out
 
     def healthy(self) -> tuple[bool, dict[str, Any]]:
-        """Liveness: the loop turns and OpenVPN answers on its management socket."""
+        """Liveness: the loop turns and every OpenVPN answers on its management socket."""
         loop_ok = self.heartbeat.loop_alive
-        mgmt_ok = self.supervisor is not None and self.supervisor.session is not None
+        mgmt_ok = bool(self.supervisors) and all(
+            s.session is not None for s in self.supervisors.values()
+        )
         detail = {"loop": loop_ok, "management": mgmt_ok}
         return loop_ok and (mgmt_ok or self.draining), detail
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        """Readiness: registered, firewall applied, OpenVPN listening, not draining."""
+        """Readiness: registered, firewall applied, OpenVPN (UDP and TCP) listening, not
+        draining."""
         fw_ready = self.firewall is not None and self.firewall.ready
-        ovpn = self.supervisor is not None and self.supervisor.ready
+        ovpn = self.openvpn_ready
         audit: bool | str = "off"
         if self.flow_audit is not None:
             # Informational: a pod without flow audit still serves users (alert on it).
@@ -320,6 +377,7 @@ class PodAgent:
             "registered": self.registration.registered,
             "config_applied": fw_ready,
             "openvpn": ovpn,
+            "servers": {name: sup.ready for name, sup in self.supervisors.items()},
             "draining": self.draining,
             "control_plane": self.cp.reachable,
             "revision": self.follower.view.revision,
@@ -329,7 +387,9 @@ class PodAgent:
         return ok, detail
 
     async def probe_management(self) -> bool:
-        return self.supervisor is not None and await self.supervisor.probe()
+        if not self.supervisors:
+            return False
+        return all([await s.probe() for s in self.supervisors.values()])
 
     @property
     def view(self) -> FleetView:
@@ -338,6 +398,7 @@ class PodAgent:
     def readings(self) -> Readings:
         """What /metrics reports, read from the parts (see agent/exporter.py)."""
         clients, fw, sup, flows = self.clients, self.firewall, self.supervisor, self.flow_audit
+        established = clients.established() if clients else []
         return Readings(
             pod=self.s.name,
             state_dir=self.s.state_dir,
@@ -350,8 +411,12 @@ class PodAgent:
             applied_state=fw.applied_state if fw else None,
             dataplane_stats=self.dataplane.stats,
             spools=self.spools(),
-            openvpn_ready=bool(sup and sup.ready),
+            openvpn_ready=self.openvpn_ready,
             openvpn_version=sup.version if sup else None,
+            servers_ready={name: s.ready for name, s in self.supervisors.items()},
+            connections_by_server={
+                name: sum(1 for c in established if c.server == name) for name in self.supervisors
+            },
             draining=self.draining,
             ready=self.ready()[0],
             watch_connected=self.follower.connected,
@@ -379,7 +444,7 @@ class PodAgent:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
         self.paths.create()
-        for url in self.s.servers:
+        for url in self.s.control_planes:
             if url.startswith("http://") and not is_loopback_url(url):
                 # Registration hands this pod its private key and the tls-crypt key.
                 log.warning(
@@ -430,9 +495,9 @@ class PodAgent:
             await self.cp.close()
 
     def _start_tasks(self) -> list[asyncio.Task[None]]:
-        assert self.supervisor and self.firewall and self.shipper
+        assert self.supervisors and self.firewall and self.shipper
         jobs: list[tuple[str, Awaitable[None]]] = [
-            ("supervise", self.supervisor.run(self)),
+            *((f"supervise-{name}", sup.run(self)) for name, sup in self.supervisors.items()),
             ("follow", self.follower.run()),
             ("firewall", self.firewall.run()),
             ("deliver", self.shipper.run()),
@@ -442,6 +507,8 @@ class PodAgent:
         ]
         if self.denied_audit is not None:
             jobs.append(("denied", self.denied_audit.run()))
+        if self.host_routes is not None:
+            jobs.append(("host-routes", self.host_routes.run()))
         if self.flow_audit is not None:
             jobs += [
                 ("flows", self.flow_audit.run_listener()),
@@ -450,10 +517,11 @@ class PodAgent:
         return [asyncio.create_task(job, name=name) for name, job in jobs]  # type: ignore[arg-type]
 
     async def drain(self, tasks: list[asyncio.Task[None]]) -> None:
-        """Tell clients to reconnect elsewhere, close their sessions, tidy up, stop openvpn."""
+        """Tell clients (of both servers) to reconnect elsewhere, close their sessions, tidy up,
+        stop every openvpn."""
         self.draining = True
         clients = self.clients
-        assert clients is not None and self.shipper is not None and self.supervisor is not None
+        assert clients is not None and self.shipper is not None and self.supervisors
         log.info(
             "draining %d client(s) in %.0fs (readiness is off now)",
             len(clients.established()),
@@ -475,7 +543,7 @@ class PodAgent:
         if self.flow_audit is not None:
             await self.flow_audit.finish(budget=3)
         await self.shipper.finish(budget=3)
-        await self.supervisor.stop()
+        await asyncio.gather(*(s.stop() for s in self.supervisors.values()))
         try:
             await self.dataplane.remove_all()
         except DataplaneError as exc:

@@ -29,6 +29,8 @@ from vpnfleet.wire import Bootstrap, EnrollRequest, RegisterRequest
 log = logging.getLogger("vpnfleet.agent")
 
 TUN_DEV = "tun0"
+# One tunnel device per OpenVPN server of the pod.
+TUN_DEVS = {"udp": TUN_DEV, "tcp": "tun1"}
 CRL_REFRESH = 6 * 3600.0  # seconds between CRL downloads when OpenVPN checks the CRL
 
 
@@ -138,24 +140,34 @@ class Registration:
         write_private(p.bootstrap, boot.model_dump_json())
 
     def render_config(self) -> None:
-        """OpenVPN's server.conf for this pod."""
-        pool = self.nat_pool
-        gw = ipaddress.IPv4Interface(f"{ipam.server_address(pool)}/{pool.prefixlen}")
+        """The config of each OpenVPN server of this pod (UDP, and TCP unless turned off).
+
+        Each server gets its own part of the NAT pool (``ipam.server_pools``) and tunnel
+        device: the two never hand out the same address, and the kernel routes every client
+        address into the device of the server that holds it.
+        """
+        servers = self._s.servers
         p = self.paths
-        conf = ovpn_config.render_server_conf(
-            pool_gateway=gw,
-            management_socket=str(p.mgmt_socket),
-            ca_path=str(p.ca),
-            cert_path=str(p.cert),
-            key_path=str(p.key),
-            tls_crypt_path=str(p.tls_crypt),
-            crl_path=str(p.crl) if self._s.crl_verify else None,
-            dev=TUN_DEV,
-            port=self._s.port,
-            proto="udp",
-            management_hold=True,
-        )
-        write_private(p.conf, conf)
+        for server, pool in zip(
+            servers, ipam.server_pools(self.nat_pool, len(servers)), strict=True
+        ):
+            gw = ipaddress.IPv4Interface(f"{ipam.server_address(pool)}/{pool.prefixlen}")
+            port = self._s.port if server == "udp" else self._s.tcp_port
+            assert port is not None
+            conf = ovpn_config.render_server_conf(
+                pool_gateway=gw,
+                management_socket=str(p.server(server).mgmt_socket),
+                ca_path=str(p.ca),
+                cert_path=str(p.cert),
+                key_path=str(p.key),
+                tls_crypt_path=str(p.tls_crypt),
+                crl_path=str(p.crl) if self._s.crl_verify else None,
+                dev=TUN_DEVS[server],
+                port=port,
+                proto="udp" if server == "udp" else "tcp-server",
+                management_hold=True,
+            )
+            write_private(p.server(server).conf, conf)
 
     async def refresh_crl(self) -> None:
         """Download the CRL (a revocation was announced, or the copy is getting old)."""

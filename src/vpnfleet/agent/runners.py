@@ -64,6 +64,15 @@ class FirewallRunner(Protocol):
     async def route_into(self, network: ipaddress.IPv4Network, dev: str) -> None:
         """Route ``network`` into the tunnel device ``dev``."""
 
+    async def host_routes(self) -> dict[str, str]:
+        """The agent's host routes in the kernel: address -> tunnel device."""
+
+    async def set_host_route(self, address: str, dev: str) -> None:
+        """Route ``address``/32 into ``dev`` (replacing the agent's earlier route of it)."""
+
+    async def del_host_route(self, address: str) -> None:
+        """Remove the agent's host route of ``address`` (nothing if there is none)."""
+
 
 class ManagementSession(Protocol):
     """One session on OpenVPN's management interface."""

@@ -34,6 +34,8 @@ class AgentSettings:
     openvpn: str = "openvpn"
     port: int = 1194
     proto: str = "udp"
+    # The TCP fallback server (docs/operations.md, "TCP fallback"): None turns it off.
+    tcp_port: int | None = 443
     push_routes: list[str] = field(default_factory=list)
     fw_prefix: str = "vpnf"
     # Revocation is enforced at CONNECT (the user's current certificate serial), which lets
@@ -115,6 +117,9 @@ class AgentSettings:
             r.strip() for r in env.get("VPNFLEET_PUSH_ROUTES", "").split(",") if r.strip()
         ]
         values["push_routes"] = list(routes)  # type: ignore[call-overload]
+        tcp_port = pick("tcp_port", "VPNFLEET_TCP_PORT")
+        if tcp_port is not None:
+            values["tcp_port"] = _tcp_port(str(tcp_port))
         for key, var in (
             ("heartbeat_interval", "VPNFLEET_HEARTBEAT_INTERVAL"),
             ("reconcile_interval", "VPNFLEET_RECONCILE_INTERVAL"),
@@ -144,7 +149,7 @@ class AgentSettings:
         return settings
 
     @property
-    def servers(self) -> list[str]:
+    def control_planes(self) -> list[str]:
         """The control-plane URLs, in the order given."""
         return [u.strip() for u in self.server.split(",") if u.strip()]
 
@@ -159,11 +164,11 @@ class AgentSettings:
                 )
         if self.user_metrics_token is not None:
             require_strong(self.user_metrics_token, "VPNFLEET_USER_METRICS_TOKEN(_FILE)")
-        if not self.servers:
+        if not self.control_planes:
             raise ValueError("missing server: give --server or VPNFLEET_SERVER")
-        if len(set(self.servers)) != len(self.servers):
+        if len(set(self.control_planes)) != len(self.control_planes):
             raise ValueError(f"server {self.server!r} names the same URL twice")
-        for url in self.servers:
+        for url in self.control_planes:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"server {url!r} must be an http:// or https:// URL")
             if self.ca_file is not None and not url.startswith("https://"):
@@ -180,12 +185,28 @@ class AgentSettings:
             raise ValueError("heartbeat/reconcile intervals are out of range")
         if self.proto != "udp":
             raise ValueError("only proto udp is supported")
+        if self.tcp_port is not None and not 1 <= self.tcp_port <= 65535:
+            raise ValueError(f"the TCP port must be from 1 to 65535 (or off), not {self.tcp_port}")
         if self.log_format not in ("text", "json"):
             raise ValueError("log format must be 'text' or 'json'")
         if self.flow_log not in ("stdout", "off"):
             raise ValueError("flow log must be 'stdout' or 'off'")
         if not 1 <= self.flow_spool_mb <= 1_048_576:
             raise ValueError("flow spool size must be between 1 and 1048576 MiB")
+
+    @property
+    def servers(self) -> tuple[str, ...]:
+        """The pod's OpenVPN servers: UDP always, TCP unless turned off."""
+        return ("udp",) if self.tcp_port is None else ("udp", "tcp")
+
+
+def _tcp_port(text: str) -> int | None:
+    value = text.strip().lower()
+    if value in ("off", "0", "false", "no"):
+        return None
+    if not value.isdigit():
+        raise ValueError(f"VPNFLEET_TCP_PORT must be a port number or 'off', not {text!r}")
+    return int(value)
 
 
 def _boolean(text: str, var: str) -> bool:

@@ -17,7 +17,17 @@ from pathlib import Path
 
 from vpnfleet.privatefiles import make_private_dir, tighten_tree, write_private
 
-__all__ = ["StateDir", "write_private"]
+__all__ = ["ServerFiles", "StateDir", "write_private"]
+
+
+@dataclass(frozen=True)
+class ServerFiles:
+    """Where one OpenVPN server's config, management socket, pid and log live."""
+
+    conf: Path
+    mgmt_socket: Path
+    pid_file: Path
+    log_file: Path
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,19 @@ class StateDir:
     @property
     def mgmt_socket(self) -> Path:
         return self.root / "mgmt.sock"
+
+    def server(self, name: str) -> ServerFiles:
+        """The files of one OpenVPN server of the pod ("udp" keeps the names a pod had before
+        it ran a TCP server too, so a running UDP openvpn is still adopted after an upgrade)."""
+        if name == "udp":
+            return ServerFiles(self.conf, self.mgmt_socket, self.root / "openvpn.pid",
+                               self.root / "openvpn.log")  # fmt: skip
+        return ServerFiles(
+            self.root / f"server-{name}.conf",
+            self.root / f"mgmt-{name}.sock",
+            self.root / f"openvpn-{name}.pid",
+            self.root / f"openvpn-{name}.log",
+        )
 
     @property
     def ca(self) -> Path:

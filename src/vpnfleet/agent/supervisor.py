@@ -9,6 +9,10 @@ and then feeds every ``>CLIENT:`` notification to ``on_event`` in arrival order.
 dies it is restarted with backoff (1 s doubling to 30 s; back to 1 s after a minute of
 health). Process and session are reached through the runner interfaces, so the restart policy
 is unit-tested against fakes.
+
+A pod runs one supervisor per OpenVPN server (``server``: "udp", and "tcp" unless turned off).
+Each has its own files (``StateDir.server``), tunnel device and management session, and tells
+the one owner of the clients which server every notification came from.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ from vpnfleet.agent.management import ManagementClient, ManagementError
 from vpnfleet.agent.metrics import AgentMetrics
 from vpnfleet.agent.netcommands import DataplaneError
 from vpnfleet.agent.openvpn import OpenVPNProcess
-from vpnfleet.agent.registration import TUN_DEV
+from vpnfleet.agent.registration import TUN_DEVS
 from vpnfleet.agent.runners import ManagementSession, ProcessRunner
 from vpnfleet.agent.statedir import StateDir
 from vpnfleet.core.mgmt_protocol import ClientEvent, Hold
+from vpnfleet.core.sessionbook import PRIMARY
 
 log = logging.getLogger("vpnfleet.agent")
 
@@ -38,11 +43,11 @@ ATTACH_TIMEOUT = 15.0
 class Clients(Protocol):
     """What the supervisor needs from whoever owns the clients."""
 
-    async def prepare(self, adopted: bool) -> None:
-        """Before clients are let in: reset (fresh openvpn) or adopt (``adopted``)."""
+    async def prepare(self, adopted: bool, server: str) -> None:
+        """Before ``server``'s clients are let in: reset (fresh openvpn) or adopt them."""
 
-    async def on_event(self, ev: ClientEvent) -> None:
-        """One client notification."""
+    async def on_event(self, ev: ClientEvent, server: str) -> None:
+        """One client notification of ``server``."""
 
 
 class OpenVPNSupervisor:
@@ -52,6 +57,7 @@ class OpenVPNSupervisor:
         self,
         paths: StateDir,
         *,
+        server: str = PRIMARY,
         binary: str = "openvpn",
         gateway_pool: ipaddress.IPv4Network | None = None,
         process: Callable[[], ProcessRunner] | None = None,
@@ -59,10 +65,21 @@ class OpenVPNSupervisor:
         route: Callable[[ipaddress.IPv4Network, str], Awaitable[None]] | None = None,
         metrics: AgentMetrics | None = None,
     ) -> None:
-        self._paths = paths
+        self.server = server
+        self._files = files = paths.server(server)
+        self._dev = TUN_DEVS[server]
         self._gateway_pool = gateway_pool
         self._route = route
-        self._new_process = process or (lambda: OpenVPNProcess(binary, paths.conf, paths.root))
+        self._new_process = process or (
+            lambda: OpenVPNProcess(
+                binary,
+                files.conf,
+                paths.root,
+                pid_file=files.pid_file,
+                log_file=files.log_file,
+                label=server,
+            )
+        )
         self._connect = connect or self._connect_socket
         self._metrics = metrics
         self._proc: ProcessRunner | None = None
@@ -77,7 +94,7 @@ class OpenVPNSupervisor:
         return s if s is not None and not s.closed else None
 
     async def _connect_socket(self) -> ManagementSession:
-        return await ManagementClient.connect(self._paths.mgmt_socket, timeout=3)
+        return await ManagementClient.connect(self._files.mgmt_socket, timeout=3)
 
     def _protect_socket(self) -> None:
         """Make the management socket 0600 (OpenVPN binds it 0777 whatever the umask).
@@ -87,7 +104,7 @@ class OpenVPNSupervisor:
         if the directory is loosened later.
         """
         with contextlib.suppress(FileNotFoundError):
-            self._paths.mgmt_socket.chmod(0o600)
+            self._files.mgmt_socket.chmod(0o600)
 
     async def _attach(self) -> ManagementSession:
         deadline = time.monotonic() + ATTACH_TIMEOUT
@@ -106,20 +123,20 @@ class OpenVPNSupervisor:
         while True:
             proc = self._new_process()
             pid = proc.recorded_pid()
-            adopted = pid is not None and self._paths.mgmt_socket.exists()
+            adopted = pid is not None and self._files.mgmt_socket.exists()
             if adopted:
                 assert pid is not None
                 proc.adopt(pid)
             else:
                 with contextlib.suppress(OSError):
-                    self._paths.mgmt_socket.unlink()
+                    self._files.mgmt_socket.unlink()
                 await proc.start()
             self._proc = proc
             started = time.monotonic()
             try:
                 await self._serve(clients, adopted)
             except ManagementError as exc:
-                log.error("openvpn management failed: %s", exc)
+                log.error("openvpn (%s) management failed: %s", self.server, exc)
             finally:
                 self.ready = False
                 if self._session is not None:
@@ -129,7 +146,9 @@ class OpenVPNSupervisor:
             if proc.running:
                 with contextlib.suppress(TimeoutError):
                     code = await asyncio.wait_for(proc.wait(), 10)
-            log.error("openvpn stopped (exit %s); restarting in %.0fs", code, delay)
+            log.error(
+                "openvpn (%s) stopped (exit %s); restarting in %.0fs", self.server, code, delay
+            )
             if self._metrics is not None:
                 self._metrics.openvpn_restarts.inc()
             await proc.stop()
@@ -141,7 +160,7 @@ class OpenVPNSupervisor:
         self._session = mgmt
         events = asyncio.create_task(self._events(mgmt, clients), name="mgmt-events")
         try:
-            await clients.prepare(adopted)
+            await clients.prepare(adopted, self.server)
             await mgmt.hold_release()
             with contextlib.suppress(ManagementError):
                 self.version = (await mgmt.version()).openvpn
@@ -158,7 +177,7 @@ class OpenVPNSupervisor:
         async for event in mgmt.events():
             if isinstance(event, ClientEvent):
                 # A task per decision would reorder answers; decisions are fast and local.
-                await clients.on_event(event)
+                await clients.on_event(event, self.server)
             elif isinstance(event, Hold) and self.ready:
                 # openvpn restarted itself (SIGUSR1) and waits again.
                 with contextlib.suppress(ManagementError):
@@ -169,9 +188,9 @@ class OpenVPNSupervisor:
         if self._gateway_pool is None or self._route is None:
             return
         try:
-            await self._route(self._gateway_pool, TUN_DEV)
+            await self._route(self._gateway_pool, self._dev)
         except DataplaneError as exc:
-            log.error("could not route %s into %s: %s", self._gateway_pool, TUN_DEV, exc)
+            log.error("could not route %s into %s: %s", self._gateway_pool, self._dev, exc)
 
     async def probe(self) -> bool:
         """Liveness: does openvpn answer on its management socket?"""

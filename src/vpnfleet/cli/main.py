@@ -73,6 +73,14 @@ def server(
         list[str] | None,
         typer.Option(help="HOST[:PORT] clients connect to; repeat for several."),
     ] = None,
+    public_tcp_endpoint: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="HOST[:PORT] of the TCP fallback (port 443 if left out); repeat for several, "
+            "or 'off'. Default: each public endpoint's host on 443 (env "
+            "VPNFLEET_PUBLIC_TCP_ENDPOINTS).",
+        ),
+    ] = None,
     log_format: Annotated[str, typer.Option(help="text or json.")] = "text",
     audit_retention: Annotated[
         int | None,
@@ -126,6 +134,11 @@ def server(
             database_url=database_url,
             listen=listen,
             public_endpoints=public_endpoint or None,
+            public_tcp_endpoints=(
+                None
+                if not public_tcp_endpoint
+                else [e for e in public_tcp_endpoint if e.strip().lower() != "off"]
+            ),
             log_format=log_format,
             audit_retention_days=audit_retention,
             tls_cert=tls_cert,
@@ -290,6 +303,12 @@ def agent(
         Path | None,
         typer.Option(help="Trust only this CA for an https server URL (env VPNFLEET_CA_FILE)."),
     ] = None,
+    tcp_port: Annotated[
+        str | None,
+        typer.Option(
+            help="Port of the TCP fallback server, or 'off' (default 443; env VPNFLEET_TCP_PORT)."
+        ),
+    ] = None,
 ) -> None:
     """Run the pod agent: supervise OpenVPN, enforce the firewall, report sessions and flows."""
     import asyncio
@@ -322,6 +341,7 @@ def agent(
             flow_spool_mb=flow_spool_mb,
             denied_audit=denied_audit,
             ca_file=ca_file,
+            tcp_port=tcp_port,
         )
         logsetup.setup(settings.log_format)
         # Refuse early, in one sentence, a state directory this user cannot make private.

@@ -14,6 +14,8 @@ from vpnfleet.core import netparse
 from vpnfleet.core.secretstrength import require_strong
 from vpnfleet.privatefiles import tighten
 
+TCP_PORT = 443  # the TCP fallback's port when an endpoint names none (the agent's default)
+
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "vpnfleet"
 
 
@@ -25,6 +27,9 @@ class ServerSettings:
     database_url: str | None = None
     listen: str = "127.0.0.1:8000"
     public_endpoints: list[str] = field(default_factory=list)
+    # The TCP fallback's HOST[:PORT]s (port 443 when left out). None: each public endpoint's
+    # host on 443 (one address serving both protocols); []: profiles list UDP only ("off").
+    public_tcp_endpoints: list[str] | None = None
     secret: str | None = None
     bootstrap_token: str | None = None
     change_log_keep: int = 100_000
@@ -64,6 +69,8 @@ class ServerSettings:
             values["public_endpoints"] = [
                 e.strip() for e in env["VPNFLEET_PUBLIC_ENDPOINTS"].split(",") if e.strip()
             ]
+        if "VPNFLEET_PUBLIC_TCP_ENDPOINTS" in env:
+            values["public_tcp_endpoints"] = _tcp_endpoints(env["VPNFLEET_PUBLIC_TCP_ENDPOINTS"])
         if "VPNFLEET_SECRET" in env:
             values["secret"] = env["VPNFLEET_SECRET"]
         if "VPNFLEET_BOOTSTRAP_TOKEN" in env:
@@ -121,6 +128,8 @@ class ServerSettings:
             raise ValueError("audit retention must be at least 1 day (leave it unset: forever)")
         for endpoint in self.public_endpoints:
             netparse.parse_endpoint(endpoint)
+        for endpoint in self.public_tcp_endpoints or []:
+            netparse.parse_endpoint(endpoint, TCP_PORT)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("give both --tls-cert and --tls-key (VPNFLEET_TLS_CERT/_KEY)")
         if self.tls_cert is not None and self.tls_self_signed:
@@ -174,3 +183,18 @@ class ServerSettings:
         value = path.read_text().strip()
         require_strong(value, f"the sealing secret in {path}")
         return value
+
+
+def _tcp_endpoints(text: str) -> list[str]:
+    """VPNFLEET_PUBLIC_TCP_ENDPOINTS: comma-separated HOST[:PORT]s, or "off"."""
+    if text.strip().lower() == "off":
+        return []
+    return [e.strip() for e in text.split(",") if e.strip()]
+
+
+def tcp_remotes(settings: ServerSettings) -> list[tuple[str, int]]:
+    """Where profiles send clients that cannot use UDP (see ``public_tcp_endpoints``)."""
+    if settings.public_tcp_endpoints is None:
+        hosts = dict.fromkeys(netparse.parse_endpoint(e)[0] for e in settings.public_endpoints)
+        return [(host, TCP_PORT) for host in hosts]
+    return [netparse.parse_endpoint(e, TCP_PORT) for e in settings.public_tcp_endpoints]

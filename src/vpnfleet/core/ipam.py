@@ -19,6 +19,25 @@ def server_address(pool: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
     return pool.network_address + 1
 
 
+def server_pools(pool: ipaddress.IPv4Network, servers: int) -> list[ipaddress.IPv4Network]:
+    """The pod's NAT pool split between its OpenVPN servers (one per protocol), in order.
+
+    Each server has its own tunnel device, and the kernel routes a tunnel address into the
+    device whose subnet holds it: two servers on one subnet would hand out the same address
+    twice and could not both be routed to. With one server the pool is used whole; with two,
+    each gets one half (its first address is that server's own, the clients' gateway).
+    """
+    if servers == 1:
+        return [pool]
+    if servers != 2:
+        raise ValueError(f"a pod runs one or two OpenVPN servers, not {servers}")
+    if pool.prefixlen > 29:
+        raise ValueError(
+            f"NAT pool {pool} is too small to split between UDP and TCP (/29 at least)"
+        )
+    return list(pool.subnets(prefixlen_diff=1))
+
+
 def client_addresses(pool: ipaddress.IPv4Network) -> Iterator[ipaddress.IPv4Address]:
     """Every address a client may get, in order."""
     first = int(pool.network_address) + 2

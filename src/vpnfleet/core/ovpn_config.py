@@ -28,10 +28,20 @@ __all__ = [
 
 DATA_CIPHERS = "AES-256-GCM:AES-128-GCM:CHACHA20-POLY1305"
 
-# UDP only: explicit-exit-notify (fast drain, prompt DISCONNECT) is a UDP feature.
-ServerProto = Literal["udp", "udp4", "udp6"]
+# UDP is the protocol users get; TCP is the fallback for networks that block UDP (its
+# tunnel suffers from TCP-over-TCP retransmissions, so it is never the first choice).
+# explicit-exit-notify (fast drain, prompt DISCONNECT) exists only on UDP: over TCP the
+# closed connection tells the other side at once anyway.
+ServerProto = Literal["udp", "udp4", "udp6", "tcp-server", "tcp4-server", "tcp6-server"]
 ClientProto = Literal["udp", "udp4", "udp6"]
 _PROTOS = ("udp", "udp4", "udp6")
+_SERVER_PROTOS = (*_PROTOS, "tcp-server", "tcp4-server", "tcp6-server")
+_TCP_CLIENT_PROTOS = ("tcp", "tcp4", "tcp6")
+
+# How long a client waits for the server's first answer before trying the next connection
+# entry. OpenVPN's default (120 s) would keep a user whose network drops UDP waiting two
+# minutes before the TCP fallback; a pod answers a handshake within one round trip.
+SERVER_POLL_TIMEOUT = 10
 
 # Linux interface names: at most 15 bytes; keep to characters that never need quoting.
 _DEV_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
@@ -64,9 +74,9 @@ def _int_in(value: int, lo: int, hi: int, what: str) -> int:
     return value
 
 
-def _proto(value: str) -> str:
-    if value not in _PROTOS:
-        raise ValueError(f"proto must be one of {', '.join(_PROTOS)}, got {value!r}")
+def _proto(value: str, allowed: Sequence[str] = _PROTOS) -> str:
+    if value not in allowed:
+        raise ValueError(f"proto must be one of {', '.join(allowed)}, got {value!r}")
     return value
 
 
@@ -133,7 +143,7 @@ def render_server_conf(
     if not isinstance(dev, str) or not _DEV_RE.fullmatch(dev):
         raise ValueError(f"dev must be an interface name of 1-15 letters/digits/._-, got {dev!r}")
     _int_in(port, 1, 65535, "port")
-    _proto(proto)
+    _proto(proto, _SERVER_PROTOS)
     ping, restart = keepalive
     _int_in(ping, 1, 3600, "keepalive interval")
     _int_in(restart, 2 * ping, 86400, "keepalive timeout (at least twice the interval)")
@@ -184,8 +194,11 @@ def render_server_conf(
         "tls-version-min 1.2",
         f"data-ciphers {DATA_CIPHERS}",
         f"keepalive {ping} {restart}",
+    ]
+    if proto in _PROTOS:
         # Tell clients to reconnect at once when this server stops (drain, restart).
-        "explicit-exit-notify 1",
+        lines.append("explicit-exit-notify 1")
+    lines += [
         # No scripts: every decision goes through the management interface.
         "script-security 1",
         f"verb {verb}",
@@ -231,6 +244,7 @@ def render_client_profile(
     key_pem: str,
     tls_crypt_key: str,
     proto: ClientProto = "udp",
+    tcp_remotes: Sequence[tuple[str, int]] = (),
     server_name_prefix: str | None = None,
     name: str | None = None,
     verb: int = 3,
@@ -241,23 +255,52 @@ def render_client_profile(
     `remote-cert-tls server` already rejects anything but a serverAuth certificate from our
     CA (client certificates cannot pose as a pod), and `server_name_prefix`, when given,
     additionally requires the server CN to start with it (`verify-x509-name ... name-prefix`).
+
+    Without `tcp_remotes` the profile lists the UDP `remotes` (`remote-random` spreads
+    clients over several). With them, it lists one `<connection>` block per remote, every UDP
+    one first and then the TCP ones: OpenVPN tries them in order, so a client whose network
+    blocks UDP falls back to TCP after `server-poll-timeout`. Only connection-level options
+    (remote, explicit-exit-notify, server-poll-timeout) are inside the blocks; everything else
+    stays global (OpenVPN refuses e.g. `remote-cert-tls` inside a block). `remote-random` is
+    left out then, since it would shuffle TCP entries ahead of UDP ones: the caller orders the
+    UDP remotes (the control plane rotates them per user to spread the load).
     """
     if not remotes:
         raise ValueError("a client profile needs at least one remote (host, port)")
     _proto(proto)
     _int_in(verb, 0, 11, "verb")
+    for host, port in [*remotes, *tcp_remotes]:
+        _validate_host(host)
+        _int_in(port, 1, 65535, f"port of remote {host}")
     lines: list[str] = []
     if name is not None:
         if _CONTROL_RE.search(name):
             raise ValueError(f"profile name contains a control character: {name!r}")
         lines.append(f"# vpnfleet client profile: {name}")
-    lines += ["client", "dev tun", f"proto {proto}"]
-    for host, port in remotes:
-        _validate_host(host)
-        _int_in(port, 1, 65535, f"port of remote {host}")
-        lines.append(f"remote {host} {port}")
-    if len(remotes) > 1:
-        lines.append("remote-random")
+    lines += ["client", "dev tun"]
+    if tcp_remotes:
+        tcp = _TCP_CLIENT_PROTOS[_PROTOS.index(proto)]
+        for host, port in remotes:
+            lines += [
+                "<connection>",
+                f"remote {host} {port} {proto}",
+                f"server-poll-timeout {SERVER_POLL_TIMEOUT}",
+                # Tell the pod at once when the client goes away (UDP only).
+                "explicit-exit-notify 1",
+                "</connection>",
+            ]
+        for host, port in tcp_remotes:
+            lines += [
+                "<connection>",
+                f"remote {host} {port} {tcp}",
+                f"server-poll-timeout {SERVER_POLL_TIMEOUT}",
+                "</connection>",
+            ]
+    else:
+        lines.append(f"proto {proto}")
+        lines += [f"remote {host} {port}" for host, port in remotes]
+        if len(remotes) > 1:
+            lines.append("remote-random")
     lines += [
         "resolv-retry infinite",
         "nobind",
@@ -268,12 +311,11 @@ def render_client_profile(
     if server_name_prefix is not None:
         prefix = _arg(server_name_prefix, "server name prefix")
         lines.append(f"verify-x509-name {prefix} name-prefix")
-    lines += [
-        "auth-nocache",
+    lines.append("auth-nocache")
+    if not tcp_remotes:
         # Tell the pod at once when the client goes away, so the session closes promptly.
-        "explicit-exit-notify 1",
-        f"verb {verb}",
-    ]
+        lines.append("explicit-exit-notify 1")
+    lines.append(f"verb {verb}")
     lines += _pem_block("ca", ca_pem, ("-----BEGIN CERTIFICATE-----",), "CA certificate")
     lines += _pem_block("cert", cert_pem, ("-----BEGIN CERTIFICATE-----",), "client certificate")
     lines += _pem_block("key", key_pem, ("PRIVATE KEY-----",), "client key")

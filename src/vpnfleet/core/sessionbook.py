@@ -16,6 +16,11 @@ every client that must go (account deleted or disabled, certificate replaced, mo
 session killed by the control plane). It is level-triggered: the agent calls it after every
 change, after a resync and after adopting clients at start, so a kill or a disable made while
 the agent was down still ends the session once the agent learns of it.
+
+One book for every OpenVPN server of the pod: a pod runs a UDP server and (unless turned off)
+a TCP one, each with its own client ids, tunnel device and half of the NAT pool
+(:func:`ipam.server_pools`). A client is known by ``(server, cid)``; limits, replacements,
+kills and address owners are the book's, so they hold across both servers.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from vpnfleet.core.fleet import FleetView
 from vpnfleet.core.mgmt_protocol import StatusClient
 
 MODE_CHANGED = "connection mode changed"
+PRIMARY = "udp"  # the server every pod runs; "tcp" is the optional fallback
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,12 @@ class Client:
     established: bool = False
     kicked: str | None = None
     seq: int = 0
+    server: str = PRIMARY
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """The client's identity in the book: OpenVPN's cid is unique per server only."""
+        return (self.server, self.cid)
 
     def with_state(self, *, established: bool, kicked: str | None) -> Client:
         """A copy with another life-cycle state (``dataclasses.replace`` costs ~10x more, and
@@ -60,6 +72,7 @@ class Client:
         return Client(
             self.cid, self.user, self.mode, self.tunnel_ip, self.real_ip, self.real_port,
             self.uid, self.connected_at, self.cert_serial, established, kicked, self.seq,
+            self.server,
         )  # fmt: skip
 
     def to_record(self) -> dict[str, Any]:
@@ -76,6 +89,7 @@ class Client:
             "connected_at": self.connected_at,
             "cert_serial": self.cert_serial,
             "established": self.established,
+            "server": self.server,
         }
 
     @classmethod
@@ -93,6 +107,8 @@ class Client:
                 connected_at=str(data["connected_at"]),
                 cert_serial=None if data.get("cert_serial") is None else str(data["cert_serial"]),
                 established=bool(data["established"]),
+                # Journals written before the TCP server existed hold UDP clients only.
+                server=str(data.get("server") or PRIMARY),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed client record: {exc!r}") from None
@@ -103,11 +119,22 @@ class Client:
 
 @dataclass(frozen=True)
 class BookConfig:
-    """What the book needs to know about the pod: its address pools and pushed routes."""
+    """What the book needs to know about the pod: its address pools, pushed routes and
+    OpenVPN servers (``servers``, primary first; the NAT pool is split between them)."""
 
     nat_pool: ipaddress.IPv4Network
     gateway_pool: ipaddress.IPv4Network | None = None
     push_routes: tuple[ipaddress.IPv4Network, ...] = ()
+    servers: tuple[str, ...] = (PRIMARY,)
+
+    def __post_init__(self) -> None:
+        if not self.servers or len(set(self.servers)) != len(self.servers):
+            raise ValueError(f"servers must be distinct and at least one: {self.servers}")
+        ipam.server_pools(self.nat_pool, len(self.servers))  # too small to split: ValueError
+
+    def server_pool(self, server: str) -> ipaddress.IPv4Network:
+        """The part of the NAT pool whose addresses ``server`` hands out."""
+        return ipam.server_pools(self.nat_pool, len(self.servers))[self.servers.index(server)]
 
     @property
     def tunnel_networks(self) -> tuple[ipaddress.IPv4Network, ...]:
@@ -163,12 +190,12 @@ class SessionBook:
 
     def __init__(self, config: BookConfig) -> None:
         self.config = config
-        self._clients: dict[int, Client] = {}
-        self._by_user: dict[str, set[int]] = {}
+        self._clients: dict[tuple[str, int], Client] = {}
+        self._by_user: dict[str, set[tuple[str, int]]] = {}
         self._owners: dict[str, tuple[str, str]] = {}  # tunnel IP -> (user, session uid)
-        self._nat = ipam.AddressAllocator(config.nat_pool)
+        self._nat = {s: ipam.AddressAllocator(config.server_pool(s)) for s in config.servers}
         self._seq = 0
-        self._unanswered: set[int] = set()
+        self._unanswered: set[tuple[str, int]] = set()
 
     # ------------------------------------------------------------------ reading
 
@@ -178,9 +205,9 @@ class SessionBook:
     def __iter__(self) -> Iterator[Client]:
         return iter(list(self._clients.values()))
 
-    def get(self, cid: int) -> Client | None:
-        """The client with OpenVPN client id ``cid``, if any."""
-        return self._clients.get(cid)
+    def get(self, cid: int, server: str = PRIMARY) -> Client | None:
+        """The client with OpenVPN client id ``cid`` on ``server``, if any."""
+        return self._clients.get((server, cid))
 
     def established(self) -> list[Client]:
         """Clients whose tunnel is up and whose session is live."""
@@ -194,7 +221,7 @@ class SessionBook:
         """Clients of the given users."""
         out: list[Client] = []
         for user in users:
-            out += [self._clients[cid] for cid in self._by_user.get(user, ())]
+            out += [self._clients[key] for key in self._by_user.get(user, ())]
         return out
 
     def owner(self, tunnel_ip: str) -> tuple[str, str] | None:
@@ -217,18 +244,21 @@ class SessionBook:
         reauth: bool,
         uid: str,
         now: str,
+        server: str = PRIMARY,
     ) -> ConnectOutcome:
         """Decide a CONNECT (new client) or REAUTH (TLS renegotiation) and record the result.
 
         The same device reconnecting (same user, same public address) replaces its previous
         connections, which OpenVPN may keep for seconds or until a ping timeout: they do not
         count against the session limit. Clients already being disconnected do not count
-        either. Raises nothing: an exhausted NAT pool is a deny.
+        either. Raises nothing: an exhausted NAT pool is a deny. Sessions on every server of
+        the pod count: the same device falling back from UDP to TCP replaces its UDP client.
         """
+        key = (server, cid)
         cn = env.get("common_name", "")
         serial = env.get("tls_serial_0")
         real_ip = env.get("untrusted_ip") or None
-        mine = [c for c in self.of_users([cn]) if c.cid != cid and c.kicked is None]
+        mine = [c for c in self.of_users([cn]) if c.key != key and c.kicked is None]
         stale = [] if reauth or real_ip is None else [c for c in mine if c.real_ip == real_ip]
         local = len(mine) - len(stale)
         superseded = {c.uid for c in stale} | {
@@ -237,23 +267,23 @@ class SessionBook:
             if s.user == cn and real_ip is not None and s.real_ip == real_ip
         }
         decision = authz.decide(view, cn, serial, local, frozenset(superseded))
-        known = self._clients.get(cid)
+        known = self._clients.get(key)
         if reauth:
             if decision.allow or known is None:
                 return ConnectOutcome(decision)
-            return ConnectOutcome(decision, ended=self.kick(cid, decision.reason))
+            return ConnectOutcome(decision, ended=self.kick(cid, decision.reason, server))
         if not decision.allow:
-            self.forget(cid)
+            self.forget(cid, server)
             return ConnectOutcome(decision)
         user = decision.user
         assert user is not None
         try:
-            address = self._address_for(user.mode, user.gateway_address)
+            address = self._address_for(user.mode, user.gateway_address, server)
         except ipam.PoolExhausted:
-            self.forget(cid)
+            self.forget(cid, server)
             return ConnectOutcome(authz.Decision(False, "address pool exhausted", "server full"))
         if known is not None:  # a CONNECT for a cid we hold: OpenVPN restarted the instance
-            self.forget(cid)
+            self.forget(cid, server)
         port = env.get("untrusted_port", "")
         self._seq += 1
         client = Client(
@@ -267,24 +297,30 @@ class SessionBook:
             connected_at=now,
             cert_serial=serial,
             seq=self._seq,
+            server=server,
         )
         self._put(client)
         return ConnectOutcome(
-            decision, push=self._push_lines(user.mode, address), client=client,
+            decision, push=self._push_lines(user.mode, address, server), client=client,
             replaced=tuple(stale),
         )  # fmt: skip
 
-    def _address_for(self, mode: str, gateway_address: str | None) -> ipaddress.IPv4Address:
+    def _address_for(
+        self, mode: str, gateway_address: str | None, server: str
+    ) -> ipaddress.IPv4Address:
         if mode == "gateway" and gateway_address:
             return ipaddress.IPv4Address(gateway_address)
-        return self._nat.allocate()
+        return self._nat[server].allocate()
 
-    def _push_lines(self, mode: str, address: ipaddress.IPv4Address) -> tuple[str, ...]:
-        pool = self.config.nat_pool
+    def _push_lines(
+        self, mode: str, address: ipaddress.IPv4Address, server: str
+    ) -> tuple[str, ...]:
+        own = self.config.server_pool(server)
+        pool = own
         if mode == "gateway" and self.config.gateway_pool is not None:
             pool = self.config.gateway_pool
         lines = [f"ifconfig-push {address} {pool.netmask}"]
-        if pool != self.config.nat_pool:
+        if pool != own:
             # The gateway pool is another subnet: the client's next hop must be on it.
             lines.append(f'push "route-gateway {ipam.server_address(pool)}"')
         for net in self.config.push_routes:
@@ -293,69 +329,97 @@ class SessionBook:
 
     # ------------------------------------------------------------------ life cycle
 
-    def establish(self, cid: int) -> Client | None:
+    def establish(self, cid: int, server: str = PRIMARY) -> Client | None:
         """ESTABLISHED: the tunnel is up. Returns the client, or None if unknown or kicked."""
-        client = self._clients.get(cid)
+        client = self._clients.get((server, cid))
         if client is None or client.kicked is not None or client.established:
             return None
         client = client.with_state(established=True, kicked=None)
         self._put(client)
         return client
 
-    def kick(self, cid: int, reason: str) -> Client | None:
+    def kick(self, cid: int, reason: str, server: str = PRIMARY) -> Client | None:
         """The agent disconnects ``cid``. Returns the client if its session was live (now over).
 
         The client stays in the book (its address stays taken) until OpenVPN reports the
         DISCONNECT, but it no longer holds its tunnel address for the firewall.
         """
-        client = self._clients.get(cid)
+        client = self._clients.get((server, cid))
         if client is None or client.kicked is not None:
             return None
         was_live = client.established
         self._put(client.with_state(established=False, kicked=reason))
         return client if was_live else None
 
-    def forget(self, cid: int) -> Client | None:
+    def forget(self, cid: int, server: str = PRIMARY) -> Client | None:
         """DISCONNECT (or a CONNECT that was refused): drop the client, free its address.
 
         Returns the client as it was; its session was live only if ``established``.
         """
-        client = self._clients.pop(cid, None)
+        key = (server, cid)
+        client = self._clients.pop(key, None)
         if client is None:
             return None
-        cids = self._by_user.get(client.user)
-        if cids is not None:
-            cids.discard(cid)
-            if not cids:
+        keys = self._by_user.get(client.user)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
                 del self._by_user[client.user]
         self._drop_owner(client)
         if client.mode == "nat":
-            self._nat.release(ipaddress.IPv4Address(client.tunnel_ip))
+            self._nat[server].release(ipaddress.IPv4Address(client.tunnel_ip))
         return client
 
-    def clear(self) -> list[Client]:
-        """OpenVPN started afresh: every client is gone. Returns the established ones."""
-        ended = self.established()
-        self._clients.clear()
-        self._by_user.clear()
-        self._owners.clear()
-        self._nat = ipam.AddressAllocator(self.config.nat_pool)
-        self._unanswered.clear()
-        return ended
+    def clear(self, server: str | None = None) -> list[Client]:
+        """OpenVPN (``server``, or every one) started afresh: its clients are gone.
+
+        Returns the established ones.
+        """
+        gone = [c for c in self._clients.values() if server is None or c.server == server]
+        for client in gone:
+            self.forget(client.cid, client.server)
+        if server is None:
+            self._owners.clear()  # journal owners seeded for clients never adopted
+        for s in self._nat if server is None else (server,):
+            self._nat[s] = ipam.AddressAllocator(self.config.server_pool(s))
+        self._unanswered = {k for k in self._unanswered if server is not None and k[0] != server}
+        return [c for c in gone if c.established]
 
     def _put(self, client: Client) -> None:
-        self._clients[client.cid] = client
-        self._by_user.setdefault(client.user, set()).add(client.cid)
+        self._clients[client.key] = client
+        self._by_user.setdefault(client.user, set()).add(client.key)
         if client.established:
             self._owners[client.tunnel_ip] = (client.user, client.uid)
         else:
             self._drop_owner(client)
+
+    def release_owner(self, client: Client) -> None:
+        """``client`` (from the journal) will not be adopted: its address has no owner now."""
+        self._drop_owner(client)
 
     def _drop_owner(self, client: Client) -> None:
         # Only if the address is still this session's (a later session may hold it now).
         owner = self._owners.get(client.tunnel_ip)
         if owner is not None and owner[1] == client.uid:
             del self._owners[client.tunnel_ip]
+
+    def gateway_routes(self) -> dict[str, str]:
+        """Gateway addresses that need a host route into a server other than the primary.
+
+        The gateway pool is routed into the primary (UDP) server's tunnel device. A gateway
+        user connected to another server needs its ``/32`` routed into that server's device
+        (address -> server). When one address is live on two servers (a user allowed several
+        sessions), its newest session gets the route: that is the one the user last brought up.
+        """
+        newest: dict[str, Client] = {}
+        servers: dict[str, set[str]] = {}
+        for c in self._clients.values():
+            if c.mode != "gateway" or not c.established:
+                continue
+            servers.setdefault(c.tunnel_ip, set()).add(c.server)
+            if c.tunnel_ip not in newest or c.seq > newest[c.tunnel_ip].seq:
+                newest[c.tunnel_ip] = c
+        return {ip: c.server for ip, c in newest.items() if servers[ip] != {PRIMARY}}
 
     # ------------------------------------------------------------------ convergence
 
@@ -395,32 +459,34 @@ class SessionBook:
         listed_after: int,
         new_uid: Iterator[str],
         now: str,
+        server: str = PRIMARY,
     ) -> Reconciled:
         """Compare OpenVPN's client list (``status 3``) with the book and repair both ways.
 
         ``listed_after``: the book's :attr:`seq` when the listing was asked for; clients
         admitted since cannot be judged by it. ``cached``: the journal's clients by (user,
         tunnel IP), so adopted clients keep their session uid, start time and certificate
-        serial. ``new_uid`` yields uids for clients the journal did not know.
+        serial. ``new_uid`` yields uids for clients the journal did not know. ``rows`` are
+        ``server``'s listing: only its clients are compared.
         """
         present = {r.client_id: r for r in rows if r.client_id is not None}
         vanished: list[Client] = []
-        for cid, client in list(self._clients.items()):
-            if cid not in present and client.seq <= listed_after:
-                gone = self.forget(cid)
+        for (srv, cid), client in list(self._clients.items()):
+            if srv == server and cid not in present and client.seq <= listed_after:
+                gone = self.forget(cid, server)
                 if gone is not None and gone.established:
                     vanished.append(gone)
         adopted: list[Client] = []
         restart: list[int] = []
-        unanswered: set[int] = set()
+        unanswered = {k for k in self._unanswered if k[0] != server}
         for cid, row in present.items():
-            if cid in self._clients:
+            if (server, cid) in self._clients:
                 continue
             if not row.virtual_address:
                 # A CONNECT sent while no agent was attached is never replayed: the client
                 # would wait for its hand-window. Seen twice in a row, it gets a restart.
-                unanswered.add(cid)
-                if cid in self._unanswered:
+                unanswered.add((server, cid))
+                if (server, cid) in self._unanswered:
                     restart.append(cid)
                 continue
             vaddr = str(row.virtual_address)
@@ -440,9 +506,10 @@ class SessionBook:
                 cert_serial=old.cert_serial if old else None,
                 established=True,
                 seq=self._seq,
+                server=server,
             )
-            if client.mode == "nat" and ipaddress.IPv4Address(vaddr) in self.config.nat_pool:
-                self._nat.reserve(ipaddress.IPv4Address(vaddr))
+            if client.mode == "nat":
+                self._nat[server].reserve(ipaddress.IPv4Address(vaddr))
             self._put(client)
             adopted.append(client)
         self._unanswered = unanswered

@@ -249,6 +249,8 @@ async def start_control_plane(info: LabInfo) -> topology.LabProcess:
             str(info.dir / "cp"),
             "--public-endpoint",
             info.vpn_endpoint,
+            "--public-tcp-endpoint",
+            "{}:{}".format(*info.plan.vpn_tcp_endpoint),
             # HTTPS as in a deployment: a certificate for the addresses agents (cluster
             # network) and the host (admin link) use, from the control plane's own CA.
             "--tls-self-signed",

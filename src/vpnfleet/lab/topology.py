@@ -10,12 +10,13 @@ except the root end of the admin veth, the one thing the lab puts in the root na
              bridge "public" 198.51.100.0/24, the internet:
                  <p>-lb .1 (eth1)   <p>-c-<name> .(10+j)
 
-The load balancer spreads UDP 1194 on its public address over the pods like a Kubernetes
-Service (``-m statistic`` DNAT, no SNAT, so pods see the client's real address). Pods and
-clients route via the load balancer, so replies are un-NATed by its conntrack; its FORWARD
-chain lets the internet into the pod network only through that DNAT, so the VPN is the only
-way in. The control plane and the service have no default route; the service gets one /32
-route per connected gateway-mode user (:func:`add_route`).
+The load balancer spreads UDP 1194 (and TCP 443, the pods' TCP fallback) on its public
+address over the pods like a Kubernetes Service (``-m statistic`` DNAT, no SNAT, so pods see
+the client's real address). Pods and clients route via the load balancer, so replies are
+un-NATed by its conntrack; its FORWARD chain lets the internet into the pod network only
+through that DNAT, so the VPN is the only way in. The control plane and the service have no
+default route; the service gets one /32 route per connected gateway-mode user
+(:func:`add_route`).
 
 Everything is computed purely by :class:`LabPlan`; :func:`build` applies it with ``ip``,
 ``sysctl`` and ``iptables-restore``; :func:`teardown` rediscovers the lab by its prefix, so it
@@ -52,6 +53,7 @@ ADMIN_RANGE = IPv4Network("10.99.254.0/24")
 #: namespace gets one ``/32`` route per connected gateway user (see :func:`add_route`).
 GATEWAY_POOL = IPv4Network("10.201.0.0/16")
 VPN_PORT = 1194
+VPN_TCP_PORT = 443  # the agent's default TCP fallback port
 CONTROL_PLANE_PORT = 8000
 BRIDGES = ("cluster", "public")
 MAX_PODS = 20
@@ -310,6 +312,11 @@ class LabPlan:
         return self.lb_public_ip, VPN_PORT
 
     @property
+    def vpn_tcp_endpoint(self) -> tuple[IPv4Address, int]:
+        """Address and TCP port clients fall back to when UDP does not get through."""
+        return self.lb_public_ip, VPN_TCP_PORT
+
+    @property
     def admin(self) -> AdminLink:
         """The root <-> control plane admin link."""
         net = IPv4Network(self.admin_net)
@@ -420,25 +427,26 @@ class LabPlan:
         return tuple(1.0 / (n - k) if k < n - 1 else None for k in range(n))
 
     def lb_nat_rules(self, pod_ips: Sequence[IPv4Address]) -> str:
-        """``iptables-restore`` input for the nat table: spread UDP 1194 over ``pod_ips``
-        (the ready endpoints, as kube-proxy does for a Service)."""
+        """``iptables-restore`` input for the nat table: spread UDP 1194 and TCP 443 over
+        ``pod_ips`` (the ready endpoints, as kube-proxy does for the two Services)."""
         public_if = self.lb.attachments[1].ifname
-        match = f"-d {self.lb_public_ip}/32 -i {public_if} -p udp -m udp --dport {VPN_PORT}"
         lines = ["*nat", ":PREROUTING ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]"]
         n = len(pod_ips)
-        for k, ip in enumerate(pod_ips):
-            prob = 1.0 / (n - k) if k < n - 1 else None
-            stat_match = (
-                "" if prob is None else f" -m statistic --mode random --probability {prob:.10f}"
-            )
-            lines.append(f"-A PREROUTING {match}{stat_match} -j DNAT --to-destination {ip}")
+        for proto, port in (("udp", VPN_PORT), ("tcp", VPN_TCP_PORT)):
+            match = f"-d {self.lb_public_ip}/32 -i {public_if} -p {proto} -m {proto} --dport {port}"
+            for k, ip in enumerate(pod_ips):
+                prob = 1.0 / (n - k) if k < n - 1 else None
+                stat_match = (
+                    "" if prob is None else f" -m statistic --mode random --probability {prob:.10f}"
+                )
+                lines.append(f"-A PREROUTING {match}{stat_match} -j DNAT --to-destination {ip}")
         lines.append("COMMIT")
         return "\n".join(lines) + "\n"
 
     def lb_ruleset(self) -> str:
         """The load balancer's complete ``iptables-restore`` input.
 
-        nat: UDP to the public address on port 1194 is DNATed to one pod, no SNAT.
+        nat: UDP 1194 and TCP 443 to the public address are DNATed to one pod, no SNAT.
         filter: the internet may only reach the pod network through that DNAT (so a client
         cannot bypass the VPN to reach the backend service); the pod network may reach out.
         """

@@ -11,6 +11,7 @@ from vpnfleet.controlplane.pagination import LINK_HEADER, Keyset, PageParams
 from vpnfleet.controlplane.schemas import ReissueIn, UserCreate, UserOut, UserUpdate
 from vpnfleet.controlplane.services import users
 from vpnfleet.controlplane.services.journal import Journal
+from vpnfleet.controlplane.settings import tcp_remotes
 from vpnfleet.controlplane.state import DB, Operator, State
 from vpnfleet.core import netparse
 
@@ -113,7 +114,14 @@ def revoke_cert(name: str, db: DB, who: Operator, body: ReissueIn | None = None)
 def download_profile(name: str, db: DB, who: Operator, state: State) -> Response:
     journal = Journal(db, who)
     user = users.get_user(db, name)
-    profile = users.client_profile(db, journal, state.sealer, user, state.settings.public_endpoints)
+    profile = users.client_profile(
+        db,
+        journal,
+        state.sealer,
+        user,
+        state.settings.public_endpoints,
+        tcp_remotes(state.settings),
+    )
     journal.commit()
     return Response(
         profile,

@@ -313,9 +313,19 @@ def revoke_cert(db: Session, journal: Journal, user: User, reason: str = "revoke
 
 
 def client_profile(
-    db: Session, journal: Journal, sealer: pki.Sealer, user: User, endpoints: Sequence[str]
+    db: Session,
+    journal: Journal,
+    sealer: pki.Sealer,
+    user: User,
+    endpoints: Sequence[str],
+    tcp_endpoints: Sequence[tuple[str, int]] = (),
 ) -> str:
-    """The user's complete .ovpn profile; handing out a private key is audited."""
+    """The user's complete .ovpn profile; handing out a private key is audited.
+
+    With ``tcp_endpoints`` the profile tries every UDP endpoint first and then TCP. It cannot
+    use ``remote-random`` then (that would shuffle TCP entries ahead of UDP ones), so the UDP
+    endpoints are rotated by a hash of the user name: users still spread over them.
+    """
     cert = certs.current_user_cert(db, user.id)
     if cert is None:
         raise conflict(
@@ -325,8 +335,13 @@ def client_profile(
         raise conflict(
             "no public endpoint is configured: start the server with --public-endpoint HOST:PORT"
         )
+    remotes = [netparse.parse_endpoint(e) for e in endpoints]
+    if tcp_endpoints and len(remotes) > 1:
+        turn = int.from_bytes(hashlib.sha256(user.name.encode()).digest()[:4], "big")
+        remotes = remotes[turn % len(remotes) :] + remotes[: turn % len(remotes)]
     profile = ovpn_config.render_client_profile(
-        remotes=[netparse.parse_endpoint(e) for e in endpoints],
+        remotes=remotes,
+        tcp_remotes=list(tcp_endpoints),
         ca_pem=certs.ca_cert_pem(db),
         cert_pem=cert.cert_pem,
         key_pem=sealer.unseal(cert.key_sealed),
