@@ -212,14 +212,16 @@ async def test_a_pod_without_its_kernel_settings_stops_before_registering(
         Shortfall("net.netfilter.nf_conntrack_acct", "1", "0"),
         Shortfall("net.netfilter.nf_conntrack_timestamp", "1", "0"),
     ]
-    agent = PodAgent(pod.settings(), firewall=pod.firewall, process=lambda: pod.process)
+    agent = PodAgent(
+        pod.settings(), firewall=pod.firewall, process=lambda server: pod.processes[server]
+    )
     with pytest.raises(SysctlsMissing) as err:
         await asyncio.wait_for(agent.run(), 20)
     assert "net.netfilter.nf_conntrack_acct=1 (is 0)" in str(err.value)
     assert "--sysctl net.netfilter.nf_conntrack_timestamp=1" in str(err.value)
     # Nothing reached the control plane and nothing was started.
     assert api(server, "GET", "/api/v1/pods") == []
-    assert not pod.process.running and pod.firewall.applies == []
+    assert not any(p.running for p in pod.processes.values()) and pod.firewall.applies == []
 
 
 async def test_membership_changes_reach_connected_clients_and_cut_their_flows(
