@@ -237,12 +237,21 @@ def test_a_real_openvpn_client_reaches_a_backend_through_the_agent(
         [fleet.net, fleet.backend_net],  # NAT out of whichever interface leads there
     )
 
+    unreachable: list[str] = []
+
     def ready() -> bool:
         if not pm.state(pod)["Running"]:
             pytest.fail(f"the agent exited:\n{pm.logs(pod)}", pytrace=False)
-        return bool(fleet.pods().get("pod2", {}).get("ready"))
+        try:
+            return bool(fleet.pods().get("pod2", {}).get("ready"))
+        except AssertionError as exc:
+            # Seen right after pod2 joined the backend network: one CLI call inside the control
+            # plane's container could not reach it by name. Polled again; counted below.
+            unreachable.append(str(exc))
+            return False
 
-    wait_for(ready, 120, "pod2 to be ready")
+    wait_for(ready, 120, f"pod2 to be ready ({unreachable[-1:]})")
+    assert len(unreachable) <= 5, unreachable
     # carol may reach the backend's port 8080, nothing else; her profile points at pod2.
     fleet.cli("user", "add", "carol", "--email", "carol@example.com")
     fleet.cli("group", "add", "web")
@@ -250,7 +259,12 @@ def test_a_real_openvpn_client_reaches_a_backend_through_the_agent(
     fleet.cli("group", "add-member", "web", "carol")
     profile = fleet.cli("user", "profile", "carol")
     pod_ip = address(pm, pod, fleet.net)
-    profile = re.sub(r"^remote \S+ \d+$", f"remote {pod_ip} 1194", profile, flags=re.M)
+    # Every remote (UDP, then the TCP fallback in its <connection> block) points at pod2,
+    # whose TCP server listens on 1194 as in deploy/.
+    profile = re.sub(
+        r"^remote \S+ \d+( udp| tcp)?$", rf"remote {pod_ip} 1194\1", profile, flags=re.M
+    )
+    assert f"remote {pod_ip} 1194" in profile, profile
     profile_path = tmp_path / "carol.ovpn"
     profile_path.write_text(profile)
     profile_path.chmod(0o600)
