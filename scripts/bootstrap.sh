@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Install what vpnfleet needs on a fresh Debian/Ubuntu machine (idempotent, run as root):
-# the system packages (OpenVPN, iptables, ipset, conntrack, PostgreSQL, nginx, Prometheus...)
+# the system packages (OpenVPN, iptables, ipset, conntrack, PostgreSQL, nginx, Prometheus, BIRD...)
 # and the Python environment in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(openvpn iptables ipset conntrack iproute2 postgresql nginx-light prometheus iperf3 procps ulogd2 ulogd2-json)
+PACKAGES=(openvpn iptables ipset conntrack iproute2 postgresql nginx-light prometheus iperf3 procps ulogd2 ulogd2-json bird2)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
