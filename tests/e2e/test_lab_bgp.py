@@ -43,26 +43,6 @@ async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LabInfo
         yield info
 
 
-async def steer(info: LabInfo, user: str, pod: int) -> None:
-    """Make the load balancer send ``user``'s new connections to pod ``pod`` (a rule ahead of
-    the Service's random spread; the endpoint follower's rewrite would drop it, which the
-    tests below never trigger before they are done steering)."""
-    plan = info.plan
-    lb = plan.lb.ns
-    rule = [
-        "PREROUTING", "-s", str(plan.client_ip(user)), "-p", "udp", "--dport", "1194",
-        "-j", "DNAT", "--to-destination", str(plan.pod_ip(pod)),
-    ]  # fmt: skip
-    for other in (1, 2):
-        old = [*rule[:-1], str(plan.pod_ip(other))]
-        await topology.run_in(lb, "iptables", "-w", "5", "-t", "nat", "-D", *old, check=False)
-    await topology.run_in(lb, "iptables", "-w", "5", "-t", "nat", "-I", *rule)
-    # Forget the client's old translation, so its next packets are steered afresh.
-    await topology.run_in(
-        lb, "conntrack", "-D", "-s", str(plan.client_ip(user)), "-p", "udp", check=False
-    )
-
-
 def connected_at(info: LabInfo, pod: int, tunnel_ip: str, after: float) -> float | None:
     """When pod ``pod``'s agent logged the session of ``tunnel_ip`` as established (epoch s)."""
     for line in (info.dir / f"pod{pod}.log").read_text().splitlines():
@@ -145,7 +125,7 @@ async def test_gateway_route_follows_the_user_and_dies_with_the_pod(lab: LabInfo
     assert svc_routes.count("10.201.") == 1
 
     # On pod 1: announced, learned by the router, reachable from the backend through it.
-    await steer(lab, "gary", 1)
+    await runner.pin_client(lab, "gary", 1)
     client = await runner.start_client(lab, "gary")
     address = await runner.wait_client_address(lab, "gary", 5)
     assert address is not None
@@ -156,7 +136,7 @@ async def test_gateway_route_follows_the_user_and_dies_with_the_pod(lab: LabInfo
     assert text == f"{plan.svc_ip} hello from backend"
 
     # It reconnects to pod 2: the route follows.
-    await steer(lab, "gary", 2)
+    await runner.pin_client(lab, "gary", 2)
     started = time.time()
     await runner.stop_client(lab, "gary")
     await client.stop()

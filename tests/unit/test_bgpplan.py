@@ -250,6 +250,11 @@ async def test_the_sync_announces_withdraws_restarts_and_drains() -> None:
     sync = BgpSync(speaker, lambda: bgpplan.announcements(clients, GWPOOL))
     task = asyncio.create_task(sync.run())
     try:
+        # Nothing is started or announced until the book is complete.
+        sync.poke()
+        await asyncio.sleep(0.05)
+        assert speaker.starts == 0 and speaker.routes is None
+        sync.allow()
         await wait_for(lambda: speaker.routes is not None and net("10.201.0.5") in speaker.routes)
         assert speaker.starts == 1
         clients.append(client(2, "10.201.0.6"))

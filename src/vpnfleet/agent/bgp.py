@@ -42,12 +42,21 @@ class BgpSync:
         self._source = source
         self._on_status = on_status  # (announced routes, established sessions)
         self._wake = asyncio.Event()
+        self._allowed = asyncio.Event()
         self._lock = asyncio.Lock()
         self.announced: dict[ipaddress.IPv4Network, bgpplan.Announcement] = {}
         self.established = 0
         self.started = False
         self.closed = False  # finish() ran: nothing is started or announced any more
         self.failures = 0
+
+    def allow(self) -> None:
+        """Start syncing: the session book is complete (fresh start, or clients adopted).
+
+        Until then nothing is sent, so a restarted agent never withdraws, even for a moment,
+        the routes of clients it has not adopted yet from the running openvpn."""
+        self._allowed.set()
+        self._wake.set()
 
     def poke(self) -> None:
         """Something the announcements depend on changed."""
@@ -99,7 +108,7 @@ class BgpSync:
     async def run(self) -> None:
         """Sync on every poke (and every few seconds) until cancelled."""
         delay = RETRY_DELAY
-        self._wake.set()
+        await self._allowed.wait()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), CHECK_INTERVAL)

@@ -274,6 +274,8 @@ class PodAgent:
         else:
             self.clients.reset("openvpn restarted")
         self.firewall.start()
+        if self.bgp is not None:
+            self.bgp.allow()  # the book is complete: announce from it (adopting a running BIRD)
         await self.firewall.wait_ready()
 
     async def on_event(self, ev: ClientEvent) -> None:

@@ -484,6 +484,24 @@ async def start_client(info: LabInfo, name: str, wait: bool = True) -> topology.
     return proc
 
 
+async def pin_client(info: LabInfo, name: str, pod: int) -> None:
+    """Send lab user ``name``'s next connections to pod ``pod`` (tests and benchmarks).
+
+    A DNAT rule for the user's address ahead of the Service's random spread, replacing an
+    earlier pin; the user's old translation is forgotten so the next packets take it. The
+    endpoint follower's rewrite of the load balancer's rules (a pod's readiness changing)
+    removes every pin."""
+    plan = info.plan
+    lb, src = plan.lb.ns, str(plan.client_ip(name))
+    match = ["PREROUTING", "-s", src, "-p", "udp", "--dport", str(topology.VPN_PORT), "-j", "DNAT"]
+    for other in range(1, info.pods + 1):
+        old = [*match, "--to-destination", str(plan.pod_ip(other))]
+        await topology.run_in(lb, "iptables", "-w", "5", "-t", "nat", "-D", *old, check=False)
+    rule = [*match, "--to-destination", str(plan.pod_ip(pod))]
+    await topology.run_in(lb, "iptables", "-w", "5", "-t", "nat", "-I", *rule)
+    await topology.run_in(lb, "conntrack", "-D", "-s", src, "-p", "udp", check=False)
+
+
 async def client_address(info: LabInfo, name: str) -> str | None:
     """The client's tunnel address, or None while it has none."""
     res = await topology.run_in(
