@@ -83,6 +83,15 @@ _POD_SYSCTLS: tuple[tuple[str, str], ...] = (
     ("net.netfilter.nf_conntrack_acct", "1"),
     ("net.netfilter.nf_conntrack_timestamp", "1"),
 )
+# The router forwards back out of the interface it received on (backend and pods share the
+# pod network): without this it would tell the backend, by ICMP redirect, to skip it and go
+# to the pod directly, and the backend would keep that shortcut after the user moved.
+_ROUTER_SYSCTLS: tuple[tuple[str, str], ...] = (
+    *_BASE_SYSCTLS,
+    ("net.ipv4.ip_forward", "1"),
+    ("net.ipv4.conf.all.send_redirects", "0"),
+    ("net.ipv4.conf.default.send_redirects", "0"),
+)
 # With br_netfilter loaded, bridged frames would traverse the fabric namespace's iptables and
 # conntrack. The fabric is meant to be a dumb switch, so switch that off (per namespace since
 # Linux 5.3; the keys are absent when br_netfilter is not loaded, which is equally fine).
@@ -379,9 +388,7 @@ class LabPlan:
     def router(self) -> Node:
         """The router namespace: BIRD learns gateway users' /32s from the pods over BGP."""
         att = self._attach("cluster", "eth0", "rtr", self.router_ip)
-        return Node(
-            "rtr", self.ns("rtr"), (att,), None, (*_BASE_SYSCTLS, ("net.ipv4.ip_forward", "1"))
-        )
+        return Node("rtr", self.ns("rtr"), (att,), None, _ROUTER_SYSCTLS)
 
     def pod(self, index: int) -> Node:
         """Pod ``index`` (1-based): default route via the load balancer."""
