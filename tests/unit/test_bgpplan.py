@@ -187,6 +187,7 @@ def test_bgp_options_default_the_router_id_to_the_pod_ip() -> None:
         ({"bgp_asn": "1", "bgp_neighbors": ["10.0.0.1:1"], "bgp_hold_time": "9s"}, "whole"),
         ({"bgp_asn": "1", "bgp_neighbors": ["10.0.0.1:1"], "pod_ip": None}, "router id"),
         ({"bgp_asn": "1", "bgp_neighbors": ["10.0.0.1:1"], "bgp_router_id": "r1"}, "router id"),
+        ({"bgp_asn": "1", "bgp_neighbors": ["10.0.0.1:1"], "bird": "/nonexistent/bird"}, "bird2"),
     ],
 )
 def test_bad_bgp_options_are_refused_in_one_sentence(kw: dict[str, object], message: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,6 +202,11 @@ class AgentSettings:
                 neighbors=self.bgp_neighbors,
                 hold_time=self.bgp_hold_time,
             )
+            if shutil.which(self.bird) is None:
+                raise ValueError(
+                    f"BGP is on but BIRD ({self.bird}) is not installed: install the bird2 "
+                    "package or give --bird PATH"
+                )
         else:
             given = [
                 opt
