@@ -135,21 +135,27 @@ async def test_gateway_route_follows_the_user_and_dies_with_the_pod(lab: LabInfo
     text = await reach_back(lab, "gary", address)
     assert text == f"{plan.svc_ip} hello from backend"
 
-    # It reconnects to pod 2: the route follows.
-    await runner.pin_client(lab, "gary", 2)
-    started = time.time()
-    await runner.stop_client(lab, "gary")
-    await client.stop()
-    client = await runner.start_client(lab, "gary")
-    seen = await wait_route(lab, address, pod2, 10)
-    session = await until(
-        lambda: connected_at(lab, 2, address, started), 5, "the session on pod 2 in its log"
-    )
-    follow = seen - session
-    print(f"\nroute followed the reconnect {follow * 1000:.0f} ms after the new session")
-    (lab.dir.parent / "bgp-follow-ms.txt").write_text(f"{follow * 1000:.1f}\n")
-    assert follow < 1.0, f"the route took {follow:.3f}s to follow the new session"
+    # It reconnects to the other pod, three times: the route follows each time.
+    follows = []
+    pod = 1
+    for _ in range(3):
+        pod = 3 - pod
+        await runner.pin_client(lab, "gary", pod)
+        started = time.time()
+        await runner.stop_client(lab, "gary")
+        await client.stop()
+        client = await runner.start_client(lab, "gary")
+        seen = await wait_route(lab, address, str(plan.pod_ip(pod)), 10)
+        session = await until(
+            lambda: connected_at(lab, pod, address, started), 5, "the session in the pod's log"
+        )
+        follows.append(seen - session)
+    ms = ", ".join(f"{f * 1000:.0f}" for f in follows)
+    print(f"\nroute followed the reconnects {ms} ms after the new session")
+    assert pod == 2
+    assert max(follows) < 1.0, f"the route took {max(follows):.3f}s to follow the new session"
     # Pod 1 withdrew its route (the disconnect): only pod 2's is left at the router.
+    assert await route_of(lab, address) == pod2
     out = await until(lambda: _single_path(lab, address), 5, "pod 1 to withdraw the old route")
     assert "AS64512" in out
     assert (await reach_back(lab, "gary", address)).startswith(str(plan.svc_ip))
