@@ -109,8 +109,13 @@ async def kill_pod(info: LabInfo, pod: int) -> None:
     plan = info.plan
     port = plan.pod(pod).attachments[0].port
     await topology.run_in(plan.fabric_ns, "ip", "link", "set", port, "down")
-    out = await topology.run_in(None, "ip", "netns", "pids", plan.pod_ns(pod))
-    for pid in (int(p) for p in out.stdout.split()):
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "netns", "pids", plan.pod_ns(pod), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    pids = [int(p) for p in out.split()]
+    assert len(pids) >= 3, pids  # the agent, openvpn and BIRD at least
+    for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
