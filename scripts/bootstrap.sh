@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Install what vpnfleet needs on a fresh Debian/Ubuntu machine (idempotent, run as root):
 # the system packages (OpenVPN, iptables, ipset, conntrack, PostgreSQL, nginx, Prometheus,
+# BIRD,
 # podman and debootstrap for the image...)
 # and the Python environment in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(openvpn iptables ipset conntrack iproute2 postgresql nginx-light prometheus iperf3 procps ulogd2 ulogd2-json slapd ldap-utils)
+PACKAGES=(openvpn iptables ipset conntrack iproute2 postgresql nginx-light prometheus iperf3 procps ulogd2 ulogd2-json slapd ldap-utils bird2)
 # The image is built and run in tests/e2e/test_container.py (scripts/build-image.sh): podman
 # with runc (crun refuses hybrid cgroups), netavark + aardvark-dns for container networks with
 # name resolution, buildah, and debootstrap for a base image made without any registry.

@@ -199,8 +199,8 @@ async def test_prometheus_sees_clients_come_and_go(tmp_path: Path) -> None:
         assert await prom.scalar("sum(vpnfleet_agent_ready)") == 2
         routes = await prom.by("vpnfleet_api_request_duration_seconds_count", "route")
         assert "/api/v1/agent/heartbeat" in routes
-        # One per agent, one for the lab's gateway-route follower.
-        assert await prom.scalar("vpnfleet_watch_subscribers") == 3
+        # One per agent (the lab routes gateway users over BGP: no gateway-route follower).
+        assert await prom.scalar("vpnfleet_watch_subscribers") == 2
         # The NAT audit pipeline: both listeners up, the fetches recorded and delivered.
         assert await prom.scalar("sum(vpnfleet_flow_listener_up)") == 2
 

@@ -23,13 +23,14 @@ def test_default_plan_addresses() -> None:
     assert plan.prefix == "vfl"
     assert plan.clients == ("alice", "bob")
     assert plan.namespaces == (
-        "vfl-fab", "vfl-lb", "vfl-cp", "vfl-svc", "vfl-pod1", "vfl-pod2",
+        "vfl-fab", "vfl-lb", "vfl-cp", "vfl-svc", "vfl-rtr", "vfl-pod1", "vfl-pod2",
         "vfl-c-alice", "vfl-c-bob",
     )  # fmt: skip
     assert plan.cp.address() == IPv4Address("10.99.0.2")
     assert plan.lb.address("cluster") == IPv4Address("10.99.0.3")
     assert plan.lb.address("public") == IPv4Address("198.51.100.1")
     assert plan.svc.address() == IPv4Address("10.99.0.100")
+    assert plan.router.address() == IPv4Address("10.99.0.4")
     assert plan.pod_ips == (IPv4Address("10.99.0.11"), IPv4Address("10.99.0.12"))
     assert plan.client_ip("alice") == IPv4Address("198.51.100.11")
     assert plan.client_ip("bob") == IPv4Address("198.51.100.12")
@@ -159,6 +160,7 @@ def test_lab_role_recognises_only_this_labs_namespaces() -> None:
     assert lab_role("vfl", "vfl-pod12") == "pod12"
     assert lab_role("vfl", "vfl-c-alice") == "c-alice"
     assert lab_role("vfl", "vfl-svc") == "svc"
+    assert lab_role("vfl", "vfl-rtr") == "rtr"
     # Other labs, other tests' namespaces and look-alikes are never touched by teardown.
     for other in ("vfl2-fab", "vflx-cp", "vfl-", "vfl-pod0", "vfl-podx", "vfl-mg-8d7b3b-c",
                   "xvfl-cp", "vfl-c-", "vfl-cp-extra", "vft-dp-abc-gw"):  # fmt: skip

@@ -1,4 +1,4 @@
-"""In-memory stand-ins for the agent's three runners, for unit and API tests.
+"""In-memory stand-ins for the agent's runners, for unit and API tests.
 
 Each fake speaks its runner's interface (:mod:`vpnfleet.agent.runners`) and models just
 enough of the real thing to make decision code observable:
@@ -9,6 +9,7 @@ enough of the real thing to make decision code observable:
   notifications, the fake records every answer, keeps OpenVPN's client list (``status 3``)
   and, like OpenVPN, reports a DISCONNECT shortly after a ``client-kill``.
 - :class:`FakeProcess` is an openvpn process that starts, runs, can be "adopted" and dies.
+- :class:`FakeBgpSpeaker` is BIRD: it announces what it is told, fails or dies on demand.
 
 The real runners are tested for real in the end-to-end tests; these let the agent's logic be
 tested in milliseconds.
@@ -22,11 +23,12 @@ import ipaddress
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from vpnfleet.agent.bird import BgpError
 from vpnfleet.agent.management import CommandError, ManagementClosed
 from vpnfleet.agent.netcommands import DataplaneError, DataplaneStats
 from vpnfleet.agent.runners import FirewallRunner, ManagementSession, ProcessRunner
 from vpnfleet.agent.sysctls import Shortfall, SysctlsMissing
-from vpnfleet.core import fwdiff, fwstate, revocation
+from vpnfleet.core import bgpplan, fwdiff, fwstate, revocation
 from vpnfleet.core.mgmt_protocol import (
     ClientEvent,
     ClientEventKind,
@@ -373,3 +375,59 @@ def _conforms(
 ) -> tuple[FirewallRunner, ManagementSession, ProcessRunner]:
     # Never called: mypy checks here that each fake speaks its runner's interface.
     return f, m, p
+
+
+# ------------------------------------------------------------------ BGP speaker
+
+
+class FakeBgpSpeaker:
+    """A BGP speaker whose announced set the test reads (``routes``, ``history``).
+
+    ``fail`` makes the next calls raise as a dead or refusing BIRD would; ``die()`` makes it
+    stop running, as if BIRD crashed."""
+
+    def __init__(self) -> None:
+        self.routes: dict[ipaddress.IPv4Network, bgpplan.Announcement] | None = None
+        self.history: list[frozenset[ipaddress.IPv4Network]] = []
+        self.starts = 0
+        self.stopped = False
+        self.fail = False
+        self.sessions = 1
+        self._running = False
+
+    def alive(self) -> bool:
+        return self._running
+
+    def die(self) -> None:
+        self._running = False
+        self.routes = None
+
+    def _check(self) -> None:
+        if self.fail:
+            raise BgpError("fake BIRD refused")
+
+    def _set(self, routes: bgpplan.Announced) -> None:
+        self.routes = dict(routes)
+        self.history.append(frozenset(routes))
+
+    async def start(self, routes: bgpplan.Announced) -> None:
+        self._check()
+        self.starts += 1
+        self._running = True
+        self.stopped = False
+        self._set(routes)
+
+    async def announce(self, routes: bgpplan.Announced) -> None:
+        self._check()
+        if not self._running:
+            raise BgpError("fake BIRD is not running")
+        self._set(routes)
+
+    async def established(self) -> int:
+        self._check()
+        return self.sessions if self._running else 0
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self._running = False
+        self.stopped = True
+        self.routes = None

@@ -74,6 +74,16 @@ class AgentMetrics:
             "Packets from clients that no grant allowed",
             registry=r,
         )
+        self.bgp_routes = Gauge(
+            "vpnfleet_bgp_announced_routes",
+            "Gateway-user /32 routes this pod announces over BGP",
+            registry=r,
+        )
+        self.bgp_sessions = Gauge(
+            "vpnfleet_bgp_sessions_established",
+            "BGP sessions of this pod's speaker that are up",
+            registry=r,
+        )
         self.info = Gauge("vpnfleet_agent_info", "Agent identity", ["pod"], registry=r)
         self.info.labels(pod=pod).set(1)
         self.collector: AgentCollector | None = None

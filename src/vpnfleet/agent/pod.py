@@ -41,6 +41,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from vpnfleet.agent.bgp import BgpSync
+from vpnfleet.agent.bird import BirdSpeaker
 from vpnfleet.agent.clientjournal import ClientJournal
 from vpnfleet.agent.clients import ClientHandler
 from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
@@ -56,13 +58,18 @@ from vpnfleet.agent.management import ManagementError
 from vpnfleet.agent.metrics import AgentMetrics
 from vpnfleet.agent.netcommands import DataplaneError
 from vpnfleet.agent.registration import TUN_DEVS, Registration
-from vpnfleet.agent.runners import FirewallRunner, ManagementSession, ProcessRunner
+from vpnfleet.agent.runners import (
+    BgpSpeaker,
+    FirewallRunner,
+    ManagementSession,
+    ProcessRunner,
+)
 from vpnfleet.agent.sessionship import SessionShipper
 from vpnfleet.agent.settings import AgentSettings
 from vpnfleet.agent.spool import Spool
 from vpnfleet.agent.statedir import StateDir
 from vpnfleet.agent.supervisor import OpenVPNSupervisor
-from vpnfleet.core import fwlimits, fwstate
+from vpnfleet.core import bgpplan, fwlimits, fwstate
 from vpnfleet.core.fleet import Effects, FleetView
 from vpnfleet.core.fwdesired import DesiredStateBuilder
 from vpnfleet.core.mgmt_protocol import ClientEvent
@@ -83,9 +90,9 @@ MAX_REPORTED_GROUPS = 10  # over-limit group names in the heartbeat status
 class PodAgent:
     """The agent of one OpenVPN pod. ``run()`` until SIGTERM, then drain.
 
-    ``firewall``, ``process`` and ``connect`` replace the real runners (tests use the fakes
-    in :mod:`vpnfleet.agent.fakes`); the latter two are given the server's name ("udp",
-    "tcp").
+    ``firewall``, ``process``, ``connect`` and ``bgp_speaker`` replace the real runners (tests
+    use the fakes in :mod:`vpnfleet.agent.fakes`); ``process`` and ``connect`` are given the
+    server's name ("udp", "tcp").
     """
 
     def __init__(
@@ -96,6 +103,7 @@ class PodAgent:
         firewall: FirewallRunner | None = None,
         process: Callable[[str], ProcessRunner] | None = None,
         connect: Callable[[str], Awaitable[ManagementSession]] | None = None,
+        bgp_speaker: BgpSpeaker | None = None,
     ) -> None:
         self.s = settings
         self.paths = StateDir(settings.state_dir)
@@ -112,6 +120,7 @@ class PodAgent:
         self.dataplane: FirewallRunner = firewall or Dataplane(settings.fw_prefix)
         self._process = process
         self._connect = connect
+        self._bgp_speaker = bgp_speaker
         self.draining = False
         # Groups the firewall denies for being over its element limit: name -> elements.
         self.over_limit: dict[str, int] = {}
@@ -126,6 +135,7 @@ class PodAgent:
         self.shipper: SessionShipper | None = None
         self.flow_audit: FlowAudit | None = None
         self.denied_audit: DeniedAudit | None = None
+        self.bgp: BgpSync | None = None
         self.heartbeat = HeartbeatSender(self.cp, settings.heartbeat_interval, self._beat)
 
     # ------------------------------------------------------------------ assembly
@@ -193,6 +203,14 @@ class PodAgent:
             self.denied_audit = DeniedAudit(
                 s.fw_prefix, self.clients.owner, self.shipper, metrics=self.metrics
             )
+        if s.bgp_config is not None:
+            speaker = self._bgp_speaker or BirdSpeaker(s.bgp_config, self.paths, s.bird)
+
+            def routes() -> bgpplan.Announced:
+                killed = self.follower.view.killed().keys()
+                return bgpplan.announcements(clients.all(), gateway, killed)
+
+            self.bgp = BgpSync(speaker, routes, on_status=self._bgp_status)
         for server in s.servers:
             process, connect = self._process, self._connect
             self.supervisors[server] = OpenVPNSupervisor(
@@ -248,11 +266,17 @@ class PodAgent:
         self.over_limit = dict(groups)
         self.metrics.groups_over_limit.set(len(groups))
 
+    def _bgp_status(self, routes: int, sessions: int) -> None:
+        self.metrics.bgp_routes.set(routes)
+        self.metrics.bgp_sessions.set(sessions)
+
     def _clients_changed(self) -> None:
         if self.firewall is not None:
             self.firewall.poke()
         if self.host_routes is not None:
             self.host_routes.poke()
+        if self.bgp is not None:
+            self.bgp.poke()
 
     async def _view_changed(self, effects: Effects | None) -> None:
         """A change event (``effects``) or a resync (None) reached the fleet view."""
@@ -262,6 +286,8 @@ class PodAgent:
             return
         if effects is None or effects.dataplane:
             fw.poke()
+        if self.bgp is not None and (effects is None or effects.sessions):
+            self.bgp.poke()  # a session of ours replaced elsewhere: stop announcing it
         fw.note_revision(view.revision)
         self.metrics.revision.set(view.revision)
         if effects is None:
@@ -300,6 +326,8 @@ class PodAgent:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._all_prepared.wait(), PREPARE_WAIT)
         self.firewall.start()
+        if self.bgp is not None:
+            self.bgp.allow()  # the book is complete: announce from it (adopting a running BIRD)
         await self.firewall.wait_ready()
 
     async def on_event(self, ev: ClientEvent, server: str) -> None:
@@ -382,6 +410,9 @@ class PodAgent:
             "control_plane": self.cp.reachable,
             "revision": self.follower.view.revision,
             "flow_audit": audit,
+            # Informational: gateway users are unreachable without a session, but NAT users
+            # are served, and a router outage must not empty the whole Service.
+            "bgp_sessions": self.bgp.established if self.bgp is not None else "off",
         }
         ok = self.registration.registered and fw_ready and ovpn and not self.draining
         return ok, detail
@@ -509,6 +540,8 @@ class PodAgent:
             jobs.append(("denied", self.denied_audit.run()))
         if self.host_routes is not None:
             jobs.append(("host-routes", self.host_routes.run()))
+        if self.bgp is not None:
+            jobs.append(("bgp", self.bgp.run()))
         if self.flow_audit is not None:
             jobs += [
                 ("flows", self.flow_audit.run_listener()),
@@ -534,6 +567,10 @@ class PodAgent:
         while clients.all() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         clients.end_all("pod drained")
+        if self.bgp is not None:
+            # Withdraw every route, then close the sessions: routers stop sending here now,
+            # not when their hold timer runs out.
+            await self.bgp.finish()
         if self.flow_audit is not None:
             await asyncio.sleep(0.3)  # the DESTROY events of the clients' last flows
         # Delivery ran through the moves; now one sender per spool, for a bounded time.

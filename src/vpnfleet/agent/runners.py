@@ -15,7 +15,7 @@ import ipaddress
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Protocol
 
-from vpnfleet.core import fwdiff, fwstate, revocation
+from vpnfleet.core import bgpplan, fwdiff, fwstate, revocation
 from vpnfleet.core.mgmt_protocol import Event, StatusClient, VersionInfo
 
 
@@ -118,3 +118,24 @@ class ProcessRunner(Protocol):
     async def wait(self) -> int: ...
 
     async def stop(self, grace: float = 5.0) -> None: ...
+
+
+class BgpSpeaker(Protocol):
+    """The pod's BGP speaker (:class:`vpnfleet.agent.bird.BirdSpeaker`): announces a route set.
+
+    Every method raises :class:`vpnfleet.agent.bird.BgpError` when the speaker fails."""
+
+    def alive(self) -> bool:
+        """True while the speaker runs."""
+
+    async def start(self, routes: bgpplan.Announced) -> None:
+        """Start (or adopt a running speaker) announcing exactly ``routes``."""
+
+    async def announce(self, routes: bgpplan.Announced) -> None:
+        """Announce exactly ``routes`` from now on (withdrawing the rest)."""
+
+    async def established(self) -> int:
+        """How many BGP sessions are up."""
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Close the sessions (routers withdraw at once) and end the speaker."""

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vpnfleet import tlspin
 from vpnfleet.core import netparse
+from vpnfleet.core.birdconf import BgpConfig
 from vpnfleet.core.secretstrength import require_strong
 
 # Per-user metric series name the connected users: served on their own listener, on loopback
@@ -60,6 +62,15 @@ class AgentSettings:
     denied_audit: bool = True
     # The CA the control plane's HTTPS certificate must chain to (docs/operations.md, "TLS").
     ca_file: Path | None = None
+    # BGP (docs/bgp.md): announce each hosted gateway user's /32 through a BIRD this agent runs.
+    bgp: bool = False
+    bgp_asn: str | None = None
+    bgp_router_id: str | None = None  # default: pod_ip
+    bgp_neighbors: list[str] = field(default_factory=list)  # ADDRESS:ASN
+    bgp_hold_time: str | None = None  # seconds; default birdconf.DEFAULT_HOLD_TIME
+    bird: str = "bird"
+    # Set by validate() when bgp is on.
+    bgp_config: BgpConfig | None = field(default=None, init=False)
 
     @classmethod
     def from_env(cls, **flags: object) -> AgentSettings:
@@ -83,6 +94,10 @@ class AgentSettings:
             ("pod_ip", "VPNFLEET_POD_IP"),
             ("openvpn", "VPNFLEET_OPENVPN"),
             ("log_format", "VPNFLEET_LOG_FORMAT"),
+            ("bgp_asn", "VPNFLEET_BGP_ASN"),
+            ("bgp_router_id", "VPNFLEET_BGP_ROUTER_ID"),
+            ("bgp_hold_time", "VPNFLEET_BGP_HOLD_TIME"),
+            ("bird", "VPNFLEET_BIRD"),
         ):
             value = pick(key, var)
             if value is not None:
@@ -92,6 +107,7 @@ class AgentSettings:
             ("flow_audit", "VPNFLEET_FLOW_AUDIT"),
             ("flow_destinations", "VPNFLEET_FLOW_DESTINATIONS"),
             ("denied_audit", "VPNFLEET_DENIED_AUDIT"),
+            ("bgp", "VPNFLEET_BGP"),
         ):
             flag = flags.get(key)
             if flag is None and env.get(var):
@@ -120,6 +136,10 @@ class AgentSettings:
         tcp_port = pick("tcp_port", "VPNFLEET_TCP_PORT")
         if tcp_port is not None:
             values["tcp_port"] = _tcp_port(str(tcp_port))
+        neighbors = flags.get("bgp_neighbors") or [
+            n.strip() for n in env.get("VPNFLEET_BGP_NEIGHBORS", "").split(",") if n.strip()
+        ]
+        values["bgp_neighbors"] = list(neighbors)  # type: ignore[call-overload]
         for key, var in (
             ("heartbeat_interval", "VPNFLEET_HEARTBEAT_INTERVAL"),
             ("reconcile_interval", "VPNFLEET_RECONCILE_INTERVAL"),
@@ -193,6 +213,34 @@ class AgentSettings:
             raise ValueError("flow log must be 'stdout' or 'off'")
         if not 1 <= self.flow_spool_mb <= 1_048_576:
             raise ValueError("flow spool size must be between 1 and 1048576 MiB")
+        if self.bgp:
+            self.bgp_config = BgpConfig.build(
+                asn=self.bgp_asn,
+                router_id=self.bgp_router_id,
+                pod_ip=self.pod_ip,
+                neighbors=self.bgp_neighbors,
+                hold_time=self.bgp_hold_time,
+            )
+            if shutil.which(self.bird) is None:
+                raise ValueError(
+                    f"BGP is on but BIRD ({self.bird}) is not installed: install the bird2 "
+                    "package or give --bird PATH"
+                )
+        else:
+            given = [
+                opt
+                for opt, value in (
+                    ("--bgp-asn", self.bgp_asn),
+                    ("--bgp-router-id", self.bgp_router_id),
+                    ("--bgp-neighbor", self.bgp_neighbors),
+                    ("--bgp-hold-time", self.bgp_hold_time),
+                )
+                if value
+            ]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} given but BGP is off: add --bgp (or VPNFLEET_BGP=true)"
+                )
 
     @property
     def servers(self) -> tuple[str, ...]:

@@ -98,3 +98,26 @@ class StateDir:
     @property
     def journal(self) -> Path:
         return self.root / "clients.journal"
+
+    @property
+    def bird_conf(self) -> Path:
+        """BIRD's main configuration (agent/bird.py), rewritten at every start."""
+        return self.root / "bird.conf"
+
+    @property
+    def bird_routes(self) -> Path:
+        """The routes BIRD announces (an include of :attr:`bird_conf`)."""
+        return self.root / "bird-routes.conf"
+
+    @property
+    def bird_socket(self) -> Path:
+        """BIRD's control socket."""
+        return self.root / "bird.ctl"
+
+    @property
+    def bird_pid(self) -> Path:
+        return self.root / "bird.pid"
+
+    @property
+    def bird_log(self) -> Path:
+        return self.root / "bird.log"

@@ -38,6 +38,16 @@ def lab_up(
         ),
     ] = None,
     no_connect: Annotated[bool, typer.Option(help="Create users but do not connect them.")] = False,
+    routing: Annotated[
+        str,
+        typer.Option(
+            help="How the backend reaches gateway users: bgp (pods announce to a BIRD router "
+            "namespace) or static (vpnfleet gateway-routes in the backend's namespace)."
+        ),
+    ] = "bgp",
+    bgp_hold_time: Annotated[
+        int, typer.Option(help="BGP hold time of the pods and the router, seconds.")
+    ] = 9,
     prefix: PrefixOpt = "vfl",
 ) -> None:
     """Build the lab and start everything in it."""
@@ -46,7 +56,16 @@ def lab_up(
 
     try:
         users = tuple(runner.LabUser.parse(u) for u in user) if user else runner.DEFAULT_USERS
-        info = asyncio.run(runner.up(prefix, pods, users, connect=not no_connect))
+        info = asyncio.run(
+            runner.up(
+                prefix,
+                pods,
+                users,
+                connect=not no_connect,
+                routing=routing,
+                bgp_hold_time=bgp_hold_time,
+            )
+        )
     except (ValueError, runner.LabRunError, topology.LabError) as exc:
         raise CLIError(str(exc)) from None
     typer.echo(f"lab {prefix} is up: {pods} pod(s), users {', '.join(u.name for u in users)}")
@@ -98,7 +117,7 @@ def lab_status(
 )
 def lab_exec(
     ctx: typer.Context,
-    node: Annotated[str, typer.Argument(help="cp, lb, svc, pod1.., or a user name.")],
+    node: Annotated[str, typer.Argument(help="cp, lb, svc, rtr, pod1.., or a user name.")],
     prefix: PrefixOpt = "vfl",
 ) -> None:
     """Run a command inside a lab node: vpnfleet lab exec alice -- curl -s URL"""

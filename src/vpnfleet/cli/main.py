@@ -309,6 +309,37 @@ def agent(
             help="Port of the TCP fallback server, or 'off' (default 443; env VPNFLEET_TCP_PORT)."
         ),
     ] = None,
+    bgp: Annotated[
+        bool | None,
+        typer.Option(
+            "--bgp/--no-bgp",
+            help="Announce hosted gateway users' /32 over BGP with BIRD (env VPNFLEET_BGP; "
+            "docs/bgp.md).",
+        ),
+    ] = None,
+    bgp_asn: Annotated[
+        str | None, typer.Option(help="This pod's AS number (env VPNFLEET_BGP_ASN).")
+    ] = None,
+    bgp_router_id: Annotated[
+        str | None,
+        typer.Option(help="BGP router id (default: --pod-ip; env VPNFLEET_BGP_ROUTER_ID)."),
+    ] = None,
+    bgp_neighbor: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A router to peer with, ADDRESS:ASN; repeat (env VPNFLEET_BGP_NEIGHBORS, "
+            "comma-separated)."
+        ),
+    ] = None,
+    bgp_hold_time: Annotated[
+        str | None,
+        typer.Option(
+            help="BGP hold time, seconds, 3-65535 (default 9; env VPNFLEET_BGP_HOLD_TIME)."
+        ),
+    ] = None,
+    bird: Annotated[
+        str | None, typer.Option(help="The BIRD 2 binary (default bird; env VPNFLEET_BIRD).")
+    ] = None,
 ) -> None:
     """Run the pod agent: supervise OpenVPN, enforce the firewall, report sessions and flows."""
     import asyncio
@@ -342,6 +373,12 @@ def agent(
             denied_audit=denied_audit,
             ca_file=ca_file,
             tcp_port=tcp_port,
+            bgp=bgp,
+            bgp_asn=bgp_asn,
+            bgp_router_id=bgp_router_id,
+            bgp_neighbors=bgp_neighbor or [],
+            bgp_hold_time=bgp_hold_time,
+            bird=bird,
         )
         logsetup.setup(settings.log_format)
         # Refuse early, in one sentence, a state directory this user cannot make private.

@@ -1,10 +1,12 @@
 """The lab's processes: control plane, agents, backend services and VPN clients.
 
 `up()` builds the network (lab.topology), then starts, in their namespaces: the control plane,
-the backend echo service and a gateway-route follower in the service network, one agent per
-pod, and one stock `openvpn` client per lab user with the profile `vpnfleet user profile`
-produces. Everything it starts runs in a lab namespace, so `down()` (topology.teardown)
-stops all of it, also after a failed `up()`.
+the backend echo service, the way gateway users are routed (``routing="bgp"``: a BIRD router
+namespace the pods' own BIRDs announce to, lab/bgprouter.py; ``"static"``: a gateway-route
+follower in the service network), one agent per pod, and one stock `openvpn` client per lab
+user with the profile `vpnfleet user profile` produces. Everything it starts runs in a lab
+namespace, so `down()` (topology.teardown) stops all of it, BIRDs included, also after a failed
+`up()`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import httpx
 
 from vpnfleet import tlspin
 from vpnfleet.core import netparse
-from vpnfleet.lab import nginx, topology
+from vpnfleet.lab import bgprouter, nginx, topology
 from vpnfleet.lab.topology import LabPlan
 
 log = logging.getLogger("vpnfleet.lab")
@@ -44,6 +46,8 @@ AGENT_HTTP_PORT = 9176
 AGENT_USER_METRICS_PORT = 9177
 METRICS_TOKEN_FILE = "metrics-token"  # noqa: S105 - a file name
 CP_PORT = 8000
+ROUTING = ("bgp", "static")
+DEFAULT_BGP_HOLD_TIME = 9
 
 
 class LabRunError(RuntimeError):
@@ -85,6 +89,10 @@ class LabInfo:
     started_at: float = field(default_factory=time.time)
     # The real nginx backend (lab/nginx.py), None if nginx is not installed.
     web: str | None = None
+    # How the backend reaches gateway users: "bgp" (through the router namespace) or
+    # "static" (gateway-routes in the service namespace).
+    routing: str = "bgp"
+    bgp_hold_time: int = DEFAULT_BGP_HOLD_TIME
 
     @property
     def web_access_log(self) -> Path:
@@ -98,6 +106,11 @@ class LabInfo:
     @property
     def dir(self) -> Path:
         return Path(self.state_dir)
+
+    @property
+    def router_dir(self) -> Path:
+        """The lab router's BIRD files (configuration, control socket, log)."""
+        return self.dir / "router"
 
     @property
     def ca_file(self) -> Path:
@@ -190,8 +203,14 @@ async def up(
     users: tuple[LabUser, ...] | list[LabUser] = DEFAULT_USERS,
     state_root: Path = DEFAULT_STATE_ROOT,
     connect: bool = True,
+    routing: str = "bgp",
+    bgp_hold_time: int = DEFAULT_BGP_HOLD_TIME,
 ) -> LabInfo:
     """Build the lab and start everything; on any failure, tear it all down again."""
+    if routing not in ROUTING:
+        raise LabRunError(f"routing must be one of {', '.join(ROUTING)}, not {routing!r}")
+    if routing == "bgp" and not (shutil.which("bird") and shutil.which("birdc")):
+        raise LabRunError("BGP routing needs BIRD 2 (apt-get install bird2), or use routing static")
     plan = LabPlan(prefix=prefix, pods=pods, clients=[u.name for u in users])
     state = state_root / prefix
     # build() refuses, with a clear message, if a lab with this prefix still exists.
@@ -211,6 +230,8 @@ async def up(
             service=f"http://{plan.svc_ip}:{ECHO_PORT}",
             vpn_endpoint=f"{host}:{port}",
             web=f"http://{plan.svc_ip}:{nginx.NGINX_PORT}" if nginx.available() else None,
+            routing=routing,
+            bgp_hold_time=bgp_hold_time,
         )
         info.save()
         await _start_control_plane(info)
@@ -321,16 +342,22 @@ async def _start_services(info: LabInfo) -> None:
         f"0.0.0.0:{ECHO_PORT_2}",
         log_path=info.dir / "echo2.log",
     )
-    topology.spawn_in(
-        svc,
-        *_cli("gateway-routes", "--server", info.agent_url, "--log-format", "json"),
-        log_path=info.dir / "gateway-routes.log",
-        env={
-            **os.environ,
-            "VPNFLEET_ROUTES_TOKEN": (info.dir / "routes-token").read_text().strip(),
-            "VPNFLEET_CA_FILE": str(info.ca_file),
-        },
-    )
+    if info.routing == "bgp":
+        try:
+            await bgprouter.start(plan, info.router_dir, info.bgp_hold_time)
+        except bgprouter.RouterError as exc:
+            raise LabRunError(str(exc)) from None
+    else:
+        topology.spawn_in(
+            svc,
+            *_cli("gateway-routes", "--server", info.agent_url, "--log-format", "json"),
+            log_path=info.dir / "gateway-routes.log",
+            env={
+                **os.environ,
+                "VPNFLEET_ROUTES_TOKEN": (info.dir / "routes-token").read_text().strip(),
+                "VPNFLEET_CA_FILE": str(info.ca_file),
+            },
+        )
     web = nginx.start(svc, info.dir / "nginx") if info.web else None
     if web is None:
         log.warning("nginx is not installed: the lab runs without its web backend")
@@ -369,10 +396,23 @@ async def start_agent(info: LabInfo, index: int) -> topology.LabProcess:
         "VPNFLEET_DRAIN_DELAY": "1.5",
         "VPNFLEET_USER_METRICS_TOKEN_FILE": str(metrics_token_path(info)),
     }
+    bgp: list[str] = []
+    if info.routing == "bgp":
+        # Router id: the pod's address (--pod-ip). BIRD's control socket: in the state dir.
+        bgp = [
+            "--bgp",
+            "--bgp-asn",
+            str(bgprouter.POD_ASN),
+            "--bgp-neighbor",
+            f"{plan.router_ip}:{bgprouter.ROUTER_ASN}",
+            "--bgp-hold-time",
+            str(info.bgp_hold_time),
+        ]
     return topology.spawn_in(
         plan.pod_ns(index),
         *_cli(
             "agent",
+            *bgp,
             "--server",
             info.agent_url,
             "--name",
@@ -404,6 +444,8 @@ async def _wait_pods_ready(info: LabInfo, seconds: float = 60) -> None:
         pods = _api(info, "GET", "/api/v1/pods")
         ready = {p["name"] for p in pods if p["ready"]}
         if all(f"pod{i}" in ready for i in range(1, info.pods + 1)):
+            if info.routing == "bgp":
+                await _wait_bgp(info, deadline - time.monotonic())
             return
         await asyncio.sleep(0.3)
     raise LabRunError(
@@ -411,6 +453,15 @@ async def _wait_pods_ready(info: LabInfo, seconds: float = 60) -> None:
         + ", ".join(f"{p['name']}={p['status']}" for p in pods)
         + f"; see the pod logs in {info.dir}"
     )
+
+
+async def _wait_bgp(info: LabInfo, seconds: float) -> None:
+    """Every pod's BGP session with the router is up (gateway users are routable)."""
+    pods = {str(ip) for ip in info.plan.pod_ips}
+    try:
+        await bgprouter.wait_established(info.router_dir, pods, max(seconds, 5))
+    except bgprouter.RouterError as exc:
+        raise LabRunError(f"{exc} and the pod logs in {info.dir}") from None
 
 
 async def start_client(info: LabInfo, name: str, wait: bool = True) -> topology.LabProcess:
@@ -434,6 +485,24 @@ async def start_client(info: LabInfo, name: str, wait: bool = True) -> topology.
     if wait and not await wait_client_address(info, name, 30):
         raise LabRunError(f"{name} did not get a tunnel address; see {log_path}")
     return proc
+
+
+async def pin_client(info: LabInfo, name: str, pod: int) -> None:
+    """Send lab user ``name``'s next connections to pod ``pod`` (tests and benchmarks).
+
+    A DNAT rule for the user's address ahead of the Service's random spread, replacing an
+    earlier pin; the user's old translation is forgotten so the next packets take it. The
+    endpoint follower's rewrite of the load balancer's rules (a pod's readiness changing)
+    removes every pin."""
+    plan = info.plan
+    lb, src = plan.lb.ns, str(plan.client_ip(name))
+    match = ["PREROUTING", "-s", src, "-p", "udp", "--dport", str(topology.VPN_PORT), "-j", "DNAT"]
+    for other in range(1, info.pods + 1):
+        old = [*match, "--to-destination", str(plan.pod_ip(other))]
+        await topology.run_in(lb, "iptables", "-w", "5", "-t", "nat", "-D", *old, check=False)
+    rule = [*match, "--to-destination", str(plan.pod_ip(pod))]
+    await topology.run_in(lb, "iptables", "-w", "5", "-t", "nat", "-I", *rule)
+    await topology.run_in(lb, "conntrack", "-D", "-s", src, "-p", "udp", check=False)
 
 
 async def client_address(info: LabInfo, name: str) -> str | None:
@@ -509,6 +578,7 @@ async def node_namespace(info: LabInfo, node: str) -> str:
             "cp",
             "lb",
             "svc",
+            "rtr",
             *(f"pod{i}" for i in range(1, info.pods + 1)),
             *(u.name for u in info.users),
         ]

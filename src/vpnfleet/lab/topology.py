@@ -6,7 +6,7 @@ except the root end of the admin veth, the one thing the lab puts in the root na
     root ns  <p>-adm 10.99.254.1/30 ===== admin0 10.99.254.2/30 in <p>-cp (admin_net)
 
     <p>-fab  bridge "cluster" 10.99.0.0/24, the pod network:
-                 <p>-cp .2   <p>-lb .3 (eth0)   <p>-pod<i> .(10+i)   <p>-svc .100
+                 <p>-cp .2   <p>-lb .3 (eth0)   <p>-rtr .4   <p>-pod<i> .(10+i)   <p>-svc .100
              bridge "public" 198.51.100.0/24, the internet:
                  <p>-lb .1 (eth1)   <p>-c-<name> .(10+j)
 
@@ -15,8 +15,10 @@ address over the pods like a Kubernetes Service (``-m statistic`` DNAT, no SNAT,
 the client's real address). Pods and clients route via the load balancer, so replies are
 un-NATed by its conntrack; its FORWARD chain lets the internet into the pod network only
 through that DNAT, so the VPN is the only way in. The control plane and the service have no
-default route; the service gets one /32 route per connected gateway-mode user
-(:func:`add_route`).
+default route. Gateway-mode users' addresses reach the service either through the router
+namespace, whose BIRD learns one /32 per user over BGP from the pods (``lab/bgprouter.py``;
+the service routes the gateway pool via the router), or, with static routing, by one /32
+route per user in the service (:func:`add_route`).
 
 Everything is computed purely by :class:`LabPlan`; :func:`build` applies it with ``ip``,
 ``sysctl`` and ``iptables-restore``; :func:`teardown` rediscovers the lab by its prefix, so it
@@ -82,6 +84,15 @@ _POD_SYSCTLS: tuple[tuple[str, str], ...] = (
     # both are per-namespace settings.
     ("net.netfilter.nf_conntrack_acct", "1"),
     ("net.netfilter.nf_conntrack_timestamp", "1"),
+)
+# The router forwards back out of the interface it received on (backend and pods share the
+# pod network): without this it would tell the backend, by ICMP redirect, to skip it and go
+# to the pod directly, and the backend would keep that shortcut after the user moved.
+_ROUTER_SYSCTLS: tuple[tuple[str, str], ...] = (
+    *_BASE_SYSCTLS,
+    ("net.ipv4.ip_forward", "1"),
+    ("net.ipv4.conf.all.send_redirects", "0"),
+    ("net.ipv4.conf.default.send_redirects", "0"),
 )
 # With br_netfilter loaded, bridged frames would traverse the fabric namespace's iptables and
 # conntrack. The fabric is meant to be a dumb switch, so switch that off (per namespace since
@@ -155,12 +166,13 @@ def validate_client_name(name: str) -> str:
 
 
 def _role_pattern(prefix: str) -> re.Pattern[str]:
-    return re.compile(rf"^{re.escape(prefix)}-(fab|cp|lb|svc|pod[1-9][0-9]*|c-{_CLIENT_RE_TEXT})$")
+    roles = rf"fab|cp|lb|svc|rtr|pod[1-9][0-9]*|c-{_CLIENT_RE_TEXT}"
+    return re.compile(rf"^{re.escape(prefix)}-({roles})$")
 
 
 def lab_role(prefix: str, ns_name: str) -> str | None:
-    """The role (``fab``, ``cp``, ``lb``, ``svc``, ``pod3``, ``c-alice``) of a namespace that
-    belongs to the lab ``prefix``, or None when the name is not one the lab creates."""
+    """The role (``fab``, ``cp``, ``lb``, ``svc``, ``rtr``, ``pod3``, ``c-alice``) of a
+    namespace of lab ``prefix``, or None when the name is not one the lab creates."""
     m = _role_pattern(prefix).match(ns_name)
     return m.group(1) if m else None
 
@@ -288,6 +300,11 @@ class LabPlan:
         return CLUSTER_NET.network_address + 2
 
     @property
+    def router_ip(self) -> IPv4Address:
+        """The BGP router in front of the pods (it routes gateway users' addresses)."""
+        return CLUSTER_NET.network_address + 4
+
+    @property
     def svc_ip(self) -> IPv4Address:
         """The backend service namespace's address."""
         return CLUSTER_NET.network_address + 100
@@ -374,6 +391,12 @@ class LabPlan:
         att = self._attach("cluster", "eth0", "svc", self.svc_ip)
         return Node("svc", self.ns("svc"), (att,), None, _BASE_SYSCTLS)
 
+    @property
+    def router(self) -> Node:
+        """The router namespace: BIRD learns gateway users' /32s from the pods over BGP."""
+        att = self._attach("cluster", "eth0", "rtr", self.router_ip)
+        return Node("rtr", self.ns("rtr"), (att,), None, _ROUTER_SYSCTLS)
+
     def pod(self, index: int) -> Node:
         """Pod ``index`` (1-based): default route via the load balancer."""
         att = self._attach("cluster", "eth0", f"p{index}", self.pod_ip(index))
@@ -398,6 +421,7 @@ class LabPlan:
             self.lb,  # first: its NAT rules load nf_conntrack, whose sysctls the pods need
             self.cp,
             self.svc,
+            self.router,
             *(self.pod(i) for i in range(1, self.pods + 1)),
             *(self.client(c) for c in self.clients),
         )
