@@ -112,6 +112,12 @@ def fleet(vpnfleet_image: BuiltImage, tmp_path_factory: pytest.TempPathFactory) 
             vpnfleet_image.tag,
             [
                 f"--network={net}:alias=vpnfleet-controlplane",
+                # The test's own CLI calls run in here and reach the server over loopback. Through
+                # podman's DNS they failed now and then: aardvark-dns 1.4 (Debian 12) rebinds its
+                # sockets on every reload, i.e. whenever a container joins or leaves a network
+                # (containers/aardvark-dns#389). The agents still find the control plane by DNS
+                # name, and retry, as they would on a cluster.
+                "--add-host=vpnfleet-controlplane:127.0.0.1",
                 "--cap-drop=ALL",
                 "--security-opt=no-new-privileges",
                 f"--volume={data}:/data",
@@ -237,21 +243,12 @@ def test_a_real_openvpn_client_reaches_a_backend_through_the_agent(
         [fleet.net, fleet.backend_net],  # NAT out of whichever interface leads there
     )
 
-    unreachable: list[str] = []
-
     def ready() -> bool:
         if not pm.state(pod)["Running"]:
             pytest.fail(f"the agent exited:\n{pm.logs(pod)}", pytrace=False)
-        try:
-            return bool(fleet.pods().get("pod2", {}).get("ready"))
-        except AssertionError as exc:
-            # Seen right after pod2 joined the backend network: one CLI call inside the control
-            # plane's container could not reach it by name. Polled again; counted below.
-            unreachable.append(str(exc))
-            return False
+        return bool(fleet.pods().get("pod2", {}).get("ready"))
 
-    wait_for(ready, 120, f"pod2 to be ready ({unreachable[-1:]})")
-    assert len(unreachable) <= 5, unreachable
+    wait_for(ready, 120, "pod2 to be ready")
     # carol may reach the backend's port 8080, nothing else; her profile points at pod2.
     fleet.cli("user", "add", "carol", "--email", "carol@example.com")
     fleet.cli("group", "add", "web")
