@@ -10,8 +10,9 @@ cd "$(dirname "$0")/.."
 PACKAGES=(openvpn iptables ipset conntrack iproute2 postgresql nginx-light prometheus iperf3 procps ulogd2 ulogd2-json slapd ldap-utils bird2)
 # The image is built and run in tests/e2e/test_container.py (scripts/build-image.sh): podman
 # with runc (crun refuses hybrid cgroups), netavark + aardvark-dns for container networks with
-# name resolution, buildah, and debootstrap for a base image made without any registry.
-PACKAGES+=(podman buildah runc netavark aardvark-dns debootstrap)
+# name resolution, catatonit for the pause image of `podman kube play` pods, buildah, and
+# debootstrap for a base image made without any registry.
+PACKAGES+=(podman buildah runc netavark aardvark-dns catatonit debootstrap)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -8,6 +8,7 @@ so concurrent runs and other podman users never collide.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -26,10 +27,10 @@ ENV = {**os.environ, "CONTAINERS_CONF": str(CONF)}
 
 
 def podman(
-    *args: str, check: bool = True, timeout: float = 120
+    *args: str, check: bool = True, timeout: float = 120, input: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     res = subprocess.run(
-        ["podman", *args], env=ENV, capture_output=True, text=True, timeout=timeout
+        ["podman", *args], env=ENV, capture_output=True, text=True, timeout=timeout, input=input
     )
     if check and res.returncode != 0:
         raise AssertionError(f"podman {' '.join(args[:3])} ... failed: {res.stderr.strip()}")
@@ -74,12 +75,14 @@ def vpnfleet_image() -> Iterator[BuiltImage]:
 
 @dataclass
 class Podman:
-    """Makes containers, networks and volumes, and removes all of them in :meth:`cleanup`."""
+    """Makes containers, pods, networks, volumes and secrets; :meth:`cleanup` removes them all."""
 
     prefix: str = field(default_factory=lambda: f"vfe2e-{secrets.token_hex(3)}")
     containers: list[str] = field(default_factory=list)
     networks: list[str] = field(default_factory=list)
     volumes: list[str] = field(default_factory=list)
+    pods: list[str] = field(default_factory=list)  # made by `podman kube play`
+    secrets: list[str] = field(default_factory=list)
 
     def network(self, role: str) -> str:
         name = f"{self.prefix}-{role}"
@@ -92,6 +95,15 @@ class Podman:
         self.volumes.append(name)
         podman("volume", "create", name)
         return name
+
+    def secret(self, name: str, values: dict[str, str]) -> None:
+        """(Re)create a podman secret that ``secretKeyRef`` in a played manifest can read: a
+        JSON map of base64 values, what a Kubernetes Secret's ``data`` holds."""
+        if name not in self.secrets:
+            self.secrets.append(name)
+        podman("secret", "rm", name, check=False)
+        data = {k: base64.b64encode(v.encode()).decode() for k, v in values.items()}
+        podman("secret", "create", name, "-", input=json.dumps(data))
 
     def run(self, role: str, image: str, options: Sequence[str], args: Sequence[str]) -> str:
         """``podman run -d`` a container named PREFIX-ROLE; returns its name."""
@@ -120,6 +132,10 @@ class Podman:
     def cleanup(self) -> list[str]:
         """Remove everything made, newest first; returns what could not be removed."""
         left = []
+        for name in reversed(self.pods):
+            podman("pod", "rm", "--force", "--time", "5", name, check=False, timeout=60)
+            if podman("pod", "exists", name, check=False).returncode == 0:
+                left.append(f"pod {name}")
         for name in reversed(self.containers):
             podman("rm", "--force", "--time", "5", name, check=False, timeout=60)
             if podman("container", "exists", name, check=False).returncode == 0:
@@ -128,6 +144,10 @@ class Podman:
             podman("volume", "rm", "--force", name, check=False)
             if podman("volume", "exists", name, check=False).returncode == 0:
                 left.append(f"volume {name}")
+        for name in reversed(self.secrets):
+            podman("secret", "rm", name, check=False)
+            if podman("secret", "inspect", name, check=False).returncode == 0:
+                left.append(f"secret {name}")
         for name in reversed(self.networks):
             podman("network", "rm", "--force", name, check=False)
             if podman("network", "exists", name, check=False).returncode == 0:
