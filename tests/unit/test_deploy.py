@@ -34,7 +34,10 @@ K8S_VERSIONS = ("1.29", "1.37")
 OPERATOR_KINDS = {
     ("monitoring.coreos.com/v1", k) for k in ("PodMonitor", "ServiceMonitor", "PrometheusRule")
 }
-VARIANTS = ["base", *sorted(f"overlays/{d.name}" for d in (KUSTOMIZE / "overlays").iterdir())]
+VARIANTS = [
+    "base",
+    *sorted(f"overlays/{d.name}" for d in (KUSTOMIZE / "overlays").iterdir() if d.is_dir()),
+]
 
 
 def render(path: str) -> list[dict[str, Any]]:
