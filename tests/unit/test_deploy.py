@@ -1,28 +1,205 @@
-"""The Kubernetes manifests render and say what the agent needs to work."""
+"""The Kubernetes manifests render, are valid Kubernetes objects, and say what the agent needs.
+
+Every variant (the base and each directory under deploy/kustomize/overlays, found by listing
+it) is rendered with `kubectl kustomize` and every object checked against the Kubernetes API's
+JSON schemas (kubernetes-validate's bundled copies, strict: an unknown field is an error, as
+`kubectl apply --validate=strict` would say), offline. The Prometheus Operator's kinds are not
+Kubernetes kinds: tests/unit/test_manifests_monitoring.py checks them; any other kind is refused.
+"""
 
 from __future__ import annotations
 
+import copy
+import re
 import shutil
 import subprocess
+from collections.abc import Iterable
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
 from vpnfleet.agent.sysctls import SYSCTLS
 
 ROOT = Path(__file__).resolve().parents[2]
+KUSTOMIZE = ROOT / "deploy" / "kustomize"
+# The oldest Kubernetes the manifests are written for (topologySpreadConstraints'
+# matchLabelKeys and nodeTaintsPolicy are on by default from 1.27) and the newest whose schemas
+# kubernetes-validate bundles: a field or API version removed since fails the second.
+K8S_VERSIONS = ("1.29", "1.37")
+# Prometheus Operator kinds (CRDs), checked by test_manifests_monitoring.py.
+OPERATOR_KINDS = {
+    ("monitoring.coreos.com/v1", k) for k in ("PodMonitor", "ServiceMonitor", "PrometheusRule")
+}
+VARIANTS = [
+    "base",
+    *sorted(f"overlays/{d.name}" for d in (KUSTOMIZE / "overlays").iterdir() if d.is_dir()),
+]
 
 
 def render(path: str) -> list[dict[str, Any]]:
+    """The objects `kubectl kustomize` makes of `path` (relative to the repository)."""
+    return copy.deepcopy(_render(str(ROOT / path)))
+
+
+@cache
+def _render(path: str) -> list[dict[str, Any]]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.fail("kubectl is needed to render deploy/kustomize (kubectl kustomize)")
     out = subprocess.run(
-        [kubectl, "kustomize", str(ROOT / path)], capture_output=True, text=True, check=True
+        [kubectl, "kustomize", path], capture_output=True, text=True, check=True
     ).stdout
     return [d for d in yaml.safe_load_all(out) if d]
+
+
+def schema_errors(docs: Iterable[dict[str, Any]]) -> list[str]:
+    """One line per object that is not a valid Kubernetes object for every K8S_VERSIONS
+    (strict schemas), or whose kind has no schema and is not an OPERATOR_KINDS one."""
+    errors = []
+    for d in docs:
+        name = f"{d.get('kind')}/{d.get('metadata', {}).get('name')}"
+        if (d.get("apiVersion"), d.get("kind")) in OPERATOR_KINDS:
+            continue
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(d, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                where = ".".join(str(p) for p in e.path)
+                errors.append(f"{name} (Kubernetes {version}) at {where}: {e.message}")
+            except kubernetes_validate.SchemaNotFoundError as e:
+                errors.append(f"{name}: unknown kind ({e.message})")
+    return errors
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_object_is_valid_kubernetes(variant: str) -> None:
+    docs = render(f"deploy/kustomize/{variant}")
+    assert schema_errors(docs) == []
+    for d in docs:
+        meta = d["metadata"]
+        # Stated, not defaulted: kubectl apply -k puts an object without one in the current
+        # namespace (a Component's or an overlay's own resources miss the base's transformer).
+        if d["kind"] != "Namespace":
+            assert meta.get("namespace") == "vpnfleet", f"{d['kind']}/{meta['name']}"
+        assert meta["labels"]["app.kubernetes.io/part-of"] == "vpnfleet"
+    operator_objects = [d for d in docs if (d["apiVersion"], d["kind"]) in OPERATOR_KINDS]
+    # Clusters without the Prometheus Operator's CRDs take every variant but those that ask for
+    # the monitoring Component (kubectl apply refuses a kind it does not know).
+    kustomization = yaml.safe_load((KUSTOMIZE / variant / "kustomization.yaml").read_text())
+    if "../../components/monitoring" not in kustomization.get("components", []):
+        assert operator_objects == []
+    for spec in pod_specs(docs):
+        _every_container_has_resources(spec)
+    for pdb in (d for d in docs if d["kind"] == "PodDisruptionBudget"):
+        _budget_lets_a_drain_through(docs, pdb)
+
+
+def test_schema_check_refuses_what_kubectl_would() -> None:
+    """The check above can fail: a misspelt field, a wrong type and an unknown kind are errors."""
+    docs = render("deploy/kustomize/base")
+    agent = find(docs, "Deployment", "vpnfleet-agent")
+    typo = copy.deepcopy(agent)
+    typo["spec"]["template"]["spec"]["containers"][0]["resource"] = {"limits": {"cpu": "1"}}
+    errors = schema_errors([typo])
+    assert len(errors) == len(K8S_VERSIONS)  # one per Kubernetes version
+    assert all("containers.0" in e and "'resource' was unexpected" in e for e in errors)
+    typo = copy.deepcopy(agent)
+    typo["spec"]["template"]["spec"]["topologySpreadConstraints"][0]["maxskew"] = 1
+    assert schema_errors([typo])
+    wrong_type = copy.deepcopy(agent)
+    wrong_type["spec"]["replicas"] = "3"
+    assert schema_errors([wrong_type])
+    pdb = find(docs, "PodDisruptionBudget", "vpnfleet-agent")
+    old_api = dict(copy.deepcopy(pdb), apiVersion="policy/v1beta1")  # removed in 1.25
+    assert schema_errors([old_api])
+    unknown = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "Probe",  # an operator kind, but not one the monitoring tests check
+        "metadata": {"name": "x", "namespace": "vpnfleet"},
+        "spec": {},
+    }
+    errors = schema_errors([unknown])
+    assert errors and all("unknown kind" in e for e in errors)
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"]
+
+
+_UNITS = {"m": 0.001, "": 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+
+
+def quantity(q: str | int) -> float:
+    """A Kubernetes quantity of the forms the manifests use (250m, 2, 256Mi, 1Gi)."""
+    m = re.fullmatch(r"(\d+)(m|Ki|Mi|Gi|)", str(q))
+    assert m, f"unexpected quantity {q!r}"
+    return int(m[1]) * _UNITS[m[2]]
+
+
+def _every_container_has_resources(spec: dict[str, Any]) -> None:
+    for c in spec["containers"] + spec.get("initContainers", []):
+        res = c["resources"]
+        for r in ("cpu", "memory"):
+            assert quantity(res["requests"][r]) <= quantity(res["limits"][r]), (c["name"], r)
+        assert quantity(res["requests"]["memory"]) >= 16 * 2**20
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a matchLabels-only selector selects an object with `labels`."""
+    assert set(selector) == {"matchLabels"}, "only matchLabels selectors are used here"
+    wanted: dict[str, str] = selector["matchLabels"]
+    return wanted.items() <= labels.items()
+
+
+def _budget_lets_a_drain_through(docs: list[dict[str, Any]], pdb: dict[str, Any]) -> None:
+    """A PodDisruptionBudget covers exactly one Deployment and always lets one pod go: one that
+    lets none would hold every node drain up forever."""
+    spec = pdb["spec"]
+    [dep] = [
+        d
+        for d in docs
+        if d["kind"] == "Deployment"
+        and selects(spec["selector"], d["spec"]["template"]["metadata"]["labels"])
+    ]
+    assert spec["selector"] == dep["spec"]["selector"]
+    replicas = dep["spec"]["replicas"]
+    if "maxUnavailable" in spec:
+        assert 1 <= spec["maxUnavailable"] < replicas
+    else:
+        assert 1 <= spec["minAvailable"] < replicas
+    assert spec["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def _spread_over_nodes(deployment: dict[str, Any]) -> None:
+    """Pods of `deployment` go to different nodes (hard) and zones (soft), counted per revision."""
+    pod = deployment["spec"]["template"]
+    by_key = {c["topologyKey"]: c for c in pod["spec"]["topologySpreadConstraints"]}
+    assert set(by_key) == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    for c in by_key.values():
+        assert selects(c["labelSelector"], pod["metadata"]["labels"])
+        assert c["labelSelector"] == deployment["spec"]["selector"]
+        assert c["maxSkew"] == 1 and c["matchLabelKeys"] == ["pod-template-hash"]
+    host = by_key["kubernetes.io/hostname"]
+    assert host["whenUnsatisfiable"] == "DoNotSchedule" and host["nodeTaintsPolicy"] == "Honor"
+    assert by_key["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == "ScheduleAnyway"
+
+
+def test_agents_are_spread_and_drained_one_at_a_time() -> None:
+    docs = render("deploy/kustomize/base")
+    agent = find(docs, "Deployment", "vpnfleet-agent")
+    _spread_over_nodes(agent)
+    pdb = find(docs, "PodDisruptionBudget", "vpnfleet-agent")["spec"]
+    assert pdb["maxUnavailable"] == 1
+    assert selects(pdb["selector"], agent["spec"]["template"]["metadata"]["labels"])
+    assert agent["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    # One control-plane replica: no budget at all (it could only block drains).
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "PodDisruptionBudget"] == [
+        "vpnfleet-agent"
+    ]
 
 
 def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -130,6 +307,10 @@ def test_postgres_overlay_scales_the_control_plane() -> None:
     docs = render("deploy/kustomize/overlays/postgres")
     cp = find(docs, "Deployment", "vpnfleet-controlplane")["spec"]
     assert cp["replicas"] >= 2
+    _spread_over_nodes(find(docs, "Deployment", "vpnfleet-controlplane"))
+    budget = find(docs, "PodDisruptionBudget", "vpnfleet-controlplane")["spec"]
+    assert budget["minAvailable"] == 1
+    assert selects(budget["selector"], cp["template"]["metadata"]["labels"])
     container = cp["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert "VPNFLEET_DATABASE_URL" in env
