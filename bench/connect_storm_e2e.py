@@ -22,7 +22,10 @@ over UDP and over TCP (``tcp4-server``/``tcp4-client``), in two modes:
   and static iptables rules matching them.
 
 After each storm it checks that every client's address is in its groups' sets (both modes),
-then stops the clients and measures until the sets are empty again. Prints a table and JSON.
+then stops the clients and measures until the sets are empty again. Prints one line per storm
+(with the number of clients that had to send PUSH_REQUEST more than once: their first one
+reached the server before their authorization was decided) and JSON with every client's time;
+``--show-slowest`` also prints the slowest client's log of each storm.
 """
 
 from __future__ import annotations
@@ -255,6 +258,7 @@ class Storm:
     server_cpu_s: float = 0.0
     helper_cpu_s: float = 0.0
     slowest_log: str = ""
+    push_retries: int = 0  # clients that had to send PUSH_REQUEST more than once
 
 
 def pct(values: list[float], p: float) -> float:
@@ -370,6 +374,7 @@ async def run_storm(
             )
         storm.per_client_ms = [(up - start) * 1000 for start, up, _ in results]
         storm.slowest_log = max(results, key=lambda r: r[1] - r[0])[2]
+        storm.push_retries = sum(log.count("'PUSH_REQUEST'") > 1 for _, _, log in results)
         storm.total_s = max(up for _, up, _ in results) - min(s for s, _, _ in results)
         storm.server_cpu_s = cpu_seconds(server.pid) - server_cpu0
         if helper is not None:
@@ -434,8 +439,8 @@ def make_profiles(
             text = text.replace("proto udp4\n", "proto tcp4-client\n").replace(
                 "explicit-exit-notify 1\n", ""
             )
-        # Clients in one namespace: each needs its own tun device; no route for the pool
-        # subnet clash matters here (nothing is sent through the tunnels).
+        # All clients share one namespace, so each gets its own tun device. Their addresses
+        # share the pool's subnet; nothing is sent through the tunnels, so that does not matter.
         text = text.replace("dev tun\n", f"dev tun{len(out)}\n")
         out.append(write_private(work / f"{name}-{proto}.ovpn", text))
     return out
@@ -496,7 +501,8 @@ def summary(s: Storm) -> str:
         f"{s.mode:5s} {s.proto}: {s.clients} clients, total {s.total_s:.2f} s, "
         f"p50 {pct(s.per_client_ms, 50):.0f} ms, p99 {pct(s.per_client_ms, 99):.0f} ms, "
         f"server CPU {s.server_cpu_s:.2f} s, agent CPU {s.helper_cpu_s:.2f} s, "
-        f"set entries {s.members}/{s.expected_members}, sets empty {emptied} after stop"
+        f"set entries {s.members}/{s.expected_members}, sets empty {emptied} after stop, "
+        f"{s.push_retries} clients sent PUSH_REQUEST again"
     )
 
 
@@ -507,6 +513,8 @@ def report(storms: list[Storm], uptimes: list[str]) -> None:
              "p50_ms": round(pct(s.per_client_ms, 50), 1),
              "p99_ms": round(pct(s.per_client_ms, 99), 1),
              "server_cpu_s": round(s.server_cpu_s, 2), "agent_cpu_s": round(s.helper_cpu_s, 2),
+             "push_retries": s.push_retries,
+             "per_client_ms": [round(x) for x in sorted(s.per_client_ms)],
              "emptied_s": None if s.emptied_s is None else round(s.emptied_s, 3)}
             for s in storms
         ],
