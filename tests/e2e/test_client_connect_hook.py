@@ -20,7 +20,7 @@ from tests.e2e.ovpn_fixtures import OpenVPNProcess, OvpnLab, wait_until
 
 HOOK = Path(__file__).resolve().parents[2] / "bench" / "client_connect.sh"
 NS_PREFIX = "vft-hk-"
-USERS = "alice g0 g1\nbob g2\ncarol\nmallory g0 g9\n"
+USERS = "alice g0 g1\nbob g2\ncarol\nmallory g0 full\ntrudy g0 g9\n"
 
 pytestmark = [pytest.mark.e2e, requires_netns("ipset", "awk")]
 
@@ -31,6 +31,9 @@ def ns(tmp_path: Path) -> Iterator[Netns]:
         net = pool.create("h")
         for g in ("g0", "g1", "g2"):
             net.run("ipset", "create", f"hk-{g}", "hash:ip")
+        # A set that is full: the kernel refuses the next add after earlier ones went through.
+        net.run("ipset", "create", "hk-full", "hash:ip", "maxelem", "1")
+        net.run("ipset", "add", "hk-full", "10.9.9.9")
         (tmp_path / "users").write_text(USERS)
         yield net
     assert not [n for n in existing_namespaces(NS_PREFIX) if n.startswith(pool.base)]
@@ -80,11 +83,15 @@ def test_an_unknown_or_disabled_user_is_refused_and_gets_no_access(
     assert members(ns, "g0") == members(ns, "g1") == members(ns, "g2") == set()
 
 
-def test_a_failing_ipset_refuses_the_client(ns: Netns, tmp_path: Path) -> None:
-    # mallory's second group has no set: the hook fails closed (OpenVPN refuses on non-zero)
-    # and takes back the entry it had already added to the first group's set.
-    assert hook(ns, tmp_path, "client-connect", "mallory") == 1
+@pytest.mark.parametrize("cn", ["mallory", "trudy"], ids=["set-full", "no-set"])
+def test_a_failing_ipset_refuses_the_client_and_leaves_no_entry(
+    ns: Netns, tmp_path: Path, cn: str
+) -> None:
+    # The second group's set is full (the first add went through) or missing: the hook fails
+    # closed (OpenVPN refuses the client on a non-zero status) and takes back its entries.
+    assert hook(ns, tmp_path, "client-connect", cn) == 1
     assert members(ns, "g0") == set()
+    assert members(ns, "full") == {"10.9.9.9"}
 
 
 async def test_under_real_openvpn_a_client_gets_in_and_its_pool_address_lands_in_the_sets(
