@@ -10,14 +10,20 @@ unix socket: it sends CONNECT/ENV blocks (up to --window outstanding, as when ma
 connect at once), answers SUCCESS to client-auth, then sends ESTABLISHED and DISCONNECT.
 Latency is measured from writing a CONNECT to reading its client-auth.
 
-The baseline runs bench/client_connect_hook.py as OpenVPN runs a client-connect script:
-one fork+exec per client, the server waiting for each. Same decision code, same state.
+Baselines, run as OpenVPN runs a client-connect script (one fork+exec per client, the server
+waiting for each), from the same state:
+
+- python: bench/client_connect_hook.py, the same decision code as the agent;
+- shell: bench/client_connect.sh, the seed's design: a POSIX sh hook that looks the user up in
+  a users file and `ipset add`s the client's address to one set per group (real ipset, in the
+  same private namespace). bench/connect_storm_e2e.py runs it under real OpenVPN.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import os
 import subprocess
@@ -28,10 +34,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 USERS = 1000
+GROUPS = 4
+HOOK = ROOT / "bench" / "client_connect.sh"
+
+
+def user_groups(i: int) -> list[str]:
+    """Every user is in two of the GROUPS groups (each group may reach its own /24)."""
+    return sorted({f"g{i % GROUPS}", f"g{(i + 1) % GROUPS}"})
 
 
 def snapshot_json() -> str:
-    from vpnfleet.wire import Snapshot, UserState
+    from vpnfleet.wire import GroupState, RuleState, Snapshot, UserState
 
     users = [
         UserState(
@@ -40,14 +53,19 @@ def snapshot_json() -> str:
             enabled=True,
             mode="nat",
             max_sessions=4,
-            groups=[],
+            groups=user_groups(i),
             gateway_address=None,
             cert_serial=str(1000 + i),
         )
         for i in range(USERS)
     ]
+    groups = [GroupState(id=g + 1, name=f"g{g}") for g in range(GROUPS)]
+    rules = [
+        RuleState(id=g + 1, group_id=g + 1, destination=f"10.99.{g}.0/24", proto="tcp", ports="443")
+        for g in range(GROUPS)
+    ]
     return Snapshot(
-        revision=1, users=users, groups=[], rules=[], pools=[], sessions=[], pods=[]
+        revision=1, users=users, groups=groups, rules=rules, pools=[], sessions=[], pods=[]
     ).model_dump_json()
 
 
@@ -143,7 +161,6 @@ class FakeOpenVPN:
 async def run_agent_side(cycles: int, window: int, workdir: Path) -> dict[str, float]:
     """The agent's own event path: supervisor-style event loop -> ClientHandler (session book
     decision, client-auth, journal, session spool) -> FirewallSync (real ipset/iptables)."""
-    import ipaddress
 
     from vpnfleet.agent.clientjournal import ClientJournal
     from vpnfleet.agent.clients import ClientHandler
@@ -248,11 +265,59 @@ def run_baseline(cycles: int, workdir: Path) -> dict[str, float]:
     }
 
 
+def run_shell_baseline(cycles: int, workdir: Path) -> dict[str, float]:
+    """The shell hook per CONNECT, sequentially, with real ipset sets (hk-gN) in this namespace."""
+    users = workdir / "users"
+    users.write_text("".join(f"user{i} {' '.join(user_groups(i))}\n" for i in range(USERS)))
+    for g in range(GROUPS):
+        subprocess.run(["ipset", "create", f"hk-g{g}", "hash:ip"], check=True)
+    conf = workdir / "ccd.tmp"
+    lat: list[float] = []
+    pool = list(ipaddress.IPv4Network("10.77.0.0/16").hosts())[1:]
+    started = time.perf_counter()
+    for cid in range(cycles):
+        env = {
+            "script_type": "client-connect",
+            "common_name": f"user{cid % USERS}",
+            "ifconfig_pool_remote_ip": str(pool[cid % len(pool)]),
+        }
+        t0 = time.perf_counter()
+        rc = subprocess.run(
+            [str(HOOK), str(users), "hk", str(conf)], env=env, check=False
+        ).returncode
+        lat.append((time.perf_counter() - t0) * 1000)
+        if rc != 0:
+            raise SystemExit(f"shell hook failed with exit code {rc}")
+    elapsed = time.perf_counter() - started
+    entries = 0
+    for g in range(GROUPS):
+        out = subprocess.run(
+            ["ipset", "list", f"hk-g{g}"], capture_output=True, text=True, check=True
+        ).stdout
+        entries += len(out.partition("Members:\n")[2].split())
+        subprocess.run(["ipset", "destroy", f"hk-g{g}"], check=True)
+    if entries != 2 * min(cycles, len(pool)):
+        raise SystemExit(f"shell hook: {entries} set entries, expected {2 * cycles}")
+    return {
+        "cycles": cycles,
+        "seconds": elapsed,
+        "decisions_per_s": cycles / elapsed,
+        "p50_ms": pct(lat, 50),
+        "p99_ms": pct(lat, 99),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cycles", type=int, default=20000)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--baseline-cycles", type=int, default=200)
+    ap.add_argument(
+        "--baseline",
+        choices=("python", "shell", "both"),
+        default="both",
+        help="which fork-per-client baseline(s) to run beside the agent",
+    )
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not args.inner:
@@ -269,20 +334,31 @@ def main() -> None:
             str(args.window),
             "--baseline-cycles",
             str(args.baseline_cycles),
+            "--baseline",
+            args.baseline,
         ]
         raise SystemExit(subprocess.run(cmd, check=False).returncode)
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         agent = asyncio.run(run_agent_side(args.cycles, args.window, work))
-        base = run_baseline(args.baseline_cycles, work)
-    ratio = agent["decisions_per_s"] / base["decisions_per_s"]
-    print(json.dumps({"agent": agent, "fork_per_client_script": base, "speedup": ratio}, indent=2))
-    print(
+        bases: dict[str, dict[str, float]] = {}
+        if args.baseline in ("python", "both"):
+            bases["python_script"] = run_baseline(args.baseline_cycles, work)
+        if args.baseline in ("shell", "both"):
+            bases["shell_hook"] = run_shell_baseline(args.baseline_cycles, work)
+    ratios = {k: agent["decisions_per_s"] / b["decisions_per_s"] for k, b in bases.items()}
+    print(json.dumps({"agent": agent, **bases, "speedup": ratios}, indent=2))
+    line = (
         f"agent: {agent['decisions_per_s']:.0f} decisions/s, p50 {agent['p50_ms']:.2f} ms, "
-        f"p99 {agent['p99_ms']:.2f} ms | script: {base['decisions_per_s']:.1f}/s, "
-        f"p50 {base['p50_ms']:.1f} ms, p99 {base['p99_ms']:.1f} ms | speedup {ratio:.0f}x"
+        f"p99 {agent['p99_ms']:.2f} ms"
     )
+    for k, b in bases.items():
+        line += (
+            f" | {k}: {b['decisions_per_s']:.1f}/s, p50 {b['p50_ms']:.1f} ms, "
+            f"p99 {b['p99_ms']:.1f} ms, agent {ratios[k]:.0f}x"
+        )
+    print(line)
 
 
 if __name__ == "__main__":
