@@ -162,6 +162,9 @@ def test_the_image_is_small_non_root_and_labelled_with_its_version(
     info = json.loads(podman("image", "inspect", tag).stdout)[0]
     assert info["Config"]["User"] == "10001:10001"
     assert podman("run", "--rm", "--entrypoint", "id", tag, "-u").stdout.strip() == "10001"
+    # BIRD 2 for the BGP Component (deploy/kustomize/components/bgp, docs/bgp.md).
+    bird = podman("run", "--rm", "--entrypoint", "bird", tag, "--version")
+    assert re.search(r"BIRD version 2\.", bird.stdout + bird.stderr), bird
     assert vpnfleet_image.size_bytes < 400_000_000, vpnfleet_image.size_bytes
     print(f"image {tag}: {vpnfleet_image.size_bytes / 1e6:.0f} MB, built in "
           f"{vpnfleet_image.seconds:.0f} s")  # fmt: skip

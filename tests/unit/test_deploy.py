@@ -22,6 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from vpnfleet.agent.settings import AgentSettings
 from vpnfleet.agent.sysctls import SYSCTLS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -325,3 +326,34 @@ def test_postgres_overlay_scales_the_control_plane() -> None:
     agent = find(docs, "Deployment", "vpnfleet-agent")["spec"]["template"]["spec"]
     agent_env = {e["name"]: e.get("value") for e in agent["containers"][0]["env"]}
     _serves_https_on_the_service_port(docs, container, agent_env["VPNFLEET_SERVER"])
+
+
+def test_bgp_overlay_turns_bgp_on_with_one_more_capability(monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = render("deploy/kustomize/overlays/bgp")
+    agent = find(docs, "Deployment", "vpnfleet-agent")["spec"]["template"]["spec"]
+    [c] = agent["containers"]
+    sc = c["securityContext"]
+    # BIRD binds TCP 179: NET_BIND_SERVICE, and still nothing else.
+    assert sc["capabilities"] == {
+        "drop": ["ALL"],
+        "add": ["NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE"],
+    }
+    assert sc["allowPrivilegeEscalation"] is False and not sc.get("privileged", False)
+    assert {"name": "bgp", "containerPort": 179, "protocol": "TCP"} in c["ports"]
+    # The agent accepts what the manifest gives it (the pod IP is the router id, as on a
+    # cluster through the Downward API).
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("VPNFLEET_AGENT_TOKEN", "vpf_" + "a" * 48)
+    monkeypatch.setenv("VPNFLEET_POD_NAME", "vpnfleet-agent-0")
+    monkeypatch.setenv("VPNFLEET_POD_IP", "10.0.5.7")
+    monkeypatch.delenv("VPNFLEET_CA_FILE")  # a ConfigMap's file on a cluster, not here
+    if shutil.which("bird") is None:
+        pytest.fail("bird (Debian's bird2) is needed: scripts/bootstrap.sh installs it")
+    settings = AgentSettings.from_env()
+    assert settings.bgp_config is not None
+    # The base, without the Component, leaves BGP off.
+    base = find(render("deploy/kustomize/base"), "Deployment", "vpnfleet-agent")
+    names = {e["name"] for e in base["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert not any(n.startswith("VPNFLEET_BGP") for n in names)
