@@ -10,11 +10,14 @@ users in groups of 200 (each with a client certificate, through the directory sy
 `users.create_nat_users`). The load generator is one asyncio process of `--agents` simulated
 pods. Each speaks the agent protocol through the agent's own client (`agent.cpclient.
 ControlPlane`, the wire models of `vpnfleet.wire`): it enrolls its name with the enrollment
-token and switches to its own credential, registers, fetches its snapshot, holds a watch
-stream (every line parsed by the agent's parser), heartbeats every 5 s (the agent's default),
-reports its live sessions every 5 s, opens and closes sessions and ships flow records. With two
-replicas, agent i talks to replica i mod 2 first (the other is its fallback, as `--server`
-with two URLs). It stands in for the OpenVPN side only: no real client connects.
+token and switches to its own credential, registers (`--join-concurrency` pods at a time),
+fetches its snapshot (the first `--snapshots` agents; the others follow from the registration's
+revision, as an agent restarting with its cached view does), holds a watch stream (every line
+parsed by the agent's parser), heartbeats every 5 s (the agent's default), reports its live
+sessions every 5 s, sends its session records one at a time in order (as the agent's session
+shipper does) and ships flow records every 2 s. With two replicas, agent i talks to replica
+i mod 2 first (the other is its fallback, as `--server` with two URLs). It stands in for the
+OpenVPN side only: no real client connects.
 
 Each configuration runs, in order:
 
@@ -32,7 +35,11 @@ Each configuration runs, in order:
 CPU is utime + stime of each server process (/proc/PID/stat). "Per change" and "per session"
 subtract the idle rate over the same seconds. The load generator shares the machine: its own
 CPU and event-loop lag are printed beside the figures (a late loop delays arrivals and
-latencies it records, so the figures are upper bounds for the control plane).
+latencies it records, so the figures are upper bounds for the control plane). A configuration
+that fails (agents that cannot join in `--join-timeout`, an API call that times out) keeps the
+figures measured before it, with the failure and the count of ERROR lines and database pool
+timeouts in the servers' logs. The database and the server processes are removed whatever
+happens.
 """
 
 from __future__ import annotations
@@ -63,7 +70,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cp_failover import Replica
 from cp_stop import SRC, drop_pg, fresh_pg
-from propagation import pct
+from watch_catchup import pct
 
 sys.path.insert(0, str(SRC))
 from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
@@ -127,7 +134,11 @@ class TlsReplica(Replica):
         while True:
             try:
                 if self.ca.exists():
-                    r = httpx.get(f"{self.base}/healthz", timeout=2, verify=str(self.ca))
+                    r = httpx.get(
+                        f"{self.base}/healthz",
+                        timeout=2,
+                        verify=ssl.create_default_context(cafile=str(self.ca)),
+                    )
                     if r.status_code == 200:
                         return
             except httpx.HTTPError:
@@ -383,6 +394,7 @@ class SimAgent:
                     self.counts.flows_sent += len(batch)
                 except ControlPlaneError as exc:
                     self.counts.error("flows", exc)
+                    self.flows = batch + self.flows  # kept for the next try, as the spool does
             await asyncio.sleep(FLOWS_EVERY)
 
     async def _shipped(self, send: Callable[[], Awaitable[T]], timings: list[float]) -> T:
@@ -507,7 +519,7 @@ async def churn(agents: list[SimAgent], users: Users, rate: float, seconds: floa
 # The operator: a process of its own (its timestamps must not wait on the agents' event loop).
 def operator_main(base: str, ca: str, token: str, changes: int, gap: float) -> int:
     """Make `changes` changes `gap` seconds apart; print each one's key and return time."""
-    with httpx.Client(base_url=base, verify=ca, timeout=30,
+    with httpx.Client(base_url=base, verify=ssl.create_default_context(cafile=ca), timeout=30,
                       headers={"Authorization": f"Bearer {token}"}) as c:  # fmt: skip
         rule_id = None
         for i in range(changes):
@@ -554,15 +566,23 @@ async def operator(base: str, ca: Path, token: str, changes: int, gap: float) ->
         sys.executable, __file__, "--operator", base, str(ca), token, str(changes), str(gap),
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
+    assert proc.stdout is not None
+    made: list[Any] = []
+    deadline = time.monotonic() + 60 + changes * (gap + 5)
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 60 + changes * (gap + 5))
+        while len(made) < changes:
+            left = deadline - time.monotonic()
+            line = await asyncio.wait_for(proc.stdout.readline(), max(0.1, left))
+            if not line:
+                break
+            made.append(json.loads(line))
+    except TimeoutError:
+        made.append({"key": None, "error": "the operator's changes did not finish in time"})
     finally:
         if proc.returncode is None:
             proc.kill()
-            await proc.wait()
-    if proc.returncode != 0:
-        raise RuntimeError(f"the operator process failed ({proc.returncode})")
-    return [json.loads(line) for line in out.decode().splitlines()]
+        await proc.wait()
+    return made
 
 
 async def propagation(agents: list[SimAgent], seen: dict[tuple[Any, ...], dict[int, float]],
@@ -631,7 +651,7 @@ async def hold_streams(
 
 
 def api(base: str, ca: Path, token: str, method: str, path: str, body: Any = None) -> Any:
-    with httpx.Client(base_url=base, verify=str(ca), timeout=30,
+    with httpx.Client(base_url=base, verify=ssl.create_default_context(cafile=str(ca)), timeout=30,
                       headers={"Authorization": f"Bearer {token}"}) as c:  # fmt: skip
         r = c.request(method, path, json=body)
         r.raise_for_status()
@@ -655,16 +675,18 @@ class Config:
     join_timeout: float = 300.0
 
 
-async def run_config(cfg: Config, replicas: list[TlsReplica], admin: str, tag: str
-                     ) -> dict[str, Any]:  # fmt: skip
-    """One configuration (the replicas already up): agents join, then the four windows."""
+async def run_config(
+    cfg: Config, replicas: list[TlsReplica], admin: str, tag: str, out: dict[str, Any]
+) -> dict[str, Any]:
+    """One configuration (the replicas already up): agents join, then the four windows. The
+    figures go into `out` as they are measured (a run that fails keeps those before)."""
     base, ca = replicas[0].base, replicas[0].ca
     enroll = api(base, ca, admin, "POST", "/api/v1/tokens",
                  {"name": f"sim-enroll-{tag}", "role": "agent"})["token"]  # fmt: skip
     operator_token = api(base, ca, admin, "POST", "/api/v1/tokens",
                          {"name": f"sim-operator-{tag}", "role": "operator"})["token"]  # fmt: skip
     pids = [r.pid for r in replicas]
-    out: dict[str, Any] = {"replicas": len(replicas), "agents": cfg.agents}
+    out.update(replicas=len(replicas), agents=cfg.agents)
     out["rss_before_agents_mb"] = [rss_mb(p) for p in pids]
     counts = Counts()
     seen: dict[tuple[Any, ...], dict[int, float]] = {}
@@ -823,7 +845,15 @@ def run(cfg: Config, pg_admin: str) -> dict[str, Any]:
                     api(servers[0].base, servers[0].ca, admin, "PUT", "/api/v1/pools/default",
                         {"cidr": NAT_POOL, "kind": "nat"})  # fmt: skip
                 tag = f"r{n}"
-                results[tag] = asyncio.run(run_config(cfg, servers, admin, tag))
+                results[tag] = {}
+                try:
+                    asyncio.run(run_config(cfg, servers, admin, tag, results[tag]))
+                except Exception as exc:  # the figures so far are kept, with the failure
+                    results[tag]["failed"] = (
+                        f"{type(exc).__name__} {exc}"[:300]
+                        + "; "
+                        + "; ".join(log_errors(r) for r in servers)
+                    )
                 note("run done; revoking its pods")
                 # Their sessions close and the next run starts clean (a failed run's pods are
                 # left to their lease: the server may not be answering).
