@@ -283,7 +283,9 @@ class SimAgent:
         self.cp = ControlPlane(urls, token, ca_file=ca)
         self.revision = 0
         self.pool: ipaddress.IPv4Network | None = None
-        self.pod_ip = str(ipaddress.IPv4Address("10.250.0.0") + index + 1)
+        # Pods of each configuration get addresses of their own: a failed run's pods keep
+        # theirs until their lease ends.
+        self.pod_ip = str(ipaddress.IPv4Address("10.250.0.0") + 4096 * len(urls) + index + 1)
         self.live: set[str] = set()
         self.flows: list[str] = []
         self.serial = 0
