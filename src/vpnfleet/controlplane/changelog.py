@@ -124,8 +124,15 @@ def event_from_row(row: Change) -> ChangeEvent:
     )
 
 
+# Set in a session's info while its transaction holds the change-log lock (PostgreSQL) or has
+# written (SQLite's database lock): a request commits it in the handler's own thread, at once
+# (controlplane/routing.py), instead of holding the lock across another threadpool hop.
+LOCKED = "changelog_locked"
+
+
 def lock(db: Session) -> None:
     """Serialize change-log writers (and consistent readers) until the transaction ends."""
+    db.info[LOCKED] = True
     if db.get_bind().dialect.name == "postgresql":
         db.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_KEY})
 

@@ -13,7 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from vpnfleet.controlplane import auth
+from vpnfleet.controlplane import auth, changelog
 from vpnfleet.controlplane.errors import Problem
 from vpnfleet.controlplane.models import AdminToken
 from vpnfleet.controlplane.pki import Sealer
@@ -56,9 +56,18 @@ def app_state(request: Request) -> AppState:
 
 
 def get_db(state: Annotated[AppState, Depends(app_state)]) -> Iterator[Session]:
-    """One transaction per request: committed if the handler returns, rolled back otherwise."""
-    with state.factory() as db, db.begin():
-        yield db
+    """One transaction per request: committed if the handler returns, rolled back otherwise.
+
+    A handler that wrote to the change log has committed already, in its own thread, right
+    after it returned (controlplane/routing.py); what it did after that is committed here."""
+    with state.factory() as db:
+        try:
+            yield db
+        except BaseException:
+            db.rollback()
+            raise
+        db.info.pop(changelog.LOCKED, None)
+        db.commit()
 
 
 # scope="function": commit before the response is sent, so a 200 means the write is durable

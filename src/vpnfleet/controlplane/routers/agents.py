@@ -14,6 +14,7 @@ from vpnfleet.controlplane import certs, fleetstate, flowstore
 from vpnfleet.controlplane.errors import Problem
 from vpnfleet.controlplane.models import DeniedAttempt, utcnow
 from vpnfleet.controlplane.podleases import lifespan as leases_lifespan
+from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.services import pods, sessions
 from vpnfleet.controlplane.services.journal import Journal
 from vpnfleet.controlplane.state import DB, Enroller, PodCaller, State, Watcher
@@ -33,7 +34,9 @@ from vpnfleet.wire import (
     Snapshot,
 )
 
-router = APIRouter(prefix="/api/v1/agent", tags=["agent"], lifespan=leases_lifespan)
+router = APIRouter(
+    route_class=WriteThroughRoute, prefix="/api/v1/agent", tags=["agent"], lifespan=leases_lifespan
+)
 
 
 def _check_version(version: int) -> None:

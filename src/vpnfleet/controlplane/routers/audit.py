@@ -10,10 +10,11 @@ from sqlalchemy import select
 from vpnfleet.controlplane.errors import bad_request
 from vpnfleet.controlplane.models import AdminAudit, DeniedAttempt, VpnSession
 from vpnfleet.controlplane.pagination import LINK_HEADER, Keyset, PageParams
+from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.schemas import AdminAuditOut, SessionOut
 from vpnfleet.controlplane.state import DB, Auditor
 
-router = APIRouter(prefix="/api/v1", tags=["audit"])
+router = APIRouter(route_class=WriteThroughRoute, prefix="/api/v1", tags=["audit"])
 
 # Newest first; the id breaks ties between rows of the same time.
 ADMIN_LOG = Keyset("audit-admin", (AdminAudit.id,), ("int",), descending=True)

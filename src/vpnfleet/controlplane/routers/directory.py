@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from vpnfleet.controlplane import directorysync
 from vpnfleet.controlplane.errors import not_found
+from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.schemas import (
     DirectoryOut,
     DirectorySetIn,
@@ -22,7 +23,12 @@ from vpnfleet.controlplane.services import directory as dirsvc
 from vpnfleet.controlplane.services.journal import Journal
 from vpnfleet.controlplane.state import DB, Admin, Auditor, Operator, State
 
-router = APIRouter(prefix="/api/v1/directory", tags=["directory"], lifespan=directorysync.lifespan)
+router = APIRouter(
+    route_class=WriteThroughRoute,
+    prefix="/api/v1/directory",
+    tags=["directory"],
+    lifespan=directorysync.lifespan,
+)
 
 
 @router.get("", response_model=DirectoryOut)

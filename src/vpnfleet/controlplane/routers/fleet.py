@@ -7,12 +7,13 @@ from sqlalchemy import select
 
 from vpnfleet.controlplane.models import Pod
 from vpnfleet.controlplane.pagination import LINK_HEADER, Keyset, PageParams
+from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.schemas import PodOut
 from vpnfleet.controlplane.services import pods, sessions, users
 from vpnfleet.controlplane.services.journal import Journal
 from vpnfleet.controlplane.state import DB, Admin, Operator, State
 
-router = APIRouter(prefix="/api/v1", tags=["fleet"])
+router = APIRouter(route_class=WriteThroughRoute, prefix="/api/v1", tags=["fleet"])
 
 
 def pod_out(p: Pod) -> PodOut:

@@ -9,6 +9,7 @@ from sqlalchemy import select
 
 from vpnfleet.controlplane.models import Group, Rule
 from vpnfleet.controlplane.pagination import LINK_HEADER, Keyset, PageParams
+from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.schemas import GroupCreate, GroupOut, MemberIn, RuleCreate, RuleOut
 from vpnfleet.controlplane.services import groups, rules, users
 from vpnfleet.controlplane.services.journal import Journal
@@ -16,7 +17,7 @@ from vpnfleet.controlplane.state import DB, Operator
 from vpnfleet.core import netparse
 from vpnfleet.wire import MAX_INT32
 
-router = APIRouter(prefix="/api/v1", tags=["groups"])
+router = APIRouter(route_class=WriteThroughRoute, prefix="/api/v1", tags=["groups"])
 
 
 GROUPS = Keyset("groups", (Group.name,), ("str",))

@@ -22,13 +22,16 @@ from vpnfleet.controlplane.reverse_lookup import (
     flow_out,
     lookup,
 )
+from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.state import DB, AppState, Auditor, State
 from vpnfleet.core import attribution as core
 from vpnfleet.core import netparse
 from vpnfleet.core.accesslog import parse_instant
 from vpnfleet.wire import Storable
 
-router = APIRouter(prefix="/api/v1", tags=["audit"], lifespan=retention.lifespan)
+router = APIRouter(
+    route_class=WriteThroughRoute, prefix="/api/v1", tags=["audit"], lifespan=retention.lifespan
+)
 
 MAX_QUERIES = 10_000
 BATCH_TRANSACTION = 500  # lookups per read transaction of a batch (~0.3 s)

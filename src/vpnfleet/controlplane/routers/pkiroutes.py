@@ -7,10 +7,11 @@ from sqlalchemy import func, select
 
 from vpnfleet.controlplane import certs, pki
 from vpnfleet.controlplane.models import Certificate
+from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.schemas import CertOut, PKIOut
 from vpnfleet.controlplane.state import DB, State, Watcher
 
-router = APIRouter(prefix="/api/v1/pki", tags=["pki"])
+router = APIRouter(route_class=WriteThroughRoute, prefix="/api/v1/pki", tags=["pki"])
 
 
 @router.get("", response_model=PKIOut)

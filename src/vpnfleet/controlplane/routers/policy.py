@@ -13,12 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from vpnfleet.controlplane import changelog
 from vpnfleet.controlplane import policy as service
 from vpnfleet.controlplane.errors import Problem
+from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.state import DB, Operator, Reader, State
 from vpnfleet.core import policyfile
 from vpnfleet.core.policyfile import Policy, PolicyDiff
 from vpnfleet.wire import Storable
 
-router = APIRouter(prefix="/api/v1", tags=["policy"])
+router = APIRouter(route_class=WriteThroughRoute, prefix="/api/v1", tags=["policy"])
 
 MAX_POLICY_CHARS = 5_000_000
 

@@ -10,13 +10,14 @@ from sqlalchemy import select
 from vpnfleet.controlplane.errors import bad_request
 from vpnfleet.controlplane.models import Pool
 from vpnfleet.controlplane.pagination import LINK_HEADER, Keyset, PageParams
+from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.schemas import PoolOut, PoolSet
 from vpnfleet.controlplane.services import pools
 from vpnfleet.controlplane.services.journal import Journal
 from vpnfleet.controlplane.state import DB, Operator
 from vpnfleet.core import netparse
 
-router = APIRouter(prefix="/api/v1/pools", tags=["pools"])
+router = APIRouter(route_class=WriteThroughRoute, prefix="/api/v1/pools", tags=["pools"])
 
 
 POOLS = Keyset("pools", (Pool.kind, Pool.name), ("str", "str"))

@@ -11,10 +11,11 @@ from vpnfleet import __version__
 from vpnfleet.controlplane import changelog
 from vpnfleet.controlplane.auth import Principal
 from vpnfleet.controlplane.errors import Problem
+from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.schemas import RevisionOut
 from vpnfleet.controlplane.state import DB, State, Watcher, require
 
-router = APIRouter(tags=["system"])
+router = APIRouter(route_class=WriteThroughRoute, tags=["system"])
 
 AnyRole = Annotated[Principal, Depends(require("operator", "auditor", "agent"))]
 

@@ -9,10 +9,11 @@ from vpnfleet.controlplane import auth, changelog
 from vpnfleet.controlplane.errors import conflict, not_found
 from vpnfleet.controlplane.models import AdminToken, utcnow
 from vpnfleet.controlplane.pagination import LINK_HEADER, Keyset, PageParams
+from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.schemas import TokenCreate, TokenCreated, TokenOut
 from vpnfleet.controlplane.state import DB, Admin
 
-router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"])
+router = APIRouter(route_class=WriteThroughRoute, prefix="/api/v1/tokens", tags=["tokens"])
 
 
 def token_out(row: AdminToken) -> TokenOut:

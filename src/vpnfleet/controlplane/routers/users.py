@@ -8,6 +8,7 @@ from sqlalchemy import select
 from vpnfleet.controlplane.errors import Problem
 from vpnfleet.controlplane.models import User
 from vpnfleet.controlplane.pagination import LINK_HEADER, Keyset, PageParams
+from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.schemas import ReissueIn, UserCreate, UserOut, UserUpdate
 from vpnfleet.controlplane.services import users
 from vpnfleet.controlplane.services.journal import Journal
@@ -15,7 +16,7 @@ from vpnfleet.controlplane.settings import tcp_remotes
 from vpnfleet.controlplane.state import DB, Operator, State
 from vpnfleet.core import netparse
 
-router = APIRouter(prefix="/api/v1/users", tags=["users"])
+router = APIRouter(route_class=WriteThroughRoute, prefix="/api/v1/users", tags=["users"])
 
 
 USERS = Keyset("users", (User.name,), ("str",))

@@ -9,10 +9,11 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from vpnfleet.controlplane.errors import PROBLEM, problem_response
+from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.state import State, StreamWatcher
 from vpnfleet.controlplane.watch import RETRY_AFTER, ChangeHub
 
-router = APIRouter(prefix="/api/v1", tags=["watch"])
+router = APIRouter(route_class=WriteThroughRoute, prefix="/api/v1", tags=["watch"])
 
 LIMIT_SETTING = "VPNFLEET_WATCH_MAX_SUBSCRIBERS"
 
