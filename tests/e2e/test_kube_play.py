@@ -163,7 +163,8 @@ class Cluster:
                 self.pm.pods.append(f"{doc['metadata']['name']}-pod-0")
             if doc["kind"] == "PersistentVolumeClaim":
                 self.pm.volumes.append(doc["metadata"]["name"])
-        res = podman("kube", "play", "--network", ",".join(networks), str(path), check=False)
+        nets = [arg for net in networks for arg in ("--network", net)]
+        res = podman("kube", "play", *nets, str(path), check=False)
         if res.returncode != 0:
             pytest.fail(f"podman kube play {role} failed: {res.stderr.strip()}", pytrace=False)
 
@@ -240,8 +241,13 @@ def cluster(
                                 mount["name"] = own
                     volume["name"] = own
                     pm.volumes.append(own)
-            # eth0 on the pod network (the manifest's VPNFLEET_UPLINK), eth1 where clients are.
-            c.play(f"agent-{i}", [configmap, replica], [pods_net, internet])
+            # eth0 on the pod network (the manifest's VPNFLEET_UPLINK), eth1 where clients are;
+            # named, since podman does not keep the order of a pod's networks.
+            c.play(
+                f"agent-{i}",
+                [configmap, replica],
+                [f"{pods_net}:interface_name=eth0", f"{internet}:interface_name=eth1"],
+            )
             pod = f"{replica['metadata']['name']}-pod-0"
             c.agents[pod] = container_of(pod, "agent")
         yield c
