@@ -30,7 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 USERS = 1000
@@ -158,22 +160,91 @@ class FakeOpenVPN:
             await writer.drain()
 
 
+class AgentPath:
+    """The agent's event path as PodAgent wires it for one server: the session book, the
+    client handler (decisions, ``client-auth``, journal, session spool) and the firewall sync
+    with real ipset/iptables in this namespace. Shared by this bench and connect_storm_e2e.py.
+    """
+
+    def __init__(self, view: Any, nat: ipaddress.IPv4Network, prefix: str, state: Path) -> None:
+        from vpnfleet.agent.cpclient import ControlPlane
+        from vpnfleet.agent.dataplane import Dataplane
+        from vpnfleet.agent.firewall import FirewallSync
+        from vpnfleet.agent.sessionship import SessionShipper
+        from vpnfleet.agent.spool import Spool
+        from vpnfleet.core.fwdesired import DesiredStateBuilder
+        from vpnfleet.core.sessionbook import BookConfig, SessionBook
+
+        self.view = view
+        self.book = SessionBook(BookConfig(nat_pool=nat))
+        self.state = state
+        self.spool = Spool(state, "sessions")
+        self.shipper = SessionShipper(self.spool, ControlPlane("http://127.0.0.1:9", "x"), "bench")
+        self.dataplane = Dataplane(prefix)
+        builder = DesiredStateBuilder(prefix, (nat,), nflog_group=7007)
+        self.firewall = FirewallSync(
+            self.dataplane, lambda: (view.revision, builder.build(view, self.book))
+        )
+        self.decisions = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, connect: Callable[[], Awaitable[Any]]) -> Any:
+        """Set the sysctls, attach to the management socket (``connect()``), start the
+        firewall and the event loop; returns the management client."""
+        from vpnfleet.agent.clientjournal import ClientJournal
+        from vpnfleet.agent.clients import ClientHandler
+        from vpnfleet.core.mgmt_protocol import ClientEvent
+
+        await self.dataplane.ensure_sysctls()
+        self.mgmt = mgmt = await connect()
+        self.handler = ClientHandler(
+            self.book,
+            ClientJournal(self.state / "clients.journal"),
+            self.shipper,
+            pod="bench",
+            view=lambda: self.view,
+            mgmt=lambda _server: mgmt,
+            changed=self.firewall.poke,
+        )
+        self.firewall.start()
+
+        async def events() -> None:
+            async for event in mgmt.events():
+                if isinstance(event, ClientEvent):
+                    await self.handler.on_event(event)
+                    self.decisions += 1
+
+        self._tasks = [asyncio.create_task(self.firewall.run()), asyncio.create_task(events())]
+        return mgmt
+
+    async def stop(self) -> int:
+        """Detach, remove the firewall; returns how many times it was applied."""
+        await self.mgmt.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.dataplane.remove_all()
+        self.handler.close()
+        self.spool.close()
+        stats = self.dataplane.stats
+        return stats.full_applies + stats.diff_applies
+
+
+def summary(cycles: int, elapsed: float, lat_ms: list[float]) -> dict[str, float]:
+    return {
+        "cycles": cycles,
+        "seconds": elapsed,
+        "decisions_per_s": cycles / elapsed,
+        "p50_ms": pct(lat_ms, 50),
+        "p99_ms": pct(lat_ms, 99),
+    }
+
+
 async def run_agent_side(cycles: int, window: int, workdir: Path) -> dict[str, float]:
     """The agent's own event path: supervisor-style event loop -> ClientHandler (session book
     decision, client-auth, journal, session spool) -> FirewallSync (real ipset/iptables)."""
-
-    from vpnfleet.agent.clientjournal import ClientJournal
-    from vpnfleet.agent.clients import ClientHandler
-    from vpnfleet.agent.cpclient import ControlPlane
-    from vpnfleet.agent.dataplane import Dataplane
-    from vpnfleet.agent.firewall import FirewallSync
     from vpnfleet.agent.management import ManagementClient
-    from vpnfleet.agent.sessionship import SessionShipper
-    from vpnfleet.agent.spool import Spool
     from vpnfleet.core.fleet import FleetView
-    from vpnfleet.core.fwdesired import DesiredStateBuilder
-    from vpnfleet.core.mgmt_protocol import ClientEvent
-    from vpnfleet.core.sessionbook import BookConfig, SessionBook
     from vpnfleet.wire import Snapshot
 
     sock = workdir / "mgmt.sock"
@@ -182,54 +253,18 @@ async def run_agent_side(cycles: int, window: int, workdir: Path) -> dict[str, f
     state = workdir / "agent"
     state.mkdir()
     view = FleetView.from_snapshot(Snapshot.model_validate_json(snapshot_json()))
-    nat = ipaddress.IPv4Network("10.200.0.0/16")
-    book = SessionBook(BookConfig(nat_pool=nat))
-    spool = Spool(state, "sessions")
-    shipper = SessionShipper(spool, ControlPlane("http://127.0.0.1:9", "x"), "bench")
-    dataplane = Dataplane("vpnf")
-    await dataplane.ensure_sysctls()
-    builder = DesiredStateBuilder("vpnf", (nat,), nflog_group=7007)
-    firewall = FirewallSync(dataplane, lambda: (view.revision, builder.build(view, book)))
-    mgmt = await ManagementClient.connect(sock)
-    handler = ClientHandler(
-        book,
-        ClientJournal(state / "clients.journal"),
-        shipper,
-        pod="bench",
-        view=lambda: view,
-        mgmt=lambda _server: mgmt,
-        changed=firewall.poke,
-    )
-    firewall.start()
-    fw_task = asyncio.create_task(firewall.run())
-
-    async def events() -> None:
-        async for event in mgmt.events():
-            if isinstance(event, ClientEvent):
-                await handler.on_event(event)
-
-    ev_task = asyncio.create_task(events())
+    agent = AgentPath(view, ipaddress.IPv4Network("10.200.0.0/16"), "vpnf", state)
+    await agent.start(lambda: ManagementClient.connect(sock))
     await asyncio.wait_for(fake.done.wait(), timeout=600)
     elapsed = fake.finished - fake.started
-    await mgmt.close()
-    ev_task.cancel()
-    fw_task.cancel()
-    await asyncio.gather(ev_task, fw_task, return_exceptions=True)
-    await dataplane.remove_all()
-    handler.close()
-    spool.close()
+    applies = await agent.stop()
     server.close()
     lat = [x * 1000 for x in fake.latencies]
-    stats = dataplane.stats
     return {
-        "cycles": cycles,
+        **summary(cycles, elapsed, lat),
         "window": window,
-        "seconds": elapsed,
-        "decisions_per_s": cycles / elapsed,
-        "p50_ms": pct(lat, 50),
-        "p99_ms": pct(lat, 99),
         "denied": fake.denied,
-        "firewall_applies": stats.full_applies + stats.diff_applies,
+        "firewall_applies": applies,
     }
 
 
@@ -255,14 +290,7 @@ def run_baseline(cycles: int, workdir: Path) -> dict[str, float]:
         lat.append((time.perf_counter() - t0) * 1000)
         if rc not in (0, 1):
             raise SystemExit(f"hook failed with exit code {rc}")
-    elapsed = time.perf_counter() - started
-    return {
-        "cycles": cycles,
-        "seconds": elapsed,
-        "decisions_per_s": cycles / elapsed,
-        "p50_ms": pct(lat, 50),
-        "p99_ms": pct(lat, 99),
-    }
+    return summary(cycles, time.perf_counter() - started, lat)
 
 
 def run_shell_baseline(cycles: int, workdir: Path) -> dict[str, float]:
@@ -298,13 +326,7 @@ def run_shell_baseline(cycles: int, workdir: Path) -> dict[str, float]:
         subprocess.run(["ipset", "destroy", f"hk-g{g}"], check=True)
     if entries != 2 * min(cycles, len(pool)):
         raise SystemExit(f"shell hook: {entries} set entries, expected {2 * cycles}")
-    return {
-        "cycles": cycles,
-        "seconds": elapsed,
-        "decisions_per_s": cycles / elapsed,
-        "p50_ms": pct(lat, 50),
-        "p99_ms": pct(lat, 99),
-    }
+    return summary(cycles, elapsed, lat)
 
 
 def main() -> None:

@@ -176,70 +176,29 @@ async def agent_inner(sock: Path, snapshot: str, state: Path) -> None:
 
     Prints ``ready`` once the server is released; runs until stdin closes; then removes its
     firewall and prints its numbers as JSON."""
-    from vpnfleet.agent.clientjournal import ClientJournal
-    from vpnfleet.agent.clients import ClientHandler
-    from vpnfleet.agent.cpclient import ControlPlane
-    from vpnfleet.agent.dataplane import Dataplane
-    from vpnfleet.agent.firewall import FirewallSync
+    from connect_storm import AgentPath
+
     from vpnfleet.agent.management import ManagementClient, ManagementError
-    from vpnfleet.agent.sessionship import SessionShipper
-    from vpnfleet.agent.spool import Spool
     from vpnfleet.core.fleet import FleetView
-    from vpnfleet.core.fwdesired import DesiredStateBuilder
-    from vpnfleet.core.mgmt_protocol import ClientEvent
-    from vpnfleet.core.sessionbook import BookConfig, SessionBook
+
+    async def connect() -> ManagementClient:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                return await ManagementClient.connect(sock)
+            except ManagementError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
 
     view = FleetView.from_snapshot(Snapshot.model_validate_json(snapshot))
-    book = SessionBook(BookConfig(nat_pool=NAT_POOL))
-    spool = Spool(state, "sessions")
-    shipper = SessionShipper(spool, ControlPlane("http://127.0.0.1:9", "x"), "bench")
-    dataplane = Dataplane(AGENT_PREFIX)
-    await dataplane.ensure_sysctls()
-    builder = DesiredStateBuilder(AGENT_PREFIX, (NAT_POOL,), nflog_group=7007)
-    firewall = FirewallSync(dataplane, lambda: (view.revision, builder.build(view, book)))
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            mgmt = await ManagementClient.connect(sock)
-            break
-        except ManagementError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
-    handler = ClientHandler(
-        book,
-        ClientJournal(state / "clients.journal"),
-        shipper,
-        pod="bench",
-        view=lambda: view,
-        mgmt=lambda _server: mgmt,
-        changed=firewall.poke,
-    )
-    firewall.start()
-    fw_task = asyncio.create_task(firewall.run())
-    decisions = 0
-
-    async def events() -> None:
-        nonlocal decisions
-        async for event in mgmt.events():
-            if isinstance(event, ClientEvent):
-                await handler.on_event(event)
-                decisions += 1
-
-    ev_task = asyncio.create_task(events())
+    agent = AgentPath(view, NAT_POOL, AGENT_PREFIX, state)
+    mgmt = await agent.start(connect)
     await mgmt.hold_release()
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    await mgmt.close()
-    ev_task.cancel()
-    fw_task.cancel()
-    await asyncio.gather(ev_task, fw_task, return_exceptions=True)
-    await dataplane.remove_all()
-    handler.close()
-    spool.close()
-    stats = dataplane.stats
-    applies = stats.full_applies + stats.diff_applies
-    print(json.dumps({"events": decisions, "firewall_applies": applies}), flush=True)
+    applies = await agent.stop()
+    print(json.dumps({"events": agent.decisions, "firewall_applies": applies}), flush=True)
 
 
 # ------------------------------------------------------------------------------- the storm
