@@ -9,6 +9,8 @@ except for the few patches in :func:`for_podman`, each one something podman cann
 the reason beside it. Stock OpenVPN clients in containers of their own then connect over UDP
 and over TCP, reach a backend only the pods' network reaches, follow a permission change on
 both pods they are on, and come back on another pod when theirs is stopped (SIGTERM: drain).
+A gateway-mode user keeps its tunnel address towards the backend, and the backend reaches it
+back through the route `vpnfleet gateway-routes` keeps via the pod's IP.
 
 Everything is named ``vfe2e-<random>-...`` (pods, containers, networks, volumes, the secret) and
 removed even when a test fails.
@@ -111,8 +113,9 @@ def for_podman(
                 if ref is not None:
                     # podman's secret of the same content, under this run's name (below).
                     ref["name"] = secret
-            # podman 4.3 has no `fieldRef: status.podIP`; the agent works without it (it is
-            # only announced for gateway routes, which this test does not use).
+            # podman 4.3 has no `fieldRef: status.podIP`; without it the agent reads its pod
+            # IP from its uplink (the manifest's VPNFLEET_UPLINK, eth0), which the gateway
+            # user's route below depends on.
             container["env"] = [
                 e
                 for e in container.get("env", [])
@@ -366,20 +369,46 @@ def test_the_manifests_run_and_clients_connect_follow_permissions_and_survive_a_
     print(f"\nagents ready {time.monotonic() - start:.1f} s after their plays")
 
     # The company's backend, on the pod network: port 8080 granted, 8081 not (yet).
+    # It also runs `vpnfleet gateway-routes` (the static networks' way to route gateway users;
+    # NET_ADMIN for its `ip route`), which pins the control plane's CA and reaches it by the
+    # Service's name (/etc/hosts here: aardvark-dns 1.4 drops queries while networks change).
+    ca = c.tmp / "cp-ca.pem"
+    ca.write_text(pm.exec(c.cp, "cat", "/data/tls/ca.pem"))
     backend = pm.run(
         "backend",
         c.image,
-        [f"--network={c.pods_net}", "--cap-drop=ALL", "--entrypoint=sh"],
+        [
+            f"--network={c.pods_net}",
+            "--cap-drop=ALL",
+            "--cap-add=NET_ADMIN",
+            f"--add-host={CP_SERVICE}:{address(pm, c.cp, c.pods_net)}",
+            f"--volume={ca}:/etc/cp-ca.pem:ro",
+            "--entrypoint=sh",
+        ],
         ["-c", f"{SERVE} 8080 & exec {SERVE} 8081"],
     )
     backend_ip = address(pm, backend, c.pods_net)
+    routes_token = json.loads(c.cli("token", "create", "routes", "--role", "auditor", "--json"))
+    podman(
+        "exec",
+        "-d",
+        f"--env=VPNFLEET_ROUTES_TOKEN={routes_token['token']}",
+        backend,
+        "vpnfleet",
+        "gateway-routes",
+        "--server",
+        f"https://{CP_SERVICE}:8443",
+        "--ca-file",
+        "/etc/cp-ca.pem",
+    )
     # The manifest pushes 10.0.0.0/8 (a placeholder for the company's networks); podman's
     # networks are there too.
     assert backend_ip.startswith("10."), backend_ip
     c.cli("group", "add", "web")
     c.cli("rule", "add", "web", backend_ip, "--proto", "tcp", "--ports", "8080")
-    for user in ("carol", "dave"):
-        c.cli("user", "add", user, "--email", f"{user}@example.com")
+    for user in ("carol", "dave", "erin"):
+        mode = ["--mode", "gateway"] if user == "erin" else []
+        c.cli("user", "add", user, "--email", f"{user}@example.com", *mode)
         c.cli("group", "add-member", "web", user)
 
     # carol over UDP, first to pod 0 (then 1, 2); dave's network drops UDP: TCP, pod 1 first.
@@ -387,18 +416,44 @@ def test_the_manifests_run_and_clients_connect_follow_permissions_and_survive_a_
     dave = start_client(
         c, "dave", profile_for(c, "dave", [pods[1], pods[2], pods[0]]), block_udp=True
     )
-    for client in (carol, dave):
+    # erin, gateway mode, over UDP to pod 2 first.
+    erin = start_client(c, "erin", profile_for(c, "erin", [pods[2], pods[0]]), block_udp=False)
+    for client in (carol, dave, erin):
         wait_for(
             lambda client=client: "Initialization Sequence Completed" in pm.logs(client),
             90,
             f"{client}'s tunnel",
         )
-    wait_sessions(c, {"carol": [pods[0]], "dave": [pods[1]]}, "carol on pod 0, dave on pod 1")
+    wait_sessions(
+        c,
+        {"carol": [pods[0]], "dave": [pods[1]], "erin": [pods[2]]},
+        "carol on pod 0, dave on pod 1, erin on pod 2",
+    )
     assert "TCP connection established" in pm.logs(dave)  # the fallback
     assert "TCP connection established" not in pm.logs(carol)
     for client, pod in ((carol, pods[0]), (dave, pods[1])):
         assert reaches(c, client, backend_ip, 8080), diagnose(c, client, pod)
         assert not reaches(c, client, backend_ip, 8081)  # no grant: the pod's firewall
+    # erin's answers need the backend's route back to her, which gateway-routes adds when it
+    # hears of her session (within a second or so).
+    wait_for(lambda: reaches(c, erin, backend_ip, 8080), 10, "erin reaching the backend")
+    assert not reaches(c, erin, backend_ip, 8081)
+
+    # Gateway mode: the pod found its own IP (no status.podIP under podman), the backend saw
+    # erin's tunnel address (no NAT) and reaches erin back on it, via pod 2.
+    pod2_ip = address(pm, c.agents[pods[2]], c.pods_net)
+    assert c.pods()[pods[2]]["pod_ip"] == pod2_ip
+    [erin_session] = [
+        s for s in json.loads(c.cli("session", "list", "--active", "--json")) if s["user"] == "erin"
+    ]
+    erin_ip = erin_session["tunnel_ip"]
+    assert f"{erin_ip} - - [" in pm.logs(backend), pm.logs(backend)[-2000:]
+    podman("exec", "-d", erin, "python3", "-m", "http.server", "--bind", erin_ip, "8090")
+    t0 = time.monotonic()
+    wait_for(lambda: reaches(c, backend, erin_ip, 8090), 20, "the backend reaching erin back")
+    print(f"backend reaches gateway user erin {time.monotonic() - t0:.2f} s after her server")
+    route = podman("exec", backend, "ip", "route", "show", f"{erin_ip}/32").stdout
+    assert f"via {pod2_ip}" in route, route
 
     # A permission change reaches both pods: a grant...
     t0 = time.monotonic()
@@ -412,6 +467,7 @@ def test_the_manifests_run_and_clients_connect_follow_permissions_and_survive_a_
     wait_for(lambda: not reaches(c, carol, backend_ip, 8080), 10, "carol's revocation")
     print(f"revocation enforced within {time.monotonic() - t0:.2f} s")
     assert reaches(c, dave, backend_ip, 8080)
+    assert reaches(c, backend, erin_ip, 8090)
     c.cli("group", "add-member", "web", "carol")
     wait_for(lambda: reaches(c, carol, backend_ip, 8080), 10, "carol's grant back")
 
@@ -437,7 +493,12 @@ def test_the_manifests_run_and_clients_connect_follow_permissions_and_survive_a_
     # not take her back; after the profile's 10 s server-poll-timeout she moves to the next.
     # On a cluster the pod has left the Service's endpoints by then and she lands elsewhere.
     assert back < 60, back
-    wait_sessions(c, {"carol": [pods[1]], "dave": [pods[1]]}, "carol moved to pod 1, dave not")
+    wait_sessions(
+        c,
+        {"carol": [pods[1]], "dave": [pods[1]], "erin": [pods[2]]},
+        "carol moved to pod 1, dave and erin not",
+    )
     listed = c.pods()
     assert not listed.get(pods[0], {}).get("ready"), listed.get(pods[0])
     assert reaches(c, dave, backend_ip, 8080)
+    assert reaches(c, backend, erin_ip, 8090)

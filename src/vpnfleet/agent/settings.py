@@ -5,10 +5,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vpnfleet import tlspin
+from vpnfleet.agent.podaddr import Found
 from vpnfleet.core import netparse
 from vpnfleet.core.birdconf import BgpConfig
 from vpnfleet.core.secretstrength import require_strong
@@ -71,10 +73,17 @@ class AgentSettings:
     bird: str = "bird"
     # Set by validate() when bgp is on.
     bgp_config: BgpConfig | None = field(default=None, init=False)
+    # How pod_ip was found when the pod spec did not give it (agent/podaddr.py), for the log.
+    pod_ip_source: str | None = field(default=None, init=False)
 
     @classmethod
-    def from_env(cls, **flags: object) -> AgentSettings:
-        """Flags win over environment variables; missing required values raise ValueError."""
+    def from_env(
+        cls, *, find_pod_ip: Callable[[str | None], Found | None] | None = None, **flags: object
+    ) -> AgentSettings:
+        """Flags win over environment variables; missing required values raise ValueError.
+
+        With ``find_pod_ip`` (the agent command passes agent/podaddr.discover), a pod IP given
+        neither as a flag nor in the environment is read from the pod's own interfaces."""
         env = os.environ
 
         def pick(key: str, var: str) -> object:
@@ -164,7 +173,14 @@ class AgentSettings:
         ):
             if not values.get(required):
                 raise ValueError(f"missing {required}: give {hint}")
+        found = None
+        if not values.get("pod_ip") and find_pod_ip is not None:
+            uplink = values.get("uplink")
+            found = find_pod_ip(str(uplink) if uplink else None)
+            if found is not None:
+                values["pod_ip"] = found.address
         settings = cls(**values)  # type: ignore[arg-type]
+        settings.pod_ip_source = found.source if found is not None else None
         settings.validate()
         return settings
 

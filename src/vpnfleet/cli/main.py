@@ -346,6 +346,7 @@ def agent(
     import os
 
     from vpnfleet import logsetup
+    from vpnfleet.agent import podaddr
     from vpnfleet.agent.pod import PodAgent
     from vpnfleet.agent.settings import AgentSettings
     from vpnfleet.agent.statedir import StateDir
@@ -353,6 +354,7 @@ def agent(
 
     try:
         settings = AgentSettings.from_env(
+            find_pod_ip=podaddr.discover,
             server=server,
             token=token,
             name=name,
@@ -381,6 +383,7 @@ def agent(
             bird=bird,
         )
         logsetup.setup(settings.log_format)
+        _log_pod_ip(settings)
         # Refuse early, in one sentence, a state directory this user cannot make private.
         StateDir(settings.state_dir).create()
     except (ValueError, OSError) as exc:
@@ -391,6 +394,19 @@ def agent(
         asyncio.run(PodAgent(settings).run())
     except SysctlsMissing as exc:
         raise CLIError(str(exc), 3) from None
+
+
+def _log_pod_ip(settings: object) -> None:
+    """Say at start which address gateway routes will point at, and where it came from."""
+    log = logging.getLogger("vpnfleet.agent")
+    pod_ip, source = getattr(settings, "pod_ip", None), getattr(settings, "pod_ip_source", None)
+    if pod_ip and source:
+        log.info("pod IP %s: not given (VPNFLEET_POD_IP), so %s", pod_ip, source)
+    elif not pod_ip:
+        log.warning(
+            "no pod IP: none given (VPNFLEET_POD_IP) and none found on the pod's interfaces; "
+            "gateway routes cannot point at this pod"
+        )
 
 
 @app.command("gateway-routes")

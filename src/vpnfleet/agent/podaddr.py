@@ -1,0 +1,70 @@
+"""The pod's own IPv4 address, when the pod spec does not give it (``VPNFLEET_POD_IP``).
+
+Gateway routes (``TUNNEL_IP/32 via POD_IP``, static or over BGP) and the BGP router id need the
+address the pod is reached at. Kubernetes hands it over with ``fieldRef: status.podIP``; other
+runtimes (podman, plain containers, a VM) do not, and then the agent reads it from its own
+network namespace, in this order:
+
+1. ``--uplink`` given: the first global IPv4 address of that interface;
+2. otherwise the source address the kernel picks for the default route (a route lookup,
+   no packet is sent).
+
+Netlink is read through pyroute2. Nothing found is not an error here: the caller decides
+(a pod without an address simply gets no gateway routes; BGP refuses to start).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+# Any address outside the pod's own networks: the kernel answers with the route a packet to
+# the wider network would take (TEST-NET-2, RFC 5737: never a real destination).
+PROBE_DESTINATION = "198.51.100.1"
+
+
+@dataclass(frozen=True)
+class Found:
+    address: str
+    source: str  # how it was found, for the start-up log line
+
+
+def discover(uplink: str | None) -> Found | None:
+    """The pod's IPv4 address, or None when this network namespace has none to offer."""
+    try:
+        return _discover(uplink)
+    except OSError:  # no netlink here: the pod runs without an address, as before
+        return None
+
+
+def _discover(uplink: str | None) -> Found | None:
+    from pyroute2 import IPRoute, NetlinkError
+
+    with IPRoute() as ipr:
+        if uplink:
+            indexes = ipr.link_lookup(ifname=uplink)
+            if not indexes:
+                return None
+            for msg in ipr.get_addr(index=indexes[0], family=socket.AF_INET):
+                addr = msg.get_attr("IFA_ADDRESS")
+                if addr and _usable(addr) and msg["scope"] == 0:  # RT_SCOPE_UNIVERSE
+                    return Found(addr, f"the address of the uplink {uplink}")
+            return None
+        try:
+            routes = ipr.route("get", dst=PROBE_DESTINATION)
+        except NetlinkError:  # ENETUNREACH: no default route
+            return None
+        for msg in routes:
+            src = msg.get_attr("RTA_PREFSRC")
+            if src and _usable(src):
+                oif = msg.get_attr("RTA_OIF")
+                names = ipr.get_links(oif) if oif else []
+                dev = names[0].get_attr("IFLA_IFNAME") if names else "?"
+                return Found(src, f"the source address of the default route (dev {dev})")
+    return None
+
+
+def _usable(text: str) -> bool:
+    addr = ipaddress.IPv4Address(text)
+    return not (addr.is_loopback or addr.is_link_local or addr.is_unspecified)

@@ -1,0 +1,76 @@
+"""The agent finds its pod IP itself when the pod spec does not give it (podman, plain containers).
+
+Real namespaces shaped like a pod: ``eth0`` with the pod address and the default route, a
+second interface towards clients, loopback. The agent's start (`vpnfleet agent`, run inside the
+namespace until it has parsed its settings) must pick the pod address, say where it came from,
+and keep an address given in the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.netns import Netns, NetnsPool, requires_netns, veth
+
+pytestmark = [requires_netns()]
+
+# What `vpnfleet agent` does before it starts anything: settings, with discovery.
+SETTINGS = """
+import json, sys
+from vpnfleet.agent import podaddr
+from vpnfleet.agent.settings import AgentSettings
+uplink = sys.argv[1] or None
+s = AgentSettings.from_env(
+    find_pod_ip=podaddr.discover, server="http://127.0.0.1:1", token="t", name="pod-a",
+    uplink=uplink,
+)
+print(json.dumps({"pod_ip": s.pod_ip, "source": s.pod_ip_source}))
+"""
+
+
+def settings_in(ns: Netns, uplink: str = "", env: dict[str, str] | None = None) -> dict[str, str]:
+    prefix = [f"{k}={v}" for k, v in (env or {}).items()]
+    res = ns.run("env", *prefix, sys.executable, "-c", SETTINGS, uplink)
+    assert res.returncode == 0, res.stderr
+    return dict(json.loads(res.stdout))
+
+
+@pytest.fixture
+def pod() -> Iterator[Netns]:
+    with NetnsPool("vft-podip-") as pool:
+        pod, router, clients = pool.create("pod"), pool.create("rt"), pool.create("cl")
+        veth(pod, "eth0", router, "p0")
+        veth(pod, "eth1", clients, "c0")
+        pod.add_addr("eth0", "10.88.0.7/24")
+        pod.add_addr("eth1", "172.30.0.7/24")  # the clients' network
+        router.add_addr("p0", "10.88.0.1/24")
+        pod.add_route("default", "10.88.0.1")
+        yield pod
+
+
+def test_the_default_route_s_source_address_is_the_pod_ip(pod: Netns) -> None:
+    got = settings_in(pod)
+    assert got["pod_ip"] == "10.88.0.7"
+    assert "default route (dev eth0)" in got["source"]
+
+
+def test_the_uplink_s_address_wins_when_an_uplink_is_named(pod: Netns) -> None:
+    got = settings_in(pod, uplink="eth1")
+    assert got == {"pod_ip": "172.30.0.7", "source": "the address of the uplink eth1"}
+
+
+def test_a_given_pod_ip_is_kept(pod: Netns) -> None:
+    got = settings_in(pod, env={"VPNFLEET_POD_IP": "10.88.0.99"})
+    assert got == {"pod_ip": "10.88.0.99", "source": None}
+
+
+def test_no_route_and_no_uplink_address_leave_the_pod_without_one(pod: Netns) -> None:
+    pod.run("ip", "route", "del", "default")
+    pod.run("ip", "addr", "flush", "dev", "eth0")
+    assert settings_in(pod) == {"pod_ip": None, "source": None}
+    assert settings_in(pod, uplink="eth0") == {"pod_ip": None, "source": None}
+    assert settings_in(pod, uplink="nosuch0") == {"pod_ip": None, "source": None}
