@@ -136,8 +136,8 @@ def test_a_weak_seal_secret_can_be_replaced_by_resealing(database_url: str, tmp_
     from vpnfleet.controlplane.auth import Principal
     from vpnfleet.controlplane.bootstrap import bootstrap
     from vpnfleet.controlplane.pki import PKIError, Sealer
-    from vpnfleet.controlplane.schemas import DirectorySetIn
-    from vpnfleet.controlplane.services import directory
+    from vpnfleet.controlplane.schemas import DirectorySetIn, IdpSetIn
+    from vpnfleet.controlplane.services import directory, idp
     from vpnfleet.controlplane.services.journal import Journal
 
     weak = "changeme"
@@ -156,6 +156,13 @@ def test_a_weak_seal_secret_can_be_replaced_by_resealing(database_url: str, tmp_
         }
         journal = Journal(session, Principal(token_id=0, name="test", role="admin"))
         directory.set_config(session, journal, Sealer(weak), DirectorySetIn(**settings))
+        idp_settings = {
+            "issuer": "https://idp.example.test",
+            "client_id": "vpnfleet",
+            "client_secret": "idp-client-secret",
+            "public_url": "https://vpn.example.test",
+        }
+        idp.set_config(session, journal, Sealer(weak), IdpSetIn(**idp_settings))
         journal.commit()
     engine.dispose()
     old_file = tmp_path / "old-secret"
@@ -171,7 +178,10 @@ def test_a_weak_seal_secret_can_be_replaced_by_resealing(database_url: str, tmp_
     out = vpnfleet("db", "reseal", "--old-secret-file", str(old_file),
                    "--database-url", database_url, VPNFLEET_SECRET=strong)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert "re-sealed 3 private keys and the directory bind password" in out.stdout
+    assert (
+        "re-sealed 3 private keys and the directory bind password and the IdP client secret"
+        in out.stdout
+    )
     assert weak not in out.stdout + out.stderr and strong not in out.stdout + out.stderr
 
     state = prepare(ServerSettings(data_dir=tmp_path, database_url=database_url, secret=strong))
@@ -184,5 +194,8 @@ def test_a_weak_seal_secret_can_be_replaced_by_resealing(database_url: str, tmp_
             row = directory.get_config(session)
             assert row is not None
             assert directory.ldap_config(row, state.sealer).bind_password == "directory-bind-pw"
+            idp_row = idp.get_config(session)
+            assert idp_row is not None
+            assert idp.client_secret(idp_row, state.sealer) == "idp-client-secret"
     finally:
         state.engine.dispose()

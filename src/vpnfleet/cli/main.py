@@ -12,7 +12,7 @@ from rich.markup import escape
 
 import vpnfleet.cli.audit_cmds  # noqa: F401  (registers its commands on admin.audit_app)
 from vpnfleet import __version__
-from vpnfleet.cli import admin, directory, lab, policy
+from vpnfleet.cli import admin, directory, idp, lab, policy
 from vpnfleet.cli.client import CLIError
 from vpnfleet.cli.output import err_console, safe
 from vpnfleet.cli.status import status as status_command
@@ -505,12 +505,14 @@ def db_reseal(
     data_dir: Annotated[Path | None, typer.Option()] = None,
     database_url: Annotated[str | None, typer.Option()] = None,
 ) -> None:
-    """Re-seal every stored private key and the directory bind password with the current
-    secret (VPNFLEET_SECRET or the data dir's secret.key), e.g. to replace a weak secret the
-    server now refuses. Stop the servers first; one transaction: on any error nothing is changed."""
+    """Re-seal every stored private key, the directory bind password and the IdP client secret
+    with the current secret (VPNFLEET_SECRET or the data dir's secret.key), e.g. to replace a
+    weak secret the server now refuses. Stop the servers first; one transaction: on any error
+    nothing is changed."""
     from vpnfleet.controlplane import certs, db
     from vpnfleet.controlplane.pki import PKIError, Sealer
     from vpnfleet.controlplane.services import directory as directory_service
+    from vpnfleet.controlplane.services import idp as idp_service
     from vpnfleet.controlplane.settings import ServerSettings
 
     try:
@@ -524,6 +526,7 @@ def db_reseal(
         with db.transaction(db.session_factory(engine)) as session:
             count = certs.reseal(session, old, new)
             bind_password = directory_service.reseal(session, old, new)
+            client_secret = idp_service.reseal(session, old, new)
     except PKIError:
         raise CLIError(
             f"nothing changed: the stored keys do not open with the secret in {old_secret_file}"
@@ -532,7 +535,15 @@ def db_reseal(
         raise CLIError(f"re-sealing failed, nothing changed: {_describe(exc)}") from None
     finally:
         engine.dispose()
-    also = " and the directory bind password" if bind_password else ""
+    extras = [
+        what
+        for what, done in (
+            ("the directory bind password", bind_password),
+            ("the IdP client secret", client_secret),
+        )
+        if done
+    ]
+    also = "".join(f" and {what}" for what in extras)
     typer.echo(f"re-sealed {count} private keys{also} with the current secret")
 
 
@@ -548,6 +559,7 @@ app.add_typer(admin.session_app, name="session")
 app.add_typer(admin.pod_app, name="pod")
 app.add_typer(policy.policy_app, name="policy")
 app.add_typer(directory.directory_app, name="directory")
+app.add_typer(idp.idp_app, name="idp")
 app.add_typer(lab.lab_app, name="lab")
 app.command("status")(status_command)
 

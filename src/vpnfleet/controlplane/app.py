@@ -22,6 +22,7 @@ from vpnfleet.controlplane.routers import (
     directory,
     fleet,
     groups,
+    idp,
     nataudit,
     pkiroutes,
     policy,
@@ -121,6 +122,7 @@ def create_app(settings: ServerSettings, state: AppState | None = None) -> FastA
         watchroute,
         policy,
         directory,
+        idp,
     ):
         app.include_router(module.router)
     app.include_router(nataudit.router)

@@ -377,3 +377,15 @@ class DirectoryAccount(Base):
     dn: Mapped[str] = mapped_column(String(1000))
     # True when the sync disabled the user: only then does it enable them again.
     disabled_by_sync: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class IdpConfig(Base):
+    """The singleton OpenID provider for VPN single sign-on (docs/sso.md)."""
+
+    __tablename__ = "idp_config"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # Everything but the client secret, as schemas.IdpSettings validates it.
+    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    client_secret_sealed: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(64))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -416,3 +417,76 @@ class DirectorySyncOut(BaseModel):
     skipped: list[str]
     sessions_killed: int
     revision: int | None
+
+
+class IdpSettings(Storable):
+    """The OpenID provider for VPN single sign-on, as `PUT /idp` takes it (docs/sso.md)."""
+
+    model_config = _strict
+    issuer: str = Field(min_length=1, max_length=500)
+    client_id: str = Field(min_length=1, max_length=300)
+    # The control plane's address as users' browsers reach it: the redirect URI registered
+    # at the IdP is `{public_url}/sso/callback`.
+    public_url: str = Field(min_length=1, max_length=500)
+    scopes: list[str] = Field(default=["openid", "profile", "email"], min_length=1, max_length=20)
+    # Which ID token claim names the person, and which vpnfleet field it must equal.
+    user_claim: str = Field(default="preferred_username", min_length=1, max_length=100)
+    match: str = "name"
+    clock_skew_seconds: int = Field(default=60, ge=0, le=600)
+    login_timeout_seconds: int = Field(default=180, ge=30, le=900)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    ca_file: str | None = Field(default=None, max_length=1000)
+    allow_http: bool = False  # plain-http IdP and public URL (a lab); never in production
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, v: list[str]) -> list[str]:
+        if "openid" not in v:
+            raise ValueError("scopes must include openid")
+        for scope in v:
+            if not scope or len(scope) > 100 or any(c.isspace() or c == '"' for c in scope):
+                raise ValueError(f"{scope!r} is not a scope")
+        return v
+
+    @field_validator("match")
+    @classmethod
+    def _match(cls, v: str) -> str:
+        if v not in ("name", "email"):
+            raise ValueError("match must be 'name' (the user name) or 'email'")
+        return v
+
+    @model_validator(mode="after")
+    def _urls(self) -> IdpSettings:
+        from vpnfleet.controlplane.oidcprovider import check_url
+
+        check_url(self.issuer, "issuer", allow_http=self.allow_http)
+        check_url(self.public_url, "public_url", allow_http=self.allow_http)
+        if urlsplit(self.public_url).query:
+            raise ValueError("public_url must have no query")
+        return self
+
+
+class IdpSetIn(IdpSettings):
+    # Sealed before it is stored, never shown again; left out keeps the stored one. An IdP
+    # client registered as public (PKCE only) has none.
+    client_secret: str | None = Field(default=None, min_length=1, max_length=1000)
+
+
+class IdpOut(IdpSettings):
+    redirect_uri: str
+    client_secret_set: bool
+    updated_at: dt.datetime
+    updated_by: str | None
+
+
+class IdpTestOut(BaseModel):
+    issuer: str
+    authorization_endpoint: str
+    token_endpoint: str
+    jwks_uri: str
+    signing_algorithms: list[str]
+    pkce_methods: list[str] | None
+    key_ids: list[str]
+    keys: int
+    redirect_uri: str
+    seconds: float
