@@ -58,6 +58,7 @@ def snapshot_json() -> str:
             groups=user_groups(i),
             gateway_address=None,
             cert_serial=str(1000 + i),
+            auth="cert",
         )
         for i in range(USERS)
     ]

@@ -88,6 +88,7 @@ def fleet(users: int, serials: dict[str, str]) -> Snapshot:
                 groups=sorted({f"g{i % GROUPS}", f"g{(i + 1) % GROUPS}"}),
                 gateway_address=None,
                 cert_serial=serials.get(name, str(10_000_000 + i)),
+                auth="cert",
             )
         )
     groups = [GroupState(id=g + 1, name=f"g{g}") for g in range(GROUPS)]

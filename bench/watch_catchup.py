@@ -120,7 +120,8 @@ def fill(url: str, changes: int) -> int:
                 changelog.Upsert(UserState(id=uid, name=name, enabled=True, mode="nat",
                                            max_sessions=2, groups=[f"team-{i}"],
                                            gateway_address=None,
-                                           cert_serial=secrets.token_hex(16))),
+                                           cert_serial=secrets.token_hex(16),
+                                           auth="cert")),
             ]  # fmt: skip
             users.append(name)
         elif step in (3, 4):

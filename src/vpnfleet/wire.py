@@ -25,8 +25,9 @@ from pydantic import (
 )
 
 from vpnfleet.core import netparse
+from vpnfleet.core.authpolicy import AuthPolicy
 
-WIRE_VERSION = 2
+WIRE_VERSION = 3  # 3: UserState.auth
 
 # --- bounds every API input shares ----------------------------------------------------------------
 #
@@ -179,6 +180,7 @@ class UserState(BaseModel):
     groups: list[str]  # group names, sorted
     gateway_address: str | None  # the stable lease of a gateway user
     cert_serial: str | None  # the one certificate the user may connect with
+    auth: AuthPolicy  # what a connection must present (core/authpolicy.py: already resolved)
 
 
 class GroupState(BaseModel):

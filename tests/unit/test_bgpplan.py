@@ -83,11 +83,11 @@ def test_the_plan_follows_the_session_book_through_connect_and_disconnect() -> N
         users=[
             UserState(
                 id=1, name="gary", enabled=True, mode="gateway", max_sessions=1, groups=[],
-                gateway_address="10.201.0.5", cert_serial="7",
+                gateway_address="10.201.0.5", cert_serial="7", auth="cert",
             ),
             UserState(
                 id=2, name="alice", enabled=True, mode="nat", max_sessions=1, groups=[],
-                gateway_address=None, cert_serial="7",
+                gateway_address=None, cert_serial="7", auth="cert",
             ),
         ],
         groups=[], rules=[], pools=[], sessions=[], pods=[],

@@ -6,6 +6,7 @@ import datetime as dt
 import ipaddress
 
 import pytest
+from pydantic import ValidationError
 
 from vpnfleet.core import authz, ipam
 from vpnfleet.core.fleet import FleetView
@@ -66,6 +67,7 @@ def user(name: str = "alice", **fields: object) -> UserState:
         "groups": [],
         "gateway_address": None,
         "cert_serial": "123",
+        "auth": "cert",
     }
     return UserState.model_validate({**base, **fields})
 
@@ -253,3 +255,30 @@ def test_what_each_event_asks_the_agent_to_do() -> None:
     # An event at the view's own revision is already in it.
     e = v.apply(UserUpsert(revision=13, at=AT, object=user(enabled=False)))
     assert not e.users and v.users["alice"].enabled
+
+
+def test_a_cert_sso_user_is_refused_at_connect_and_kept_at_reauth() -> None:
+    """Until the web-auth login exists, the certificate alone never admits a cert+sso user;
+    a renegotiation of a connection that was admitted is not refused for it."""
+    v = view(ALICE.model_copy(update={"auth": "cert+sso"}), GW)
+    d = authz.decide(v, "alice", "123", 0)
+    assert (d.allow, d.reason, d.client_reason) == (
+        False,
+        "single sign-on required",
+        "single sign-on login required",
+    )
+    assert d.label == "single_sign-on_required"
+    assert authz.decide(v, "alice", "123", 0, reauth=True).allow
+    assert authz.decide(v, "gw", "55", 0).allow  # other users are not affected
+    # A disabled user is refused as disabled, whatever the policy.
+    off = view(ALICE.model_copy(update={"auth": "cert+sso", "enabled": False}))
+    assert authz.decide(off, "alice", "123", 0, reauth=True).reason == "user disabled"
+
+
+def test_the_auth_field_is_required_and_checked_on_the_wire() -> None:
+    base = ALICE.model_dump()
+    del base["auth"]
+    with pytest.raises(ValidationError):
+        UserState.model_validate(base)
+    with pytest.raises(ValidationError):
+        UserState.model_validate({**base, "auth": "sso"})

@@ -31,6 +31,7 @@ def user(name: str, **kw: object) -> UserState:
         "groups": [],
         "gateway_address": None,
         "cert_serial": "7",
+        "auth": "cert",
     }
     fields.update(kw)
     return UserState.model_validate(fields)

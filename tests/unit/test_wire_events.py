@@ -44,6 +44,7 @@ USER = UserUpsert(
         groups=["devs"],
         gateway_address=None,
         cert_serial="123",
+        auth="cert",
     ),
 )
 

@@ -41,7 +41,16 @@ def _time(value: str | None, name: str) -> str | None:
 user_app = typer.Typer(
     help="Users: accounts, modes, certificates and profiles.", no_args_is_help=True
 )
-USER_COLS = ["name", "mode", "enabled", "max_sessions", "groups", "gateway_address", "email"]
+USER_COLS = [
+    "name",
+    "mode",
+    "enabled",
+    "max_sessions",
+    "groups",
+    "gateway_address",
+    "email",
+    "auth",
+]
 
 
 @user_app.command("add")
@@ -89,16 +98,24 @@ def user_set(
     email: Annotated[str | None, typer.Option()] = None,
     mode: Annotated[str | None, typer.Option(help="nat or gateway.")] = None,
     max_sessions: Annotated[int | None, typer.Option()] = None,
+    auth_policy: Annotated[
+        str | None,
+        typer.Option(help="cert, cert+sso, or inherit (as the user's groups say)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Change a user's email, mode or session limit."""
+    """Change a user's email, mode, session limit or auth policy."""
     body: dict[str, Any] = {
         k: v
         for k, v in {"email": email, "mode": mode, "max_sessions": max_sessions}.items()
         if v is not None
     }
+    if auth_policy is not None:
+        body["auth_policy"] = None if auth_policy == "inherit" else auth_policy
     if not body:
-        raise CLIError("nothing to change: give --email, --mode or --max-sessions", 2)
+        raise CLIError(
+            "nothing to change: give --email, --mode, --max-sessions or --auth-policy", 2
+        )
     out = api(ctx).patch(f"/api/v1/users/{name}", body)
     show(out, as_json) if as_json else typer.echo(f"updated user {name}")
 
@@ -230,10 +247,34 @@ def group_add(
     show(out, as_json) if as_json else typer.echo(f"created group {name} (id {out['id']})")
 
 
+@group_app.command("set")
+def group_set(
+    ctx: typer.Context,
+    name: str,
+    description: Annotated[str | None, typer.Option()] = None,
+    auth_policy: Annotated[
+        str | None,
+        typer.Option(help="cert, cert+sso, or none: what the members' connections must present."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change a group's description or the auth policy asked of its members."""
+    body: dict[str, Any] = {}
+    if description is not None:
+        body["description"] = description
+    if auth_policy is not None:
+        body["auth_policy"] = None if auth_policy == "none" else auth_policy
+    if not body:
+        raise CLIError("nothing to change: give --description or --auth-policy", 2)
+    out = api(ctx).patch(f"/api/v1/groups/{name}", body)
+    show(out, as_json) if as_json else typer.echo(f"updated group {name}")
+
+
 @group_app.command("list")
 def group_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List groups."""
-    show(api(ctx).get_all("/api/v1/groups"), as_json, ["name", "members", "rules", "description"])
+    cols = ["name", "members", "rules", "auth_policy", "description"]
+    show(api(ctx).get_all("/api/v1/groups"), as_json, cols)
 
 
 @group_app.command("show")

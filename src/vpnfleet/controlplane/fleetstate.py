@@ -24,6 +24,7 @@ from vpnfleet.controlplane.models import (
     User,
     VpnSession,
 )
+from vpnfleet.core import authpolicy
 from vpnfleet.wire import (
     CrlUpdate,
     GroupKey,
@@ -47,11 +48,15 @@ def user_states(db: Session, users: Sequence[User] | None = None) -> list[UserSt
     rows = list(db.scalars(select(User).order_by(User.id))) if users is None else list(users)
     ids = [u.id for u in rows]
     groups_of: dict[int, list[str]] = {}
-    query = select(Membership.user_id, Group.name).join(Group).order_by(Group.name)
+    group_policies: dict[int, list[str | None]] = {}
+    query = (
+        select(Membership.user_id, Group.name, Group.auth_policy).join(Group).order_by(Group.name)
+    )
     if users is not None:
         query = query.where(Membership.user_id.in_(ids))
-    for user_id, gname in db.execute(query):
+    for user_id, gname, policy in db.execute(query):
         groups_of.setdefault(user_id, []).append(gname)
+        group_policies.setdefault(user_id, []).append(policy)
     lease_query = select(GatewayLease.user_id, GatewayLease.address)
     cert_query = (
         select(Certificate.user_id, Certificate.serial)
@@ -75,6 +80,7 @@ def user_states(db: Session, users: Sequence[User] | None = None) -> list[UserSt
             groups=groups_of.get(u.id, []),
             gateway_address=leases.get(u.id),
             cert_serial=serials.get(u.id),
+            auth=authpolicy.effective(u.auth_policy, group_policies.get(u.id, ())),
         )
         for u in rows
     ]

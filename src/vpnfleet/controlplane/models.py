@@ -83,6 +83,8 @@ class User(Base):
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     mode: Mapped[str] = mapped_column(String(16), default="nat")
     max_sessions: Mapped[int] = mapped_column(default=1)
+    # "cert" or "cert+sso"; None: as the user's groups say (core/authpolicy.py).
+    auth_policy: Mapped[str | None] = mapped_column(String(16), default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -96,6 +98,8 @@ class Group(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     description: Mapped[str | None] = mapped_column(String(500))
+    # "cert" or "cert+sso" asked of its members' connections; None: no requirement.
+    auth_policy: Mapped[str | None] = mapped_column(String(16), default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     memberships: Mapped[list[Membership]] = relationship(

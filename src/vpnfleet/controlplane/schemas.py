@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vpnfleet.core import netparse
+from vpnfleet.core import authpolicy, netparse
 from vpnfleet.wire import Storable
 
 _strict = ConfigDict(extra="forbid")
@@ -52,6 +52,13 @@ class UserUpdate(Storable):
     mode: str | None = None
     enabled: bool | None = None
     max_sessions: int | None = Field(default=None, ge=1, le=100)
+    # "cert" or "cert+sso"; null: as the user's groups say
+    auth_policy: str | None = None
+
+    @field_validator("auth_policy")
+    @classmethod
+    def _auth(cls, v: str | None) -> str | None:
+        return None if v is None else authpolicy.parse_policy(v)
 
     @field_validator("mode")
     @classmethod
@@ -84,6 +91,8 @@ class UserOut(BaseModel):
     groups: list[str]
     gateway_address: str | None
     certificate: CertOut | None
+    auth_policy: str | None  # the user's own (None: as the groups say)
+    auth: str  # what the user's connections must present, all things considered
     created_at: dt.datetime
     updated_at: dt.datetime
 
@@ -99,10 +108,23 @@ class GroupCreate(Storable):
         return netparse.validate_name(v, "group name")
 
 
+class GroupUpdate(Storable):
+    model_config = _strict
+    description: str | None = Field(default=None, max_length=500)
+    # "cert" or "cert+sso" asked of the members' connections; null: no requirement
+    auth_policy: str | None = None
+
+    @field_validator("auth_policy")
+    @classmethod
+    def _auth(cls, v: str | None) -> str | None:
+        return None if v is None else authpolicy.parse_policy(v)
+
+
 class GroupOut(BaseModel):
     id: int
     name: str
     description: str | None
+    auth_policy: str | None
     members: list[str]
     rules: int
     created_at: dt.datetime

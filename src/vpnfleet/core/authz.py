@@ -46,6 +46,8 @@ def decide(
     cert_serial: str | None,
     local_sessions: int,
     superseded: frozenset[str] = frozenset(),
+    *,
+    reauth: bool = False,
 ) -> Decision:
     """Decide a CONNECT for the certificate `common_name` / `cert_serial`.
 
@@ -53,6 +55,10 @@ def decide(
     seen yet (established here, not yet echoed back by the watch stream). `superseded` names
     session uids this connection replaces (the same device reconnecting): they do not count,
     and neither do sessions the control plane has marked to end (`LiveSession.kill`).
+
+    A user whose auth policy is `cert+sso` is refused at CONNECT: the web-auth login that
+    would admit them is not built yet, and the certificate alone must not be enough. A REAUTH
+    (TLS renegotiation) continues a connection that was admitted, so it is not asked again.
     """
     user = view.users.get(common_name)
     if user is None:
@@ -61,6 +67,8 @@ def decide(
         return Decision(False, "user disabled", "account disabled")
     if not serial_matches(user.cert_serial, cert_serial):
         return Decision(False, "certificate not current", "certificate revoked or replaced")
+    if user.auth == "cert+sso" and not reauth:
+        return Decision(False, "single sign-on required", "single sign-on login required")
     if user.mode == "gateway" and not user.gateway_address:
         return Decision(False, "no gateway address leased", "no gateway address")
     # A session the control plane asked to end (killed, replaced) is on its way out and

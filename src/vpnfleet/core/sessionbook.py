@@ -266,7 +266,7 @@ class SessionBook:
             for s in view.sessions.values()
             if s.user == cn and real_ip is not None and s.real_ip == real_ip
         }
-        decision = authz.decide(view, cn, serial, local, frozenset(superseded))
+        decision = authz.decide(view, cn, serial, local, frozenset(superseded), reauth=reauth)
         known = self._clients.get(key)
         if reauth:
             if decision.allow or known is None:

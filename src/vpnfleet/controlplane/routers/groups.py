@@ -10,7 +10,14 @@ from sqlalchemy import select
 from vpnfleet.controlplane.models import Group, Rule
 from vpnfleet.controlplane.pagination import LINK_HEADER, Keyset, PageParams
 from vpnfleet.controlplane.routing import WriteThroughRoute
-from vpnfleet.controlplane.schemas import GroupCreate, GroupOut, MemberIn, RuleCreate, RuleOut
+from vpnfleet.controlplane.schemas import (
+    GroupCreate,
+    GroupOut,
+    GroupUpdate,
+    MemberIn,
+    RuleCreate,
+    RuleOut,
+)
 from vpnfleet.controlplane.services import groups, rules, users
 from vpnfleet.controlplane.services.journal import Journal
 from vpnfleet.controlplane.state import DB, Operator
@@ -42,6 +49,21 @@ def create_group(body: GroupCreate, db: DB, who: Operator) -> GroupOut:
 @router.get("/groups/{name}", response_model=GroupOut)
 def show_group(name: str, db: DB, _who: Operator) -> GroupOut:
     return groups.group_out(db, groups.get_group(db, name))
+
+
+@router.patch("/groups/{name}", response_model=GroupOut)
+def update_group(name: str, body: GroupUpdate, db: DB, who: Operator) -> GroupOut:
+    """Change the description and/or the auth policy asked of the members' connections
+    (`cert`, `cert+sso`, null for none); one audit entry each."""
+    group = groups.get_group(db, name)
+    changes = body.model_dump(exclude_unset=True)
+    journal = Journal(db, who)
+    if "description" in changes and changes["description"] != group.description:
+        groups.update_group(db, journal, group, changes["description"])
+    if "auth_policy" in changes and changes["auth_policy"] != group.auth_policy:
+        groups.set_auth_policy(db, journal, group, changes["auth_policy"])
+    journal.commit()
+    return groups.group_out(db, group)
 
 
 @router.delete("/groups/{name}", status_code=204)

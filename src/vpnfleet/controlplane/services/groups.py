@@ -56,6 +56,7 @@ def groups_out(db: Session, rows: Sequence[Group]) -> list[GroupOut]:
             id=group.id,
             name=group.name,
             description=group.description,
+            auth_policy=group.auth_policy,
             members=members[group.id],
             rules=rules.get(group.id, 0),
             created_at=group.created_at,
@@ -87,6 +88,20 @@ def update_group(db: Session, journal: Journal, group: Group, description: str |
     journal.upsert(fleetstate.group_state(group))
     journal.audit(
         "group.update", group.name, before, journal.capture(lambda: _audit_view(db, group))
+    )
+    return group
+
+
+def set_auth_policy(db: Session, journal: Journal, group: Group, policy: str | None) -> Group:
+    """Ask `policy` of the members' connections (None: no requirement); every member's
+    resolved policy is sent to the agents again."""
+    before = journal.capture(lambda: _audit_view(db, group))
+    group.auth_policy = policy
+    db.flush()
+    for user in db.scalars(select(User).join(Membership).where(Membership.group_id == group.id)):
+        journal.user_changed(user)
+    journal.audit(
+        "group.auth_policy", group.name, before, journal.capture(lambda: _audit_view(db, group))
     )
     return group
 

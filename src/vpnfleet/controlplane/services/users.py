@@ -18,13 +18,13 @@ from vpnfleet.controlplane.models import Certificate, GatewayLease, Group, Membe
 from vpnfleet.controlplane.schemas import CertOut, UserOut
 from vpnfleet.controlplane.services.journal import AuditView, Journal
 from vpnfleet.controlplane.state import jsonable
-from vpnfleet.core import ipam, netparse, ovpn_config
+from vpnfleet.core import authpolicy, ipam, netparse, ovpn_config
 from vpnfleet.wire import SERVER_CN_PREFIX
 
 LEASE_RETRIES = 8
 
 # What PATCH /users/{name} and a policy may change on a user.
-UPDATABLE = frozenset({"email", "mode", "enabled", "max_sessions"})
+UPDATABLE = frozenset({"email", "mode", "enabled", "max_sessions", "auth_policy"})
 
 
 def get_user(db: Session, name: str) -> User:
@@ -64,18 +64,20 @@ ID_CHUNK = 1_000  # ids per IN list (SQLite binds each as a parameter)
 def users_out(db: Session, rows: Sequence[User]) -> list[UserOut]:
     """Many users as the API shows them, in three queries per 1,000 users (not three each)."""
     groups: dict[int, list[str]] = {u.id: [] for u in rows}
+    group_policies: dict[int, list[str | None]] = {u.id: [] for u in rows}
     leases: dict[int, str] = {}
     current: dict[int, Certificate] = {}
     ids = list(groups)
     for first in range(0, len(ids), ID_CHUNK):
         chunk = ids[first : first + ID_CHUNK]
-        for user_id, group in db.execute(
-            select(Membership.user_id, Group.name)
+        for user_id, group, policy in db.execute(
+            select(Membership.user_id, Group.name, Group.auth_policy)
             .join(Group)
             .where(Membership.user_id.in_(chunk))
             .order_by(Group.name)
         ):
             groups[user_id].append(group)
+            group_policies[user_id].append(policy)
         leases.update(
             db.execute(
                 select(GatewayLease.user_id, GatewayLease.address).where(
@@ -105,6 +107,8 @@ def users_out(db: Session, rows: Sequence[User]) -> list[UserOut]:
             groups=groups[user.id],
             gateway_address=leases.get(user.id),
             certificate=cert_out(current.get(user.id)),
+            auth_policy=user.auth_policy,
+            auth=authpolicy.effective(user.auth_policy, group_policies[user.id]),
             created_at=user.created_at,
             updated_at=user.updated_at,
         )
