@@ -313,7 +313,10 @@ class OvpnLab:
         self.processes.append(proc)
         return proc.start()
 
-    def start_client(self, common_name: str, keypair: pki.KeyPair | None = None) -> OpenVPNProcess:
+    def start_client(
+        self, common_name: str, keypair: pki.KeyPair | None = None, extra: str = ""
+    ) -> OpenVPNProcess:
+        """A stock client with our profile (`extra`: more config lines appended to it)."""
         kp = keypair or self.certs.client(common_name)
         profile = render_client_profile(
             remotes=[(SERVER_IP, PORT)],
@@ -325,7 +328,9 @@ class OvpnLab:
             server_name_prefix=SERVER_CN_PREFIX,
             name=common_name,
         )
-        proc = OpenVPNProcess(self.client_ns, self.workdir, f"client-{common_name}", profile)
+        proc = OpenVPNProcess(
+            self.client_ns, self.workdir, f"client-{common_name}", profile + extra
+        )
         self.processes.append(proc)
         return proc.start()
 

@@ -22,6 +22,7 @@ from tests.e2e.ovpn_fixtures import (
     drain_events,
     next_client_event,
 )
+from tests.polling import until
 from vpnfleet.agent.management import (
     CommandError,
     CommandTimeout,
@@ -37,6 +38,7 @@ from vpnfleet.core.mgmt_protocol import (
     Notification,
 )
 from vpnfleet.core.ovpn_config import DATA_CIPHERS
+from vpnfleet.core.webauth import announces_webauth, web_auth_extra
 
 pytestmark = [pytest.mark.e2e, requires_netns("openvpn")]
 
@@ -194,6 +196,36 @@ async def test_client_deny_reason_is_shown_by_the_client(lab: OvpnLab) -> None:
     assert f"AUTH_FAILED,{client_reason}" in client.log()
     assert "connection rejected: account disabled" in server.log()
     assert await lab.client_tunnel_ipv4() is None
+
+
+async def test_pending_web_auth_reaches_a_client_that_announces_it(lab: OvpnLab) -> None:
+    """The building blocks of SSO with a stock 2.6 client: it announces web auth (IV_SSO),
+    gets the login URL while its connection waits, and is admitted when the answer comes."""
+    _, mgmt = await start_pod(lab)
+    client = lab.start_client("alice", extra="setenv IV_SSO webauth\n")
+    connect = await next_client_event(mgmt, ClientEventKind.CONNECT)
+    assert connect.kid is not None
+    assert announces_webauth(connect.env)
+    url = "https://vpn.example.test/sso/login/Zq8-x_4"
+    await mgmt.client_pending_auth(connect.cid, connect.kid, web_auth_extra(url), 30)
+    await until(lambda: f"WEB_AUTH::{url}" in client.log(), 20, "the URL in the client's log")
+    assert "AUTH_PENDING" in client.log()
+    await asyncio.sleep(2)  # still waiting for the login: no tunnel
+    assert await lab.client_tunnel_ipv4() is None
+    await mgmt.client_auth(connect.cid, connect.kid, PUSH_ALICE)
+    await next_client_event(mgmt, ClientEventKind.ESTABLISHED, cid=connect.cid)
+    assert await until(lab.client_tunnel_ipv4, 20, "the tunnel") == f"{ALICE_IP}/24"
+
+
+async def test_a_client_without_web_auth_does_not_announce_it(lab: OvpnLab) -> None:
+    _, mgmt = await start_pod(lab)
+    client = lab.start_client("alice")
+    connect = await next_client_event(mgmt, ClientEventKind.CONNECT)
+    assert connect.kid is not None
+    assert not announces_webauth(connect.env)
+    await mgmt.client_deny(connect.cid, connect.kid, "sso", "single sign-on login required")
+    await client.wait_exit(20)
+    assert "AUTH_FAILED,single sign-on login required" in client.log()
 
 
 async def test_client_kill_restart_makes_the_client_reconnect(lab: OvpnLab) -> None:

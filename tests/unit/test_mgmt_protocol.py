@@ -533,3 +533,16 @@ def test_redact_multiline_text() -> None:
         mp.redact(text) == ">CLIENT:CONNECT,0,1\n>CLIENT:ENV,password=<redacted>\n>CLIENT:ENV,END"
     )
     assert "hunter2" not in mp.redact(CONNECT_BLOCK)
+
+
+def test_client_pending_auth() -> None:
+    extra = "WEB_AUTH::https://vpn.example.test/sso/login/Xy_9"
+    assert mp.client_pending_auth(7, 2, extra, 120) == (
+        'client-pending-auth 7 2 "WEB_AUTH::https://vpn.example.test/sso/login/Xy_9" 120\n'
+    )
+    with pytest.raises(ValueError, match="timeout"):
+        mp.client_pending_auth(7, 2, extra, 0)
+    with pytest.raises(ValueError, match="control character"):
+        mp.client_pending_auth(7, 2, extra + "\nclient-kill 0", 60)
+    with pytest.raises(ValueError, match="longer than"):
+        mp.client_pending_auth(7, 2, "WEB_AUTH::https://x.test/" + "a" * 1000, 60)

@@ -348,6 +348,18 @@ class ManagementClient:
         """Refuse a CONNECT/REAUTH; the client shows `AUTH_FAILED,<client_reason>` and exits."""
         await self._simple(proto.client_deny(cid, kid, reason, client_reason), timeout)
 
+    async def client_pending_auth(
+        self,
+        cid: int,
+        kid: int,
+        extra: str,
+        pending_timeout: int,
+        timeout: float = DEFAULT_COMMAND_TIMEOUT,
+    ) -> None:
+        """Keep a CONNECT pending (e.g. a web login, `extra` = `WEB_AUTH::<url>`) for up to
+        `pending_timeout` seconds; answer it later with client_auth or client_deny."""
+        await self._simple(proto.client_pending_auth(cid, kid, extra, pending_timeout), timeout)
+
     async def client_kill(
         self, cid: int, message: str = "RESTART", timeout: float = DEFAULT_COMMAND_TIMEOUT
     ) -> None:

@@ -50,6 +50,7 @@ __all__ = [
     "client_auth",
     "client_deny",
     "client_kill",
+    "client_pending_auth",
     "expects_listing",
     "format_command",
     "parse_status",
@@ -469,6 +470,21 @@ def client_deny(cid: int, kid: int, reason: str, client_reason: str | None = Non
     if client_reason is not None:
         cmd += f" {quote_arg(client_reason)}"
     return _check_line(cmd, "client-deny command") + "\n"
+
+
+def client_pending_auth(cid: int, kid: int, extra: str, timeout: int) -> str:
+    """The `client-pending-auth` command line (with trailing newline), OpenVPN 2.5+.
+
+    OpenVPN sends `AUTH_PENDING` and `INFO_PRE,<extra>` to the client (for a web login,
+    `extra` is core.webauth.web_auth_extra's) and keeps the client waiting up to `timeout`
+    seconds (capped by the server's hand-window) for a `client-auth` or `client-deny`.
+    """
+    _check_id(cid, "cid")
+    _check_id(kid, "kid")
+    if not 1 <= timeout <= 86400:
+        raise ValueError(f"pending-auth timeout must be 1..86400 seconds, not {timeout}")
+    cmd = f"client-pending-auth {cid} {kid} {quote_arg(extra)} {timeout}"
+    return _check_line(cmd, "client-pending-auth command") + "\n"
 
 
 _KILL_RE = re.compile(r"(RESTART|HALT)(,[\x20-\x7e]*)?")
