@@ -16,14 +16,17 @@ fetch at a time per provider.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import ipaddress
 import json
+import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
 import jwt
@@ -253,3 +256,106 @@ class Provider:
             clock_skew=self.clock_skew,
         )
         return idtoken.validate(token, header, key, expected)
+
+
+# --- the authorization-code flow with PKCE (RFC 7636) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoginSecrets:
+    """What one login sends and must find again: `state` (binds the callback to the login),
+    `nonce` (binds the ID token to it), the PKCE verifier and its S256 challenge."""
+
+    state: str
+    nonce: str
+    verifier: str
+
+    @property
+    def challenge(self) -> str:
+        return pkce_challenge(self.verifier)
+
+    @classmethod
+    def new(cls) -> LoginSecrets:
+        # 32 random bytes each; the verifier's 43 characters are RFC 7636's minimum length.
+        return cls(
+            state=secrets.token_urlsafe(32),
+            nonce=secrets.token_urlsafe(32),
+            verifier=secrets.token_urlsafe(32),
+        )
+
+
+def pkce_challenge(verifier: str) -> str:
+    """BASE64URL(SHA256(verifier)) without padding (RFC 7636, 4.2)."""
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def authorization_url(
+    meta: Metadata, client_id: str, redirect_uri: str, scopes: list[str], login: LoginSecrets
+) -> str:
+    """Where the user's browser is sent to log in."""
+    query = urlencode(
+        {
+            "response_type": "code",
+            "client_id": client_id,
+            "redirect_uri": redirect_uri,
+            "scope": " ".join(scopes),
+            "state": login.state,
+            "nonce": login.nonce,
+            "code_challenge": login.challenge,
+            "code_challenge_method": "S256",
+        }
+    )
+    sep = "&" if urlsplit(meta.authorization_endpoint).query else "?"
+    return f"{meta.authorization_endpoint}{sep}{query}"
+
+
+def exchange_code(
+    meta: Metadata,
+    conn: Connection,
+    *,
+    client_id: str,
+    client_secret: str | None,
+    code: str,
+    verifier: str,
+    redirect_uri: str,
+) -> str:
+    """Redeem an authorization code at the token endpoint; returns the raw ID token.
+
+    A confidential client authenticates with HTTP Basic (client_secret_basic, the method every
+    IdP supports); a public one sends its client id. Errors are one ProviderError sentence,
+    with the IdP's `error` code but never the code, the secret or a token."""
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": redirect_uri,
+        "code_verifier": verifier,
+    }
+    headers = {"Accept": "application/json"}
+    if client_secret is None:
+        form["client_id"] = client_id
+    else:
+        # RFC 6749 2.3.1: form-encode id and secret before Basic (httpx.BasicAuth does not).
+        pair = f"{quote(client_id, safe='')}:{quote(client_secret, safe='')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+    try:
+        with conn.client() as client:
+            resp = client.post(meta.token_endpoint, data=form, headers=headers)
+    except httpx.TimeoutException:
+        raise ProviderError("the IdP's token endpoint did not answer in time") from None
+    except httpx.HTTPError as exc:
+        raise ProviderError(f"cannot reach the IdP's token endpoint: {_reason(exc)}") from None
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if resp.status_code != 200 or not isinstance(body, dict):
+        error = body.get("error") if isinstance(body, dict) else None
+        code_text = f" ({str(error)[:100]})" if isinstance(error, str) else ""
+        raise ProviderError(
+            f"the IdP refused the authorization code: HTTP {resp.status_code}{code_text}"
+        )
+    id_token = body.get("id_token")
+    if not isinstance(id_token, str) or not id_token:
+        raise ProviderError("the IdP's token response has no ID token (is 'openid' a scope?)")
+    return id_token
