@@ -66,6 +66,9 @@ DIRECTORY = "/api/v1/directory"
 # The directory the fuzzing may configure: loopback, on a port nothing listens on (a sync
 # fails at once with 502), so no generated host name is ever looked up or contacted.
 NO_DIRECTORY = f"ldap://127.0.0.1:{free_port()}"
+IDP = "/api/v1/idp"
+# Likewise the IdP: `idp test` fails at once with 502 (connection refused on loopback).
+NO_IDP = f"http://127.0.0.1:{free_port()}/realms/fuzz"
 
 
 def agent_headers(server: Server) -> dict[str, str]:
@@ -156,6 +159,13 @@ def seed(server: Server, admin: dict[str, str], agent: dict[str, str], fleet: Fl
             "enabled": False,
         }
         _ok(c.put(DIRECTORY, json=directory))
+        idp = {
+            "issuer": NO_IDP,
+            "client_id": "vpnfleet",
+            "client_secret": "fuzz-client-secret",
+            "public_url": "https://vpn.example.test",
+        }
+        _ok(c.put(IDP, json=idp))
     at = now.isoformat()
     ms = int(now.timestamp() * 1000)
     first = f"{POD}-00000001"
@@ -323,6 +333,9 @@ def fuzz_schema(fuzz_target: Target) -> schemathesis.BaseSchema:
         if path == DIRECTORY and isinstance(body, dict) and isinstance(body.get("url"), str):
             # Any URL the schema would accept points at loopback (and the periodic sync off).
             return st.just({**body, "url": NO_DIRECTORY, "enabled": False})
+        if path == IDP and isinstance(body, dict) and isinstance(body.get("issuer"), str):
+            # Any issuer the schema would accept points at loopback, where nothing listens.
+            return st.just({**body, "issuer": NO_IDP})
         if not path.startswith(AGENT_PREFIX):
             return st.just(body)
         return _steer_each(body, fleet.value_choices)
@@ -387,9 +400,11 @@ def test_no_server_errors_and_responses_match_the_schema(case: Case, fuzz_target
     else:
         response = case.call(headers=fuzz_target.headers_for(case))
         checks = _checks(response.status_code)
-        if case.operation.path == f"{DIRECTORY}/sync" and response.status_code == 502:
-            # The fuzzed directory is deliberately unreachable: its documented 502 is the
-            # right answer, not a server error (the body is still checked as problem+json).
+        unreachable = (f"{DIRECTORY}/sync", f"{IDP}/test")
+        if case.operation.path in unreachable and response.status_code == 502:
+            # The fuzzed directory and IdP are deliberately unreachable: their documented 502
+            # is the right answer, not a server error (the body is still checked as
+            # problem+json).
             checks = [c for c in checks if c is not not_a_server_error]
         case.validate_response(response, checks=checks)
     # The safety net in errors.py answers 422 when the database refuses a value the schema

@@ -50,7 +50,7 @@ WHY = {
     "pool, a race lost to a concurrent request. Nothing was written.",
     413: "The body is over the size limit (docs/api.md); it was not read.",
     422: "Invalid request: `errors` names each field and what is wrong with it.",
-    502: "A server this operation depends on (the LDAP directory) could not be reached or "
+    502: "A server this operation depends on (the LDAP directory, the IdP) could not be reached or "
     "refused it; `detail` says which and why. Nothing was written.",
     503: "The database is unavailable (or, for the watch, the server refuses more streams).",
 }
@@ -64,9 +64,11 @@ NAMES_OBJECTS = {
     ("post", "/api/v1/agent/sessions/open"),  # its user
     ("post", "/api/v1/agent/heartbeat"),  # its pod
     ("get", "/api/v1/directory"),  # the directory settings, before they are set
+    ("get", "/api/v1/idp"),  # the IdP settings, before they are set
+    ("post", "/api/v1/idp/test"),  # likewise
 }
 # Operations that answer 502 when a server they call fails.
-CALLS_OUT = {("post", "/api/v1/directory/sync")}
+CALLS_OUT = {("post", "/api/v1/directory/sync"), ("post", "/api/v1/idp/test")}
 WRITES = {"post", "put", "patch", "delete"}
 # Reads that can answer 409: a profile of a user whose certificate is revoked or expired.
 CONFLICTING_READS = {("get", "/api/v1/users/{name}/profile")}

@@ -6,7 +6,6 @@ never shown again, and the `idp.set` audit entry records only whether it changed
 
 from __future__ import annotations
 
-import threading
 import time
 
 from sqlalchemy import select
@@ -88,38 +87,6 @@ def reseal(db: Session, old: pki.Sealer, new: pki.Sealer) -> bool:
     row.client_secret_sealed = new.seal(old.unseal(row.client_secret_sealed))
     db.flush()
     return True
-
-
-class Providers:
-    """One Provider (discovery document and key cache) per distinct setting, per process.
-
-    Changing the settings gives a new Provider: nothing fetched for the old IdP is reused."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._current: tuple[tuple[object, ...], Provider] | None = None
-
-    def get(self, settings: IdpSettings) -> Provider:
-        key = (
-            settings.issuer,
-            settings.client_id,
-            settings.ca_file,
-            settings.allow_http,
-            settings.timeout_seconds,
-            settings.clock_skew_seconds,
-        )
-        with self._lock:
-            if self._current is None or self._current[0] != key:
-                conn = Connection(
-                    timeout=settings.timeout_seconds,
-                    ca_file=settings.ca_file,
-                    allow_http=settings.allow_http,
-                )
-                provider = Provider(
-                    settings.issuer, settings.client_id, conn, settings.clock_skew_seconds
-                )
-                self._current = (key, provider)
-            return self._current[1]
 
 
 def test_provider(settings: IdpSettings) -> IdpTestOut:
