@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -12,6 +14,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import QueuePool
 
 from vpnfleet.controlplane import auth, changelog
 from vpnfleet.controlplane.errors import Problem
@@ -31,6 +34,19 @@ class AppState:
     hub: ChangeHub
     # What the server serves over HTTPS (None: plain HTTP); see controlplane/servertls.py.
     tls: ServerTLS | None = None
+    # The gate of requests holding a database session (db_slot below), per event loop (a
+    # server has one; test clients may start several).
+    _db_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = field(
+        default_factory=weakref.WeakKeyDictionary, init=False, repr=False
+    )
+
+    def db_slots(self) -> asyncio.Semaphore:
+        """This event loop's gate (made on first use: the thread limit is the loop's)."""
+        loop = asyncio.get_running_loop()
+        gate = self._db_slots.get(loop)
+        if gate is None:
+            gate = self._db_slots[loop] = asyncio.Semaphore(request_sessions(self.engine))
+        return gate
 
     def known_token(self, token: str) -> bool:
         """Is ``token`` a known, unrevoked API token? (The intake's check before a body.)"""
@@ -55,7 +71,38 @@ def app_state(request: Request) -> AppState:
     return state
 
 
-def get_db(state: Annotated[AppState, Depends(app_state)]) -> Iterator[Session]:
+# Connections and worker threads kept for what runs outside requests: the watch hub's reads,
+# the lease sweep, retention, the directory sync, the intake's token check.
+RESERVED_SESSIONS = 4
+
+
+def request_sessions(engine: Engine) -> int:
+    """How many requests may hold a database session at once: fewer than the pool's
+    connections and the worker threads, less a reserve (see db_slot)."""
+    threads = int(anyio.to_thread.current_default_thread_limiter().total_tokens)
+    pool = engine.pool
+    connections = pool.size() + max(pool._max_overflow, 0) if isinstance(pool, QueuePool) else 1
+    return max(1, min(connections, threads) - RESERVED_SESSIONS)
+
+
+async def db_slot(state: Annotated[AppState, Depends(app_state)]) -> AsyncIterator[None]:
+    """Wait, in the event loop, for one of the request-session slots.
+
+    A plain (``def``) handler and the exit of its ``get_db`` run in two separate worker-thread
+    calls, and the request keeps its pooled connection (and on SQLite the database lock, on
+    PostgreSQL any row locks) in between. When more requests than the pool has connections
+    arrive at once, every worker thread can be blocked waiting for a connection that only
+    such an in-between request can give back, and it needs a thread to do so: nothing moves
+    until the pool's 30 s timeout fails requests (200 agents heartbeating: whole minutes). With
+    this gate the surplus requests wait here, holding neither a thread nor a connection."""
+    async with state.db_slots():
+        yield
+
+
+def get_db(
+    state: Annotated[AppState, Depends(app_state)],
+    _slot: Annotated[None, Depends(db_slot, scope="function")],
+) -> Iterator[Session]:
     """One transaction per request: committed if the handler returns, rolled back otherwise.
 
     A handler that wrote to the change log has committed already, in its own thread, right
