@@ -99,10 +99,12 @@ async def db_slot(state: Annotated[AppState, Depends(app_state)]) -> AsyncIterat
         yield
 
 
-def get_db(
-    state: Annotated[AppState, Depends(app_state)],
-    _slot: Annotated[None, Depends(db_slot, scope="function")],
-) -> Iterator[Session]:
+# The token check takes the same slot (FastAPI resolves a dependency once per request): on
+# SQLite its transaction needs the database lock, which a gated request may hold.
+Slot = Annotated[None, Depends(db_slot, scope="function")]
+
+
+def get_db(state: Annotated[AppState, Depends(app_state)], _slot: Slot) -> Iterator[Session]:
     """One transaction per request: committed if the handler returns, rolled back otherwise.
 
     A handler that wrote to the change log has committed already, in its own thread, right
@@ -152,6 +154,7 @@ def require(*roles: auth.Role) -> Callable[..., auth.Principal]:
     def _dep(
         state: State,
         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        _slot: Slot,
     ) -> auth.Principal:
         return _admit(state, creds, allowed)
 
@@ -193,6 +196,7 @@ def require_for_watch(*roles: auth.Role) -> Callable[..., Awaitable[auth.Princip
 def _pod_caller(
     state: State,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    _slot: Slot,
 ) -> auth.Principal:
     """Only a pod's own credential (not even an admin token) may speak for a pod."""
     who = _authenticate(state, creds)
