@@ -562,7 +562,9 @@ class PodAgent:
         )
         await asyncio.sleep(self.s.drain_delay)
         for client in clients.established():
-            await clients.kick(client, "pod draining", halt=False)
+            # RESTART,[N]: a client whose profile lists several remotes (pods, regions) moves
+            # to the next one instead of coming back here while this pod still answers.
+            await clients.kick(client, "pod draining", halt=False, next_remote=True)
         deadline = time.monotonic() + self.s.drain_timeout
         while clients.all() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
