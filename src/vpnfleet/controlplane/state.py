@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ from vpnfleet.controlplane.pki import Sealer
 from vpnfleet.controlplane.servertls import ServerTLS
 from vpnfleet.controlplane.settings import ServerSettings
 from vpnfleet.controlplane.watch import ChangeHub
+
+KNOWN_TOKEN_TTL = 10.0
+KNOWN_TOKENS_MAX = 20_000
 
 
 @dataclass
@@ -48,14 +52,30 @@ class AppState:
             gate = self._db_slots[loop] = asyncio.Semaphore(request_sessions(self.engine))
         return gate
 
+    # Tokens the intake found known recently: digest -> until when (monotonic seconds).
+    _known: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+
     def known_token(self, token: str) -> bool:
-        """Is ``token`` a known, unrevoked API token? (The intake's check before a body.)"""
+        """Is ``token`` a known, unrevoked API token? (The intake's check before a body.)
+
+        A token found known is believed for KNOWN_TOKEN_TTL seconds without asking the
+        database again: the intake only decides whether a body is read at all (agents post
+        several times a second). Every request still passes the authoritative check
+        (``_authenticate``), so a revoked token is refused at once either way."""
         digest = auth.hash_token(token)
+        now = time.monotonic()
+        if self._known.get(digest, 0.0) > now:
+            return True
         with self.factory() as db:
             row = db.execute(
                 select(AdminToken.id, AdminToken.revoked_at).where(AdminToken.token_hash == digest)
             ).first()
-        return row is not None and row.revoked_at is None
+        known = row is not None and row.revoked_at is None
+        if known:
+            if len(self._known) >= KNOWN_TOKENS_MAX:
+                self._known.clear()  # bounded: at worst every token is looked up once more
+            self._known[digest] = now + KNOWN_TOKEN_TTL
+        return known
 
     def install_commit_hook(self) -> None:
         """Wake the local watch hub right after a transaction that changed the log commits."""
