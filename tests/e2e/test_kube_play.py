@@ -489,11 +489,11 @@ def test_the_manifests_run_and_clients_connect_follow_permissions_and_survive_a_
     back = time.monotonic() - t0
     print(f"pod stop (drain) took {stop_seconds:.1f} s; carol back after {back:.1f} s")
     # With no Service here, carol's remotes name the pods: told to reconnect (after the 3 s
-    # drain delay) with RESTART,[N], her stock client goes to her profile's next remote at once
-    # instead of back to the draining pod (which, before [N], cost her 12-55 s here: the
-    # draining pod's OpenVPN still answers). On a cluster the pod has left the Service's
-    # endpoints by then and she lands elsewhere anyway.
-    assert back < 40, back
+    # drain delay), her stock client tries the same remote first, the draining pod, which
+    # tells her again until its drain ends; after the profile's 10 s server-poll-timeout she
+    # moves to the next. On a cluster the terminating pod is out of the Service's new
+    # connections by then and she lands elsewhere at once (the lab's drain test).
+    assert back < 80, back
     wait_sessions(
         c,
         {"carol": [pods[1]], "dave": [pods[1]], "erin": [pods[2]]},

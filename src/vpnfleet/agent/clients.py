@@ -299,15 +299,11 @@ class ClientHandler:
 
     # ------------------------------------------------------------------ disconnecting
 
-    async def kick(
-        self, client: Client, reason: str, *, halt: bool, next_remote: bool = False
-    ) -> None:
+    async def kick(self, client: Client, reason: str, *, halt: bool) -> None:
         """Disconnect ``client`` now: its session ends at once, OpenVPN drops it shortly.
 
         OpenVPN keeps a killed instance for a few seconds (delayed exit): the address leaves
-        the firewall and the session record closes now, not at DISCONNECT. ``next_remote``
-        (a drain) tells a reconnecting client to try its profile's next ``remote`` first, not
-        this pod again.
+        the firewall and the session record closes now, not at DISCONNECT.
         """
         ended = self.book.kick(client.cid, reason, client.server)
         if ended is None and self.book.get(client.cid, client.server) is None:
@@ -325,8 +321,7 @@ class ClientHandler:
         if mgmt is None:
             return
         try:
-            message = "HALT" if halt else "RESTART,[N]" if next_remote else "RESTART"
-            await mgmt.client_kill(client.cid, message)
+            await mgmt.client_kill(client.cid, "HALT" if halt else "RESTART")
         except ManagementError as exc:
             log.info("client-kill %d: %s", client.cid, exc)
 
