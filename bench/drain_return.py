@@ -412,6 +412,13 @@ async def main() -> None:
         ap.error("--bound must be 10-600 seconds")
     if not modes or any(m not in MODES for m in modes):
         ap.error(f"--modes: a comma-separated subset of {','.join(MODES)}")
+    # SIGTERM (timeout(1), a CI runner) and SIGINT cancel the run: the labs' finally blocks
+    # still tear everything down.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, main_task.cancel)
     print(f"load before: {load()}", flush=True)
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="vpnfleet-drain-") as tmp:
@@ -459,4 +466,7 @@ if __name__ == "__main__":
         raise SystemExit("Linux only (network namespaces)")
     if os.geteuid() != 0:
         raise SystemExit("run as root (it builds network namespaces)")
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except asyncio.CancelledError:
+        raise SystemExit("interrupted; the labs were torn down") from None
