@@ -10,8 +10,11 @@ clients goes away:
 
 - **drain**: SIGTERM to its agent (a Kubernetes pod deletion or rollout). The agent turns
   readiness off, waits ``VPNFLEET_DRAIN_DELAY`` (1.5 s in the lab), then kicks every client with
-  ``client-kill ... RESTART``; the endpoint follower has taken the pod out of the load balancer
-  and cleared its UDP translations, so the clients' reconnects land on another pod.
+  ``client-kill ... RESTART``; the endpoint follower has taken the pod out of the load balancer,
+  so the clients' reconnects land on another pod. (It also clears the pod's UDP translations as
+  soon as it sees it draining, before the kick: the pod's ``RESTART`` then reaches the clients
+  from the pod's own address and they drop it; see docs/performance.md. The bench counts those
+  drops per mode from the client logs.)
 - **crash** (the baseline): SIGKILL to every process in the pod's namespace (agent, both
   openvpn servers): a node failure, or any deployment without a management-driven drain. The
   clients notice only through their ``ping-restart`` timeout (the pushed ``keepalive``).
