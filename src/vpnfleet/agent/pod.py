@@ -138,6 +138,9 @@ class PodAgent:
         self.host_routes: HostRoutes | None = None
         self._prepared: set[str] = set()
         self._all_prepared = asyncio.Event()
+        # The book holds every server's clients (or PREPARE_WAIT ran out): only then may the
+        # pod report its live sessions, since the control plane closes those it does not list.
+        self._book_complete = False
         self.shipper: SessionShipper | None = None
         self.flow_audit: FlowAudit | None = None
         self.denied_audit: DeniedAudit | None = None
@@ -331,6 +334,7 @@ class PodAgent:
         # were adopted would lock them out and cut their connections.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._all_prepared.wait(), PREPARE_WAIT)
+        self._book_complete = True
         self.firewall.start()
         if self.bgp is not None:
             self.bgp.allow()  # the book is complete: announce from it (adopting a running BIRD)
@@ -352,7 +356,10 @@ class PodAgent:
                 self.host_routes.check_soon()
             if self.firewall.ready:
                 self.firewall.check_drift_soon()
-            if self.cp.reachable:
+            # Not before every server's running clients are adopted: a report made while a
+            # slow server's clients are not yet in the book would close their sessions (and
+            # the control plane would then have them disconnected).
+            if self.cp.reachable and self._book_complete:
                 await self.shipper.report(self.clients.live_uids())
 
     # ------------------------------------------------------------------ reports and probes
