@@ -722,6 +722,11 @@ async def run_config(
         try:
             _, w = await meter.measure(everyone_joins())
         except (TimeoutError, RuntimeError) as exc:
+            out["join"] = {  # what the joins that finished took
+                **{f"{k}_p50_ms": pct(v, 50) * 1000 for k, v in counts.join_latency.items()},
+                **{f"{k}_p99_ms": pct(v, 99) * 1000 for k, v in counts.join_latency.items()},
+                "retries": counts.join_retries, "errors": dict(counts.errors),
+            }  # fmt: skip
             out["failed"] = (
                 f"{type(exc).__name__} {exc}: "
                 + f"{joined} of {cfg.agents} agents joined within the time limit; server log: "

@@ -522,3 +522,10 @@ async def test_clients_of_both_servers_are_adopted_under_their_sessions(
     assert {c.key: c.uid for c in agent.clients.established()} == before
     assert not any(a[0] == "kill" for m in pod.mgmts.values() for a in m.answers)
     assert pod.firewall.flows == [flow] and pod.allowed(b, 22, server="tcp")
+    # Several session reports later (every reconcile, 0.5 s here) both sessions are still live
+    # at the control plane: a report sent before the slow server's clients were adopted used
+    # to close pb's session, and pb was then disconnected.
+    await asyncio.sleep(2.0)
+    live = {s["user"] for s in api(server, "GET", "/api/v1/sessions?active=true")}
+    assert live == {"pa", "pb"}, live
+    assert {c.key for c in agent.clients.established()} == set(before)

@@ -78,6 +78,23 @@ def test_revoked_tokens_are_refused_before_the_body(server: Server) -> None:
     assert r.status_code == 401 and "before the body is read" in r.json()["detail"]
 
 
+def test_a_token_revoked_while_the_intake_remembers_it_is_still_refused(server: Server) -> None:
+    """The intake believes a token it found known for a few seconds (agents post often); the
+    request's own check still refuses a token revoked in that time, and writes nothing."""
+    with server.client() as c:
+        made = c.post("/api/v1/tokens", json={"name": "brief", "role": "operator"}).json()
+    headers = {"Authorization": f"Bearer {made['token']}"}
+    with httpx.Client(base_url=server.url, timeout=30, headers=headers) as c:
+        assert c.post("/api/v1/groups", json={"name": "before"}).status_code == 201
+    with server.client() as c:
+        assert c.delete("/api/v1/tokens/brief").is_success
+    with httpx.Client(base_url=server.url, timeout=30, headers=headers) as c:
+        r = c.post("/api/v1/groups", json={"name": "after"})
+    assert r.status_code == 401 and "unknown or revoked" in r.json()["detail"], r.text
+    with server.client() as c:
+        assert [g["name"] for g in c.get("/api/v1/groups").json()] == ["before"]
+
+
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
 def test_bodies_over_the_route_limit_are_413_and_write_nothing(
     server: Server, declared: bool

@@ -489,10 +489,11 @@ def test_the_manifests_run_and_clients_connect_follow_permissions_and_survive_a_
     back = time.monotonic() - t0
     print(f"pod stop (drain) took {stop_seconds:.1f} s; carol back after {back:.1f} s")
     # With no Service here, carol's remotes name the pods: told to reconnect (after the 3 s
-    # drain delay), her stock client tries the same remote first, the draining pod, which does
-    # not take her back; after the profile's 10 s server-poll-timeout she moves to the next.
-    # On a cluster the pod has left the Service's endpoints by then and she lands elsewhere.
-    assert back < 60, back
+    # drain delay), her stock client tries the same remote first, the draining pod, which
+    # tells her again until its drain ends; after the profile's 10 s server-poll-timeout she
+    # moves to the next. On a cluster the terminating pod is out of the Service's new
+    # connections by then and she lands elsewhere at once (the lab's drain test).
+    assert back < 80, back
     wait_sessions(
         c,
         {"carol": [pods[1]], "dave": [pods[1]], "erin": [pods[2]]},

@@ -334,14 +334,30 @@ async def test_sigterm_drains_clients_to_the_other_pod(lab: LabInfo) -> None:
     moved = set(by_pod[pod])
     pid = await agent_pid(lab, pod)
     assert pid is not None
+    logs = {u: lab.dir / "clients" / f"{u}.log" for u in moved}
+    sizes = {u: path.stat().st_size for u, path in logs.items()}
+    t0 = time.monotonic()
     os.kill(pid, 15)
-    await until(lambda: not alive(pid), 20, "the agent to drain and exit")
-    # Its users reconnect through the load balancer and land on the remaining pod.
+    # Its users are told to reconnect (RESTART through the balancer's translation, which a
+    # draining pod keeps until it has told them) and land on the remaining pod. Well before
+    # the clients' own 60 s ping-restart: that alone brought them back before the fix, as it
+    # does after a crash.
     await until(
         lambda: {s["user"] for s in sessions(lab) if s["pod"] != pod} >= moved,
-        60,
+        30,
         "the drained users to reconnect elsewhere",
     )
+    back = time.monotonic() - t0
+    print(f"\n{len(moved)} drained user(s) back on another pod {back:.1f} s after SIGTERM")
+    assert back < 30, back
+    await until(lambda: not alive(pid), 20, "the agent to drain and exit")
+    for user, path in logs.items():
+        with path.open() as f:  # what the client logged since the SIGTERM
+            f.seek(sizes[user])
+            since = f.read()
+        assert "[soft,ping-restart]" not in since, since[-2000:]  # not the ping timeout
+        assert "Incoming packet rejected" not in since, since[-2000:]  # the RESTART got there
+        assert "[soft,server-pushed-connection-reset]" in since, since[-2000:]
     assert not [s for s in sessions(lab) if s["pod"] == pod]
     with lab.client() as c:
         ended = c.get("/api/v1/sessions", params={"pod": pod, "active": "false"}).json()

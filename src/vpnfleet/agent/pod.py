@@ -122,6 +122,12 @@ class PodAgent:
         self._connect = connect
         self._bgp_speaker = bgp_speaker
         self.draining = False
+        # /readyz stays on through a drain until every client has been told to reconnect:
+        # Kubernetes already takes a terminating pod out of new connections, and kube-proxy
+        # deletes a Service's UDP translations to a pod as soon as it stops serving (ready
+        # off), after which the pod's RESTART reaches its clients from the pod's own address
+        # and they drop it (they wait for their ping-restart instead: about 60 s).
+        self.serving_ended = False
         # Groups the firewall denies for being over its element limit: name -> elements.
         self.over_limit: dict[str, int] = {}
         self._stop = asyncio.Event()
@@ -132,6 +138,9 @@ class PodAgent:
         self.host_routes: HostRoutes | None = None
         self._prepared: set[str] = set()
         self._all_prepared = asyncio.Event()
+        # The book holds every server's clients (or PREPARE_WAIT ran out): only then may the
+        # pod report its live sessions, since the control plane closes those it does not list.
+        self._book_complete = False
         self.shipper: SessionShipper | None = None
         self.flow_audit: FlowAudit | None = None
         self.denied_audit: DeniedAudit | None = None
@@ -325,6 +334,7 @@ class PodAgent:
         # were adopted would lock them out and cut their connections.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._all_prepared.wait(), PREPARE_WAIT)
+        self._book_complete = True
         self.firewall.start()
         if self.bgp is not None:
             self.bgp.allow()  # the book is complete: announce from it (adopting a running BIRD)
@@ -346,7 +356,10 @@ class PodAgent:
                 self.host_routes.check_soon()
             if self.firewall.ready:
                 self.firewall.check_drift_soon()
-            if self.cp.reachable:
+            # Not before every server's running clients are adopted: a report made while a
+            # slow server's clients are not yet in the book would close their sessions (and
+            # the control plane would then have them disconnected).
+            if self.cp.reachable and self._book_complete:
                 await self.shipper.report(self.clients.live_uids())
 
     # ------------------------------------------------------------------ reports and probes
@@ -371,7 +384,7 @@ class PodAgent:
         return Heartbeat(
             name=self.s.name,
             applied_revision=self.firewall.applied_revision if self.firewall else 0,
-            ready=self.ready()[0] if ready is None else ready,
+            ready=(self.ready()[0] and not self.draining) if ready is None else ready,
             status=status,
         )
 
@@ -393,8 +406,9 @@ class PodAgent:
         return loop_ok and (mgmt_ok or self.draining), detail
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        """Readiness: registered, firewall applied, OpenVPN (UDP and TCP) listening, not
-        draining."""
+        """Readiness (serving): registered, firewall applied, OpenVPN (UDP and TCP) listening,
+        and not past the point of a drain where its clients have been told to go. A draining
+        pod says so (``draining``); the control plane hears it as not ready at once."""
         fw_ready = self.firewall is not None and self.firewall.ready
         ovpn = self.openvpn_ready
         audit: bool | str = "off"
@@ -414,7 +428,7 @@ class PodAgent:
             # are served, and a router outage must not empty the whole Service.
             "bgp_sessions": self.bgp.established if self.bgp is not None else "off",
         }
-        ok = self.registration.registered and fw_ready and ovpn and not self.draining
+        ok = self.registration.registered and fw_ready and ovpn and not self.serving_ended
         return ok, detail
 
     async def probe_management(self) -> bool:
@@ -556,16 +570,30 @@ class PodAgent:
         clients = self.clients
         assert clients is not None and self.shipper is not None and self.supervisors
         log.info(
-            "draining %d client(s) in %.0fs (readiness is off now)",
+            "draining %d client(s) in %.0fs (readiness stays on until they have been told)",
             len(clients.established()),
             self.s.drain_delay,
         )
+        # Meanwhile the Service stops sending new clients here (a terminating pod is out of
+        # new connections; the lab's balancer does the same when /readyz says draining).
         await asyncio.sleep(self.s.drain_delay)
-        for client in clients.established():
-            await clients.kick(client, "pod draining", halt=False)
+        told: set[tuple[str, int]] = set()
         deadline = time.monotonic() + self.s.drain_timeout
-        while clients.all() and time.monotonic() < deadline:
+        while True:
+            for client in clients.established():
+                # Also those that connected during the drain (a pod that is not terminating,
+                # e.g. a container restart, still gets new clients).
+                # Plain RESTART, not RESTART,[N] ("next remote"): behind a Service the next
+                # entry of a profile is the TCP fallback, where a UDP user would then stay.
+                if client.key not in told:
+                    told.add(client.key)
+                    await clients.kick(client, "pod draining", halt=False)
+            if not clients.all() or time.monotonic() >= deadline:
+                break
             await asyncio.sleep(0.1)
+        # Every client has been told (and OpenVPN has dropped them, or the time is up): stop
+        # serving, so the Service forgets this pod's translations.
+        self.serving_ended = True
         clients.end_all("pod drained")
         if self.bgp is not None:
             # Withdraw every route, then close the sessions: routers stop sending here now,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -12,6 +15,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import QueuePool
 
 from vpnfleet.controlplane import auth, changelog
 from vpnfleet.controlplane.errors import Problem
@@ -20,6 +24,9 @@ from vpnfleet.controlplane.pki import Sealer
 from vpnfleet.controlplane.servertls import ServerTLS
 from vpnfleet.controlplane.settings import ServerSettings
 from vpnfleet.controlplane.watch import ChangeHub
+
+KNOWN_TOKEN_TTL = 10.0
+KNOWN_TOKENS_MAX = 20_000
 
 
 @dataclass
@@ -31,15 +38,44 @@ class AppState:
     hub: ChangeHub
     # What the server serves over HTTPS (None: plain HTTP); see controlplane/servertls.py.
     tls: ServerTLS | None = None
+    # The gate of requests holding a database session (db_slot below), per event loop (a
+    # server has one; test clients may start several).
+    _db_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = field(
+        default_factory=weakref.WeakKeyDictionary, init=False, repr=False
+    )
+
+    def db_slots(self) -> asyncio.Semaphore:
+        """This event loop's gate (made on first use: the thread limit is the loop's)."""
+        loop = asyncio.get_running_loop()
+        gate = self._db_slots.get(loop)
+        if gate is None:
+            gate = self._db_slots[loop] = asyncio.Semaphore(request_sessions(self.engine))
+        return gate
+
+    # Tokens the intake found known recently: digest -> until when (monotonic seconds).
+    _known: dict[str, float] = field(default_factory=dict, init=False, repr=False)
 
     def known_token(self, token: str) -> bool:
-        """Is ``token`` a known, unrevoked API token? (The intake's check before a body.)"""
+        """Is ``token`` a known, unrevoked API token? (The intake's check before a body.)
+
+        A token found known is believed for KNOWN_TOKEN_TTL seconds without asking the
+        database again: the intake only decides whether a body is read at all (agents post
+        several times a second). Every request still passes the authoritative check
+        (``_authenticate``), so a revoked token is refused at once either way."""
         digest = auth.hash_token(token)
+        now = time.monotonic()
+        if self._known.get(digest, 0.0) > now:
+            return True
         with self.factory() as db:
             row = db.execute(
                 select(AdminToken.id, AdminToken.revoked_at).where(AdminToken.token_hash == digest)
             ).first()
-        return row is not None and row.revoked_at is None
+        known = row is not None and row.revoked_at is None
+        if known:
+            if len(self._known) >= KNOWN_TOKENS_MAX:
+                self._known.clear()  # bounded: at worst every token is looked up once more
+            self._known[digest] = now + KNOWN_TOKEN_TTL
+        return known
 
     def install_commit_hook(self) -> None:
         """Wake the local watch hub right after a transaction that changed the log commits."""
@@ -55,7 +91,40 @@ def app_state(request: Request) -> AppState:
     return state
 
 
-def get_db(state: Annotated[AppState, Depends(app_state)]) -> Iterator[Session]:
+# Connections and worker threads kept for what runs outside requests: the watch hub's reads,
+# the lease sweep, retention, the directory sync, the intake's token check.
+RESERVED_SESSIONS = 4
+
+
+def request_sessions(engine: Engine) -> int:
+    """How many requests may hold a database session at once: fewer than the pool's
+    connections and the worker threads, less a reserve (see db_slot)."""
+    threads = int(anyio.to_thread.current_default_thread_limiter().total_tokens)
+    pool = engine.pool
+    connections = pool.size() + max(pool._max_overflow, 0) if isinstance(pool, QueuePool) else 1
+    return max(1, min(connections, threads) - RESERVED_SESSIONS)
+
+
+async def db_slot(state: Annotated[AppState, Depends(app_state)]) -> AsyncIterator[None]:
+    """Wait, in the event loop, for one of the request-session slots.
+
+    A plain (``def``) handler and the exit of its ``get_db`` run in two separate worker-thread
+    calls, and the request keeps its pooled connection (and on SQLite the database lock, on
+    PostgreSQL any row locks) in between. When more requests than the pool has connections
+    arrive at once, every worker thread can be blocked waiting for a connection that only
+    such an in-between request can give back, and it needs a thread to do so: nothing moves
+    until the pool's 30 s timeout fails requests (200 agents heartbeating: whole minutes). With
+    this gate the surplus requests wait here, holding neither a thread nor a connection."""
+    async with state.db_slots():
+        yield
+
+
+# The token check takes the same slot (FastAPI resolves a dependency once per request): on
+# SQLite its transaction needs the database lock, which a gated request may hold.
+Slot = Annotated[None, Depends(db_slot, scope="function")]
+
+
+def get_db(state: Annotated[AppState, Depends(app_state)], _slot: Slot) -> Iterator[Session]:
     """One transaction per request: committed if the handler returns, rolled back otherwise.
 
     A handler that wrote to the change log has committed already, in its own thread, right
@@ -105,6 +174,7 @@ def require(*roles: auth.Role) -> Callable[..., auth.Principal]:
     def _dep(
         state: State,
         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        _slot: Slot,
     ) -> auth.Principal:
         return _admit(state, creds, allowed)
 
@@ -146,6 +216,7 @@ def require_for_watch(*roles: auth.Role) -> Callable[..., Awaitable[auth.Princip
 def _pod_caller(
     state: State,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    _slot: Slot,
 ) -> auth.Principal:
     """Only a pod's own credential (not even an admin token) may speak for a pod."""
     who = _authenticate(state, creds)

@@ -2,8 +2,14 @@
 
 Runs in the load balancer's namespace. It probes every pod's `/readyz` twice a second; when
 the set of ready pods changes, it rewrites the DNAT rules to spread new clients over the ready
-pods only, and deletes the UDP conntrack entries that still point at a pod that left, so its
-clients' next packets are balanced afresh instead of following a stale translation.
+pods only, and deletes the UDP conntrack entries that still point at a pod that stopped
+serving, so its clients' next packets are balanced afresh instead of following a stale
+translation.
+
+As on Kubernetes (EndpointSlice conditions), a pod that is draining but still serving
+(`/readyz` 200 with ``draining``: a terminating pod) gets no new clients but keeps its
+translations, so the RESTART it sends its clients reaches them from the Service's address;
+kube-proxy likewise deletes a UDP endpoint's conntrack entries only when it stops serving.
 
     python -m vpnfleet.lab.endpoints --prefix vfl --pods 2
 """
@@ -41,19 +47,21 @@ async def _run(*argv: str, stdin: str | None = None) -> int:
 
 
 async def pod_states(plan: LabPlan, http: httpx.AsyncClient) -> dict[IPv4Address, str]:
-    """Each pod's state: `ready`, `draining` (shutting down on purpose) or `down`."""
+    """Each pod's state: `ready`, `terminating` (draining, still serving its clients),
+    `draining` (shutting down on purpose, no longer serving) or `down`."""
 
     async def probe(ip: IPv4Address) -> str:
         try:
             resp = await http.get(f"http://{ip}:{AGENT_HTTP_PORT}/readyz")
         except httpx.HTTPError:
             return "down"
-        if resp.status_code == 200:
-            return "ready"
         try:
-            return "draining" if resp.json().get("draining") else "down"
+            draining = bool(resp.json().get("draining"))
         except ValueError:
-            return "down"
+            draining = False
+        if resp.status_code == 200:
+            return "terminating" if draining else "ready"
+        return "draining" if draining else "down"
 
     results = await asyncio.gather(*(probe(ip) for ip in plan.pod_ips))
     return dict(zip(plan.pod_ips, results, strict=True))
@@ -62,8 +70,9 @@ async def pod_states(plan: LabPlan, http: httpx.AsyncClient) -> dict[IPv4Address
 async def follow(plan: LabPlan, stop: asyncio.Event, interval: float = 0.5) -> None:
     """Keep the DNAT rules on the ready pods.
 
-    New clients go to ready pods only. Existing UDP translations to a pod that is draining are
-    deleted at once (its clients are about to be told to reconnect, and must land elsewhere);
+    New clients go to ready pods only. Existing UDP translations to a terminating pod are kept
+    (it is telling its clients to reconnect, through them); those to a pod that stopped
+    serving after a drain are deleted at once (its clients' reconnects must land elsewhere);
     those to a pod that is merely unreachable are kept for DOWN_GRACE seconds, so an agent
     restart does not move users whose tunnels never stopped working.
     """
@@ -83,7 +92,7 @@ async def follow(plan: LabPlan, stop: asyncio.Event, interval: float = 0.5) -> N
                 log.info("endpoints: %s", ", ".join(map(str, wanted)))
                 current = wanted
             for ip, st in states.items():
-                if st == "ready":
+                if st in ("ready", "terminating"):
                     down_since.pop(ip, None)
                     flushed.discard(ip)
                     continue
