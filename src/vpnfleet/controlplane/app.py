@@ -27,6 +27,7 @@ from vpnfleet.controlplane.routers import (
     pkiroutes,
     policy,
     pools,
+    sso,
     system,
     tokens,
     users,
@@ -123,6 +124,7 @@ def create_app(settings: ServerSettings, state: AppState | None = None) -> FastA
         policy,
         directory,
         idp,
+        sso,
     ):
         app.include_router(module.router)
     app.include_router(nataudit.router)

@@ -393,3 +393,31 @@ class IdpConfig(Base):
     client_secret_sealed: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_by: Mapped[str | None] = mapped_column(String(64))
+
+
+class SsoLogin(Base):
+    """One pending VPN single sign-on login (docs/sso.md): registered by the pod holding the
+    waiting connection, opened once in the user's browser, decided once by the callback.
+
+    `id` is the random part of the short login URL; `state_hash` is SHA-256 of the OAuth
+    state sent to the IdP (the callback finds its login by it); `nonce` and `verifier` live
+    only between the browser's visit and the callback and are cleared when it decides."""
+
+    __tablename__ = "sso_logins"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    pod: Mapped[str] = mapped_column(String(64), index=True)
+    server: Mapped[str] = mapped_column(String(64))
+    cid: Mapped[int] = mapped_column(BigInteger)
+    kid: Mapped[int] = mapped_column(BigInteger)
+    user_name: Mapped[str] = mapped_column(String(64))
+    real_ip: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column()
+    # pending -> started (browser sent to the IdP) -> admitted | denied
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    state_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    nonce: Mapped[str | None] = mapped_column(String(100))
+    verifier: Mapped[str | None] = mapped_column(String(100))
+    reason: Mapped[str | None] = mapped_column(String(300))
+    decided_at: Mapped[dt.datetime | None] = mapped_column()
+    delivered: Mapped[bool] = mapped_column(default=False)

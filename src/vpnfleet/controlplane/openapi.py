@@ -66,6 +66,7 @@ NAMES_OBJECTS = {
     ("get", "/api/v1/directory"),  # the directory settings, before they are set
     ("get", "/api/v1/idp"),  # the IdP settings, before they are set
     ("post", "/api/v1/idp/test"),  # likewise
+    ("post", "/api/v1/agent/sso-logins"),  # its user
 }
 # Operations that answer 502 when a server they call fails.
 CALLS_OUT = {("post", "/api/v1/directory/sync"), ("post", "/api/v1/idp/test")}

@@ -512,3 +512,35 @@ class IdpTestOut(BaseModel):
     keys: int
     redirect_uri: str
     seconds: float
+
+
+class SsoLoginIn(Storable):
+    """A pod registers a connection waiting for its user's single sign-on login."""
+
+    model_config = _strict
+    server: str = Field(min_length=1, max_length=64)
+    cid: int = Field(ge=0, le=2**53)
+    kid: int = Field(ge=0, le=2**53)
+    user: str = Field(min_length=1, max_length=64)
+    real_ip: str | None = Field(default=None, max_length=64)
+
+
+class SsoLoginOut(BaseModel):
+    id: str
+    url: str  # the short URL the client opens (WEB_AUTH::)
+    timeout_seconds: int
+    expires_at: dt.datetime
+
+
+class SsoDecision(BaseModel):
+    id: str
+    server: str
+    cid: int
+    kid: int
+    user: str
+    admitted: bool
+    reason: str | None
+
+
+class SsoDecisions(BaseModel):
+    decisions: list[SsoDecision]

@@ -1,0 +1,69 @@
+"""VPN single sign-on logins (docs/sso.md).
+
+The agent endpoints take a pod's own credential: a pod registers its waiting connections and
+asks for the decisions of its own logins only. The browser endpoints take no token: the login
+URL's random id and the OAuth state are what bind a browser to one waiting connection, and
+each is used once (services/sso.py). Their answers are short HTML pages for a person.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from vpnfleet.controlplane.routing import WriteThroughRoute
+from vpnfleet.controlplane.schemas import SsoDecisions, SsoLoginIn, SsoLoginOut
+from vpnfleet.controlplane.services import sso
+from vpnfleet.controlplane.state import DB, PodCaller, State
+
+router = APIRouter(route_class=WriteThroughRoute, tags=["sso"])
+
+
+@router.post("/api/v1/agent/sso-logins", response_model=SsoLoginOut, status_code=201)
+def register_login(body: SsoLoginIn, db: DB, who: PodCaller) -> SsoLoginOut:
+    """A connection on the calling pod waits for its user's single sign-on login: the short
+    URL to send the client (WEB_AUTH) and how long the login may take. 409 without an IdP."""
+    return sso.register(db, who, body)
+
+
+@router.get("/api/v1/agent/sso-decisions", response_model=SsoDecisions)
+def login_decisions(db: DB, who: PodCaller) -> SsoDecisions:
+    """The calling pod's logins decided since it last asked (each decision handed out once)."""
+    return SsoDecisions(decisions=sso.decisions(db, who))
+
+
+def _page(status: int, title: str, message: str) -> HTMLResponse:
+    body = (
+        "<!doctype html><html><head><meta charset=utf-8><title>vpnfleet</title></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(message)}</p></body></html>"
+    )
+    return HTMLResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+@router.get("/sso/login/{login_id}", include_in_schema=False)
+def open_login(login_id: str, db: DB) -> Response:
+    """The URL the VPN client opens: on to the IdP with this login's state (once)."""
+    try:
+        url = sso.start(db, login_id[:64])
+    except sso.LoginRefused as exc:
+        return _page(exc.status, "VPN login", exc.message)
+    return RedirectResponse(url, status_code=302, headers={"Cache-Control": "no-store"})
+
+
+@router.get("/sso/callback", include_in_schema=False)
+def login_callback(
+    db: DB,
+    app: State,
+    oauth_state: Annotated[str | None, Query(alias="state", max_length=200)] = None,
+    code: Annotated[str | None, Query(max_length=2000)] = None,
+    error: Annotated[str | None, Query(max_length=200)] = None,
+) -> Response:
+    """Where the IdP sends the browser back: the login is decided here, once."""
+    try:
+        outcome = sso.callback(db, app.sealer, oauth_state, code, error)
+    except sso.LoginRefused as exc:
+        return _page(exc.status, "VPN login", exc.message)
+    return _page(200 if outcome.admitted else 403, "VPN login", outcome.message)

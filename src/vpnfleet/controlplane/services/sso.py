@@ -1,0 +1,286 @@
+"""VPN single sign-on logins (docs/sso.md): a pod registers a connection waiting for its
+user's login, the user's browser opens the short login URL, is sent to the IdP with a fresh
+state, nonce and PKCE verifier, comes back to the callback, and the decision goes back to
+the pod, which admits or refuses the waiting connection.
+
+Each step happens once: a login URL is opened once (a second visit is refused), a callback's
+state finds its login once (a replayed callback finds it decided), and the claim from one
+conditional UPDATE (`pending` -> `started`, `started` -> `exchanging`) decides which of two
+concurrent requests goes on, on PostgreSQL and SQLite alike. Nothing secret reaches the audit
+log: it records who logged in for which connection and the decision.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import secrets
+import threading
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from vpnfleet.controlplane import pki
+from vpnfleet.controlplane.auth import Principal
+from vpnfleet.controlplane.errors import Problem
+from vpnfleet.controlplane.models import IdpConfig, SsoLogin, User, utcnow
+from vpnfleet.controlplane.oidcprovider import (
+    Connection,
+    LoginSecrets,
+    Provider,
+    ProviderError,
+    authorization_url,
+    exchange_code,
+)
+from vpnfleet.controlplane.schemas import (
+    IdpSettings,
+    SsoDecision,
+    SsoLoginIn,
+    SsoLoginOut,
+)
+from vpnfleet.controlplane.services import idp as idpsvc
+from vpnfleet.controlplane.services.journal import Journal
+from vpnfleet.core.idtoken import TokenRejected
+
+LOGIN_PATH = "/sso/login/"
+# Who the audit log names for a decision made at the callback (no token is involved).
+CALLBACK_ACTOR = Principal(token_id=0, name="sso-callback", role="pod")
+# Decided logins are kept this long for the audit of replays, then deleted.
+KEEP_DECIDED = dt.timedelta(hours=1)
+
+
+def _rows(result: object) -> int:
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _hash(state: str) -> str:
+    return hashlib.sha256(state.encode()).hexdigest()
+
+
+def _settings(db: Session) -> tuple[IdpConfig, IdpSettings]:
+    row = idpsvc.get_config(db)
+    if row is None:
+        raise Problem(
+            409, "Single sign-on not configured", "no identity provider is configured (idp set)"
+        )
+    return row, idpsvc.settings_of(row)
+
+
+_providers: dict[str, Provider] = {}
+_providers_lock = threading.Lock()
+
+
+def provider_for(settings: IdpSettings) -> Provider:
+    """One Provider per settings per process: its discovery document and JWKS are cached."""
+    key = json.dumps(settings.model_dump(), sort_keys=True)
+    with _providers_lock:
+        prov = _providers.get(key)
+        if prov is None:
+            conn = Connection(
+                timeout=settings.timeout_seconds,
+                ca_file=settings.ca_file,
+                allow_http=settings.allow_http,
+            )
+            prov = Provider(settings.issuer, settings.client_id, conn, settings.clock_skew_seconds)
+            _providers.clear()  # settings changed: forget the old IdP
+            _providers[key] = prov
+        return prov
+
+
+def register(db: Session, who: Principal, body: SsoLoginIn) -> SsoLoginOut:
+    """A pod's connection `body` waits for its user's login: the short URL to send it."""
+    assert who.pod is not None
+    _, settings = _settings(db)
+    user = db.scalar(select(User).where(User.name == body.user))
+    if user is None:
+        raise Problem(404, "Not found", f"user {body.user!r} does not exist")
+    now = utcnow()
+    db.execute(delete(SsoLogin).where(SsoLogin.expires_at < now - KEEP_DECIDED))
+    login = SsoLogin(
+        id=secrets.token_urlsafe(16),
+        pod=who.pod,
+        server=body.server,
+        cid=body.cid,
+        kid=body.kid,
+        user_name=user.name,
+        real_ip=body.real_ip,
+        created_at=now,
+        expires_at=now + dt.timedelta(seconds=settings.login_timeout_seconds),
+        status="pending",
+        delivered=False,
+    )
+    db.add(login)
+    db.flush()
+    return SsoLoginOut(
+        id=login.id,
+        url=settings.public_url.rstrip("/") + LOGIN_PATH + login.id,
+        timeout_seconds=settings.login_timeout_seconds,
+        expires_at=login.expires_at,
+    )
+
+
+class LoginRefused(Exception):
+    """The browser's request cannot go on; the message is shown to the user."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def start(db: Session, login_id: str) -> str:
+    """The browser opened the login URL: the IdP's authorization URL to send it to (once)."""
+    _, settings = _settings(db)
+    login = db.get(SsoLogin, login_id)
+    now = utcnow()
+    if login is None:
+        raise LoginRefused(404, "This login link is unknown or has expired.")
+    if login.expires_at <= now:
+        raise LoginRefused(410, "This login link has expired: connect again.")
+    secrets_ = LoginSecrets.new()
+    result = db.execute(
+        update(SsoLogin)
+        .where(SsoLogin.id == login_id, SsoLogin.status == "pending")
+        .values(
+            status="started",
+            state_hash=_hash(secrets_.state),
+            nonce=secrets_.nonce,
+            verifier=secrets_.verifier,
+        )
+    )
+    if _rows(result) != 1:
+        raise LoginRefused(409, "This login link was already used: connect again.")
+    try:
+        meta = provider_for(settings).metadata()
+    except ProviderError as exc:
+        raise LoginRefused(502, f"The identity provider cannot be used: {exc}") from None
+    return authorization_url(
+        meta, settings.client_id, idpsvc.redirect_uri(settings), settings.scopes, secrets_
+    )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    admitted: bool
+    user: str
+    message: str
+
+
+def callback(
+    db: Session, sealer: pki.Sealer, state: str | None, code: str | None, error: str | None
+) -> Outcome:
+    """The IdP sent the browser back: decide the login (once) and record the decision."""
+    if not state:
+        raise LoginRefused(400, "The identity provider's answer has no state.")
+    row, settings = _settings(db)
+    login = db.scalar(select(SsoLogin).where(SsoLogin.state_hash == _hash(state)))
+    if login is None:
+        raise LoginRefused(400, "This login is unknown: connect again.")
+    result = db.execute(
+        update(SsoLogin)
+        .where(SsoLogin.id == login.id, SsoLogin.status == "started")
+        .values(status="exchanging")
+    )
+    if _rows(result) != 1:
+        _audit_refusal(db, login, "replayed callback")
+        raise LoginRefused(409, "This login was already completed: connect again.")
+    db.refresh(login)
+    nonce, verifier = login.nonce or "", login.verifier or ""
+    if login.expires_at <= utcnow():
+        return _decide(db, login, False, None, "the login took too long")
+    if error or not code:
+        reason = f"the identity provider refused the login ({(error or 'no code')[:60]})"
+        return _decide(db, login, False, None, reason)
+    prov = provider_for(settings)
+    try:
+        token = exchange_code(
+            prov.metadata(),
+            prov.conn,
+            client_id=settings.client_id,
+            client_secret=idpsvc.client_secret(row, sealer),
+            code=code,
+            verifier=verifier,
+            redirect_uri=idpsvc.redirect_uri(settings),
+        )
+        claims = prov.validate_id_token(token, nonce)
+    except (ProviderError, TokenRejected) as exc:
+        return _decide(db, login, False, None, f"single sign-on failed: {str(exc)[:200]}")
+    who = claims.get(settings.user_claim)
+    if not isinstance(who, str) or not who:
+        reason = f"the identity provider's token has no {settings.user_claim!r}"
+        return _decide(db, login, False, None, reason)
+    user = db.scalar(select(User).where(User.name == login.user_name))
+    expected = None if user is None else (user.name if settings.match == "name" else user.email)
+    if expected is None or who.strip().lower() != expected.strip().lower():
+        return _decide(db, login, False, who, "signed in as another user than the certificate's")
+    if user is not None and not user.enabled:
+        return _decide(db, login, False, who, "the user is disabled")
+    return _decide(db, login, True, who, None)
+
+
+def _decide(
+    db: Session, login: SsoLogin, admitted: bool, idp_user: str | None, reason: str | None
+) -> Outcome:
+    login.status = "admitted" if admitted else "denied"
+    login.reason = reason
+    login.decided_at = utcnow()
+    login.nonce = login.verifier = None
+    journal = Journal(db, CALLBACK_ACTOR)
+    journal.audit(
+        "sso.login",
+        login.user_name,
+        None,
+        {
+            "pod": login.pod,
+            "server": login.server,
+            "cid": login.cid,
+            "real_ip": login.real_ip,
+            "idp_user": idp_user[:200] if idp_user else None,
+            "admitted": admitted,
+            "reason": reason,
+        },
+    )
+    journal.commit()
+    if admitted:
+        return Outcome(True, login.user_name, "Signed in: your VPN connection is coming up.")
+    return Outcome(False, login.user_name, f"VPN login refused: {reason}.")
+
+
+def _audit_refusal(db: Session, login: SsoLogin, why: str) -> None:
+    journal = Journal(db, CALLBACK_ACTOR)
+    journal.audit(
+        "sso.refused", login.user_name, None, {"pod": login.pod, "cid": login.cid, "why": why}
+    )
+    journal.commit()
+
+
+def decisions(db: Session, who: Principal) -> list[SsoDecision]:
+    """The pod's logins decided since it last asked (each handed out once)."""
+    rows = db.scalars(
+        select(SsoLogin)
+        .where(
+            SsoLogin.pod == who.pod,
+            SsoLogin.status.in_(("admitted", "denied")),
+            SsoLogin.delivered.is_(False),
+        )
+        .order_by(SsoLogin.decided_at)
+        .limit(500)
+    ).all()
+    out = []
+    for login in rows:
+        login.delivered = True
+        out.append(
+            SsoDecision(
+                id=login.id,
+                server=login.server,
+                cid=login.cid,
+                kid=login.kid,
+                user=login.user_name,
+                admitted=login.status == "admitted",
+                reason=login.reason,
+            )
+        )
+    db.flush()
+    return out

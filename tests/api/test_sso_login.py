@@ -1,0 +1,230 @@
+"""The VPN single sign-on login flow through the control plane, against a real OpenID provider
+(django-oauth-toolkit, tests/oidcidp) on loopback, on SQLite and PostgreSQL: a pod registers a
+waiting connection, a plain HTTP client follows the short login URL to the IdP's login form
+and back to the callback as a browser would, and the pod gets the decision.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, update
+
+from tests.conftest import RunningServer, Server, free_port
+from tests.oidcidp import Idp, browser_login, running_idp
+from vpnfleet.controlplane.models import SsoLogin
+
+USERS = {
+    "alice": ("alice-pw-7Hd", "alice@example.test"),
+    "bob": ("bob-pw-2Wz", "bob@corp.test"),
+}
+
+
+@pytest.fixture(scope="module")
+def cp_port() -> int:
+    """The control plane's port, fixed for the module: the IdP's registered redirect URI
+    names it."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def idp(tmp_path_factory: pytest.TempPathFactory, cp_port: int) -> Iterator[Idp]:
+    callback = f"http://127.0.0.1:{cp_port}/sso/callback"
+    with running_idp(tmp_path_factory.mktemp("idp"), callback, USERS) as running:
+        yield running
+
+
+@pytest.fixture
+def server(database_url: str, tmp_path: Path, cp_port: int) -> Iterator[Server]:
+    running = RunningServer(database_url, tmp_path / "data", port=cp_port)
+    try:
+        yield running.server
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def fleet(server: Server, admin: httpx.Client, idp: Idp) -> str:
+    """The IdP configured, users alice and bob; the pod credential of pod1."""
+    body = {
+        "issuer": idp.issuer,
+        "client_id": idp.client_id,
+        "client_secret": idp.client_secret,
+        "public_url": server.url,
+        "login_timeout_seconds": 60,
+    }
+    assert admin.put("/api/v1/idp", json=body).status_code == 200
+    for name, (_, mail) in USERS.items():
+        r = admin.post("/api/v1/users", json={"name": name, "email": mail})
+        assert r.status_code == 201, r.text
+    return server.pod_token("pod1")
+
+
+def register(server: Server, pod_token: str, user: str, cid: int) -> dict[str, object]:
+    with server.client(pod_token) as pod:
+        r = pod.post(
+            "/api/v1/agent/sso-logins",
+            json={"server": "udp", "cid": cid, "kid": 1, "user": user, "real_ip": "192.0.2.7"},
+        )
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def decisions(server: Server, pod_token: str) -> list[dict[str, object]]:
+    with server.client(pod_token) as pod:
+        r = pod.get("/api/v1/agent/sso-decisions")
+    assert r.status_code == 200, r.text
+    return list(r.json()["decisions"])
+
+
+def follow(server: Server, login_url: str, user: str) -> str:
+    """Open the login URL and log in at the IdP as `user`: the callback URL it sends back."""
+    return browser_login(login_url, user, USERS[user][0], stop_at=f"{server.url}/sso/callback")
+
+
+def test_the_certificates_user_logs_in_and_the_pod_admits(
+    server: Server, admin: httpx.Client, fleet: str, idp: Idp
+) -> None:
+    login = register(server, fleet, "alice", cid=11)
+    url = str(login["url"])
+    # Short enough for OpenVPN's management line limit, on the control plane's public URL.
+    assert url.startswith(f"{server.url}/sso/login/") and len(url) < 120
+    assert login["timeout_seconds"] == 60
+    assert decisions(server, fleet) == []  # nothing decided yet
+
+    back = follow(server, url, "alice")
+    page = httpx.get(back)
+    assert page.status_code == 200 and "Signed in" in page.text
+    got = decisions(server, fleet)
+    assert got == [
+        {
+            "id": login["id"],
+            "server": "udp",
+            "cid": 11,
+            "kid": 1,
+            "user": "alice",
+            "admitted": True,
+            "reason": None,
+        }
+    ]
+    assert decisions(server, fleet) == []  # handed out once
+
+    # The callback replayed (a browser's back button, or someone who saw the URL): refused,
+    # nothing new for the pod.
+    again = httpx.get(back)
+    assert again.status_code == 409 and "already completed" in again.text
+    # The login URL cannot be used for a second login either.
+    reopened = httpx.get(url)
+    assert reopened.status_code == 409 and "already used" in reopened.text
+    assert decisions(server, fleet) == []
+
+    audit = admin.get("/api/v1/audit/admin", params={"action": "sso.login"}).json()
+    assert len(audit) == 1
+    entry = audit[0]
+    assert entry["target"] == "alice" and entry["actor"] == "sso-callback"
+    assert entry["after"]["admitted"] is True and entry["after"]["idp_user"] == "alice"
+    assert entry["after"]["pod"] == "pod1" and entry["after"]["cid"] == 11
+    refused = admin.get("/api/v1/audit/admin", params={"action": "sso.refused"}).json()
+    assert [a["after"]["why"] for a in refused] == ["replayed callback"]
+    text = json.dumps(audit + refused)
+    code = httpx.URL(back).params["code"]
+    state = httpx.URL(back).params["state"]
+    for secret in (code, state, idp.client_secret):
+        assert secret not in text
+
+
+def test_another_user_at_the_idp_is_refused(
+    server: Server, admin: httpx.Client, fleet: str
+) -> None:
+    """Alice's profile with bob's login (a stolen profile) is refused, with the reason."""
+    login = register(server, fleet, "alice", cid=12)
+    page = httpx.get(follow(server, str(login["url"]), "bob"))
+    assert page.status_code == 403 and "another user" in page.text
+    [decision] = decisions(server, fleet)
+    assert decision["cid"] == 12 and decision["admitted"] is False
+    assert "another user than the certificate" in str(decision["reason"])
+    [entry] = admin.get("/api/v1/audit/admin", params={"action": "sso.login"}).json()
+    assert entry["after"]["idp_user"] == "bob" and entry["after"]["admitted"] is False
+
+
+def test_matching_by_email(server: Server, admin: httpx.Client, fleet: str, idp: Idp) -> None:
+    body = {
+        "issuer": idp.issuer,
+        "client_id": idp.client_id,
+        "public_url": server.url,
+        "user_claim": "email",
+        "match": "email",
+    }
+    assert admin.put("/api/v1/idp", json=body).status_code == 200
+    login = register(server, fleet, "bob", cid=13)
+    assert httpx.get(follow(server, str(login["url"]), "bob")).status_code == 200
+    assert [d["admitted"] for d in decisions(server, fleet)] == [True]
+
+
+def test_a_login_completed_too_late_is_refused(server: Server, fleet: str) -> None:
+    """The browser gets to the IdP in time but comes back after the login's lifetime. Time
+    passing is forced by moving the login's expiry into the past in the database (waiting
+    the 30 s minimum would only slow the test)."""
+    login = register(server, fleet, "alice", cid=14)
+    back = follow(server, str(login["url"]), "alice")
+    engine = create_engine(server.database_url)
+    try:
+        with engine.begin() as conn:
+            past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+            conn.execute(update(SsoLogin).where(SsoLogin.id == login["id"]).values(expires_at=past))
+    finally:
+        engine.dispose()
+    page = httpx.get(back)
+    assert page.status_code == 403 and "took too long" in page.text
+    [decision] = decisions(server, fleet)
+    assert decision["admitted"] is False and decision["reason"] == "the login took too long"
+    # An expired login URL is not sent to the IdP at all.
+    late = register(server, fleet, "alice", cid=15)
+    engine = create_engine(server.database_url)
+    try:
+        with engine.begin() as conn:
+            past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+            conn.execute(update(SsoLogin).where(SsoLogin.id == late["id"]).values(expires_at=past))
+    finally:
+        engine.dispose()
+    page = httpx.get(str(late["url"]))
+    assert page.status_code == 410 and "expired" in page.text
+
+
+def test_bad_requests_are_refused(server: Server, admin: httpx.Client, fleet: str) -> None:
+    assert httpx.get(f"{server.url}/sso/login/nonexistent").status_code == 404
+    assert httpx.get(f"{server.url}/sso/callback").status_code == 400
+    r = httpx.get(f"{server.url}/sso/callback", params={"state": "made-up", "code": "x"})
+    assert r.status_code == 400 and "unknown" in r.text
+    # A pod sees only its own logins' decisions.
+    login = register(server, fleet, "alice", cid=16)
+    other = server.pod_token("pod2")
+    assert httpx.get(follow(server, str(login["url"]), "alice")).status_code == 200
+    assert decisions(server, other) == []
+    assert [d["cid"] for d in decisions(server, fleet)] == [16]
+    # Only a pod credential registers logins; an unknown user and bad fields are refused.
+    body = {"server": "udp", "cid": 1, "kid": 1, "user": "alice"}
+    assert admin.post("/api/v1/agent/sso-logins", json=body).status_code == 403
+    with server.client(fleet) as pod:
+        r = pod.post("/api/v1/agent/sso-logins", json={**body, "user": "nobody"})
+        assert r.status_code == 404
+        r = pod.post("/api/v1/agent/sso-logins", json={**body, "cid": -1})
+        assert r.status_code == 422
+        r = pod.post("/api/v1/agent/sso-logins", json={**body, "extra": 1})
+        assert r.status_code == 422
+
+
+def test_without_an_idp_no_login_is_registered(server: Server, admin: httpx.Client) -> None:
+    assert admin.post("/api/v1/users", json={"name": "alice"}).status_code == 201
+    pod = server.pod_token("pod1")
+    with server.client(pod) as c:
+        r = c.post(
+            "/api/v1/agent/sso-logins",
+            json={"server": "udp", "cid": 1, "kid": 1, "user": "alice"},
+        )
+    assert r.status_code == 409 and "no identity provider" in r.json()["detail"]
