@@ -6,6 +6,7 @@ and back to the callback as a browser would, and the pod gets the decision.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from sqlalchemy import create_engine, update
 
 from tests.conftest import RunningServer, Server, free_port
 from tests.oidcidp import Idp, browser_login, running_idp
+from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
+from vpnfleet.agent.ssologin import TIMED_OUT, LoginOutcome, SsoLogins
 from vpnfleet.controlplane.models import SsoLogin
 
 USERS = {
@@ -228,3 +231,40 @@ def test_without_an_idp_no_login_is_registered(server: Server, admin: httpx.Clie
             json={"server": "udp", "cid": 1, "kid": 1, "user": "alice"},
         )
     assert r.status_code == 409 and "no identity provider" in r.json()["detail"]
+
+
+async def test_the_agents_side_waits_for_the_decision(server: Server, fleet: str) -> None:
+    """The agent's own control-plane client and login waiter (agent/ssologin.py): 20 logins
+    wait at once; the one whose user logs in (the browser runs in a thread) is admitted, a
+    wrong user's is refused with the reason, and the others time out, refused, on their own
+    clock. Polling runs only while logins wait."""
+    cp = ControlPlane(server.url, fleet)
+    logins = SsoLogins(cp, poll_interval=0.2)
+    try:
+        pending = [
+            await logins.register("udp", 100 + i, 1, "alice", "192.0.2.9") for i in range(20)
+        ]
+        assert len({p.url for p in pending}) == 20 and all(len(p.url) < 120 for p in pending)
+        ok, wrong, *rest = pending
+        waits = [asyncio.create_task(logins.wait(p, timeout=8.0)) for p in (ok, wrong)]
+        waits += [asyncio.create_task(logins.wait(p, timeout=2.0)) for p in rest]
+
+        def browse(url: str, user: str) -> int:
+            return httpx.get(follow(server, url, user)).status_code
+
+        assert await asyncio.to_thread(browse, ok.url, "alice") == 200
+        assert await asyncio.to_thread(browse, wrong.url, "bob") == 403
+        outcomes = await asyncio.gather(*waits)
+        assert outcomes[0] == LoginOutcome(True, None)
+        assert outcomes[1].admitted is False and "another user" in str(outcomes[1].reason)
+        assert all(o == LoginOutcome(False, TIMED_OUT) for o in outcomes[2:])
+        assert logins.waiting == 0
+        polls = logins.polls
+        await asyncio.sleep(0.6)
+        assert logins.polls == polls  # nothing waits: no polling
+        with pytest.raises(ControlPlaneError) as err:
+            await logins.register("udp", 1, 1, "nobody", None)
+        assert err.value.status == 404
+    finally:
+        await logins.close()
+        await cp.close()

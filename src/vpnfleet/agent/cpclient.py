@@ -215,6 +215,19 @@ class ControlPlane:
         out = await self._call("POST", "/api/v1/agent/heartbeat", body)
         return int(out.get("revision", 0))
 
+    async def sso_login(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Register a connection waiting for its user's single sign-on login (agent/ssologin.py)."""
+        out = await self._call("POST", "/api/v1/agent/sso-logins", raw=json.dumps(body).encode())
+        if not isinstance(out, dict):
+            raise ControlPlaneError("POST /api/v1/agent/sso-logins: not an object", 502)
+        return out
+
+    async def sso_decisions(self) -> list[dict[str, Any]]:
+        """This pod's single sign-on logins decided since it last asked."""
+        out = await self._call("GET", "/api/v1/agent/sso-decisions")
+        got = out.get("decisions") if isinstance(out, dict) else None
+        return [d for d in got if isinstance(d, dict)] if isinstance(got, list) else []
+
     async def watch(self, since: int) -> AsyncIterator[WatchMessage]:
         """Messages after `since` until the stream breaks (raises ControlPlaneError then), or
         until a line does not parse (raises WatchProtocolError: resync from a snapshot), or
