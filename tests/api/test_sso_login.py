@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -268,3 +269,14 @@ async def test_the_agents_side_waits_for_the_decision(server: Server, fleet: str
     finally:
         await logins.close()
         await cp.close()
+
+
+def test_concurrent_replays_decide_once(server: Server, fleet: str) -> None:
+    """The same callback sent 6 times at once (a replay racing the real one): exactly one
+    request decides the login, the others are refused, and the pod gets one decision."""
+    login = register(server, fleet, "alice", cid=17)
+    back = follow(server, str(login["url"]), "alice")
+    with ThreadPoolExecutor(6) as pool:
+        codes = sorted(pool.map(lambda _: httpx.get(back, timeout=30).status_code, range(6)))
+    assert codes == [200, 409, 409, 409, 409, 409]
+    assert [d["admitted"] for d in decisions(server, fleet)] == [True]
