@@ -280,3 +280,22 @@ def test_concurrent_replays_decide_once(server: Server, fleet: str) -> None:
         codes = sorted(pool.map(lambda _: httpx.get(back, timeout=30).status_code, range(6)))
     assert codes == [200, 409, 409, 409, 409, 409]
     assert [d["admitted"] for d in decisions(server, fleet)] == [True]
+
+
+def test_an_idp_away_at_login_leaves_the_link_usable(
+    server: Server, admin: httpx.Client, fleet: str, idp: Idp
+) -> None:
+    """The IdP cannot be reached when the browser opens the link (the settings point at a
+    loopback port nothing listens on): a 502 page naming the cause; once the IdP is back the
+    same link works."""
+    good = admin.get("/api/v1/idp").json()
+    dead = f"http://127.0.0.1:{free_port()}/o"
+    body = {"issuer": dead, "client_id": idp.client_id, "public_url": server.url}
+    assert admin.put("/api/v1/idp", json=body).status_code == 200
+    login = register(server, fleet, "alice", cid=18)
+    page = httpx.get(str(login["url"]))
+    assert page.status_code == 502 and "cannot reach the IdP" in page.text
+    restore = {k: good[k] for k in ("issuer", "client_id", "public_url", "login_timeout_seconds")}
+    assert admin.put("/api/v1/idp", json=restore).status_code == 200
+    assert httpx.get(follow(server, str(login["url"]), "alice")).status_code == 200
+    assert [d["cid"] for d in decisions(server, fleet)] == [18]

@@ -139,6 +139,11 @@ def start(db: Session, login_id: str) -> str:
         raise LoginRefused(404, "This login link is unknown or has expired.")
     if login.expires_at <= now:
         raise LoginRefused(410, "This login link has expired: connect again.")
+    # Before the login is claimed: an IdP that cannot be reached now leaves it usable.
+    try:
+        meta = provider_for(settings).metadata()
+    except ProviderError as exc:
+        raise LoginRefused(502, f"The identity provider cannot be used: {exc}") from None
     secrets_ = LoginSecrets.new()
     result = db.execute(
         update(SsoLogin)
@@ -152,10 +157,6 @@ def start(db: Session, login_id: str) -> str:
     )
     if _rows(result) != 1:
         raise LoginRefused(409, "This login link was already used: connect again.")
-    try:
-        meta = provider_for(settings).metadata()
-    except ProviderError as exc:
-        raise LoginRefused(502, f"The identity provider cannot be used: {exc}") from None
     return authorization_url(
         meta, settings.client_id, idpsvc.redirect_uri(settings), settings.scopes, secrets_
     )
