@@ -22,6 +22,7 @@ from tests.e2e.labs import lab_up
 from tests.polling import until
 from vpnfleet.lab import runner, topology
 from vpnfleet.lab.runner import LabInfo, LabUser
+from vpnfleet.lab.topology import alive
 
 pytestmark = [pytest.mark.e2e]
 
@@ -201,15 +202,6 @@ async def agent_pid(info: LabInfo, pod: str) -> int | None:
         if b"agent" in cmd and any(b"vpnfleet" in part for part in cmd):
             return pid
     return None
-
-
-def alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 async def _pids(ns: str) -> list[int]:
