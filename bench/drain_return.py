@@ -59,6 +59,7 @@ import httpx
 from vpnfleet import tlspin
 from vpnfleet.lab import runner
 from vpnfleet.lab.runner import ECHO_PORT, LabInfo, LabUser
+from vpnfleet.lab.topology import alive
 
 CLONE_NEWNET = 0x40000000
 POLL = 0.25
@@ -299,14 +300,6 @@ def client_log_summary(info: LabInfo, user: str, pod_ip: str) -> tuple[str, list
     proto = "tcp" if links and links[-1].startswith("TCP") else "udp" if links else "?"
     rejected = f"Incoming packet rejected from [AF_INET]{pod_ip}:" in text
     return proto, RESTART_RE.findall(text), rejected
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 async def wait_exit(pid: int, sent: float, bound: float, out: Outcome) -> None:

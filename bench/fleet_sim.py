@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/fleet_sim.py [--agents 200] [--users 20000] [--rate 500]
         [--churn-seconds 30] [--changes 20] [--extra-watchers 1000] [--replicas 1,2]
-        [--pg-url URL] [--json FILE]
+        [--per-record] [--pg-url URL] [--json FILE]
 
 Real `vpnfleet server` processes (one, then two replicas; HTTPS with the control plane's own
 CA, `--tls-self-signed 127.0.0.1`) on one fresh PostgreSQL database, seeded with `--users`
@@ -14,10 +14,11 @@ token and switches to its own credential, registers (`--join-concurrency` pods a
 fetches its snapshot (the first `--snapshots` agents; the others follow from the registration's
 revision, as an agent restarting with its cached view does), holds a watch stream (every line
 parsed by the agent's parser), heartbeats every 5 s (the agent's default), reports its live
-sessions every 5 s, sends its session records one at a time in order (as the agent's session
-shipper does) and ships flow records every 2 s. With two replicas, agent i talks to replica
-i mod 2 first (the other is its fallback, as `--server` with two URLs). It stands in for the
-OpenVPN side only: no real client connects.
+sessions every 5 s, sends its session records in order as the agent's session shipper does
+(the records queued meanwhile, up to its BATCH, in one `POST /agent/sessions/batch`; one
+request per record with `--per-record`) and ships flow records every 2 s. With two replicas,
+agent i talks to replica i mod 2 first (the other is its fallback, as `--server` with two
+URLs). It stands in for the OpenVPN side only: no real client connects.
 
 Each configuration runs, in order:
 
@@ -66,6 +67,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cp_failover import Replica
@@ -74,6 +76,7 @@ from watch_catchup import pct
 
 sys.path.insert(0, str(SRC))
 from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
+from vpnfleet.agent.sessionship import BATCH as SHIP_BATCH
 from vpnfleet.wire import (
     EnrollRequest,
     FlowReport,
@@ -84,6 +87,7 @@ from vpnfleet.wire import (
     SessionClose,
     SessionOpen,
     SessionReport,
+    SessionResult,
     UserUpsert,
     WatchResync,
 )
@@ -277,9 +281,10 @@ class SimAgent:
 
     def __init__(
         self, index: int, name: str, urls: list[str], token: str, ca: Path, counts: Counts,
-        seen: dict[tuple[Any, ...], dict[int, float]],
+        seen: dict[tuple[Any, ...], dict[int, float]], per_record: bool = False,
     ) -> None:  # fmt: skip
         self.index, self.name, self.counts, self.seen = index, name, counts, seen
+        self.per_record = per_record
         self.cp = ControlPlane(urls, token, ca_file=ca)
         self.revision = 0
         self.pool: ipaddress.IPv4Network | None = None
@@ -399,26 +404,52 @@ class SimAgent:
                     self.flows = batch + self.flows  # kept for the next try, as the spool does
             await asyncio.sleep(FLOWS_EVERY)
 
-    async def _shipped(self, send: Callable[[], Awaitable[T]], timings: list[float]) -> T:
-        """`send` run by this pod's session shipper, which sends one record at a time, in
-        order (agent/sessionship.py); `timings` gets the request's own duration."""
+    async def _shipped(self, kind: str, body: BaseModel, timings: list[float]) -> Any:
+        """A record sent by this pod's session shipper, in order, as the agent's does
+        (agent/sessionship.py): the records queued meanwhile, up to its `BATCH`, in one
+        `POST /agent/sessions/batch` (one per request with `--per-record`, as before that
+        endpoint). `timings` gets the duration of the request that carried it; the answer is
+        the record's verdict (open) or `closed` (close)."""
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.outbox.put_nowait((send, timings, done))
-        return await done  # type: ignore[no-any-return]
+        record = {"kind": kind, "body": body.model_dump(mode="json")}
+        self.outbox.put_nowait((record, timings, done))
+        return await done
 
     async def _ship_sessions(self) -> None:
         while True:
-            send, timings, done = await self.outbox.get()
+            items = [await self.outbox.get()]
+            if not self.per_record:
+                while len(items) < SHIP_BATCH and not self.outbox.empty():
+                    items.append(self.outbox.get_nowait())
             t0 = time.perf_counter()
             try:
-                got = await send()
-            except Exception as exc:  # handed to the waiting session, whatever it is
-                if not done.done():
-                    done.set_exception(exc)
+                if self.per_record:
+                    ((record, _, _),) = items
+                    body = record["body"]
+                    if record["kind"] == "open":
+                        verdict = await self.cp.session_open(SessionOpen.model_validate(body))
+                        results = [SessionResult(kind="open", uid=verdict.uid, status=200,
+                                                 verdict=verdict)]  # fmt: skip
+                    else:
+                        await self.cp.session_close(SessionClose.model_validate(body))
+                        results = [SessionResult(kind="close", uid="", status=200, closed=True)]
+                else:
+                    sent = [record for record, _, _ in items]
+                    results = (await self.cp.session_batch(self.name, sent)).results
+            except Exception as exc:  # handed to the waiting sessions, whatever it is
+                for _, _, done in items:
+                    if not done.done():
+                        done.set_exception(exc)
                 continue
-            timings.append(time.perf_counter() - t0)
-            if not done.done():
-                done.set_result(got)
+            took = time.perf_counter() - t0
+            for (_, timings, done), res in zip(items, results, strict=True):
+                timings.append(took)
+                if done.done():
+                    continue
+                if res.status >= 400:
+                    done.set_exception(ControlPlaneError(f"{res.status} {res.detail}", res.status))
+                else:
+                    done.set_result(res.verdict if res.kind == "open" else res.closed)
 
     async def open_session(self, user: int) -> tuple[str, str, dt.datetime] | None:
         """A client connects: the session record (timed); its uid, address and start if it may
@@ -431,11 +462,11 @@ class SimAgent:
         self.live.add(uid)
         queued = time.perf_counter()
         try:
-            verdict = await self._shipped(lambda: self.cp.session_open(SessionOpen(
+            verdict = await self._shipped("open", SessionOpen(
                 uid=uid, user=user_name(user), pod=self.name, mode="nat", tunnel_ip=tunnel_ip,
                 real_ip=f"198.51.{100 + user // 250 % 50}.{user % 250 + 1}",
                 real_port=40000 + user % 20000, started_at=start,
-            )), self.counts.open_latency)  # fmt: skip
+            ), self.counts.open_latency)  # fmt: skip
         except ControlPlaneError as exc:
             self.live.discard(uid)
             self.counts.error("open", exc)
@@ -452,9 +483,9 @@ class SimAgent:
         """The client leaves: the close record (timed), and its flows spooled for shipping."""
         end = dt.datetime.now(dt.UTC)
         try:
-            await self._shipped(lambda: self.cp.session_close(SessionClose(
+            await self._shipped("close", SessionClose(
                 uid=uid, ended_at=end, bytes_in=123_456, bytes_out=654_321, reason="sim",
-            )), self.counts.close_latency)  # fmt: skip
+            ), self.counts.close_latency)  # fmt: skip
         except ControlPlaneError as exc:
             self.counts.error("close", exc)
             return
@@ -675,6 +706,7 @@ class Config:
     join_concurrency: int = 4  # pods starting at once (a rollout's surge)
     snapshots: int = 10  # agents that start with a snapshot (the others: a cached view)
     join_timeout: float = 300.0
+    per_record: bool = False  # one session record per request, as agents did before batches
 
 
 async def run_config(
@@ -697,7 +729,7 @@ async def run_config(
         urls = [r.base for r in replicas]
         k = i % len(urls)
         agents.append(SimAgent(i, f"{tag}-pod-{i:03d}", urls[k:] + urls[:k], enroll, ca,
-                               counts, seen))  # fmt: skip
+                               counts, seen, cfg.per_record))  # fmt: skip
     meter = Meter(pids)
     meter.start()
     extra: list[asyncio.Task[None]] = []
@@ -930,6 +962,9 @@ def main() -> int:
     ap.add_argument("--snapshots", type=int, default=10,
                     help="agents that fetch a snapshot at start (the rest start from the "
                     "registration's revision, as with a cached view)")  # fmt: skip
+    ap.add_argument("--per-record", action="store_true",
+                    help="send one session record per request (the agent's shipper before "
+                    "POST /agent/sessions/batch; an older control plane)")  # fmt: skip
     ap.add_argument("--pg-url", default=os.environ.get("VPNFLEET_TEST_PG_URL"))
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
@@ -939,6 +974,7 @@ def main() -> int:
                  churn_seconds=args.churn_seconds, changes=args.changes,
                  extra_watchers=args.extra_watchers, join_concurrency=args.join_concurrency,
                  snapshots=min(args.snapshots, args.agents), join_timeout=args.join_timeout,
+                 per_record=args.per_record,
                  replicas=tuple(int(x) for x in args.replicas.split(",")))  # fmt: skip
     if not (1 <= cfg.agents <= 1000 and PROBE_USERS + 10 <= cfg.users <= 100_000
             and 0 < cfg.rate <= 5000 and 1 <= cfg.churn_seconds <= 600

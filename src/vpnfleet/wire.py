@@ -516,6 +516,64 @@ class SessionVerdict(BaseModel):
     reason: str | None = None
 
 
+# A batch of session records: what the agent's spool holds, in its order. The control plane
+# takes at most MAX_SESSION_BATCH records per request (one transaction); the agent sends at
+# most agent/sessionship.BATCH. The largest record is about 1.5 KB of JSON (a 200-character
+# close reason, escaped), so a full batch stays under the default 1 MiB body limit.
+MAX_SESSION_BATCH = 500
+
+
+class OpenRecord(BaseModel):
+    model_config = _strict
+    kind: Literal["open"]
+    body: SessionOpen
+
+
+class CloseRecord(BaseModel):
+    model_config = _strict
+    kind: Literal["close"]
+    body: SessionClose
+
+
+SessionRecord = Annotated[OpenRecord | CloseRecord, Field(discriminator="kind")]
+
+
+class SessionBatch(BaseModel):  # each record checks its own text (Storable)
+    """Session records of one pod, applied in this order in one transaction
+    (``POST /api/v1/agent/sessions/batch``)."""
+
+    model_config = _strict
+    pod: PodName
+    records: list[SessionRecord] = Field(min_length=1, max_length=MAX_SESSION_BATCH)
+
+    @model_validator(mode="after")
+    def _one_pod(self) -> SessionBatch:
+        for i, rec in enumerate(self.records):
+            if isinstance(rec, OpenRecord) and rec.body.pod != self.pod:
+                raise ValueError(
+                    f"records[{i}]: opens a session on pod {rec.body.pod!r}, "
+                    f"the batch is pod {self.pod!r}'s"
+                )
+        return self
+
+
+class SessionResult(BaseModel):
+    """The outcome of one record of a batch, as its own endpoint would have answered it:
+    ``status`` 200 with ``verdict`` (open) or ``closed`` (close), or the 4xx status and
+    ``detail`` the record alone would have got (that record changed nothing)."""
+
+    kind: Literal["open", "close"]
+    uid: str
+    status: int
+    verdict: SessionVerdict | None = None
+    closed: bool | None = None
+    detail: str | None = None
+
+
+class SessionBatchResult(BaseModel):
+    results: list[SessionResult]
+
+
 class SessionReport(Storable):
     """The pod's whole list of live sessions: the control plane closes any it does not name."""
 

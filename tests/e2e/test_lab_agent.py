@@ -22,6 +22,7 @@ from tests.e2e.labs import lab_up
 from tests.polling import until
 from vpnfleet.lab import runner, topology
 from vpnfleet.lab.runner import LabInfo, LabUser
+from vpnfleet.lab.topology import alive
 
 pytestmark = [pytest.mark.e2e]
 
@@ -159,7 +160,8 @@ async def test_revoked_certificate_is_refused(lab: LabInfo) -> None:
 @pytest.mark.asyncio(loop_scope="module")
 async def test_user_disabled_while_connected_is_cut_within_two_seconds(lab: LabInfo) -> None:
     await runner.start_client(lab, "carl")
-    (session,) = sessions(lab, user="carl")
+    # The tunnel is up before the agent's report of the session reaches the control plane.
+    (session,) = await until(lambda: sessions(lab, user="carl"), 10, "carl's session")
     pod, tunnel_ip = session["pod"], session["tunnel_ip"]
     assert tunnel_ip in await ipset_members(lab, pod)
     started = time.monotonic()
@@ -181,6 +183,7 @@ async def test_user_disabled_while_connected_is_cut_within_two_seconds(lab: LabI
 @pytest.mark.asyncio(loop_scope="module")
 async def test_session_kill(lab: LabInfo) -> None:
     await runner.start_client(lab, "kim")
+    await until(lambda: sessions(lab, user="kim"), 10, "kim's session")
     assert len(sessions(lab, user="kim")) == 1
     out = api(lab, "POST", "/api/v1/users/kim/kill")
     assert out["sessions"] == 1
@@ -201,15 +204,6 @@ async def agent_pid(info: LabInfo, pod: str) -> int | None:
         if b"agent" in cmd and any(b"vpnfleet" in part for part in cmd):
             return pid
     return None
-
-
-def alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 async def _pids(ns: str) -> list[int]:

@@ -56,15 +56,22 @@ async def _place(info: LabInfo) -> None:
     (the load balancer spreads clients at random)."""
     await asyncio.gather(*(runner.start_client(info, u.name) for u in USERS))
     for _ in range(16):
-        by_pod = collections.Counter(s["pod"] for s in sessions(info))
+        # Every tunnel is up; the agents' reports of the sessions may still be on the way.
+        live = await until(lambda: _all_live(info), 10, "every user's session at the control plane")
+        by_pod = collections.Counter(s["pod"] for s in live)
         if sorted(by_pod.values()) == [1, 2]:
             return
         crowded = by_pod.most_common(1)[0][0]
-        user = next(s["user"] for s in sessions(info) if s["pod"] == crowded)
+        user = next(s["user"] for s in live if s["pod"] == crowded)
         await runner.stop_client(info, user)
         await until(lambda u=user: sessions(info, user=u) == [], 10, f"{user} to leave")
         await runner.start_client(info, user)
     pytest.fail(f"could not get a 2+1 placement of the users: {sessions(info)}")
+
+
+def _all_live(info: LabInfo) -> list[dict[str, Any]]:
+    live = sessions(info)
+    return live if len(live) == len(USERS) else []
 
 
 async def browse(info: LabInfo, user: str, tag: str, pages: int) -> None:

@@ -92,6 +92,6 @@ async def test_a_pod_killed_without_a_word_frees_its_users_after_the_lease(
     assert waited >= LEASE - 2
     # ka (one session allowed) connects again: the load balancer's other pod takes it.
     await runner.start_client(lab, "ka")
-    (now,) = sessions(lab, user="ka", active="true")
+    (now,) = await until(lambda: sessions(lab, user="ka", active="true"), 10, "ka's new session")
     assert now["pod"] != pod
     await asyncio.sleep(0)

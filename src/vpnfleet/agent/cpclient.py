@@ -27,6 +27,7 @@ from vpnfleet.wire import (
     EnrollRequest,
     Heartbeat,
     RegisterRequest,
+    SessionBatchResult,
     SessionClose,
     SessionOpen,
     SessionReport,
@@ -194,6 +195,13 @@ class ControlPlane:
 
     async def session_close(self, body: SessionClose) -> None:
         await self._call("POST", "/api/v1/agent/sessions/close", body)
+
+    async def session_batch(self, pod: str, records: list[dict[str, Any]]) -> SessionBatchResult:
+        """Send open/close records (``{"kind": ..., "body": ...}``, the spool's form) in one
+        request; the control plane applies them in order and answers each one."""
+        body = json.dumps({"pod": pod, "records": records}, separators=(",", ":"))
+        out = await self._call("POST", "/api/v1/agent/sessions/batch", raw=body.encode())
+        return SessionBatchResult.model_validate(out)
 
     async def session_report(self, body: SessionReport) -> tuple[int, list[str]]:
         """(sessions the control plane closed, live uids it has ended: to disconnect)."""

@@ -6,6 +6,13 @@ may be "this session may not stay" (a fleet-wide session limit another pod fille
 the shipper hands that to ``on_refused``, which disconnects the client. Delivery is idempotent
 by session uid, so a record sent twice (after a crash between sending and committing) is
 harmless.
+
+Consecutive open and close records go in one request (``POST /agent/sessions/batch``, up to
+:data:`BATCH` records): the control plane applies them in order in one transaction and
+answers each record as its own endpoint would. A control plane without that endpoint (older
+than this agent: 404/405) gets one request per record, as before, and is asked again after
+:data:`BATCH_RETRY` seconds; a batch refused whole (it should not be: 4xx) is sent again one
+record at a time, so that only the record at fault is dropped.
 """
 
 from __future__ import annotations
@@ -26,12 +33,30 @@ from vpnfleet.wire import DeniedBatch, DeniedRecord, SessionClose, SessionOpen, 
 
 log = logging.getLogger("vpnfleet.agent.sessions")
 
-BATCH = 50
+BATCH = 100  # records per delivery round and per batch request (wire.MAX_SESSION_BATCH)
+BATCH_RETRY = 600.0  # seconds before asking a control plane without batches again
 Refused = Callable[[str, str], Awaitable[None]]
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _session_run(batch: list[dict[str, Any]], start: int) -> list[dict[str, Any]]:
+    """The open/close records from ``batch[start]`` on, up to the first other or malformed
+    record (which goes on its own: a malformed one is dropped there, by name)."""
+    run: list[dict[str, Any]] = []
+    for record in batch[start:]:
+        kind = record.get("kind")
+        model = SessionOpen if kind == "open" else SessionClose if kind == "close" else None
+        if model is None:
+            break
+        try:
+            model.model_validate(record.get("body"))
+        except ValueError:
+            break
+        run.append(record)
+    return run
 
 
 class SessionShipper:
@@ -53,6 +78,7 @@ class SessionShipper:
         self._clock = clock
         self._wake = asyncio.Event()
         self._on_refused: Refused | None = None
+        self._no_batches_until = 0.0  # monotonic time; the control plane had no batch endpoint
 
     def on_refused(self, handler: Refused) -> None:
         """Who disconnects a session the control plane refuses: ``handler(uid, reason)``."""
@@ -119,13 +145,61 @@ class SessionShipper:
     async def _send(self, batch: list[dict[str, Any]]) -> None:
         done = 0
         try:
-            for record in batch:
-                await self._deliver(record)
+            one_by_one = 0  # records to send one at a time (a batch refused whole)
+            while done < len(batch):
+                run = _session_run(batch, done)
+                if done >= one_by_one and run and time.monotonic() >= self._no_batches_until:
+                    sent = await self._deliver_batch(run)
+                    if sent:
+                        done += sent
+                        continue
+                    one_by_one = done + len(run)
+                await self._deliver(batch[done])
                 done += 1
         finally:
             self.spool.commit(done)
             if self._metrics is not None:
                 self._metrics.spooled.set(len(self.spool))
+
+    async def _deliver_batch(self, records: list[dict[str, Any]]) -> int:
+        """Send `records` (open/close, valid) in one request and act on each answer; returns
+        how many were delivered, or 0 when they must go one at a time instead."""
+        try:
+            sent = [{"kind": r["kind"], "body": r["body"]} for r in records]
+            out = await self._cp.session_batch(self._pod, sent)
+        except ControlPlaneError as exc:
+            if exc.retryable:
+                raise
+            if exc.status in (404, 405):
+                log.info("the control plane takes no session batches; one record per request")
+                self._no_batches_until = time.monotonic() + BATCH_RETRY
+            else:
+                log.warning("a session batch was refused whole (%s); sending it one by one", exc)
+            return 0
+        if len(out.results) != len(records):
+            log.warning(
+                "a session batch got %d answers for %d records; sending it one by one",
+                len(out.results),
+                len(records),
+            )
+            return 0
+        # An open whose session this same batch closes: a refusal of it ("session ended", as
+        # a batch sent again after its answer was lost gets) has nothing left to disconnect.
+        closed = {r["body"]["uid"] for r in records if r["kind"] == "close"}
+        for record, result in zip(records, out.results, strict=True):
+            if result.status >= 400:
+                log.warning(
+                    "dropped a %s record the control plane refused: %s %s",
+                    record["kind"],
+                    result.status,
+                    result.detail,
+                )
+                continue
+            verdict = result.verdict
+            refused = verdict is not None and not verdict.allowed and verdict.uid not in closed
+            if refused and verdict is not None and self._on_refused is not None:
+                await self._on_refused(verdict.uid, verdict.reason or "refused")
+        return len(records)
 
     async def _deliver(self, record: dict[str, Any]) -> None:
         kind, body = record.get("kind"), record.get("body")

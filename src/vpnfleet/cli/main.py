@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -16,6 +16,9 @@ from vpnfleet.cli import admin, directory, idp, lab, policy
 from vpnfleet.cli.client import CLIError
 from vpnfleet.cli.output import err_console, safe
 from vpnfleet.cli.status import status as status_command
+
+if TYPE_CHECKING:  # the agent's modules load only when the agent command runs
+    from vpnfleet.agent.settings import AgentSettings
 
 app = typer.Typer(
     name="vpnfleet",
@@ -396,13 +399,16 @@ def agent(
         raise CLIError(str(exc), 3) from None
 
 
-def _log_pod_ip(settings: object) -> None:
+def _log_pod_ip(settings: AgentSettings) -> None:
     """Say at start which address gateway routes will point at, and where it came from."""
     log = logging.getLogger("vpnfleet.agent")
-    pod_ip, source = getattr(settings, "pod_ip", None), getattr(settings, "pod_ip_source", None)
-    if pod_ip and source:
-        log.info("pod IP %s: not given (VPNFLEET_POD_IP), so %s", pod_ip, source)
-    elif not pod_ip:
+    if settings.pod_ip and settings.pod_ip_source:
+        log.info(
+            "pod IP %s: not given (VPNFLEET_POD_IP), so %s",
+            settings.pod_ip,
+            settings.pod_ip_source,
+        )
+    elif not settings.pod_ip:
         log.warning(
             "no pod IP: none given (VPNFLEET_POD_IP) and none found on the pod's interfaces; "
             "gateway routes cannot point at this pod"

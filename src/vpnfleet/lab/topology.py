@@ -804,7 +804,8 @@ class TeardownReport:
         return asdict(self)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
@@ -820,18 +821,18 @@ async def _stop_processes(namespaces: Sequence[str], grace: float, report: Teard
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    await _wait_until(lambda: not any(_alive(p) for p in pids), grace)
+    await _wait_until(lambda: not any(alive(p) for p in pids), grace)
     # Processes may have forked while dying: sweep the namespaces once more.
-    stragglers = {p for p in pids if _alive(p)}
+    stragglers = {p for p in pids if alive(p)}
     for ns in namespaces:
         stragglers.update(p for p in await _ns_pids(ns) if p != me)
     for pid in stragglers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    await _wait_until(lambda: not any(_alive(p) for p in stragglers), _KILL_WAIT)
+    await _wait_until(lambda: not any(alive(p) for p in stragglers), _KILL_WAIT)
     report.terminated += sorted(pids - stragglers)
     report.killed += sorted(stragglers)
-    report.errors += [f"process {p} survived SIGKILL" for p in sorted(stragglers) if _alive(p)]
+    report.errors += [f"process {p} survived SIGKILL" for p in sorted(stragglers) if alive(p)]
 
 
 async def _remove(

@@ -27,6 +27,8 @@ from vpnfleet.wire import (
     FlowBatch,
     Heartbeat,
     RegisterRequest,
+    SessionBatch,
+    SessionBatchResult,
     SessionClose,
     SessionOpen,
     SessionReport,
@@ -100,6 +102,18 @@ def close_session(body: SessionClose, db: DB, who: PodCaller) -> dict[str, bool]
     closed = sessions.close_session(db, journal, body)
     journal.commit()
     return {"closed": closed}
+
+
+@router.post("/sessions/batch", response_model=SessionBatchResult)
+def session_batch(body: SessionBatch, db: DB, who: PodCaller, state: State) -> SessionBatchResult:
+    """Apply a pod's open and close records in order, in one transaction with one change-log
+    append; each record's result is what its own endpoint would answer (a record refused
+    with a 4xx changes nothing, the others still apply). A malformed batch, too many
+    records or another pod's batch is refused whole, and nothing of it is written."""
+    journal = Journal(db, who)
+    results = sessions.apply_batch(db, journal, body, state.settings.pod_lease)
+    journal.commit()
+    return SessionBatchResult(results=results)
 
 
 @router.post("/sessions/report")

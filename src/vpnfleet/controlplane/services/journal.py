@@ -72,6 +72,17 @@ class Journal:
         """The one audit entry of a batch (e.g. a policy apply)."""
         self._entries.append(_Entry(action, target, None, after))
 
+    def mark(self) -> tuple[int, dict[str, User], int]:
+        """Where the journal stands, for `rewind` (one record of a batch that failed)."""
+        return len(self._events), dict(self._users), len(self._entries)
+
+    def rewind(self, mark: tuple[int, dict[str, User], int]) -> None:
+        """Forget what was added since `mark` (its database savepoint was rolled back)."""
+        events, users, entries = mark
+        del self._events[events:]
+        self._users = dict(users)
+        del self._entries[entries:]
+
     def commit(self) -> int:
         """Append the events and audit rows; returns the revision after them."""
         events = list(self._events)

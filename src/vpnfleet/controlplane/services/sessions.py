@@ -21,7 +21,15 @@ from vpnfleet.controlplane.errors import Problem, not_found
 from vpnfleet.controlplane.models import GatewayLease, Pod, User, VpnSession, utcnow
 from vpnfleet.controlplane.services import pods
 from vpnfleet.controlplane.services.journal import Journal
-from vpnfleet.wire import SessionClose, SessionOpen, SessionReport, SessionVerdict
+from vpnfleet.wire import (
+    OpenRecord,
+    SessionBatch,
+    SessionClose,
+    SessionOpen,
+    SessionReport,
+    SessionResult,
+    SessionVerdict,
+)
 
 ADMIN_KILL = "disconnected by an administrator"
 REPLACED = "replaced by a new connection from the same address"
@@ -99,7 +107,7 @@ def _drop_unheard(
 
 
 def open_session(
-    db: Session, journal: Journal, body: SessionOpen, lease: dt.timedelta
+    db: Session, journal: Journal, body: SessionOpen, lease: dt.timedelta, pod: Pod | None = None
 ) -> SessionVerdict:
     """Record a session (idempotent by uid) and say whether it may stay.
 
@@ -108,9 +116,10 @@ def open_session(
     toward the limit, nor do sessions on pods whose lease expired. The same device
     reconnecting (same public address) replaces its old sessions: OpenVPN may keep those
     until a ping timeout, and they must not lock the user out meanwhile; they are marked
-    killed, and their pods close them.
+    killed, and their pods close them. `pod`: the caller's pod, already looked up (a batch).
     """
-    pod = pods.own_pod(db, journal.who, body.pod)
+    if pod is None or pod.name != body.pod:
+        pod = pods.own_pod(db, journal.who, body.pod)
     existing = db.scalar(select(VpnSession).where(VpnSession.uid == body.uid))
     if existing is not None:
         if existing.pod_name != body.pod:
@@ -194,6 +203,59 @@ def close_session(db: Session, journal: Journal, body: SessionClose) -> bool:
     db.flush()
     journal.delete(fleetstate.session_key(row))
     return True
+
+
+def apply_batch(
+    db: Session, journal: Journal, body: SessionBatch, lease: dt.timedelta
+) -> list[SessionResult]:
+    """Apply a pod's session records in order, each as its own endpoint would, in the
+    caller's one transaction; the caller commits the journal once (one change-log append).
+
+    A record its endpoint would refuse with a 4xx (an unknown user, another pod's uid) is
+    answered with that status and detail, its savepoint rolled back, and the next record
+    applied: one bad record does not hold up the rest, as with one request per record. Any
+    other failure fails the whole batch, and nothing of it is kept.
+
+    The users the batch touches are locked first, in one order (PostgreSQL): two pods'
+    batches meeting on the same users then wait for each other instead of deadlocking.
+    """
+    pod = pods.own_pod(db, journal.who, body.pod)
+    names = {r.body.user for r in body.records if isinstance(r, OpenRecord)}
+    closing = [r.body.uid for r in body.records if not isinstance(r, OpenRecord)]
+    ids: set[int] = set()
+    for i in range(0, len(closing), 500):
+        ids.update(
+            db.scalars(select(VpnSession.user_id).where(VpnSession.uid.in_(closing[i : i + 500])))
+        )
+    if names or ids:
+        db.scalars(
+            select(User.id)
+            .where(User.name.in_(sorted(names)) | User.id.in_(sorted(ids)))
+            .order_by(User.id)
+            .with_for_update()
+        ).all()
+    results: list[SessionResult] = []
+    for rec in body.records:
+        mark = journal.mark()
+        savepoint = db.begin_nested()
+        try:
+            if isinstance(rec, OpenRecord):
+                verdict = open_session(db, journal, rec.body, lease, pod)
+                result = SessionResult(kind="open", uid=rec.body.uid, status=200, verdict=verdict)
+            else:
+                closed = close_session(db, journal, rec.body)
+                result = SessionResult(kind="close", uid=rec.body.uid, status=200, closed=closed)
+            savepoint.commit()
+        except Problem as exc:
+            if exc.status >= 500:
+                raise
+            savepoint.rollback()
+            journal.rewind(mark)
+            result = SessionResult(
+                kind=rec.kind, uid=rec.body.uid, status=exc.status, detail=exc.detail
+            )
+        results.append(result)
+    return results
 
 
 def report_sessions(db: Session, journal: Journal, body: SessionReport) -> tuple[int, list[str]]:
