@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import ssl
 import subprocess
 import sys
 import time
@@ -32,12 +33,21 @@ class Idp:
 
 
 @contextmanager
-def running_idp(state: Path, redirect_uri: str, users: dict[str, tuple[str, str]]) -> Iterator[Idp]:
-    """The provider on a free loopback port with `users` (name -> (password, email)) and one
-    confidential client whose redirect URI is `redirect_uri`; stopped on exit."""
+def running_idp(
+    state: Path,
+    redirect_uri: str,
+    users: dict[str, tuple[str, str]],
+    *,
+    host: str = "127.0.0.1",
+    netns: str | None = None,
+) -> Iterator[Idp]:
+    """The provider on a free port of `host` (loopback by default) with `users` (name ->
+    (password, email)) and one confidential client whose redirect URI is `redirect_uri`;
+    stopped on exit. `netns`: run it in that network namespace (a lab's control-plane
+    namespace, `host` one of its addresses the test can reach)."""
     state.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
     idp = Idp(
         url=url,
         issuer=f"{url}/o",
@@ -53,6 +63,7 @@ def running_idp(state: Path, redirect_uri: str, users: dict[str, tuple[str, str]
         "IDP_CLIENT_ID": idp.client_id,
         "IDP_CLIENT_SECRET": idp.client_secret,
         "IDP_USERS": ",".join(f"{n}:{pw}:{mail}" for n, (pw, mail) in users.items()),
+        "IDP_HOST": host,
         "PYTHONPATH": str(ROOT),
     }
     subprocess.run(
@@ -65,7 +76,8 @@ def running_idp(state: Path, redirect_uri: str, users: dict[str, tuple[str, str]
     )
     with idp.log.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "tests.oidcidp.site:app", "--host", "127.0.0.1",
+            [*(["ip", "netns", "exec", netns] if netns else []),
+             sys.executable, "-m", "uvicorn", "tests.oidcidp.site:app", "--host", host,
              "--port", str(port), "--log-level", "warning"],
             env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -93,11 +105,17 @@ def running_idp(state: Path, redirect_uri: str, users: dict[str, tuple[str, str]
 _CSRF = re.compile(r'name="csrfmiddlewaretoken" value="([^"]+)"')
 
 
-def browser_login(authorize_url: str, user: str, password: str, stop_at: str) -> str:
+def browser_login(
+    authorize_url: str,
+    user: str,
+    password: str,
+    stop_at: str,
+    verify: ssl.SSLContext | bool = True,
+) -> str:
     """Open `authorize_url`, log in with the IdP's form, follow redirects until one leads to
     a URL starting with `stop_at` (the relying party's callback), and return that URL. Raises
-    if the IdP refuses the login."""
-    with httpx.Client(timeout=20, follow_redirects=False) as browser:
+    if the IdP refuses the login. `verify`: the CA file of an https relying party."""
+    with httpx.Client(timeout=20, follow_redirects=False, verify=verify) as browser:
         url = authorize_url
         for _ in range(10):
             if url.startswith(stop_at):

@@ -46,7 +46,7 @@ def _rsa_key() -> str:
 settings.configure(
     DEBUG=False,
     SECRET_KEY="test-idp-" + os.environ.get("IDP_CLIENT_SECRET", "x"),
-    ALLOWED_HOSTS=["127.0.0.1", "localhost"],
+    ALLOWED_HOSTS=["127.0.0.1", "localhost", *filter(None, [os.environ.get("IDP_HOST")])],
     ROOT_URLCONF=__name__,
     INSTALLED_APPS=[
         "django.contrib.auth",

@@ -14,10 +14,11 @@ import pytest
 from tests.unit.test_sessionbook import GWPOOL, NAT, session, user, view
 from vpnfleet.agent.clientjournal import ClientJournal
 from vpnfleet.agent.clients import ClientHandler
-from vpnfleet.agent.cpclient import ControlPlane
-from vpnfleet.agent.fakes import FakeManagement
+from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
+from vpnfleet.agent.fakes import FakeClient, FakeManagement
 from vpnfleet.agent.sessionship import SessionShipper
 from vpnfleet.agent.spool import Spool
+from vpnfleet.agent.ssologin import LoginOutcome, PendingLogin, SsoLogins
 from vpnfleet.core.fleet import FleetView
 from vpnfleet.core.sessionbook import BookConfig, SessionBook
 
@@ -239,3 +240,196 @@ async def test_a_current_view_refuses_at_once(stale: tuple[Pod, Freshness]) -> N
     await pod.pump()
     assert pod.mgmt.answers_for(cid)[0][3] == "user disabled"
     assert fresh.waits == [0]  # asked, never waited
+
+
+# ------------------------------------------------------------------ single sign-on logins
+
+
+class Logins(SsoLogins):
+    """The agent's SSO registry with the control plane's answers played by the test (the
+    real registry against a real control plane and IdP: tests/api/test_sso_login.py)."""
+
+    def __init__(self, url: str = "https://vpn.example.test/sso/login/abc") -> None:
+        super().__init__(ControlPlane("http://127.0.0.1:9", "t"))
+        self.url = url
+        self.registered: list[tuple[str, int, int, str, str | None]] = []
+        self.outcomes: dict[str, asyncio.Future[LoginOutcome]] = {}
+        self.fail: ControlPlaneError | None = None
+
+    async def register(
+        self, server: str, cid: int, kid: int, user: str, real_ip: str | None
+    ) -> PendingLogin:
+        if self.fail is not None:
+            raise self.fail
+        self.registered.append((server, cid, kid, user, real_ip))
+        login_id = f"login-{cid}"
+        self.outcomes[login_id] = asyncio.get_running_loop().create_future()
+        return PendingLogin(login_id, self.url, 180)
+
+    async def wait(self, login: PendingLogin, timeout: float | None = None) -> LoginOutcome:
+        return await self.outcomes[login.id]
+
+    def decide(self, cid: int, admitted: bool, reason: str | None = None) -> None:
+        self.outcomes[f"login-{cid}"].set_result(LoginOutcome(admitted, reason))
+
+
+WEBAUTH = {"IV_SSO": "openurl,webauth,crtext"}
+
+
+@pytest.fixture
+def sso(tmp_path: Path) -> Iterator[tuple[Pod, Logins]]:
+    p = Pod(
+        tmp_path,
+        view(user("alice", auth="cert+sso"), user("bob"), user("carol", auth="cert+sso")),
+    )
+    logins = Logins()
+    p.handler._sso = logins
+    try:
+        yield p, logins
+    finally:
+        p.close()
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_an_sso_user_is_sent_the_login_url_and_admitted_after_the_login(
+    sso: tuple[Pod, Logins],
+) -> None:
+    pod, logins = sso
+    cid = pod.mgmt.connect("alice", serial="7", peer_info=WEBAUTH)
+    await pod.pump()
+    await settle()
+    assert logins.registered == [("udp", cid, 1, "alice", "198.51.100.7")]
+    assert pod.mgmt.answers_for(cid) == [
+        ("pending", cid, 1, "WEB_AUTH::https://vpn.example.test/sso/login/abc", 190)
+    ]
+    assert len(pod.handler.book) == 0 and pod.records() == []
+    # Another user's CONNECT is answered while alice's login waits.
+    other = await pod.join("bob")
+    assert pod.mgmt.answers_for(other)[0][0] == "auth"
+    logins.decide(cid, True)
+    await settle()
+    answer = pod.mgmt.answers_for(cid)[-1]
+    assert answer[0] == "auth" and answer[3] == ["ifconfig-push 10.200.0.3 255.255.255.0"]
+    pod.mgmt.establish(cid)
+    await pod.pump()
+    assert [b["user"] for k, b in pod.records() if k == "open"] == ["bob", "alice"]
+
+
+async def test_a_refused_login_is_denied_with_its_reason(sso: tuple[Pod, Logins]) -> None:
+    pod, logins = sso
+    cid = pod.mgmt.connect("alice", serial="7", peer_info=WEBAUTH)
+    await pod.pump()
+    await settle()
+    logins.decide(cid, False, "signed in as another user than the certificate's")
+    await settle()
+    reason = "signed in as another user than the certificate's"
+    assert pod.mgmt.answers_for(cid)[-1] == (
+        "deny",
+        cid,
+        1,
+        f"single sign-on refused ({reason})",
+        reason,
+    )
+    assert len(pod.handler.book) == 0 and pod.records() == []
+
+
+async def test_a_user_disabled_during_the_login_is_refused_after_it(
+    sso: tuple[Pod, Logins],
+) -> None:
+    pod, logins = sso
+    cid = pod.mgmt.connect("alice", serial="7", peer_info=WEBAUTH)
+    await pod.pump()
+    await settle()
+    pod.fleet = view(user("alice", auth="cert+sso", enabled=False), user("bob"))
+    logins.decide(cid, True)
+    await settle()
+    assert pod.mgmt.answers_for(cid)[-1] == ("deny", cid, 1, "user disabled", "account disabled")
+
+
+async def test_a_client_without_web_auth_is_refused_at_once(sso: tuple[Pod, Logins]) -> None:
+    pod, logins = sso
+    cid = pod.mgmt.connect("alice", serial="7")
+    await pod.pump()
+    (deny,) = pod.mgmt.answers_for(cid)
+    assert deny[0] == "deny" and "web login" in str(deny[4])
+    assert logins.registered == []
+
+
+async def test_checks_other_than_the_login_come_first(sso: tuple[Pod, Logins]) -> None:
+    """A certificate that is not current is refused without a login."""
+    pod, logins = sso
+    cid = pod.mgmt.connect("alice", serial="8", peer_info=WEBAUTH)
+    await pod.pump()
+    assert pod.mgmt.answers_for(cid)[0][:4] == ("deny", cid, 1, "certificate not current")
+    assert logins.registered == []
+
+
+async def test_a_control_plane_that_cannot_register_the_login_means_a_clear_refusal(
+    sso: tuple[Pod, Logins],
+) -> None:
+    pod, logins = sso
+    logins.fail = ControlPlaneError("POST /api/v1/agent/sso-logins: 409 no IdP", 409)
+    cid = pod.mgmt.connect("alice", serial="7", peer_info=WEBAUTH)
+    await pod.pump()
+    await settle()
+    assert pod.mgmt.answers_for(cid) == [
+        (
+            "deny",
+            cid,
+            1,
+            "single sign-on unavailable",
+            "single sign-on login unavailable, try again later",
+        )
+    ]
+
+
+async def test_a_client_that_leaves_during_its_login_is_forgotten(
+    sso: tuple[Pod, Logins],
+) -> None:
+    pod, logins = sso
+    cid = pod.mgmt.connect("alice", serial="7", peer_info=WEBAUTH)
+    await pod.pump()
+    await settle()
+    pod.mgmt.disconnect(cid)
+    await pod.pump()
+    assert pod.handler._holding == {}
+    logins.outcomes[f"login-{cid}"].cancel()  # nobody waits for it any more
+    await settle()
+    assert [a[0] for a in pod.mgmt.answers_for(cid)] == ["pending"]
+    assert len(pod.handler.book) == 0 and pod.records() == []
+
+
+async def test_a_pending_login_is_not_restarted_by_the_reconcile(sso: tuple[Pod, Logins]) -> None:
+    """OpenVPN lists a pending client without an address, like one that never got an answer;
+    the reconcile must leave it to its login."""
+    pod, logins = sso
+    cid = pod.mgmt.connect("alice", serial="7", peer_info=WEBAUTH)
+    await pod.pump()
+    await settle()
+    for _ in range(3):
+        assert await pod.handler.reconcile("udp")
+    assert [a[0] for a in pod.mgmt.answers_for(cid)] == ["pending"]
+    logins.decide(cid, True)
+    await settle()
+    assert pod.mgmt.answers_for(cid)[-1][0] == "auth"
+
+
+async def test_a_refused_client_is_not_restarted_before_it_hears_why(
+    sso: tuple[Pod, Logins],
+) -> None:
+    """OpenVPN lists a refused client until its next PUSH_REQUEST gets the AUTH_FAILED; a
+    restart meanwhile would make it reconnect instead of showing the reason."""
+    pod, logins = sso
+    cid = pod.mgmt.connect("alice", serial="7", peer_info=WEBAUTH)
+    await pod.pump()
+    await settle()
+    logins.decide(cid, False, "signed in as another user than the certificate's")
+    await settle()
+    pod.mgmt.clients[cid] = FakeClient(cid, "alice", "198.51.100.7", 40000)  # still listed
+    for _ in range(3):
+        assert await pod.handler.reconcile("udp")
+    assert [a[0] for a in pod.mgmt.answers_for(cid)] == ["pending", "deny"]

@@ -16,6 +16,14 @@ from a view that missed the account's re-enabling would lock a user out; an admi
 waits. Held answers run beside the event stream (OpenVPN accepts answers in any order), so the
 clients behind a held one are not kept waiting.
 
+A user whose auth policy is ``cert+sso`` is the other exception (docs/sso.md): when every
+other check passes, the CONNECT is answered ``client-pending-auth`` with the login URL the
+control plane registers for this connection (``WEB_AUTH::<url>``), and decided again, on the
+view of that moment, when the login's decision arrives (admitted, refused, or timed out). A
+client that does not announce web auth (``IV_SSO=webauth``) is refused at once with a reason,
+never left pending. Each login waits in its own task beside the event stream, so pending logins
+never hold up other users' decisions.
+
 The pod's OpenVPN servers (UDP, and TCP unless turned off) share this one handler and book:
 every event comes with the name of the server it came from, and every answer, kick and status
 listing goes to that server's management session.
@@ -31,10 +39,14 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 from vpnfleet.agent.clientjournal import ClientJournal
+from vpnfleet.agent.cpclient import ControlPlaneError
 from vpnfleet.agent.management import ManagementError
 from vpnfleet.agent.metrics import AgentMetrics
 from vpnfleet.agent.runners import ManagementSession
 from vpnfleet.agent.sessionship import SessionShipper
+from vpnfleet.agent.ssologin import SsoLogins
+from vpnfleet.core import webauth
+from vpnfleet.core.authz import Decision
 from vpnfleet.core.fleet import FleetView
 from vpnfleet.core.mgmt_protocol import ClientEvent, ClientEventKind, StatusClient
 from vpnfleet.core.sessionbook import PRIMARY, Client, ConnectOutcome, Kick, SessionBook
@@ -42,6 +54,19 @@ from vpnfleet.core.sessionbook import PRIMARY, Client, ConnectOutcome, Kick, Ses
 log = logging.getLogger("vpnfleet.agent")
 
 HOLD_REFUSAL = 3.0  # seconds a refusal may wait for a view that is not current
+# The longest a connection may wait for its user's single sign-on login: the servers'
+# hand-window (registration.render_config), which caps OpenVPN's own pending timeout. A
+# longer login_timeout_seconds at the control plane is cut to this.
+SSO_PENDING_MAX = 300
+# OpenVPN is told to keep the client pending this much longer than the login lasts, so that
+# a login that runs out is refused by the agent, with its reason, not dropped by OpenVPN.
+SSO_GRACE = 10
+DENIED_LINGER = 30.0  # seconds a refused client is not restarted by the reconcile
+NO_WEBAUTH = Decision(
+    False,
+    "single sign-on required; the client cannot open a web login",
+    "single sign-on login required: use a client with web login (OpenVPN 2.6+, Connect)",
+)
 
 
 def _now() -> str:
@@ -64,10 +89,12 @@ class ClientHandler:
         metrics: AgentMetrics | None = None,
         clock: Callable[[], str] = _now,
         wait_current: Callable[[float], Awaitable[bool]] | None = None,
+        sso: SsoLogins | None = None,
     ) -> None:
         """``wait_current(seconds)`` waits up to that long for the fleet view to be current
         with the control plane and says whether it is (0: just say); without it, refusals
-        are never held."""
+        are never held. ``sso`` registers single sign-on logins; without it a ``cert+sso``
+        user is refused."""
         self.book = book
         self._journal = journal
         self._shipper = shipper
@@ -86,8 +113,14 @@ class ClientHandler:
         # or reset once); the journal is compacted when none is left.
         self._unsynced = set(book.config.servers)
         self._wait_current = wait_current
-        # (server, cid) -> its held CONNECT
+        self._sso = sso
+        # (server, cid) -> its CONNECT whose answer waits: a held refusal or an SSO login
         self._holding: dict[tuple[str, int], asyncio.Task[None]] = {}
+        # (server, cid) -> when it was refused: OpenVPN lists it, without an address, until
+        # the client's next PUSH_REQUEST gets the AUTH_FAILED (up to 5 s later); the
+        # reconcile must not take it for a CONNECT nobody answered and restart it, or the
+        # client reconnects instead of showing why it was refused.
+        self._denied: dict[tuple[str, int], float] = {}
 
     def new_uid(self) -> str:
         """A fresh session uid (unique across the fleet: pod name + 64 random bits)."""
@@ -161,6 +194,13 @@ class ClientHandler:
             now=self._clock(),
             server=server,
         )
+        if out.decision.sso and not reauth:
+            if self._sso is None or not webauth.announces_webauth(ev.env):
+                await self._answer(ev, server, ConnectOutcome(NO_WEBAUTH), started)
+                return
+            task = asyncio.create_task(self._login(ev, server), name=f"sso-login-{server}-{ev.cid}")
+            self._holding[(server, ev.cid)] = task  # dropped by _login, a DISCONNECT or close()
+            return
         if (
             not out.decision.allow
             and not reauth
@@ -197,6 +237,67 @@ class ClientHandler:
         )
         await self._answer(ev, server, out, started)
 
+    async def _login(self, ev: ClientEvent, server: str) -> None:
+        """A CONNECT that waits for its user's single sign-on login: register it with the
+        control plane, send the client the login URL, and answer once the decision is in."""
+        assert self._sso is not None
+        key, kid = (server, ev.cid), ev.kid if ev.kid is not None else 0
+        user = ev.env.get("common_name", "")
+        try:
+            mgmt = self._mgmt(server)
+            try:
+                login = await self._sso.register(
+                    server, ev.cid, kid, user, ev.env.get("untrusted_ip") or None
+                )
+                extra = webauth.web_auth_extra(login.url)
+            except (ControlPlaneError, ValueError) as exc:
+                log.warning("no single sign-on login for %s: %s", user or "?", exc)
+                refusal = Decision(
+                    False,
+                    "single sign-on unavailable",
+                    "single sign-on login unavailable, try again later",
+                )
+                await self._answer(ev, server, ConnectOutcome(refusal), time.perf_counter())
+                return
+            pending = min(login.timeout_seconds + SSO_GRACE, SSO_PENDING_MAX)
+            try:
+                if mgmt is None:
+                    raise ManagementError("no management session")
+                await mgmt.client_pending_auth(ev.cid, kid, extra, pending)
+            except ManagementError as exc:
+                log.info("could not send %s the login URL over %s: %s", user or "?", server, exc)
+                return
+            log.info(
+                "%s from %s waits for a single sign-on login (%d s)",
+                user or "?",
+                ev.env.get("untrusted_ip", "?"),
+                pending,
+                extra={"event": "auth", "user": user, "result": "pending"},
+            )
+            outcome = await self._sso.wait(login, pending - SSO_GRACE)
+        finally:
+            if asyncio.current_task() is self._holding.get(key):
+                del self._holding[key]
+        started = time.perf_counter()
+        if not outcome.admitted:
+            text = outcome.reason or "single sign-on login refused"
+            refusal = Decision(False, f"single sign-on refused ({text})", text)
+            await self._answer(ev, server, ConnectOutcome(refusal), started)
+            return
+        # Decided again on today's view: the user may have been disabled meanwhile, or the
+        # session limit filled by another device.
+        out = self.book.connect(
+            self._view(),
+            ev.cid,
+            ev.env,
+            reauth=False,
+            uid=self.new_uid(),
+            now=self._clock(),
+            server=server,
+            signed_in=True,
+        )
+        await self._answer(ev, server, out, started)
+
     async def _answer(
         self, ev: ClientEvent, server: str, out: ConnectOutcome, started: float
     ) -> None:
@@ -212,6 +313,8 @@ class ClientHandler:
                 if out.ended is not None:
                     self._ended(out.ended, decision.reason)
                 await mgmt.client_deny(ev.cid, kid, decision.reason, decision.client_reason)
+                if not reauth:
+                    self._denied[(server, ev.cid)] = time.monotonic()
                 log.info(
                     "denied %s from %s over %s: %s",
                     ev.env.get("common_name") or "?",
@@ -265,6 +368,7 @@ class ClientHandler:
         )
 
     def _on_disconnect(self, ev: ClientEvent, server: str, reason: str = "disconnected") -> None:
+        self._denied.pop((server, ev.cid), None)
         held = self._holding.pop((server, ev.cid), None)
         if held is not None:  # it gave up while its answer was held
             held.cancel()
@@ -357,6 +461,8 @@ class ClientHandler:
         self._status[server] = rows
         self.last_status_at = time.time()
         self._bytes = {k: v for k, v in self._bytes.items() if k[0] != server}
+        now = time.monotonic()
+        self._denied = {k: t for k, t in self._denied.items() if now - t < DENIED_LINGER}
         self._bytes.update(
             ((server, r.client_id), (r.bytes_received, r.bytes_sent))
             for r in rows
@@ -387,7 +493,9 @@ class ClientHandler:
             )
         for cid in result.restart:
             if (server, cid) in self._holding:
-                continue  # answered once the view is current
+                continue  # answered once the view is current, or once its login is decided
+            if time.monotonic() - self._denied.get((server, cid), -DENIED_LINGER) < DENIED_LINGER:
+                continue  # refused: the client hears AUTH_FAILED at its next PUSH_REQUEST
             log.info("client %d never got an answer; asking it to reconnect", cid)
             try:
                 await mgmt.client_kill(cid, "RESTART")

@@ -232,6 +232,14 @@ class FakeManagement:
         self.answers.append(("deny", cid, kid, reason, client_reason))
         self.clients.pop(cid, None)
 
+    async def client_pending_auth(
+        self, cid: int, kid: int, extra: str, pending_timeout: int
+    ) -> None:
+        self._check()
+        if cid not in self.clients:
+            raise CommandError("client-pending-auth", "client-pending-auth failed (unknown cid)")
+        self.answers.append(("pending", cid, kid, extra, pending_timeout))
+
     async def client_kill(self, cid: int, message: str = "RESTART") -> None:
         self._check()
         if cid not in self.clients:
@@ -273,8 +281,15 @@ class FakeManagement:
 
     # -- what a test does (what a client or OpenVPN would)
 
-    def connect(self, user: str, real_ip: str = "198.51.100.7", serial: str = "1") -> int:
-        """A client connects: OpenVPN sends CONNECT. Returns its cid."""
+    def connect(
+        self,
+        user: str,
+        real_ip: str = "198.51.100.7",
+        serial: str = "1",
+        peer_info: dict[str, str] | None = None,
+    ) -> int:
+        """A client connects: OpenVPN sends CONNECT (with ``peer_info``, e.g. ``IV_SSO``, in
+        its environment). Returns its cid."""
         cid = self._next_cid
         self._next_cid += 1
         self._next_kid += 1
@@ -285,6 +300,7 @@ class FakeManagement:
             "tls_serial_0": serial,
             "untrusted_ip": real_ip,
             "untrusted_port": str(port),
+            **(peer_info or {}),
         }
         self._events.put_nowait(ClientEvent(ClientEventKind.CONNECT, cid, self._next_kid, env))
         return cid

@@ -67,6 +67,7 @@ from vpnfleet.agent.runners import (
 from vpnfleet.agent.sessionship import SessionShipper
 from vpnfleet.agent.settings import AgentSettings
 from vpnfleet.agent.spool import Spool
+from vpnfleet.agent.ssologin import SsoLogins
 from vpnfleet.agent.statedir import StateDir
 from vpnfleet.agent.supervisor import OpenVPNSupervisor
 from vpnfleet.core import bgpplan, fwlimits, fwstate
@@ -117,6 +118,7 @@ class PodAgent:
             collector.config = dataclasses.replace(collector.config, per_client=False)
         self.registration = Registration(settings, self.cp, self.paths)
         self.follower = ViewFollower(self.cp, self.paths.view, self._view_changed)
+        self.sso = SsoLogins(self.cp)
         self.dataplane: FirewallRunner = firewall or Dataplane(settings.fw_prefix)
         self._process = process
         self._connect = connect
@@ -174,6 +176,7 @@ class PodAgent:
             changed=self._clients_changed,
             metrics=self.metrics,
             wait_current=self.follower.wait_current,
+            sso=self.sso,
         )
         self.clients.load_journal()
         self.shipper.on_refused(self.clients.kick_uid)
@@ -537,6 +540,7 @@ class PodAgent:
                 spool.close()
             if self.clients is not None:
                 self.clients.close()
+            await self.sso.close()
             await self.cp.close()
 
     def _start_tasks(self) -> list[asyncio.Task[None]]:

@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import time
 
+from vpnfleet.agent.clients import SSO_PENDING_MAX
 from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
 from vpnfleet.agent.settings import AgentSettings
 from vpnfleet.agent.statedir import StateDir, write_private
@@ -166,6 +167,8 @@ class Registration:
                 port=port,
                 proto="udp" if server == "udp" else "tcp-server",
                 management_hold=True,
+                # A connection waiting for its user's single sign-on login is kept this long.
+                hand_window=SSO_PENDING_MAX,
             )
             write_private(p.server(server).conf, conf)
 

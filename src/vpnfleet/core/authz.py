@@ -17,12 +17,14 @@ from vpnfleet.wire import UserState
 @dataclass(frozen=True)
 class Decision:
     """`reason` is for logs and metrics; `client_reason` is what the user's client shows;
-    `user` is the admitted user (only on an allow)."""
+    `user` is the admitted user (only on an allow). `sso` marks a refusal that only lacks
+    the user's single sign-on login: every other check passed, and a login could admit it."""
 
     allow: bool
     reason: str
     client_reason: str
     user: UserState | None = None
+    sso: bool = False
 
     @property
     def label(self) -> str:
@@ -48,6 +50,7 @@ def decide(
     superseded: frozenset[str] = frozenset(),
     *,
     reauth: bool = False,
+    signed_in: bool = False,
 ) -> Decision:
     """Decide a CONNECT for the certificate `common_name` / `cert_serial`.
 
@@ -56,8 +59,10 @@ def decide(
     session uids this connection replaces (the same device reconnecting): they do not count,
     and neither do sessions the control plane has marked to end (`LiveSession.kill`).
 
-    A user whose auth policy is `cert+sso` is refused at CONNECT: the web-auth login that
-    would admit them is not built yet, and the certificate alone must not be enough. A REAUTH
+    A user whose auth policy is `cert+sso` is refused at CONNECT with ``sso`` set until
+    `signed_in` says this connection's single sign-on login succeeded (the agent then decides
+    again, on the view of that moment): the certificate alone must not be enough. Every other
+    check comes first, so nobody is sent to log in only to be refused afterwards. A REAUTH
     (TLS renegotiation) continues a connection that was admitted, so it is not asked again.
     """
     user = view.users.get(common_name)
@@ -67,8 +72,6 @@ def decide(
         return Decision(False, "user disabled", "account disabled")
     if not serial_matches(user.cert_serial, cert_serial):
         return Decision(False, "certificate not current", "certificate revoked or replaced")
-    if user.auth == "cert+sso" and not reauth:
-        return Decision(False, "single sign-on required", "single sign-on login required")
     if user.mode == "gateway" and not user.gateway_address:
         return Decision(False, "no gateway address leased", "no gateway address")
     # A session the control plane asked to end (killed, replaced) is on its way out and
@@ -81,4 +84,6 @@ def decide(
     live = max(fleet, local_sessions)
     if live >= user.max_sessions:
         return Decision(False, f"session limit reached ({user.max_sessions})", "too many sessions")
+    if user.auth == "cert+sso" and not reauth and not signed_in:
+        return Decision(False, "single sign-on required", "single sign-on login required", sso=True)
     return Decision(True, "allowed", "", user)

@@ -123,6 +123,7 @@ def render_server_conf(
     local: str | None = None,
     management_hold: bool = True,
     keepalive: tuple[int, int] = (10, 60),
+    hand_window: int = 60,
     verb: int = 3,
     max_clients: int | None = None,
     duplicate_cn: bool = True,
@@ -137,7 +138,8 @@ def render_server_conf(
     `duplicate_cn` lets one certificate hold several sessions: the agent enforces session
     limits, and without it OpenVPN would silently drop an older session of the same CN.
     `dco=False` writes `disable-dco`, so the tunnel behaves the same on every node whether or
-    not the host kernel has the ovpn-dco module.
+    not the host kernel has the ovpn-dco module. `hand_window` (seconds) bounds a TLS handshake
+    and also how long a client may wait in `client-pending-auth` (a single sign-on login).
     """
     gw = _gateway(pool_gateway)
     if not isinstance(dev, str) or not _DEV_RE.fullmatch(dev):
@@ -148,6 +150,7 @@ def render_server_conf(
     _int_in(ping, 1, 3600, "keepalive interval")
     _int_in(restart, 2 * ping, 86400, "keepalive timeout (at least twice the interval)")
     _int_in(verb, 0, 11, "verb")
+    _int_in(hand_window, 10, 3600, "hand-window")
     if local is not None:
         try:
             ipaddress.ip_address(local)
@@ -194,6 +197,7 @@ def render_server_conf(
         "tls-version-min 1.2",
         f"data-ciphers {DATA_CIPHERS}",
         f"keepalive {ping} {restart}",
+        f"hand-window {hand_window}",
     ]
     if proto in _PROTOS:
         # Tell clients to reconnect at once when this server stops (drain, restart).

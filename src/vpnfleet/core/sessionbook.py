@@ -245,8 +245,10 @@ class SessionBook:
         uid: str,
         now: str,
         server: str = PRIMARY,
+        signed_in: bool = False,
     ) -> ConnectOutcome:
         """Decide a CONNECT (new client) or REAUTH (TLS renegotiation) and record the result.
+        ``signed_in``: this connection's single sign-on login succeeded (``authz.decide``).
 
         The same device reconnecting (same user, same public address) replaces its previous
         connections, which OpenVPN may keep for seconds or until a ping timeout: they do not
@@ -266,7 +268,9 @@ class SessionBook:
             for s in view.sessions.values()
             if s.user == cn and real_ip is not None and s.real_ip == real_ip
         }
-        decision = authz.decide(view, cn, serial, local, frozenset(superseded), reauth=reauth)
+        decision = authz.decide(
+            view, cn, serial, local, frozenset(superseded), reauth=reauth, signed_in=signed_in
+        )
         known = self._clients.get(key)
         if reauth:
             if decision.allow or known is None:

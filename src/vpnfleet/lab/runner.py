@@ -21,6 +21,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -464,8 +465,11 @@ async def _wait_bgp(info: LabInfo, seconds: float) -> None:
         raise LabRunError(f"{exc} and the pod logs in {info.dir}") from None
 
 
-async def start_client(info: LabInfo, name: str, wait: bool = True) -> topology.LabProcess:
-    """Connect lab user `name` with the stock openvpn client and its profile."""
+async def start_client(
+    info: LabInfo, name: str, wait: bool = True, extra: Sequence[str] = ()
+) -> topology.LabProcess:
+    """Connect lab user `name` with the stock openvpn client and its profile; `extra` options
+    go after it on the command line (e.g. ``--setenv IV_SSO webauth``)."""
     ns = info.plan.client_ns(name)
     log_path = info.dir / "clients" / f"{name}.log"
     proc = topology.spawn_in(
@@ -480,6 +484,7 @@ async def start_client(info: LabInfo, name: str, wait: bool = True) -> topology.
         "1",
         "--verb",
         "3",
+        *extra,
         log_path=log_path,
     )
     if wait and not await wait_client_address(info, name, 30):
