@@ -153,6 +153,11 @@ class Bootstrap(BaseModel):
     nat_pool: str
     gateway_pool: str | None
     revision: int
+    # OpenVPN's auth-gen-token: the fleet's shared secret and the token lifetime, the longest
+    # a single sign-on login lasts across reconnects (docs/sso.md). Absent from a control
+    # plane older than single sign-on: the pod then hands out no tokens.
+    auth_token_key: str | None = None
+    sso_session_seconds: int | None = Field(default=None, ge=300, le=30 * 86400)
 
 
 # --- the fleet state agents replicate ---------------------------------------------------------

@@ -37,14 +37,20 @@ def test_register_snapshot_and_session_lifecycle(server: Server, admin: httpx.Cl
         server.client(server.pod_token("pod1")) as agent,
         server.client(server.pod_token("pod2")) as agent2,
     ):
-        agent2.post("/api/v1/agent/register", json={"name": "pod2"}).raise_for_status()
+        b2 = agent2.post("/api/v1/agent/register", json={"name": "pod2"})
+        b2.raise_for_status()
         boot = agent.post("/api/v1/agent/register", json={"name": "pod1", "pod_ip": "10.99.0.11"})
         assert boot.status_code == 200
         b = boot.json()
         assert "PRIVATE KEY" in b["key_pem"] and b["nat_pool"] == "10.200.0.0/16"
         assert "BEGIN X509 CRL" in b["crl_pem"]
+        # One auth-token secret for the fleet: a token from one pod is good on the others.
+        assert "BEGIN OpenVPN auth-token server key" in b["auth_token_key"]
+        assert b["auth_token_key"] == b2.json()["auth_token_key"]
+        assert b["sso_session_seconds"] == 12 * 3600  # no IdP configured: the default
         again = agent.post("/api/v1/agent/register", json={"name": "pod1"}).json()
         assert again["cert_pem"] == b["cert_pem"]  # the pod keeps its certificate
+        assert again["auth_token_key"] == b["auth_token_key"]
         bad = agent.post("/api/v1/agent/register", json={"name": "pod1", "wire_version": 99})
         assert "wire version" in problem(bad, 400)
 

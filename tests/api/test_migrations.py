@@ -10,7 +10,7 @@ from sqlalchemy import inspect, text
 from vpnfleet.controlplane import db
 from vpnfleet.controlplane.models import Base
 
-HEAD = "0008"
+HEAD = "0009"
 
 
 def test_migrations_from_empty_match_models(database_url: str) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -90,7 +91,10 @@ async def browse(info: LabInfo, url: str, as_user: str) -> httpx.Response:
 
 @pytest.mark.asyncio(loop_scope="module")
 async def test_the_user_logs_in_and_the_tunnel_comes_up(lab: LabInfo) -> None:
-    await runner.start_client(lab, "sam", wait=False, extra=WEBAUTH)
+    # The server's keepalive asks for a restart after 60 s of silence; 12 s here, so that the
+    # move below is noticed sooner (the server pings every 10 s).
+    fast_restart = ("--pull-filter", "ignore", "ping-restart", "--ping-restart", "12")
+    await runner.start_client(lab, "sam", wait=False, extra=(*WEBAUTH, *fast_restart))
     try:
         url = await until(lambda: login_url(lab, "sam"), 20, "the login URL at sam's client")
         assert url.startswith(f"{lab.url}/sso/login/") and len(url) < 120
@@ -111,6 +115,24 @@ async def test_the_user_logs_in_and_the_tunnel_comes_up(lab: LabInfo) -> None:
         ctx = tlspin.pinned_context(lab.ca_file)
         again = await asyncio.to_thread(httpx.get, url, verify=ctx, timeout=30)
         assert again.status_code == 409
+
+        # The load balancer now sends sam's packets to the other pod (as when a node goes
+        # away): the client hears nothing back, restarts (a soft restart, which keeps its
+        # auth token) and reconnects there. The token the first pod handed out stands for
+        # the login: no new one is asked.
+        other = "pod2" if session["pod"] == "pod1" else "pod1"
+        await runner.pin_client(lab, "sam", int(other.removeprefix("pod")))
+
+        async def on_other_pod() -> list[dict[str, Any]]:
+            return [s for s in sessions(lab, user="sam") if s["pod"] == other]
+
+        (moved,) = await until(on_other_pod, 40, "sam's session on the other pod")
+        assert moved["id"] != session["id"]
+        assert len(_URL.findall(client_log(lab, "sam"))) == 1, "a second login was asked"
+        await until(lambda: runner.client_address(lab, "sam"), 10, "sam's tunnel again")
+        assert (await fetch(lab, "sam"))["remote_addr"] == str(
+            lab.plan.pod_ip(int(other.removeprefix("pod")))
+        )
     finally:
         await runner.stop_client(lab, "sam")
 

@@ -433,3 +433,75 @@ async def test_a_refused_client_is_not_restarted_before_it_hears_why(
     for _ in range(3):
         assert await pod.handler.reconcile("udp")
     assert [a[0] for a in pod.mgmt.answers_for(cid)] == ["pending", "deny"]
+
+
+@pytest.fixture
+def tokens(tmp_path: Path) -> Iterator[tuple[Pod, Logins]]:
+    """A pod whose servers hand out auth tokens (auth-gen-token)."""
+    p = Pod(tmp_path, view(user("alice", auth="cert+sso"), user("bob")))
+    p.handler.book = SessionBook(BookConfig(NAT, GWPOOL, auth_tokens=True))
+    logins = Logins()
+    p.handler._sso = logins
+    try:
+        yield p, logins
+    finally:
+        p.close()
+
+
+async def test_an_sso_admission_names_the_user_for_the_token(tokens: tuple[Pod, Logins]) -> None:
+    pod, logins = tokens
+    cid = pod.mgmt.connect("alice", serial="7", peer_info=WEBAUTH)
+    await pod.pump()
+    await settle()
+    logins.decide(cid, True)
+    await settle()
+    answer = pod.mgmt.answers_for(cid)[-1]
+    assert answer[0] == "auth" and 'push "auth-token-user YWxpY2U="' in answer[3]
+    bob = await pod.join("bob")  # certificate only: no token user
+    assert not any("auth-token" in line for line in pod.mgmt.answers_for(bob)[0][3])
+
+
+@pytest.mark.parametrize(
+    ("token", "login"),
+    [
+        ({"session_state": "AuthenticatedEmptyUser", "username": ""}, False),
+        ({"session_state": "AuthenticatedEmptyUser", "username": "alice"}, False),
+        ({"session_state": "Authenticated", "username": "alice"}, False),
+        ({"session_state": "Authenticated", "username": "mallory"}, True),
+        ({"session_state": "Expired", "username": ""}, True),
+        ({"session_state": "Invalid", "username": "alice"}, True),
+        ({"session_state": "Initial"}, True),
+    ],
+)
+async def test_a_valid_token_stands_for_the_login(
+    tokens: tuple[Pod, Logins], token: dict[str, str], login: bool
+) -> None:
+    pod, logins = tokens
+    cid = pod.mgmt.connect("alice", serial="7", peer_info={**WEBAUTH, **token})
+    await pod.pump()
+    await settle()
+    first = pod.mgmt.answers_for(cid)[0][0]
+    assert first == ("pending" if login else "auth")
+    assert bool(logins.registered) is login
+
+
+async def test_a_renegotiation_with_an_expired_token_ends_the_session(
+    tokens: tuple[Pod, Logins],
+) -> None:
+    pod, _ = tokens
+    cid = pod.mgmt.connect(
+        "alice",
+        serial="7",
+        peer_info={**WEBAUTH, "session_state": "Authenticated", "username": "alice"},
+    )
+    await pod.pump()
+    pod.mgmt.establish(cid)
+    await pod.pump()
+    pod.mgmt.reauth(cid, serial="7", extra={"session_state": "Authenticated", "username": "alice"})
+    await pod.pump()
+    assert pod.mgmt.answers_for(cid)[-1][0] == "auth"
+    pod.mgmt.reauth(cid, serial="7", extra={"session_state": "Expired", "username": "alice"})
+    await pod.pump()
+    deny = pod.mgmt.answers_for(cid)[-1]
+    assert deny[0] == "deny" and deny[3] == "single sign-on session expired"
+    assert pod.records()[-1][0] == "close"

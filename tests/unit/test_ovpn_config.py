@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import subprocess
@@ -396,3 +397,25 @@ def test_a_stock_client_reads_the_udp_only_profile(
         ("udp", "vpn.example.com", "1194"),
         ("udp", "h.example", "1195"),
     ]
+
+
+def test_server_conf_hands_out_auth_tokens_decided_by_the_agent() -> None:
+    lines = directives(server(hand_window=300, auth_token=("/state/auth-token.key", 43200)))
+    assert "hand-window 300" in lines
+    # external-auth: a reconnect with a token still comes to the agent (session_state).
+    assert "auth-gen-token 43200 external-auth" in lines
+    assert "auth-gen-token-secret /state/auth-token.key" in lines
+    assert not any(line.startswith("auth-gen-token") for line in directives(server()))
+    with pytest.raises(ValueError, match="auth-token lifetime"):
+        server(auth_token=("/state/auth-token.key", 5))
+
+
+def test_the_auth_token_secret_has_openvpns_own_format(tmp_path: Path) -> None:
+    """The same PEM block and size as `openvpn --genkey auth-token` writes."""
+    ours = pki.generate_auth_token_key().splitlines()
+    theirs_path = tmp_path / "theirs.key"
+    subprocess.run(["openvpn", "--genkey", "auth-token", str(theirs_path)], check=True)
+    theirs = theirs_path.read_text().splitlines()
+    assert (ours[0], ours[-1]) == (theirs[0], theirs[-1])
+    assert [len(line) for line in ours] == [len(line) for line in theirs]
+    assert len(base64.b64decode("".join(ours[1:-1]))) == 128

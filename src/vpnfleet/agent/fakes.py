@@ -311,11 +311,13 @@ class FakeManagement:
         env = {"common_name": c.common_name, "ifconfig_pool_remote_ip": c.virtual_address or ""}
         self._events.put_nowait(ClientEvent(ClientEventKind.ESTABLISHED, cid, None, env))
 
-    def reauth(self, cid: int, serial: str = "1") -> None:
-        """TLS renegotiation of ``cid``: OpenVPN sends REAUTH."""
+    def reauth(self, cid: int, serial: str = "1", extra: dict[str, str] | None = None) -> None:
+        """TLS renegotiation of ``cid``: OpenVPN sends REAUTH (``extra`` in its environment,
+        e.g. the ``session_state`` of an auth token)."""
         c = self.clients[cid]
         self._next_kid += 1
         env = {"common_name": c.common_name, "tls_serial_0": serial, "untrusted_ip": c.real_ip}
+        env.update(extra or {})
         self._events.put_nowait(ClientEvent(ClientEventKind.REAUTH, cid, self._next_kid, env))
 
     def disconnect(self, cid: int, *, notify: bool = True) -> None:

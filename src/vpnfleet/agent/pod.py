@@ -160,6 +160,7 @@ class PodAgent:
                 gateway_pool=gateway,
                 push_routes=tuple(ipaddress.IPv4Network(r) for r in s.push_routes),
                 servers=s.servers,
+                auth_tokens=self.registration.auth_tokens,
             )
         )
         networks = book.config.tunnel_networks

@@ -27,6 +27,8 @@ from vpnfleet.agent.statedir import StateDir, write_private
 from vpnfleet.core import ipam, ovpn_config
 from vpnfleet.wire import Bootstrap, EnrollRequest, RegisterRequest
 
+SSO_SESSION_DEFAULT = 12 * 3600  # a control plane that sends the secret without a lifetime
+
 log = logging.getLogger("vpnfleet.agent")
 
 TUN_DEV = "tun0"
@@ -58,6 +60,12 @@ class Registration:
     def gateway_pool(self) -> ipaddress.IPv4Network | None:
         assert self.boot is not None, "not registered"
         return ipaddress.IPv4Network(self.boot.gateway_pool) if self.boot.gateway_pool else None
+
+    @property
+    def auth_tokens(self) -> bool:
+        """Whether the servers hand out auth tokens (the control plane sent the secret)."""
+        assert self.boot is not None, "not registered"
+        return self.boot.auth_token_key is not None
 
     async def register(self) -> Bootstrap:
         """Register with the control plane, or fall back to the cached bootstrap.
@@ -136,6 +144,8 @@ class Registration:
         write_private(p.cert, boot.cert_pem)
         write_private(p.key, boot.key_pem)
         write_private(p.tls_crypt, boot.tls_crypt_key)
+        if boot.auth_token_key is not None:
+            write_private(p.auth_token, boot.auth_token_key)
         write_private(p.crl, boot.crl_pem)
         # Kept so the agent can restart while the control plane is away.
         write_private(p.bootstrap, boot.model_dump_json())
@@ -169,8 +179,15 @@ class Registration:
                 management_hold=True,
                 # A connection waiting for its user's single sign-on login is kept this long.
                 hand_window=SSO_PENDING_MAX,
+                auth_token=self._auth_token(),
             )
             write_private(p.server(server).conf, conf)
+
+    def _auth_token(self) -> tuple[str, int] | None:
+        boot = self.boot
+        if boot is None or boot.auth_token_key is None:
+            return None
+        return str(self.paths.auth_token), boot.sso_session_seconds or SSO_SESSION_DEFAULT
 
     async def refresh_crl(self) -> None:
         """Download the CRL (a revocation was announced, or the copy is getting old)."""

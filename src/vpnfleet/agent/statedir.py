@@ -79,6 +79,11 @@ class StateDir:
         return self.root / "tls-crypt.key"
 
     @property
+    def auth_token(self) -> Path:
+        """OpenVPN's auth-gen-token secret (the fleet's; single sign-on sessions)."""
+        return self.root / "auth-token.key"
+
+    @property
     def crl(self) -> Path:
         return self.root / "crl.pem"
 

@@ -6,7 +6,7 @@ import datetime as dt
 import hashlib
 
 from cryptography import x509
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
 from vpnfleet.controlplane import pki
@@ -36,6 +36,24 @@ def tls_crypt_key(db: Session, sealer: pki.Sealer) -> str:
     if state is None:
         raise Problem(503, "PKI not initialised", "the CA has not been created yet")
     return sealer.unseal(state.tls_crypt_sealed)
+
+
+def auth_token_key(db: Session, sealer: pki.Sealer) -> str:
+    """The fleet's auth-gen-token secret, made at first use. Every pod gets the same one, so
+    a token handed out by one pod is honoured by the others (a reconnect to another pod needs
+    no new single sign-on login). Replicas racing to make it keep whichever was stored first."""
+    state = db.get(PKIState, 1)
+    if state is None:
+        raise Problem(503, "PKI not initialised", "the CA has not been created yet")
+    if state.auth_token_sealed is None:
+        db.execute(
+            update(PKIState)
+            .where(PKIState.id == 1, PKIState.auth_token_sealed.is_(None))
+            .values(auth_token_sealed=sealer.seal(pki.generate_auth_token_key()))
+        )
+        db.refresh(state)
+    assert state.auth_token_sealed is not None
+    return sealer.unseal(state.auth_token_sealed)
 
 
 def ensure_ca(db: Session, sealer: pki.Sealer) -> bool:
@@ -188,15 +206,18 @@ def crl_pem(db: Session, sealer: pki.Sealer, now: dt.datetime | None = None) -> 
 
 
 def reseal(db: Session, old: pki.Sealer, new: pki.Sealer) -> int:
-    """Seal every stored private key (CA, tls-crypt, certificates) with ``new`` instead of
-    ``old``; the number of keys. Raises PKIError, with nothing changed once the caller rolls
-    back, when a key does not open with ``old``."""
+    """Seal every stored private key (CA, tls-crypt, auth-token, certificates) with ``new``
+    instead of ``old``; the number of keys. Raises PKIError, with nothing changed once the
+    caller rolls back, when a key does not open with ``old``."""
     count = 0
     state = db.get(PKIState, 1)
     if state is not None:
         state.ca_key_sealed = new.seal(old.unseal(state.ca_key_sealed))
         state.tls_crypt_sealed = new.seal(old.unseal(state.tls_crypt_sealed))
         count += 2
+        if state.auth_token_sealed is not None:
+            state.auth_token_sealed = new.seal(old.unseal(state.auth_token_sealed))
+            count += 1
     for cert in db.scalars(select(Certificate)):
         cert.key_sealed = new.seal(old.unseal(cert.key_sealed))
         count += 1

@@ -167,6 +167,8 @@ class PKIState(Base):
     ca_cert_pem: Mapped[str] = mapped_column(Text)
     ca_key_sealed: Mapped[str] = mapped_column(Text)
     tls_crypt_sealed: Mapped[str] = mapped_column(Text)
+    # OpenVPN's auth-gen-token secret, shared by every pod (made at first use, certs.py).
+    auth_token_sealed: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     # The signed CRL every replica serves (certs.crl_pem): re-signed only when the set of
     # revoked certificates (its digest) changes or half its validity has passed.

@@ -227,6 +227,18 @@ def cert_info(cert_pem: str) -> CertInfo:
     )
 
 
+def generate_auth_token_key() -> str:
+    """A secret for OpenVPN's ``auth-gen-token-secret``: 128 random bytes in the PEM block
+    OpenVPN reads (the format ``openvpn --genkey auth-token`` writes)."""
+    body = base64.b64encode(secrets.token_bytes(128)).decode()
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return (
+        "-----BEGIN OpenVPN auth-token server key-----\n"
+        + "\n".join(lines)
+        + "\n-----END OpenVPN auth-token server key-----\n"
+    )
+
+
 def generate_tls_crypt_key() -> str:
     """A 2048-bit OpenVPN static key (the format `openvpn --genkey tls-crypt` writes)."""
     raw = secrets.token_bytes(256)

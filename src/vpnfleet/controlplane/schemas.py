@@ -441,6 +441,9 @@ class DirectorySyncOut(BaseModel):
     revision: int | None
 
 
+SSO_SESSION_SECONDS = 12 * 3600  # a working day: one login in the morning
+
+
 class IdpSettings(Storable):
     """The OpenID provider for VPN single sign-on, as `PUT /idp` takes it (docs/sso.md)."""
 
@@ -456,6 +459,9 @@ class IdpSettings(Storable):
     match: str = "name"
     clock_skew_seconds: int = Field(default=60, ge=0, le=600)
     login_timeout_seconds: int = Field(default=180, ge=30, le=900)
+    # How long one login keeps admitting the user's reconnects (to any pod) without a new
+    # login: the lifetime of OpenVPN's auth-gen-token. Pods read it when they register.
+    session_lifetime_seconds: int = Field(default=SSO_SESSION_SECONDS, ge=300, le=30 * 86400)
     timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     ca_file: str | None = Field(default=None, max_length=1000)
     allow_http: bool = False  # plain-http IdP and public URL (a lab); never in production

@@ -51,6 +51,7 @@ def decide(
     *,
     reauth: bool = False,
     signed_in: bool = False,
+    token_expired: bool = False,
 ) -> Decision:
     """Decide a CONNECT for the certificate `common_name` / `cert_serial`.
 
@@ -63,7 +64,9 @@ def decide(
     `signed_in` says this connection's single sign-on login succeeded (the agent then decides
     again, on the view of that moment): the certificate alone must not be enough. Every other
     check comes first, so nobody is sent to log in only to be refused afterwards. A REAUTH
-    (TLS renegotiation) continues a connection that was admitted, so it is not asked again.
+    (TLS renegotiation) continues a connection that was admitted, so it is not asked again,
+    unless `token_expired` says the auth token it presents ran out (the single sign-on
+    session's lifetime): then it is refused, which ends the connection.
     """
     user = view.users.get(common_name)
     if user is None:
@@ -84,6 +87,12 @@ def decide(
     live = max(fleet, local_sessions)
     if live >= user.max_sessions:
         return Decision(False, f"session limit reached ({user.max_sessions})", "too many sessions")
+    if user.auth == "cert+sso" and reauth and token_expired:
+        return Decision(
+            False,
+            "single sign-on session expired",
+            "single sign-on session expired: connect again to log in",
+        )
     if user.auth == "cert+sso" and not reauth and not signed_in:
         return Decision(False, "single sign-on required", "single sign-on login required", sso=True)
     return Decision(True, "allowed", "", user)

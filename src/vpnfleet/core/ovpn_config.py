@@ -124,6 +124,7 @@ def render_server_conf(
     management_hold: bool = True,
     keepalive: tuple[int, int] = (10, 60),
     hand_window: int = 60,
+    auth_token: tuple[str, int] | None = None,
     verb: int = 3,
     max_clients: int | None = None,
     duplicate_cn: bool = True,
@@ -140,6 +141,10 @@ def render_server_conf(
     `dco=False` writes `disable-dco`, so the tunnel behaves the same on every node whether or
     not the host kernel has the ovpn-dco module. `hand_window` (seconds) bounds a TLS handshake
     and also how long a client may wait in `client-pending-auth` (a single sign-on login).
+    `auth_token` = (secret path, lifetime seconds) turns on OpenVPN's auth-gen-token with
+    `external-auth`: a client admitted after a single sign-on login gets a token it presents
+    when it reconnects (to any pod with the same secret), and the agent sees its state
+    (`session_state`) at CONNECT instead of OpenVPN admitting it alone.
     """
     gw = _gateway(pool_gateway)
     if not isinstance(dev, str) or not _DEV_RE.fullmatch(dev):
@@ -199,6 +204,13 @@ def render_server_conf(
         f"keepalive {ping} {restart}",
         f"hand-window {hand_window}",
     ]
+    if auth_token is not None:
+        token_path, lifetime = auth_token
+        _int_in(lifetime, 60, 365 * 86400, "auth-token lifetime")
+        lines += [
+            f"auth-gen-token {lifetime} external-auth",
+            f"auth-gen-token-secret {_path(token_path, 'auth-token secret path')}",
+        ]
     if proto in _PROTOS:
         # Tell clients to reconnect at once when this server stops (drain, restart).
         lines.append("explicit-exit-notify 1")

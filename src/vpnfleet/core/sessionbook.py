@@ -25,6 +25,7 @@ kills and address owners are the book's, so they hold across both servers.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -126,6 +127,9 @@ class BookConfig:
     gateway_pool: ipaddress.IPv4Network | None = None
     push_routes: tuple[ipaddress.IPv4Network, ...] = ()
     servers: tuple[str, ...] = (PRIMARY,)
+    # The servers hand out auth tokens (auth-gen-token): single sign-on users get the user
+    # name their client presents the token with (`auth-token-user`).
+    auth_tokens: bool = False
 
     def __post_init__(self) -> None:
         if not self.servers or len(set(self.servers)) != len(self.servers):
@@ -268,8 +272,26 @@ class SessionBook:
             for s in view.sessions.values()
             if s.user == cn and real_ip is not None and s.real_ip == real_ip
         }
+        # OpenVPN's verdict on the auth token the client presented (auth-gen-token with
+        # external-auth): a valid one stands for the single sign-on login it was handed out
+        # after, on whichever pod. "EmptyUser": the token was made for an empty user name,
+        # as it is for certificate-only clients (they send none at their first connection;
+        # OpenVPN then clears the name they present the token with). docs/sso.md says what
+        # that means: the token is not tied to the certificate's user by OpenVPN.
+        session_state = env.get("session_state", "")
+        username = env.get("username", "")
+        token_valid = (session_state == "Authenticated" and username == cn) or (
+            session_state == "AuthenticatedEmptyUser" and username in ("", cn)
+        )
         decision = authz.decide(
-            view, cn, serial, local, frozenset(superseded), reauth=reauth, signed_in=signed_in
+            view,
+            cn,
+            serial,
+            local,
+            frozenset(superseded),
+            reauth=reauth,
+            signed_in=signed_in or token_valid,
+            token_expired=session_state in ("Expired", "ExpiredEmptyUser", "Invalid"),
         )
         known = self._clients.get(key)
         if reauth:
@@ -304,10 +326,12 @@ class SessionBook:
             server=server,
         )
         self._put(client)
-        return ConnectOutcome(
-            decision, push=self._push_lines(user.mode, address, server), client=client,
-            replaced=tuple(stale),
-        )  # fmt: skip
+        push = self._push_lines(user.mode, address, server)
+        if user.auth == "cert+sso" and self.config.auth_tokens:
+            # Without it a client that has no user name of its own (certificate only) would
+            # not present the token OpenVPN pushes it when it reconnects.
+            push += (f'push "auth-token-user {base64.b64encode(cn.encode()).decode()}"',)
+        return ConnectOutcome(decision, push=push, client=client, replaced=tuple(stale))
 
     def _address_for(
         self, mode: str, gateway_address: str | None, server: str

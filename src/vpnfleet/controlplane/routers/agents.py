@@ -15,6 +15,8 @@ from vpnfleet.controlplane.errors import Problem
 from vpnfleet.controlplane.models import DeniedAttempt, utcnow
 from vpnfleet.controlplane.podleases import lifespan as leases_lifespan
 from vpnfleet.controlplane.routing import WriteThroughRoute
+from vpnfleet.controlplane.schemas import SSO_SESSION_SECONDS
+from vpnfleet.controlplane.services import idp as idpsvc
 from vpnfleet.controlplane.services import pods, sessions
 from vpnfleet.controlplane.services.journal import Journal
 from vpnfleet.controlplane.state import DB, Enroller, PodCaller, State, Watcher
@@ -78,7 +80,14 @@ def register(body: RegisterRequest, db: DB, who: PodCaller, state: State) -> Boo
         nat_pool=reg.nat.cidr,
         gateway_pool=reg.gateway.cidr if reg.gateway else None,
         revision=revision,
+        auth_token_key=certs.auth_token_key(db, state.sealer),
+        sso_session_seconds=_sso_session_seconds(db),
     )
+
+
+def _sso_session_seconds(db: DB) -> int:
+    row = idpsvc.get_config(db)
+    return SSO_SESSION_SECONDS if row is None else idpsvc.settings_of(row).session_lifetime_seconds
 
 
 @router.get("/snapshot", response_model=Snapshot)
