@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, update
 from tests.conftest import RunningServer, Server, free_port
 from tests.oidcidp import Idp, browser_login, running_idp
 from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
-from vpnfleet.agent.ssologin import TIMED_OUT, LoginOutcome, SsoLogins
+from vpnfleet.agent.ssologin import REGISTER_AT_ONCE, TIMED_OUT, LoginOutcome, SsoLogins
 from vpnfleet.controlplane.models import SsoLogin
 
 USERS = {
@@ -266,6 +266,36 @@ async def test_the_agents_side_waits_for_the_decision(server: Server, fleet: str
         with pytest.raises(ControlPlaneError) as err:
             await logins.register("udp", 1, 1, "nobody", None)
         assert err.value.status == 404
+    finally:
+        await logins.close()
+        await cp.close()
+
+
+async def test_a_burst_of_connects_all_get_their_login_url(server: Server, fleet: str) -> None:
+    """200 connections of SSO users at once on one pod (a morning rush): every one gets its
+    URL, and the registrations never take more than a few of the agent's connections to the
+    control plane at a time (500 at once used to exhaust its pool: all refused)."""
+    cp = ControlPlane(server.url, fleet)
+    logins = SsoLogins(cp)
+    in_flight, most = 0, 0
+    real = cp.sso_login
+
+    async def counted(body: dict[str, object]) -> dict[str, object]:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            return await real(body)
+        finally:
+            in_flight -= 1
+
+    cp.sso_login = counted  # type: ignore[method-assign]
+    try:
+        got = await asyncio.gather(
+            *(logins.register("udp", 1000 + i, 1, "alice", "192.0.2.9") for i in range(200))
+        )
+        assert len({p.url for p in got}) == 200
+        assert most == REGISTER_AT_ONCE
     finally:
         await logins.close()
         await cp.close()

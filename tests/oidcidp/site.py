@@ -47,6 +47,9 @@ settings.configure(
     DEBUG=False,
     SECRET_KEY="test-idp-" + os.environ.get("IDP_CLIENT_SECRET", "x"),
     ALLOWED_HOSTS=["127.0.0.1", "localhost", *filter(None, [os.environ.get("IDP_HOST")])],
+    # Test users' passwords: a fast hash (Django's default PBKDF2 costs ~0.3 s of CPU per
+    # login, which would make this IdP, not vpnfleet, the bottleneck of bench/sso_pending.py).
+    PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"],
     ROOT_URLCONF=__name__,
     INSTALLED_APPS=[
         "django.contrib.auth",

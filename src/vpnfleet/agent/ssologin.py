@@ -7,6 +7,11 @@ waits (every `poll_interval` seconds, one request whatever the number of waiting
 so many pending logins cost one request per interval and never hold up other CONNECTs:
 each wait is its own future. A login whose decision does not arrive within its timeout is
 refused here ("single sign-on login timed out"), whatever the control plane says later.
+
+Registrations go to the control plane at most :data:`REGISTER_AT_ONCE` at a time, the others
+queue here: a burst of connects (a morning rush, clients of a restarted pod) must not take
+every connection of the agent's one client to the control plane, which the heartbeat and the
+session records also need (500 at once exhausted its pool: every one failed).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
 log = logging.getLogger("vpnfleet.agent")
 
 TIMED_OUT = "single sign-on login timed out"
+REGISTER_AT_ONCE = 4
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class SsoLogins:
         self._interval = poll_interval
         self._waiting: dict[str, asyncio.Future[LoginOutcome]] = {}
         self._poller: asyncio.Task[None] | None = None
+        self._registering = asyncio.Semaphore(REGISTER_AT_ONCE)
         self.polls = 0
 
     @property
@@ -55,9 +62,10 @@ class SsoLogins:
     ) -> PendingLogin:
         """Register a waiting connection; ControlPlaneError when the control plane refuses
         (no IdP: 409, unknown user: 404) or cannot be reached."""
-        out = await self._cp.sso_login(
-            {"server": server, "cid": cid, "kid": kid, "user": user, "real_ip": real_ip}
-        )
+        async with self._registering:
+            out = await self._cp.sso_login(
+                {"server": server, "cid": cid, "kid": kid, "user": user, "real_ip": real_ip}
+            )
         return PendingLogin(str(out["id"]), str(out["url"]), int(out["timeout_seconds"]))
 
     async def wait(self, login: PendingLogin, timeout: float | None = None) -> LoginOutcome:
