@@ -96,6 +96,7 @@ class FakeOpenVPN:
         self.sent: dict[int, float] = {}
         self.answered: dict[int, tuple[str, float]] = {}
         self.urls: dict[int, str] = {}
+        self.denials: dict[int, str] = {}
         self.waiters: dict[int, asyncio.Event] = {}
         self.slots = asyncio.Semaphore(WINDOW)
 
@@ -117,6 +118,8 @@ class FakeOpenVPN:
                     self.urls[cid] = found.group(1) if found else ""
                 else:
                     self.answered[cid] = (word, now)
+                    if word == "client-deny":
+                        self.denials[cid] = line.split(" ", 3)[3]
                     if cid >= 100_000:
                         self.slots.release()
                 writer.write(f"SUCCESS: {word} command succeeded\r\n".encode())
@@ -313,6 +316,8 @@ async def run(pending: int, connects: int, rate: float, work: Path) -> dict[str,
                 got = fake.answered.get(i)
                 if status != 200 or got is None or got[0] != "client-auth":
                     why = f"callback {status}, answer {got[0] if got else 'none'}"
+                    if i in fake.denials:
+                        why += f": {fake.denials[i]}"
                     refused[why] = refused.get(why, 0) + 1
                     continue
                 from_request.append((got[1] - sent) * 1000)

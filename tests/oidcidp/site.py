@@ -62,7 +62,15 @@ settings.configure(
         "django.middleware.csrf.CsrfViewMiddleware",
         "django.contrib.auth.middleware.AuthenticationMiddleware",
     ],
-    DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": str(STATE / "idp.db")}},
+    # Concurrent logins (bench/sso_pending.py) write at once: wait for SQLite's lock rather
+    # than fail the token request with "database is locked" (an HTTP 500 to vpnfleet).
+    DATABASES={
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": str(STATE / "idp.db"),
+            "OPTIONS": {"timeout": 30},
+        }
+    },
     TEMPLATES=[
         {
             "BACKEND": "django.template.backends.django.DjangoTemplates",
