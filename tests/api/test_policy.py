@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 import time
 from collections.abc import Callable
@@ -473,3 +474,47 @@ def test_concurrent_applies_of_one_file_create_everything_once(server: Server) -
     with server.client() as c:
         assert [u["name"] for u in c.get("/api/v1/users").json()] == ["alice", "gary"]
         assert len(c.get("/api/v1/rules").json()) == 3
+
+
+def test_auth_policies_from_a_file(admin: httpx.Client) -> None:
+    """Groups and users carry their single sign-on policy in the file (docs/sso.md); a file
+    that does not mention it leaves it as it is."""
+    text = textwrap.dedent(
+        """\
+        version: 1
+        users:
+          ann: {groups: [staff]}
+          bot: {auth_policy: cert, groups: [staff]}
+        groups:
+          staff: {auth_policy: cert+sso}
+        """
+    )
+    assert apply(admin, text)["changed"] is True
+
+    def auth() -> dict[str, tuple[str | None, str]]:
+        out = {}
+        for name in ("ann", "bot"):
+            u = admin.get(f"/api/v1/users/{name}").json()
+            out[name] = (u["auth_policy"], u["auth"])
+        return out
+
+    assert auth() == {"ann": (None, "cert+sso"), "bot": ("cert", "cert")}
+    group = admin.get("/api/v1/groups/staff").json()
+    assert group["auth_policy"] == "cert+sso"
+    exported = admin.get("/api/v1/policy/export").text
+    assert "auth_policy: cert+sso" in exported and "auth_policy: inherit" in exported
+    assert apply(admin, exported)["changed"] is False
+    # The same file before auth policies existed: nothing changes.
+    older = text.replace("auth_policy: cert, ", "").replace("{auth_policy: cert+sso}", "{}")
+    assert apply(admin, older)["changed"] is False
+    assert auth() == {"ann": (None, "cert+sso"), "bot": ("cert", "cert")}
+    # Lifting the requirement is explicit.
+    lifted = text.replace("auth_policy: cert, ", "auth_policy: inherit, ").replace(
+        "auth_policy: cert+sso", "auth_policy: none"
+    )
+    out = apply(admin, lifted)
+    assert out["changed"] is True
+    assert auth() == {"ann": (None, "cert"), "bot": (None, "cert")}
+    assert admin.get("/api/v1/groups/staff").json()["auth_policy"] is None
+    bad = apply(admin, text.replace("cert+sso", "sso"), status=422)
+    assert "groups.staff.auth_policy" in json.dumps(bad)

@@ -453,6 +453,7 @@ def policies(draw: st.DrawFn) -> Policy:
             n,
             draw(st.none() | texts),
             tuple(draw(st.lists(grants(), max_size=4, unique_by=lambda g: g.key))),
+            draw(st.none() | st.sampled_from(policyfile.GROUP_AUTH_POLICIES)),
         )
         for n in group_names
     }
@@ -471,6 +472,7 @@ def policies(draw: st.DrawFn) -> Policy:
                     draw(st.sets(st.sampled_from(group_names)) if group_names else st.just(set()))
                 )
             ),
+            draw(st.none() | st.sampled_from(policyfile.USER_AUTH_POLICIES)),
         )
         for n in draw(st.lists(names, max_size=5, unique=True))
     }
@@ -489,6 +491,77 @@ def test_render_example_is_stable() -> None:
     assert "  gary: {mode: gateway, max_sessions: 1, enabled: true, groups: [devs, ops]}" in text
     assert "{destination: 10.20.0.5, proto: any}" in text  # hosts without /32
     assert policyfile.render(policyfile.parse(text)) == text
+
+
+def test_auth_policies_are_read_only_where_the_file_sets_them() -> None:
+    policy = policyfile.parse(
+        textwrap.dedent(
+            """\
+            version: 1
+            users:
+              ann: {auth_policy: inherit, groups: [staff]}
+              bot: {auth_policy: cert, groups: [staff]}
+              cat: {groups: [staff]}
+            groups:
+              staff: {auth_policy: cert+sso}
+              lab: {}
+            """
+        )
+    )
+    assert [policy.users[n].auth_policy for n in ("ann", "bot", "cat")] == ["inherit", "cert", None]
+    assert policy.groups["staff"].auth_policy == "cert+sso"
+    assert policy.groups["lab"].auth_policy is None
+    text = policyfile.render(policy)
+    assert (
+        "bot: {mode: nat, max_sessions: 1, enabled: true, auth_policy: cert, groups: [staff]}"
+        in text
+    )
+    assert "cat: {mode: nat, max_sessions: 1, enabled: true, groups: [staff]}" in text
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "message"),
+    [
+        (
+            "users: {a: {auth_policy: sso}}",
+            "users.a.auth_policy",
+            "must be one of cert, cert+sso, inherit, not 'sso'",
+        ),
+        ("users: {a: {auth_policy: }}", "users.a.auth_policy", "not null"),
+        ("users: {a: {auth_policy: none}}", "users.a.auth_policy", "not 'none'"),
+        (
+            "groups: {g: {auth_policy: inherit}}",
+            "groups.g.auth_policy",
+            "must be one of cert, cert+sso, none, not 'inherit'",
+        ),
+    ],
+)
+def test_bad_auth_policies(text: str, field: str, message: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        policyfile.parse("version: 1\n" + text + "\n")
+    (issue,) = err.value.issues
+    assert issue.field == field and message in issue.message
+
+
+def test_a_file_without_auth_policies_leaves_them_alone() -> None:
+    """An older file applied again must not drop a group's single sign-on requirement."""
+    current = policyfile.parse(
+        "version: 1\nusers: {a: {auth_policy: cert, groups: [g]}}\n"
+        "groups: {g: {auth_policy: cert+sso}}\n"
+    )
+    old_file = policyfile.parse("version: 1\nusers: {a: {groups: [g]}}\ngroups: {g: {}}\n")
+    assert policyfile.diff(current, old_file).empty
+    lifted = policyfile.parse(
+        "version: 1\nusers: {a: {auth_policy: inherit, groups: [g]}}\n"
+        "groups: {g: {auth_policy: none}}\n"
+    )
+    out = policyfile.diff(current, lifted)
+    assert [(u.name, [(c.field, c.old, c.new) for c in u.changes]) for u in out.users_updated] == [
+        ("a", [("auth_policy", "cert", "inherit")])
+    ]
+    assert [(g.name, [(c.field, c.new) for c in g.changes]) for g in out.groups_updated] == [
+        ("g", [("auth_policy", "none")])
+    ]
 
 
 # --- diff -----------------------------------------------------------------------------------

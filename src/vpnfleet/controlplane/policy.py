@@ -54,6 +54,7 @@ def current_policy(db: Session) -> Policy:
             max_sessions=u.max_sessions,
             enabled=u.enabled,
             groups=tuple(sorted(groups_of.get(u.id, []))),
+            auth_policy=u.auth_policy or "inherit",
         )
         for u in db.scalars(select(User).order_by(User.name))
     }
@@ -70,7 +71,10 @@ def current_policy(db: Session) -> Policy:
         )
     groups = {
         g.name: GroupSpec(
-            name=g.name, description=g.description, grants=tuple(grants.get(g.id, []))
+            name=g.name,
+            description=g.description,
+            grants=tuple(grants.get(g.id, [])),
+            auth_policy=g.auth_policy or "none",
         )
         for g in db.scalars(select(Group).order_by(Group.name))
     }
@@ -145,10 +149,17 @@ def apply(
     # Additions first and removals last: replacing a grant never opens a gap in access.
     for ref in diff.groups_created:
         groups[ref.name] = group_service.create_group(db, journal, ref.name, ref.description)
+        if ref.auth_policy not in (None, "none"):
+            group_service.set_auth_policy(db, journal, groups[ref.name], ref.auth_policy)
     for upd in diff.groups_updated:
-        group_service.update_group(
-            db, journal, groups[upd.name], desired.groups[upd.name].description
-        )
+        fields = {c.field: c.new for c in upd.changes}
+        if "description" in fields:
+            group_service.update_group(db, journal, groups[upd.name], fields["description"])
+        if "auth_policy" in fields:
+            policy = fields["auth_policy"]
+            group_service.set_auth_policy(
+                db, journal, groups[upd.name], None if policy == "none" else policy
+            )
     for gref in diff.grants_added:
         rule_service.create_rule(
             db,
@@ -177,9 +188,16 @@ def apply(
             groups=spec.groups,
         )
     created = {u.name for u in diff.users_created}
+    for spec in diff.users_created:
+        if spec.auth_policy not in (None, "inherit"):
+            user_service.update_user(
+                db, journal, users[spec.name], {"auth_policy": spec.auth_policy}
+            )
 
     for upd in diff.users_updated:
         changes = {c.field: c.new for c in upd.changes}
+        if changes.get("auth_policy") == "inherit":
+            changes["auth_policy"] = None
         user_service.update_user(db, journal, users[upd.name], changes)
     for m in diff.memberships_added:
         if m.user not in created:

@@ -46,8 +46,13 @@ _INT = "tag:yaml.org,2002:int"
 _MERGE = "tag:yaml.org,2002:merge"
 
 _ROOT_KEYS = ("version", "users", "groups")
-_USER_KEYS = ("email", "mode", "max_sessions", "enabled", "groups")
-_GROUP_KEYS = ("description", "grants")
+_USER_KEYS = ("email", "mode", "max_sessions", "enabled", "auth_policy", "groups")
+_GROUP_KEYS = ("description", "auth_policy", "grants")
+# auth_policy in a file (docs/sso.md): a user's own policy, or "inherit" (the groups decide);
+# a group's, or "none" (it asks nothing). Left out: not managed by the file, left as it is (an
+# older file applied again must not drop a group's single sign-on requirement).
+USER_AUTH_POLICIES = ("cert", "cert+sso", "inherit")
+GROUP_AUTH_POLICIES = ("cert", "cert+sso", "none")
 _GRANT_KEYS = ("destination", "proto", "ports", "description")
 
 
@@ -119,6 +124,7 @@ class UserSpec:
     max_sessions: int = 1
     enabled: bool = True
     groups: tuple[str, ...] = ()  # sorted, unique
+    auth_policy: str | None = None  # USER_AUTH_POLICIES; None: not managed by the file
     line: int | None = field(default=None, compare=False)
 
 
@@ -129,6 +135,7 @@ class GroupSpec:
     name: str
     description: str | None = None
     grants: tuple[GrantSpec, ...] = ()
+    auth_policy: str | None = None  # GROUP_AUTH_POLICIES; None: not managed by the file
     line: int | None = field(default=None, compare=False)
 
 
@@ -390,6 +397,8 @@ def _read_user(
         values["max_sessions"] = count
     if "enabled" in fields:
         values["enabled"] = r.boolean(fields["enabled"][1], f"{path}.enabled")
+    if "auth_policy" in fields:
+        values["auth_policy"] = _auth_policy(r, fields["auth_policy"][1], path, USER_AUTH_POLICIES)
     groups: list[str] = []
     if "groups" in fields:
         node = fields["groups"][1]
@@ -421,8 +430,19 @@ def _read_user(
         max_sessions=values.get("max_sessions", 1),
         enabled=values.get("enabled", True),
         groups=tuple(sorted(groups)),
+        auth_policy=values.get("auth_policy"),
         line=_line(knode),
     )
+
+
+def _auth_policy(r: _Reader, node: Node, path: str, allowed: tuple[str, ...]) -> str | None:
+    where = f"{path}.auth_policy"
+    raw = r.text(node, where)
+    if raw is None or raw not in allowed:
+        shown = "null" if raw is None and _is_null(node) else repr(raw)
+        r.error(node, where, f"must be one of {', '.join(allowed)}, not {shown}")
+        return None
+    return raw
 
 
 def _read_group(r: _Reader, name: str, knode: Node, vnode: Node) -> GroupSpec | None:
@@ -444,6 +464,9 @@ def _read_group(r: _Reader, name: str, knode: Node, vnode: Node) -> GroupSpec | 
             if raw is not None
             else None
         )
+    auth_policy = None
+    if "auth_policy" in fields:
+        auth_policy = _auth_policy(r, fields["auth_policy"][1], path, GROUP_AUTH_POLICIES)
     grants: list[GrantSpec] = []
     if "grants" in fields:
         node = fields["grants"][1]
@@ -461,7 +484,13 @@ def _read_group(r: _Reader, name: str, knode: Node, vnode: Node) -> GroupSpec | 
             grants.append(grant)
     if not ok or len(r.issues) > before:
         return None
-    return GroupSpec(name=name, description=description, grants=tuple(grants), line=_line(knode))
+    return GroupSpec(
+        name=name,
+        description=description,
+        grants=tuple(grants),
+        auth_policy=auth_policy,
+        line=_line(knode),
+    )
 
 
 def _read_grant(r: _Reader, path: str, node: Node) -> GrantSpec | None:
@@ -610,9 +639,10 @@ def render(policy: Policy) -> str:
         entry = _Flow()
         if u.email is not None:
             entry["email"] = u.email
-        entry.update(
-            mode=u.mode, max_sessions=u.max_sessions, enabled=u.enabled, groups=list(u.groups)
-        )
+        entry.update(mode=u.mode, max_sessions=u.max_sessions, enabled=u.enabled)
+        if u.auth_policy is not None:
+            entry["auth_policy"] = u.auth_policy
+        entry["groups"] = list(u.groups)
         users[name] = entry
     groups: dict[str, Any] = {}
     for name in sorted(policy.groups):
@@ -620,6 +650,8 @@ def render(policy: Policy) -> str:
         gentry: dict[str, Any] = {}
         if g.description is not None:
             gentry["description"] = g.description
+        if g.auth_policy is not None:
+            gentry["auth_policy"] = g.auth_policy
         gentry["grants"] = [_grant_entry(gr) for gr in g.grants]
         groups[name] = gentry
     doc = {"version": VERSION, "users": users, "groups": groups}
@@ -666,6 +698,7 @@ class Update:
 class GroupRef:
     name: str
     description: str | None = None
+    auth_policy: str | None = None  # as in the file (None: not set there)
 
 
 @dataclass(frozen=True)
@@ -722,6 +755,11 @@ class PolicyDiff:
         return ", ".join(parts) or "no changes"
 
 
+def _managed(spec: UserSpec | GroupSpec) -> list[str]:
+    """The optional fields the file sets (compared only then)."""
+    return ["auth_policy"] if spec.auth_policy is not None else []
+
+
 def _field_changes(old: object, new: object, names: Iterable[str]) -> tuple[FieldChange, ...]:
     return tuple(
         FieldChange(n, getattr(old, n), getattr(new, n))
@@ -742,9 +780,11 @@ def diff(current: Policy, desired: Policy, prune: bool = False) -> PolicyDiff:
         want = desired.groups[name]
         have = current.groups.get(name)
         if have is None:
-            out.groups_created.append(GroupRef(name, want.description))
-        elif have.description != want.description:
-            out.groups_updated.append(Update(name, _field_changes(have, want, ["description"])))
+            out.groups_created.append(GroupRef(name, want.description, want.auth_policy))
+        else:
+            changes = _field_changes(have, want, ["description", *_managed(want)])
+            if changes:
+                out.groups_updated.append(Update(name, changes))
         existing = {g.key: g for g in have.grants} if have else {}
         for grant in want.grants:
             old = existing.get(grant.key)
@@ -765,7 +805,11 @@ def diff(current: Policy, desired: Policy, prune: bool = False) -> PolicyDiff:
             out.users_created.append(want_user)
             out.memberships_added.extend(MembershipRef(g, name) for g in want_user.groups)
             continue
-        changes = _field_changes(have_user, want_user, ["email", "mode", "max_sessions", "enabled"])
+        changes = _field_changes(
+            have_user,
+            want_user,
+            ["email", "mode", "max_sessions", "enabled", *_managed(want_user)],
+        )
         if changes:
             out.users_updated.append(Update(name, changes))
         managed = {g for g in have_user.groups if g in desired.groups}
