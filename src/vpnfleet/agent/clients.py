@@ -61,6 +61,7 @@ SSO_PENDING_MAX = 300
 # OpenVPN is told to keep the client pending this much longer than the login lasts, so that
 # a login that runs out is refused by the agent, with its reason, not dropped by OpenVPN.
 SSO_GRACE = 10
+SSO_ADMIT_AT_ONCE = 2  # logins answered at a time (see _login_and_answer)
 DENIED_LINGER = 30.0  # seconds a refused client is not restarted by the reconcile
 NO_WEBAUTH = Decision(
     False,
@@ -114,6 +115,7 @@ class ClientHandler:
         self._unsynced = set(book.config.servers)
         self._wait_current = wait_current
         self._sso = sso
+        self._admitting = asyncio.Semaphore(SSO_ADMIT_AT_ONCE)
         # (server, cid) -> its CONNECT whose answer waits: a held refusal or an SSO login
         self._holding: dict[tuple[str, int], asyncio.Task[None]] = {}
         # (server, cid) -> when it was refused: OpenVPN lists it, without an address, until
@@ -239,64 +241,74 @@ class ClientHandler:
 
     async def _login(self, ev: ClientEvent, server: str) -> None:
         """A CONNECT that waits for its user's single sign-on login: register it with the
-        control plane, send the client the login URL, and answer once the decision is in."""
-        assert self._sso is not None
-        key, kid = (server, ev.cid), ev.kid if ev.kid is not None else 0
-        user = ev.env.get("common_name", "")
+        control plane, send the client the login URL, and answer once the decision is in.
+        The connection stays in ``_holding`` until it is answered, so the reconcile never
+        takes it for a CONNECT nobody answered."""
+        key = (server, ev.cid)
         try:
-            mgmt = self._mgmt(server)
-            try:
-                login = await self._sso.register(
-                    server, ev.cid, kid, user, ev.env.get("untrusted_ip") or None
-                )
-                extra = webauth.web_auth_extra(login.url)
-            except (ControlPlaneError, ValueError) as exc:
-                log.warning("no single sign-on login for %s: %s", user or "?", exc)
-                refusal = Decision(
-                    False,
-                    "single sign-on unavailable",
-                    "single sign-on login unavailable, try again later",
-                )
-                await self._answer(ev, server, ConnectOutcome(refusal), time.perf_counter())
-                return
-            pending = min(login.timeout_seconds + SSO_GRACE, SSO_PENDING_MAX)
-            try:
-                if mgmt is None:
-                    raise ManagementError("no management session")
-                await mgmt.client_pending_auth(ev.cid, kid, extra, pending)
-            except ManagementError as exc:
-                log.info("could not send %s the login URL over %s: %s", user or "?", server, exc)
-                return
-            log.info(
-                "%s from %s waits for a single sign-on login (%d s)",
-                user or "?",
-                ev.env.get("untrusted_ip", "?"),
-                pending,
-                extra={"event": "auth", "user": user, "result": "pending"},
-            )
-            outcome = await self._sso.wait(login, pending - SSO_GRACE)
+            await self._login_and_answer(ev, server)
         finally:
             if asyncio.current_task() is self._holding.get(key):
                 del self._holding[key]
-        started = time.perf_counter()
-        if not outcome.admitted:
-            text = outcome.reason or "single sign-on login refused"
-            refusal = Decision(False, f"single sign-on refused ({text})", text)
-            await self._answer(ev, server, ConnectOutcome(refusal), started)
+
+    async def _login_and_answer(self, ev: ClientEvent, server: str) -> None:
+        assert self._sso is not None
+        kid = ev.kid if ev.kid is not None else 0
+        user = ev.env.get("common_name", "")
+        mgmt = self._mgmt(server)
+        try:
+            login = await self._sso.register(
+                server, ev.cid, kid, user, ev.env.get("untrusted_ip") or None
+            )
+            extra = webauth.web_auth_extra(login.url)
+        except (ControlPlaneError, ValueError) as exc:
+            log.warning("no single sign-on login for %s: %s", user or "?", exc)
+            refusal = Decision(
+                False,
+                "single sign-on unavailable",
+                "single sign-on login unavailable, try again later",
+            )
+            await self._answer(ev, server, ConnectOutcome(refusal), time.perf_counter())
             return
-        # Decided again on today's view: the user may have been disabled meanwhile, or the
-        # session limit filled by another device.
-        out = self.book.connect(
-            self._view(),
-            ev.cid,
-            ev.env,
-            reauth=False,
-            uid=self.new_uid(),
-            now=self._clock(),
-            server=server,
-            signed_in=True,
+        pending = min(login.timeout_seconds + SSO_GRACE, SSO_PENDING_MAX)
+        try:
+            if mgmt is None:
+                raise ManagementError("no management session")
+            await mgmt.client_pending_auth(ev.cid, kid, extra, pending)
+        except ManagementError as exc:
+            log.info("could not send %s the login URL over %s: %s", user or "?", server, exc)
+            return
+        log.info(
+            "%s from %s waits for a single sign-on login (%d s)",
+            user or "?",
+            ev.env.get("untrusted_ip", "?"),
+            pending,
+            extra={"event": "auth", "user": user, "result": "pending"},
         )
-        await self._answer(ev, server, out, started)
+        outcome = await self._sso.wait(login, pending - SSO_GRACE)
+        # Few admissions at a time: a poll may bring many decisions at once, and every
+        # answer goes through the one management session; other users' CONNECTs must not
+        # queue behind all of them.
+        async with self._admitting:
+            started = time.perf_counter()
+            if not outcome.admitted:
+                text = outcome.reason or "single sign-on login refused"
+                refusal = Decision(False, f"single sign-on refused ({text})", text)
+                await self._answer(ev, server, ConnectOutcome(refusal), started)
+                return
+            # Decided again on today's view: the user may have been disabled meanwhile, or
+            # the session limit filled by another device.
+            out = self.book.connect(
+                self._view(),
+                ev.cid,
+                ev.env,
+                reauth=False,
+                uid=self.new_uid(),
+                now=self._clock(),
+                server=server,
+                signed_in=True,
+            )
+            await self._answer(ev, server, out, started)
 
     async def _answer(
         self, ev: ClientEvent, server: str, out: ConnectOutcome, started: float
