@@ -23,9 +23,10 @@ from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
 from vpnfleet.agent.ssologin import REGISTER_AT_ONCE, TIMED_OUT, LoginOutcome, SsoLogins
 from vpnfleet.controlplane.models import SsoLogin
 
-USERS = {
+USERS: dict[str, tuple[str, str] | tuple[str, str, bool]] = {
     "alice": ("alice-pw-7Hd", "alice@example.test"),
     "bob": ("bob-pw-2Wz", "bob@corp.test"),
+    "carol": ("carol-pw-5Tq", "carol@corp.test", False),  # e-mail not verified at the IdP
 }
 
 
@@ -63,7 +64,7 @@ def fleet(server: Server, admin: httpx.Client, idp: Idp) -> str:
         "login_timeout_seconds": 60,
     }
     assert admin.put("/api/v1/idp", json=body).status_code == 200
-    for name, (_, mail) in USERS.items():
+    for name, (_, mail, *_verified) in USERS.items():
         r = admin.post("/api/v1/users", json={"name": name, "email": mail})
         assert r.status_code == 201, r.text
     return server.pod_token("pod1")
@@ -168,6 +169,12 @@ def test_matching_by_email(server: Server, admin: httpx.Client, fleet: str, idp:
     login = register(server, fleet, "bob", cid=13)
     assert httpx.get(follow(server, str(login["url"]), "bob")).status_code == 200
     assert [d["admitted"] for d in decisions(server, fleet)] == [True]
+    # An address the IdP has not verified proves nothing: refused, with the reason.
+    login = register(server, fleet, "carol", cid=14)
+    page = httpx.get(follow(server, str(login["url"]), "carol"))
+    assert page.status_code == 403 and "not verified" in page.text
+    [refused] = decisions(server, fleet)
+    assert refused["admitted"] is False and "not verified" in str(refused["reason"])
 
 
 def test_a_login_completed_too_late_is_refused(server: Server, fleet: str) -> None:

@@ -10,7 +10,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,15 +36,16 @@ class Idp:
 def running_idp(
     state: Path,
     redirect_uri: str,
-    users: dict[str, tuple[str, str]],
+    users: Mapping[str, tuple[str, str] | tuple[str, str, bool]],
     *,
     host: str = "127.0.0.1",
     netns: str | None = None,
 ) -> Iterator[Idp]:
     """The provider on a free port of `host` (loopback by default) with `users` (name ->
-    (password, email)) and one confidential client whose redirect URI is `redirect_uri`;
-    stopped on exit. `netns`: run it in that network namespace (a lab's control-plane
-    namespace, `host` one of its addresses the test can reach)."""
+    (password, email[, email verified: True by default])) and one confidential client whose
+    redirect URI is `redirect_uri`; stopped on exit. `netns`: run it in that network
+    namespace (a lab's control-plane namespace, `host` one of its addresses the test can
+    reach)."""
     state.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://{host}:{port}"
@@ -62,7 +63,10 @@ def running_idp(
         "IDP_REDIRECT_URI": redirect_uri,
         "IDP_CLIENT_ID": idp.client_id,
         "IDP_CLIENT_SECRET": idp.client_secret,
-        "IDP_USERS": ",".join(f"{n}:{pw}:{mail}" for n, (pw, mail) in users.items()),
+        "IDP_USERS": ",".join(
+            f"{n}:{v[0]}:{v[1]}" + ("" if len(v) < 3 or v[2] else ":unverified")
+            for n, v in users.items()
+        ),
         "IDP_HOST": host,
         "PYTHONPATH": str(ROOT),
     }

@@ -10,7 +10,7 @@ tests/oidcidp/__init__.py's helper; the database is a SQLite file in the test's 
     python -m tests.oidcidp.site serve   # the ASGI application: uvicorn tests.oidcidp.site:app
 
 Environment: IDP_DIR (state), IDP_ISSUER (http://127.0.0.1:PORT/o), IDP_REDIRECT_URI,
-IDP_CLIENT_ID, IDP_CLIENT_SECRET, IDP_USERS ("name:password:email,...").
+IDP_CLIENT_ID, IDP_CLIENT_SECRET, IDP_USERS ("name:password:email[:unverified],...").
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ from django.contrib.auth import views as auth_views  # noqa: E402
 from django.urls import include, path  # noqa: E402
 from oauth2_provider.oauth2_validators import OAuth2Validator  # noqa: E402
 
+UNVERIFIED = "unverified-email"  # kept in a test user's last name
+
 
 class Validator(OAuth2Validator):  # type: ignore[misc]
     """Adds the claims vpnfleet maps users by."""
@@ -104,7 +106,12 @@ class Validator(OAuth2Validator):  # type: ignore[misc]
 
     def get_additional_claims(self, request: Any) -> dict[str, Any]:
         user = request.user
-        return {"preferred_username": user.username, "email": user.email}
+        verified = user.last_name != UNVERIFIED
+        return {
+            "preferred_username": user.username,
+            "email": user.email,
+            "email_verified": verified,
+        }
 
 
 urlpatterns = [
@@ -120,8 +127,10 @@ def setup() -> None:
 
     call_command("migrate", verbosity=0, interactive=False)
     for entry in filter(None, os.environ.get("IDP_USERS", "").split(",")):
-        name, password, email = entry.split(":")
-        User.objects.create_user(name, email=email, password=password)
+        name, password, email, *flags = entry.split(":")
+        # "unverified": the IdP has not verified this user's e-mail (email_verified false).
+        last = UNVERIFIED if "unverified" in flags else ""
+        User.objects.create_user(name, email=email, password=password, last_name=last)
     Application.objects.create(
         name="vpnfleet",
         client_id=os.environ["IDP_CLIENT_ID"],

@@ -212,6 +212,11 @@ def callback(
     if not isinstance(who, str) or not who:
         reason = f"the identity provider's token has no {settings.user_claim!r}"
         return _decide(db, login, False, None, reason)
+    if settings.user_claim == "email" and claims.get("email_verified") is False:
+        # Where people may type any address into their IdP profile, an unverified one says
+        # nothing about who they are (an IdP that sends no email_verified is trusted).
+        reason = "the identity provider has not verified that e-mail address"
+        return _decide(db, login, False, who, reason)
     user = db.scalar(select(User).where(User.name == login.user_name))
     expected = None if user is None else (user.name if settings.match == "name" else user.email)
     if expected is None or who.strip().lower() != expected.strip().lower():
