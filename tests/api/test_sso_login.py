@@ -70,11 +70,13 @@ def fleet(server: Server, admin: httpx.Client, idp: Idp) -> str:
     return server.pod_token("pod1")
 
 
-def register(server: Server, pod_token: str, user: str, cid: int) -> dict[str, object]:
+def register(
+    server: Server, pod_token: str, user: str, cid: int, real_ip: str = "192.0.2.7"
+) -> dict[str, object]:
     with server.client(pod_token) as pod:
         r = pod.post(
             "/api/v1/agent/sso-logins",
-            json={"server": "udp", "cid": cid, "kid": 1, "user": user, "real_ip": "192.0.2.7"},
+            json={"server": "udp", "cid": cid, "kid": 1, "user": user, "real_ip": real_ip},
         )
     assert r.status_code == 201, r.text
     return dict(r.json())
@@ -175,6 +177,29 @@ def test_matching_by_email(server: Server, admin: httpx.Client, fleet: str, idp:
     assert page.status_code == 403 and "not verified" in page.text
     [refused] = decisions(server, fleet)
     assert refused["admitted"] is False and "not verified" in str(refused["reason"])
+
+
+def test_same_address_refuses_a_browser_elsewhere(
+    server: Server, admin: httpx.Client, fleet: str, idp: Idp
+) -> None:
+    """With same_address, the login must come from the VPN client's own address: a profile
+    stolen and used elsewhere cannot be completed by its owner's (phished) login."""
+    body = {
+        "issuer": idp.issuer,
+        "client_id": idp.client_id,
+        "public_url": server.url,
+        "same_address": True,
+    }
+    assert admin.put("/api/v1/idp", json=body).status_code == 200
+    elsewhere = register(server, fleet, "alice", cid=21, real_ip="192.0.2.7")
+    page = httpx.get(follow(server, str(elsewhere["url"]), "alice"))
+    assert page.status_code == 403 and "another address" in page.text
+    [refused] = decisions(server, fleet)
+    assert refused["admitted"] is False
+    # The browser here is on 127.0.0.1, as is this VPN client.
+    here = register(server, fleet, "alice", cid=22, real_ip="127.0.0.1")
+    assert httpx.get(follow(server, str(here["url"]), "alice")).status_code == 200
+    assert [d["admitted"] for d in decisions(server, fleet)] == [True]
 
 
 def test_a_login_completed_too_late_is_refused(server: Server, fleet: str) -> None:

@@ -110,6 +110,15 @@ def server(
             metavar="NAME",
         ),
     ] = None,
+    forwarded_allow_ips: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="An address or CIDR of a proxy (ingress, load balancer) whose X-Forwarded-For "
+            "to believe; repeat for several (env VPNFLEET_FORWARDED_ALLOW_IPS, comma-separated; "
+            "default 127.0.0.1).",
+            metavar="CIDR",
+        ),
+    ] = None,
     advertise_url: Annotated[
         list[str] | None,
         typer.Option(
@@ -151,6 +160,10 @@ def server(
             ]
             or None,
             advertise_urls=advertise_url or None,
+            forwarded_allow_ips=[
+                n.strip() for item in forwarded_allow_ips or [] for n in item.split(",") if n
+            ]
+            or None,
         )
     except ValueError as exc:
         raise CLIError(str(exc), 2) from None
@@ -179,6 +192,8 @@ def server(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=SHUTDOWN_GRACE,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         **tls,
     )
     # Ends the watch streams first when it stops (controlplane/serving.py).

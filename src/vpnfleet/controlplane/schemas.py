@@ -465,6 +465,9 @@ class IdpSettings(Storable):
     timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     ca_file: str | None = Field(default=None, max_length=1000)
     allow_http: bool = False  # plain-http IdP and public URL (a lab); never in production
+    # Refuse a login whose browser comes from another address than the VPN connection (the
+    # control plane must see browsers' real addresses: `--forwarded-allow-ips`).
+    same_address: bool = False
 
     @field_validator("scopes")
     @classmethod

@@ -54,6 +54,11 @@ class ServerSettings:
     # Open watch streams one replica serves at once; past it a new one is refused with 503
     # (controlplane/watch.py). One per pod and per gateway-routes follower, plus operators.
     watch_max_subscribers: int = 2_000
+    # Proxies (ingress controllers, load balancers) whose X-Forwarded-For / X-Forwarded-Proto
+    # this server believes: the address a request came from is then the one they forwarded
+    # (single sign-on's same_address check needs the browsers' real addresses). Loopback only
+    # by default, as uvicorn does.
+    forwarded_allow_ips: list[str] = field(default_factory=lambda: ["127.0.0.1"])
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServerSettings:
@@ -101,6 +106,9 @@ class ServerSettings:
         ):
             if env.get(var, "").strip():
                 values[key] = [e.strip() for e in env[var].split(",") if e.strip()]
+        if env.get("VPNFLEET_FORWARDED_ALLOW_IPS", "").strip():
+            raw_ips = env["VPNFLEET_FORWARDED_ALLOW_IPS"]
+            values["forwarded_allow_ips"] = [e.strip() for e in raw_ips.split(",") if e.strip()]
         if env.get("VPNFLEET_WATCH_MAX_SUBSCRIBERS", "").strip():
             raw = env["VPNFLEET_WATCH_MAX_SUBSCRIBERS"].strip()
             if not raw.isdigit():

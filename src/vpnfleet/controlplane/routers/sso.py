@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from vpnfleet.controlplane.routing import WriteThroughRoute
@@ -55,6 +55,7 @@ def open_login(login_id: str, db: DB) -> Response:
 
 @router.get("/sso/callback", include_in_schema=False)
 def login_callback(
+    request: Request,
     db: DB,
     app: State,
     oauth_state: Annotated[str | None, Query(alias="state", max_length=200)] = None,
@@ -63,7 +64,8 @@ def login_callback(
 ) -> Response:
     """Where the IdP sends the browser back: the login is decided here, once."""
     try:
-        outcome = sso.callback(db, app.sealer, oauth_state, code, error)
+        browser = request.client.host if request.client else None
+        outcome = sso.callback(db, app.sealer, oauth_state, code, error, browser)
     except sso.LoginRefused as exc:
         return _page(exc.status, "VPN login", exc.message)
     return _page(200 if outcome.admitted else 403, "VPN login", outcome.message)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
 import json
 import secrets
 import threading
@@ -170,9 +171,15 @@ class Outcome:
 
 
 def callback(
-    db: Session, sealer: pki.Sealer, state: str | None, code: str | None, error: str | None
+    db: Session,
+    sealer: pki.Sealer,
+    state: str | None,
+    code: str | None,
+    error: str | None,
+    browser: str | None = None,
 ) -> Outcome:
-    """The IdP sent the browser back: decide the login (once) and record the decision."""
+    """The IdP sent the browser back: decide the login (once) and record the decision.
+    `browser`: the address the callback came from (the same_address setting)."""
     if not state:
         raise LoginRefused(400, "The identity provider's answer has no state.")
     row, settings = _settings(db)
@@ -193,6 +200,9 @@ def callback(
         return _decide(db, login, False, None, "the login took too long")
     if error or not code:
         reason = f"the identity provider refused the login ({(error or 'no code')[:60]})"
+        return _decide(db, login, False, None, reason)
+    if settings.same_address and not _same_address(login.real_ip, browser):
+        reason = "the login came from another address than the VPN connection"
         return _decide(db, login, False, None, reason)
     prov = provider_for(settings)
     try:
@@ -224,6 +234,20 @@ def callback(
     if user is not None and not user.enabled:
         return _decide(db, login, False, who, "the user is disabled")
     return _decide(db, login, True, who, None)
+
+
+def _same_address(vpn: str | None, browser: str | None) -> bool:
+    """The VPN client's public address and the browser's are the same host (an IPv4 address
+    seen as IPv4-mapped IPv6 on a dual-stack listener counts as itself)."""
+    if vpn is None or browser is None:
+        return False
+    try:
+        a, b = ipaddress.ip_address(vpn), ipaddress.ip_address(browser)
+    except ValueError:
+        return False
+    a = a.ipv4_mapped or a if isinstance(a, ipaddress.IPv6Address) else a
+    b = b.ipv4_mapped or b if isinstance(b, ipaddress.IPv6Address) else b
+    return a == b
 
 
 def _decide(
