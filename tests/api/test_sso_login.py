@@ -292,9 +292,16 @@ async def test_the_agents_side_waits_for_the_decision(server: Server, fleet: str
         assert outcomes[1].admitted is False and "another user" in str(outcomes[1].reason)
         assert all(o == LoginOutcome(False, TIMED_OUT) for o in outcomes[2:])
         assert logins.waiting == 0
+        # Nothing waits: the poller ends (after a request that was on its way, if any) and
+        # asks no more.
+        for _ in range(100):
+            if not logins.polling:
+                break
+            await asyncio.sleep(0.05)
+        assert not logins.polling
         polls = logins.polls
         await asyncio.sleep(0.6)
-        assert logins.polls == polls  # nothing waits: no polling
+        assert logins.polls == polls
         with pytest.raises(ControlPlaneError) as err:
             await logins.register("udp", 1, 1, "nobody", None)
         assert err.value.status == 404

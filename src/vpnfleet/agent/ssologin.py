@@ -57,6 +57,12 @@ class SsoLogins:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def polling(self) -> bool:
+        """Whether the decision poller runs (it ends after its last request once nothing
+        waits)."""
+        return self._poller is not None and not self._poller.done()
+
     async def register(
         self, server: str, cid: int, kid: int, user: str, real_ip: str | None
     ) -> PendingLogin:
