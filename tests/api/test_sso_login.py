@@ -279,7 +279,7 @@ async def test_the_agents_side_waits_for_the_decision(server: Server, fleet: str
         ]
         assert len({p.url for p in pending}) == 20 and all(len(p.url) < 120 for p in pending)
         ok, wrong, *rest = pending
-        waits = [asyncio.create_task(logins.wait(p, timeout=8.0)) for p in (ok, wrong)]
+        waits = [asyncio.create_task(logins.wait(p, timeout=60.0)) for p in (ok, wrong)]
         waits += [asyncio.create_task(logins.wait(p, timeout=2.0)) for p in rest]
 
         def browse(url: str, user: str) -> int:
