@@ -360,8 +360,11 @@ def test_a_stock_client_reads_the_connection_blocks(
         tcp_remotes=[("vpn-tcp.example.com", 443)],
         server_name_prefix="vpnfleet-pod-",
         name="alice",
+        username="alice",
         **material,
     )
+    # The user name single sign-on tokens are signed for, inline (OpenVPN reads it too).
+    assert "<auth-user-pass>\nalice\ncertificate-only\n</auth-user-pass>" in profile
     entries = stock_client_parse(profile, tmp_path)
     got = [
         (
@@ -403,7 +406,7 @@ def test_server_conf_hands_out_auth_tokens_decided_by_the_agent() -> None:
     lines = directives(server(hand_window=300, auth_token=("/state/auth-token.key", 43200)))
     assert "hand-window 300" in lines
     # external-auth: a reconnect with a token still comes to the agent (session_state).
-    assert "auth-gen-token 43200 external-auth" in lines
+    assert "auth-gen-token 43200 43200 external-auth" in lines
     assert "auth-gen-token-secret /state/auth-token.key" in lines
     assert not any(line.startswith("auth-gen-token") for line in directives(server()))
     with pytest.raises(ValueError, match="auth-token lifetime"):
@@ -419,3 +422,9 @@ def test_the_auth_token_secret_has_openvpns_own_format(tmp_path: Path) -> None:
     assert (ours[0], ours[-1]) == (theirs[0], theirs[-1])
     assert [len(line) for line in ours] == [len(line) for line in theirs]
     assert len(base64.b64decode("".join(ours[1:-1]))) == 128
+
+
+@pytest.mark.parametrize("bad", ["", "Alice", "a\nb", "a<b", "x" * 200])
+def test_a_profile_refuses_a_user_name_it_cannot_carry(material: dict[str, Any], bad: str) -> None:
+    with pytest.raises(ValueError, match="not a user name"):
+        render_client_profile(remotes=[("vpn.example.com", 1194)], username=bad, **material)

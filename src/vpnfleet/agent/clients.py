@@ -161,7 +161,12 @@ class ClientHandler:
 
     def reset(self, reason: str, server: str = PRIMARY) -> None:
         """``server``'s OpenVPN was started afresh: every client it had is gone (and so are
-        the sessions of it the previous agent's journal still held)."""
+        the sessions of it the previous agent's journal still held). So are the CONNECTs of
+        it whose answers wait: the new process numbers its clients from 0 again, and an
+        old answer must never reach a new client with the same id."""
+        for key in [k for k in self._holding if k[0] == server]:
+            self._holding.pop(key).cancel()
+        self._denied = {k: t for k, t in self._denied.items() if k[0] != server}
         for client in self.book.clear(server):
             self._ended(client, reason)
         for client in self._cached_of(server).values():
@@ -187,6 +192,12 @@ class ClientHandler:
     async def _on_connect(self, ev: ClientEvent, server: str) -> None:
         started = time.perf_counter()
         reauth = ev.kind is ClientEventKind.REAUTH
+        if not reauth:
+            # The client started over (a new key) before its previous CONNECT was answered:
+            # that answer would go to a key OpenVPN no longer knows.
+            earlier = self._holding.pop((server, ev.cid), None)
+            if earlier is not None:
+                earlier.cancel()
         out = self.book.connect(
             self._view(),
             ev.cid,
@@ -274,7 +285,7 @@ class ClientHandler:
         try:
             if mgmt is None:
                 raise ManagementError("no management session")
-            await mgmt.client_pending_auth(ev.cid, kid, extra, pending)
+            await _unbroken(mgmt.client_pending_auth(ev.cid, kid, extra, pending))
         except ManagementError as exc:
             log.info("could not send %s the login URL over %s: %s", user or "?", server, exc)
             return
@@ -324,7 +335,9 @@ class ClientHandler:
             if not decision.allow:
                 if out.ended is not None:
                     self._ended(out.ended, decision.reason)
-                await mgmt.client_deny(ev.cid, kid, decision.reason, decision.client_reason)
+                await _unbroken(
+                    mgmt.client_deny(ev.cid, kid, decision.reason, decision.client_reason)
+                )
                 if not reauth:
                     self._denied[(server, ev.cid)] = time.monotonic()
                 log.info(
@@ -336,16 +349,17 @@ class ClientHandler:
                     extra={"event": "auth", "user": ev.env.get("common_name"), "result": "deny"},
                 )
             elif reauth:
-                await mgmt.client_auth(ev.cid, kid, ())
+                await _unbroken(mgmt.client_auth(ev.cid, kid, ()))
             else:
                 for old in out.replaced:
                     await self.kick(old, "replaced by a new connection", halt=True)
-                await mgmt.client_auth(ev.cid, kid, out.push)
+                await _unbroken(mgmt.client_auth(ev.cid, kid, out.push))
         except (ManagementError, ValueError) as exc:
             # The client vanished meanwhile, or openvpn restarted: reconcile tidies up.
             log.info("could not answer %s client %d: %s", server, ev.cid, exc)
-            if not reauth:
-                self.book.forget(ev.cid, server)
+            mine = out.client
+            if mine is not None and self.book.get(ev.cid, server) is mine:
+                self.book.forget(ev.cid, server)  # only what this answer admitted
         if self._metrics is not None:
             self._metrics.decisions.labels(result=decision.label).inc()
             self._metrics.decision_seconds.observe(time.perf_counter() - started)
@@ -437,7 +451,7 @@ class ClientHandler:
         if mgmt is None:
             return
         try:
-            await mgmt.client_kill(client.cid, "HALT" if halt else "RESTART")
+            await _unbroken(mgmt.client_kill(client.cid, "HALT" if halt else "RESTART"))
         except ManagementError as exc:
             log.info("client-kill %d: %s", client.cid, exc)
 
@@ -552,6 +566,19 @@ class ClientHandler:
             task.cancel()
         self._holding.clear()
         self._journal.close()
+
+
+async def _unbroken(command: Awaitable[None]) -> None:
+    """Run a management command that the cancellation of the task awaiting it (its client
+    left, OpenVPN restarted) does not break off: a command abandoned half-way closes the
+    management session, and the supervisor then restarts OpenVPN with every client on it."""
+    task = asyncio.ensure_future(command)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # It finishes on its own; its outcome concerns a client that is gone.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        raise
 
 
 def _int(text: str | None) -> int:

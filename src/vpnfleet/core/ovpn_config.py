@@ -208,7 +208,10 @@ def render_server_conf(
         token_path, lifetime = auth_token
         _int_in(lifetime, 60, 365 * 86400, "auth-token lifetime")
         lines += [
-            f"auth-gen-token {lifetime} external-auth",
+            # Renewal time = lifetime: a token not renewed within twice the renewal time
+            # expires, and with the default (reneg-sec, 1 h) a laptop closed for 2 h would
+            # have to log in again well within the session lifetime.
+            f"auth-gen-token {lifetime} {lifetime} external-auth",
             f"auth-gen-token-secret {_path(token_path, 'auth-token secret path')}",
         ]
     if proto in _PROTOS:
@@ -252,6 +255,9 @@ def _pem_block(tag: str, pem: str, markers: Sequence[str], what: str) -> list[st
     return [f"<{tag}>", pem.strip(), f"</{tag}>"]
 
 
+_USERNAME_RE = re.compile(r"[a-z0-9][a-z0-9._@-]{0,127}")
+
+
 def render_client_profile(
     *,
     remotes: Sequence[tuple[str, int]],
@@ -264,8 +270,14 @@ def render_client_profile(
     server_name_prefix: str | None = None,
     name: str | None = None,
     verb: int = 3,
+    username: str | None = None,
 ) -> str:
     """Render a self-contained client profile (.ovpn) with inline CA, cert, key and tls-crypt.
+
+    `username` (the certificate's user) goes in an inline `<auth-user-pass>` with a
+    placeholder password the servers ignore: OpenVPN signs the single sign-on session token
+    it hands the client for the user name the client sent, so a token is then good for this
+    user only (without it, for any certificate: docs/sso.md).
 
     Each pod has its own server certificate, so the profile does not pin one server name:
     `remote-cert-tls server` already rejects anything but a serverAuth certificate from our
@@ -328,6 +340,10 @@ def render_client_profile(
         prefix = _arg(server_name_prefix, "server name prefix")
         lines.append(f"verify-x509-name {prefix} name-prefix")
     lines.append("auth-nocache")
+    if username is not None:
+        if not _USERNAME_RE.fullmatch(username):
+            raise ValueError(f"not a user name for a profile: {username!r}")
+        lines += ["<auth-user-pass>", username, "certificate-only", "</auth-user-pass>"]
     if not tcp_remotes:
         # Tell the pod at once when the client goes away, so the session closes promptly.
         lines.append("explicit-exit-notify 1")

@@ -25,7 +25,6 @@ kills and address owners are the book's, so they hold across both servers.
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -127,8 +126,8 @@ class BookConfig:
     gateway_pool: ipaddress.IPv4Network | None = None
     push_routes: tuple[ipaddress.IPv4Network, ...] = ()
     servers: tuple[str, ...] = (PRIMARY,)
-    # The servers hand out auth tokens (auth-gen-token): single sign-on users get the user
-    # name their client presents the token with (`auth-token-user`).
+    # The servers hand out auth tokens (auth-gen-token): a renegotiation of a single sign-on
+    # user must present a valid one.
     auth_tokens: bool = False
 
     def __post_init__(self) -> None:
@@ -273,15 +272,18 @@ class SessionBook:
             if s.user == cn and real_ip is not None and s.real_ip == real_ip
         }
         # OpenVPN's verdict on the auth token the client presented (auth-gen-token with
-        # external-auth): a valid one stands for the single sign-on login it was handed out
-        # after, on whichever pod. "EmptyUser": the token was made for an empty user name,
-        # as it is for certificate-only clients (they send none at their first connection;
-        # OpenVPN then clears the name they present the token with). docs/sso.md says what
-        # that means: the token is not tied to the certificate's user by OpenVPN.
+        # external-auth). At CONNECT only "Authenticated" for the certificate's own user name
+        # stands for a single sign-on login, on whichever pod: OpenVPN signed that token for
+        # the name the client sent when it was handed out (profiles name their user,
+        # ovpn_config.render_client_profile). "AuthenticatedEmptyUser" is a token made for
+        # no name (an older profile): it would be good with any certificate, so it is not.
+        # At REAUTH the TLS session goes on and only the token's age matters: with tokens
+        # on, a client that presents none (a modified one) or an expired one is cut.
         session_state = env.get("session_state", "")
-        username = env.get("username", "")
-        token_valid = (session_state == "Authenticated" and username == cn) or (
-            session_state == "AuthenticatedEmptyUser" and username in ("", cn)
+        token_valid = session_state == "Authenticated" and env.get("username") == cn
+        token_lapsed = self.config.auth_tokens and session_state not in (
+            "Authenticated",
+            "AuthenticatedEmptyUser",
         )
         decision = authz.decide(
             view,
@@ -291,7 +293,7 @@ class SessionBook:
             frozenset(superseded),
             reauth=reauth,
             signed_in=signed_in or token_valid,
-            token_expired=session_state in ("Expired", "ExpiredEmptyUser", "Invalid"),
+            token_expired=token_lapsed,
         )
         known = self._clients.get(key)
         if reauth:
@@ -327,10 +329,6 @@ class SessionBook:
         )
         self._put(client)
         push = self._push_lines(user.mode, address, server)
-        if user.auth == "cert+sso" and self.config.auth_tokens:
-            # Without it a client that has no user name of its own (certificate only) would
-            # not present the token OpenVPN pushes it when it reconnects.
-            push += (f'push "auth-token-user {base64.b64encode(cn.encode()).decode()}"',)
         return ConnectOutcome(decision, push=push, client=client, replaced=tuple(stale))
 
     def _address_for(

@@ -351,6 +351,7 @@ def client_profile(
         key_pem=sealer.unseal(cert.key_sealed),
         tls_crypt_key=certs.tls_crypt_key(db, sealer),
         server_name_prefix=SERVER_CN_PREFIX,
+        username=user.name,
     )
     journal.audit("user.profile", user.name, None, {"serial": cert.serial})
     return profile
