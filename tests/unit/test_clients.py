@@ -234,6 +234,28 @@ async def test_a_held_refusal_is_given_once_the_hold_runs_out(
     assert pod.mgmt.answers_for(cid) == [("deny", cid, 1, "user disabled", "account disabled")]
 
 
+async def test_a_held_connect_started_over_is_held_once(stale: tuple[Pod, Freshness]) -> None:
+    """The client starts over (a new key) while its refusal is held: the first hold ends
+    without dropping the second, which is answered once the view is current."""
+    pod, fresh = stale
+    cid = pod.mgmt.connect("alice", serial="7")
+    await pod.pump()
+    first = pod.handler._holding[("udp", cid)]
+    env = {"common_name": "alice", "tls_serial_0": "7", "untrusted_ip": "198.51.100.7",
+           "untrusted_port": "40000"}  # fmt: skip
+    pod.mgmt._events.put_nowait(ClientEvent(ClientEventKind.CONNECT, cid, 9, env))
+    await pod.pump()
+    await settle()
+    assert first.cancelled()
+    second = pod.handler._holding[("udp", cid)]
+    assert second is not first and not second.done()
+    pod.fleet = view(user("alice"), user("bob"))
+    fresh.event.set()
+    await asyncio.sleep(0.01)
+    assert [(a[0], a[2]) for a in pod.mgmt.answers_for(cid)] == [("auth", 9)]
+    assert pod.handler._holding == {}
+
+
 async def test_a_current_view_refuses_at_once(stale: tuple[Pod, Freshness]) -> None:
     pod, fresh = stale
     fresh.event.set()

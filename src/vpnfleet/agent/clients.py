@@ -36,7 +36,8 @@ import datetime as dt
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
+from typing import Any
 
 from vpnfleet.agent.clientjournal import ClientJournal
 from vpnfleet.agent.cpclient import ControlPlaneError
@@ -198,21 +199,12 @@ class ClientHandler:
             earlier = self._holding.pop((server, ev.cid), None)
             if earlier is not None:
                 earlier.cancel()
-        out = self.book.connect(
-            self._view(),
-            ev.cid,
-            ev.env,
-            reauth=reauth,
-            uid=self.new_uid(),
-            now=self._clock(),
-            server=server,
-        )
+        out = self._decide(ev, server, reauth=reauth)
         if out.decision.sso and not reauth:
             if self._sso is None or not webauth.announces_webauth(ev.env):
                 await self._answer(ev, server, ConnectOutcome(NO_WEBAUTH), started)
                 return
-            task = asyncio.create_task(self._login(ev, server), name=f"sso-login-{server}-{ev.cid}")
-            self._holding[(server, ev.cid)] = task  # dropped by _login, a DISCONNECT or close()
+            self._hold(ev, server, self._login(ev, server), "sso-login")
             return
         if (
             not out.decision.allow
@@ -225,12 +217,39 @@ class ClientHandler:
                 ev.env.get("common_name") or "?",
                 out.decision.reason,
             )
-            task = asyncio.create_task(
-                self._held(ev, server, started), name=f"held-connect-{server}-{ev.cid}"
-            )
-            self._holding[(server, ev.cid)] = task  # dropped by _held, a DISCONNECT or close()
+            self._hold(ev, server, self._held(ev, server, started), "held-connect")
             return
         await self._answer(ev, server, out, started)
+
+    def _decide(
+        self, ev: ClientEvent, server: str, *, reauth: bool = False, signed_in: bool = False
+    ) -> ConnectOutcome:
+        """The book's decision on a CONNECT/REAUTH on the fleet view of this moment."""
+        return self.book.connect(
+            self._view(),
+            ev.cid,
+            ev.env,
+            reauth=reauth,
+            uid=self.new_uid(),
+            now=self._clock(),
+            server=server,
+            signed_in=signed_in,
+        )
+
+    def _hold(
+        self, ev: ClientEvent, server: str, answer: Coroutine[Any, Any, None], what: str
+    ) -> None:
+        """Answer a CONNECT later, in its own task (``answer``), held in ``_holding`` until
+        it lets go (``_let_go``), its client leaves, its OpenVPN restarts or we close."""
+        key = (server, ev.cid)
+        self._holding[key] = asyncio.create_task(answer, name=f"{what}-{server}-{ev.cid}")
+
+    def _let_go(self, server: str, cid: int) -> None:
+        """The calling task no longer holds its CONNECT (a newer CONNECT of the same client
+        id may hold it by now: that one stays)."""
+        key = (server, cid)
+        if asyncio.current_task() is self._holding.get(key):
+            del self._holding[key]
 
     async def _held(self, ev: ClientEvent, server: str, started: float) -> None:
         """Decide a held CONNECT again once the view is current (or the hold ran out)."""
@@ -238,29 +257,18 @@ class ClientHandler:
         try:
             await self._wait_current(HOLD_REFUSAL)
         finally:
-            self._holding.pop((server, ev.cid), None)
-        out = self.book.connect(
-            self._view(),
-            ev.cid,
-            ev.env,
-            reauth=False,
-            uid=self.new_uid(),
-            now=self._clock(),
-            server=server,
-        )
-        await self._answer(ev, server, out, started)
+            self._let_go(server, ev.cid)
+        await self._answer(ev, server, self._decide(ev, server), started)
 
     async def _login(self, ev: ClientEvent, server: str) -> None:
         """A CONNECT that waits for its user's single sign-on login: register it with the
         control plane, send the client the login URL, and answer once the decision is in.
         The connection stays in ``_holding`` until it is answered, so the reconcile never
         takes it for a CONNECT nobody answered."""
-        key = (server, ev.cid)
         try:
             await self._login_and_answer(ev, server)
         finally:
-            if asyncio.current_task() is self._holding.get(key):
-                del self._holding[key]
+            self._let_go(server, ev.cid)
 
     async def _login_and_answer(self, ev: ClientEvent, server: str) -> None:
         assert self._sso is not None
@@ -309,17 +317,7 @@ class ClientHandler:
                 return
             # Decided again on today's view: the user may have been disabled meanwhile, or
             # the session limit filled by another device.
-            out = self.book.connect(
-                self._view(),
-                ev.cid,
-                ev.env,
-                reauth=False,
-                uid=self.new_uid(),
-                now=self._clock(),
-                server=server,
-                signed_in=True,
-            )
-            await self._answer(ev, server, out, started)
+            await self._answer(ev, server, self._decide(ev, server, signed_in=True), started)
 
     async def _answer(
         self, ev: ClientEvent, server: str, out: ConnectOutcome, started: float
