@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 
 from vpnfleet.cli.client import APIClient, CLIError, resolve
 from vpnfleet.cli.output import emit_json, record, say, show, table
@@ -19,6 +21,43 @@ def api(ctx: typer.Context) -> APIClient:
     obj = ctx.find_root().obj or {}
     url, token, ca_file = resolve(obj.get("url"), obj.get("token"), obj.get("ca_file"))
     return APIClient(url, token, ca_file=ca_file)
+
+
+def settings_with_secret(
+    file: Path, secret_key: str, secret_file: Path | None, env: str, what: str
+) -> tuple[dict[str, Any], str | None]:
+    """A settings file (a YAML mapping) as a request body, and the secret (`what`, the
+    body's `secret_key`) read from `secret_file`, else the environment variable `env`; None
+    when neither gives one (the stored one is kept). The secret must never be in the file,
+    where it would be copied around with the settings, nor on the command line, where `ps`
+    shows it."""
+    try:
+        settings = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CLIError(f"cannot read {file}: {exc.strerror}", 2) from None
+    except yaml.YAMLError as exc:
+        raise CLIError(f"{file} is not valid YAML: {exc}", 2) from None
+    if not isinstance(settings, dict):
+        raise CLIError(f"{file} must hold a mapping of settings", 2)
+    if secret_key in settings:
+        option = "--" + secret_key.replace("_", "-") + "-file"
+        raise CLIError(
+            f"{file} holds {secret_key}: keep it out of the settings file and pass "
+            f"{option} or {env}",
+            2,
+        )
+    body: dict[str, Any] = dict(settings)
+    secret = os.environ.get(env) or None
+    if secret_file is not None:
+        try:
+            secret = secret_file.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise CLIError(f"cannot read the {what} file {secret_file}: {exc.strerror}") from None
+        if not secret:
+            raise CLIError(f"the {what} file {secret_file} is empty")
+    if secret is not None:
+        body[secret_key] = secret
+    return body, secret
 
 
 def _time(value: str | None, name: str) -> str | None:

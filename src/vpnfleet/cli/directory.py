@@ -6,15 +6,12 @@ password from a file or the environment, never from the command line (where `ps`
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 
-from vpnfleet.cli.admin import JsonOpt, api
-from vpnfleet.cli.client import CLIError
+from vpnfleet.cli.admin import JsonOpt, api, settings_with_secret
 from vpnfleet.cli.output import emit_json, record
 
 directory_app = typer.Typer(
@@ -23,18 +20,6 @@ directory_app = typer.Typer(
 
 PASSWORD_ENV = "VPNFLEET_DIRECTORY_BIND_PASSWORD"  # noqa: S105 - a variable's name
 SYNC_TIMEOUT = 900.0  # seconds: a first sync of a large directory issues many certificates
-
-
-def _password(path: Path | None) -> str | None:
-    if path is not None:
-        try:
-            text = path.read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            raise CLIError(f"cannot read the bind password file {path}: {exc.strerror}") from None
-        if not text:
-            raise CLIError(f"the bind password file {path} is empty")
-        return text
-    return os.environ.get(PASSWORD_ENV) or None
 
 
 @directory_app.command("set")
@@ -51,24 +36,9 @@ def directory_set(
     as_json: JsonOpt = False,
 ) -> None:
     """Configure the directory sync from FILE (admin)."""
-    try:
-        settings = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CLIError(f"cannot read {file}: {exc.strerror}", 2) from None
-    except yaml.YAMLError as exc:
-        raise CLIError(f"{file} is not valid YAML: {exc}", 2) from None
-    if not isinstance(settings, dict):
-        raise CLIError(f"{file} must hold a mapping of settings", 2)
-    if "bind_password" in settings:
-        raise CLIError(
-            f"{file} holds bind_password: keep it out of the settings file and pass "
-            f"--bind-password-file or {PASSWORD_ENV}",
-            2,
-        )
-    body: dict[str, Any] = dict(settings)
-    password = _password(bind_password_file)
-    if password is not None:
-        body["bind_password"] = password
+    body, password = settings_with_secret(
+        file, "bind_password", bind_password_file, PASSWORD_ENV, "bind password"
+    )
     out = api(ctx).put("/api/v1/directory", body)
     if as_json:
         emit_json(out)

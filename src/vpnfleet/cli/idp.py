@@ -6,32 +6,17 @@ environment, never from the command line (where `ps` shows it).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-import yaml
 
-from vpnfleet.cli.admin import JsonOpt, api
-from vpnfleet.cli.client import CLIError
+from vpnfleet.cli.admin import JsonOpt, api, settings_with_secret
 from vpnfleet.cli.output import emit_json, record
 
 idp_app = typer.Typer(help="The OpenID provider for VPN single sign-on.", no_args_is_help=True)
 
 SECRET_ENV = "VPNFLEET_IDP_CLIENT_SECRET"  # noqa: S105 - a variable's name
-
-
-def _secret(path: Path | None) -> str | None:
-    if path is not None:
-        try:
-            text = path.read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            raise CLIError(f"cannot read the client secret file {path}: {exc.strerror}") from None
-        if not text:
-            raise CLIError(f"the client secret file {path} is empty")
-        return text
-    return os.environ.get(SECRET_ENV) or None
 
 
 @idp_app.command("set")
@@ -48,24 +33,9 @@ def idp_set(
     as_json: JsonOpt = False,
 ) -> None:
     """Configure the IdP from FILE (admin)."""
-    try:
-        settings = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CLIError(f"cannot read {file}: {exc.strerror}", 2) from None
-    except yaml.YAMLError as exc:
-        raise CLIError(f"{file} is not valid YAML: {exc}", 2) from None
-    if not isinstance(settings, dict):
-        raise CLIError(f"{file} must hold a mapping of settings", 2)
-    if "client_secret" in settings:
-        raise CLIError(
-            f"{file} holds client_secret: keep it out of the settings file and pass "
-            f"--client-secret-file or {SECRET_ENV}",
-            2,
-        )
-    body: dict[str, Any] = dict(settings)
-    secret = _secret(client_secret_file)
-    if secret is not None:
-        body["client_secret"] = secret
+    body, secret = settings_with_secret(
+        file, "client_secret", client_secret_file, SECRET_ENV, "client secret"
+    )
     out = api(ctx).put("/api/v1/idp", body)
     if as_json:
         emit_json(out)
