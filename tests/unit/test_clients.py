@@ -20,7 +20,6 @@ from vpnfleet.agent.sessionship import SessionShipper
 from vpnfleet.agent.spool import Spool
 from vpnfleet.agent.ssologin import LoginOutcome, PendingLogin, SsoLogins
 from vpnfleet.core.fleet import FleetView
-from vpnfleet.core.mgmt_protocol import ClientEvent, ClientEventKind
 from vpnfleet.core.sessionbook import BookConfig, SessionBook
 
 
@@ -241,9 +240,7 @@ async def test_a_held_connect_started_over_is_held_once(stale: tuple[Pod, Freshn
     cid = pod.mgmt.connect("alice", serial="7")
     await pod.pump()
     first = pod.handler._holding[("udp", cid)]
-    env = {"common_name": "alice", "tls_serial_0": "7", "untrusted_ip": "198.51.100.7",
-           "untrusted_port": "40000"}  # fmt: skip
-    pod.mgmt._events.put_nowait(ClientEvent(ClientEventKind.CONNECT, cid, 9, env))
+    kid = pod.mgmt.start_over(cid)
     await pod.pump()
     await settle()
     assert first.cancelled()
@@ -252,7 +249,7 @@ async def test_a_held_connect_started_over_is_held_once(stale: tuple[Pod, Freshn
     pod.fleet = view(user("alice"), user("bob"))
     fresh.event.set()
     await asyncio.sleep(0.01)
-    assert [(a[0], a[2]) for a in pod.mgmt.answers_for(cid)] == [("auth", 9)]
+    assert [(a[0], a[2]) for a in pod.mgmt.answers_for(cid)] == [("auth", kid)]
     assert pod.handler._holding == {}
 
 
@@ -313,6 +310,14 @@ def sso(tmp_path: Path) -> Iterator[tuple[Pod, Logins]]:
         p.close()
 
 
+async def waiting_login(pod: Pod) -> int:
+    """alice (cert+sso) connects with a client that can open a web login; her cid."""
+    cid = pod.mgmt.connect("alice", serial="7", peer_info=WEBAUTH)
+    await pod.pump()
+    await settle()
+    return cid
+
+
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
@@ -322,9 +327,7 @@ async def test_an_sso_user_is_sent_the_login_url_and_admitted_after_the_login(
     sso: tuple[Pod, Logins],
 ) -> None:
     pod, logins = sso
-    cid = pod.mgmt.connect("alice", serial="7", peer_info=WEBAUTH)
-    await pod.pump()
-    await settle()
+    cid = await waiting_login(pod)
     assert logins.registered == [("udp", cid, 1, "alice", "198.51.100.7")]
     assert pod.mgmt.answers_for(cid) == [
         ("pending", cid, 1, "WEB_AUTH::https://vpn.example.test/sso/login/abc", 190)
@@ -344,9 +347,7 @@ async def test_an_sso_user_is_sent_the_login_url_and_admitted_after_the_login(
 
 async def test_a_refused_login_is_denied_with_its_reason(sso: tuple[Pod, Logins]) -> None:
     pod, logins = sso
-    cid = pod.mgmt.connect("alice", serial="7", peer_info=WEBAUTH)
-    await pod.pump()
-    await settle()
+    cid = await waiting_login(pod)
     logins.decide(cid, False, "signed in as another user than the certificate's")
     await settle()
     reason = "signed in as another user than the certificate's"
@@ -364,9 +365,7 @@ async def test_a_user_disabled_during_the_login_is_refused_after_it(
     sso: tuple[Pod, Logins],
 ) -> None:
     pod, logins = sso
-    cid = pod.mgmt.connect("alice", serial="7", peer_info=WEBAUTH)
-    await pod.pump()
-    await settle()
+    cid = await waiting_login(pod)
     pod.fleet = view(user("alice", auth="cert+sso", enabled=False), user("bob"))
     logins.decide(cid, True)
     await settle()
@@ -396,9 +395,7 @@ async def test_a_control_plane_that_cannot_register_the_login_means_a_clear_refu
 ) -> None:
     pod, logins = sso
     logins.fail = ControlPlaneError("POST /api/v1/agent/sso-logins: 409 no IdP", 409)
-    cid = pod.mgmt.connect("alice", serial="7", peer_info=WEBAUTH)
-    await pod.pump()
-    await settle()
+    cid = await waiting_login(pod)
     assert pod.mgmt.answers_for(cid) == [
         (
             "deny",
@@ -414,9 +411,7 @@ async def test_a_client_that_leaves_during_its_login_is_forgotten(
     sso: tuple[Pod, Logins],
 ) -> None:
     pod, logins = sso
-    cid = pod.mgmt.connect("alice", serial="7", peer_info=WEBAUTH)
-    await pod.pump()
-    await settle()
+    cid = await waiting_login(pod)
     pod.mgmt.disconnect(cid)
     await pod.pump()
     assert pod.handler._holding == {}
@@ -430,9 +425,7 @@ async def test_a_pending_login_is_not_restarted_by_the_reconcile(sso: tuple[Pod,
     """OpenVPN lists a pending client without an address, like one that never got an answer;
     the reconcile must leave it to its login."""
     pod, logins = sso
-    cid = pod.mgmt.connect("alice", serial="7", peer_info=WEBAUTH)
-    await pod.pump()
-    await settle()
+    cid = await waiting_login(pod)
     for _ in range(3):
         assert await pod.handler.reconcile("udp")
     assert [a[0] for a in pod.mgmt.answers_for(cid)] == ["pending"]
@@ -447,9 +440,7 @@ async def test_a_refused_client_is_not_restarted_before_it_hears_why(
     """OpenVPN lists a refused client until its next PUSH_REQUEST gets the AUTH_FAILED; a
     restart meanwhile would make it reconnect instead of showing the reason."""
     pod, logins = sso
-    cid = pod.mgmt.connect("alice", serial="7", peer_info=WEBAUTH)
-    await pod.pump()
-    await settle()
+    cid = await waiting_login(pod)
     logins.decide(cid, False, "signed in as another user than the certificate's")
     await settle()
     pod.mgmt.clients[cid] = FakeClient(cid, "alice", "198.51.100.7", 40000)  # still listed
@@ -544,9 +535,7 @@ async def test_a_renegotiation_must_present_a_live_token(
 async def test_without_tokens_a_renegotiation_needs_none(sso: tuple[Pod, Logins]) -> None:
     """A pod whose control plane sends no token secret (older) hands out no tokens."""
     pod, logins = sso
-    cid = pod.mgmt.connect("alice", serial="7", peer_info=WEBAUTH)
-    await pod.pump()
-    await settle()
+    cid = await waiting_login(pod)
     logins.decide(cid, True)
     await settle()
     pod.mgmt.establish(cid)
@@ -562,9 +551,7 @@ async def test_an_openvpn_restart_drops_the_answers_still_waiting(
     """The restarted OpenVPN numbers clients from 0 again: a login decided after the restart
     must not answer the new client that has its old id."""
     pod, logins = sso
-    cid = pod.mgmt.connect("alice", serial="7", peer_info=WEBAUTH)
-    await pod.pump()
-    await settle()
+    cid = await waiting_login(pod)
     pod.handler.reset("OpenVPN restarted", "udp")
     assert pod.handler._holding == {}
     decision = logins.outcomes[f"login-{cid}"]
@@ -578,18 +565,13 @@ async def test_a_client_that_starts_over_gets_one_answer(sso: tuple[Pod, Logins]
     """A second CONNECT on the same client id (a new key) while the first one's login waits:
     only the second is answered."""
     pod, logins = sso
-    cid = pod.mgmt.connect("alice", serial="7", peer_info=WEBAUTH)
-    await pod.pump()
-    await settle()
+    cid = await waiting_login(pod)
     first = logins.outcomes[f"login-{cid}"]
-    pod.mgmt._next_kid += 1
-    env = {"common_name": "alice", "tls_serial_0": "7", "untrusted_ip": "198.51.100.7",
-           "untrusted_port": "40000", **WEBAUTH}  # fmt: skip
-    pod.mgmt._events.put_nowait(ClientEvent(ClientEventKind.CONNECT, cid, 9, env))
+    kid = pod.mgmt.start_over(cid, WEBAUTH)
     await pod.pump()
     await settle()
     assert first.cancelled() or not first.done()
     logins.decide(cid, True)  # the second login (the same test id) is decided
     await settle()
     answers = [a for a in pod.mgmt.answers_for(cid) if a[0] != "pending"]
-    assert [(a[0], a[2]) for a in answers] == [("auth", 9)]
+    assert [(a[0], a[2]) for a in answers] == [("auth", kid)]

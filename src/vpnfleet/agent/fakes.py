@@ -191,6 +191,7 @@ class FakeManagement:
         self.held = True
         self._next_cid = 0
         self._next_kid = 0
+        self._serials: dict[int, str] = {}  # cid -> the certificate serial it connected with
 
     # -- the interface
 
@@ -295,6 +296,7 @@ class FakeManagement:
         self._next_kid += 1
         port = 40000 + cid
         self.clients[cid] = FakeClient(cid, user, real_ip, port)
+        self._serials[cid] = serial
         env = {
             "common_name": user,
             "tls_serial_0": serial,
@@ -304,6 +306,21 @@ class FakeManagement:
         }
         self._events.put_nowait(ClientEvent(ClientEventKind.CONNECT, cid, self._next_kid, env))
         return cid
+
+    def start_over(self, cid: int, peer_info: dict[str, str] | None = None) -> int:
+        """``cid`` begins a new TLS handshake (a new key) before its CONNECT was answered:
+        OpenVPN sends CONNECT again for the same cid. Returns the new key id."""
+        c = self.clients[cid]
+        self._next_kid += 1
+        env = {
+            "common_name": c.common_name,
+            "tls_serial_0": self._serials.get(cid, "1"),
+            "untrusted_ip": c.real_ip,
+            "untrusted_port": str(c.real_port),
+            **(peer_info or {}),
+        }
+        self._events.put_nowait(ClientEvent(ClientEventKind.CONNECT, cid, self._next_kid, env))
+        return self._next_kid
 
     def establish(self, cid: int) -> None:
         """The tunnel of ``cid`` comes up: OpenVPN sends ESTABLISHED."""
