@@ -247,9 +247,11 @@ def test_flows_and_sessions_listing(fleet: Server) -> None:
     [
         (["--audit-retention", "0"], {}, "audit retention must be at least 1 day"),
         ([], {"VPNFLEET_AUDIT_RETENTION_DAYS": "30d"}, "'30d' is not a whole number of days"),
+        (["--forwarded-allow-ips", "10.0.0.0/8,ingress!"], {}, "'ingress!' is not an IP"),
+        ([], {"VPNFLEET_FORWARDED_ALLOW_IPS": "10.0.0.300"}, "'10.0.0.300' is not an IP"),
     ],
 )
-def test_server_refuses_a_bad_retention(
+def test_server_refuses_bad_settings(
     tmp_path: Path, args: list[str], env: dict[str, str], message: str
 ) -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("VPNFLEET_")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -132,6 +133,15 @@ class ServerSettings:
                 "VPNFLEET_WATCH_MAX_SUBSCRIBERS (the watch stream limit) must be between 1 and "
                 "1,000,000"
             )
+        for entry in self.forwarded_allow_ips:
+            if entry != "*":
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(
+                        f"forwarded-allow-ips: {entry!r} is not an IP address, a network "
+                        "(CIDR) or '*'"
+                    ) from None
         if self.audit_retention_days is not None and self.audit_retention_days < 1:
             raise ValueError("audit retention must be at least 1 day (leave it unset: forever)")
         for endpoint in self.public_endpoints:
