@@ -55,10 +55,6 @@ from vpnfleet.core.sessionbook import PRIMARY, Client, ConnectOutcome, Kick, Ses
 log = logging.getLogger("vpnfleet.agent")
 
 HOLD_REFUSAL = 3.0  # seconds a refusal may wait for a view that is not current
-# The longest a connection may wait for its user's single sign-on login: the servers'
-# hand-window (registration.render_config), which caps OpenVPN's own pending timeout. A
-# longer login_timeout_seconds at the control plane is cut to this.
-SSO_PENDING_MAX = 300
 # OpenVPN is told to keep the client pending this much longer than the login lasts, so that
 # a login that runs out is refused by the agent, with its reason, not dropped by OpenVPN.
 SSO_GRACE = 10
@@ -289,7 +285,7 @@ class ClientHandler:
             )
             await self._answer(ev, server, ConnectOutcome(refusal), time.perf_counter())
             return
-        pending = min(login.timeout_seconds + SSO_GRACE, SSO_PENDING_MAX)
+        pending = min(login.timeout_seconds + SSO_GRACE, webauth.PENDING_MAX)
         try:
             if mgmt is None:
                 raise ManagementError("no management session")

@@ -20,11 +20,10 @@ import ipaddress
 import logging
 import time
 
-from vpnfleet.agent.clients import SSO_PENDING_MAX
 from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
 from vpnfleet.agent.settings import AgentSettings
 from vpnfleet.agent.statedir import StateDir, write_private
-from vpnfleet.core import ipam, ovpn_config
+from vpnfleet.core import ipam, ovpn_config, webauth
 from vpnfleet.wire import Bootstrap, EnrollRequest, RegisterRequest
 
 SSO_SESSION_DEFAULT = 12 * 3600  # a control plane that sends the secret without a lifetime
@@ -178,7 +177,7 @@ class Registration:
                 proto="udp" if server == "udp" else "tcp-server",
                 management_hold=True,
                 # A connection waiting for its user's single sign-on login is kept this long.
-                hand_window=SSO_PENDING_MAX,
+                hand_window=webauth.PENDING_MAX,
                 auth_token=self._auth_token(),
             )
             write_private(p.server(server).conf, conf)

@@ -19,6 +19,10 @@ from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
 
 MAX_CONTROL_MESSAGE = 1024  # bytes, "INFO_PRE," included
+# The longest the agent keeps a connection pending for its user's login (seconds), a longer
+# login_timeout_seconds at the control plane is cut to it; also the servers' hand-window, so
+# that the handshake up to the pending answer is not cut short while registrations queue.
+PENDING_MAX = 300
 INFO_PRE = "INFO_PRE,"
 FLAGS = frozenset({"external", "hidden"})  # "proxy" needs proxy settings we do not send
 # What a URL may contain here: RFC 3986 unreserved, reserved and '%'; no quotes, spaces or
