@@ -2,9 +2,11 @@
 
 `running_slapd` writes a slapd.conf into a temporary directory (mdb database, the core,
 cosine, inetorgperson and nis schemas, the memberof overlay), starts slapd in the foreground
-on a free loopback port, waits until it answers, and always stops it (and removes nothing
-the caller did not give it: the directory lives under the caller's temporary path). Entries
-are added and changed with the real `ldapadd`/`ldapmodify` from ldap-utils.
+on a free loopback port (or another address, inside a network namespace: a lab's control
+plane), waits until it answers, and always stops it (and removes nothing the caller did not
+give it: the directory lives under the caller's temporary path). Entries are added and
+changed with the real `ldapadd`/`ldapmodify` from ldap-utils. `stop` and `start` again
+keep the data: a directory outage and its end.
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ class Slapd:
     proc: subprocess.Popen[bytes] | None = None
     tls: tuple[Path, Path, Path] | None = None  # ca, cert, key
     ldaps_port: int | None = None  # with tls: ldaps:// on this port too
+    host: str = "127.0.0.1"  # the address slapd listens on (the caller must reach it)
+    netns: str | None = None  # run slapd in this network namespace
 
     @property
     def ldaps_url(self) -> str:
         assert self.ldaps_port is not None, "started without TLS"
-        return f"ldaps://127.0.0.1:{self.ldaps_port}"
+        return f"ldaps://{self.host}:{self.ldaps_port}"
 
     def ldapadd(self, ldif: str) -> None:
         _ldap_tool("ldapadd", self.url, ldif)
@@ -58,7 +62,10 @@ class Slapd:
     def start(self) -> None:
         urls = self.url + (f" {self.ldaps_url}" if self.ldaps_port else "")
         self.proc = subprocess.Popen(
-            [SLAPD, "-f", str(self.conf), "-h", urls, "-d", "0"],
+            [
+                *(["ip", "netns", "exec", self.netns] if self.netns else []),
+                *(SLAPD, "-f", str(self.conf), "-h", urls, "-d", "0"),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
@@ -70,7 +77,7 @@ class Slapd:
                 raise RuntimeError(f"slapd exited with {self.proc.returncode}: {err[-2000:]}")
             with socket.socket() as s:
                 s.settimeout(0.2)
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                if s.connect_ex((self.host, self.port)) == 0:
                     return
             if time.monotonic() > deadline:
                 self.stop()
@@ -142,11 +149,19 @@ ou: groups
 
 
 @contextmanager
-def running_slapd(workdir: Path, tls: tuple[Path, Path, Path] | None = None) -> Iterator[Slapd]:
+def running_slapd(
+    workdir: Path,
+    tls: tuple[Path, Path, Path] | None = None,
+    *,
+    host: str = "127.0.0.1",
+    netns: str | None = None,
+) -> Iterator[Slapd]:
     """A started slapd with the base entries (suffix, ou=people, ou=groups); stopped on exit.
 
     With `tls` (CA, certificate, key files) it also offers StartTLS on the same port and
-    ldaps:// on another (`ldaps_url`)."""
+    ldaps:// on another (`ldaps_url`). `netns`: run it in that network namespace (a lab's
+    control-plane namespace), listening on `host`, one of its addresses the test can reach
+    (the ports are picked free on the host: a namespace the test just made uses none)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "data").mkdir(exist_ok=True)
     port = _free_port()
@@ -161,12 +176,14 @@ def running_slapd(workdir: Path, tls: tuple[Path, Path, Path] | None = None) -> 
         CONF.format(dir=workdir, suffix=SUFFIX, rootdn=ROOT_DN, rootpw=ROOT_PW, tls=tls_lines)
     )
     srv = Slapd(
-        url=f"ldap://127.0.0.1:{port}",
+        url=f"ldap://{host}:{port}",
         port=port,
         workdir=workdir,
         conf=conf,
         tls=tls,
         ldaps_port=_free_port() if tls else None,
+        host=host,
+        netns=netns,
     )
     srv.start()
     try:

@@ -62,6 +62,9 @@ class LabUser:
     # Lab users join the "lab" group, which may reach the whole cluster network; tests that
     # exercise permissions create users outside it.
     lab_access: bool = True
+    # False: only the user's client namespace; the user comes into the control plane some
+    # other way (a directory sync) and the test writes clients/NAME.ovpn itself.
+    create: bool = True
 
     @classmethod
     def parse(cls, text: str) -> LabUser:
@@ -309,7 +312,7 @@ async def _start_control_plane(info: LabInfo) -> None:
         "/api/v1/rules",
         {"group": LAB_GROUP, "destination": str(topology.CLUSTER_NET), "proto": "any"},
     )
-    for user in info.users:
+    for user in (u for u in info.users if u.create):
         groups = [LAB_GROUP] if user.lab_access else []
         _api(
             info, "POST", "/api/v1/users", {"name": user.name, "mode": user.mode, "groups": groups}
