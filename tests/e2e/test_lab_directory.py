@@ -112,6 +112,20 @@ async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Lab]:
             yield Lab(info, slapd, settings)
 
 
+def backend_rule(info: LabInfo) -> dict[str, str]:
+    """What the directory's group may reach: the backend's web port."""
+    return {"group": GROUP, "destination": str(info.plan.svc_ip), "proto": "tcp", "ports": "8080"}
+
+
+async def synced(lab: Lab) -> None:
+    """What the first test sets up (and checks), for a test run on its own (``-k``)."""
+    with lab.info.client() as c:
+        if c.get("/api/v1/users/dana").status_code == 404:
+            await cli(lab.info, "directory", "sync")
+    if not api(lab.info, "GET", f"/api/v1/rules?group={GROUP}"):
+        api(lab.info, "POST", "/api/v1/rules", backend_rule(lab.info))
+
+
 def sessions(lab: Lab, user: str) -> list[dict[str, Any]]:
     return lab_sessions(lab.info, user=user)
 
@@ -228,11 +242,8 @@ async def test_the_sync_creates_the_users_and_the_group_that_grants_access(lab: 
         session = await connect(lab, "dana")
         # The group grants nothing yet: the tunnel is up but leads nowhere.
         assert not await reaches_backend(lab, "dana")
-        # What the directory's group may reach: the backend's web port. It applies to the
-        # live tunnel, no reconnect.
-        rule = {"group": GROUP, "destination": str(info.plan.svc_ip), "proto": "tcp",
-                "ports": "8080"}  # fmt: skip
-        api(info, "POST", "/api/v1/rules", rule)
+        # The group's rule: it applies to the live tunnel, no reconnect.
+        api(info, "POST", "/api/v1/rules", backend_rule(info))
         await until(lambda: reaches_backend(lab, "dana"), 10, "dana to reach the backend")
         seen = await fetch(info, "dana")  # NAT: the backend sees the pod's address
         assert seen["remote_addr"] == str(info.plan.pod_ip(int(session["pod"].removeprefix("pod"))))
@@ -243,6 +254,7 @@ async def test_the_sync_creates_the_users_and_the_group_that_grants_access(lab: 
 @pytest.mark.asyncio(loop_scope="module")
 async def test_disabled_in_the_directory_is_cut_by_an_on_demand_sync(lab: Lab) -> None:
     info = lab.info
+    await synced(lab)
     session = await connect(lab, "dana")
     assert (await fetch(info, "dana"))["remote_addr"]
     log_from = len(client_log(info, "dana"))
@@ -290,6 +302,7 @@ async def test_disabled_in_the_directory_is_cut_by_an_on_demand_sync(lab: Lab) -
 @pytest.mark.asyncio(loop_scope="module")
 async def test_a_directory_outage_changes_nothing(lab: Lab) -> None:
     info = lab.info
+    await synced(lab)
     session = await connect(lab, "eli")
     log_from = len(client_log(info, "eli"))
     lab.slapd.stop()
@@ -324,6 +337,7 @@ async def test_deleted_from_the_directory_is_cut_by_the_next_sync(lab: Lab) -> N
     the API here (as automation would), which times the cut from the request itself, without
     the CLI's start-up."""
     info = lab.info
+    await synced(lab)
     session = await connect(lab, "eli")
     log_from = len(client_log(info, "eli"))
     lab.slapd.ldapmodify(f"dn: {ldap.user_dn('eli')}\nchangetype: delete\n")
@@ -345,6 +359,7 @@ async def test_deleted_from_the_directory_is_cut_by_the_next_sync(lab: Lab) -> N
 @pytest.mark.asyncio(loop_scope="module")
 async def test_the_periodic_sync_cuts_without_a_command(lab: Lab) -> None:
     info = lab.info
+    await synced(lab)
     session = await connect(lab, "fay")
     log_from = len(client_log(info, "fay"))
     periodic = lab.info.dir / "directory" / "periodic.yaml"
