@@ -265,7 +265,11 @@ async def test_disabled_in_the_directory_is_cut_by_an_on_demand_sync(lab: Lab) -
 
     started = time.monotonic()
     watcher = asyncio.create_task(watch_cut(lab, "dana", session, log_from))
-    res = await cli(info, "directory", "sync")
+    try:
+        res = await cli(info, "directory", "sync")
+    except BaseException:
+        watcher.cancel()
+        raise
     returned = time.monotonic()
     seen = await watcher
     assert "- disable user dana: disabled in the directory" in res.stdout
@@ -343,7 +347,11 @@ async def test_deleted_from_the_directory_is_cut_by_the_next_sync(lab: Lab) -> N
     lab.slapd.ldapmodify(f"dn: {ldap.user_dn('eli')}\nchangetype: delete\n")
     watcher = asyncio.create_task(watch_cut(lab, "eli", session, log_from))
     started = time.monotonic()
-    out = await asyncio.to_thread(api, info, "POST", "/api/v1/directory/sync")
+    try:
+        out = await asyncio.to_thread(api, info, "POST", "/api/v1/directory/sync")
+    except BaseException:
+        watcher.cancel()
+        raise
     answered = time.monotonic()
     seen = await watcher
     assert out["diff"]["users_disabled"] == ["eli: no longer in a mapped directory group"]
