@@ -168,6 +168,7 @@ class Outcome:
     admitted: bool
     user: str
     message: str
+    pod: str  # whose agent waits for this decision
 
 
 def callback(
@@ -274,8 +275,10 @@ def _decide(
     )
     journal.commit()
     if admitted:
-        return Outcome(True, login.user_name, "Signed in: your VPN connection is coming up.")
-    return Outcome(False, login.user_name, f"VPN login refused: {reason}.")
+        return Outcome(
+            True, login.user_name, "Signed in: your VPN connection is coming up.", login.pod
+        )
+    return Outcome(False, login.user_name, f"VPN login refused: {reason}.", login.pod)
 
 
 def _audit_refusal(db: Session, login: SsoLogin, why: str) -> None:
