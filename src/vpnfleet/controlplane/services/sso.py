@@ -195,6 +195,11 @@ def callback(
     if _rows(result) != 1:
         _audit_refusal(db, login, "replayed callback")
         raise LoginRefused(409, "This login was already completed: connect again.")
+    # The claim is committed before the code is redeemed at the IdP, which can take seconds:
+    # meanwhile no lock is held (SQLite's database lock: every other writer, the pods' polls
+    # for decisions too, would wait for the IdP) and no pooled connection. A process that
+    # stops now leaves the login `exchanging`: its connection is refused at its timeout.
+    db.commit()
     db.refresh(login)
     nonce, verifier = login.nonce or "", login.verifier or ""
     if login.expires_at <= utcnow():
