@@ -1,17 +1,18 @@
 """Single sign-on at connect: many logins pending on one agent while certificate-only users
 connect, and how soon a finished login admits its connection.
 
-    .venv/bin/python bench/sso_pending.py [--pending 500] [--connects 2000] [--json FILE]
+    .venv/bin/python bench/sso_pending.py [--pending 500] [--connects 2000] [--postgres]
+        [--json FILE]
 
-Real parts: a `vpnfleet server` process (SQLite), the real OpenID provider the tests use
-(django-oauth-toolkit, tests/oidcidp, its own process), the agent's event path as the pod
-wires it (session book decisions, ClientHandler, its SSO login registry polling the control
-plane, the management client on a unix socket). The load generator is a fake OpenVPN
-*management server* speaking the real protocol (as bench/connect_storm.py): it sends
-`--pending` CONNECTs of `cert+sso` users announcing web auth, collects the `client-pending-auth`
-URLs, then sends `--connects` CONNECTs of certificate-only users (up to 64 outstanding) while
-"browsers" (4 worker processes, each following the IdP's login form with plain HTTP) finish the
-pending logins.
+Real parts: a `vpnfleet server` process (SQLite, or PostgreSQL with `--postgres`), the real
+OpenID provider the tests use (django-oauth-toolkit, tests/oidcidp, its own process), the
+agent's event path as the pod wires it (session book decisions, ClientHandler, its SSO login
+registry long-polling the control plane, the management client on a unix socket). The load
+generator is a fake OpenVPN *management server* speaking the real protocol (as
+bench/connect_storm.py): it sends `--pending` CONNECTs of `cert+sso` users announcing web auth,
+collects the `client-pending-auth` URLs, then sends `--connects` CONNECTs of certificate-only
+users (up to 64 outstanding) while "browsers" (4 worker processes, each following the IdP's
+login form with plain HTTP) finish the pending logins.
 
 Measured:
 - certificate-only decisions (CONNECT written -> client-auth read) with the logins pending
@@ -195,6 +196,19 @@ async def agent_side(
 
     mgmt = await ManagementClient.connect(sock)
     cp = ControlPlane(cp_url, pod_token)
+    # When each decision reached the agent (by client id): splits callback -> admitted into
+    # the control plane's part and the agent's.
+    received: dict[int, float] = {}
+    asked = cp.sso_decisions
+
+    async def timed(wait: float = 0) -> list[dict[str, Any]]:
+        got = await asked(wait)
+        now = time.monotonic()
+        for d in got:
+            received[int(d["cid"])] = now
+        return got
+
+    cp.sso_decisions = timed  # type: ignore[method-assign]
     sso = SsoLogins(cp)
     handler = ClientHandler(
         SessionBook(BookConfig(nat_pool=ipaddress.IPv4Network("10.200.0.0/16"))),
@@ -214,7 +228,7 @@ async def agent_side(
                 await handler.on_event(event)
 
     task = asyncio.create_task(events())
-    return handler, (mgmt, sso, cp, task)
+    return handler, (mgmt, sso, cp, task, received)
 
 
 def _other_cpus() -> set[int]:
@@ -228,14 +242,13 @@ def _pin_browser() -> None:
     os.sched_setaffinity(0, _other_cpus())
 
 
-async def run(pending: int, connects: int, rate: float, work: Path) -> dict[str, Any]:
+async def run(pending: int, connects: int, rate: float, work: Path, db_url: str) -> dict[str, Any]:
     from tests.conftest import Server
     from vpnfleet.core.fleet import FleetView
     from vpnfleet.wire import Snapshot
 
     data = work / "cp"
     data.mkdir()
-    db_url = f"sqlite:///{data / 'vpnfleet.db'}"
     t0 = time.monotonic()
     seed(db_url, data, pending, connects)
     seeded = time.monotonic() - t0
@@ -311,6 +324,8 @@ async def run(pending: int, connects: int, rate: float, work: Path) -> dict[str,
                     break
                 await asyncio.sleep(0.01)
             from_request, from_answer = [], []
+            to_agent, in_agent = [], []
+            received = parts[4]
             refused: dict[str, int] = {}
             for i, (sent, answered, status) in enumerate(browsed):
                 got = fake.answered.get(i)
@@ -322,7 +337,10 @@ async def run(pending: int, connects: int, rate: float, work: Path) -> dict[str,
                     continue
                 from_request.append((got[1] - sent) * 1000)
                 from_answer.append(max(0.0, got[1] - answered) * 1000)
-            mgmt, sso, cp, task = parts
+                if i in received:
+                    to_agent.append(max(0.0, received[i] - answered) * 1000)
+                    in_agent.append((got[1] - received[i]) * 1000)
+            mgmt, sso, cp, task, _ = parts
             polls = sso.polls
             task.cancel()
             await sso.close()
@@ -349,6 +367,12 @@ async def run(pending: int, connects: int, rate: float, work: Path) -> dict[str,
         "callback_to_admitted_p99_ms": round(pct(from_request, 99), 1),
         "callback_answer_to_admitted_p50_ms": round(pct(from_answer, 50), 1),
         "callback_answer_to_admitted_p99_ms": round(pct(from_answer, 99), 1),
+        # The two parts of callback answer -> admitted: the decision's way to the agent (the
+        # long poll), then the agent's admission (a new decision on its view, client-auth).
+        "callback_answer_to_agent_p50_ms": round(pct(to_agent, 50), 1),
+        "callback_answer_to_agent_p99_ms": round(pct(to_agent, 99), 1),
+        "agent_to_admitted_p50_ms": round(pct(in_agent, 50), 1),
+        "agent_to_admitted_p99_ms": round(pct(in_agent, 99), 1),
         "logins_admitted": len(from_request),
         "logins_not_admitted": refused,  # by (callback status, answer to OpenVPN)
         "decision_polls": polls,
@@ -374,10 +398,21 @@ def main() -> None:
     ap.add_argument("--pending", type=int, default=500)
     ap.add_argument("--connects", type=int, default=2000)
     ap.add_argument("--rate", type=float, default=200.0, help="certificate-only connects/s")
+    ap.add_argument(
+        "--postgres",
+        action="store_true",
+        help="a fresh database on the PostgreSQL of VPNFLEET_TEST_PG_URL instead of SQLite",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="sso-bench-") as tmp:
-        out = asyncio.run(run(args.pending, args.connects, args.rate, Path(tmp)))
+    from tests.conftest import fresh_database
+
+    with (
+        tempfile.TemporaryDirectory(prefix="sso-bench-") as tmp,
+        fresh_database("postgresql" if args.postgres else "sqlite", Path(tmp)) as db_url,
+    ):
+        out = asyncio.run(run(args.pending, args.connects, args.rate, Path(tmp), db_url))
+    out["database"] = "postgresql" if args.postgres else "sqlite"
     out["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs"
     text = json.dumps(out, indent=2)
     print(text)

@@ -141,7 +141,7 @@ class RunningServer:
             access_log=False,
             timeout_graceful_shutdown=SHUTDOWN_GRACE,
         )
-        self._srv = ControlPlaneServer(config, app.state.vpnfleet.hub)
+        self._srv = ControlPlaneServer(config, app.state.vpnfleet.hub, app.state.vpnfleet.bell)
         self._thread = threading.Thread(target=self._srv.run, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 20

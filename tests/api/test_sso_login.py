@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -264,6 +265,77 @@ def test_without_an_idp_no_login_is_registered(server: Server, admin: httpx.Clie
             json={"server": "udp", "cid": 1, "kid": 1, "user": "alice"},
         )
     assert r.status_code == 409 and "no identity provider" in r.json()["detail"]
+
+
+def long_poll(
+    server: Server, pod_token: str, wait: float, client_timeout: float | None = None
+) -> tuple[list[dict[str, object]], float]:
+    """One long poll for decisions: what it got, and the monotonic time it was answered."""
+    with server.client(pod_token) as pod:
+        r = pod.get(
+            "/api/v1/agent/sso-decisions",
+            params={"wait": wait},
+            timeout=client_timeout or wait + 10,
+        )
+    assert r.status_code == 200, r.text
+    return list(r.json()["decisions"]), time.monotonic()
+
+
+def test_a_long_poll_is_answered_as_soon_as_the_login_is_decided(
+    server: Server, fleet: str
+) -> None:
+    """The agent's long poll gets a decision a moment after the user's browser comes back,
+    whether the browser reached the replica the poll waits on or another replica of the same
+    database; with nothing decided it answers empty when its wait is over; a stopping replica
+    answers its waiting polls at once instead of holding them through its shutdown grace."""
+    got, done = long_poll(server, fleet, 1.0)
+    asked = done - 1.0
+    assert got == [] and done - asked >= 0.9
+
+    other = RunningServer(server.database_url, server.data_dir)
+    try:
+        for where in (server, other.server):  # the poll's replica, then the other one
+            login = register(server, fleet, "alice", cid=41)
+            back = follow(server, str(login["url"]), "alice")
+            with ThreadPoolExecutor(1) as pool:
+                polled = pool.submit(long_poll, where, fleet, 20.0)
+                time.sleep(1.0)  # the poll is waiting
+                assert not polled.done()
+                assert httpx.get(back).status_code == 200
+                called_back = time.monotonic()
+                got, answered = polled.result(timeout=20)
+            assert [d["id"] for d in got] == [login["id"]]
+            # The same replica rings at once; the other one looks every 0.2 s.
+            assert answered - called_back < 1.0, (where.url, answered - called_back)
+
+        with ThreadPoolExecutor(1) as pool:
+            polled = pool.submit(long_poll, other.server, fleet, 20.0)
+            time.sleep(1.0)
+            took = other.stop()
+            got, answered = polled.result(timeout=20)
+        assert got == [] and took < 3.0
+    finally:
+        other.stop()
+
+
+def test_decisions_are_not_taken_by_a_poll_whose_agent_is_gone(server: Server, fleet: str) -> None:
+    """An agent that gave up on its long poll (restarted, timed out) has not read what that
+    poll would have answered: the decision stays for its next poll."""
+    login = register(server, fleet, "alice", cid=42)
+    back = follow(server, str(login["url"]), "alice")
+    with server.client(fleet) as pod, pytest.raises(httpx.ReadTimeout):
+        pod.get("/api/v1/agent/sso-decisions", params={"wait": 20}, timeout=0.5)
+    time.sleep(0.3)
+    assert httpx.get(back).status_code == 200
+    time.sleep(0.5)  # the abandoned poll has woken and looked
+    assert [d["id"] for d in decisions(server, fleet)] == [login["id"]]
+
+
+def test_a_long_poll_may_not_wait_forever(server: Server, fleet: str) -> None:
+    with server.client(fleet) as pod:
+        for wait in (-1, 26, "soon"):
+            r = pod.get("/api/v1/agent/sso-decisions", params={"wait": wait})
+            assert r.status_code == 422, (wait, r.text)
 
 
 async def test_the_agents_side_waits_for_the_decision(server: Server, fleet: str) -> None:

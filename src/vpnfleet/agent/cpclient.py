@@ -152,15 +152,21 @@ class ControlPlane:
         await self._http.aclose()
 
     async def _call(
-        self, method: str, path: str, body: BaseModel | None = None, raw: bytes | None = None
+        self,
+        method: str,
+        path: str,
+        body: BaseModel | None = None,
+        raw: bytes | None = None,
+        **extra: Any,
     ) -> Any:
+        """`extra`: more httpx request arguments (params, a longer timeout)."""
         if raw is not None:
             resp = await self._send(
-                method, path, content=raw, headers={"Content-Type": "application/json"}
+                method, path, content=raw, headers={"Content-Type": "application/json"}, **extra
             )
         else:
             resp = await self._send(
-                method, path, json=None if body is None else body.model_dump(mode="json")
+                method, path, json=None if body is None else body.model_dump(mode="json"), **extra
             )
         self.reachable = resp.status_code < 500
         if resp.status_code >= 400:
@@ -230,9 +236,16 @@ class ControlPlane:
             raise ControlPlaneError("POST /api/v1/agent/sso-logins: not an object", 502)
         return out
 
-    async def sso_decisions(self) -> list[dict[str, Any]]:
-        """This pod's single sign-on logins decided since it last asked."""
-        out = await self._call("GET", "/api/v1/agent/sso-decisions")
+    async def sso_decisions(self, wait: float = 0) -> list[dict[str, Any]]:
+        """This pod's single sign-on logins decided since it last asked; with `wait`, the
+        control plane answers as soon as one is decided, or empty after `wait` seconds."""
+        extra: dict[str, Any] = {}
+        if wait > 0:
+            extra = {
+                "params": {"wait": f"{wait:g}"},
+                "timeout": httpx.Timeout(wait + 10, connect=3.0),
+            }
+        out = await self._call("GET", "/api/v1/agent/sso-decisions", **extra)
         got = out.get("decisions") if isinstance(out, dict) else None
         return [d for d in got if isinstance(d, dict)] if isinstance(got, list) else []
 

@@ -2,10 +2,13 @@
 with the control plane (the short login URL for the client's WEB_AUTH) and wait for the
 decision the control plane records when the user's browser comes back from the IdP.
 
-Decisions are fetched by one poll loop per agent that runs only while at least one login
-waits (every `poll_interval` seconds, one request whatever the number of waiting logins),
-so many pending logins cost one request per interval and never hold up other CONNECTs:
-each wait is its own future. A login whose decision does not arrive within its timeout is
+Decisions are fetched by one loop per agent that runs only while at least one login waits:
+a long poll (`GET /api/v1/agent/sso-decisions?wait=`) that the control plane answers as soon
+as one of this pod's logins is decided on any replica (controlplane/ssobell.py), so the
+client is admitted a moment after the user's browser comes back, and many pending logins
+cost one open request, never holding up other CONNECTs: each wait is its own future. Against
+a control plane that answers at once (one from before long polls), the loop asks every
+`poll_interval` seconds instead. A login whose decision does not arrive within its timeout is
 refused here ("single sign-on login timed out"), whatever the control plane says later.
 
 Registrations go to the control plane at most :data:`REGISTER_AT_ONCE` at a time, the others
@@ -27,6 +30,8 @@ log = logging.getLogger("vpnfleet.agent")
 
 TIMED_OUT = "single sign-on login timed out"
 REGISTER_AT_ONCE = 4
+# How long one decisions request may wait at the control plane (at most its MAX_WAIT).
+LONG_POLL = 20.0
 
 
 @dataclass(frozen=True)
@@ -45,9 +50,12 @@ class LoginOutcome:
 class SsoLogins:
     """Pending logins of one agent and the loop that collects their decisions."""
 
-    def __init__(self, cp: ControlPlane, *, poll_interval: float = 0.5) -> None:
+    def __init__(
+        self, cp: ControlPlane, *, poll_interval: float = 0.5, long_poll: float = LONG_POLL
+    ) -> None:
         self._cp = cp
         self._interval = poll_interval
+        self._long_poll = long_poll
         self._waiting: dict[str, asyncio.Future[LoginOutcome]] = {}
         self._poller: asyncio.Task[None] | None = None
         self._registering = asyncio.Semaphore(REGISTER_AT_ONCE)
@@ -88,11 +96,19 @@ class SsoLogins:
             return LoginOutcome(False, TIMED_OUT)
         finally:
             self._waiting.pop(login.id, None)
+            if not self._waiting and self._poller is not None:
+                # Nothing waits any more: end the long poll on its way rather than keep a
+                # connection to the control plane open for nobody. (A login that starts
+                # waiting next starts a new loop: this one is forgotten at once.)
+                self._poller.cancel()
+                self._poller = None
 
     async def _poll(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._waiting:
+            asked = loop.time()
             try:
-                got = await self._cp.sso_decisions()
+                got = await self._cp.sso_decisions(wait=self._long_poll)
                 self.polls += 1
             except ControlPlaneError as exc:
                 log.info("single sign-on decisions: %s", exc)
@@ -106,11 +122,14 @@ class SsoLogins:
                             bool(d.get("admitted")), None if reason is None else str(reason)
                         )
                     )
-            if self._waiting:
+            if self._waiting and not got and loop.time() - asked < self._interval:
+                # Answered at once with nothing (an error, a control plane that does not
+                # wait, one stopping): ask again after the interval, not in a tight loop.
                 await asyncio.sleep(self._interval)
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+                await poller

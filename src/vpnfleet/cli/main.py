@@ -197,7 +197,7 @@ def server(
         **tls,
     )
     # Ends the watch streams first when it stops (controlplane/serving.py).
-    ControlPlaneServer(config, state.hub).run()
+    ControlPlaneServer(config, state.hub, state.bell).run()
 
 
 @app.command("server-cert")

@@ -34,6 +34,7 @@ from vpnfleet.controlplane.routers import (
     watchroute,
 )
 from vpnfleet.controlplane.settings import ServerSettings
+from vpnfleet.controlplane.ssobell import DecisionBell
 from vpnfleet.controlplane.state import AppState
 from vpnfleet.controlplane.watch import ChangeHub
 from vpnfleet.core.netparse import parse_listen
@@ -69,7 +70,13 @@ def prepare(settings: ServerSettings) -> AppState:
         max_subscribers=settings.watch_max_subscribers,
     )
     state = AppState(
-        settings=settings, engine=engine, factory=factory, sealer=sealer, hub=hub, tls=tls
+        settings=settings,
+        engine=engine,
+        factory=factory,
+        sealer=sealer,
+        hub=hub,
+        bell=DecisionBell(factory, settings.watch_poll_interval),
+        tls=tls,
     )
     state.install_commit_hook()
     return state
@@ -97,6 +104,7 @@ def create_app(settings: ServerSettings, state: AppState | None = None) -> FastA
         try:
             yield
         finally:
+            await ready.bell.stop()
             await ready.hub.stop()
             ready.engine.dispose()
 

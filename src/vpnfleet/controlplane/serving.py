@@ -5,8 +5,9 @@ complete, wait up to the graceful-shutdown timeout for them, cancel what is left
 application's shutdown. A watch stream never completes by itself, so each one used to be
 cancelled at the timeout: the process always took the full grace and logged an ERROR with a
 traceback per stream, and agents saw their streams cut. Here the listening sockets close first
-(a follower that reconnects does not land on this replica again), then the change hub ends
-every stream cleanly, and the wait that follows is only for requests still in flight.
+(a follower that reconnects does not land on this replica again), then the change hub ends every
+stream cleanly (and the long polls for single sign-on decisions answer), and the wait that
+follows is only for requests still in flight.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import socket
 
 import uvicorn
 
+from vpnfleet.controlplane.ssobell import DecisionBell
 from vpnfleet.controlplane.watch import ChangeHub
 
 # Seconds requests still in flight get to finish once a stop is asked for (watch streams
@@ -25,9 +27,10 @@ SHUTDOWN_GRACE = 5
 class ControlPlaneServer(uvicorn.Server):
     """uvicorn's server that ends the change hub's streams before waiting for connections."""
 
-    def __init__(self, config: uvicorn.Config, hub: ChangeHub) -> None:
+    def __init__(self, config: uvicorn.Config, hub: ChangeHub, bell: DecisionBell) -> None:
         super().__init__(config)
         self._hub = hub
+        self._bell = bell
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:  # closing twice (uvicorn does it again) is harmless
@@ -35,4 +38,5 @@ class ControlPlaneServer(uvicorn.Server):
         for sock in sockets or []:
             sock.close()
         self._hub.close_streams()
+        self._bell.close()  # long polls for login decisions answer now, empty
         await super().shutdown(sockets)

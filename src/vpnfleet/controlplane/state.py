@@ -23,6 +23,7 @@ from vpnfleet.controlplane.models import AdminToken
 from vpnfleet.controlplane.pki import Sealer
 from vpnfleet.controlplane.servertls import ServerTLS
 from vpnfleet.controlplane.settings import ServerSettings
+from vpnfleet.controlplane.ssobell import DecisionBell
 from vpnfleet.controlplane.watch import ChangeHub
 
 KNOWN_TOKEN_TTL = 10.0
@@ -36,6 +37,8 @@ class AppState:
     factory: sessionmaker[Session]
     sealer: Sealer
     hub: ChangeHub
+    # Wakes agents' long polls for single sign-on decisions (controlplane/ssobell.py).
+    bell: DecisionBell
     # What the server serves over HTTPS (None: plain HTTP); see controlplane/servertls.py.
     tls: ServerTLS | None = None
     # The gate of requests holding a database session (db_slot below), per event loop (a
@@ -219,6 +222,20 @@ def _pod_caller(
     _slot: Slot,
 ) -> auth.Principal:
     """Only a pod's own credential (not even an admin token) may speak for a pod."""
+    return _admit_pod(state, creds)
+
+
+async def _pod_caller_briefly(
+    state: State,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> auth.Principal:
+    """Like `PodCaller`, but the request slot is held only for the token check: for a
+    handler that then waits without the database (a long poll)."""
+    async with state.db_slots():
+        return await anyio.to_thread.run_sync(_admit_pod, state, creds)
+
+
+def _admit_pod(state: AppState, creds: HTTPAuthorizationCredentials | None) -> auth.Principal:
     who = _authenticate(state, creds)
     if who.role != "pod" or not who.pod:
         raise Problem(
@@ -231,6 +248,7 @@ def _pod_caller(
 
 
 _pod_caller.roles = frozenset({"pod"})  # type: ignore[attr-defined]  # read by openapi.roles_of
+_pod_caller_briefly.roles = frozenset({"pod"})  # type: ignore[attr-defined]
 
 
 Admin = Annotated[auth.Principal, Depends(require("admin"))]
@@ -239,6 +257,7 @@ Reader = Annotated[auth.Principal, Depends(require("operator", "auditor"))]
 Auditor = Annotated[auth.Principal, Depends(require("auditor", "operator"))]
 Enroller = Annotated[auth.Principal, Depends(require("agent"))]
 PodCaller = Annotated[auth.Principal, Depends(_pod_caller)]
+PodPoller = Annotated[auth.Principal, Depends(_pod_caller_briefly)]
 # The fleet view (snapshot + watch): pods, and read-only followers such as gateway-routes
 # (an auditor token), never the enrollment token.
 Watcher = Annotated[auth.Principal, Depends(require("pod", "operator", "auditor"))]

@@ -8,16 +8,22 @@ each is used once (services/sso.py). Their answers are short HTML pages for a pe
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import html
+import time
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from vpnfleet.controlplane.auth import Principal
 from vpnfleet.controlplane.routing import WriteThroughRoute
-from vpnfleet.controlplane.schemas import SsoDecisions, SsoLoginIn, SsoLoginOut
+from vpnfleet.controlplane.schemas import SsoDecision, SsoDecisions, SsoLoginIn, SsoLoginOut
 from vpnfleet.controlplane.services import sso
-from vpnfleet.controlplane.state import DB, PodCaller, State
+from vpnfleet.controlplane.ssobell import MAX_WAIT
+from vpnfleet.controlplane.state import DB, AppState, PodCaller, PodPoller, State
 
 router = APIRouter(route_class=WriteThroughRoute, tags=["sso"])
 
@@ -30,9 +36,43 @@ def register_login(body: SsoLoginIn, db: DB, who: PodCaller) -> SsoLoginOut:
 
 
 @router.get("/api/v1/agent/sso-decisions", response_model=SsoDecisions)
-def login_decisions(db: DB, who: PodCaller) -> SsoDecisions:
-    """The calling pod's logins decided since it last asked (each decision handed out once)."""
-    return SsoDecisions(decisions=sso.decisions(db, who))
+async def login_decisions(
+    request: Request,
+    app: State,
+    who: PodPoller,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=MAX_WAIT,
+            description="seconds to wait for a decision when none is there yet (a long poll)",
+        ),
+    ] = 0,
+) -> SsoDecisions:
+    """The calling pod's logins decided since it last asked (each decision handed out once).
+
+    With `wait`, the answer comes as soon as one is decided on any replica, or empty after
+    `wait` seconds; the wait holds no database session (controlplane/ssobell.py)."""
+    assert who.pod is not None
+    deadline = time.monotonic() + wait
+    with app.bell.listen(who.pod) as rung:
+        while True:
+            rung.clear()
+            async with app.db_slots():
+                got = await anyio.to_thread.run_sync(_take_decisions, app, who)
+            left = deadline - time.monotonic()
+            if got or left <= 0 or app.bell.closing:
+                return SsoDecisions(decisions=got)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rung.wait(), left)
+            if await request.is_disconnected():
+                # Nobody would read them: leave the decisions for the agent's next poll.
+                return SsoDecisions(decisions=[])
+
+
+def _take_decisions(app: AppState, who: Principal) -> list[SsoDecision]:
+    with app.factory() as db, db.begin():
+        return sso.decisions(db, who)
 
 
 def _page(status: int, title: str, message: str) -> HTMLResponse:
@@ -68,4 +108,5 @@ def login_callback(
         outcome = sso.callback(db, app.sealer, oauth_state, code, error, browser)
     except sso.LoginRefused as exc:
         return _page(exc.status, "VPN login", exc.message)
+    app.bell.ring(outcome.pod)  # committed: the pod's long poll collects it now
     return _page(200 if outcome.admitted else 403, "VPN login", outcome.message)

@@ -168,6 +168,7 @@ class Outcome:
     admitted: bool
     user: str
     message: str
+    pod: str  # whose agent waits for this decision
 
 
 def callback(
@@ -194,6 +195,11 @@ def callback(
     if _rows(result) != 1:
         _audit_refusal(db, login, "replayed callback")
         raise LoginRefused(409, "This login was already completed: connect again.")
+    # The claim is committed before the code is redeemed at the IdP, which can take seconds:
+    # meanwhile no lock is held (SQLite's database lock: every other writer, the pods' polls
+    # for decisions too, would wait for the IdP) and no pooled connection. A process that
+    # stops now leaves the login `exchanging`: its connection is refused at its timeout.
+    db.commit()
     db.refresh(login)
     nonce, verifier = login.nonce or "", login.verifier or ""
     if login.expires_at <= utcnow():
@@ -274,8 +280,10 @@ def _decide(
     )
     journal.commit()
     if admitted:
-        return Outcome(True, login.user_name, "Signed in: your VPN connection is coming up.")
-    return Outcome(False, login.user_name, f"VPN login refused: {reason}.")
+        return Outcome(
+            True, login.user_name, "Signed in: your VPN connection is coming up.", login.pod
+        )
+    return Outcome(False, login.user_name, f"VPN login refused: {reason}.", login.pod)
 
 
 def _audit_refusal(db: Session, login: SsoLogin, why: str) -> None:
