@@ -4,7 +4,10 @@ records, the journal across a restart, and convergence to the fleet view."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,8 @@ from vpnfleet.agent.sessionship import SessionShipper
 from vpnfleet.agent.spool import Spool
 from vpnfleet.agent.ssologin import LoginOutcome, PendingLogin, SsoLogins
 from vpnfleet.core.fleet import FleetView
-from vpnfleet.core.sessionbook import BookConfig, SessionBook
+from vpnfleet.core.sessionbook import BookConfig, Client, SessionBook
+from vpnfleet.core.webauth import token_signed_in_at
 
 
 class Pod:
@@ -575,3 +579,87 @@ async def test_a_client_that_starts_over_gets_one_answer(sso: tuple[Pod, Logins]
     await settle()
     answers = [a for a in pod.mgmt.answers_for(cid) if a[0] != "pending"]
     assert [(a[0], a[2]) for a in answers] == [("auth", kid)]
+
+
+def auth_token(signed_in_at: int, issued_at: int | None = None) -> str:
+    """An OpenVPN auth token's layout (auth_token.c): session id, first issue, this issue,
+    HMAC. The HMAC is OpenVPN's to check (the agent sees only tokens it has accepted)."""
+    raw = (
+        secrets.token_bytes(12)
+        + signed_in_at.to_bytes(8, "big")
+        + (issued_at or signed_in_at).to_bytes(8, "big")
+        + secrets.token_bytes(32)
+    )
+    return "SESS_ID_AT_" + base64.b64encode(raw).decode()
+
+
+@pytest.fixture
+def lifetimes(tmp_path: Path) -> Iterator[tuple[Pod, Logins]]:
+    """A pod whose servers hand out auth tokens that last an hour."""
+    p = Pod(tmp_path, view(user("alice", auth="cert+sso", max_sessions=2), user("bob")))
+    p.handler.book = SessionBook(BookConfig(NAT, GWPOOL, auth_tokens=True, sso_lifetime=3600))
+    logins = Logins()
+    p.handler._sso = logins
+    try:
+        yield p, logins
+    finally:
+        p.close()
+
+
+async def test_a_single_sign_on_session_ends_when_its_login_is_a_lifetime_old(
+    lifetimes: tuple[Pod, Logins],
+) -> None:
+    """Not at the next renegotiation (up to an hour later): the session of a login made now
+    lapses a lifetime from now; one resumed with a token lapses a lifetime after the login
+    behind the token (its first issue, kept through renewals and reconnects to any pod).
+    Lapsed clients are restarted, so they come back and their users log in again; a
+    certificate-only user's session has no such end."""
+    pod, logins = lifetimes
+    now = time.time()
+    cid = await waiting_login(pod)
+    logins.decide(cid, True)
+    await settle()
+    pod.mgmt.establish(cid)
+    resumed = pod.mgmt.connect(
+        "alice",
+        serial="7",
+        real_ip="198.51.100.20",
+        peer_info={
+            **WEBAUTH,
+            "session_state": "Authenticated",
+            "username": "alice",
+            "password": auth_token(int(now) - 3000, int(now) - 60),
+        },
+    )
+    bob = pod.mgmt.connect("bob", serial="7", real_ip="198.51.100.21")
+    await pod.pump()
+    for c in (resumed, bob):
+        pod.mgmt.establish(c)
+    await pod.pump()
+    assert [pod.mgmt.answers_for(c)[-1][0] for c in (cid, resumed, bob)] == ["auth"] * 3
+    book = pod.handler.book
+
+    def lapsing(at: float) -> list[int]:
+        return sorted(k.client.cid for k in book.lapsed(at))
+
+    assert lapsing(now + 599) == []
+    assert lapsing(now + 601) == [resumed]  # logged in 3000 s ago
+    assert lapsing(now + 3602) == [cid, resumed]  # bob never lapses
+    assert book.get(cid, "udp") is not None
+    # The handler's periodic check restarts what lapsed and closes the session record.
+    await pod.handler.end_lapsed_logins(now + 601)
+    assert pod.mgmt.answers_for(resumed)[-1] == ("kill", resumed, "RESTART")
+    assert pod.records()[-1][0] == "close"
+    assert all(a[0] != "kill" for a in pod.mgmt.answers_for(cid))
+    await pod.handler.end_lapsed_logins(now + 602)  # once: restarted, not asked again
+    assert sum(a[0] == "kill" for a in pod.mgmt.answers_for(resumed)) == 1
+
+
+def test_the_login_time_is_read_from_an_auth_token() -> None:
+    assert token_signed_in_at(auth_token(1_800_000_000, 1_800_003_600)) == 1_800_000_000
+    for bad in (None, "", "certificate-only", "SESS_ID_AT_", "SESS_ID_AT_!!!", "SESS_ID_AT_QUJD"):
+        assert token_signed_in_at(bad) is None
+    # The journal keeps the end across an agent restart.
+    record = Client(1, "alice", "nat", "10.8.0.9", None, None, "u1", "t", sso_until=5.0)
+    assert Client.from_record(record.to_record()).sso_until == 5.0
+    assert Client.from_record({**record.to_record(), "sso_until": None}).sso_until is None

@@ -457,6 +457,12 @@ class ClientHandler:
         """Disconnect every client (of ``users``) the fleet view no longer allows."""
         await self.apply(self.book.violations(self._view(), users))
 
+    async def end_lapsed_logins(self, now: float | None = None) -> None:
+        """Restart the clients of single sign-on users whose login is older than the session
+        lifetime at ``now`` (Unix seconds, default: now; called every reconcile interval):
+        they come back and log in again."""
+        await self.apply(self.book.lapsed(time.time() if now is None else now))
+
     async def kick_uid(self, uid: str, reason: str) -> None:
         """Disconnect the client of session ``uid`` (the control plane refused it)."""
         for client in self.book.by_uid(uid):

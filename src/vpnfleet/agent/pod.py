@@ -161,6 +161,7 @@ class PodAgent:
                 push_routes=tuple(ipaddress.IPv4Network(r) for r in s.push_routes),
                 servers=s.servers,
                 auth_tokens=self.registration.auth_tokens,
+                sso_lifetime=self.registration.sso_lifetime,
             )
         )
         networks = book.config.tunnel_networks
@@ -356,6 +357,7 @@ class PodAgent:
             for server, sup in self.supervisors.items():
                 if sup.ready:
                     await self.clients.reconcile(server)
+            await self.clients.end_lapsed_logins()
             if self.host_routes is not None:
                 self.host_routes.check_soon()
             if self.firewall.ready:

@@ -66,6 +66,13 @@ class Registration:
         assert self.boot is not None, "not registered"
         return self.boot.auth_token_key is not None
 
+    @property
+    def sso_lifetime(self) -> int | None:
+        """Seconds a single sign-on login lasts (the auth tokens' lifetime), None without
+        tokens."""
+        token = self._auth_token()
+        return None if token is None else token[1]
+
     async def register(self) -> Bootstrap:
         """Register with the control plane, or fall back to the cached bootstrap.
 

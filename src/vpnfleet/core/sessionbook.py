@@ -25,16 +25,18 @@ kills and address owners are the book's, so they hold across both servers.
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vpnfleet.core import authz, ipam
+from vpnfleet.core import authz, ipam, webauth
 from vpnfleet.core.fleet import FleetView
 from vpnfleet.core.mgmt_protocol import StatusClient
 
 MODE_CHANGED = "connection mode changed"
+SSO_LAPSED = "single sign-on session lifetime over"
 PRIMARY = "udp"  # the server every pod runs; "tcp" is the optional fallback
 
 
@@ -60,6 +62,9 @@ class Client:
     kicked: str | None = None
     seq: int = 0
     server: str = PRIMARY
+    # A single sign-on user's session ends then (Unix seconds): the login's time plus the
+    # session lifetime (BookConfig.sso_lifetime). None: no end of its own.
+    sso_until: float | None = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -72,7 +77,7 @@ class Client:
         return Client(
             self.cid, self.user, self.mode, self.tunnel_ip, self.real_ip, self.real_port,
             self.uid, self.connected_at, self.cert_serial, established, kicked, self.seq,
-            self.server,
+            self.server, self.sso_until,
         )  # fmt: skip
 
     def to_record(self) -> dict[str, Any]:
@@ -90,6 +95,7 @@ class Client:
             "cert_serial": self.cert_serial,
             "established": self.established,
             "server": self.server,
+            "sso_until": self.sso_until,
         }
 
     @classmethod
@@ -109,6 +115,7 @@ class Client:
                 established=bool(data["established"]),
                 # Journals written before the TCP server existed hold UDP clients only.
                 server=str(data.get("server") or PRIMARY),
+                sso_until=None if data.get("sso_until") is None else float(data["sso_until"]),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed client record: {exc!r}") from None
@@ -129,6 +136,9 @@ class BookConfig:
     # The servers hand out auth tokens (auth-gen-token): a renegotiation of a single sign-on
     # user must present a valid one.
     auth_tokens: bool = False
+    # Seconds a single sign-on login lasts (the tokens' lifetime): a session of a `cert+sso`
+    # user is ended that long after its login (lapsed()), not at the next renegotiation.
+    sso_lifetime: int | None = None
 
     def __post_init__(self) -> None:
         if not self.servers or len(set(self.servers)) != len(self.servers):
@@ -314,6 +324,13 @@ class SessionBook:
             self.forget(cid, server)
         port = env.get("untrusted_port", "")
         self._seq += 1
+        sso_until = None
+        if user.auth == "cert+sso" and self.config.sso_lifetime:
+            # Logged in now, or when the token it presents was first issued.
+            at = webauth.token_signed_in_at(env.get("password")) if token_valid else None
+            if at is None:
+                at = int(dt.datetime.fromisoformat(now).timestamp())
+            sso_until = float(at + self.config.sso_lifetime)
         client = Client(
             cid=cid,
             user=cn,
@@ -326,6 +343,7 @@ class SessionBook:
             cert_serial=serial,
             seq=self._seq,
             server=server,
+            sso_until=sso_until,
         )
         self._put(client)
         push = self._push_lines(user.mode, address, server)
@@ -465,6 +483,16 @@ class SessionBook:
                 out.append(Kick(c, reason, halt=reason != MODE_CHANGED))
         return out
 
+    def lapsed(self, now: float) -> list[Kick]:
+        """Clients of single sign-on users whose login is older than the session lifetime
+        (``now``: Unix seconds). They are restarted, not halted: the client comes back, and
+        its user logs in again."""
+        return [
+            Kick(c, SSO_LAPSED, halt=False)
+            for c in self._clients.values()
+            if c.sso_until is not None and c.sso_until <= now and c.kicked is None
+        ]
+
     # ------------------------------------------------------------------ restart
 
     def seed_owners(self, cached: Iterable[Client]) -> None:
@@ -533,6 +561,7 @@ class SessionBook:
                 established=True,
                 seq=self._seq,
                 server=server,
+                sso_until=old.sso_until if old else None,
             )
             if client.mode == "nat":
                 self._nat[server].reserve(ipaddress.IPv4Address(vaddr))

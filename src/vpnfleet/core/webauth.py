@@ -14,6 +14,8 @@ that redirects to the IdP, never the IdP's own long authorization URL.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
@@ -55,3 +57,26 @@ def web_auth_extra(url: str, flags: Iterable[str] = ()) -> str:
             f"({len(INFO_PRE) + len(extra)} > {MAX_CONTROL_MESSAGE} bytes)"
         )
     return extra
+
+
+# OpenVPN's auth tokens (auth-gen-token, src/openvpn/auth_token.c): "SESS_ID_AT_" and the
+# base64 of the session id (12 bytes), the token's first issue time and this issue's time (big
+# endian 64-bit Unix seconds each) and an HMAC-SHA256 (32 bytes). A token keeps the first issue
+# time through every renewal: that is when the user last logged in.
+TOKEN_PREFIX = "SESS_ID_AT_"  # noqa: S105  # a format marker, no secret
+_TOKEN_BYTES = 12 + 8 + 8 + 32
+
+
+def token_signed_in_at(token: str | None) -> int | None:
+    """When the login behind an auth token happened (Unix seconds), or None if `token` is not
+    one. Read only from a token OpenVPN has already checked (`session_state=Authenticated`):
+    the HMAC is OpenVPN's to verify, this only reads the time it vouches for."""
+    if not token or not token.startswith(TOKEN_PREFIX):
+        return None
+    try:
+        raw = base64.b64decode(token[len(TOKEN_PREFIX) :], validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) != _TOKEN_BYTES:
+        return None
+    return int.from_bytes(raw[12:20], "big")
