@@ -11,12 +11,15 @@ stream, the admin audit log.
 from __future__ import annotations
 
 import html
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
 
 from tests.api.test_users_groups_rules import problem
 from tests.api.test_watch import read_events
@@ -233,6 +236,54 @@ def test_a_refused_identity_changes_no_membership(
     assert groups_of(admin, "alice") == ["local", "ops"]
     assert groups_of(admin, "bob") == ["eng"]
     assert revision(admin) == start
+
+
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_membership_changed_meanwhile_ends_as_the_claim_says(
+    server: Server, admin: httpx.Client, fleet: str, idp: Idp
+) -> None:
+    """Another transaction removes alice from ops while her login does the same (PostgreSQL,
+    where the login's delete waits for that uncommitted one: a race only a real concurrent
+    writer produces). The login goes on once it commits, is admitted, and alice's
+    memberships are what the claim says, with her state sent to the agents."""
+    idp.set_groups("alice", ["idp-eng"])
+    start = revision(admin)
+    engine = create_engine(server.database_url)
+    waiting = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock'"
+    )
+    try:
+        with engine.connect() as other, ThreadPoolExecutor(1) as pool:
+            tx = other.begin()
+            other.execute(
+                text(
+                    "DELETE FROM memberships WHERE group_id = (SELECT id FROM groups WHERE "
+                    "name = 'ops') AND user_id = (SELECT id FROM users WHERE name = 'alice')"
+                )
+            )
+            pending = pool.submit(login, server, fleet, "alice", 8)
+            deadline = time.monotonic() + 30
+            with engine.connect() as watcher:
+                while not watcher.execute(waiting).scalar():
+                    assert time.monotonic() < deadline, "the login never waited for the row"
+                    assert not pending.done(), pending.result()
+                    time.sleep(0.05)
+            tx.commit()
+            page, decision = pending.result(timeout=60)
+    finally:
+        engine.dispose()
+    assert page.status_code == 200 and decision["admitted"] is True
+    assert groups_of(admin, "alice") == ["eng", "local"]
+    events = read_events(server, start, 3)
+    assert [(e["kind"], e["op"]) for e in events] == [
+        ("membership", "delete"),
+        ("membership", "upsert"),
+        ("user", "upsert"),
+    ]
+    assert sorted(events[-1]["object"]["groups"]) == ["eng", "local"]
 
 
 # --- settings -----------------------------------------------------------------------------

@@ -254,7 +254,9 @@ def callback(
             with db.begin_nested():
                 change = _set_memberships(db, journal, user, claimed, settings.group_map)
         except (Problem, IntegrityError):
-            # An administrator changed one of these memberships at this very moment.
+            # Another transaction changed one of these memberships between this login's
+            # reading them and changing them (rare: concurrent inserts wait at the user's
+            # lock); its own changes are undone, and the user connects again.
             journal.rewind(mark)
             reason = "your group memberships could not be updated: connect again"
             return _decide(db, login, False, who, reason)
