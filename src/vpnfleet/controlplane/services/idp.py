@@ -63,11 +63,13 @@ def set_config(db: Session, journal: Journal, sealer: pki.Sealer, body: IdpSetIn
                 f"the directory sync already manages {listed(shared)} (its group_map): a group "
                 "is managed by one source only"
             )
-        missing = managed - set(db.scalars(select(Group.name).where(Group.name.in_(managed))))
+        missing = managed - set(
+            db.scalars(select(Group.name).where(Group.name.in_(sorted(managed))))
+        )
         if missing:
             raise conflict(
                 f"group_map names groups that do not exist: {listed(missing)}; create them "
-                "first (vpnfleet group create)"
+                "first (vpnfleet group add)"
             )
     row = get_config(db, lock=True)
     before = None if row is None else dict(row.settings)
