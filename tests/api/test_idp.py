@@ -146,6 +146,24 @@ def test_only_an_admin_sets_or_tests(server: Server, docs: DocServer) -> None:
         ({"clock_skew_seconds": 3600}, "clock_skew_seconds"),
         ({"client_secret": ""}, "client_secret"),
         ({"unknown": 1}, "unknown"),
+        ({"groups_claim": "groups"}, "groups_claim needs group_map"),
+        ({"group_map": {"idp-eng": "eng"}}, "group_map needs groups_claim"),
+        ({"groups_claim": "sub", "group_map": {"a": "eng"}}, "a claim of the token itself"),
+        ({"groups_claim": "_claim_names", "group_map": {"a": "eng"}}, "a claim of the token"),
+        ({"groups_claim": "my groups", "group_map": {"a": "eng"}}, "is not a claim name"),
+        ({"groups_claim": "", "group_map": {"a": "eng"}}, "groups_claim"),
+        ({"groups_claim": "g" * 101, "group_map": {"a": "eng"}}, "groups_claim"),
+        (
+            {"groups_claim": "preferred_username", "group_map": {"a": "eng"}},
+            "another claim than user_claim",
+        ),
+        ({"groups_claim": "groups", "group_map": {" ": "eng"}}, "needs a name or an id"),
+        ({"groups_claim": "groups", "group_map": {"a": "Bad Name"}}, "group name"),
+        ({"groups_claim": "groups", "group_map": {"a": ["eng"]}}, "group_map"),
+        (
+            {"groups_claim": "groups", "group_map": {f"g{i}": "eng" for i in range(501)}},
+            "group_map",
+        ),
     ],
 )
 def test_bad_settings_are_refused_and_change_nothing(
@@ -286,3 +304,44 @@ def test_cli_set_show_test(server: Server, docs: DocServer, tmp_path: Path) -> N
     assert failed.returncode != 0
     assert "answered 404 for its discovery document" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+def test_cli_sets_and_shows_the_group_claim(
+    server: Server, admin: httpx.Client, tmp_path: Path
+) -> None:
+    for name in ("eng", "contractors"):
+        assert admin.post("/api/v1/groups", json={"name": name}).status_code == 201
+    conf = tmp_path / "idp.yaml"
+    body = settings("https://idp.example.test/realms/corp")
+    del body["client_secret"]
+    conf.write_text(yaml.safe_dump({**body, "group_map": {"from-file": "eng"}}))
+    # --group-map replaces the file's mapping; an IdP group may hold '=' (the last one splits).
+    out = run(
+        server, "idp", "set", "-f", str(conf), "--groups-claim", "groups",
+        "--group-map", "0b7e2c61-aaaa-4f00-9c1e-1234567890ab=eng",
+        "--group-map", "cn=contractors,ou=groups=contractors",
+    )  # fmt: skip
+    assert "IdP settings stored" in out.stdout
+    stored = admin.get("/api/v1/idp").json()
+    assert stored["groups_claim"] == "groups"
+    assert stored["group_map"] == {
+        "0b7e2c61-aaaa-4f00-9c1e-1234567890ab": "eng",
+        "cn=contractors,ou=groups": "contractors",
+    }
+    shown = run(server, "idp", "show").stdout
+    assert "groups claim" in shown and "cn=contractors,ou=groups -> contractors" in shown
+    # A group that does not exist: one sentence, exit code != 0, nothing changed.
+    bad = run(
+        server, "idp", "set", "-f", str(conf), "--groups-claim", "groups",
+        "--group-map", "x=nosuch", ok=False,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "do not exist: 'nosuch'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    malformed = run(server, "idp", "set", "-f", str(conf), "--group-map", "eng", ok=False)
+    assert malformed.returncode == 2 and "IDP_GROUP=VPNFLEET_GROUP" in malformed.stderr
+    assert admin.get("/api/v1/idp").json()["group_map"] == stored["group_map"]
+    # --no-groups: memberships no longer follow the IdP.
+    run(server, "idp", "set", "-f", str(conf), "--no-groups")
+    stored = admin.get("/api/v1/idp").json()
+    assert stored["groups_claim"] is None and stored["group_map"] == {}
+    assert "memberships do not follow the IdP" in run(server, "idp", "show").stdout

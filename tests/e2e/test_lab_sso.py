@@ -2,7 +2,9 @@
 servers and stock 2.6 clients, the control plane, and a real OpenID provider
 (django-oauth-toolkit, tests/oidcidp) running in the control plane's namespace. A plain HTTP
 client plays the user's browser: it opens the URL the stock client received (``WEB_AUTH::``),
-logs in at the IdP's form and comes back to the control plane's callback.
+logs in at the IdP's form and comes back to the control plane's callback. The lab group, which
+may reach the backend, is managed by the IdP's group claim: sam is in it only through his
+group at the IdP.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from tests.oidcidp import browser_login, running_idp
 from tests.polling import until
 from vpnfleet import tlspin
 from vpnfleet.lab import runner
-from vpnfleet.lab.runner import LabInfo, LabUser
+from vpnfleet.lab.runner import LAB_GROUP, LabInfo, LabUser
+from vpnfleet.lab.topology import LabCommandError
 
 pytestmark = [pytest.mark.e2e]
 
 USERS = (
-    LabUser("sam", "nat"),  # logs in at the IdP as himself
+    LabUser("sam", "nat", lab_access=False),  # logs in as himself; the lab group from the IdP
     LabUser("sid", "nat"),  # logs in at the IdP as sam: refused
     LabUser("sue", "nat"),  # a client that does not announce web auth
     LabUser("stu", "nat"),  # never finishes the login
@@ -38,6 +41,7 @@ IDP_USERS = {
     "sam": ("sam-pw-4Kq", "sam@corp.test"),
     "sid": ("sid-pw-9Lm", "sid@corp.test"),
 }
+IDP_LAB_GROUP = "vpn-lab"  # the IdP group mapped to the lab group
 LOGIN_TIMEOUT = 30  # the shortest the control plane allows
 WEBAUTH = ("--setenv", "IV_SSO", "webauth")
 _URL = re.compile(r"WEB_AUTH::([^\s']+)")  # the client logs it inside quotes
@@ -53,6 +57,7 @@ async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LabInfo
             host=str(info.plan.admin.ns_address.ip),
             netns=info.plan.ns("cp"),
         ) as idp:
+            idp.set_groups("sam", [IDP_LAB_GROUP, "idp-unmapped"])
             body = {
                 "issuer": idp.issuer,
                 "client_id": idp.client_id,
@@ -60,6 +65,9 @@ async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LabInfo
                 "public_url": info.url,
                 "login_timeout_seconds": LOGIN_TIMEOUT,
                 "allow_http": True,  # the test IdP serves plain http inside the lab
+                "scopes": ["openid", "profile", "email", "groups"],
+                "groups_claim": "groups",
+                "group_map": {IDP_LAB_GROUP: LAB_GROUP},
             }
             api(info, "PUT", "/api/v1/idp", body)
             for user in ("sam", "sid", "sue", "stu"):
@@ -100,6 +108,7 @@ async def test_the_user_logs_in_and_the_tunnel_comes_up(lab: LabInfo) -> None:
         assert url.startswith(f"{lab.url}/sso/login/") and len(url) < 120
         assert "AUTH_PENDING" in client_log(lab, "sam")
         assert await runner.client_address(lab, "sam") is None  # nothing before the login
+        assert api(lab, "GET", "/api/v1/users/sam")["groups"] == []
         page = await browse(lab, url, "sam")
         assert page.status_code == 200 and "Signed in" in page.text
         back_at = time.monotonic()
@@ -108,8 +117,17 @@ async def test_the_user_logs_in_and_the_tunnel_comes_up(lab: LabInfo) -> None:
         assert admitted < 5, admitted  # the agent asks for decisions every 0.5 s
         (session,) = await until(lambda: sessions(lab, user="sam"), 10, "sam's session")
         assert session["pod"] in {"pod1", "pod2"}
-        # Through the tunnel to the backend (NAT: the backend sees the pod's address).
-        seen = await fetch(lab, "sam")
+        # The login made him a member of the lab group (his group at the IdP), and the pod
+        # lets him through for it: to the backend (NAT: the backend sees the pod's address).
+        assert api(lab, "GET", "/api/v1/users/sam")["groups"] == [LAB_GROUP]
+
+        async def through_tunnel() -> dict[str, Any] | None:
+            try:
+                return await fetch(lab, "sam")
+            except LabCommandError:  # not let through (yet): try again
+                return None
+
+        seen = await until(through_tunnel, 25, "the backend through sam's tunnel")
         assert seen["remote_addr"] == str(lab.plan.pod_ip(int(session["pod"].removeprefix("pod"))))
         # The login URL was for this one connection: it cannot be used again.
         ctx = tlspin.pinned_context(lab.ca_file)

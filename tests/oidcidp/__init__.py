@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urljoin, urlsplit
 
@@ -30,6 +30,18 @@ class Idp:
     client_id: str
     client_secret: str
     log: Path
+    env: dict[str, str] = field(default_factory=dict)  # what its processes run with
+
+    def set_groups(self, user: str, groups: list[str]) -> None:
+        """Make `groups` the user's groups at the IdP (its next ID token lists them)."""
+        subprocess.run(
+            [sys.executable, "-m", "tests.oidcidp.site", "groups", user, *groups],
+            env=self.env,
+            cwd=ROOT,
+            check=True,
+            timeout=60,
+            capture_output=True,
+        )
 
 
 @contextmanager
@@ -40,12 +52,14 @@ def running_idp(
     *,
     host: str = "127.0.0.1",
     netns: str | None = None,
+    groups_overage: int | None = None,
 ) -> Iterator[Idp]:
     """The provider on a free port of `host` (loopback by default) with `users` (name ->
     (password, email[, email verified: True by default])) and one confidential client whose
     redirect URI is `redirect_uri`; stopped on exit. `netns`: run it in that network
     namespace (a lab's control-plane namespace, `host` one of its addresses the test can
-    reach)."""
+    reach). `groups_overage`: past this many groups a user's ID token has Entra ID's overage
+    indicator instead of the `groups` claim."""
     state.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://{host}:{port}"
@@ -70,6 +84,9 @@ def running_idp(
         "IDP_HOST": host,
         "PYTHONPATH": str(ROOT),
     }
+    if groups_overage is not None:
+        env["IDP_GROUPS_OVERAGE"] = str(groups_overage)
+    idp.env = env
     subprocess.run(
         [sys.executable, "-m", "tests.oidcidp.site", "setup"],
         env=env,

@@ -9,8 +9,15 @@ tests/oidcidp/__init__.py's helper; the database is a SQLite file in the test's 
     python -m tests.oidcidp.site setup   # migrate, users, the client (env: see below)
     python -m tests.oidcidp.site serve   # the ASGI application: uvicorn tests.oidcidp.site:app
 
+    python -m tests.oidcidp.site groups NAME [GROUP ...]   # set a user's groups
+
 Environment: IDP_DIR (state), IDP_ISSUER (http://127.0.0.1:PORT/o), IDP_REDIRECT_URI,
-IDP_CLIENT_ID, IDP_CLIENT_SECRET, IDP_USERS ("name:password:email[:unverified],...").
+IDP_CLIENT_ID, IDP_CLIENT_SECRET, IDP_USERS ("name:password:email[:unverified],..."),
+IDP_GROUPS_OVERAGE (optional: past this many groups the ID token carries Entra ID's overage
+indicator instead of the `groups` claim).
+
+With the `groups` scope, the ID token carries `groups`: the names of the user's Django groups,
+which the `groups` command changes while the provider runs (it reads them at each login).
 """
 
 from __future__ import annotations
@@ -87,7 +94,12 @@ settings.configure(
         "OIDC_RSA_PRIVATE_KEY": _rsa_key(),
         "PKCE_REQUIRED": True,
         "OAUTH2_VALIDATOR_CLASS": f"{__name__}.Validator",
-        "SCOPES": {"openid": "OpenID Connect", "profile": "profile", "email": "e-mail"},
+        "SCOPES": {
+            "openid": "OpenID Connect",
+            "profile": "profile",
+            "email": "e-mail",
+            "groups": "group memberships",
+        },
     },
 )
 django.setup()
@@ -102,16 +114,32 @@ UNVERIFIED = "unverified-email"  # kept in a test user's last name
 class Validator(OAuth2Validator):  # type: ignore[misc]
     """Adds the claims vpnfleet maps users by."""
 
-    oidc_claim_scope = OAuth2Validator.oidc_claim_scope
+    oidc_claim_scope = {
+        **OAuth2Validator.oidc_claim_scope,
+        "groups": "groups",
+        "_claim_names": "groups",
+        "_claim_sources": "groups",
+    }
 
     def get_additional_claims(self, request: Any) -> dict[str, Any]:
         user = request.user
         verified = user.last_name != UNVERIFIED
-        return {
+        claims: dict[str, Any] = {
             "preferred_username": user.username,
             "email": user.email,
             "email_verified": verified,
         }
+        groups = sorted(user.groups.values_list("name", flat=True))
+        overage = os.environ.get("IDP_GROUPS_OVERAGE")
+        if overage is not None and len(groups) > int(overage):
+            # What Entra ID sends for a user in too many groups: where to fetch them instead.
+            claims["_claim_names"] = {"groups": "src1"}
+            claims["_claim_sources"] = {
+                "src1": {"endpoint": f"{os.environ['IDP_ISSUER']}/users/{user.pk}/groups"}
+            }
+        else:
+            claims["groups"] = groups
+        return claims
 
 
 urlpatterns = [
@@ -143,6 +171,14 @@ def setup() -> None:
     )
 
 
+def set_groups(name: str, groups: list[str]) -> None:
+    """Make `groups` the user's groups (created as needed)."""
+    from django.contrib.auth.models import Group, User
+
+    user = User.objects.get(username=name)
+    user.groups.set([Group.objects.get_or_create(name=g)[0] for g in groups])
+
+
 def _asgi() -> Any:
     from django.core.asgi import get_asgi_application
 
@@ -153,3 +189,5 @@ app = _asgi()
 
 if __name__ == "__main__" and sys.argv[1:] == ["setup"]:
     setup()
+elif __name__ == "__main__" and sys.argv[1:2] == ["groups"]:
+    set_groups(sys.argv[2], sys.argv[3:])

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vpnfleet.core import authpolicy, netparse
+from vpnfleet.core import authpolicy, groupclaim, netparse
 from vpnfleet.wire import Storable
 
 _strict = ConfigDict(extra="forbid")
@@ -441,6 +441,7 @@ class DirectorySyncOut(BaseModel):
     revision: int | None
 
 
+IDP_MAX_GROUP_MAP = 500  # IdP groups mapped to vpnfleet groups
 SSO_SESSION_SECONDS = 12 * 3600  # a working day: one login in the morning
 
 
@@ -468,6 +469,32 @@ class IdpSettings(Storable):
     # Refuse a login whose browser comes from another address than the VPN connection (the
     # control plane must see browsers' real addresses: `--forwarded-allow-ips`).
     same_address: bool = False
+    # Group memberships from the IdP (docs/sso.md): the ID token claim listing the user's
+    # groups, and IdP group (name, path or object id) -> the vpnfleet group it manages. At
+    # each admitted login the user's memberships of the mapped vpnfleet groups follow the
+    # claim; no other group is ever touched.
+    groups_claim: str | None = Field(default=None, min_length=1, max_length=100)
+    group_map: dict[str, str] = Field(default_factory=dict, max_length=IDP_MAX_GROUP_MAP)
+
+    @field_validator("groups_claim")
+    @classmethod
+    def _groups_claim(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if any(c.isspace() or not c.isprintable() or c in "\"'" for c in v):
+            raise ValueError(f"{v!r} is not a claim name")
+        if v in groupclaim.RESERVED_CLAIMS:
+            raise ValueError(f"{v!r} is a claim of the token itself, not a list of groups")
+        return v
+
+    @field_validator("group_map")
+    @classmethod
+    def _group_map(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, group in v.items():
+            if not key.strip() or len(key) > groupclaim.MAX_GROUP_VALUE:
+                raise ValueError("a mapped IdP group needs a name or an id")
+            netparse.validate_name(group, "group name")
+        return v
 
     @field_validator("scopes")
     @classmethod
@@ -494,6 +521,12 @@ class IdpSettings(Storable):
         check_url(self.public_url, "public_url", allow_http=self.allow_http)
         if urlsplit(self.public_url).query:
             raise ValueError("public_url must have no query")
+        if self.groups_claim is not None and not self.group_map:
+            raise ValueError("groups_claim needs group_map: the vpnfleet groups it manages")
+        if self.group_map and self.groups_claim is None:
+            raise ValueError("group_map needs groups_claim: the ID token claim listing groups")
+        if self.groups_claim is not None and self.groups_claim == self.user_claim:
+            raise ValueError("groups_claim must be another claim than user_claim")
         return self
 
 

@@ -32,6 +32,7 @@ from vpnfleet.controlplane.schemas import (
     DirectoryStatusOut,
 )
 from vpnfleet.controlplane.services import groups, sessions, users
+from vpnfleet.controlplane.services import idp as idpsvc
 from vpnfleet.controlplane.services.journal import Journal
 from vpnfleet.core import netparse
 from vpnfleet.core.directory import LocalUser, LocalView, SyncPlan
@@ -53,6 +54,16 @@ def set_config(db: Session, journal: Journal, sealer: pki.Sealer, body: Director
     """Store the settings (one audit entry with before/after, never the password)."""
     settings = DirectorySettings.model_validate(body.model_dump(exclude={"bind_password"}))
     row = get_config(db, lock=True)
+    # The IdP's row second, as `idp set` locks them (services/idp.py): one source per group.
+    idp_row = idpsvc.get_config(db, lock=True)
+    shared = idpsvc.shared_groups(
+        set(settings.group_map.values()), idp_row.settings if idp_row else None
+    )
+    if shared:
+        raise conflict(
+            f"the IdP's group claim already manages {idpsvc.listed(shared)} (idp group_map): "
+            "a group is managed by one source only"
+        )
     before = None if row is None else dict(row.settings)
     if row is None:
         if body.bind_password is None:

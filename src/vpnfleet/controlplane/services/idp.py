@@ -2,6 +2,12 @@
 
 The secret is sealed by the same Sealer as the private keys and the directory bind password,
 never shown again, and the `idp.set` audit entry records only whether it changed.
+
+The vpnfleet groups the IdP's group claim manages (`group_map`) must exist, and no group may
+be managed by both the claim and the directory sync: whichever of `idp set` and
+`directory set` comes second is refused (`shared_groups`), so two sources never take turns
+undoing each other's memberships. Both lock the directory's settings row, then the IdP's, in
+that order, so two admins setting them at once are checked one after the other.
 """
 
 from __future__ import annotations
@@ -12,11 +18,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from vpnfleet.controlplane import pki
-from vpnfleet.controlplane.errors import Problem, not_found
-from vpnfleet.controlplane.models import IdpConfig, utcnow
+from vpnfleet.controlplane.errors import Problem, conflict, not_found
+from vpnfleet.controlplane.models import DirectoryConfig, Group, IdpConfig, utcnow
 from vpnfleet.controlplane.oidcprovider import Connection, Provider, ProviderError
 from vpnfleet.controlplane.schemas import IdpOut, IdpSetIn, IdpSettings, IdpTestOut
 from vpnfleet.controlplane.services.journal import Journal
+from vpnfleet.core.groupclaim import managed_groups
 
 CONFIG_ID = 1
 CALLBACK_PATH = "/sso/callback"
@@ -45,6 +52,25 @@ def redirect_uri(settings: IdpSettings) -> str:
 def set_config(db: Session, journal: Journal, sealer: pki.Sealer, body: IdpSetIn) -> None:
     """Store the settings (one audit entry with before/after, never the secret)."""
     settings = IdpSettings.model_validate(body.model_dump(exclude={"client_secret"}))
+    managed = managed_groups(settings.group_map)
+    if managed:
+        directory = db.scalar(
+            select(DirectoryConfig).where(DirectoryConfig.id == CONFIG_ID).with_for_update()
+        )
+        shared = shared_groups(managed, directory.settings if directory else None)
+        if shared:
+            raise conflict(
+                f"the directory sync already manages {listed(shared)} (its group_map): a group "
+                "is managed by one source only"
+            )
+        missing = managed - set(
+            db.scalars(select(Group.name).where(Group.name.in_(sorted(managed))))
+        )
+        if missing:
+            raise conflict(
+                f"group_map names groups that do not exist: {listed(missing)}; create them "
+                "first (vpnfleet group add)"
+            )
     row = get_config(db, lock=True)
     before = None if row is None else dict(row.settings)
     if row is None:
@@ -62,6 +88,20 @@ def set_config(db: Session, journal: Journal, sealer: pki.Sealer, body: IdpSetIn
         "client_secret_set": row.client_secret_sealed is not None,
     }
     journal.audit("idp.set", "idp", before, after)
+
+
+def listed(names: set[str] | frozenset[str]) -> str:
+    """Group names for an error message: the first ten, sorted."""
+    first = sorted(names)[:10]
+    return ", ".join(repr(n) for n in first) + (" ..." if len(names) > 10 else "")
+
+
+def shared_groups(managed: frozenset[str] | set[str], other: dict[str, object] | None) -> set[str]:
+    """Which of `managed` the other source's stored settings (`group_map`'s values) manage."""
+    if not other:
+        return set()
+    their = other.get("group_map")
+    return set(managed) & set(their.values()) if isinstance(their, dict) else set()
 
 
 def show(row: IdpConfig) -> IdpOut:

@@ -8,6 +8,12 @@ state finds its login once (a replayed callback finds it decided), and the claim
 conditional UPDATE (`pending` -> `started`, `started` -> `exchanging`) decides which of two
 concurrent requests goes on, on PostgreSQL and SQLite alike. Nothing secret reaches the audit
 log: it records who logged in for which connection and the decision.
+
+With a group claim configured (`groups_claim`, `group_map`), an admitted login also sets the
+user's memberships of the mapped vpnfleet groups to what the ID token says, through the group
+services and in the decision's own transaction: the membership events reach every agent with
+the change log like any admin change, and the audit log names the `sso-callback` actor for
+each. A claim that cannot be read refuses the login and changes nothing (core/groupclaim.py).
 """
 
 from __future__ import annotations
@@ -21,12 +27,13 @@ import threading
 from dataclasses import dataclass
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from vpnfleet.controlplane import pki
 from vpnfleet.controlplane.auth import Principal
 from vpnfleet.controlplane.errors import Problem
-from vpnfleet.controlplane.models import IdpConfig, SsoLogin, User, utcnow
+from vpnfleet.controlplane.models import Group, IdpConfig, Membership, SsoLogin, User, utcnow
 from vpnfleet.controlplane.oidcprovider import (
     Connection,
     LoginSecrets,
@@ -41,8 +48,10 @@ from vpnfleet.controlplane.schemas import (
     SsoLoginIn,
     SsoLoginOut,
 )
+from vpnfleet.controlplane.services import groups
 from vpnfleet.controlplane.services import idp as idpsvc
 from vpnfleet.controlplane.services.journal import Journal
+from vpnfleet.core import groupclaim
 from vpnfleet.core.idtoken import TokenRejected
 
 LOGIN_PATH = "/sso/login/"
@@ -237,9 +246,52 @@ def callback(
     expected = None if user is None else (user.name if settings.match == "name" else user.email)
     if expected is None or who.strip().lower() != expected.strip().lower():
         return _decide(db, login, False, who, "signed in as another user than the certificate's")
-    if user is not None and not user.enabled:
+    if user is None or not user.enabled:
         return _decide(db, login, False, who, "the user is disabled")
-    return _decide(db, login, True, who, None)
+    journal = Journal(db, CALLBACK_ACTOR)
+    change = None
+    if settings.groups_claim is not None:
+        try:
+            claimed = groupclaim.read_claim(claims, settings.groups_claim)
+        except groupclaim.ClaimRefused as exc:
+            return _decide(db, login, False, who, str(exc))
+        mark = journal.mark()
+        try:
+            with db.begin_nested():
+                change = _set_memberships(db, journal, user, claimed, settings.group_map)
+        except (Problem, IntegrityError):
+            # Another transaction changed one of these memberships between this login's
+            # reading them and changing them (rare: concurrent inserts wait at the user's
+            # lock); its own changes are undone, and the user connects again.
+            journal.rewind(mark)
+            reason = "your group memberships could not be updated: connect again"
+            return _decide(db, login, False, who, reason)
+    return _decide(db, login, True, who, None, journal, change)
+
+
+def _set_memberships(
+    db: Session, journal: Journal, user: User, claimed: frozenset[str], group_map: dict[str, str]
+) -> groupclaim.MembershipPlan:
+    """Join and leave the managed groups so that they match the claim (`journal` records each
+    change: its event for the agents and its audit entry)."""
+    # Two logins of one user at once (two devices) would change the same memberships: the
+    # second waits here for the first to commit (PostgreSQL; SQLite has one writer anyway).
+    db.execute(select(User.id).where(User.id == user.id).with_for_update())
+    managed = sorted(groupclaim.managed_groups(group_map))
+    rows = {g.name: g for g in db.scalars(select(Group).where(Group.name.in_(managed)))}
+    current = set(
+        db.scalars(
+            select(Group.name)
+            .join(Membership, Membership.group_id == Group.id)
+            .where(Membership.user_id == user.id, Group.name.in_(managed))
+        )
+    )
+    change = groupclaim.plan(claimed, group_map, set(rows), current)
+    for name in change.remove:
+        groups.remove_member(db, journal, rows[name], user)
+    for name in change.add:
+        groups.add_member(db, journal, rows[name], user)
+    return change
 
 
 def _same_address(vpn: str | None, browser: str | None) -> bool:
@@ -257,27 +309,34 @@ def _same_address(vpn: str | None, browser: str | None) -> bool:
 
 
 def _decide(
-    db: Session, login: SsoLogin, admitted: bool, idp_user: str | None, reason: str | None
+    db: Session,
+    login: SsoLogin,
+    admitted: bool,
+    idp_user: str | None,
+    reason: str | None,
+    journal: Journal | None = None,
+    groups_changed: groupclaim.MembershipPlan | None = None,
 ) -> Outcome:
+    """Record the decision, with what `journal` already holds (the memberships the login
+    changed), in one commit."""
     login.status = "admitted" if admitted else "denied"
     login.reason = reason
     login.decided_at = utcnow()
     login.nonce = login.verifier = None
-    journal = Journal(db, CALLBACK_ACTOR)
-    journal.audit(
-        "sso.login",
-        login.user_name,
-        None,
-        {
-            "pod": login.pod,
-            "server": login.server,
-            "cid": login.cid,
-            "real_ip": login.real_ip,
-            "idp_user": idp_user[:200] if idp_user else None,
-            "admitted": admitted,
-            "reason": reason,
-        },
-    )
+    journal = journal or Journal(db, CALLBACK_ACTOR)
+    after: dict[str, object] = {
+        "pod": login.pod,
+        "server": login.server,
+        "cid": login.cid,
+        "real_ip": login.real_ip,
+        "idp_user": idp_user[:200] if idp_user else None,
+        "admitted": admitted,
+        "reason": reason,
+    }
+    if groups_changed is not None:
+        after["groups_added"] = list(groups_changed.add)
+        after["groups_removed"] = list(groups_changed.remove)
+    journal.audit("sso.login", login.user_name, None, after)
     journal.commit()
     if admitted:
         return Outcome(
