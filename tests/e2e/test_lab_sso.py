@@ -10,6 +10,7 @@ group at the IdP.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -97,6 +98,19 @@ async def browse(info: LabInfo, url: str, as_user: str) -> httpx.Response:
     return await asyncio.to_thread(httpx.get, back, verify=ctx, timeout=30)
 
 
+def session_end(lab: LabInfo, session: dict[str, Any]) -> float | None:
+    """When the agent of the session's pod will end it for its login's lifetime (Unix
+    seconds), from the agent's client journal; None if it has no end (or is not there)."""
+    path = lab.dir / session["pod"] / "clients.journal"
+    end = None
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        client = entry.get("client") or {}
+        if client.get("user") == session["user"] and client["tunnel_ip"] == session["tunnel_ip"]:
+            end = client.get("sso_until")  # the latest record of that address
+    return None if end is None else float(end)
+
+
 @pytest.mark.asyncio(loop_scope="module")
 async def test_the_user_logs_in_and_the_tunnel_comes_up(lab: LabInfo) -> None:
     # The server's keepalive asks for a restart after 60 s of silence; 12 s here, so that the
@@ -111,12 +125,17 @@ async def test_the_user_logs_in_and_the_tunnel_comes_up(lab: LabInfo) -> None:
         assert api(lab, "GET", "/api/v1/users/sam")["groups"] == []
         page = await browse(lab, url, "sam")
         assert page.status_code == 200 and "Signed in" in page.text
+        signed_in_at = time.time()
         back_at = time.monotonic()
         await until(lambda: runner.client_address(lab, "sam"), 10, "sam's tunnel")
         admitted = time.monotonic() - back_at
-        assert admitted < 5, admitted  # the agent asks for decisions every 0.5 s
+        assert admitted < 5, admitted  # the decision itself reaches the pod in ms (long poll)
         (session,) = await until(lambda: sessions(lab, user="sam"), 10, "sam's session")
         assert session["pod"] in {"pod1", "pod2"}
+        # The session ends a lifetime after the login, whatever renegotiations come between.
+        lifetime = api(lab, "GET", "/api/v1/idp")["session_lifetime_seconds"]
+        end = await until(lambda: session_end(lab, session), 10, "sam's session end")
+        assert abs(end - (signed_in_at + lifetime)) < 15, (end, signed_in_at, lifetime)
         # The login made him a member of the lab group (his group at the IdP), and the pod
         # lets him through for it: to the backend (NAT: the backend sees the pod's address).
         assert api(lab, "GET", "/api/v1/users/sam")["groups"] == [LAB_GROUP]
@@ -147,6 +166,10 @@ async def test_the_user_logs_in_and_the_tunnel_comes_up(lab: LabInfo) -> None:
         (moved,) = await until(on_other_pod, 40, "sam's session on the other pod")
         assert moved["id"] != session["id"]
         assert len(_URL.findall(client_log(lab, "sam"))) == 1, "a second login was asked"
+        # The other pod ends it at the same time: a lifetime after the login behind the token
+        # (read from the token OpenVPN accepted), not after this reconnect.
+        moved_end = await until(lambda: session_end(lab, moved), 10, "the moved session's end")
+        assert abs(moved_end - end) <= 1, (moved_end, end)
         await until(lambda: runner.client_address(lab, "sam"), 10, "sam's tunnel again")
         assert (await fetch(lab, "sam"))["remote_addr"] == str(
             lab.plan.pod_ip(int(other.removeprefix("pod")))
