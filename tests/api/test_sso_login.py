@@ -9,20 +9,24 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, update
+from sqlalchemy import create_engine, event, update
+from sqlalchemy.pool import Pool
 
 from tests.conftest import RunningServer, Server, free_port
 from tests.oidcidp import Idp, browser_login, running_idp
 from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
 from vpnfleet.agent.ssologin import REGISTER_AT_ONCE, TIMED_OUT, LoginOutcome, SsoLogins
 from vpnfleet.controlplane.models import SsoLogin
+from vpnfleet.controlplane.services import sso
 
 USERS: dict[str, tuple[str, str] | tuple[str, str, bool]] = {
     "alice": ("alice-pw-7Hd", "alice@example.test"),
@@ -336,6 +340,43 @@ def test_a_long_poll_may_not_wait_forever(server: Server, fleet: str) -> None:
         for wait in (-1, 26, "soon"):
             r = pod.get("/api/v1/agent/sso-decisions", params={"wait": wait})
             assert r.status_code == 422, (wait, r.text)
+
+
+def test_the_code_is_redeemed_at_the_idp_holding_no_connection(
+    server: Server, fleet: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The IdP's token endpoint can take seconds: meanwhile the callback holds no database
+    connection, so no transaction (on SQLite every one takes the database's write lock: every
+    other request, the pods' polls for decisions too, waited for the IdP). The server runs in
+    this process, so its pool's check-outs and the exchange can be watched."""
+    held: dict[int, int] = {}  # connection record -> thread holding it
+    at_exchange: list[list[int]] = []
+    real = sso.exchange_code
+
+    def watched_exchange(*args: Any, **kwargs: Any) -> Any:
+        me = threading.get_ident()
+        at_exchange.append([rec for rec, thread in held.items() if thread == me])
+        time.sleep(0.3)  # a slow IdP
+        return real(*args, **kwargs)
+
+    def checkout(_dbapi: Any, record: Any, _proxy: Any) -> None:
+        held[id(record)] = threading.get_ident()
+
+    def checkin(_dbapi: Any, record: Any) -> None:
+        held.pop(id(record), None)
+
+    monkeypatch.setattr(sso, "exchange_code", watched_exchange)
+    event.listen(Pool, "checkout", checkout)
+    event.listen(Pool, "checkin", checkin)
+    try:
+        login = register(server, fleet, "alice", cid=43)
+        back = follow(server, str(login["url"]), "alice")
+        assert httpx.get(back).status_code == 200
+    finally:
+        event.remove(Pool, "checkout", checkout)
+        event.remove(Pool, "checkin", checkin)
+    assert at_exchange == [[]]
+    assert [d["id"] for d in decisions(server, fleet)] == [login["id"]]
 
 
 async def test_the_agents_side_waits_for_the_decision(server: Server, fleet: str) -> None:

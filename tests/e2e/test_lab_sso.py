@@ -148,10 +148,14 @@ async def test_the_user_logs_in_and_the_tunnel_comes_up(lab: LabInfo) -> None:
 
         seen = await until(through_tunnel, 25, "the backend through sam's tunnel")
         assert seen["remote_addr"] == str(lab.plan.pod_ip(int(session["pod"].removeprefix("pod"))))
-        # The login URL was for this one connection: it cannot be used again.
+        # The login URL was for this one connection: it cannot be used again; nor can the
+        # IdP's answer (the callback, as a browser's history or someone who saw it has it).
         ctx = tlspin.pinned_context(lab.ca_file)
         again = await asyncio.to_thread(httpx.get, url, verify=ctx, timeout=30)
         assert again.status_code == 409
+        replayed = await asyncio.to_thread(httpx.get, str(page.url), verify=ctx, timeout=30)
+        assert replayed.status_code == 409 and "already completed" in replayed.text
+        assert [s["id"] for s in sessions(lab, user="sam")] == [session["id"]]
 
         # The load balancer now sends sam's packets to the other pod (as when a node goes
         # away): the client hears nothing back, restarts (a soft restart, which keeps its

@@ -70,12 +70,18 @@ settings.configure(
         "django.contrib.auth.middleware.AuthenticationMiddleware",
     ],
     # Concurrent logins (bench/sso_pending.py) write at once: wait for SQLite's lock rather
-    # than fail the token request with "database is locked" (an HTTP 500 to vpnfleet).
+    # than fail the token request with "database is locked" (an HTTP 500 to vpnfleet). A
+    # transaction that reads and then writes must take the lock at BEGIN (IMMEDIATE): SQLite
+    # fails a deferred one's upgrade at once, whatever the timeout.
     DATABASES={
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": str(STATE / "idp.db"),
-            "OPTIONS": {"timeout": 30},
+            "OPTIONS": {
+                "timeout": 30,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL;",
+            },
         }
     },
     TEMPLATES=[

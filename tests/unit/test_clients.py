@@ -467,29 +467,35 @@ def tokens(tmp_path: Path) -> Iterator[tuple[Pod, Logins]]:
 
 
 @pytest.mark.parametrize(
-    ("token", "login"),
+    ("token", "answer"),
     [
         # A token made for no user name (an older profile) would be good with any
         # certificate: it does not stand for alice's login.
-        ({"session_state": "AuthenticatedEmptyUser", "username": ""}, True),
-        ({"session_state": "AuthenticatedEmptyUser", "username": "alice"}, True),
-        ({"session_state": "Authenticated", "username": "alice"}, False),
-        ({"session_state": "Authenticated", "username": "mallory"}, True),
-        ({"session_state": "Expired", "username": ""}, True),
-        ({"session_state": "Invalid", "username": "alice"}, True),
-        ({"session_state": "Initial"}, True),
+        ({"session_state": "AuthenticatedEmptyUser", "username": ""}, "pending"),
+        ({"session_state": "AuthenticatedEmptyUser", "username": "alice"}, "pending"),
+        ({"session_state": "Authenticated", "username": "alice"}, "auth"),
+        ({"session_state": "Authenticated", "username": "mallory"}, "pending"),
+        # A token that ran out is refused, not sent to log in: OpenVPN would carry its
+        # first-issue time into the next token, expired from the start. Refused, the client
+        # drops it and comes back without one.
+        ({"session_state": "Expired", "username": "alice"}, "deny"),
+        ({"session_state": "ExpiredEmptyUser", "username": ""}, "deny"),
+        ({"session_state": "Invalid", "username": "alice"}, "pending"),
+        ({"session_state": "Initial"}, "pending"),
     ],
 )
 async def test_a_valid_token_stands_for_the_login(
-    tokens: tuple[Pod, Logins], token: dict[str, str], login: bool
+    tokens: tuple[Pod, Logins], token: dict[str, str], answer: str
 ) -> None:
     pod, logins = tokens
     cid = pod.mgmt.connect("alice", serial="7", peer_info={**WEBAUTH, **token})
     await pod.pump()
     await settle()
-    first = pod.mgmt.answers_for(cid)[0][0]
-    assert first == ("pending" if login else "auth")
-    assert bool(logins.registered) is login
+    first = pod.mgmt.answers_for(cid)[0]
+    assert first[0] == answer
+    if answer == "deny":
+        assert first[3] == "single sign-on session expired"
+    assert bool(logins.registered) is (answer == "pending")
 
 
 async def test_a_renegotiation_with_an_expired_token_ends_the_session(
@@ -653,6 +659,34 @@ async def test_a_single_sign_on_session_ends_when_its_login_is_a_lifetime_old(
     assert all(a[0] != "kill" for a in pod.mgmt.answers_for(cid))
     await pod.handler.end_lapsed_logins(now + 602)  # once: restarted, not asked again
     assert sum(a[0] == "kill" for a in pod.mgmt.answers_for(resumed)) == 1
+
+
+async def test_a_token_older_than_the_lifetime_is_refused_at_connect(
+    lifetimes: tuple[Pod, Logins],
+) -> None:
+    """OpenVPN still takes the token (its lifetime was longer, or a second's rounding), but
+    the login behind it is older than the lifetime: refused like an expired one, so the
+    client comes back without it and logs in; a younger one is admitted without a login."""
+    pod, logins = lifetimes
+    now = int(time.time())
+    answers = []
+    for age in (3601, 3500):
+        cid = pod.mgmt.connect(
+            "alice",
+            serial="7",
+            real_ip=f"198.51.100.{age % 200}",
+            peer_info={
+                **WEBAUTH,
+                "session_state": "Authenticated",
+                "username": "alice",
+                "password": auth_token(now - age),
+            },
+        )
+        await pod.pump()
+        await settle()
+        answers.append(pod.mgmt.answers_for(cid)[0][0])
+    assert answers == ["deny", "auth"]
+    assert logins.registered == []
 
 
 def test_the_login_time_is_read_from_an_auth_token() -> None:

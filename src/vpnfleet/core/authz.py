@@ -66,7 +66,9 @@ def decide(
     check comes first, so nobody is sent to log in only to be refused afterwards. A REAUTH
     (TLS renegotiation) continues a connection that was admitted, so it is not asked again,
     unless `token_expired` says the auth token it presents ran out (the single sign-on
-    session's lifetime): then it is refused, which ends the connection.
+    session's lifetime): then it is refused, which ends the connection. A CONNECT whose
+    token ran out is refused too (the client drops its token and comes back to log in, see
+    sessionbook.SessionBook.connect).
     """
     user = view.users.get(common_name)
     if user is None:
@@ -87,7 +89,7 @@ def decide(
     live = max(fleet, local_sessions)
     if live >= user.max_sessions:
         return Decision(False, f"session limit reached ({user.max_sessions})", "too many sessions")
-    if user.auth == "cert+sso" and reauth and token_expired:
+    if user.auth == "cert+sso" and token_expired:
         return Decision(
             False,
             "single sign-on session expired",

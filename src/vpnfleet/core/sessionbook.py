@@ -291,10 +291,30 @@ class SessionBook:
         # on, a client that presents none (a modified one) or an expired one is cut.
         session_state = env.get("session_state", "")
         token_valid = session_state == "Authenticated" and env.get("username") == cn
-        token_lapsed = self.config.auth_tokens and session_state not in (
-            "Authenticated",
-            "AuthenticatedEmptyUser",
-        )
+        signed_in_at = None
+        if token_valid and self.config.sso_lifetime:
+            signed_in_at = webauth.token_signed_in_at(env.get("password"))
+        if reauth:
+            token_lapsed = self.config.auth_tokens and session_state not in (
+                "Authenticated",
+                "AuthenticatedEmptyUser",
+            )
+        else:
+            # A CONNECT with a token that ran out must not be sent to log in: OpenVPN would
+            # carry the old token's first-issue time into the token it hands out after the
+            # login (auth_token.c), so that token would be expired from the start and the
+            # next renegotiation would cut the user again. Refused, the client drops its
+            # token and comes straight back without one: a fresh login, a fresh token. A
+            # token OpenVPN still takes but whose login is older than the lifetime (the
+            # lifetime was shortened, or a second's rounding) is refused the same way.
+            token_lapsed = self.config.auth_tokens and (
+                session_state in ("Expired", "ExpiredEmptyUser")
+                or (
+                    signed_in_at is not None
+                    and self.config.sso_lifetime is not None
+                    and signed_in_at + self.config.sso_lifetime <= _unix(now)
+                )
+            )
         decision = authz.decide(
             view,
             cn,
@@ -327,9 +347,7 @@ class SessionBook:
         sso_until = None
         if user.auth == "cert+sso" and self.config.sso_lifetime:
             # Logged in now, or when the token it presents was first issued.
-            at = webauth.token_signed_in_at(env.get("password")) if token_valid else None
-            if at is None:
-                at = int(dt.datetime.fromisoformat(now).timestamp())
+            at = signed_in_at if signed_in_at is not None else _unix(now)
             sso_until = float(at + self.config.sso_lifetime)
         client = Client(
             cid=cid,
@@ -578,6 +596,11 @@ def _mode_of(address: str, config: BookConfig) -> str:
     # A client the journal did not know: its address tells the mode it connected with.
     gateway = config.gateway_pool
     return "gateway" if gateway is not None and ipaddress.IPv4Address(address) in gateway else "nat"
+
+
+def _unix(iso: str) -> int:
+    """Unix seconds of an ISO 8601 time with its zone (the book's ``now``)."""
+    return int(dt.datetime.fromisoformat(iso).timestamp())
 
 
 def _violation(view: FleetView, c: Client, killed: Mapping[str, str | None]) -> str | None:

@@ -59,15 +59,16 @@ async def login_decisions(
         while True:
             rung.clear()
             async with app.db_slots():
+                if await request.is_disconnected():
+                    # The agent gave up (its timeout, a restart): nobody would read them, so
+                    # the decisions stay for its next poll.
+                    return SsoDecisions(decisions=[])
                 got = await anyio.to_thread.run_sync(_take_decisions, app, who)
             left = deadline - time.monotonic()
             if got or left <= 0 or app.bell.closing:
                 return SsoDecisions(decisions=got)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(rung.wait(), left)
-            if await request.is_disconnected():
-                # Nobody would read them: leave the decisions for the agent's next poll.
-                return SsoDecisions(decisions=[])
 
 
 def _take_decisions(app: AppState, who: Principal) -> list[SsoDecision]:

@@ -204,12 +204,14 @@ def callback(
     if _rows(result) != 1:
         _audit_refusal(db, login, "replayed callback")
         raise LoginRefused(409, "This login was already completed: connect again.")
-    # The claim is committed before the code is redeemed at the IdP, which can take seconds:
-    # meanwhile no lock is held (SQLite's database lock: every other writer, the pods' polls
-    # for decisions too, would wait for the IdP) and no pooled connection. A process that
-    # stops now leaves the login `exchanging`: its connection is refused at its timeout.
-    db.commit()
     db.refresh(login)
+    # The claim is committed before the code is redeemed at the IdP, which can take seconds,
+    # and nothing touches the database again until the exchange is over: meanwhile no lock is
+    # held (on SQLite every transaction takes the database's write lock at BEGIN: every other
+    # request, the pods' polls for decisions too, would wait for the IdP) and no pooled
+    # connection. What the exchange needs is loaded (the session keeps it after the commit).
+    # A process that stops now leaves the login `exchanging`: refused at its timeout.
+    db.commit()
     nonce, verifier = login.nonce or "", login.verifier or ""
     if login.expires_at <= utcnow():
         return _decide(db, login, False, None, "the login took too long")
@@ -233,6 +235,11 @@ def callback(
         claims = prov.validate_id_token(token, nonce)
     except (ProviderError, TokenRejected) as exc:
         return _decide(db, login, False, None, f"single sign-on failed: {str(exc)[:200]}")
+    # Seconds may have passed at the IdP: the login may have run out meanwhile (its agent
+    # has refused it by now), and the settings (the group mapping) may have changed.
+    if login.expires_at <= utcnow():
+        return _decide(db, login, False, None, "the login took too long")
+    row, settings = _settings(db)
     who = claims.get(settings.user_claim)
     if not isinstance(who, str) or not who:
         reason = f"the identity provider's token has no {settings.user_claim!r}"
