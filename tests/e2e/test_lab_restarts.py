@@ -195,12 +195,20 @@ async def test_a_failed_apply_loses_no_revocation(lab: LabInfo) -> None:
     # (SQLite may reuse the last id: block both candidates.)
     probe = api(lab, "POST", "/api/v1/groups", {"name": "probe"})
     api(lab, "DELETE", "/api/v1/groups/probe")
+    deleted = api(lab, "GET", "/api/v1/revision")["revision"]
     blocked = [f"vpnf-g{gid}-m" for gid in (probe["id"], probe["id"] + 1)]
+
+    def applied(revision: int) -> bool:
+        pods = {p["name"]: p for p in api(lab, "GET", "/api/v1/pods")}
+        return int(pods[pod]["applied_revision"]) >= revision
 
     async def probe_sets_gone() -> bool:
         names = (await _ipset(lab, pod, "list", "-n")).split()
         return not any(n.startswith(f"vpnf-g{probe['id']}-") for n in names)
 
+    # The pod has applied the delete first: sets it had not made yet when the check ran
+    # would otherwise appear after it (and the create below found them taken).
+    await until(lambda: applied(deleted), 15, "the pod to apply the probe's delete")
     await until(probe_sets_gone, 10, "the probe group's sets to be removed")
     for name in blocked:
         await topology.run_in(ns, "ipset", "create", name, "hash:net")
@@ -229,11 +237,7 @@ async def test_a_failed_apply_loses_no_revocation(lab: LabInfo) -> None:
             )  # fmt: skip
         unblocked = time.time()
 
-        def enforced() -> bool:
-            pods = {p["name"]: p for p in api(lab, "GET", "/api/v1/pods")}
-            return int(pods[pod]["applied_revision"]) >= head
-
-        await until(enforced, 30, "the pod to enforce the revocation")
+        await until(lambda: applied(head), 30, "the pod to enforce the revocation")
         # The stream was paused while the firewall was locked down; a connection that was
         # merely paused would come back now (TCP retransmits). It must not: it was cut.
         await asyncio.sleep(5)
