@@ -302,10 +302,20 @@ WEBAUTH = {"IV_SSO": "openurl,webauth,crtext"}
 
 @pytest.fixture
 def sso(tmp_path: Path) -> Iterator[tuple[Pod, Logins]]:
-    p = Pod(
+    yield from sso_pod(
         tmp_path,
         view(user("alice", auth="cert+sso"), user("bob"), user("carol", auth="cert+sso")),
     )
+
+
+def sso_pod(
+    tmp_path: Path, fleet: FleetView, config: BookConfig | None = None
+) -> Iterator[tuple[Pod, Logins]]:
+    """A pod on `fleet` whose SSO logins the test decides (`config`: its book's, if not the
+    default), closed after the test."""
+    p = Pod(tmp_path, fleet)
+    if config is not None:
+        p.handler.book = SessionBook(config)
     logins = Logins()
     p.handler._sso = logins
     try:
@@ -456,14 +466,11 @@ async def test_a_refused_client_is_not_restarted_before_it_hears_why(
 @pytest.fixture
 def tokens(tmp_path: Path) -> Iterator[tuple[Pod, Logins]]:
     """A pod whose servers hand out auth tokens (auth-gen-token)."""
-    p = Pod(tmp_path, view(user("alice", auth="cert+sso"), user("bob")))
-    p.handler.book = SessionBook(BookConfig(NAT, GWPOOL, auth_tokens=True))
-    logins = Logins()
-    p.handler._sso = logins
-    try:
-        yield p, logins
-    finally:
-        p.close()
+    yield from sso_pod(
+        tmp_path,
+        view(user("alice", auth="cert+sso"), user("bob")),
+        BookConfig(NAT, GWPOOL, auth_tokens=True),
+    )
 
 
 @pytest.mark.parametrize(
@@ -602,14 +609,11 @@ def auth_token(signed_in_at: int, issued_at: int | None = None) -> str:
 @pytest.fixture
 def lifetimes(tmp_path: Path) -> Iterator[tuple[Pod, Logins]]:
     """A pod whose servers hand out auth tokens that last an hour."""
-    p = Pod(tmp_path, view(user("alice", auth="cert+sso", max_sessions=2), user("bob")))
-    p.handler.book = SessionBook(BookConfig(NAT, GWPOOL, auth_tokens=True, sso_lifetime=3600))
-    logins = Logins()
-    p.handler._sso = logins
-    try:
-        yield p, logins
-    finally:
-        p.close()
+    yield from sso_pod(
+        tmp_path,
+        view(user("alice", auth="cert+sso", max_sessions=2), user("bob")),
+        BookConfig(NAT, GWPOOL, auth_tokens=True, sso_lifetime=3600),
+    )
 
 
 async def test_a_single_sign_on_session_ends_when_its_login_is_a_lifetime_old(

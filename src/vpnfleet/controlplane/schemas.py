@@ -310,6 +310,16 @@ class RevisionOut(BaseModel):
     revision: int
 
 
+def _check_group_map(v: dict[str, str], longest: int, unnamed: str) -> dict[str, str]:
+    """A mapping from an outside source's group (a DN, an IdP's name or id: at most `longest`
+    characters, `unnamed` when blank) to a vpnfleet group name."""
+    for key, group in v.items():
+        if not key.strip() or len(key) > longest:
+            raise ValueError(unnamed)
+        netparse.validate_name(group, "group name")
+    return v
+
+
 class DirectorySettings(Storable):
     """The LDAP/AD directory sync, as `PUT /directory` takes it (docs/sso.md)."""
 
@@ -380,11 +390,7 @@ class DirectorySettings(Storable):
     @field_validator("group_map")
     @classmethod
     def _map(cls, v: dict[str, str]) -> dict[str, str]:
-        for key, group in v.items():
-            if not key.strip() or len(key) > 1000:
-                raise ValueError("a mapped directory group needs a DN or a name")
-            netparse.validate_name(group, "group name")
-        return v
+        return _check_group_map(v, 1000, "a mapped directory group needs a DN or a name")
 
     @field_validator("new_user_mode")
     @classmethod
@@ -490,11 +496,9 @@ class IdpSettings(Storable):
     @field_validator("group_map")
     @classmethod
     def _group_map(cls, v: dict[str, str]) -> dict[str, str]:
-        for key, group in v.items():
-            if not key.strip() or len(key) > groupclaim.MAX_GROUP_VALUE:
-                raise ValueError("a mapped IdP group needs a name or an id")
-            netparse.validate_name(group, "group name")
-        return v
+        return _check_group_map(
+            v, groupclaim.MAX_GROUP_VALUE, "a mapped IdP group needs a name or an id"
+        )
 
     @field_validator("scopes")
     @classmethod
