@@ -13,6 +13,8 @@ PACKAGES=(openvpn iptables ipset conntrack iproute2 postgresql nginx-light prome
 # name resolution, catatonit for the pause image of `podman kube play` pods, buildah, and
 # debootstrap for a base image made without any registry.
 PACKAGES+=(podman buildah runc netavark aardvark-dns catatonit debootstrap)
+# The web console's browser tests (tests/e2e/test_console_browser.py): headless Chromium and its WebDriver.
+PACKAGES+=(chromium chromium-driver)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

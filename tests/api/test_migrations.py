@@ -10,7 +10,7 @@ from sqlalchemy import inspect, text
 from vpnfleet.controlplane import db
 from vpnfleet.controlplane.models import Base
 
-HEAD = "0009"
+HEAD = "0010"
 
 
 def test_migrations_from_empty_match_models(database_url: str) -> None:

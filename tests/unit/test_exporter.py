@@ -37,8 +37,8 @@ from vpnfleet.agent.metrics import AgentMetrics
 from vpnfleet.agent.netcommands import DataplaneStats
 from vpnfleet.agent.settings import AgentSettings
 from vpnfleet.agent.spool import Spool
-from vpnfleet.cli.status import assess
 from vpnfleet.controlplane import pki
+from vpnfleet.core.fleetstatus import assess
 from vpnfleet.core.fwstate import DesiredState, GroupAccess
 from vpnfleet.core.grants import Grant
 from vpnfleet.core.mgmt_protocol import StatusClient

@@ -12,7 +12,7 @@ from rich.markup import escape
 
 import vpnfleet.cli.audit_cmds  # noqa: F401  (registers its commands on admin.audit_app)
 from vpnfleet import __version__
-from vpnfleet.cli import admin, directory, idp, lab, policy
+from vpnfleet.cli import admin, consolecmds, directory, idp, lab, policy
 from vpnfleet.cli.client import CLIError
 from vpnfleet.cli.output import err_console, safe
 from vpnfleet.cli.status import status as status_command
@@ -581,6 +581,7 @@ app.add_typer(admin.pod_app, name="pod")
 app.add_typer(policy.policy_app, name="policy")
 app.add_typer(directory.directory_app, name="directory")
 app.add_typer(idp.idp_app, name="idp")
+app.add_typer(consolecmds.console_app, name="console")
 app.add_typer(lab.lab_app, name="lab")
 app.command("status")(status_command)
 

@@ -10,8 +10,8 @@ from fastapi import FastAPI
 from sqlalchemy.exc import IntegrityError
 
 from vpnfleet import __version__, tokenbinding
+from vpnfleet.controlplane import console, errors, openapi, servertls
 from vpnfleet.controlplane import db as dbmod
-from vpnfleet.controlplane import errors, openapi, servertls
 from vpnfleet.controlplane import metrics as cpmetrics
 from vpnfleet.controlplane.bootstrap import TOKEN_FILE, bootstrap
 from vpnfleet.controlplane.intake import RequestIntake
@@ -19,6 +19,7 @@ from vpnfleet.controlplane.pki import Sealer
 from vpnfleet.controlplane.routers import (
     agents,
     audit,
+    consoleaccounts,
     directory,
     fleet,
     groups,
@@ -133,9 +134,11 @@ def create_app(settings: ServerSettings, state: AppState | None = None) -> FastA
         directory,
         idp,
         sso,
+        consoleaccounts,
     ):
         app.include_router(module.router)
     app.include_router(nataudit.router)
+    console.install(app)  # the web console under /console (controlplane/console)
     cpmetrics.install(app)  # /metrics and API latency (controlplane/metrics.py)
     app.add_middleware(
         RequestIntake, known_token=ready.known_token, max_body_bytes=settings.max_body_bytes

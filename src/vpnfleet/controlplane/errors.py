@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, StatementError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -55,15 +55,28 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts) or "body"
 
 
+# Pages under this prefix (the web console) answer errors as an HTML page: the renderer is
+# set by controlplane/console at start (app.state.html_errors).
+HTML_PREFIX = "/console"
+
+
+def _respond(req: Request, status: int, title: str, detail: str, **extra: Any) -> Response:
+    render = getattr(req.app.state, "html_errors", None)
+    if render is not None and req.url.path.startswith(HTML_PREFIX):
+        response: Response = render(req, status, title, detail)
+        return response
+    return problem_response(status, title, detail, **extra)
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every error into problem+json."""
 
     @app.exception_handler(Problem)
-    async def _problem(_req: Request, exc: Problem) -> JSONResponse:
-        return problem_response(exc.status, exc.title, exc.detail, **exc.extra)
+    async def _problem(req: Request, exc: Problem) -> Response:
+        return _respond(req, exc.status, exc.title, exc.detail, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(req: Request, exc: RequestValidationError) -> Response:
         errors = []
         for err in exc.errors():
             msg = str(err.get("msg", "invalid"))
@@ -74,10 +87,10 @@ def install(app: FastAPI) -> None:
             detail = "the request body is not valid JSON"
         else:
             detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
-        return problem_response(422, "Invalid request", detail, errors=errors)
+        return _respond(req, 422, "Invalid request", detail, errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(req: Request, exc: StarletteHTTPException) -> Response:
         title = {
             401: "Unauthorized",
             403: "Forbidden",
@@ -86,37 +99,35 @@ def install(app: FastAPI) -> None:
             413: "Request body too large",
         }
         headers = getattr(exc, "headers", None)
-        resp = problem_response(
-            exc.status_code, title.get(exc.status_code, "Error"), str(exc.detail)
-        )
+        resp = _respond(req, exc.status_code, title.get(exc.status_code, "Error"), str(exc.detail))
         if headers:
             resp.headers.update(headers)
         return resp
 
     @app.exception_handler(IntegrityError)
-    async def _integrity(_req: Request, exc: IntegrityError) -> JSONResponse:
+    async def _integrity(req: Request, exc: IntegrityError) -> Response:
         # A race lost against a unique constraint: the other request won, nothing was written.
         log.info("integrity conflict: %s", type(exc.orig).__name__)
-        return problem_response(409, "Conflict", "the change conflicts with existing data")
+        return _respond(req, 409, "Conflict", "the change conflicts with existing data")
 
     # Safety nets: input the schemas should have refused but a database did not take (a value
     # out of range, too long for its column, or text it cannot store). Nothing was written:
     # the request's transaction is rolled back. Logged, since each is a schema to tighten.
     @app.exception_handler(DataError)
-    async def _data(req: Request, exc: DataError) -> JSONResponse:
+    async def _data(req: Request, exc: DataError) -> Response:
         log.warning("database refused a value on %s %s: %s", req.method, req.url.path,
                     type(exc.orig).__name__)  # fmt: skip
-        return problem_response(422, "Invalid request", _UNSTORABLE)
+        return _respond(req, 422, "Invalid request", _UNSTORABLE)
 
     @app.exception_handler(StatementError)
-    async def _statement(req: Request, exc: StatementError) -> JSONResponse:
+    async def _statement(req: Request, exc: StatementError) -> Response:
         if not isinstance(exc.orig, OverflowError | UnicodeError | ValueError):
             raise exc
         log.warning("database refused a value on %s %s: %s", req.method, req.url.path,
                     type(exc.orig).__name__)  # fmt: skip
-        return problem_response(422, "Invalid request", _UNSTORABLE)
+        return _respond(req, 422, "Invalid request", _UNSTORABLE)
 
     @app.exception_handler(OperationalError)
-    async def _db_down(_req: Request, exc: OperationalError) -> JSONResponse:
+    async def _db_down(req: Request, exc: OperationalError) -> Response:
         log.error("database error: %s", type(exc.orig).__name__)
-        return problem_response(503, "Database unavailable", "the database is unavailable")
+        return _respond(req, 503, "Database unavailable", "the database is unavailable")

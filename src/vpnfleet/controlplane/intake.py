@@ -15,6 +15,11 @@ Limits: :data:`BULK_BODY` for the routes that take batches (:data:`BULK_PATHS`: 
 at most 4 MiB of flow records per request; policy files; annotate batches), the server setting
 ``max_body_bytes`` (default 1 MiB, far above any object the API stores) for every other route.
 
+The web console's form posts (``/console/...``) carry a session cookie rather than a bearer
+token, and the sign-in form carries neither: their bodies are read up to :data:`CONSOLE_BODY`
+(64 KiB, far above any console form) without a token, and the console checks the session and
+CSRF token itself.
+
 A URL holding a NUL character (``%00``) is answered 400: nothing the API names may hold one.
 
 FastAPI's own ``max_body_size`` is not used: it answers ``text/plain`` rather than the API's
@@ -39,6 +44,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+CONSOLE_PREFIX = "/console/"
+CONSOLE_BODY = 64 << 10
 BULK_BODY = 16 << 20
 BULK_PATHS = frozenset(
     {
@@ -90,11 +97,15 @@ class RequestIntake:
         if length in (None, 0) and not chunked:
             await self.app(scope, receive, send)  # no body: nothing to guard
             return
-        if token is None or not await anyio.to_thread.run_sync(self.known_token, token):
+        console = token is None and scope["path"].startswith(CONSOLE_PREFIX)
+        if console:
+            limit = CONSOLE_BODY  # browsers carry a cookie, not a token: only a small form
+        elif token is None or not await anyio.to_thread.run_sync(self.known_token, token):
             detail = "missing, unknown or revoked bearer token (checked before the body is read)"
             await _problem(send, 401, "Unauthorized", detail)
             return
-        limit = self.limit_for(scope["path"])
+        else:
+            limit = self.limit_for(scope["path"])
         if length == -1:
             await _problem(send, 400, "Bad request", "the Content-Length header is not a number")
             return

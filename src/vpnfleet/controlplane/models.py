@@ -423,3 +423,42 @@ class SsoLogin(Base):
     reason: Mapped[str | None] = mapped_column(String(300))
     decided_at: Mapped[dt.datetime | None] = mapped_column()
     delivered: Mapped[bool] = mapped_column(default=False)
+
+
+class ConsoleAccount(Base):
+    """A person who signs in to the web console (docs/console.md) with a password.
+
+    Only the scrypt hash of the password is kept (core/passwords.py). The role is one of the
+    API's operator roles (admin, operator, auditor) and is checked on the server for every
+    page and action; what an account does is written to the admin audit log as
+    ``console:NAME``."""
+
+    __tablename__ = "console_accounts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    disabled_at: Mapped[dt.datetime | None] = mapped_column()
+    password_changed_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_login_at: Mapped[dt.datetime | None] = mapped_column()
+
+
+class ConsoleSession(Base):
+    """One signed-in browser: the cookie's SHA-256, its CSRF token, when it ends.
+
+    Deleted at sign-out, and with the account; a disabled account or a changed password ends
+    every session of the account (the check happens on each request)."""
+
+    __tablename__ = "console_sessions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("console_accounts.id", ondelete="CASCADE"), index=True
+    )
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(index=True)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    client_ip: Mapped[str | None] = mapped_column(String(64))

@@ -83,8 +83,9 @@ def operations(app: FastAPI) -> Iterator[tuple[str, str, Dependant]]:
     flatten = getattr(routing, "iter_route_contexts", None)
     route: Any
     for route in flatten(app.routes) if flatten else app.routes:
-        if not isinstance(getattr(route, "original_route", route), APIRoute):
-            continue
+        original = getattr(route, "original_route", route)
+        if not isinstance(original, APIRoute) or not original.include_in_schema:
+            continue  # the web console's pages (controlplane/console) are not API operations
         for method in route.methods or ():
             yield method.lower(), str(route.path_format), route.dependant
 

@@ -25,6 +25,7 @@ from vpnfleet.controlplane.servertls import ServerTLS
 from vpnfleet.controlplane.settings import ServerSettings
 from vpnfleet.controlplane.ssobell import DecisionBell
 from vpnfleet.controlplane.watch import ChangeHub
+from vpnfleet.core.loginthrottle import LoginThrottle
 
 KNOWN_TOKEN_TTL = 10.0
 KNOWN_TOKENS_MAX = 20_000
@@ -41,6 +42,8 @@ class AppState:
     bell: DecisionBell
     # What the server serves over HTTPS (None: plain HTTP); see controlplane/servertls.py.
     tls: ServerTLS | None = None
+    # Failed console sign-ins per name and address (core/loginthrottle.py).
+    console_throttle: LoginThrottle = field(default_factory=LoginThrottle)
     # The gate of requests holding a database session (db_slot below), per event loop (a
     # server has one; test clients may start several).
     _db_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = field(

@@ -45,7 +45,9 @@ def _time(text: str, name: str) -> dt.datetime:
         raise bad_request(f"{name}: {exc}") from None
 
 
-def _query(ip: str, port: int, proto: str, at: str, window: float, dst: str | None) -> core.Query:
+def attribution_query(
+    ip: str, port: int, proto: str, at: str, window: float, dst: str | None
+) -> core.Query:
     when = _time(at, "at")
     try:
         return core.parse_query(ip, port, proto, when, window, dst)
@@ -53,7 +55,7 @@ def _query(ip: str, port: int, proto: str, at: str, window: float, dst: str | No
         raise bad_request(str(exc)) from None
 
 
-def _horizon(state: AppState) -> tuple[dt.datetime | None, int | None]:
+def retention_horizon(state: AppState) -> tuple[dt.datetime | None, int | None]:
     days = state.settings.audit_retention_days
     return (retention.horizon(days), days) if days else (None, None)
 
@@ -77,8 +79,8 @@ def attribution(
     apart flows that share the NAT address and port towards different destinations.
     A time before the retention horizon with nothing left to cover it is a 404.
     """
-    q = _query(ip, port, proto, at, window, dst)
-    horizon, days = _horizon(state)
+    q = attribution_query(ip, port, proto, at, window, dst)
+    horizon, days = retention_horizon(state)
     out = lookup(db, q, horizon=horizon, retention_days=days)
     if out.status == "expired":
         raise Problem(404, "Not found", out.message)
@@ -117,10 +119,12 @@ def attribution_batch(body: AttributionBatchIn, _who: Auditor, state: State) -> 
     queries = []
     for i, item in enumerate(body.queries):
         try:
-            queries.append(_query(item.ip, item.port, item.proto, item.at, item.window, item.dst))
+            queries.append(
+                attribution_query(item.ip, item.port, item.proto, item.at, item.window, item.dst)
+            )
         except Problem as exc:
             raise bad_request(f"queries[{i}]: {exc.detail}") from None
-    horizon, days = _horizon(state)
+    horizon, days = retention_horizon(state)
     results = []
     # Short read transactions, not one per request: on SQLite every transaction takes the
     # write lock (BEGIN IMMEDIATE), and 10,000 lookups take seconds that agents would wait.

@@ -1,0 +1,67 @@
+"""web console accounts and their signed-in sessions
+
+Revision ID: 0010
+Revises: 0009
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+import vpnfleet.controlplane.models
+
+revision = "0010"
+down_revision = "0009"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    utc = vpnfleet.controlplane.models.UTCDateTime
+    op.create_table(
+        "console_accounts",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("name", sa.String(length=64), nullable=False),
+        sa.Column("role", sa.String(length=16), nullable=False),
+        sa.Column("password_hash", sa.String(length=200), nullable=False),
+        sa.Column("created_at", utc(), nullable=False),
+        sa.Column("created_by", sa.String(length=64), nullable=True),
+        sa.Column("disabled_at", utc(), nullable=True),
+        sa.Column("password_changed_at", utc(), nullable=False),
+        sa.Column("last_login_at", utc(), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_console_accounts")),
+        sa.UniqueConstraint("name", name=op.f("uq_console_accounts_name")),
+    )
+    op.create_table(
+        "console_sessions",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("token_hash", sa.String(length=64), nullable=False),
+        sa.Column("account_id", sa.Integer(), nullable=False),
+        sa.Column("csrf", sa.String(length=64), nullable=False),
+        sa.Column("created_at", utc(), nullable=False),
+        sa.Column("expires_at", utc(), nullable=False),
+        sa.Column("last_seen_at", utc(), nullable=False),
+        sa.Column("client_ip", sa.String(length=64), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["account_id"],
+            ["console_accounts.id"],
+            name=op.f("fk_console_sessions_account_id_console_accounts"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_console_sessions")),
+        sa.UniqueConstraint("token_hash", name=op.f("uq_console_sessions_token_hash")),
+    )
+    op.create_index(
+        op.f("ix_console_sessions_account_id"), "console_sessions", ["account_id"], unique=False
+    )
+    op.create_index(
+        op.f("ix_console_sessions_expires_at"), "console_sessions", ["expires_at"], unique=False
+    )
+
+
+def downgrade() -> None:
+    op.drop_index(op.f("ix_console_sessions_expires_at"), table_name="console_sessions")
+    op.drop_index(op.f("ix_console_sessions_account_id"), table_name="console_sessions")
+    op.drop_table("console_sessions")
+    op.drop_table("console_accounts")
