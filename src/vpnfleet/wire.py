@@ -184,8 +184,12 @@ class UserState(BaseModel):
     max_sessions: int = Field(ge=1)
     groups: list[str]  # group names, sorted
     gateway_address: str | None  # the stable lease of a gateway user
-    cert_serial: str | None  # the one certificate the user may connect with
+    cert_serial: str | None  # the user's main certificate (profiles from operators)
     auth: AuthPolicy  # what a connection must present (core/authpolicy.py: already resolved)
+    # The certificates of the user's own devices (self-service), sorted. Left out of the
+    # message when there are none, so agents from before devices read every other user as
+    # before (docs/console.md: upgrade the agents before users add devices).
+    device_serials: list[str] = Field(default_factory=list, exclude_if=lambda v: not v)
 
 
 class GroupState(BaseModel):

@@ -14,133 +14,36 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from selenium import webdriver
 from selenium.webdriver.common.by import By
-from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from tests.conftest import RunningServer, Server
+from tests.conftest import RunningServer
+from tests.e2e.consolebrowser import WAIT, ConsolePage, chromium
 
 # Missing chromium or its driver fails the test (tests/e2e/conftest.py), it never skips it.
 pytestmark = pytest.mark.e2e(tools=("chromium", "chromedriver"))
 
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
-WAIT = 10
 PASSWORDS = {
     "operator": "Tr4il-mix-Quokka-57",
     "auditor": "Ledger-Owl-93-brisk",
     "admin": "Root-Falcon-28-vivid",
 }
 NAMES = {"operator": "olga", "auditor": "arne", "admin": "ada"}
+ACCOUNTS = {role: (NAMES[role], PASSWORDS[role]) for role in NAMES}
 LOG_LINE = '10.0.3.2:40000 - - [04/Dec/2026:10:00:00 +0000] "GET / HTTP/1.1" 200 5'
 NO_SCROLL = "return document.documentElement.scrollWidth <= window.innerWidth + 1"
 
 
 @dataclass
-class Console:
-    driver: webdriver.Chrome
-    server: Server
+class Console(ConsolePage):
     api: httpx.Client
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    def go(self, path: str) -> None:
-        self.driver.get(self.url + path)
-
-    def path(self) -> str:
-        return urlsplit(self.driver.current_url).path
-
-    def h1(self) -> str:
-        return self.driver.find_element(By.TAG_NAME, "h1").text
-
-    def notice(self) -> str:
-        return self.driver.find_element(By.CSS_SELECTOR, "p.notice").text
-
-    def wait_h1(self, text: str) -> None:
-        WebDriverWait(self.driver, WAIT).until(
-            lambda d: d.find_element(By.TAG_NAME, "h1").text == text,
-            f"no page with the heading {text!r} (at {self.driver.current_url})",
-        )
-
-    def field(self, element_id: str) -> WebElement:
-        return self.driver.find_element(By.ID, element_id)
-
-    def fill(self, element_id: str, value: str) -> None:
-        box = self.field(element_id)
-        box.clear()
-        box.send_keys(value)
-
-    def press(self, button: WebElement) -> None:
-        """Click a submit button and wait for the page it leads to."""
-        old = self.driver.find_element(By.TAG_NAME, "html")
-        button.click()
-        WebDriverWait(self.driver, WAIT).until(ec.staleness_of(old))
-
-    def button(self, text: str, scope: str = "main") -> WebElement:
-        found = [
-            b
-            for b in self.driver.find_elements(By.CSS_SELECTOR, f"{scope} button")
-            if b.text == text
-        ]
-        assert len(found) == 1, f"{len(found)} buttons {text!r} on {self.driver.current_url}"
-        return found[0]
-
-    def nav(self) -> list[str]:
-        return [a.text for a in self.driver.find_elements(By.CSS_SELECTOR, "header nav a")]
-
-    def open_nav(self, text: str) -> None:
-        link = self.driver.find_element(By.CSS_SELECTOR, "header nav").find_element(
-            By.LINK_TEXT, text
-        )
-        old = self.driver.find_element(By.TAG_NAME, "html")
-        link.click()
-        WebDriverWait(self.driver, WAIT).until(ec.staleness_of(old))
-
-    def sign_in(self, role: str) -> None:
-        self.go("/console/login")
-        self.wait_h1("Sign in to the vpnfleet console")
-        self.fill("name", NAMES[role])
-        self.fill("password", PASSWORDS[role])
-        self.press(self.button("Sign in"))
-        self.wait_h1("Fleet")
-        assert self.path() == "/console/"
-        who = self.driver.find_element(By.CSS_SELECTOR, "header .who").text
-        assert who == f"{NAMES[role]} ({role})"
-
-    def sign_out(self) -> None:
-        self.press(self.button("Sign out", scope="header"))
-        self.wait_h1("Sign in to the vpnfleet console")
-
-    def rows(self) -> list[list[str]]:
-        return [
-            [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
-            for tr in self.driver.find_elements(By.CSS_SELECTOR, "main table tbody tr")
-        ]
-
-    def shot(self, name: str) -> None:
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        assert self.driver.save_screenshot(str(SHOTS / f"{name}.png"))
 
     def no_horizontal_scroll(self) -> bool:
         return bool(self.driver.execute_script(NO_SCROLL))
-
-
-def chromium() -> webdriver.Chrome:
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
-        options.add_argument(arg)
-    options.add_argument("--window-size=1280,900")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = webdriver.ChromeService(executable_path="/usr/bin/chromedriver")
-    return webdriver.Chrome(service=service, options=options)
 
 
 @pytest.fixture
@@ -160,7 +63,7 @@ def console(tmp_path: Path) -> Iterator[Console]:
                 assert r.status_code == 201, r.text
             driver = chromium()
             try:
-                yield Console(driver, running.server, api)
+                yield Console(driver, running.server.url, ACCOUNTS, api)
             finally:
                 driver.quit()
     finally:

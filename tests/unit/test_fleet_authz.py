@@ -282,3 +282,24 @@ def test_the_auth_field_is_required_and_checked_on_the_wire() -> None:
         UserState.model_validate(base)
     with pytest.raises(ValidationError):
         UserState.model_validate({**base, "auth": "sso"})
+
+
+def test_a_users_devices_connect_with_their_own_certificates() -> None:
+    with_devices = user(device_serials=["700", "701"])
+    v = view(with_devices)
+    for serial in ("123", "700", "0701"):  # main, devices; OpenVPN's decimal may be padded
+        assert authz.decide(v, "alice", serial, 0).allow, serial
+    refused = authz.decide(v, "alice", "702", 0)
+    assert (refused.allow, refused.client_reason) == (False, "certificate revoked or replaced")
+    # A device removed: the event says the CRL changed; that serial is refused from now on.
+    e = v.apply(UserUpsert(revision=9, at=AT, object=user(device_serials=["701"])))
+    assert e.crl and e.users == {"alice"}
+    assert not authz.decide(v, "alice", "700", 0).allow
+    assert authz.decide(v, "alice", "701", 0).allow
+
+
+def test_device_serials_stay_off_the_wire_when_there_are_none() -> None:
+    # Agents from before devices refuse unknown fields: a user without devices looks the same.
+    assert "device_serials" not in user().model_dump(mode="json")
+    assert user(device_serials=["7"]).model_dump(mode="json")["device_serials"] == ["7"]
+    assert UserState.model_validate(user().model_dump(mode="json")).device_serials == []

@@ -11,7 +11,8 @@ from typing import Literal
 # "agent" is the enrollment role (the Secret every pod starts with): it may only enroll a pod
 # name that no live pod holds. "pod" is one pod's own credential, made at enrollment and bound
 # to that pod's name; only it may act as that pod. Neither is created by hand as "pod".
-Role = Literal["admin", "operator", "auditor", "agent", "pod"]
+# "user": a VPN user on the console's self-service pages (audit rows only; never a token).
+Role = Literal["admin", "operator", "auditor", "agent", "pod", "user"]
 ROLES: tuple[Role, ...] = ("admin", "operator", "auditor", "agent", "pod")
 TOKEN_ROLES: tuple[Role, ...] = ("admin", "operator", "auditor", "agent")
 TOKEN_PREFIX = "vpf_"  # noqa: S105 - a marker, not a secret

@@ -80,9 +80,12 @@ def issue(
     common_name: str,
     user_id: int | None = None,
     pod_id: int | None = None,
+    device: str | None = None,
 ) -> Certificate:
-    """Issue and store a client (`kind="client"`) or server certificate."""
+    """Issue and store a client (`kind="client"`; `"device"`: one of the user's own devices,
+    labelled `device`) or server certificate."""
     cert = new_certificate(load_ca(db, sealer), sealer, kind, common_name, user_id, pod_id)
+    cert.device = device
     db.add(cert)
     db.flush()
     return cert
@@ -99,7 +102,7 @@ def new_certificate(
     """A certificate row signed by `ca`, not yet added (many users at once load the CA once)."""
     pair = (
         pki.issue_client_cert(ca, common_name)
-        if kind == "client"
+        if kind in ("client", "device")
         else pki.issue_server_cert(ca, common_name)
     )
     info = pki.cert_info(pair.cert_pem)
@@ -129,8 +132,12 @@ def current_user_cert(db: Session, user_id: int) -> Certificate | None:
     )
 
 
-def revoke_user_certs(db: Session, user_id: int, reason: str) -> list[Certificate]:
-    return _revoke(db, Certificate.user_id == user_id, reason)
+def revoke_user_certs(
+    db: Session, user_id: int, reason: str, kinds: tuple[str, ...] = ("client",)
+) -> list[Certificate]:
+    """Revoke the user's certificates of ``kinds`` (the main one by default: a reissue leaves
+    the user's own devices alone; deleting the user revokes them too)."""
+    return _revoke(db, (Certificate.user_id == user_id) & Certificate.kind.in_(kinds), reason)
 
 
 def revoke_pod_certs(db: Session, pod_id: int, reason: str) -> list[Certificate]:

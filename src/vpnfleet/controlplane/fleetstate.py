@@ -66,6 +66,14 @@ def user_states(db: Session, users: Sequence[User] | None = None) -> list[UserSt
     if users is not None:
         lease_query = lease_query.where(GatewayLease.user_id.in_(ids))
         cert_query = cert_query.where(Certificate.user_id.in_(ids))
+    device_query = select(Certificate.user_id, Certificate.serial).where(
+        Certificate.kind == "device", Certificate.revoked_at.is_(None)
+    )
+    if users is not None:
+        device_query = device_query.where(Certificate.user_id.in_(ids))
+    devices: dict[int | None, list[str]] = {}
+    for uid, serial in db.execute(device_query):
+        devices.setdefault(uid, []).append(serial)
     leases: dict[int, str] = {uid: addr for uid, addr in db.execute(lease_query)}
     # A user has one valid client certificate at a time; should there be more, the newest
     # counts, as in certs.current_user_cert.
@@ -81,6 +89,7 @@ def user_states(db: Session, users: Sequence[User] | None = None) -> list[UserSt
             gateway_address=leases.get(u.id),
             cert_serial=serials.get(u.id),
             auth=authpolicy.effective(u.auth_policy, group_policies.get(u.id, ())),
+            device_serials=sorted(devices.get(u.id, [])),
         )
         for u in rows
     ]

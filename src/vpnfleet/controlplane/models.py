@@ -178,7 +178,8 @@ class PKIState(Base):
 
 
 class Certificate(Base):
-    """A certificate the CA issued: one current client cert per user, one per pod."""
+    """A certificate the CA issued: one current client cert per user, one per pod, and the
+    users' own devices (kind "device", each with its label, made on the self-service page)."""
 
     __tablename__ = "certificates"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -195,6 +196,7 @@ class Certificate(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[dt.datetime | None]
     revocation_reason: Mapped[str | None] = mapped_column(String(200))
+    device: Mapped[str | None] = mapped_column(String(64))  # kind "device": the user's label
 
 
 class Pod(Base):
@@ -448,17 +450,40 @@ class ConsoleAccount(Base):
 class ConsoleSession(Base):
     """One signed-in browser: the cookie's SHA-256, its CSRF token, when it ends.
 
-    Deleted at sign-out, and with the account; a disabled account or a changed password ends
-    every session of the account (the check happens on each request)."""
+    Either an operator's (``account_id``) or a VPN user's on the self-service pages
+    (``user_id``). Deleted at sign-out, and with the account or user; a disabled account or
+    user, or a changed password, ends the sessions (the check happens on each request)."""
 
     __tablename__ = "console_sessions"
     id: Mapped[int] = mapped_column(primary_key=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    account_id: Mapped[int] = mapped_column(
+    account_id: Mapped[int | None] = mapped_column(
         ForeignKey("console_accounts.id", ondelete="CASCADE"), index=True
+    )
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
     )
     csrf: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[dt.datetime] = mapped_column(index=True)
     last_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     client_ip: Mapped[str | None] = mapped_column(String(64))
+
+
+class UserLink(Base):
+    """A one-time link handed to a VPN user: ``sign-in`` to the self-service pages (made by an
+    operator), or ``profile``: one download of a device's profile (the import link of
+    OpenVPN Connect). Only the token's SHA-256 is kept; ``used_at`` is set on first use."""
+
+    __tablename__ = "user_links"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    purpose: Mapped[str] = mapped_column(String(16))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    certificate_id: Mapped[int | None] = mapped_column(
+        ForeignKey("certificates.id", ondelete="CASCADE")
+    )
+    created_by: Mapped[str | None] = mapped_column(String(80))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(index=True)
+    used_at: Mapped[dt.datetime | None] = mapped_column()

@@ -32,6 +32,13 @@ class Decision:
         return "allowed" if self.allow else self.reason.split(" (")[0].replace(" ", "_")
 
 
+def holds_certificate(user: UserState, presented: str | None) -> bool:
+    """Is ``presented`` the user's main certificate or one of their devices' (not revoked)?"""
+    return serial_matches(user.cert_serial, presented) or any(
+        serial_matches(s, presented) for s in user.device_serials
+    )
+
+
 def serial_matches(expected: str | None, presented: str | None) -> bool:
     """Is ``presented`` (OpenVPN's decimal ``tls_serial_0``) the user's current serial?"""
     if expected is None or presented is None:
@@ -75,7 +82,7 @@ def decide(
         return Decision(False, "unknown user", "unknown account")
     if not user.enabled:
         return Decision(False, "user disabled", "account disabled")
-    if not serial_matches(user.cert_serial, cert_serial):
+    if not holds_certificate(user, cert_serial):
         return Decision(False, "certificate not current", "certificate revoked or replaced")
     if user.mode == "gateway" and not user.gateway_address:
         return Decision(False, "no gateway address leased", "no gateway address")

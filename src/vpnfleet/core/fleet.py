@@ -153,7 +153,9 @@ class FleetView:
         # Enabled, certificate, mode or lease may have changed: the agent re-judges the user's
         # clients (SessionBook.violations says whether one must go, and why).
         effects = Effects(users={new.name})
-        if old is not None and old.cert_serial != new.cert_serial:
+        if old is not None and (
+            old.cert_serial != new.cert_serial or old.device_serials != new.device_serials
+        ):
             effects.crl = True  # a replaced certificate was revoked: OpenVPN's CRL copy too
         if old is None or old.groups != new.groups:
             effects.dataplane = True

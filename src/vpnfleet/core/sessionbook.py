@@ -609,7 +609,7 @@ def _violation(view: FleetView, c: Client, killed: Mapping[str, str | None]) -> 
         return "account deleted"
     if not user.enabled:
         return "account disabled"
-    if c.cert_serial is not None and not authz.serial_matches(user.cert_serial, c.cert_serial):
+    if c.cert_serial is not None and not authz.holds_certificate(user, c.cert_serial):
         return "certificate revoked or replaced"
     if c.mode != user.mode or (user.mode == "gateway" and c.tunnel_ip != user.gateway_address):
         # The tunnel address depends on the mode: reconnect to get the new one.

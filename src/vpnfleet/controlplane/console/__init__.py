@@ -11,7 +11,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from vpnfleet.controlplane.console import access, accounts, audit, entry, fleet, people
+from vpnfleet.controlplane.console import (
+    access,
+    accounts,
+    audit,
+    entry,
+    fleet,
+    people,
+    selfservice,
+)
 from vpnfleet.controlplane.console.render import HERE, ConsoleHeaders, error_page, redirect
 from vpnfleet.controlplane.console.signin import NotSignedIn
 
@@ -19,7 +27,8 @@ from vpnfleet.controlplane.console.signin import NotSignedIn
 def install(app: FastAPI) -> None:
     """Add the console's routes, static files, error pages and headers to the app."""
     app.state.html_errors = error_page
-    for module in (entry, fleet, people, access, audit, accounts):
+    # selfservice first: its /users/{name}/sign-in-link precedes people's /users/{name}/{action}
+    for module in (entry, fleet, selfservice, people, access, audit, accounts):
         app.include_router(module.router)
     app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="console-static")
 

@@ -15,7 +15,7 @@ from vpnfleet.controlplane.models import Group, User, VpnSession
 from vpnfleet.controlplane.routers.users import USERS
 from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.schemas import UserCreate
-from vpnfleet.controlplane.services import groups, sessions, users
+from vpnfleet.controlplane.services import devices, groups, sessions, users
 from vpnfleet.controlplane.services.journal import Journal
 from vpnfleet.controlplane.settings import tcp_remotes
 from vpnfleet.controlplane.state import DB, State
@@ -112,6 +112,7 @@ def user_page(
         sessions=recent,
         live=sum(1 for s in recent if s.ended_at is None),
         choices=choices,
+        devices=devices.devices(db, user),
         notice=notice,
     )
 

@@ -66,7 +66,7 @@ class NotSignedIn(Exception):
         self.next_path = next_path
 
 
-def _digest(token: str) -> str:
+def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
@@ -96,7 +96,7 @@ def current(db: Session, request: Request) -> Caller | None:
     row = db.execute(
         select(ConsoleSession, ConsoleAccount)
         .join(ConsoleAccount, ConsoleAccount.id == ConsoleSession.account_id)
-        .where(ConsoleSession.token_hash == _digest(token))
+        .where(ConsoleSession.token_hash == digest(token))
     ).first()
     if row is None:
         return None
@@ -124,7 +124,7 @@ def current(db: Session, request: Request) -> Caller | None:
     )
 
 
-def _same_site(request: Request) -> bool:
+def same_site(request: Request) -> bool:
     """False when the browser says the request came from another site."""
     if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
         return False
@@ -169,7 +169,7 @@ def viewer(request: Request, db: DB) -> Caller:
 
 def actor(request: Request, db: DB, form: Form) -> Caller:
     """An action's caller: signed in, same site, and the form's CSRF token matches."""
-    if not _same_site(request):
+    if not same_site(request):
         raise Problem(403, "Forbidden", "cross-site form posts are refused")
     caller = current(db, request)
     if caller is None:
@@ -209,7 +209,7 @@ def need(caller: Caller, *roles: auth.Role) -> None:
 
 def check_login_form(request: Request, form: dict[str, str]) -> None:
     """The sign-in form's own CSRF check (no session exists yet): double submit."""
-    if not _same_site(request):
+    if not same_site(request):
         raise Problem(403, "Forbidden", "cross-site form posts are refused")
     expected = request.cookies.get(cookie_name(request, LOGIN_COOKIE), "")
     given = form.get("csrf", "")
@@ -252,7 +252,7 @@ def sign_in(db: Session, throttle: LoginThrottle, name: str, password: str, ip: 
     account.last_login_at = now
     token = secrets.token_urlsafe(32)
     session = ConsoleSession(
-        token_hash=_digest(token),
+        token_hash=digest(token),
         account_id=account.id,
         csrf=secrets.token_urlsafe(32),
         created_at=now,

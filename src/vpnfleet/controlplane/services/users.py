@@ -272,7 +272,7 @@ def delete_user(db: Session, journal: Journal, user: User, reason: str = "user d
     """Delete a user and revoke their certificates (`reason` goes into the CRL records)."""
     before = journal.capture(lambda: _audit_view(db, user))
     name = user.name
-    revoked = certs.revoke_user_certs(db, user.id, reason)
+    revoked = certs.revoke_user_certs(db, user.id, reason, kinds=("client", "device"))
     key = fleetstate.user_key(user)
     db.delete(user)
     db.flush()
@@ -323,14 +323,19 @@ def client_profile(
     user: User,
     endpoints: Sequence[str],
     tcp_endpoints: Sequence[tuple[str, int]] = (),
+    cert: Certificate | None = None,
 ) -> str:
-    """The user's complete .ovpn profile; handing out a private key is audited.
+    """The user's complete .ovpn profile (with `cert`: that device's); handing out a private
+    key is audited.
 
     With ``tcp_endpoints`` the profile tries every UDP endpoint first and then TCP. It cannot
     use ``remote-random`` then (that would shuffle TCP entries ahead of UDP ones), so the UDP
     endpoints are rotated by a hash of the user name: users still spread over them.
     """
-    cert = certs.current_user_cert(db, user.id)
+    if cert is None:
+        cert = certs.current_user_cert(db, user.id)
+    elif cert.revoked_at is not None or cert.user_id != user.id:
+        raise conflict("this device's certificate was revoked: add the device again")
     if cert is None:
         raise conflict(
             f"user {user.name!r} has no valid certificate: run 'vpnfleet user reissue {user.name}'"
@@ -353,5 +358,6 @@ def client_profile(
         server_name_prefix=SERVER_CN_PREFIX,
         username=user.name,
     )
-    journal.audit("user.profile", user.name, None, {"serial": cert.serial})
+    handed = {"serial": cert.serial} | ({"device": cert.device} if cert.device else {})
+    journal.audit("user.profile", user.name, None, handed)
     return profile

@@ -1,4 +1,4 @@
-"""web console accounts and their signed-in sessions
+"""web console accounts, signed-in sessions, users' one-time links and device certificates
 
 Revision ID: 0010
 Revises: 0009
@@ -37,7 +37,8 @@ def upgrade() -> None:
         "console_sessions",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("token_hash", sa.String(length=64), nullable=False),
-        sa.Column("account_id", sa.Integer(), nullable=False),
+        sa.Column("account_id", sa.Integer(), nullable=True),
+        sa.Column("user_id", sa.Integer(), nullable=True),
         sa.Column("csrf", sa.String(length=64), nullable=False),
         sa.Column("created_at", utc(), nullable=False),
         sa.Column("expires_at", utc(), nullable=False),
@@ -49,6 +50,12 @@ def upgrade() -> None:
             name=op.f("fk_console_sessions_account_id_console_accounts"),
             ondelete="CASCADE",
         ),
+        sa.ForeignKeyConstraint(
+            ["user_id"],
+            ["users.id"],
+            name=op.f("fk_console_sessions_user_id_users"),
+            ondelete="CASCADE",
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_console_sessions")),
         sa.UniqueConstraint("token_hash", name=op.f("uq_console_sessions_token_hash")),
     )
@@ -58,9 +65,47 @@ def upgrade() -> None:
     op.create_index(
         op.f("ix_console_sessions_expires_at"), "console_sessions", ["expires_at"], unique=False
     )
+    op.create_index(
+        op.f("ix_console_sessions_user_id"), "console_sessions", ["user_id"], unique=False
+    )
+    op.create_table(
+        "user_links",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("token_hash", sa.String(length=64), nullable=False),
+        sa.Column("purpose", sa.String(length=16), nullable=False),
+        sa.Column("user_id", sa.Integer(), nullable=False),
+        sa.Column("certificate_id", sa.Integer(), nullable=True),
+        sa.Column("created_by", sa.String(length=80), nullable=True),
+        sa.Column("created_at", utc(), nullable=False),
+        sa.Column("expires_at", utc(), nullable=False),
+        sa.Column("used_at", utc(), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["certificate_id"],
+            ["certificates.id"],
+            name=op.f("fk_user_links_certificate_id_certificates"),
+            ondelete="CASCADE",
+        ),
+        sa.ForeignKeyConstraint(
+            ["user_id"],
+            ["users.id"],
+            name=op.f("fk_user_links_user_id_users"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_user_links")),
+        sa.UniqueConstraint("token_hash", name=op.f("uq_user_links_token_hash")),
+    )
+    op.create_index(op.f("ix_user_links_user_id"), "user_links", ["user_id"], unique=False)
+    op.create_index(op.f("ix_user_links_expires_at"), "user_links", ["expires_at"], unique=False)
+    op.add_column("certificates", sa.Column("device", sa.String(length=64), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("certificates") as batch:
+        batch.drop_column("device")
+    op.drop_index(op.f("ix_user_links_expires_at"), table_name="user_links")
+    op.drop_index(op.f("ix_user_links_user_id"), table_name="user_links")
+    op.drop_table("user_links")
+    op.drop_index(op.f("ix_console_sessions_user_id"), table_name="console_sessions")
     op.drop_index(op.f("ix_console_sessions_expires_at"), table_name="console_sessions")
     op.drop_index(op.f("ix_console_sessions_account_id"), table_name="console_sessions")
     op.drop_table("console_sessions")
