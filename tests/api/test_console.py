@@ -344,3 +344,86 @@ def test_an_operator_downloads_a_profile_and_it_is_audited(
     with server.client() as api:
         log = api.get("/api/v1/audit/admin", params={"actor": "console:olga"}).json()
         assert "user.profile" in [e["action"] for e in log]
+
+
+def _flow(pod: str, n: int, user: str) -> dict[str, object]:
+    return {
+        "kind": "start",
+        "flow_id": f"{pod}-f{n}",
+        "user": user,
+        "proto": "tcp",
+        "start_ms": 1_796_378_400_000 + n * 1000,  # 2026-12-04T10:00:00Z + n s
+        "tunnel_ip": "10.200.0.2",
+        "tunnel_port": 40000 + n,
+        "nat_ip": "10.0.3.2",
+        "nat_port": 50000 + n,
+        "dst_ip": "10.20.0.5",
+        "dst_port": 443,
+    }
+
+
+def test_flows_and_denied_traffic_filter_page_and_export_as_csv(
+    server: Server, operator: httpx.Client
+) -> None:
+    with server.client(server.pod_token("pod1")) as agent:
+        flows = [_flow("pod1", n, "carol" if n % 2 else "dave") for n in range(60)]
+        r = agent.post("/api/v1/agent/flows", json={"pod": "pod1", "records": flows})
+        assert r.status_code < 300, r.text
+    page = operator.get("/console/audit/flows", params={"user": "carol"})
+    assert page.status_code == 200
+    assert page.text.count("<tr><td>") == 30 and "dave" not in page.text
+    first = operator.get("/console/audit/flows")
+    assert first.text.count("<tr><td>") == 50  # a page
+    nxt = re.search(r'href="(/console/audit/flows\?cursor=[^"]+)" rel="next"', first.text)
+    assert nxt
+    second = operator.get(nxt.group(1).replace("&amp;", "&"))
+    assert second.text.count("<tr><td>") == 10
+    csv_out = operator.get("/console/audit/flows", params={"user": "carol", "export": "true"})
+    assert csv_out.status_code == 200
+    assert csv_out.headers["content-type"].startswith("text/csv")
+    lines = csv_out.text.strip().split("\n")
+    assert lines[0].startswith("start_at,end_at,user,pod,")
+    assert len(lines) == 31 and all(",carol,pod1," in line for line in lines[1:])
+    assert operator.get("/console/audit/flows", params={"since": "yesterday"}).status_code == 422
+    denied = operator.get("/console/audit/denied", params={"user": "carol", "export": "true"})
+    assert denied.status_code == 200 and denied.text.startswith("first_at,last_at,user,")
+
+
+def test_an_admin_makes_and_revokes_tokens_and_revokes_a_pod(server: Server) -> None:
+    make_account(server, "ada", "admin")
+    server.pod_token("pod1")
+    with browser(server) as c:
+        assert sign_in(c, "ada").status_code == 303
+        token = csrf_of(c, "/console/tokens")
+        assert "pod1" in c.get("/console/tokens").text
+        r = c.post("/console/tokens/new", data={"csrf": token, "name": "ci", "role": "auditor"})
+        assert r.status_code == 200
+        secret = re.search(r'value="(vpf_[^"]+)"', r.text)
+        assert secret
+        with server.client(secret.group(1)) as ci:
+            assert ci.get("/api/v1/sessions").status_code == 200
+            r = c.post("/console/tokens/ci/revoke", data={"csrf": token})
+            assert r.status_code == 303
+            assert ci.get("/api/v1/sessions").status_code == 401
+        r = c.post("/console/pods/pod1/revoke", data={"csrf": token})
+        assert r.status_code == 303, r.text
+        with server.client() as api:
+            pools = api.get("/api/v1/pools").json()
+        gw = next(p["name"] for p in pools if p["kind"] == "gateway")
+        r = c.post("/console/pools", data={"csrf": token, "name": gw, "cidr": "10.250.0.0/24"})
+        assert r.status_code == 303, r.text
+        assert "10.250.0.0/24" in c.get("/console/pools").text
+        bad = c.post("/console/pools", data={"csrf": token, "name": gw, "cidr": "10.250.0.0/33"})
+        assert bad.status_code == 422
+    with server.client() as api:
+        actions = [(e["actor"], e["action"]) for e in api.get("/api/v1/audit/admin").json()]
+        for action in ("token.create", "token.revoke", "pod.revoke", "pool.set"):
+            assert ("console:ada", action) in actions, action
+    make_account(server, "olga", "operator")
+    with browser(server) as op:
+        assert sign_in(op, "olga").status_code == 303
+        assert op.get("/console/tokens").status_code == 403
+        token = csrf_of(op)
+        assert op.post("/console/tokens/new", data={"csrf": token, "name": "x",
+                                                    "role": "admin"}).status_code == 403  # fmt: skip
+        assert op.post("/console/pods/pod1/forget", data={"csrf": token}).status_code == 403

@@ -95,7 +95,16 @@ def test_an_operator_creates_a_user_and_a_group_grants_access_and_disables_the_u
     c.wait_h1("Sign in to the vpnfleet console")
     c.shot("login")
     c.sign_in("operator")
-    assert c.nav() == ["Fleet", "Users", "Groups", "Sessions", "Who was this?", "Audit log"]
+    assert c.nav() == [
+        "Fleet",
+        "Users",
+        "Groups",
+        "Sessions",
+        "Who was this?",
+        "Flows",
+        "Denied",
+        "Audit log",
+    ]
 
     # A new user, from the Users page.
     c.open_nav("Users")
@@ -223,7 +232,7 @@ def test_an_auditor_sees_the_log_and_who_was_this_but_no_operator_pages(
     c.sign_out()
 
     c.sign_in("auditor")
-    assert c.nav() == ["Fleet", "Sessions", "Who was this?", "Audit log"]
+    assert c.nav() == ["Fleet", "Sessions", "Who was this?", "Flows", "Denied", "Audit log"]
     for path in ("/console/users", "/console/accounts", "/console/users/new", "/console/groups"):
         c.go(path)
         c.wait_h1("Forbidden")
@@ -314,7 +323,11 @@ def test_pages_keep_to_the_csp_the_cookie_is_locked_down_and_sign_out_ends_the_s
         "/console/sessions?ended=true": "Ended sessions",
         "/console/audit/who": "Who was this?",
         "/console/audit/log": "Admin audit log",
+        "/console/audit/flows": "Connections (NAT flows)",
+        "/console/audit/denied": "Denied traffic",
         "/console/accounts": "Console accounts",
+        "/console/tokens": "API tokens",
+        "/console/pools": "Address pools",
         "/console/users/nobody": "Not found",
     }
     for path, heading in pages.items():

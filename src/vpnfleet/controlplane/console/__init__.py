@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from vpnfleet.controlplane.console import (
     access,
     accounts,
+    admin,
     audit,
     entry,
     fleet,
@@ -28,7 +29,7 @@ def install(app: FastAPI) -> None:
     """Add the console's routes, static files, error pages and headers to the app."""
     app.state.html_errors = error_page
     # selfservice first: its /users/{name}/sign-in-link precedes people's /users/{name}/{action}
-    for module in (entry, fleet, selfservice, people, access, audit, accounts):
+    for module in (entry, fleet, selfservice, people, access, audit, accounts, admin):
         app.include_router(module.router)
     app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="console-static")
 

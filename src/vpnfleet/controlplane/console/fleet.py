@@ -26,7 +26,7 @@ MAX_PODS = 1_000  # the overview lists every pod; fleets are hundreds at most
 
 
 @router.get("/")
-def overview(request: Request, db: DB, me: Viewer) -> Response:
+def overview(request: Request, db: DB, me: Viewer, notice: str | None = None) -> Response:
     need(me, "operator", "auditor")
     revision = changelog.current_revision(db)
     pods: list[dict[str, Any]] = [
@@ -45,7 +45,7 @@ def overview(request: Request, db: DB, me: Viewer) -> Response:
         "disabled": db.scalar(select(func.count()).select_from(User).where(~User.enabled)) or 0,
         "sessions": live or 0,
     }
-    return page(request, "overview.html", me, report=report, counts=counts)
+    return page(request, "overview.html", me, report=report, counts=counts, notice=notice)
 
 
 @router.get("/sessions")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 from fastapi import APIRouter
-from sqlalchemy import select
+from sqlalchemy import Select, select
 
 from vpnfleet.controlplane.errors import bad_request
 from vpnfleet.controlplane.models import AdminAudit, DeniedAttempt, VpnSession
@@ -135,6 +135,19 @@ def denied_attempts(
     until: dt.datetime | None = None,
 ) -> list[dict[str, object]]:
     """Traffic that no grant allowed, newest first, a page at a time."""
+    query = denied_query(user, since, until)
+    return [
+        denied_out(r)
+        for r in page.rows(
+            DENIED, db.scalars(page.query(DENIED, query)).all(), lambda r: (r.first_at, r.id)
+        )
+    ]
+
+
+def denied_query(
+    user: str | None, since: dt.datetime | None, until: dt.datetime | None
+) -> Select[DeniedAttempt]:
+    """The denied-attempt rows matching the filters (the API's list and the console's)."""
     query = select(DeniedAttempt)
     if user:
         query = query.where(DeniedAttempt.user_name == user)
@@ -142,21 +155,20 @@ def denied_attempts(
         query = query.where(DeniedAttempt.last_at >= since)
     if (until := _aware(until, "until")) is not None:
         query = query.where(DeniedAttempt.first_at <= until)
-    return [
-        {
-            "pod": r.pod_name,
-            "user": r.user_name,
-            "session_uid": r.session_uid,
-            "src": r.src,
-            "dst": r.dst,
-            "proto": r.proto,
-            "dport": r.dport,
-            "first_at": r.first_at,
-            "last_at": r.last_at,
-            "count": r.count,
-            "overflow": r.overflow,
-        }
-        for r in page.rows(
-            DENIED, db.scalars(page.query(DENIED, query)).all(), lambda r: (r.first_at, r.id)
-        )
-    ]
+    return query
+
+
+def denied_out(r: DeniedAttempt) -> dict[str, object]:
+    return {
+        "pod": r.pod_name,
+        "user": r.user_name,
+        "session_uid": r.session_uid,
+        "src": r.src,
+        "dst": r.dst,
+        "proto": r.proto,
+        "dport": r.dport,
+        "first_at": r.first_at,
+        "last_at": r.last_at,
+        "count": r.count,
+        "overflow": r.overflow,
+    }

@@ -6,10 +6,11 @@ Also owns the audit retention task (its lifespan runs it when a retention is con
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
+from sqlalchemy import Select, select
 
 from vpnfleet.controlplane import retention
 from vpnfleet.controlplane.errors import Problem, bad_request
@@ -150,7 +151,16 @@ def list_flows(
 ) -> list[FlowOut]:
     """Flows that started between `since` and `until`, newest first, a page at a time; `dst` is
     an IP or CIDR."""
-    query = select(*FLOW_COLUMNS)
+    query = flows_query(user, pod, since, until, dst)
+    found = db.execute(page.query(FLOWS, query)).all()
+    return [flow_out(row) for row in page.rows(FLOWS, found, lambda r: (r.start_at, r.id))]
+
+
+def flows_query(
+    user: str | None, pod: str | None, since: str | None, until: str | None, dst: str | None
+) -> Select[*tuple[Any, ...]]:
+    """The stored flows matching the filters (the API's list and the console's pages)."""
+    query: Select[*tuple[Any, ...]] = select(*FLOW_COLUMNS)
     if user:
         query = query.where(Flow.user_name == user)
     if pod:
@@ -166,5 +176,4 @@ def list_flows(
             raise bad_request(f"dst: {exc}") from None
         first, last = int(net.network_address), int(net.broadcast_address)
         query = query.where(Flow.dst_num >= first, Flow.dst_num <= last)
-    found = db.execute(page.query(FLOWS, query)).all()
-    return [flow_out(row) for row in page.rows(FLOWS, found, lambda r: (r.start_at, r.id))]
+    return query

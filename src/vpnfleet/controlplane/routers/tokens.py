@@ -5,12 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from sqlalchemy import select
 
-from vpnfleet.controlplane import auth, changelog
-from vpnfleet.controlplane.errors import conflict, not_found
-from vpnfleet.controlplane.models import AdminToken, utcnow
+from vpnfleet.controlplane.models import AdminToken
 from vpnfleet.controlplane.pagination import LINK_HEADER, Keyset, PageParams
 from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.schemas import TokenCreate, TokenCreated, TokenOut
+from vpnfleet.controlplane.services import tokens
 from vpnfleet.controlplane.state import DB, Admin
 
 router = APIRouter(route_class=WriteThroughRoute, prefix="/api/v1/tokens", tags=["tokens"])
@@ -41,40 +40,11 @@ def list_tokens(db: DB, _who: Admin, page: PageParams) -> list[TokenOut]:
 
 @router.post("", response_model=TokenCreated, status_code=201)
 def create_token(body: TokenCreate, db: DB, who: Admin) -> TokenCreated:
-    if db.scalar(select(AdminToken.id).where(AdminToken.name == body.name)) is not None:
-        raise conflict(f"token {body.name!r} already exists")
-    secret = auth.new_token()
-    row = AdminToken(
-        name=body.name,
-        role=body.role,
-        token_hash=auth.hash_token(secret),
-        prefix=auth.display_prefix(secret),
-        created_by=who.name,
-    )
-    db.add(row)
-    db.flush()
-    out = token_out(row)
-    changelog.record(
-        db,
-        who,
-        "token.create",
-        row.name,
-        None,
-        {"name": row.name, "role": row.role, "prefix": row.prefix},
-        [],
-    )
-    return TokenCreated(**out.model_dump(), token=secret)
+    row, secret = tokens.create(db, who, body.name, body.role)
+    return TokenCreated(**token_out(row).model_dump(), token=secret)
 
 
 @router.delete("/{name}", status_code=204)
 def revoke_token(name: str, db: DB, who: Admin) -> Response:
-    row = db.scalar(select(AdminToken).where(AdminToken.name == name))
-    if row is None:
-        raise not_found("token", name)
-    if row.revoked_at is not None:
-        raise conflict(f"token {name!r} is already revoked")
-    if row.id == who.token_id:
-        raise conflict("a token cannot revoke itself; use another admin token")
-    row.revoked_at = utcnow()
-    changelog.record(db, who, "token.revoke", name, {"name": name, "role": row.role}, None, [])
+    tokens.revoke(db, who, name)
     return Response(status_code=204)
