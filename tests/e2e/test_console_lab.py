@@ -4,7 +4,9 @@ stock clients in network namespaces, seen and driven from the console.
 An operator sees a connected client's live session and kills it (the stock client is told to
 halt and exits; the console lists the session as ended); an auditor pastes a line of the lab
 nginx's access log into "Who was this?" and is told whose request it was; an operator downloads
-a user's profile with the browser and a stock client connects with that very file.
+a user's profile with the browser and a stock client connects with that very file; a user
+signs in with the one-time link an operator made, adds a device, downloads its profile (its own
+certificate) and connects with it, then removes the device and the client is cut and refused.
 
 How the browser reaches the lab: the lab's control plane runs in the lab's ``cp`` namespace,
 and the lab always links that namespace to the root namespace with its admin veth
@@ -26,9 +28,12 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import httpx
 import pytest
 import pytest_asyncio
+from cryptography import x509
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 
@@ -36,6 +41,7 @@ from tests.e2e.consolebrowser import WAIT, ConsolePage, chromium
 from tests.e2e.labs import lab_up
 from tests.e2e.test_lab_agent import api, client_log, client_running, fetch, sessions
 from tests.polling import until
+from vpnfleet import tlspin
 from vpnfleet.lab import nginx, runner, topology
 from vpnfleet.lab.runner import LAB_GROUP, LabInfo, LabUser
 
@@ -47,6 +53,8 @@ USERS = (
     LabUser("ann", "nat"),  # her request to nginx is looked up in "Who was this?"
     # Made by the test, without a profile from the lab: the only one is the browser's download.
     LabUser("dan", "nat", create=False),
+    # Made by the test too: connects only with the device profile sam downloads himself.
+    LabUser("sam", "nat", create=False),
 )
 ACCOUNTS = {
     "operator": ("olga", "Tr4il-mix-Quokka-57"),
@@ -290,3 +298,158 @@ async def test_a_profile_downloaded_from_the_console_connects_a_stock_client(
         assert [cells(r)[:2] for r in live_rows] == [[live["pod"], tunnel_ip]]
     finally:
         await runner.stop_client(lab, "dan")
+
+
+PROFILE_ACTION = re.compile(r"/console/me/devices/(?P<serial>\d+)/profile$")
+CUT_WITHIN = 15  # seconds from "Remove" until the device's tunnel is down
+REFUSED = "AUTH_FAILED,certificate revoked or replaced"
+
+
+def device_row(c: ConsolePage, label: str) -> WebElement:
+    """The row of the device ``label`` in the self-service page's table of devices."""
+    table = c.driver.find_elements(By.CSS_SELECTOR, "main table")[0]
+    found = [
+        tr
+        for tr in table.find_elements(By.CSS_SELECTOR, "tbody tr")
+        if tr.find_elements(By.TAG_NAME, "td")[0].text.split(" ")[0] == label
+    ]
+    assert len(found) == 1, [r.text for r in table.find_elements(By.CSS_SELECTOR, "tbody tr")]
+    return found[0]
+
+
+def row_button(row: WebElement, text: str) -> WebElement:
+    (button,) = [b for b in row.find_elements(By.TAG_NAME, "button") if b.text == text]
+    return button
+
+
+def device_serial(row: WebElement) -> str:
+    """The device's certificate serial, as its "Download profile" form posts it."""
+    action = row.find_element(By.CSS_SELECTOR, "form[action$='/profile']").get_attribute("action")
+    m = PROFILE_ACTION.search(action or "")
+    assert m, action
+    return m["serial"]
+
+
+def profile_serial(profile: str) -> str:
+    """The serial (decimal, as the control plane writes it) of the profile's client cert."""
+    m = re.search(r"<cert>\s*(.*?)\s*</cert>", profile, re.DOTALL)
+    assert m, profile[:200]
+    return str(x509.load_pem_x509_certificate(m[1].encode()).serial_number)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_user_gets_a_device_profile_on_their_own_and_removing_the_device_cuts_it(
+    lab: LabInfo, console: ConsolePage, tmp_path: Path
+) -> None:
+    op = console
+    api(lab, "POST", "/api/v1/users", {"name": "sam", "mode": "nat", "groups": [LAB_GROUP]})
+    profile = lab.dir / "clients" / "sam.ovpn"
+    assert not profile.exists()  # the lab made none for sam: only his device's can connect
+
+    # The operator hands out a sign-in link.
+    op.sign_in("operator")
+    op.go("/console/users/sam")
+    op.wait_h1("sam")
+    op.press(op.button("Sign-in link for self-service"))
+    op.wait_h1("Sign-in link for sam")
+    link = op.field("link").get_attribute("value") or ""
+    assert link.startswith(lab.url + "/console/me/enter/"), link
+    op.shot("link")
+
+    # sam, in a browser of his own (no operator cookie), uses it.
+    mine = tmp_path / "sam-downloads"
+    mine.mkdir()
+    driver = chromium(download_dir=mine, insecure_certs=True)
+    try:
+        me = ConsolePage(driver, lab.url, {})
+        driver.get(link)
+        me.wait_h1("Your VPN devices")
+        me.press(me.button("Continue"))
+        me.wait_h1("Hello, sam")
+        assert me.path() == "/console/me/"
+        driver.get(link)  # once only
+        me.wait_h1("This link cannot be used")
+        me.go("/console/me/")  # still signed in
+        me.wait_h1("Hello, sam")
+        me.fill("device", "laptop")
+        me.press(me.button("Add device"))
+        me.wait_h1("Hello, sam")
+        laptop = device_serial(device_row(me, "laptop"))
+        main = api(lab, "GET", "/api/v1/users/sam")["certificate"]["serial"]
+        assert laptop != main
+        me.shot("me")
+        # Like the operator's download: no new page, a file.
+        row_button(device_row(me, "laptop"), "Download profile").click()
+        saved = await asyncio.to_thread(wait_download, mine, "sam-laptop.ovpn")
+        text = saved.read_text()
+        assert "<key>" in text and profile_serial(text) == laptop
+
+        # A stock client with exactly that file: the laptop's certificate, not sam's main one.
+        shutil.copyfile(saved, profile)
+        profile.chmod(0o600)
+        try:
+            await runner.start_client(lab, "sam")  # waits for the tunnel address
+            tunnel_ip = await runner.client_address(lab, "sam")
+            (live,) = await until(lambda: sessions(lab, user="sam"), 10, "sam's session")
+            assert live["tunnel_ip"] == tunnel_ip
+            seen = await fetch(lab, "sam")  # through the tunnel to the backend
+            pod_ip = lab.plan.pod_ip(int(live["pod"].removeprefix("pod")))
+            assert seen["remote_addr"] == str(pod_ip)
+
+            # sam removes the laptop: its tunnel goes down and stays down.
+            me.go("/console/me/")
+            me.wait_h1("Hello, sam")
+            remove = row_button(device_row(me, "laptop"), "Remove")
+            started = time.monotonic()
+            asked = me.press_and_confirm(remove)
+            assert asked == "Remove laptop? It can no longer connect."
+            me.wait_h1("Hello, sam")
+            assert me.notice() == "removed laptop: it can no longer connect"
+            row = device_row(me, "laptop")
+            assert row.find_element(By.CSS_SELECTOR, "td .bad").text == "removed"
+            assert row.find_elements(By.TAG_NAME, "button") == []
+
+            async def cut() -> bool:
+                gone = await runner.client_address(lab, "sam") is None
+                return gone and sessions(lab, user="sam") == []
+
+            await until(cut, CUT_WITHIN, "the laptop's tunnel and session to end")
+            assert time.monotonic() - started < CUT_WITHIN
+            # What sam notices: the server told the client to halt, and it gave up.
+            assert HALT in client_log(lab, "sam")
+            await until(lambda: _gone(lab, "sam"), 10, "sam's client to exit")
+            # sam opens the VPN again with the same file: refused, and no tunnel comes up.
+            before = len(client_log(lab, "sam"))
+            await runner.start_client(lab, "sam", wait=False)
+            await until(
+                lambda: REFUSED in client_log(lab, "sam")[before:], 20, "the refusal in sam's log"
+            )
+            await until(lambda: _gone(lab, "sam"), 10, "sam's refused client to exit")
+            assert await runner.client_address(lab, "sam") is None
+            assert sessions(lab, user="sam") == []
+        finally:
+            await runner.stop_client(lab, "sam")
+
+        # The import link of a second device: one fetch gets its profile, the next is refused.
+        me.fill("device", "phone")
+        me.press(me.button("Add device"))
+        me.wait_h1("Hello, sam")
+        phone = device_serial(device_row(me, "phone"))
+        assert phone not in (laptop, main)
+        me.press(row_button(device_row(me, "phone"), "Open in OpenVPN Connect"))
+        me.wait_h1("Import phone into OpenVPN Connect")
+        url = me.driver.find_element(By.CSS_SELECTOR, "input[aria-label='Profile URL']")
+        plain = url.get_attribute("value") or ""
+        assert plain.startswith(lab.url + "/console/me/import/"), plain
+        connect = driver.find_element(By.LINK_TEXT, "Open in OpenVPN Connect")
+        assert connect.get_attribute("href") == "openvpn://import-profile/" + quote(
+            plain, safe=":/"
+        )
+    finally:
+        driver.quit()
+    # Fetched as OpenVPN Connect does: no cookie, no token, only the link.
+    async with httpx.AsyncClient(verify=tlspin.pinned_context(lab.ca_file), timeout=30) as http:
+        first = await http.get(plain)
+        assert first.status_code == 200, first.text
+        assert profile_serial(first.text) == phone
+        assert (await http.get(plain)).status_code == 410
