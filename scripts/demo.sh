@@ -20,6 +20,9 @@ A short tour (all from this shell):
   .venv/bin/vpnfleet lab exec alice -- python3 -c "import urllib.request as u; u.urlopen('http://10.99.0.100:8088/report')"
   .venv/bin/vpnfleet audit annotate --format nginx /var/lib/vpnfleet-lab/vfl/nginx/access.log
                                                   # nginx logged her pod's address; the audit names alice
+  .venv/bin/vpnfleet console account add ada --role admin
+                                                  # then sign in at https://10.99.254.2:8000/console/
+                                                  # (the lab's own CA: the browser asks to accept it)
   .venv/bin/vpnfleet user disable bob             # bob is cut within a second
   .venv/bin/vpnfleet lab down                     # removes everything the lab made
 TXT
