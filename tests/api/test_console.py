@@ -427,3 +427,58 @@ def test_an_admin_makes_and_revokes_tokens_and_revokes_a_pod(server: Server) -> 
         made = op.post("/console/tokens/new", data={"csrf": token, "name": "x", "role": "admin"})
         assert made.status_code == 403
         assert op.post("/console/pods/pod1/forget", data={"csrf": token}).status_code == 403
+
+
+POLICY = """\
+version: 1
+groups:
+  devs:
+    description: developers
+    grants:
+      - destination: 10.20.0.0/16
+        proto: tcp
+        ports: "22,443"
+users:
+  carol:
+    groups: [devs]
+"""
+
+
+def test_a_policy_is_previewed_then_applied_from_the_console(
+    server: Server, operator: httpx.Client
+) -> None:
+    token = csrf_of(operator, "/console/policy")
+    r = operator.post("/console/policy", data={"csrf": token, "yaml": POLICY,
+                                               "action": "preview"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert "Applying would change" in r.text and "carol" in r.text
+    with server.client() as api:
+        assert api.get("/api/v1/users/carol").status_code == 404  # a preview writes nothing
+    r = operator.post("/console/policy", data={"csrf": token, "yaml": POLICY, "action": "apply"})
+    assert r.status_code == 200 and "Applied (revision" in r.text
+    with server.client() as api:
+        assert api.get("/api/v1/users/carol").json()["groups"] == ["devs"]
+        log = api.get("/api/v1/audit/admin", params={"action": "policy"}).json()
+        assert [e["actor"] for e in log] == ["console:olga"]
+    again = operator.post("/console/policy", data={"csrf": token, "yaml": POLICY,
+                                                   "action": "preview"})  # fmt: skip
+    assert "No changes" in again.text
+    bad = operator.post("/console/policy", data={"csrf": token, "yaml": "version: 9\n",
+                                                 "action": "apply"})  # fmt: skip
+    assert bad.status_code == 422 and 'class="error"' in bad.text
+    current = operator.get("/console/policy", params={"current": "true"})
+    assert "10.20.0.0/16" in current.text
+
+
+def test_a_large_policy_is_read_only_from_a_signed_in_operator(
+    server: Server, operator: httpx.Client
+) -> None:
+    big = POLICY + "# " + "x" * (100 << 10) + "\n"
+    token = csrf_of(operator, "/console/policy")
+    r = operator.post("/console/policy", data={"csrf": token, "yaml": big, "action": "preview"})
+    assert r.status_code == 200, r.text[:300]
+    with browser(server) as stranger:
+        r = stranger.post("/console/policy", data={"csrf": "x", "yaml": big})
+        assert r.status_code == 413
+        r = stranger.post("/console/users/new", data={"csrf": "x", "name": "y" * (70 << 10)})
+        assert r.status_code == 413

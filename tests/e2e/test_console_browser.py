@@ -104,6 +104,8 @@ def test_an_operator_creates_a_user_and_a_group_grants_access_and_disables_the_u
         "Flows",
         "Denied",
         "Audit log",
+        "Pools",
+        "Policy",
     ]
 
     # A new user, from the Users page.

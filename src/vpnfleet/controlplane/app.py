@@ -141,6 +141,9 @@ def create_app(settings: ServerSettings, state: AppState | None = None) -> FastA
     console.install(app)  # the web console under /console (controlplane/console)
     cpmetrics.install(app)  # /metrics and API latency (controlplane/metrics.py)
     app.add_middleware(
-        RequestIntake, known_token=ready.known_token, max_body_bytes=settings.max_body_bytes
+        RequestIntake,
+        known_token=ready.known_token,
+        max_body_bytes=settings.max_body_bytes,
+        known_console_session=ready.known_console_session,
     )
     return app

@@ -18,7 +18,8 @@ at most 4 MiB of flow records per request; policy files; annotate batches), the 
 The web console's form posts (``/console/...``) carry a session cookie rather than a bearer
 token, and the sign-in form carries neither: their bodies are read up to :data:`CONSOLE_BODY`
 (64 KiB, far above any console form) without a token, and the console checks the session and
-CSRF token itself.
+CSRF token itself; the policy page (:data:`CONSOLE_BULK_PATHS`) takes :data:`BULK_BODY` when the
+request's console cookie is a live operator session.
 
 A URL holding a NUL character (``%00``) is answered 400: nothing the API names may hold one.
 
@@ -46,6 +47,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 CONSOLE_PREFIX = "/console/"
 CONSOLE_BODY = 64 << 10
+CONSOLE_BULK_PATHS = frozenset({"/console/policy"})  # a policy file, as /api/v1/policy/*
 BULK_BODY = 16 << 20
 BULK_PATHS = frozenset(
     {
@@ -76,10 +78,15 @@ class RequestIntake:
     """
 
     def __init__(
-        self, app: ASGIApp, known_token: Callable[[str], bool], max_body_bytes: int
+        self,
+        app: ASGIApp,
+        known_token: Callable[[str], bool],
+        max_body_bytes: int,
+        known_console_session: Callable[[str], bool] | None = None,
     ) -> None:
         self.app = app
         self.known_token = known_token
+        self.known_console_session = known_console_session
         self.max_body_bytes = max_body_bytes
 
     def limit_for(self, path: str) -> int:
@@ -99,7 +106,14 @@ class RequestIntake:
             return
         console = token is None and scope["path"].startswith(CONSOLE_PREFIX)
         if console:
-            limit = CONSOLE_BODY  # browsers carry a cookie, not a token: only a small form
+            # Browsers carry a cookie, not a token: a small form, or a policy file from a
+            # signed-in operator (checked here, before the body is read).
+            limit = CONSOLE_BODY
+            if scope["path"] in CONSOLE_BULK_PATHS and self.known_console_session is not None:
+                cookie = _console_cookie(scope)
+                check = self.known_console_session
+                if cookie is not None and await anyio.to_thread.run_sync(check, cookie):
+                    limit = BULK_BODY
         elif token is None or not await anyio.to_thread.run_sync(self.known_token, token):
             detail = "missing, unknown or revoked bearer token (checked before the body is read)"
             await _problem(send, 401, "Unauthorized", detail)
@@ -154,6 +168,19 @@ def _headers(scope: Scope) -> tuple[int | None, bool, str | None]:
             rest = rest.strip()
             token = rest if scheme.lower() == "bearer" and rest else None
     return length, chunked, token
+
+
+def _console_cookie(scope: Scope) -> str | None:
+    """The console session cookie of a request (either name: plain or ``__Host-``)."""
+    for key, value in scope.get("headers", ()):
+        if key.lower() != b"cookie":
+            continue
+        text: str = bytes(value).decode("latin-1")
+        for part in text.split(";"):
+            name, _, cookie = part.strip().partition("=")
+            if name in ("vpnfleet_console", "__Host-vpnfleet_console") and cookie:
+                return cookie
+    return None
 
 
 def _too_large(size: int | None, limit: int) -> str:

@@ -19,7 +19,7 @@ from sqlalchemy.pool import QueuePool
 
 from vpnfleet.controlplane import auth, changelog
 from vpnfleet.controlplane.errors import Problem
-from vpnfleet.controlplane.models import AdminToken
+from vpnfleet.controlplane.models import AdminToken, ConsoleSession
 from vpnfleet.controlplane.pki import Sealer
 from vpnfleet.controlplane.servertls import ServerTLS
 from vpnfleet.controlplane.settings import ServerSettings
@@ -82,6 +82,18 @@ class AppState:
                 self._known.clear()  # bounded: at worst every token is looked up once more
             self._known[digest] = now + KNOWN_TOKEN_TTL
         return known
+
+    def known_console_session(self, cookie: str) -> bool:
+        """Is ``cookie`` a live operator session of the console? (The intake's check before it
+        reads a large body: a policy file posted from the console.)"""
+        digest = auth.hash_token(cookie)
+        with self.factory() as db:
+            row = db.execute(
+                select(ConsoleSession.expires_at).where(
+                    ConsoleSession.token_hash == digest, ConsoleSession.account_id.is_not(None)
+                )
+            ).first()
+        return row is not None and row.expires_at > dt.datetime.now(dt.UTC)
 
     def install_commit_hook(self) -> None:
         """Wake the local watch hub right after a transaction that changed the log commits."""

@@ -19,6 +19,7 @@ from vpnfleet.controlplane.console import (
     entry,
     fleet,
     people,
+    policypage,
     selfservice,
 )
 from vpnfleet.controlplane.console.render import HERE, ConsoleHeaders, error_page, redirect
@@ -29,7 +30,7 @@ def install(app: FastAPI) -> None:
     """Add the console's routes, static files, error pages and headers to the app."""
     app.state.html_errors = error_page
     # selfservice first: its /users/{name}/sign-in-link precedes people's /users/{name}/{action}
-    for module in (entry, fleet, selfservice, people, access, audit, accounts, admin):
+    for module in (entry, fleet, selfservice, people, access, audit, accounts, admin, policypage):
         app.include_router(module.router)
     app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="console-static")
 

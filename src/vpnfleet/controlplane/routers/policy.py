@@ -157,7 +157,7 @@ class UserAccessOut(BaseModel):
     pods: list[PodEnforcementOut]
 
 
-def _parse(body: PolicyIn) -> Policy:
+def parse_policy(body: PolicyIn) -> Policy:
     try:
         return policyfile.parse(body.yaml, body.filename)
     except policyfile.PolicyError as exc:
@@ -173,7 +173,7 @@ def _issues(policy: Policy) -> list[IssueOut]:
     return [IssueOut.model_validate(dataclasses.asdict(w)) for w in policy.warnings]
 
 
-def _diff_out(
+def diff_out(
     diff: PolicyDiff, policy: Policy, body: PolicyIn, dry_run: bool, prune: bool, revision: int
 ) -> PolicyDiffOut:
     d = dataclasses.asdict(diff)
@@ -208,19 +208,19 @@ def apply_policy(
     prune: bool = Query(default=False, description="delete users and groups not in the file"),
 ) -> PolicyDiffOut:
     """Make users, groups, memberships and grants match the file, in one transaction."""
-    desired = _parse(body)
+    desired = parse_policy(body)
     if dry_run:
         diff = service.plan(db, desired, prune, body.filename)
         revision = changelog.current_revision(db)
     else:
         diff, revision = service.apply(db, who, state.sealer, desired, prune, body.filename)
-    return _diff_out(diff, desired, body, dry_run, prune, revision)
+    return diff_out(diff, desired, body, dry_run, prune, revision)
 
 
 @router.post("/policy/check", response_model=PolicyCheckOut)
 def check_policy(body: PolicyIn, _who: Reader) -> PolicyCheckOut:
     """Validate a policy file without looking at or touching the database."""
-    desired = _parse(body)
+    desired = parse_policy(body)
     counts = desired.counts()
     return PolicyCheckOut(
         filename=body.filename,

@@ -3,7 +3,10 @@
 "use strict";
 document.addEventListener("submit", (event) => {
   const form = event.target;
-  const question = form instanceof HTMLFormElement ? form.dataset.confirm : undefined;
+  const button = event.submitter instanceof HTMLElement ? event.submitter : null;
+  const question =
+    (button && button.dataset.confirmButton) ||
+    (form instanceof HTMLFormElement ? form.dataset.confirm : undefined);
   if (question && !window.confirm(question)) {
     event.preventDefault();
   }
