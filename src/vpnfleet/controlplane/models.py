@@ -487,3 +487,18 @@ class UserLink(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[dt.datetime] = mapped_column(index=True)
     used_at: Mapped[dt.datetime | None] = mapped_column()
+
+
+class ConsoleLogin(Base):
+    """A VPN user's single sign-on to the self-service pages, between the redirect to the IdP
+    and its callback (the IdP's one registered redirect URI, /sso/callback, serves both kinds
+    of login: the state tells them apart). Used once; `nonce` and `verifier` are cleared then."""
+
+    __tablename__ = "console_logins"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    state_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    nonce: Mapped[str | None] = mapped_column(String(100))
+    verifier: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(index=True)
+    used_at: Mapped[dt.datetime | None] = mapped_column()

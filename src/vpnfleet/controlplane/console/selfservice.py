@@ -16,18 +16,18 @@ from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
+from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from vpnfleet.controlplane import auth
+from vpnfleet.controlplane import auth, pki
 from vpnfleet.controlplane.console import signin
-from vpnfleet.controlplane.console.render import page, redirect
+from vpnfleet.controlplane.console.render import error_page, page, redirect
 from vpnfleet.controlplane.console.signin import Actor, Form, need
 from vpnfleet.controlplane.errors import Problem
 from vpnfleet.controlplane.models import ConsoleSession, User, VpnSession
 from vpnfleet.controlplane.routing import WriteThroughRoute
-from vpnfleet.controlplane.services import devices, userlinks, users
+from vpnfleet.controlplane.services import consolesso, devices, userlinks, users
 from vpnfleet.controlplane.services.journal import Journal
 from vpnfleet.controlplane.settings import tcp_remotes
 from vpnfleet.controlplane.state import DB, State
@@ -119,7 +119,8 @@ def enter_form(request: Request, token: str, db: DB) -> Response:
     """Ask before using the link: mail scanners that open links must not spend it."""
     usable = userlinks.peek(db, token, userlinks.SIGN_IN)
     status = 200 if usable else 410
-    return page(request, "me_enter.html", None, status=status, usable=usable, token=token)
+    sso = consolesso.configured(db)
+    return page(request, "me_enter.html", None, status=status, usable=usable, token=token, sso=sso)
 
 
 @router.post("/me/enter/{token}")
@@ -127,6 +128,11 @@ def enter(request: Request, token: str, db: DB) -> Response:
     if not signin.same_site(request):
         raise Problem(403, "Forbidden", "cross-site form posts are refused")
     user, _link = userlinks.redeem(db, token, userlinks.SIGN_IN)
+    return _signed_in(request, db, user)
+
+
+def _signed_in(request: Request, db: Session, user: User) -> Response:
+    """A new self-service session for ``user``: its cookie, and on to their page."""
     now = dt.datetime.now(dt.UTC)
     cookie = secrets.token_urlsafe(32)
     db.add(
@@ -140,6 +146,7 @@ def enter(request: Request, token: str, db: DB) -> Response:
             client_ip=signin.client_ip(request)[:64],
         )
     )
+    db.flush()
     response = redirect("/console/me/")
     response.set_cookie(
         signin.cookie_name(request, COOKIE),
@@ -148,13 +155,36 @@ def enter(request: Request, token: str, db: DB) -> Response:
         path="/",
         secure=signin.secure(request),
         httponly=True,
-        samesite="strict",
+        samesite="strict" if request.method == "POST" else "lax",
     )
     return response
 
 
+@router.get("/me/sso")
+def sso_start(db: DB) -> Response:
+    """Sign in with the company's IdP (the one VPN single sign-on uses)."""
+    return RedirectResponse(consolesso.start(db), status_code=302)
+
+
+def sso_finished(
+    request: Request, db: Session, sealer: pki.Sealer, state: str, code: str | None,
+    error: str | None,
+) -> Response:  # fmt: skip
+    """The IdP's callback for a console login (routers/sso.py tells it from a VPN login).
+    Served at /sso/callback, outside /console: errors are shown as a console page here."""
+    try:
+        user = consolesso.finish(db, sealer, state, code, error)
+    except Problem as problem:
+        return error_page(request, problem.status, problem.title, problem.detail)
+    return _signed_in(request, db, user)
+
+
 @router.get("/me/")
-def my_page(request: Request, db: DB, me: Me, notice: str | None = None) -> Response:
+def my_page(request: Request, db: DB, notice: str | None = None) -> Response:
+    me = _current(db, request)
+    if me is None:  # not signed in: how to sign in
+        sso = consolesso.configured(db)
+        return page(request, "me_enter.html", None, status=401, usable=False, token="", sso=sso)
     user = db.get(User, me.user_id)
     assert user is not None
     recent = db.scalars(
@@ -280,6 +310,9 @@ def revoke_device(serial: str, db: DB, me: ActingMe) -> Response:
 @router.post("/me/logout")
 def logout(request: Request, db: DB, me: ActingMe) -> Response:
     db.execute(delete(ConsoleSession).where(ConsoleSession.id == me.session_id))
-    response = page(request, "me_enter.html", None, usable=False, token="", signed_out=True)
+    sso = consolesso.configured(db)
+    response = page(
+        request, "me_enter.html", None, usable=False, token="", signed_out=True, sso=sso
+    )
     response.delete_cookie(signin.cookie_name(request, COOKIE), path="/")
     return response

@@ -19,9 +19,10 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from vpnfleet.controlplane.auth import Principal
+from vpnfleet.controlplane.console import selfservice
 from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.schemas import SsoDecision, SsoDecisions, SsoLoginIn, SsoLoginOut
-from vpnfleet.controlplane.services import sso
+from vpnfleet.controlplane.services import consolesso, sso
 from vpnfleet.controlplane.ssobell import MAX_WAIT
 from vpnfleet.controlplane.state import DB, AppState, PodCaller, PodPoller, State
 
@@ -104,6 +105,9 @@ def login_callback(
     error: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Response:
     """Where the IdP sends the browser back: the login is decided here, once."""
+    if oauth_state and consolesso.owns(db, oauth_state):
+        # A VPN user signing in to the self-service pages (controlplane/console).
+        return selfservice.sso_finished(request, db, app.sealer, oauth_state, code, error)
     try:
         browser = request.client.host if request.client else None
         outcome = sso.callback(db, app.sealer, oauth_state, code, error, browser)

@@ -1,4 +1,4 @@
-"""web console accounts, signed-in sessions, users' one-time links and device certificates
+"""web console accounts, signed-in sessions, users' one-time links, device certificates and single sign-on
 
 Revision ID: 0010
 Revises: 0009
@@ -97,9 +97,26 @@ def upgrade() -> None:
     op.create_index(op.f("ix_user_links_user_id"), "user_links", ["user_id"], unique=False)
     op.create_index(op.f("ix_user_links_expires_at"), "user_links", ["expires_at"], unique=False)
     op.add_column("certificates", sa.Column("device", sa.String(length=64), nullable=True))
+    op.create_table(
+        "console_logins",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("state_hash", sa.String(length=64), nullable=False),
+        sa.Column("nonce", sa.String(length=100), nullable=True),
+        sa.Column("verifier", sa.String(length=100), nullable=True),
+        sa.Column("created_at", utc(), nullable=False),
+        sa.Column("expires_at", utc(), nullable=False),
+        sa.Column("used_at", utc(), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_console_logins")),
+        sa.UniqueConstraint("state_hash", name=op.f("uq_console_logins_state_hash")),
+    )
+    op.create_index(
+        op.f("ix_console_logins_expires_at"), "console_logins", ["expires_at"], unique=False
+    )
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_console_logins_expires_at"), table_name="console_logins")
+    op.drop_table("console_logins")
     with op.batch_alter_table("certificates") as batch:
         batch.drop_column("device")
     op.drop_index(op.f("ix_user_links_expires_at"), table_name="user_links")
