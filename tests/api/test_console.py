@@ -312,6 +312,8 @@ def test_an_admin_manages_accounts_and_every_page_renders(server: Server) -> Non
             r = c.get(path)
             assert r.status_code == 200, (path, r.text[:500])
         assert "carol" in c.get("/console/users?q=ca").text
+        listed = c.get("/console/groups").text
+        assert '<a href="/console/groups/devs">devs</a></td><td>1</td><td>1</td>' in listed
         assert "carol" not in c.get("/console/users?q=zz").text
         token = csrf_of(c, "/console/accounts")
         r = c.post(

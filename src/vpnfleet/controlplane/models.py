@@ -25,6 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.sql import text
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -249,6 +250,17 @@ class VpnSession(Base):
     __table_args__ = (
         Index("ix_sessions_pod_open", "pod_name", "ended_at"),
         Index("ix_sessions_tunnel", "pod_name", "tunnel_ip", "started_at"),
+        # The live sessions, newest first (the console's list): ended ones, which retention
+        # keeps by the hundred thousand, are not in this index at all.
+        Index(
+            "ix_sessions_live",
+            "started_at",
+            "id",
+            postgresql_where=text("ended_at IS NULL"),
+            sqlite_where=text("ended_at IS NULL"),
+        ),
+        # One user's sessions, newest first (a user's page, the list filtered by user).
+        Index("ix_sessions_user_started", "user_name", "started_at", "id"),
     )
 
 

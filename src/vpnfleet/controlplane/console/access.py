@@ -11,7 +11,7 @@ from vpnfleet.controlplane.console.forms import number, validated
 from vpnfleet.controlplane.console.render import page, redirect
 from vpnfleet.controlplane.console.signin import Actor, Form, Viewer, need
 from vpnfleet.controlplane.errors import not_found
-from vpnfleet.controlplane.models import Group, Rule
+from vpnfleet.controlplane.models import Group, Membership, Rule, User
 from vpnfleet.controlplane.routers.groups import GROUPS
 from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.schemas import GroupCreate, RuleCreate
@@ -24,6 +24,7 @@ from vpnfleet.wire import MAX_INT32
 router = APIRouter(route_class=WriteThroughRoute, prefix="/console", include_in_schema=False)
 
 MAX_RULES_SHOWN = 1_000
+MAX_MEMBERS_SHOWN = 500  # a group of everyone would list 10,000 names
 
 
 @router.get("/groups")
@@ -33,8 +34,8 @@ def group_list(
     need(me, "operator")
     rows = db.scalars(paging.query(GROUPS, select(Group), cursor)).all()
     listing = paging.listing(GROUPS, rows, lambda g: (g.name,), request.url.path, {})
-    views = groups.groups_out(db, listing.rows)
-    return page(request, "groups.html", me, listing=listing, views=views, notice=notice)
+    sizes = groups.counts(db, [g.id for g in listing.rows])
+    return page(request, "groups.html", me, listing=listing, sizes=sizes, notice=notice)
 
 
 @router.post("/groups/new")
@@ -59,7 +60,14 @@ def group_page(
 ) -> Response:
     need(me, "operator")
     group = groups.get_group(db, name)
-    view = groups.group_out(db, group)
+    members = db.scalars(
+        select(User.name)
+        .join(Membership, Membership.user_id == User.id)
+        .where(Membership.group_id == group.id)
+        .order_by(User.name)
+        .limit(MAX_MEMBERS_SHOWN + 1)
+    ).all()
+    size, _rules = groups.counts(db, [group.id])[group.id]
     found = db.scalars(
         select(Rule).where(Rule.group_id == group.id).order_by(Rule.id).limit(MAX_RULES_SHOWN)
     ).all()
@@ -67,7 +75,9 @@ def group_page(
         request,
         "group.html",
         me,
-        group=view,
+        group=group,
+        members=members[:MAX_MEMBERS_SHOWN],
+        size=size,
         rules=[rules.rule_out(r, group.name) for r in found],
         notice=notice,
     )

@@ -30,6 +30,30 @@ def group_out(db: Session, group: Group) -> GroupOut:
 ID_CHUNK = 1_000  # ids per IN list (SQLite binds each as a parameter)
 
 
+def counts(db: Session, ids: Sequence[int]) -> dict[int, tuple[int, int]]:
+    """Members and rules of each group, counted in the database (a list page shows numbers,
+    not the members: a group holding every user would load them all)."""
+    members = dict(
+        db.execute(
+            select(Membership.group_id, func.count())
+            .where(Membership.group_id.in_(ids))
+            .group_by(Membership.group_id)
+        )
+        .tuples()
+        .all()
+    )
+    rules = dict(
+        db.execute(
+            select(Rule.group_id, func.count())
+            .where(Rule.group_id.in_(ids))
+            .group_by(Rule.group_id)
+        )
+        .tuples()
+        .all()
+    )
+    return {i: (members.get(i, 0), rules.get(i, 0)) for i in ids}
+
+
 def groups_out(db: Session, rows: Sequence[Group]) -> list[GroupOut]:
     """Many groups as the API shows them, in two queries per 1,000 groups (not two each)."""
     members: dict[int, list[str]] = {g.id: [] for g in rows}

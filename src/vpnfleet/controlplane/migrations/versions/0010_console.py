@@ -1,4 +1,4 @@
-"""web console accounts, signed-in sessions, users' one-time links, device certificates and single sign-on
+"""web console accounts, signed-in sessions, users' one-time links, device certificates, single sign-on, session indexes
 
 Revision ID: 0010
 Revises: 0009
@@ -112,9 +112,23 @@ def upgrade() -> None:
     op.create_index(
         op.f("ix_console_logins_expires_at"), "console_logins", ["expires_at"], unique=False
     )
+    # The console's session lists: the live ones newest first, and one user's.
+    op.create_index(
+        "ix_sessions_live",
+        "sessions",
+        ["started_at", "id"],
+        unique=False,
+        postgresql_where=sa.text("ended_at IS NULL"),
+        sqlite_where=sa.text("ended_at IS NULL"),
+    )
+    op.create_index(
+        "ix_sessions_user_started", "sessions", ["user_name", "started_at", "id"], unique=False
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_sessions_user_started", table_name="sessions")
+    op.drop_index("ix_sessions_live", table_name="sessions")
     op.drop_index(op.f("ix_console_logins_expires_at"), table_name="console_logins")
     op.drop_table("console_logins")
     with op.batch_alter_table("certificates") as batch:
