@@ -132,9 +132,9 @@ def test_the_login_form_needs_its_own_csrf_value(server: Server) -> None:
 def test_operator_creates_a_user_and_it_is_audited_under_their_name(
     server: Server, operator: httpx.Client
 ) -> None:
-    token = csrf_of(operator, "/console/users/new")
+    token = csrf_of(operator, "/console/new-user")
     r = operator.post(
-        "/console/users/new",
+        "/console/new-user",
         data={"csrf": token, "name": "carol", "email": "carol@example.com", "mode": "gateway",
               "max_sessions": "2", "groups": ""},
     )  # fmt: skip
@@ -156,13 +156,13 @@ def test_posts_without_the_csrf_token_or_from_another_site_are_refused(
     server: Server, operator: httpx.Client
 ) -> None:
     token = csrf_of(operator)
-    r = operator.post("/console/users/new", data={"name": "mallory"})
+    r = operator.post("/console/new-user", data={"name": "mallory"})
     assert r.status_code == 403
     assert "CSRF" in r.text
-    r = operator.post("/console/users/new", data={"name": "mallory", "csrf": "guess"})
+    r = operator.post("/console/new-user", data={"name": "mallory", "csrf": "guess"})
     assert r.status_code == 403
     r = operator.post(
-        "/console/users/new",
+        "/console/new-user",
         data={"name": "mallory", "csrf": token},
         headers={"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"},
     )
@@ -176,7 +176,7 @@ def test_bad_input_is_one_sentence_and_writes_nothing(
     server: Server, operator: httpx.Client
 ) -> None:
     token = csrf_of(operator)
-    r = operator.post("/console/users/new", data={"csrf": token, "name": "Not Valid"})
+    r = operator.post("/console/new-user", data={"csrf": token, "name": "Not Valid"})
     assert r.status_code == 422
     assert "name" in r.text and "lowercase" in r.text
     r = operator.post("/console/groups/new", data={"csrf": token, "name": "devs"})
@@ -305,7 +305,7 @@ def test_an_admin_manages_accounts_and_every_page_renders(server: Server) -> Non
     with browser(server) as c:
         assert sign_in(c, "ada").status_code == 303
         for path in ("/console/", "/console/users", "/console/users?q=ca", "/console/users/carol",
-                     "/console/users/new", "/console/groups", "/console/groups/devs",
+                     "/console/new-user", "/console/groups", "/console/groups/devs",
                      "/console/sessions", "/console/sessions?ended=true&user=carol",
                      "/console/audit/who", "/console/audit/log?action=user.",
                      "/console/accounts"):  # fmt: skip
@@ -482,5 +482,5 @@ def test_a_large_policy_is_read_only_from_a_signed_in_operator(
     with browser(server) as stranger:
         r = stranger.post("/console/policy", data={"csrf": "x", "yaml": big})
         assert r.status_code == 413
-        r = stranger.post("/console/users/new", data={"csrf": "x", "name": "y" * (70 << 10)})
+        r = stranger.post("/console/new-user", data={"csrf": "x", "name": "y" * (70 << 10)})
         assert r.status_code == 413

@@ -185,3 +185,27 @@ def test_devices_are_limited(server: Server, carol: httpx.Client) -> None:
     r = carol.post("/console/me/devices", data={"csrf": token, "device": "one more"})
     assert r.status_code == 409
     assert f"at most {MAX_DEVICES} devices" in r.text
+
+
+def test_an_operator_removes_a_device_or_revokes_everything(
+    server: Server, carol: httpx.Client
+) -> None:
+    token = csrf(carol)
+    for label in ("laptop", "phone"):
+        carol.post("/console/me/devices", data={"csrf": token, "device": label})
+    serials = re.findall(r"/console/me/devices/(\d+)/profile", carol.get("/console/me/").text)
+    with browser(server) as op:
+        assert sign_in(op, "olga").status_code == 303
+        page = op.get("/console/users/carol")
+        assert f"/console/users/carol/devices/{serials[0]}/revoke" in page.text
+        found = CSRF.search(page.text)
+        assert found
+        r = op.post(f"/console/users/carol/devices/{serials[0]}/revoke",
+                    data={"csrf": found.group(1)})  # fmt: skip
+        assert r.status_code == 303
+        assert agent_view(server, "carol")["device_serials"] == [serials[1]]
+    with server.client() as api:
+        # A compromise: the main certificate and every device go.
+        assert api.post("/api/v1/users/carol/revoke").status_code == 200
+    view = agent_view(server, "carol")
+    assert view["cert_serial"] is None and view.get("device_serials", []) == []

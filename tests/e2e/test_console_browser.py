@@ -113,7 +113,7 @@ def test_an_operator_creates_a_user_and_a_group_grants_access_and_disables_the_u
     c.wait_h1("Users")
     c.driver.find_element(By.LINK_TEXT, "New user").click()
     c.wait_h1("New user")
-    assert c.path() == "/console/users/new"
+    assert c.path() == "/console/new-user"
     c.fill("name", "carol")
     c.fill("email", "carol@example.test")
     nat = c.driver.find_element(By.CSS_SELECTOR, "input[name=mode][value=nat]")
@@ -235,7 +235,7 @@ def test_an_auditor_sees_the_log_and_who_was_this_but_no_operator_pages(
 
     c.sign_in("auditor")
     assert c.nav() == ["Fleet", "Sessions", "Who was this?", "Flows", "Denied", "Audit log"]
-    for path in ("/console/users", "/console/accounts", "/console/users/new", "/console/groups"):
+    for path in ("/console/users", "/console/accounts", "/console/new-user", "/console/groups"):
         c.go(path)
         c.wait_h1("Forbidden")
         error = c.driver.find_element(By.CSS_SELECTOR, "p.error").text
@@ -317,7 +317,7 @@ def test_pages_keep_to_the_csp_the_cookie_is_locked_down_and_sign_out_ends_the_s
     pages = {
         "/console/": "Fleet",
         "/console/users": "Users",
-        "/console/users/new": "New user",
+        "/console/new-user": "New user",
         "/console/users/erin": "erin",
         "/console/groups": "Groups",
         "/console/groups/ops": "Group ops",

@@ -91,3 +91,24 @@ def test_a_success_clears_the_names_failures() -> None:
     t.succeeded("olga", "10.0.0.1")
     t.failed("olga", "10.0.0.1")
     assert t.wait("olga", "10.0.0.1") == 0
+
+
+def test_an_attempt_counts_before_its_check_and_a_success_takes_it_back() -> None:
+    clock = Clock()
+    t = LoginThrottle(clock)
+    marks = [t.failed("olga", "10.0.0.1") for _ in range(PER_NAME)]  # 5 checks in flight
+    assert t.wait("olga", "10.0.0.1") > 0  # a 6th waits, whatever the 5 turn out to be
+    clock.now += 1
+    # Many people behind one NAT signing in fine never fill the address's budget.
+    for i in range(PER_ADDRESS * 2):
+        t.succeeded(f"user{i}", "10.0.0.2", t.failed(f"user{i}", "10.0.0.2"))
+    assert t.wait("someone", "10.0.0.2") == 0
+    assert marks
+
+
+def test_ipv6_clients_are_counted_by_their_64() -> None:
+    t = LoginThrottle(Clock())
+    for i in range(PER_NAME):
+        t.failed("olga", f"2001:db8:1:2::{i + 1}")
+    assert t.wait("olga", "2001:db8:1:2:ffff::9") > 0
+    assert t.wait("olga", "2001:db8:1:3::1") == 0

@@ -509,6 +509,9 @@ class ConsoleLogin(Base):
     __tablename__ = "console_logins"
     id: Mapped[int] = mapped_column(primary_key=True)
     state_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # SHA-256 of a cookie set on the browser that started the login: only that browser may
+    # finish it (a callback URL sent to someone else signs nobody in).
+    browser_hash: Mapped[str] = mapped_column(String(64))
     nonce: Mapped[str | None] = mapped_column(String(100))
     verifier: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

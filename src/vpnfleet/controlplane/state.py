@@ -19,7 +19,7 @@ from sqlalchemy.pool import QueuePool
 
 from vpnfleet.controlplane import auth, changelog
 from vpnfleet.controlplane.errors import Problem
-from vpnfleet.controlplane.models import AdminToken, ConsoleSession
+from vpnfleet.controlplane.models import AdminToken, ConsoleAccount, ConsoleSession
 from vpnfleet.controlplane.pki import Sealer
 from vpnfleet.controlplane.servertls import ServerTLS
 from vpnfleet.controlplane.settings import ServerSettings
@@ -29,6 +29,7 @@ from vpnfleet.core.loginthrottle import LoginThrottle
 
 KNOWN_TOKEN_TTL = 10.0
 KNOWN_TOKENS_MAX = 20_000
+CONSOLE_IDLE = dt.timedelta(minutes=30)  # console/signin.py IDLE (which imports this module)
 
 
 @dataclass
@@ -85,15 +86,17 @@ class AppState:
 
     def known_console_session(self, cookie: str) -> bool:
         """Is ``cookie`` a live operator session of the console? (The intake's check before it
-        reads a large body: a policy file posted from the console.)"""
+        reads a large body: a policy file posted from the console.) The console's own check
+        (console/signin.py) still runs on the request."""
         digest = auth.hash_token(cookie)
+        now = dt.datetime.now(dt.UTC)
         with self.factory() as db:
             row = db.execute(
-                select(ConsoleSession.expires_at).where(
-                    ConsoleSession.token_hash == digest, ConsoleSession.account_id.is_not(None)
-                )
+                select(ConsoleSession.expires_at, ConsoleSession.last_seen_at)
+                .join(ConsoleAccount, ConsoleAccount.id == ConsoleSession.account_id)
+                .where(ConsoleSession.token_hash == digest, ConsoleAccount.disabled_at.is_(None))
             ).first()
-        return row is not None and row.expires_at > dt.datetime.now(dt.UTC)
+        return row is not None and row.expires_at > now and row.last_seen_at + CONSOLE_IDLE > now
 
     def install_commit_hook(self) -> None:
         """Wake the local watch hub right after a transaction that changed the log commits."""

@@ -50,14 +50,14 @@ def user_list(
     return page(request, "users.html", me, listing=listing, views=views, q=q or "", notice=notice)
 
 
-@router.get("/users/new")
+@router.get("/new-user")
 def new_user_form(request: Request, db: DB, me: Viewer) -> Response:
     need(me, "operator")
     choices = db.scalars(select(Group.name).order_by(Group.name).limit(MAX_GROUP_CHOICES)).all()
     return page(request, "user_new.html", me, choices=choices, values={}, error=None)
 
 
-@router.post("/users/new")
+@router.post("/new-user")
 def create_user(request: Request, db: DB, me: Actor, form: Form, state: State) -> Response:
     need(me, "operator")
     body = validated(
@@ -137,6 +137,18 @@ def download_profile(name: str, db: DB, me: Actor, state: State) -> Response:
         media_type="application/x-openvpn-profile",
         headers={"Content-Disposition": f'attachment; filename="{name}.ovpn"'},
     )
+
+
+@router.post("/users/{name}/devices/{serial}/revoke")
+def revoke_device(name: str, serial: str, db: DB, me: Actor) -> Response:
+    """Remove one of the user's own devices (a lost laptop): cut and refused at once."""
+    need(me, "operator")
+    user = users.get_user(db, name)
+    cert = devices.get_device(db, user, serial)
+    journal = Journal(db, me.principal)
+    devices.revoke_device(db, journal, user, cert)
+    journal.commit()
+    return redirect(f"/console/users/{name}", notice=f"removed {name}'s device {cert.device}")
 
 
 @router.post("/users/{name}/{action}")

@@ -50,13 +50,28 @@ def policy_preview_or_apply(
             applied=False,
             error=problem.detail,
         )
-    if form.get("action") == "apply":
-        diff, revision = service.apply(db, me.principal, state.sealer, desired, prune, FILENAME)
-        applied = True
-    else:
-        diff = service.plan(db, desired, prune, FILENAME)
-        revision = changelog.current_revision(db)
-        applied = False
+    try:
+        if form.get("action") == "apply":
+            diff, revision = service.apply(db, me.principal, state.sealer, desired, prune, FILENAME)
+            applied = True
+        else:
+            diff = service.plan(db, desired, prune, FILENAME)
+            revision = changelog.current_revision(db)
+            applied = False
+    except Problem as problem:
+        # e.g. a pod's firewall could not hold it: nothing was written; keep the text.
+        db.rollback()
+        return page(
+            request,
+            "policy.html",
+            me,
+            status=problem.status,
+            text=text,
+            diff=None,
+            prune=prune,
+            applied=False,
+            error=problem.detail,
+        )
     out = diff_out(diff, desired, body, not applied, prune, revision)
     return page(
         request, "policy.html", me, text=text, diff=out, prune=prune, applied=applied, error=None

@@ -35,6 +35,7 @@ from vpnfleet.controlplane.state import DB, State
 router = APIRouter(route_class=WriteThroughRoute, prefix="/console", include_in_schema=False)
 
 COOKIE = "vpnfleet_me"
+SSO_COOKIE = "vpnfleet_me_sso"  # binds a single sign-on to the browser that started it
 RECENT_SESSIONS = 20
 
 
@@ -161,9 +162,21 @@ def _signed_in(request: Request, db: Session, user: User) -> Response:
 
 
 @router.get("/me/sso")
-def sso_start(db: DB) -> Response:
-    """Sign in with the company's IdP (the one VPN single sign-on uses)."""
-    return RedirectResponse(consolesso.start(db), status_code=302)
+def sso_start(request: Request, db: DB) -> Response:
+    """Sign in with the company's IdP (the one VPN single sign-on uses). A cookie binds the
+    login to this browser; the callback needs it (SameSite=Lax: it comes back from the IdP)."""
+    browser = secrets.token_urlsafe(32)
+    response = RedirectResponse(consolesso.start(db, browser), status_code=302)
+    response.set_cookie(
+        signin.cookie_name(request, SSO_COOKIE),
+        browser,
+        max_age=int(consolesso.LIFETIME.total_seconds()),
+        path="/",
+        secure=signin.secure(request),
+        httponly=True,
+        samesite="lax",
+    )
+    return response
 
 
 def sso_finished(
@@ -172,11 +185,14 @@ def sso_finished(
 ) -> Response:  # fmt: skip
     """The IdP's callback for a console login (routers/sso.py tells it from a VPN login).
     Served at /sso/callback, outside /console: errors are shown as a console page here."""
+    browser = request.cookies.get(signin.cookie_name(request, SSO_COOKIE))
     try:
-        user = consolesso.finish(db, sealer, state, code, error)
+        user = consolesso.finish(db, sealer, state, code, error, browser)
     except Problem as problem:
         return error_page(request, problem.status, problem.title, problem.detail)
-    return _signed_in(request, db, user)
+    response = _signed_in(request, db, user)
+    response.delete_cookie(signin.cookie_name(request, SSO_COOKIE), path="/")
+    return response
 
 
 @router.get("/me/")

@@ -25,12 +25,12 @@ from sqlalchemy.orm import Session
 from vpnfleet.controlplane import auth
 from vpnfleet.controlplane.errors import Problem
 from vpnfleet.controlplane.models import ConsoleAccount, ConsoleSession
-from vpnfleet.controlplane.state import DB
+from vpnfleet.controlplane.state import CONSOLE_IDLE, DB
 from vpnfleet.core import passwords
 from vpnfleet.core.loginthrottle import LoginThrottle
 
 LIFETIME = dt.timedelta(hours=12)
-IDLE = dt.timedelta(minutes=30)
+IDLE = CONSOLE_IDLE
 TOUCH_EVERY = dt.timedelta(minutes=1)
 COOKIE = "vpnfleet_console"
 LOGIN_COOKIE = "vpnfleet_login"  # the login form's own CSRF value (double submit)
@@ -239,13 +239,25 @@ def sign_in(db: Session, throttle: LoginThrottle, name: str, password: str, ip: 
             f"too many failed sign-ins: try again in {int(wait) + 1} s",
             retry_after=int(wait) + 1,
         )
-    account = db.scalar(select(ConsoleAccount).where(ConsoleAccount.name == name))
-    stored = account.password_hash if account is not None else None
+    found = db.execute(
+        select(ConsoleAccount.id, ConsoleAccount.password_hash, ConsoleAccount.disabled_at).where(
+            ConsoleAccount.name == name
+        )
+    ).first()
+    # The slow KDF runs outside any transaction: on SQLite the read above holds the database
+    # lock until the transaction ends, and every other write would wait for the KDF.
+    db.rollback()
+    stored = found.password_hash if found is not None else None
+    # Counted as a failure before the KDF: concurrent guesses cannot all slip through before
+    # the first is recorded. A success takes its mark back.
+    mark = throttle.failed(name, ip)
     ok = passwords.verify(password, stored)
-    if not ok or account is None or account.disabled_at is not None:
-        throttle.failed(name, ip)
+    if not ok or found is None or found.disabled_at is not None:
         raise Problem(401, "Unauthorized", "wrong name or password, or the account is disabled")
-    throttle.succeeded(name, ip)
+    account = db.get(ConsoleAccount, found.id)
+    if account is None or account.disabled_at is not None or account.password_hash != stored:
+        raise Problem(401, "Unauthorized", "wrong name or password, or the account is disabled")
+    throttle.succeeded(name, ip, mark)
     now = _now()
     if passwords.needs_rehash(account.password_hash):
         account.password_hash = passwords.hash_password(password)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
@@ -36,8 +37,9 @@ def configured(db: Session) -> bool:
     return idpsvc.get_config(db) is not None
 
 
-def start(db: Session) -> str:
-    """A new login: the IdP's authorization URL to send the browser to."""
+def start(db: Session, browser: str) -> str:
+    """A new login bound to ``browser`` (a random value the caller sets as a cookie): the
+    IdP's authorization URL to send the browser to."""
     row = idpsvc.get_config(db)
     if row is None:
         raise Problem(409, "Single sign-on not configured", "no identity provider is configured")
@@ -52,6 +54,7 @@ def start(db: Session) -> str:
     db.add(
         ConsoleLogin(
             state_hash=_hash(login.state),
+            browser_hash=_hash(browser),
             nonce=login.nonce,
             verifier=login.verifier,
             created_at=now,
@@ -75,7 +78,12 @@ def owns(db: Session, state: str | None) -> bool:
 
 
 def finish(
-    db: Session, sealer: pki.Sealer, state: str, code: str | None, error: str | None
+    db: Session,
+    sealer: pki.Sealer,
+    state: str,
+    code: str | None,
+    error: str | None,
+    browser: str | None,
 ) -> User:
     """Decide the login (once): the VPN user it signs in, or a Problem with one sentence.
 
@@ -85,6 +93,11 @@ def finish(
     now = dt.datetime.now(dt.UTC)
     if login is None:
         raise Problem(400, "Sign-in failed", "this sign-in is unknown: start again")
+    if not browser or not hmac.compare_digest(_hash(browser), login.browser_hash):
+        # Checked before the login is claimed: the right browser can still finish it.
+        raise Problem(
+            403, "Sign-in failed", "this sign-in was started in another browser: start again"
+        )
     # Read before the claim: the ORM's UPDATE also clears them on the loaded row.
     nonce, verifier, expires = login.nonce or "", login.verifier or "", login.expires_at
     claimed = db.execute(
@@ -127,7 +140,11 @@ def finish(
     wanted = who.strip().lower()
     # As for VPN logins: the user's name, or their e-mail address compared without case.
     column = User.name if settings.match == "name" else func.lower(User.email)
-    user = db.scalars(select(User).where(column == wanted).limit(2)).first()
+    found = db.scalars(select(User).where(column == wanted).limit(2)).all()
+    if len(found) > 1:
+        # Two users share the address: signing in as either would be a guess.
+        raise Problem(403, "Sign-in failed", f"{who!r} matches more than one VPN account")
+    user = found[0] if found else None
     if user is None:
         raise Problem(403, "Sign-in failed", f"{who!r} has no VPN account here")
     if not user.enabled:

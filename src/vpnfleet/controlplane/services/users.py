@@ -308,9 +308,10 @@ def reissue_cert(
 
 
 def revoke_cert(db: Session, journal: Journal, user: User, reason: str = "revoked") -> User:
-    """Revoke the user's certificate without issuing a new one."""
+    """Revoke the user's certificate without issuing a new one, and their own devices' (the
+    answer to a compromise: nothing of theirs connects until an operator reissues)."""
     before = journal.capture(lambda: _audit_view(db, user))
-    revoked = certs.revoke_user_certs(db, user.id, reason)
+    revoked = certs.revoke_user_certs(db, user.id, reason, kinds=("client", "device"))
     if not revoked:
         raise conflict(f"user {user.name!r} has no valid certificate to revoke")
     return _revoked(db, journal, "user.revoke", user, before, revoked)

@@ -101,6 +101,7 @@ def upgrade() -> None:
         "console_logins",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("state_hash", sa.String(length=64), nullable=False),
+        sa.Column("browser_hash", sa.String(length=64), nullable=False),
         sa.Column("nonce", sa.String(length=100), nullable=True),
         sa.Column("verifier", sa.String(length=100), nullable=True),
         sa.Column("created_at", utc(), nullable=False),
