@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import Server
+from tests.conftest import Server, running_server
 
 PASSWORD = "correct horse battery staple"
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -484,3 +485,24 @@ def test_a_large_policy_is_read_only_from_a_signed_in_operator(
         assert r.status_code == 413
         r = stranger.post("/console/new-user", data={"csrf": "x", "name": "y" * (70 << 10)})
         assert r.status_code == 413
+
+
+def test_page_views_do_not_wait_for_a_writer_on_sqlite(tmp_path: Path) -> None:
+    """A page view only reads: it must not queue behind a write (on SQLite every other
+    transaction takes the database's write lock at BEGIN; PostgreSQL readers never wait)."""
+    import sqlite3
+
+    path = tmp_path / "cp.db"
+    with running_server(f"sqlite:///{path}", tmp_path / "data") as server:
+        make_account(server, "olga", "operator")
+        with browser(server) as operator:
+            assert sign_in(operator, "olga").status_code == 303
+            writer = sqlite3.connect(path, isolation_level=None)
+            try:
+                writer.execute("BEGIN IMMEDIATE")  # a long write transaction holds the lock
+                for page in ("/console/", "/console/users", "/console/sessions"):
+                    r = operator.get(page, timeout=5)  # a write lock at BEGIN: waits 30 s
+                    assert r.status_code == 200, page
+            finally:
+                writer.execute("ROLLBACK")
+                writer.close()

@@ -37,6 +37,10 @@ def private_sqlite_file(url: str) -> None:
         tighten(p)
 
 
+# Execution option of sessions that never write (state.get_read_db): a deferred BEGIN on SQLite.
+READ_ONLY = "vpnfleet_read_only"
+
+
 def make_engine(url: str) -> Engine:
     """An engine for `url` with the settings vpnfleet relies on (FKs and WAL on SQLite)."""
     if url.startswith("sqlite"):
@@ -55,8 +59,13 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
             # Take the write lock at BEGIN so read-then-write transactions serialize instead
-            # of failing with "database is locked" on upgrade.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # of failing with "database is locked" on upgrade. A session made read-only
+            # (READ_ONLY, the console's page views) begins deferred: WAL readers take no
+            # lock, so page views do not queue behind each other and every write.
+            if conn.get_execution_options().get(READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         # Let SQLAlchemy emit our BEGIN instead of pysqlite's implicit one.
         @event.listens_for(engine, "connect")

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
 from vpnfleet.controlplane import auth, changelog
+from vpnfleet.controlplane import db as dbmod
 from vpnfleet.controlplane.errors import Problem
 from vpnfleet.controlplane.models import AdminToken, ConsoleAccount, ConsoleSession
 from vpnfleet.controlplane.pki import Sealer
@@ -50,6 +51,15 @@ class AppState:
     _db_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = field(
         default_factory=weakref.WeakKeyDictionary, init=False, repr=False
     )
+
+    _read_factory: sessionmaker[Session] | None = field(default=None, init=False, repr=False)
+
+    def read_factory(self) -> sessionmaker[Session]:
+        """Sessions that only read (on SQLite a deferred BEGIN: see db.READ_ONLY)."""
+        if self._read_factory is None:
+            bound = self.engine.execution_options(**{dbmod.READ_ONLY: True})
+            self._read_factory = sessionmaker(bound, expire_on_commit=False)
+        return self._read_factory
 
     def db_slots(self) -> asyncio.Semaphore:
         """This event loop's gate (made on first use: the thread limit is the loop's)."""
@@ -160,9 +170,26 @@ def get_db(state: Annotated[AppState, Depends(app_state)], _slot: Slot) -> Itera
         db.commit()
 
 
+def get_read_db(
+    state: Annotated[AppState, Depends(app_state)], _slot: Slot
+) -> Iterator[Session]:
+    """A request's read-only transaction (the console's page views), rolled back at the end.
+
+    On SQLite it begins deferred, so page views read side by side instead of taking the
+    write lock one after the other (4 concurrent viewers: p99 140-550 ms with it). Nothing
+    may be written through it: a deferred SQLite transaction that writes after another
+    connection committed fails instead of waiting."""
+    with state.read_factory()() as db:
+        try:
+            yield db
+        finally:
+            db.rollback()
+
+
 # scope="function": commit before the response is sent, so a 200 means the write is durable
 # and visible to the caller's next request (the default would commit after responding).
 DB = Annotated[Session, Depends(get_db, scope="function")]
+ReadDB = Annotated[Session, Depends(get_read_db, scope="function")]
 State = Annotated[AppState, Depends(app_state)]
 
 _bearer = HTTPBearer(auto_error=False)

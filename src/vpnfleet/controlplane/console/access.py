@@ -17,7 +17,7 @@ from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.schemas import GroupCreate, RuleCreate
 from vpnfleet.controlplane.services import groups, rules
 from vpnfleet.controlplane.services.journal import Journal
-from vpnfleet.controlplane.state import DB
+from vpnfleet.controlplane.state import DB, ReadDB
 from vpnfleet.core import netparse
 from vpnfleet.wire import MAX_INT32
 
@@ -29,7 +29,7 @@ MAX_MEMBERS_SHOWN = 500  # a group of everyone would list 10,000 names
 
 @router.get("/groups")
 def group_list(
-    request: Request, db: DB, me: Viewer, cursor: str | None = None, notice: str | None = None
+    request: Request, db: ReadDB, me: Viewer, cursor: str | None = None, notice: str | None = None
 ) -> Response:
     need(me, "operator")
     rows = db.scalars(paging.query(GROUPS, select(Group), cursor)).all()
@@ -56,7 +56,7 @@ def create_group(db: DB, me: Actor, form: Form) -> Response:
 
 @router.get("/groups/{name}")
 def group_page(
-    request: Request, name: str, db: DB, me: Viewer, notice: str | None = None
+    request: Request, name: str, db: ReadDB, me: Viewer, notice: str | None = None
 ) -> Response:
     need(me, "operator")
     group = groups.get_group(db, name)

@@ -13,7 +13,7 @@ from vpnfleet.controlplane.models import ConsoleAccount
 from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.services import consoleaccounts as accounts
 from vpnfleet.controlplane.services.journal import Journal
-from vpnfleet.controlplane.state import DB
+from vpnfleet.controlplane.state import DB, ReadDB
 
 router = APIRouter(route_class=WriteThroughRoute, prefix="/console", include_in_schema=False)
 
@@ -21,7 +21,7 @@ MAX_SHOWN = 1_000
 
 
 @router.get("/accounts")
-def account_list(request: Request, db: DB, me: Viewer, notice: str | None = None) -> Response:
+def account_list(request: Request, db: ReadDB, me: Viewer, notice: str | None = None) -> Response:
     need(me)
     rows = db.scalars(select(ConsoleAccount).order_by(ConsoleAccount.name).limit(MAX_SHOWN)).all()
     return page(

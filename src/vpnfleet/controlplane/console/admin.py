@@ -19,7 +19,7 @@ from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.schemas import PoolSet, TokenCreate
 from vpnfleet.controlplane.services import pods, pools, tokens
 from vpnfleet.controlplane.services.journal import Journal
-from vpnfleet.controlplane.state import DB, State
+from vpnfleet.controlplane.state import DB, ReadDB, State
 from vpnfleet.core import netparse
 
 router = APIRouter(route_class=WriteThroughRoute, prefix="/console", include_in_schema=False)
@@ -28,7 +28,7 @@ MAX_SHOWN = 2_000
 
 
 @router.get("/tokens")
-def token_list(request: Request, db: DB, me: Viewer, notice: str | None = None) -> Response:
+def token_list(request: Request, db: ReadDB, me: Viewer, notice: str | None = None) -> Response:
     need(me)
     rows = db.scalars(select(AdminToken).order_by(AdminToken.id.desc()).limit(MAX_SHOWN)).all()
     views = [token_out(t) for t in rows]
@@ -88,7 +88,7 @@ def pod_action(name: str, action: str, db: DB, me: Actor, state: State) -> Respo
 
 
 @router.get("/pools")
-def pool_list(request: Request, db: DB, me: Viewer, notice: str | None = None) -> Response:
+def pool_list(request: Request, db: ReadDB, me: Viewer, notice: str | None = None) -> Response:
     need(me, "operator")
     rows = db.scalars(select(Pool).order_by(Pool.kind, Pool.name).limit(MAX_SHOWN)).all()
     return page(request, "pools.html", me, pools=pools.pools_out(db, rows), notice=notice)

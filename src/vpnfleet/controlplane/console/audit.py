@@ -28,7 +28,7 @@ from vpnfleet.controlplane.routers.nataudit import (
     retention_horizon,
 )
 from vpnfleet.controlplane.routing import WriteThroughRoute
-from vpnfleet.controlplane.state import DB, State
+from vpnfleet.controlplane.state import DB, ReadDB, State
 from vpnfleet.core import accesslog, logformat
 
 router = APIRouter(route_class=WriteThroughRoute, prefix="/console", include_in_schema=False)
@@ -117,7 +117,7 @@ def who(request: Request, db: DB, me: Actor, form: Form, state: State) -> Respon
 @router.get("/audit/log")
 def admin_log(
     request: Request,
-    db: DB,
+    db: ReadDB,
     me: Viewer,
     actor: str | None = None,
     action: str | None = None,
@@ -176,7 +176,7 @@ def _csv(rows: Iterable[dict[str, Any]], fields: tuple[str, ...], name: str, cut
 @router.get("/audit/flows")
 def flows(
     request: Request,
-    db: DB,
+    db: ReadDB,
     me: Viewer,
     user: str | None = None,
     pod: str | None = None,
@@ -224,7 +224,7 @@ def _export_url(request: Request) -> str:
 @router.get("/audit/denied")
 def denied(
     request: Request,
-    db: DB,
+    db: ReadDB,
     me: Viewer,
     user: str | None = None,
     since: str | None = None,

@@ -17,7 +17,7 @@ from vpnfleet.controlplane.models import Pod, User, VpnSession
 from vpnfleet.controlplane.routers.audit import SESSIONS
 from vpnfleet.controlplane.routers.fleet import pod_out
 from vpnfleet.controlplane.routing import WriteThroughRoute
-from vpnfleet.controlplane.state import DB
+from vpnfleet.controlplane.state import ReadDB
 from vpnfleet.core.fleetstatus import assess
 
 router = APIRouter(route_class=WriteThroughRoute, prefix="/console", include_in_schema=False)
@@ -26,7 +26,7 @@ MAX_PODS = 1_000  # the overview lists every pod; fleets are hundreds at most
 
 
 @router.get("/")
-def overview(request: Request, db: DB, me: Viewer, notice: str | None = None) -> Response:
+def overview(request: Request, db: ReadDB, me: Viewer, notice: str | None = None) -> Response:
     need(me, "operator", "auditor")
     revision = changelog.current_revision(db)
     pods: list[dict[str, Any]] = [
@@ -51,7 +51,7 @@ def overview(request: Request, db: DB, me: Viewer, notice: str | None = None) ->
 @router.get("/sessions")
 def live_sessions(
     request: Request,
-    db: DB,
+    db: ReadDB,
     me: Viewer,
     user: str | None = None,
     pod: str | None = None,

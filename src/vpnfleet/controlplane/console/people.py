@@ -18,7 +18,7 @@ from vpnfleet.controlplane.schemas import UserCreate
 from vpnfleet.controlplane.services import devices, groups, sessions, users
 from vpnfleet.controlplane.services.journal import Journal
 from vpnfleet.controlplane.settings import tcp_remotes
-from vpnfleet.controlplane.state import DB, State
+from vpnfleet.controlplane.state import DB, ReadDB, State
 from vpnfleet.core import netparse
 
 router = APIRouter(route_class=WriteThroughRoute, prefix="/console", include_in_schema=False)
@@ -34,7 +34,7 @@ def _escape_like(text: str) -> str:
 @router.get("/users")
 def user_list(
     request: Request,
-    db: DB,
+    db: ReadDB,
     me: Viewer,
     q: str | None = None,
     cursor: str | None = None,
@@ -51,7 +51,7 @@ def user_list(
 
 
 @router.get("/new-user")
-def new_user_form(request: Request, db: DB, me: Viewer) -> Response:
+def new_user_form(request: Request, db: ReadDB, me: Viewer) -> Response:
     need(me, "operator")
     choices = db.scalars(select(Group.name).order_by(Group.name).limit(MAX_GROUP_CHOICES)).all()
     return page(request, "user_new.html", me, choices=choices, values={}, error=None)
@@ -88,7 +88,7 @@ def create_user(request: Request, db: DB, me: Actor, form: Form, state: State) -
 
 @router.get("/users/{name}")
 def user_page(
-    request: Request, name: str, db: DB, me: Viewer, notice: str | None = None
+    request: Request, name: str, db: ReadDB, me: Viewer, notice: str | None = None
 ) -> Response:
     need(me, "operator")
     user = users.get_user(db, name)

@@ -13,7 +13,7 @@ from vpnfleet.controlplane.console.signin import Actor, Form, Viewer, need
 from vpnfleet.controlplane.errors import Problem
 from vpnfleet.controlplane.routers.policy import PolicyIn, diff_out, parse_policy
 from vpnfleet.controlplane.routing import WriteThroughRoute
-from vpnfleet.controlplane.state import DB, State
+from vpnfleet.controlplane.state import DB, ReadDB, State
 
 router = APIRouter(route_class=WriteThroughRoute, prefix="/console", include_in_schema=False)
 
@@ -21,7 +21,7 @@ FILENAME = "console"
 
 
 @router.get("/policy")
-def policy_form(request: Request, db: DB, me: Viewer, current: bool = False) -> Response:
+def policy_form(request: Request, db: ReadDB, me: Viewer, current: bool = False) -> Response:
     need(me, "operator")
     text = service.export(db) if current else ""
     return page(request, "policy.html", me, text=text, diff=None, prune=False, applied=False)

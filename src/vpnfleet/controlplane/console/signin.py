@@ -19,13 +19,13 @@ from typing import Annotated
 from urllib.parse import parse_qsl, urlsplit
 
 from fastapi import Depends, Request
-from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from vpnfleet.controlplane import auth
 from vpnfleet.controlplane.errors import Problem
 from vpnfleet.controlplane.models import ConsoleAccount, ConsoleSession
-from vpnfleet.controlplane.state import CONSOLE_IDLE, DB
+from vpnfleet.controlplane.state import CONSOLE_IDLE, DB, ReadDB, State
 from vpnfleet.core import passwords
 from vpnfleet.core.loginthrottle import LoginThrottle
 
@@ -88,8 +88,14 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def current(db: Session, request: Request) -> Caller | None:
-    """The caller of this request from its cookie, or None (expired sessions are removed)."""
+def current(
+    db: Session, request: Request, writer: sessionmaker[Session] | None = None
+) -> Caller | None:
+    """The caller of this request from its cookie, or None (ended sessions are removed).
+
+    The once-a-minute ``last_seen_at`` touch and the removal are written through ``db``, or,
+    when ``db`` only reads (a page view, state.get_read_db), in a short transaction of their
+    own from ``writer``."""
     token = request.cookies.get(cookie_name(request))
     if not token or len(token) > 200:
         return None
@@ -109,12 +115,21 @@ def current(db: Session, request: Request) -> Caller | None:
         or account.password_changed_at > session.created_at
         or account.role not in CONSOLE_ROLES
     )
+    if ended or now - session.last_seen_at >= TOUCH_EVERY:
+        change = (
+            delete(ConsoleSession).where(ConsoleSession.id == session.id)
+            if ended
+            else update(ConsoleSession)
+            .where(ConsoleSession.id == session.id)
+            .values(last_seen_at=now)
+        )
+        if writer is None:
+            db.execute(change)
+        else:
+            with writer() as w, w.begin():
+                w.execute(change)
     if ended:
-        db.delete(session)
-        db.flush()
         return None
-    if now - session.last_seen_at >= TOUCH_EVERY:
-        session.last_seen_at = now
     return Caller(
         account_id=account.id,
         name=account.name,
@@ -158,9 +173,10 @@ async def read_form(request: Request) -> dict[str, str]:
 Form = Annotated[dict[str, str], Depends(read_form)]
 
 
-def viewer(request: Request, db: DB) -> Caller:
-    """A page's caller: anyone signed in (each page then checks the role it needs)."""
-    caller = current(db, request)
+def viewer(request: Request, db: ReadDB, state: State) -> Caller:
+    """A page's caller: anyone signed in (each page then checks the role it needs). Page views
+    read through a read-only transaction (the page's own, shared with the handler)."""
+    caller = current(db, request, state.factory)
     if caller is None:
         raise NotSignedIn(request.url.path)
     request.state.console_caller = caller  # the error page still shows who is signed in
