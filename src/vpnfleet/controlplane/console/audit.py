@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from vpnfleet.controlplane.console import paging
 from vpnfleet.controlplane.console.render import page
-from vpnfleet.controlplane.console.signin import Actor, Form, Viewer, need
+from vpnfleet.controlplane.console.signin import Form, ReadingActor, Viewer, need
 from vpnfleet.controlplane.errors import Problem
 from vpnfleet.controlplane.models import AdminAudit
 from vpnfleet.controlplane.reverse_lookup import AttributionOut, flow_out, lookup
@@ -28,7 +28,7 @@ from vpnfleet.controlplane.routers.nataudit import (
     retention_horizon,
 )
 from vpnfleet.controlplane.routing import WriteThroughRoute
-from vpnfleet.controlplane.state import DB, ReadDB, State
+from vpnfleet.controlplane.state import ReadDB, State
 from vpnfleet.core import accesslog, logformat
 
 router = APIRouter(route_class=WriteThroughRoute, prefix="/console", include_in_schema=False)
@@ -84,7 +84,7 @@ def who_form(request: Request, me: Viewer) -> Response:
 
 
 @router.post("/audit/who")
-def who(request: Request, db: DB, me: Actor, form: Form, state: State) -> Response:
+def who(request: Request, db: ReadDB, me: ReadingActor, form: Form, state: State) -> Response:
     """Who was POD_IP:PORT at T (typed in, or read from a backend's access-log line)?"""
     need(me, "auditor", "operator")
     proto = form.get("proto", "tcp") or "tcp"

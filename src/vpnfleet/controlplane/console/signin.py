@@ -183,11 +183,12 @@ def viewer(request: Request, db: ReadDB, state: State) -> Caller:
     return caller
 
 
-def actor(request: Request, db: DB, form: Form) -> Caller:
-    """An action's caller: signed in, same site, and the form's CSRF token matches."""
+def _posted_by(
+    request: Request, db: Session, form: dict[str, str], writer: sessionmaker[Session] | None
+) -> Caller:
     if not same_site(request):
         raise Problem(403, "Forbidden", "cross-site form posts are refused")
-    caller = current(db, request)
+    caller = current(db, request, writer)
     if caller is None:
         raise NotSignedIn("/console/")
     if not hmac.compare_digest(form.get("csrf", "").encode(), caller.csrf.encode()):
@@ -196,7 +197,18 @@ def actor(request: Request, db: DB, form: Form) -> Caller:
     return caller
 
 
+def actor(request: Request, db: DB, form: Form) -> Caller:
+    """An action's caller: signed in, same site, and the form's CSRF token matches."""
+    return _posted_by(request, db, form, None)
+
+
+def reading_actor(request: Request, db: ReadDB, form: Form, state: State) -> Caller:
+    """`actor` for a form that only reads (a lookup posted to keep it out of URLs)."""
+    return _posted_by(request, db, form, state.factory)
+
+
 Viewer = Annotated[Caller, Depends(viewer)]
+ReadingActor = Annotated[Caller, Depends(reading_actor)]
 Actor = Annotated[Caller, Depends(actor)]
 
 
