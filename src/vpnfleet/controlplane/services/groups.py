@@ -38,18 +38,14 @@ def counts(db: Session, ids: Sequence[int]) -> dict[int, tuple[int, int]]:
             select(Membership.group_id, func.count())
             .where(Membership.group_id.in_(ids))
             .group_by(Membership.group_id)
-        )
-        .tuples()
-        .all()
+        ).all()
     )
     rules = dict(
         db.execute(
             select(Rule.group_id, func.count())
             .where(Rule.group_id.in_(ids))
             .group_by(Rule.group_id)
-        )
-        .tuples()
-        .all()
+        ).all()
     )
     return {i: (members.get(i, 0), rules.get(i, 0)) for i in ids}
 
