@@ -74,3 +74,21 @@ def test_disabled_accounts_by_ad_flag_attribute_value_or_presence() -> None:
     present = _cfg(disabled_attribute="pwdAccountLockedTime")
     assert _is_disabled(present, {"pwdAccountLockedTime": [b"000001010000Z"]})
     assert not _is_disabled(present, {"pwdAccountLockedTime": []})
+
+
+def test_a_connection_that_breaks_inside_ldap3_is_one_sentence(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ldap3 raises KeyError (its answer lookup by message id) when the connection breaks
+    before an answer: `directory sync` must say the directory could not be reached, not 500."""
+    from vpnfleet.controlplane import ldapsource
+
+    cfg = LdapConfig("ldap://127.0.0.1:9", "cn=r", "pw", ("dc=x",), ("dc=x",), {})
+    reader = ldapsource._Reader(cfg)
+
+    def broken(*_args: object) -> None:
+        raise KeyError((1, 0))
+
+    monkeypatch.setattr(reader, "_open", broken)
+    with pytest.raises(ldapsource.DirectoryError, match="cannot reach the directory at ldap://"):
+        reader.connect()

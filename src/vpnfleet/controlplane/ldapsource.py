@@ -138,6 +138,13 @@ class _Reader:
             self._open(host, port, use_ssl)
         except LDAPException as exc:
             raise DirectoryError(f"cannot reach the directory at {cfg.url}: {exc}") from None
+        except KeyError:
+            # ldap3 looks up the answer to its request by message id and raises KeyError when
+            # the connection broke before any came (seen once, against a closed port, in a
+            # clean-clone run): the directory could not be reached all the same.
+            raise DirectoryError(
+                f"cannot reach the directory at {cfg.url}: the connection broke before it answered"
+            ) from None
         except (OSError, ValueError) as exc:
             # e.g. a CA file that cannot be read on this replica
             raise DirectoryError(f"cannot connect to {cfg.url}: {exc}") from None
