@@ -12,12 +12,11 @@ from vpnfleet.controlplane.console.render import page, redirect
 from vpnfleet.controlplane.console.signin import Actor, Form, Viewer, need, safe_next
 from vpnfleet.controlplane.errors import Problem, not_found
 from vpnfleet.controlplane.models import Group, User, VpnSession
-from vpnfleet.controlplane.routers.users import USERS
+from vpnfleet.controlplane.routers.users import USERS, profile_download
 from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.schemas import UserCreate
 from vpnfleet.controlplane.services import devices, groups, sessions, users
 from vpnfleet.controlplane.services.journal import Journal
-from vpnfleet.controlplane.settings import tcp_remotes
 from vpnfleet.controlplane.state import DB, ReadDB, State
 from vpnfleet.core import netparse
 
@@ -121,22 +120,7 @@ def user_page(
 def download_profile(name: str, db: DB, me: Actor, state: State) -> Response:
     """The user's .ovpn (it holds their private key: a POST with CSRF, in the audit log)."""
     need(me, "operator")
-    journal = Journal(db, me.principal)
-    user = users.get_user(db, name)
-    profile = users.client_profile(
-        db,
-        journal,
-        state.sealer,
-        user,
-        state.settings.public_endpoints,
-        tcp_remotes(state.settings),
-    )
-    journal.commit()
-    return Response(
-        profile,
-        media_type="application/x-openvpn-profile",
-        headers={"Content-Disposition": f'attachment; filename="{name}.ovpn"'},
-    )
+    return profile_download(db, Journal(db, me.principal), state, users.get_user(db, name))
 
 
 @router.post("/users/{name}/devices/{serial}/revoke")

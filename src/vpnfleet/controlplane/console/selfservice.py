@@ -26,10 +26,10 @@ from vpnfleet.controlplane.console.render import error_page, page, redirect
 from vpnfleet.controlplane.console.signin import Actor, Form, need
 from vpnfleet.controlplane.errors import Problem
 from vpnfleet.controlplane.models import ConsoleSession, User, VpnSession
+from vpnfleet.controlplane.routers.users import profile_download
 from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.services import consolesso, devices, userlinks, users
 from vpnfleet.controlplane.services.journal import Journal
-from vpnfleet.controlplane.settings import tcp_remotes
 from vpnfleet.controlplane.state import DB, State
 
 router = APIRouter(route_class=WriteThroughRoute, prefix="/console", include_in_schema=False)
@@ -50,7 +50,12 @@ class Person:
 
     @property
     def principal(self) -> auth.Principal:
-        return auth.Principal(token_id=0, name=f"self:{self.name}", role="user")
+        return self_principal(self.name)
+
+
+def self_principal(name: str) -> auth.Principal:
+    """A VPN user acting on their own page, as the admin audit log names them."""
+    return auth.Principal(token_id=0, name=f"self:{name}", role="user")
 
 
 def _current(db: Session, request: Request) -> Person | None:
@@ -245,21 +250,7 @@ def device_profile(serial: str, db: DB, me: ActingMe, state: State) -> Response:
     user = _user(db, me)
     cert = devices.get_device(db, user, serial)
     journal = Journal(db, me.principal)
-    profile = users.client_profile(
-        db,
-        journal,
-        state.sealer,
-        user,
-        state.settings.public_endpoints,
-        tcp_remotes(state.settings),
-        cert=cert,
-    )
-    journal.commit()
-    return Response(
-        profile,
-        media_type="application/x-openvpn-profile",
-        headers={"Content-Disposition": f'attachment; filename="{_file_name(user, cert.device)}"'},
-    )
+    return profile_download(db, journal, state, user, cert, _file_name(user, cert.device))
 
 
 def _file_name(user: User, device: str | None) -> str:
@@ -295,22 +286,8 @@ def import_profile(token: str, db: DB, state: State) -> Response:
     """The profile behind an import link (the link is the credential: once, 10 minutes)."""
     user, link = userlinks.redeem(db, token, userlinks.PROFILE)
     cert = devices.get_device_by_id(db, user, link.certificate_id)
-    journal = Journal(db, auth.Principal(token_id=0, name=f"self:{user.name}", role="user"))
-    profile = users.client_profile(
-        db,
-        journal,
-        state.sealer,
-        user,
-        state.settings.public_endpoints,
-        tcp_remotes(state.settings),
-        cert=cert,
-    )
-    journal.commit()
-    return Response(
-        profile,
-        media_type="application/x-openvpn-profile",
-        headers={"Content-Disposition": f'attachment; filename="{_file_name(user, cert.device)}"'},
-    )
+    journal = Journal(db, self_principal(user.name))
+    return profile_download(db, journal, state, user, cert, _file_name(user, cert.device))
 
 
 @router.post("/me/devices/{serial}/revoke")

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from vpnfleet.controlplane.errors import Problem
-from vpnfleet.controlplane.models import User
+from vpnfleet.controlplane.models import Certificate, User
 from vpnfleet.controlplane.pagination import LINK_HEADER, Keyset, PageParams
 from vpnfleet.controlplane.routing import WriteThroughRoute
 from vpnfleet.controlplane.schemas import ReissueIn, UserCreate, UserOut, UserUpdate
 from vpnfleet.controlplane.services import users
 from vpnfleet.controlplane.services.journal import Journal
 from vpnfleet.controlplane.settings import tcp_remotes
-from vpnfleet.controlplane.state import DB, Operator, State
+from vpnfleet.controlplane.state import DB, AppState, Operator, State
 from vpnfleet.core import netparse
 
 router = APIRouter(route_class=WriteThroughRoute, prefix="/api/v1/users", tags=["users"])
@@ -113,8 +114,19 @@ def revoke_cert(name: str, db: DB, who: Operator, body: ReissueIn | None = None)
 
 @router.get("/{name}/profile", response_class=Response)
 def download_profile(name: str, db: DB, who: Operator, state: State) -> Response:
-    journal = Journal(db, who)
-    user = users.get_user(db, name)
+    return profile_download(db, Journal(db, who), state, users.get_user(db, name))
+
+
+def profile_download(
+    db: Session,
+    journal: Journal,
+    state: AppState,
+    user: User,
+    cert: Certificate | None = None,
+    filename: str | None = None,
+) -> Response:
+    """A user's .ovpn as a download (with `cert`: that device's), its hand-out audited and
+    committed: the API's, the console's and the self-service pages' one way to serve it."""
     profile = users.client_profile(
         db,
         journal,
@@ -122,10 +134,12 @@ def download_profile(name: str, db: DB, who: Operator, state: State) -> Response
         user,
         state.settings.public_endpoints,
         tcp_remotes(state.settings),
+        cert=cert,
     )
     journal.commit()
+    name = filename or f"{user.name}.ovpn"
     return Response(
         profile,
         media_type="application/x-openvpn-profile",
-        headers={"Content-Disposition": f'attachment; filename="{name}.ovpn"'},
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )

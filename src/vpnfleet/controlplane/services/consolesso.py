@@ -20,10 +20,9 @@ from vpnfleet.controlplane.oidcprovider import (
     LoginSecrets,
     ProviderError,
     authorization_url,
-    exchange_code,
 )
 from vpnfleet.controlplane.services import idp as idpsvc
-from vpnfleet.controlplane.services.sso import provider_for
+from vpnfleet.controlplane.services.sso import provider_for, redeem_code
 from vpnfleet.core.idtoken import TokenRejected
 
 LIFETIME = dt.timedelta(minutes=10)
@@ -118,18 +117,8 @@ def finish(
     if row is None:
         raise Problem(409, "Single sign-on not configured", "no identity provider is configured")
     settings = idpsvc.settings_of(row)
-    prov = provider_for(settings)
     try:
-        token = exchange_code(
-            prov.metadata(),
-            prov.conn,
-            client_id=settings.client_id,
-            client_secret=idpsvc.client_secret(row, sealer),
-            code=code,
-            verifier=verifier,
-            redirect_uri=idpsvc.redirect_uri(settings),
-        )
-        claims = prov.validate_id_token(token, nonce)
+        claims = redeem_code(row, settings, sealer, code, verifier, nonce)
     except (ProviderError, TokenRejected) as exc:
         raise Problem(403, "Sign-in failed", f"single sign-on failed: {str(exc)[:200]}") from None
     who = claims.get(settings.user_claim)

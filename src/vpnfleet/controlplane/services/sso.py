@@ -25,6 +25,7 @@ import json
 import secrets
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
@@ -97,6 +98,24 @@ def provider_for(settings: IdpSettings) -> Provider:
             _providers.clear()  # settings changed: forget the old IdP
             _providers[key] = prov
         return prov
+
+
+def redeem_code(
+    row: IdpConfig, settings: IdpSettings, sealer: pki.Sealer, code: str, verifier: str, nonce: str
+) -> dict[str, Any]:
+    """Redeem an authorization code at the IdP and check its ID token: the claims.
+    ProviderError / TokenRejected with one sentence (VPN and console logins alike)."""
+    prov = provider_for(settings)
+    token = exchange_code(
+        prov.metadata(),
+        prov.conn,
+        client_id=settings.client_id,
+        client_secret=idpsvc.client_secret(row, sealer),
+        code=code,
+        verifier=verifier,
+        redirect_uri=idpsvc.redirect_uri(settings),
+    )
+    return prov.validate_id_token(token, nonce)
 
 
 def register(db: Session, who: Principal, body: SsoLoginIn) -> SsoLoginOut:
@@ -221,18 +240,8 @@ def callback(
     if settings.same_address and not _same_address(login.real_ip, browser):
         reason = "the login came from another address than the VPN connection"
         return _decide(db, login, False, None, reason)
-    prov = provider_for(settings)
     try:
-        token = exchange_code(
-            prov.metadata(),
-            prov.conn,
-            client_id=settings.client_id,
-            client_secret=idpsvc.client_secret(row, sealer),
-            code=code,
-            verifier=verifier,
-            redirect_uri=idpsvc.redirect_uri(settings),
-        )
-        claims = prov.validate_id_token(token, nonce)
+        claims = redeem_code(row, settings, sealer, code, verifier, nonce)
     except (ProviderError, TokenRejected) as exc:
         return _decide(db, login, False, None, f"single sign-on failed: {str(exc)[:200]}")
     # Seconds may have passed at the IdP: the login may have run out meanwhile (its agent
