@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
 import os
+import socket
 import ssl
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,7 @@ class TLSServer:
     data_dir: Path
     ca_file: Path
     admin_token: str
+    stop: Callable[[], float]  # as on SIGTERM; the seconds until the server had stopped
 
 
 @pytest.fixture
@@ -52,6 +55,7 @@ def tls_server(tmp_path: Path) -> Iterator[TLSServer]:
     import uvicorn
 
     from vpnfleet.controlplane.app import create_app, prepare
+    from vpnfleet.controlplane.serving import SHUTDOWN_GRACE, ControlPlaneServer
     from vpnfleet.controlplane.settings import ServerSettings
 
     port = free_port()
@@ -73,8 +77,9 @@ def tls_server(tmp_path: Path) -> Iterator[TLSServer]:
         ssl_certfile=str(state.tls.cert_file),
         ssl_keyfile=str(state.tls.key_file),
         ssl_ciphers=servertls.SERVER_CIPHERS,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE,
     )
-    srv = uvicorn.Server(config)
+    srv = ControlPlaneServer(config, state.hub, state.bell)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -83,13 +88,19 @@ def tls_server(tmp_path: Path) -> Iterator[TLSServer]:
             raise RuntimeError("control plane did not start")
         time.sleep(0.05)
     token = (settings.data_dir / ADMIN_TOKEN_FILE).read_text().strip()
-    try:
-        yield TLSServer(
-            f"https://127.0.0.1:{port}", port, settings.data_dir, state.tls.ca_file, token
-        )
-    finally:
+
+    def stop() -> float:
+        started = time.monotonic()
         srv.should_exit = True
         thread.join(timeout=15)
+        return time.monotonic() - started
+
+    try:
+        yield TLSServer(
+            f"https://127.0.0.1:{port}", port, settings.data_dir, state.tls.ca_file, token, stop
+        )
+    finally:
+        stop()
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -330,3 +341,54 @@ def test_a_pod_certificate_does_not_pass_for_the_control_plane(
     assert proc.returncode == 1
     assert f"the TLS certificate of {url} failed the check against the CA in" in proc.stderr
     assert "unable to get local issuer certificate" in proc.stderr
+
+
+def test_a_connection_still_in_its_handshake_when_a_stop_begins_does_not_hold_it(
+    tls_server: TLSServer,
+) -> None:
+    """A connection accepted just before a SIGTERM whose TLS handshake ends after it (a
+    rolling restart while agents reconnect) used to be missed by the stop's one round of
+    "close once answered": it was answered, stayed open for keep-alive, and the stop waited
+    the full grace (a 5.3 s stop in a CI run). Now it is told to close as soon as it shows up,
+    and the stop lasts only as long as the request really in flight."""
+    ctx = ssl.create_default_context(cafile=str(tls_server.ca_file))
+    body = json.dumps({"name": "slowpoke"}).encode()
+    # In flight when the stop begins: its body arrives in two parts, 1.5 s apart.
+    slow = ctx.wrap_socket(
+        socket.create_connection(("127.0.0.1", tls_server.port), timeout=10),
+        server_hostname="127.0.0.1",
+    )
+    late = socket.create_connection(("127.0.0.1", tls_server.port), timeout=10)
+    took: list[float] = []
+    stopping = threading.Thread(target=lambda: took.append(tls_server.stop()))
+    try:
+        slow.sendall(
+            b"POST /api/v1/users HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            + f"Authorization: Bearer {tls_server.admin_token}\r\n".encode()
+            + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body[:5]
+        )
+        time.sleep(0.3)  # both accepted; the late one's handshake waits for us
+        stopping.start()
+        time.sleep(0.5)  # the stop has begun (uvicorn looks for it every 0.1 s)
+        with ctx.wrap_socket(late, server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            try:
+                while tls.recv(4096):
+                    pass  # until the server closes it (answered or not)
+            except (ssl.SSLError, OSError):
+                pass
+        time.sleep(1.0)
+        slow.sendall(body[5:])
+        answer = b""
+        while chunk := slow.recv(4096):
+            answer += chunk
+        slow.close()  # as a client does on "connection: close"
+        stopping.join(timeout=15)
+    finally:
+        slow.close()
+        late.close()
+    # The request in flight was answered in full (and its connection closed), and the stop
+    # waited for it only: about 1.5 s, not the 5 s grace.
+    assert answer.startswith(b"HTTP/1.1 201"), answer[:200]
+    assert took and took[0] < 3.0, took

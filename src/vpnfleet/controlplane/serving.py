@@ -8,20 +8,33 @@ traceback per stream, and agents saw their streams cut. Here the listening socke
 (a follower that reconnects does not land on this replica again), then the change hub ends every
 stream cleanly (and the long polls for single sign-on decisions answer), and the wait that
 follows is only for requests still in flight.
+
+uvicorn tells the connections it knows of once, when the stop begins. A connection accepted
+just before that but not yet known to it (its TLS handshake still under way, or its
+``connection_made`` not yet run) was missed: it was answered, stayed open for keep-alive, and
+held the stop for the whole grace. Until the stop is over, every connection that shows up is
+told too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from vpnfleet.controlplane.ssobell import DecisionBell
 from vpnfleet.controlplane.watch import ChangeHub
 
+if TYPE_CHECKING:
+    from uvicorn.server import Protocols
+
 # Seconds requests still in flight get to finish once a stop is asked for (watch streams
 # end at once and do not count).
 SHUTDOWN_GRACE = 5
+# How often a stopping server looks for connections that showed up after the stop began.
+LATE_CONNECTION_CHECK = 0.05
 
 
 class ControlPlaneServer(uvicorn.Server):
@@ -39,4 +52,17 @@ class ControlPlaneServer(uvicorn.Server):
             sock.close()
         self._hub.close_streams()
         self._bell.close()  # long polls for login decisions answer now, empty
-        await super().shutdown(sockets)
+        told = set(self.server_state.connections)  # what uvicorn tells, right below
+        late = asyncio.create_task(self._tell_late_connections(told))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            late.cancel()
+
+    async def _tell_late_connections(self, told: set[Protocols]) -> None:
+        while True:
+            await asyncio.sleep(LATE_CONNECTION_CHECK)
+            for connection in list(self.server_state.connections):
+                if connection not in told:
+                    told.add(connection)
+                    connection.shutdown()  # closes it if idle, else after its answer

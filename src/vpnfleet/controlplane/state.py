@@ -170,9 +170,7 @@ def get_db(state: Annotated[AppState, Depends(app_state)], _slot: Slot) -> Itera
         db.commit()
 
 
-def get_read_db(
-    state: Annotated[AppState, Depends(app_state)], _slot: Slot
-) -> Iterator[Session]:
+def get_read_db(state: Annotated[AppState, Depends(app_state)], _slot: Slot) -> Iterator[Session]:
     """A request's read-only transaction (the console's page views), rolled back at the end.
 
     On SQLite it begins deferred, so page views read side by side instead of taking the
