@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from vpnfleet.controlplane import fleetstate
 from vpnfleet.controlplane.errors import Problem, not_found
-from vpnfleet.controlplane.models import GatewayLease, Pod, User, VpnSession, utcnow
+from vpnfleet.controlplane.models import GatewayLease, Pod, Pool, User, VpnSession, utcnow
 from vpnfleet.controlplane.services import pods
 from vpnfleet.controlplane.services.journal import Journal
 from vpnfleet.wire import (
@@ -34,6 +35,34 @@ from vpnfleet.wire import (
 ADMIN_KILL = "disconnected by an administrator"
 REPLACED = "replaced by a new connection from the same address"
 LEASE_EXPIRED = "pod lease expired (no heartbeat)"
+
+
+@dataclass
+class _Known:
+    """What a batch of one pod's records looks up once instead of once per record: its pod
+    and NAT pool, the users it touches (locked), its sessions by uid (read after the lock, so
+    current), and which pods of those users' live sessions hold their lease."""
+
+    pod: Pod
+    users: dict[str, User]
+    sessions: dict[str, VpnSession]
+    alive: dict[str, bool] = field(default_factory=dict)
+    _pool: list[Pool | None] = field(default_factory=list)
+
+    def pool(self, db: Session) -> Pool | None:
+        if not self._pool:
+            self._pool.append(pods.nat_pool_of(db, self.pod))
+        return self._pool[0]
+
+
+def _by_uid(db: Session, uids: Iterable[str]) -> dict[str, VpnSession]:
+    wanted = sorted(set(uids))
+    found: dict[str, VpnSession] = {}
+    for i in range(0, len(wanted), 500):
+        stmt = select(VpnSession).where(VpnSession.uid.in_(wanted[i : i + 500]))
+        for row in db.scalars(stmt.execution_options(populate_existing=True)):
+            found[row.uid] = row
+    return found
 
 
 def _live(db: Session, user: User) -> list[VpnSession]:
@@ -55,7 +84,9 @@ def _mark_killed(journal: Journal, rows: Sequence[VpnSession], reason: str) -> N
         journal.upsert(fleetstate.session_state(row))
 
 
-def _wrong_address(db: Session, pod: Pod, user: User, body: SessionOpen) -> str | None:
+def _wrong_address(
+    db: Session, pod: Pod, user: User, body: SessionOpen, known: _Known | None = None
+) -> str | None:
     """Why the pod's claimed tunnel address cannot be this session's, or None if it can.
 
     A gateway session must use the address the control plane leased to the user; a NAT
@@ -72,7 +103,7 @@ def _wrong_address(db: Session, pod: Pod, user: User, body: SessionOpen) -> str 
             have = lease.address if lease else "none"
             return f"tunnel_ip {addr} is not the gateway address leased to {user.name} ({have})"
         return None
-    pool = pods.nat_pool_of(db, pod)
+    pool = known.pool(db) if known is not None else pods.nat_pool_of(db, pod)
     if pool is None or addr not in ipaddress.IPv4Network(pool.cidr):
         where = pool.cidr if pool else "no NAT pool"
         return f"tunnel_ip {addr} is outside pod {pod.name}'s NAT pool ({where})"
@@ -85,20 +116,26 @@ def _drop_unheard(
     rows: Sequence[VpnSession],
     lease: dt.timedelta,
     reason: str = LEASE_EXPIRED,
+    alive: dict[str, bool] | None = None,
 ) -> list[VpnSession]:
     """Close the sessions whose pod lost its lease (gone without a word); return the rest.
 
     The lease sweeper does the same every few seconds; doing it here too means a user whose
     pod died can connect elsewhere as soon as the lease has run out, not a sweep later.
+    `alive`: pods already looked at in this transaction (a batch), by name; filled here.
     """
+    if not rows:
+        return []
+    alive = {} if alive is None else alive
     names = {r.pod_name for r in rows}
-    now = utcnow()
-    dead = {
-        p.name
-        for p in db.scalars(select(Pod).where(Pod.name.in_(names)))
-        if not pods.alive(p, lease, now)
-    }
-    dead |= names - {p for p in db.scalars(select(Pod.name).where(Pod.name.in_(names)))}
+    unknown = names - alive.keys()
+    if unknown:
+        now = utcnow()
+        for p in db.scalars(select(Pod).where(Pod.name.in_(unknown))):
+            alive[p.name] = pods.alive(p, lease, now)
+        for name in unknown - alive.keys():
+            alive[name] = False  # its row is gone: forgotten
+    dead = {name for name in names if not alive[name]}
     for name in sorted(dead):
         pods.close_pod_sessions(
             db, journal, name, reason, [r.uid for r in rows if r.pod_name == name]
@@ -107,7 +144,11 @@ def _drop_unheard(
 
 
 def open_session(
-    db: Session, journal: Journal, body: SessionOpen, lease: dt.timedelta, pod: Pod | None = None
+    db: Session,
+    journal: Journal,
+    body: SessionOpen,
+    lease: dt.timedelta,
+    known: _Known | None = None,
 ) -> SessionVerdict:
     """Record a session (idempotent by uid) and say whether it may stay.
 
@@ -116,11 +157,15 @@ def open_session(
     toward the limit, nor do sessions on pods whose lease expired. The same device
     reconnecting (same public address) replaces its old sessions: OpenVPN may keep those
     until a ping timeout, and they must not lock the user out meanwhile; they are marked
-    killed, and their pods close them. `pod`: the caller's pod, already looked up (a batch).
+    killed, and their pods close them. `known`: what a batch looked up for all its records.
     """
-    if pod is None or pod.name != body.pod:
+    if known is not None and known.pod.name == body.pod:
+        pod = known.pod
+        existing = known.sessions.get(body.uid)
+    else:
+        known = None
         pod = pods.own_pod(db, journal.who, body.pod)
-    existing = db.scalar(select(VpnSession).where(VpnSession.uid == body.uid))
+        existing = db.scalar(select(VpnSession).where(VpnSession.uid == body.uid))
     if existing is not None:
         if existing.pod_name != body.pod:
             raise Problem(409, "Conflict", f"uid: session {body.uid!r} belongs to another pod")
@@ -133,15 +178,17 @@ def open_session(
             allowed=not ended,
             reason=f"session ended: {existing.end_reason}" if ended else None,
         )
-    user = db.scalar(select(User).where(User.name == body.user).with_for_update())
+    if known is not None:
+        user = known.users.get(body.user)  # locked by the batch
+    else:
+        user = db.scalar(select(User).where(User.name == body.user).with_for_update())
     if user is None:
         raise not_found("user", body.user)
-    staying = _drop_unheard(
-        db, journal, [r for r in _live(db, user) if r.kill_reason is None], lease
-    )
+    live = [r for r in _live(db, user) if r.kill_reason is None]
+    staying = _drop_unheard(db, journal, live, lease, alive=known.alive if known else None)
     replaced = [r for r in staying if body.real_ip and r.real_ip == body.real_ip]
     allowed, reason = True, None
-    wrong = _wrong_address(db, pod, user, body)
+    wrong = _wrong_address(db, pod, user, body, known)
     if wrong is not None:
         allowed, reason = False, wrong
     elif not user.enabled:
@@ -164,16 +211,23 @@ def open_session(
         # Kept for the audit trail, closed at once; the agent disconnects the client.
         row.ended_at = body.started_at
         row.end_reason = f"refused: {reason}"
-    try:
-        with db.begin_nested():
-            db.add(row)
-            db.flush()
-    except IntegrityError:
-        # The same uid delivered twice at once: the other delivery recorded it.
-        again = db.scalar(select(VpnSession).where(VpnSession.uid == body.uid))
-        if again is None:
-            raise
-        return SessionVerdict(uid=body.uid, session_id=again.id, allowed=True)
+    if known is not None:
+        # A batch read its uids after locking their users, and a uid's open always locks its
+        # user first: the same uid cannot be inserted meanwhile by another request.
+        db.add(row)
+        db.flush()
+        known.sessions[row.uid] = row
+    else:
+        try:
+            with db.begin_nested():
+                db.add(row)
+                db.flush()
+        except IntegrityError:
+            # The same uid delivered twice at once: the other delivery recorded it.
+            again = db.scalar(select(VpnSession).where(VpnSession.uid == body.uid))
+            if again is None:
+                raise
+            return SessionVerdict(uid=body.uid, session_id=again.id, allowed=True)
     if allowed:
         journal.upsert(fleetstate.session_state(row))
         _mark_killed(journal, replaced, REPLACED)
@@ -181,10 +235,15 @@ def open_session(
     return SessionVerdict(uid=body.uid, session_id=row.id, allowed=allowed, reason=reason)
 
 
-def close_session(db: Session, journal: Journal, body: SessionClose) -> bool:
+def close_session(
+    db: Session, journal: Journal, body: SessionClose, known: _Known | None = None
+) -> bool:
     """Close a session with its pod's bytes and reason, killed or not; False if it was
     already closed or is unknown (closing twice is not an error)."""
-    row = db.scalar(select(VpnSession).where(VpnSession.uid == body.uid))
+    if known is not None:
+        row = known.sessions.get(body.uid)
+    else:
+        row = db.scalar(select(VpnSession).where(VpnSession.uid == body.uid))
     if row is None:
         return False
     if row.pod_name != journal.who.pod:
@@ -227,23 +286,30 @@ def apply_batch(
         ids.update(
             db.scalars(select(VpnSession.user_id).where(VpnSession.uid.in_(closing[i : i + 500])))
         )
+    users: dict[str, User] = {}
     if names or ids:
-        db.scalars(
-            select(User.id)
-            .where(User.name.in_(sorted(names)) | User.id.in_(sorted(ids)))
-            .order_by(User.id)
-            .with_for_update()
-        ).all()
+        users = {
+            u.name: u
+            for u in db.scalars(
+                select(User)
+                .where(User.name.in_(sorted(names)) | User.id.in_(sorted(ids)))
+                .order_by(User.id)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            )
+        }
+    # Read after the lock: what another request of these users wrote meanwhile is seen.
+    known = _Known(pod, users, _by_uid(db, (r.body.uid for r in body.records)))
     results: list[SessionResult] = []
     for rec in body.records:
         mark = journal.mark()
         savepoint = db.begin_nested()
         try:
             if isinstance(rec, OpenRecord):
-                verdict = open_session(db, journal, rec.body, lease, pod)
+                verdict = open_session(db, journal, rec.body, lease, known)
                 result = SessionResult(kind="open", uid=rec.body.uid, status=200, verdict=verdict)
             else:
-                closed = close_session(db, journal, rec.body)
+                closed = close_session(db, journal, rec.body, known)
                 result = SessionResult(kind="close", uid=rec.body.uid, status=200, closed=closed)
             savepoint.commit()
         except Problem as exc:
