@@ -256,6 +256,8 @@ def test_a_real_openvpn_client_reaches_a_backend_through_the_agent(
         return bool(fleet.pods().get("pod2", {}).get("ready"))
 
     wait_for(ready, 120, "pod2 to be ready")
+    # Its uplink (eth1) is where the pushed backend network leaves: no warning about it.
+    assert "not the uplink" not in pm.logs(pod), pm.logs(pod)
     # carol may reach the backend's port 8080, nothing else; her profile points at pod2.
     fleet.cli("user", "add", "carol", "--email", "carol@example.com")
     fleet.cli("group", "add", "web")

@@ -74,3 +74,42 @@ def test_no_route_and_no_uplink_address_leave_the_pod_without_one(pod: Netns) ->
     assert settings_in(pod) == {"pod_ip": None, "source": None}
     assert settings_in(pod, uplink="eth0") == {"pod_ip": None, "source": None}
     assert settings_in(pod, uplink="nosuch0") == {"pod_ip": None, "source": None}
+
+
+UPLINK_CHECK = """
+import logging, sys
+from vpnfleet.agent.settings import AgentSettings
+from vpnfleet.cli.main import _check_uplink
+logging.basicConfig(stream=sys.stdout, format="%(levelname)s %(message)s")
+s = AgentSettings.from_env(
+    server="http://127.0.0.1:1", token="t", name="pod-a", pod_ip="10.88.0.7",
+    uplink=sys.argv[1], push_routes=sys.argv[2].split(","),
+)
+_check_uplink(s)
+"""
+
+
+def test_a_pushed_route_that_leaves_through_another_interface_is_named_at_start(
+    pod: Netns,
+) -> None:
+    """NAT masquerades only what leaves through the uplink (``-o UPLINK``): a pushed network
+    behind another interface would silently not work for NAT users (what a container whose
+    interfaces podman had swapped did in a CI run). The agent says so at start, naming the
+    interface the kernel uses."""
+
+    def check(uplink: str, routes: str) -> str:
+        res = pod.run(sys.executable, "-c", UPLINK_CHECK, uplink, routes)
+        assert res.returncode == 0, res.stderr
+        return str(res.stdout)
+
+    # 172.30.0.0/24 is behind eth1, everything else (the default route) behind eth0.
+    said = check("eth0", "172.30.0.0/24,192.0.2.0/24")
+    [line] = said.splitlines()
+    assert line.startswith("WARNING the pushed route 172.30.0.0/24 leaves through eth1, not ")
+    assert "NAT users cannot reach 172.30.0.0/24; set VPNFLEET_UPLINK=eth1" in line
+    # The right uplink for every pushed network: nothing to say.
+    assert check("eth0", "192.0.2.0/24,10.88.0.0/24") == ""
+    assert check("eth1", "172.30.0.0/24") == ""
+    # A network the pod has no route to at all is not this check's business.
+    pod.run("ip", "route", "del", "default")
+    assert check("eth0", "192.0.2.0/24") == ""

@@ -11,6 +11,11 @@ network namespace, in this order:
 
 Netlink is read through pyroute2. Nothing found is not an error here: the caller decides
 (a pod without an address simply gets no gateway routes; BGP refuses to start).
+
+:func:`leaving_elsewhere` uses the same route lookup to check the uplink against the routes
+pushed to clients: NAT only masquerades what leaves through the uplink, so a pushed network the
+kernel reaches through another interface would leave with the client's tunnel address, and its
+answers would never come back.
 """
 
 from __future__ import annotations
@@ -68,3 +73,38 @@ def _discover(uplink: str | None) -> Found | None:
 def _usable(text: str) -> bool:
     addr = ipaddress.IPv4Address(text)
     return not (addr.is_loopback or addr.is_link_local or addr.is_unspecified)
+
+
+def leaving_elsewhere(uplink: str, networks: list[str]) -> list[tuple[str, str]]:
+    """The pushed networks the kernel reaches through another interface than `uplink`, each
+    with that interface's name. Networks it has no route to, or a namespace without netlink,
+    say nothing."""
+    try:
+        return _leaving_elsewhere(uplink, networks)
+    except OSError:
+        return []
+
+
+def _leaving_elsewhere(uplink: str, networks: list[str]) -> list[tuple[str, str]]:
+    from pyroute2 import IPRoute, NetlinkError
+
+    out: list[tuple[str, str]] = []
+    with IPRoute() as ipr:
+        for text in networks:
+            net = ipaddress.ip_network(text, strict=False)
+            if net.version != 4:
+                continue
+            # A host inside the network (its first one; the address itself for a /32).
+            probe = str(net.network_address + 1 if net.num_addresses > 2 else net[0])
+            try:
+                routes = ipr.route("get", dst=probe)
+            except NetlinkError:  # no route at all: nothing to compare
+                continue
+            for msg in routes:
+                oif = msg.get_attr("RTA_OIF")
+                links = ipr.get_links(oif) if oif else []
+                dev = links[0].get_attr("IFLA_IFNAME") if links else None
+                if dev and dev != uplink:
+                    out.append((text, dev))
+                break
+    return out

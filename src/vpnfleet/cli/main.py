@@ -402,6 +402,7 @@ def agent(
         )
         logsetup.setup(settings.log_format)
         _log_pod_ip(settings)
+        _check_uplink(settings)
         # Refuse early, in one sentence, a state directory this user cannot make private.
         StateDir(settings.state_dir).create()
     except (ValueError, OSError) as exc:
@@ -427,6 +428,26 @@ def _log_pod_ip(settings: AgentSettings) -> None:
         log.warning(
             "no pod IP: none given (VPNFLEET_POD_IP) and none found on the pod's interfaces; "
             "gateway routes cannot point at this pod"
+        )
+
+
+def _check_uplink(settings: AgentSettings) -> None:
+    """Warn at start when a network pushed to clients does not leave through the uplink: NAT
+    (``-o UPLINK``) would not apply to it and NAT users could not reach it."""
+    if not settings.uplink or not settings.push_routes:
+        return
+    from vpnfleet.agent import podaddr
+
+    for network, dev in podaddr.leaving_elsewhere(settings.uplink, settings.push_routes):
+        logging.getLogger("vpnfleet.agent").warning(
+            "the pushed route %s leaves through %s, not the uplink %s (VPNFLEET_UPLINK): "
+            "NAT applies to the uplink only, so NAT users cannot reach %s; set "
+            "VPNFLEET_UPLINK=%s, or leave it unset to NAT out of every interface",
+            network,
+            dev,
+            settings.uplink,
+            network,
+            dev,
         )
 
 
