@@ -341,3 +341,26 @@ def test_a_batch_looks_up_once_what_all_its_records_share(
     assert per_open <= 6 and per_close <= 4.5, counts
     assert [s["user"] for s in sessions(admin)] == names
     assert all(s["ended_at"] for s in sessions(admin))
+
+
+def test_closing_the_session_of_a_user_deleted_meanwhile_is_no_error(
+    server: Server, admin: httpx.Client
+) -> None:
+    """A deleted user's live session keeps its row (user_id cleared); its pod closes it when
+    the CRL drops the client, often in the same batch as other closes. That batch used to
+    fail whole with a 500, and the agent sent it again and again: the pod's session records
+    stopped for good."""
+    (agent,) = setup(server, admin, "pod1")
+    with closing(agent):
+        first = [
+            open_rec("pod1-000000a1", "alice", "198.51.100.1"),
+            open_rec("pod1-000000b1", "bob", "198.51.100.2", host=3),
+        ]
+        r = agent.post(BATCH, json={"pod": "pod1", "records": first})
+        assert r.status_code == 200 and all(x["verdict"]["allowed"] for x in r.json()["results"])
+        assert admin.delete("/api/v1/users/alice").status_code == 204
+        closes = [close_rec("pod1-000000a1"), close_rec("pod1-000000b1")]
+        r = agent.post(BATCH, json={"pod": "pod1", "records": closes})
+        assert r.status_code == 200, r.text
+        assert [(x["status"], x["closed"]) for x in r.json()["results"]] == [(200, True)] * 2
+    assert [s["ended_at"] is not None for s in sessions(admin)] == [True, True]

@@ -107,6 +107,12 @@ def test_a_pushed_route_that_leaves_through_another_interface_is_named_at_start(
     [line] = said.splitlines()
     assert line.startswith("WARNING the pushed route 172.30.0.0/24 leaves through eth1, not ")
     assert "NAT users cannot reach 172.30.0.0/24; set VPNFLEET_UPLINK=eth1" in line
+    # Two networks behind two other interfaces: no single uplink fits.
+    said = check("lo", "172.30.0.0/24,192.0.2.0/24")
+    assert len(said.splitlines()) == 2, said
+    assert "several interfaces: leave VPNFLEET_UPLINK unset" in said
+    # A pushed network that is the pod's own (a DNS server on the pod): local, not routed.
+    assert check("eth0", "10.88.0.7/32") == ""
     # The right uplink for every pushed network: nothing to say.
     assert check("eth0", "192.0.2.0/24,10.88.0.0/24") == ""
     assert check("eth1", "172.30.0.0/24") == ""

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 # Any address outside the pod's own networks: the kernel answers with the route a packet to
 # the wider network would take (TEST-NET-2, RFC 5737: never a real destination).
 PROBE_DESTINATION = "198.51.100.1"
+RTN_UNICAST = 1  # a route through a gateway or a link (not local, blackhole, ...)
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,11 @@ def leaving_elsewhere(uplink: str, networks: list[str]) -> list[tuple[str, str]]
     """The pushed networks the kernel reaches through another interface than `uplink`, each
     with that interface's name. Networks it has no route to, or a namespace without netlink,
     say nothing."""
+    from pyroute2 import NetlinkError
+
     try:
         return _leaving_elsewhere(uplink, networks)
-    except OSError:
+    except (OSError, NetlinkError):  # no netlink, or an interface gone meanwhile: no opinion
         return []
 
 
@@ -101,6 +104,8 @@ def _leaving_elsewhere(uplink: str, networks: list[str]) -> list[tuple[str, str]
             except NetlinkError:  # no route at all: nothing to compare
                 continue
             for msg in routes:
+                if msg["type"] != RTN_UNICAST:  # e.g. one of the pod's own addresses (local)
+                    break
                 oif = msg.get_attr("RTA_OIF")
                 links = ipr.get_links(oif) if oif else []
                 dev = links[0].get_attr("IFLA_IFNAME") if links else None

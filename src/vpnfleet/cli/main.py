@@ -438,16 +438,25 @@ def _check_uplink(settings: AgentSettings) -> None:
         return
     from vpnfleet.agent import podaddr
 
-    for network, dev in podaddr.leaving_elsewhere(settings.uplink, settings.push_routes):
+    elsewhere = podaddr.leaving_elsewhere(settings.uplink, settings.push_routes)
+    devices = sorted({dev for _, dev in elsewhere})
+    if len(devices) == 1:
+        advice = f"set VPNFLEET_UPLINK={devices[0]}"
+        if settings.pod_ip_source:  # the uplink also chose the pod IP
+            advice += " (which also picks the pod IP, unless VPNFLEET_POD_IP is given)"
+        advice += " or leave it unset to NAT out of every interface"
+    else:
+        advice = "they leave through several interfaces: leave VPNFLEET_UPLINK unset to NAT "
+        advice += "out of every interface"
+    for network, dev in elsewhere:
         logging.getLogger("vpnfleet.agent").warning(
-            "the pushed route %s leaves through %s, not the uplink %s (VPNFLEET_UPLINK): "
-            "NAT applies to the uplink only, so NAT users cannot reach %s; set "
-            "VPNFLEET_UPLINK=%s, or leave it unset to NAT out of every interface",
+            "the pushed route %s leaves through %s, not the uplink %s (VPNFLEET_UPLINK): NAT "
+            "applies to the uplink only, so NAT users cannot reach %s; %s",
             network,
             dev,
             settings.uplink,
             network,
-            dev,
+            advice,
         )
 
 

@@ -13,13 +13,17 @@ uvicorn tells the connections it knows of once, when the stop begins. A connecti
 just before that but not yet known to it (its TLS handshake still under way, or its
 ``connection_made`` not yet run) was missed: it was answered, stayed open for keep-alive, and
 held the stop for the whole grace. Until the stop is over, every connection that shows up is
-told too.
+told too: once its first request has begun (it is answered, then closed), or after
+``LATE_CONNECTION_IDLE`` seconds without one (closed). A new connection's first request is
+almost always on its way; closing it at once would answer it with a reset.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+import time
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -33,8 +37,12 @@ if TYPE_CHECKING:
 # Seconds requests still in flight get to finish once a stop is asked for (watch streams
 # end at once and do not count).
 SHUTDOWN_GRACE = 5
-# How often a stopping server looks for connections that showed up after the stop began.
+# How often a stopping server looks for connections that showed up after the stop began, and
+# how long such a connection may stay without a request before it is closed.
 LATE_CONNECTION_CHECK = 0.05
+LATE_CONNECTION_IDLE = 1.0
+
+log = logging.getLogger(__name__)
 
 
 class ControlPlaneServer(uvicorn.Server):
@@ -60,9 +68,20 @@ class ControlPlaneServer(uvicorn.Server):
             late.cancel()
 
     async def _tell_late_connections(self, told: set[Protocols]) -> None:
+        first_seen: dict[Protocols, float] = {}
         while True:
             await asyncio.sleep(LATE_CONNECTION_CHECK)
+            now = time.monotonic()
             for connection in list(self.server_state.connections):
-                if connection not in told:
-                    told.add(connection)
-                    connection.shutdown()  # closes it if idle, else after its answer
+                if connection in told:
+                    continue
+                seen = first_seen.setdefault(connection, now)
+                # A request begun: answered, then closed. None yet: closed once it is clear
+                # none is coming.
+                if getattr(connection, "cycle", None) is None and now - seen < LATE_CONNECTION_IDLE:
+                    continue
+                told.add(connection)
+                try:
+                    connection.shutdown()
+                except Exception:  # one connection's trouble must not leave the rest untold
+                    log.warning("closing a connection during the stop failed", exc_info=True)

@@ -284,7 +284,11 @@ def apply_batch(
     ids: set[int] = set()
     for i in range(0, len(closing), 500):
         ids.update(
-            db.scalars(select(VpnSession.user_id).where(VpnSession.uid.in_(closing[i : i + 500])))
+            uid
+            for uid in db.scalars(
+                select(VpnSession.user_id).where(VpnSession.uid.in_(closing[i : i + 500]))
+            )
+            if uid is not None  # the session of a user deleted since: nobody to lock
         )
     users: dict[str, User] = {}
     if names or ids:
