@@ -218,28 +218,34 @@ def test_a_bad_batch_is_refused_whole_and_writes_nothing(
 
 class _Counting(httpx.AsyncBaseTransport):
     """The agent client's real transport, counting requests per path. With ``old=True`` it
-    answers the batch path 404 itself, as a control plane older than batches does (a fake:
-    no such control plane runs here); every other request reaches the real server."""
+    answers the batch path 404 itself, as a control plane older than batches does; with
+    ``faulty=True`` 500, as a control plane with a bug on one of the batch's records would
+    (fakes: neither control plane runs here); every other request reaches the real server."""
 
-    def __init__(self, old: bool) -> None:
+    def __init__(self, old: bool, faulty: bool = False) -> None:
         self.real = httpx.AsyncHTTPTransport()
         self.old = old
+        self.faulty = faulty
         self.paths: list[str] = []
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         self.paths.append(request.url.path)
         if self.old and request.url.path == BATCH:
             return httpx.Response(404, json={"detail": "Not Found"})
+        if self.faulty and request.url.path == BATCH:
+            return httpx.Response(500, text="Internal Server Error")
         return await self.real.handle_async_request(request)
 
     async def aclose(self) -> None:
         await self.real.aclose()
 
 
-async def _ship(server: Server, token: str, state: Path, old: bool) -> tuple[list[str], Any]:
+async def _ship(
+    server: Server, token: str, state: Path, old: bool, faulty: bool = False
+) -> tuple[list[str], Any]:
     """Five records through the agent's own shipper: (request paths, refusals it acted on)."""
     cp = ControlPlane(server.url, token)
-    transport = _Counting(old)
+    transport = _Counting(old, faulty)
     cp._http = httpx.AsyncClient(
         base_url=server.url, headers={"Authorization": f"Bearer {token}"}, transport=transport
     )
@@ -250,7 +256,7 @@ async def _ship(server: Server, token: str, state: Path, old: bool) -> tuple[lis
         kicked.append((uid, reason))
 
     shipper.on_refused(kick)
-    tag = "b" if old else "a"
+    tag = "c" if faulty else "b" if old else "a"
 
     def client(n: int, user: str) -> Client:
         return Client(cid=n, user=user, mode="nat", tunnel_ip=f"10.200.0.{n + 1}",
@@ -292,8 +298,15 @@ def test_the_agent_ships_its_records_in_batches_and_falls_back_one_by_one(
             f"/api/v1/agent/sessions/{k}" for k in ("open", "open", "close", "open", "close")
         ]
         assert kicked == [("pod1-b0000002", "session limit reached (1)")]
+        # A control plane that answers every batch 500: after three tries (0.5 s, then 1 s
+        # apart) the same records go one per request, and nothing is lost or held up.
+        paths, kicked = asyncio.run(_ship(server, token, tmp_path / "c", old=False, faulty=True))
+        assert paths == 3 * [BATCH] + [
+            f"/api/v1/agent/sessions/{k}" for k in ("open", "open", "close", "open", "close")
+        ]
+        assert kicked == [("pod1-c0000002", "session limit reached (1)")]
         rows = sessions(admin)
-        assert [(s["user"], s["end_reason"]) for s in rows] == 2 * [
+        assert [(s["user"], s["end_reason"]) for s in rows] == 3 * [
             ("alice", "gone"),
             ("alice", "refused: session limit reached (1)"),
             ("bob", "gone"),

@@ -35,6 +35,10 @@ log = logging.getLogger("vpnfleet.agent.sessions")
 
 BATCH = 100  # records per delivery round and per batch request (wire.MAX_SESSION_BATCH)
 BATCH_RETRY = 600.0  # seconds before asking a control plane without batches again
+# A batch answered 500 (a server fault, not an outage: those are 502-504 or no answer) this
+# many times in a row is sent one record per request instead: one record the server cannot
+# apply then holds up only itself and what follows it, not the records before it.
+BATCH_FAULT_LIMIT = 3
 Refused = Callable[[str, str], Awaitable[None]]
 
 
@@ -79,6 +83,7 @@ class SessionShipper:
         self._wake = asyncio.Event()
         self._on_refused: Refused | None = None
         self._no_batches_until = 0.0  # monotonic time; the control plane had no batch endpoint
+        self._batch_faults = 0  # batches answered 500 in a row
 
     def on_refused(self, handler: Refused) -> None:
         """Who disconnects a session the control plane refuses: ``handler(uid, reason)``."""
@@ -168,6 +173,18 @@ class SessionShipper:
             sent = [{"kind": r["kind"], "body": r["body"]} for r in records]
             out = await self._cp.session_batch(self._pod, sent)
         except ControlPlaneError as exc:
+            if exc.status == 500:
+                self._batch_faults += 1
+                if self._batch_faults < BATCH_FAULT_LIMIT:
+                    raise
+                self._batch_faults = 0
+                log.warning(
+                    "a session batch failed %d times with a server error (%s); sending it "
+                    "one record per request",
+                    BATCH_FAULT_LIMIT,
+                    exc,
+                )
+                return 0
             if exc.retryable:
                 raise
             if exc.status in (404, 405):
@@ -176,6 +193,7 @@ class SessionShipper:
             else:
                 log.warning("a session batch was refused whole (%s); sending it one by one", exc)
             return 0
+        self._batch_faults = 0
         if len(out.results) != len(records):
             log.warning(
                 "a session batch got %d answers for %d records; sending it one by one",
