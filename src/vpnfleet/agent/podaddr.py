@@ -23,6 +23,10 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
 
 # Any address outside the pod's own networks: the kernel answers with the route a packet to
 # the wider network would take (TEST-NET-2, RFC 5737: never a real destination).
@@ -64,11 +68,16 @@ def _discover(uplink: str | None) -> Found | None:
         for msg in routes:
             src = msg.get_attr("RTA_PREFSRC")
             if src and _usable(src):
-                oif = msg.get_attr("RTA_OIF")
-                names = ipr.get_links(oif) if oif else []
-                dev = names[0].get_attr("IFLA_IFNAME") if names else "?"
+                dev = _out_interface(ipr, msg) or "?"
                 return Found(src, f"the source address of the default route (dev {dev})")
     return None
+
+
+def _out_interface(ipr: IPRoute, route: Any) -> str | None:
+    """The name of the interface a route lookup's answer leaves through, if it names one."""
+    oif = route.get_attr("RTA_OIF")
+    links = ipr.get_links(oif) if oif else []
+    return str(links[0].get_attr("IFLA_IFNAME")) if links else None
 
 
 def _usable(text: str) -> bool:
@@ -106,9 +115,7 @@ def _leaving_elsewhere(uplink: str, networks: list[str]) -> list[tuple[str, str]
             for msg in routes:
                 if msg["type"] != RTN_UNICAST:  # e.g. one of the pod's own addresses (local)
                     break
-                oif = msg.get_attr("RTA_OIF")
-                links = ipr.get_links(oif) if oif else []
-                dev = links[0].get_attr("IFLA_IFNAME") if links else None
+                dev = _out_interface(ipr, msg)
                 if dev and dev != uplink:
                     out.append((text, dev))
                 break

@@ -44,15 +44,10 @@ class _Known:
     current), and which pods of those users' live sessions hold their lease."""
 
     pod: Pod
+    pool: Pool | None  # the pod's NAT pool (looked up only when the batch opens sessions)
     users: dict[str, User]
     sessions: dict[str, VpnSession]
     alive: dict[str, bool] = field(default_factory=dict)
-    _pool: list[Pool | None] = field(default_factory=list)
-
-    def pool(self, db: Session) -> Pool | None:
-        if not self._pool:
-            self._pool.append(pods.nat_pool_of(db, self.pod))
-        return self._pool[0]
 
 
 def _by_uid(db: Session, uids: Iterable[str]) -> dict[str, VpnSession]:
@@ -103,7 +98,7 @@ def _wrong_address(
             have = lease.address if lease else "none"
             return f"tunnel_ip {addr} is not the gateway address leased to {user.name} ({have})"
         return None
-    pool = known.pool(db) if known is not None else pods.nat_pool_of(db, pod)
+    pool = known.pool if known is not None else pods.nat_pool_of(db, pod)
     if pool is None or addr not in ipaddress.IPv4Network(pool.cidr):
         where = pool.cidr if pool else "no NAT pool"
         return f"tunnel_ip {addr} is outside pod {pod.name}'s NAT pool ({where})"
@@ -303,7 +298,8 @@ def apply_batch(
             )
         }
     # Read after the lock: what another request of these users wrote meanwhile is seen.
-    known = _Known(pod, users, _by_uid(db, (r.body.uid for r in body.records)))
+    pool = pods.nat_pool_of(db, pod) if names else None
+    known = _Known(pod, pool, users, _by_uid(db, (r.body.uid for r in body.records)))
     results: list[SessionResult] = []
     for rec in body.records:
         mark = journal.mark()
