@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -116,7 +117,9 @@ class RunningServer:
     """A real control plane (uvicorn in a thread, served as `vpnfleet server` serves) on
     loopback: started by the constructor, stopped by :meth:`stop` as a SIGTERM would."""
 
-    def __init__(self, database_url: str, data_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, database_url: str, data_dir: Path, port: int | None = None, **settings: Any
+    ) -> None:
         import uvicorn
 
         from vpnfleet.controlplane.app import create_app
@@ -124,7 +127,7 @@ class RunningServer:
         from vpnfleet.controlplane.settings import ServerSettings
 
         self.port = port or free_port()
-        settings = ServerSettings(
+        cp_settings = ServerSettings(
             data_dir=data_dir,
             database_url=database_url,
             listen=f"127.0.0.1:{self.port}",
@@ -132,7 +135,9 @@ class RunningServer:
             secret="test-seal-secret-Qx9LmPz4Rk8Vw2b7",
             heartbeat_interval=1.0,
         )
-        app = create_app(settings)
+        for key, value in settings.items():  # what a test sets beyond the above
+            setattr(cp_settings, key, value)
+        app = create_app(cp_settings)
         config = uvicorn.Config(
             app,
             host="127.0.0.1",

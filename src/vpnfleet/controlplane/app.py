@@ -50,7 +50,7 @@ def prepare(settings: ServerSettings) -> AppState:
     tls = servertls.server_tls(
         settings.data_dir, settings.tls_cert, settings.tls_key, settings.tls_self_signed
     )
-    engine = dbmod.make_engine(settings.resolved_database_url)
+    engine = dbmod.make_engine(settings.resolved_database_url, settings.database_pool_size)
     dbmod.upgrade(engine)
     factory = dbmod.session_factory(engine)
     sealer = Sealer(settings.resolved_secret())

@@ -41,8 +41,13 @@ def private_sqlite_file(url: str) -> None:
 READ_ONLY = "vpnfleet_read_only"
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url` with the settings vpnfleet relies on (FKs and WAL on SQLite)."""
+def make_engine(url: str, pool_size: int = 20) -> Engine:
+    """An engine for `url` with the settings vpnfleet relies on (FKs and WAL on SQLite).
+
+    PostgreSQL: `pool_size` connections, kept open, and no more. Connections made past a
+    pool's size are closed when given back, so under load every few requests paid for a new
+    connection (and PostgreSQL for a new backend process): about a tenth of a replica's
+    time in the fleet simulator (docs/performance.md)."""
     if url.startswith("sqlite"):
         private_sqlite_file(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -73,7 +78,7 @@ def make_engine(url: str) -> Engine:
             dbapi_conn.isolation_level = None
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=0)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

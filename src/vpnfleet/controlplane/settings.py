@@ -20,6 +20,19 @@ TCP_PORT = 443  # the TCP fallback's port when an endpoint names none (the agent
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "vpnfleet"
 
 
+# Whole-number variables: setting, variable, what the number counts (for the error).
+_WHOLE_NUMBERS = (
+    ("audit_retention_days", "VPNFLEET_AUDIT_RETENTION_DAYS", " of days"),
+    ("max_body_bytes", "VPNFLEET_MAX_BODY_BYTES", " of bytes"),
+    ("pod_lease_seconds", "VPNFLEET_POD_LEASE_SECONDS", ""),
+    ("watch_max_subscribers", "VPNFLEET_WATCH_MAX_SUBSCRIBERS", " of streams"),
+    ("database_pool_size", "VPNFLEET_DATABASE_POOL_SIZE", " of connections"),
+)
+# The fewest pooled connections a replica works with: the reserve for its own background
+# work (state.RESERVED_SESSIONS) plus one request.
+MIN_POOL = 5
+
+
 @dataclass
 class ServerSettings:
     """Everything `vpnfleet server` needs; `from_env` fills the gaps from VPNFLEET_* variables."""
@@ -60,6 +73,9 @@ class ServerSettings:
     # (single sign-on's same_address check needs the browsers' real addresses). Loopback only
     # by default, as uvicorn does.
     forwarded_allow_ips: list[str] = field(default_factory=lambda: ["127.0.0.1"])
+    # PostgreSQL connections a replica keeps open (controlplane/db.py): requests beyond them
+    # wait their turn in the server instead of opening and closing connections of their own.
+    database_pool_size: int = 20
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServerSettings:
@@ -81,23 +97,6 @@ class ServerSettings:
             values["secret"] = env["VPNFLEET_SECRET"]
         if "VPNFLEET_BOOTSTRAP_TOKEN" in env:
             values["bootstrap_token"] = env["VPNFLEET_BOOTSTRAP_TOKEN"]
-        if env.get("VPNFLEET_AUDIT_RETENTION_DAYS", "").strip():
-            raw = env["VPNFLEET_AUDIT_RETENTION_DAYS"].strip()
-            if not raw.isdigit():
-                raise ValueError(
-                    f"VPNFLEET_AUDIT_RETENTION_DAYS {raw!r} is not a whole number of days"
-                )
-            values["audit_retention_days"] = int(raw)
-        if env.get("VPNFLEET_MAX_BODY_BYTES", "").strip():
-            raw = env["VPNFLEET_MAX_BODY_BYTES"].strip()
-            if not raw.isdigit():
-                raise ValueError(f"VPNFLEET_MAX_BODY_BYTES {raw!r} is not a whole number of bytes")
-            values["max_body_bytes"] = int(raw)
-        if env.get("VPNFLEET_POD_LEASE_SECONDS", "").strip():
-            raw = env["VPNFLEET_POD_LEASE_SECONDS"].strip()
-            if not raw.isdigit():
-                raise ValueError(f"VPNFLEET_POD_LEASE_SECONDS {raw!r} is not a whole number")
-            values["pod_lease_seconds"] = int(raw)
         for key, var in (("tls_cert", "VPNFLEET_TLS_CERT"), ("tls_key", "VPNFLEET_TLS_KEY")):
             if env.get(var, "").strip():
                 values[key] = Path(env[var].strip())
@@ -110,13 +109,12 @@ class ServerSettings:
         if env.get("VPNFLEET_FORWARDED_ALLOW_IPS", "").strip():
             raw_ips = env["VPNFLEET_FORWARDED_ALLOW_IPS"]
             values["forwarded_allow_ips"] = [e.strip() for e in raw_ips.split(",") if e.strip()]
-        if env.get("VPNFLEET_WATCH_MAX_SUBSCRIBERS", "").strip():
-            raw = env["VPNFLEET_WATCH_MAX_SUBSCRIBERS"].strip()
-            if not raw.isdigit():
-                raise ValueError(
-                    f"VPNFLEET_WATCH_MAX_SUBSCRIBERS {raw!r} is not a whole number of streams"
-                )
-            values["watch_max_subscribers"] = int(raw)
+        for key, var, unit in _WHOLE_NUMBERS:
+            raw = env.get(var, "").strip()
+            if raw:
+                if not raw.isdigit():
+                    raise ValueError(f"{var} {raw!r} is not a whole number{unit}")
+                values[key] = int(raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()
@@ -128,6 +126,10 @@ class ServerSettings:
             raise ValueError("pod lease must be between 10 seconds and 1 day")
         if not 4096 <= self.max_body_bytes <= 1 << 30:
             raise ValueError("max body size must be between 4096 bytes and 1 GiB")
+        if not MIN_POOL <= self.database_pool_size <= 1_000:
+            raise ValueError(
+                f"VPNFLEET_DATABASE_POOL_SIZE must be between {MIN_POOL} and 1,000 connections"
+            )
         if not 1 <= self.watch_max_subscribers <= 1_000_000:
             raise ValueError(
                 "VPNFLEET_WATCH_MAX_SUBSCRIBERS (the watch stream limit) must be between 1 and "

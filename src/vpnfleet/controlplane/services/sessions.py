@@ -13,7 +13,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -40,24 +40,39 @@ LEASE_EXPIRED = "pod lease expired (no heartbeat)"
 @dataclass
 class _Known:
     """What a batch of one pod's records looks up once instead of once per record: its pod
-    and NAT pool, the users it touches (locked), its sessions by uid (read after the lock, so
-    current), and which pods of those users' live sessions hold their lease."""
+    and NAT pool, the users it touches (locked), its sessions by uid and those users' live
+    sessions (both read after the lock, so current; kept current as the records apply), and
+    which pods of those users' live sessions hold their lease."""
 
     pod: Pod
     pool: Pool | None  # the pod's NAT pool (looked up only when the batch opens sessions)
     users: dict[str, User]
     sessions: dict[str, VpnSession]
+    live: dict[int, list[VpnSession]]  # by user id, in the order they were opened
     alive: dict[str, bool] = field(default_factory=dict)
 
+    def live_of(self, user: User) -> list[VpnSession]:
+        return [r for r in self.live.get(user.id, ()) if r.ended_at is None]
 
-def _by_uid(db: Session, uids: Iterable[str]) -> dict[str, VpnSession]:
-    wanted = sorted(set(uids))
-    found: dict[str, VpnSession] = {}
-    for i in range(0, len(wanted), 500):
-        stmt = select(VpnSession).where(VpnSession.uid.in_(wanted[i : i + 500]))
-        for row in db.scalars(stmt.execution_options(populate_existing=True)):
-            found[row.uid] = row
-    return found
+
+def _batch_sessions(
+    db: Session, uids: Iterable[str], user_ids: Iterable[int]
+) -> tuple[dict[str, VpnSession], dict[int, list[VpnSession]]]:
+    """The sessions a batch names (by uid) and the live sessions of its users (by user id),
+    in one statement (a batch has at most MAX_SESSION_BATCH records)."""
+    wanted, users = sorted(set(uids)), sorted(set(user_ids))
+    cond: ColumnElement[bool] = VpnSession.uid.in_(wanted)
+    if users:
+        cond = cond | (VpnSession.user_id.in_(users) & VpnSession.ended_at.is_(None))
+    stmt = select(VpnSession).where(cond).order_by(VpnSession.id)
+    by_uid: dict[str, VpnSession] = {}
+    live: dict[int, list[VpnSession]] = {}
+    for row in db.scalars(stmt.execution_options(populate_existing=True)):
+        if row.uid in wanted:
+            by_uid[row.uid] = row
+        if row.ended_at is None and row.user_id is not None:
+            live.setdefault(row.user_id, []).append(row)
+    return by_uid, live
 
 
 def _live(db: Session, user: User) -> list[VpnSession]:
@@ -153,6 +168,7 @@ def open_session(
     reconnecting (same public address) replaces its old sessions: OpenVPN may keep those
     until a ping timeout, and they must not lock the user out meanwhile; they are marked
     killed, and their pods close them. `known`: what a batch looked up for all its records.
+    A refusal by Problem (4xx) comes before anything is written (see `apply_batch`).
     """
     if known is not None and known.pod.name == body.pod:
         pod = known.pod
@@ -179,7 +195,8 @@ def open_session(
         user = db.scalar(select(User).where(User.name == body.user).with_for_update())
     if user is None:
         raise not_found("user", body.user)
-    live = [r for r in _live(db, user) if r.kill_reason is None]
+    live = known.live_of(user) if known is not None else _live(db, user)
+    live = [r for r in live if r.kill_reason is None]
     staying = _drop_unheard(db, journal, live, lease, alive=known.alive if known else None)
     replaced = [r for r in staying if body.real_ip and r.real_ip == body.real_ip]
     allowed, reason = True, None
@@ -212,6 +229,8 @@ def open_session(
         db.add(row)
         db.flush()
         known.sessions[row.uid] = row
+        if allowed:
+            known.live.setdefault(user.id, []).append(row)
     else:
         try:
             with db.begin_nested():
@@ -234,7 +253,8 @@ def close_session(
     db: Session, journal: Journal, body: SessionClose, known: _Known | None = None
 ) -> bool:
     """Close a session with its pod's bytes and reason, killed or not; False if it was
-    already closed or is unknown (closing twice is not an error)."""
+    already closed or is unknown (closing twice is not an error). A refusal by Problem (403)
+    comes before anything is written (see `apply_batch`)."""
     if known is not None:
         row = known.sessions.get(body.uid)
     else:
@@ -266,7 +286,7 @@ def apply_batch(
     caller's one transaction; the caller commits the journal once (one change-log append).
 
     A record its endpoint would refuse with a 4xx (an unknown user, another pod's uid) is
-    answered with that status and detail, its savepoint rolled back, and the next record
+    answered with that status and detail, having written nothing, and the next record
     applied: one bad record does not hold up the rest, as with one request per record. Any
     other failure fails the whole batch, and nothing of it is kept.
 
@@ -299,11 +319,13 @@ def apply_batch(
         }
     # Read after the lock: what another request of these users wrote meanwhile is seen.
     pool = pods.nat_pool_of(db, pod) if names else None
-    known = _Known(pod, pool, users, _by_uid(db, (r.body.uid for r in body.records)))
+    by_uid, live = _batch_sessions(
+        db, (r.body.uid for r in body.records), (u.id for u in users.values() if u.name in names)
+    )
+    known = _Known(pod, pool, users, by_uid, live)
     results: list[SessionResult] = []
     for rec in body.records:
         mark = journal.mark()
-        savepoint = db.begin_nested()
         try:
             if isinstance(rec, OpenRecord):
                 verdict = open_session(db, journal, rec.body, lease, known)
@@ -311,12 +333,13 @@ def apply_batch(
             else:
                 closed = close_session(db, journal, rec.body, known)
                 result = SessionResult(kind="close", uid=rec.body.uid, status=200, closed=closed)
-            savepoint.commit()
         except Problem as exc:
-            if exc.status >= 500:
+            # open_session and close_session refuse a record before they write anything for
+            # it, so a refused record needs no savepoint of its own (two round trips per
+            # record). Should one ever refuse after writing, the batch fails whole instead of
+            # keeping half a record: nothing of it is kept, and the agent sends it again.
+            if exc.status >= 500 or journal.mark() != mark or db.new or db.dirty or db.deleted:
                 raise
-            savepoint.rollback()
-            journal.rewind(mark)
             result = SessionResult(
                 kind=rec.kind, uid=rec.body.uid, status=exc.status, detail=exc.detail
             )
