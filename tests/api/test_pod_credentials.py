@@ -107,6 +107,39 @@ def test_one_pod_cannot_take_another_pods_name_or_key(server: Server, admin: htt
     assert "verify-x509-name server. name-prefix" in profile
 
 
+def test_a_pod_whose_enrollment_answer_was_lost_enrolls_again_at_once(
+    server: Server, admin: httpx.Client
+) -> None:
+    """The answer to an enrollment can be lost (a timeout, a reset connection): the pod then
+    has no credential and asks again. It used to be refused its own name ("enrolled and
+    alive") until the lease ran out: 90 s of a new pod doing nothing."""
+    enroll = {"name": "pod-a"}
+    with (
+        server.client(server.make_token("agent")) as enroller,
+        server.client(server.make_token("agent")) as other,
+    ):
+        lost = enroller.post("/api/v1/agent/enroll", json=enroll)
+        assert lost.status_code == 201, lost.text
+        # Another enrollment token may not take the name meanwhile.
+        assert "enrolled and alive" in problem(other.post("/api/v1/agent/enroll", json=enroll), 409)
+        again = enroller.post("/api/v1/agent/enroll", json=enroll)
+        assert again.status_code == 201, again.text
+        token = again.json()["token"]
+        assert token != lost.json()["token"]
+        with server.client(lost.json()["token"]) as stale:  # the lost one is revoked
+            assert problem(stale.post("/api/v1/agent/register", json=enroll), 401)
+        with server.client(token) as pod:
+            pod.post("/api/v1/agent/register", json=enroll).raise_for_status()
+        # Once the pod has used its credential, the name is its own until the lease ends.
+        taken = enroller.post("/api/v1/agent/enroll", json=enroll)
+        assert "enrolled and alive" in problem(taken, 409)
+    audit = admin.get("/api/v1/audit/admin", params={"action": "pod.enroll"}).json()
+    assert sorted(bool(a["after"].get("replaces_unused_credential")) for a in audit) == [
+        False,
+        True,
+    ]
+
+
 def test_session_facts_are_checked(server: Server, admin: httpx.Client) -> None:
     admin.post("/api/v1/users", json={"name": "gus", "mode": "gateway"}).raise_for_status()
     admin.post("/api/v1/users", json={"name": "nat", "max_sessions": 5}).raise_for_status()

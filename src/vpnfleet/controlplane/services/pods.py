@@ -91,6 +91,14 @@ def enroll(db: Session, journal: Journal, body: EnrollRequest, lease: dt.timedel
             f"pod {pod.name!r} was revoked; its name may not enroll again until an "
             f"administrator runs 'vpnfleet pod forget {pod.name}'",
         )
+    if pod is not None and alive(pod, lease, now) and _answer_lost(db, pod, journal.who):
+        # The same enrollment token asks again for a name whose credential was never used:
+        # the answer to the last enrollment never reached its pod (a timeout, a reset
+        # connection). That credential is revoked and a new one given, instead of refusing
+        # the pod its own name until the lease ends.
+        _revoke_credentials(db, pod.name)
+        pod.registered_at = now
+        return _new_credential(db, journal, pod, again=True)
     if pod is not None and alive(pod, lease, now):
         left = int((lease - (now - last_seen(pod))).total_seconds()) + 1
         raise conflict(
@@ -115,6 +123,21 @@ def enroll(db: Session, journal: Journal, body: EnrollRequest, lease: dt.timedel
             journal.upsert(fleetstate.crl_update(revoked))
         pod.registered_at = now
         pod.ready = False
+    return _new_credential(db, journal, pod)
+
+
+def _answer_lost(db: Session, pod: Pod, who: auth.Principal) -> bool:
+    """Was the answer to this pod's last enrollment lost? Its live credentials (at least
+    one) were all made for the caller, the same enrollment token, and none was ever used."""
+    live = db.scalars(
+        select(AdminToken).where(AdminToken.pod_name == pod.name, AdminToken.revoked_at.is_(None))
+    ).all()
+    return bool(live) and all(
+        t.created_by == who.name and t.last_used_at is None and t.role == "pod" for t in live
+    )
+
+
+def _new_credential(db: Session, journal: Journal, pod: Pod, again: bool = False) -> Enrollment:
     secret = auth.new_token()
     token = AdminToken(
         name=f"{pod.name}@{secrets.token_hex(3)}",
@@ -126,7 +149,10 @@ def enroll(db: Session, journal: Journal, body: EnrollRequest, lease: dt.timedel
     )
     db.add(token)
     db.flush()
-    journal.audit("pod.enroll", pod.name, None, {"pod": pod.name, "credential": token.name})
+    after: dict[str, object] = {"pod": pod.name, "credential": token.name}
+    if again:
+        after["replaces_unused_credential"] = True
+    journal.audit("pod.enroll", pod.name, None, after)
     return Enrollment(name=pod.name, token=secret)
 
 
