@@ -26,8 +26,9 @@ import pytest
 
 from tests.conftest import Server, free_port
 from vpnfleet.agent.cpclient import ControlPlane, ControlPlaneError
-from vpnfleet.controlplane import pki, servertls
+from vpnfleet.controlplane import pki
 from vpnfleet.tokenbinding import ADMIN_TOKEN_FILE
+from vpnfleet.wire import Heartbeat
 
 VPNFLEET = [sys.executable, "-m", "vpnfleet.cli.main"]
 SVC = "vpnfleet-controlplane.vpnfleet.svc"
@@ -52,10 +53,8 @@ class TLSServer:
 @pytest.fixture
 def tls_server(tmp_path: Path) -> Iterator[TLSServer]:
     """`vpnfleet server --tls-self-signed SVC` as the server command runs it (SQLite)."""
-    import uvicorn
-
     from vpnfleet.controlplane.app import create_app, prepare
-    from vpnfleet.controlplane.serving import SHUTDOWN_GRACE, ControlPlaneServer
+    from vpnfleet.controlplane.serving import ControlPlaneServer, server_config
     from vpnfleet.controlplane.settings import ServerSettings
 
     port = free_port()
@@ -68,18 +67,8 @@ def tls_server(tmp_path: Path) -> Iterator[TLSServer]:
     settings.validate()
     state = prepare(settings)
     assert state.tls is not None and state.tls.ca_file is not None
-    config = uvicorn.Config(
-        create_app(settings, state),
-        host="127.0.0.1",
-        port=port,
-        log_config=None,
-        access_log=False,
-        ssl_certfile=str(state.tls.cert_file),
-        ssl_keyfile=str(state.tls.key_file),
-        ssl_ciphers=servertls.SERVER_CIPHERS,
-        timeout_graceful_shutdown=SHUTDOWN_GRACE,
-    )
-    srv = ControlPlaneServer(config, state.hub, state.bell)
+    srv = ControlPlaneServer(server_config(create_app(settings, state), settings, state),
+                             state.hub, state.bell)  # fmt: skip
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -190,24 +179,60 @@ def servertls_ctx(ca_file: Path) -> ssl.SSLContext:
     return pinned_context(ca_file)
 
 
-def test_agent_client_pins_the_ca(tls_server: TLSServer, tmp_path: Path) -> None:
-    other = tmp_path / "other-ca.pem"
-    other.write_text(pki.create_ca().cert_pem)
-
+def pod_credential(tls_server: TLSServer, name: str) -> str:
+    """Pod `name`'s own credential, enrolled with a new enrollment token."""
     with httpx.Client(
         base_url=tls_server.url,
         verify=servertls_ctx(tls_server.ca_file),
         headers={"Authorization": f"Bearer {tls_server.admin_token}"},
     ) as admin:
-        resp = admin.post("/api/v1/tokens", json={"name": "agents", "role": "agent"})
+        resp = admin.post("/api/v1/tokens", json={"name": f"enroll-{name}", "role": "agent"})
         enrollment = resp.json()["token"]
-        resp = httpx.post(
-            f"{tls_server.url}/api/v1/agent/enroll",
-            json={"name": "pod-tls"},
+        resp = admin.post(
+            "/api/v1/agent/enroll",
+            json={"name": name},
             headers={"Authorization": f"Bearer {enrollment}"},
-            verify=servertls_ctx(tls_server.ca_file),
         )
-        agent_token = resp.json()["token"]  # the pod's own credential reads the CRL
+        resp.raise_for_status()
+        return str(resp.json()["token"])
+
+
+def established_ports(port: int) -> set[str]:
+    """The local ports of this machine's established TCP connections to `port` (ss)."""
+    out = subprocess.run(
+        ["ss", "-Htn", "state", "established", f"( dport = :{port} )"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return {line.split()[2].rsplit(":", 1)[1] for line in out.splitlines() if line.strip()}
+
+
+def test_an_agent_keeps_one_connection_from_heartbeat_to_heartbeat(tls_server: TLSServer) -> None:
+    """Agents heartbeat every 5 s, and uvicorn and httpx both drop an idle connection after
+    5 s by default: every heartbeat of every pod paid a new TLS handshake, or was sent on a
+    connection the server was closing (a failed request, retried a tick later)."""
+    token = pod_credential(tls_server, "pod-ka")
+    beat = Heartbeat(name="pod-ka", applied_revision=0, ready=False)
+
+    async def two_heartbeats() -> tuple[set[str], set[str]]:
+        cp = ControlPlane(tls_server.url, token, ca_file=tls_server.ca_file)
+        try:
+            await cp.heartbeat(beat)
+            first = established_ports(tls_server.port)
+            await asyncio.sleep(6.5)  # the agent's 5 s interval, and more
+            await cp.heartbeat(beat)
+            return first, established_ports(tls_server.port)
+        finally:
+            await cp.close()
+
+    first, second = asyncio.run(two_heartbeats())
+    assert len(first) == 1 and second == first, (first, second)
+
+
+def test_agent_client_pins_the_ca(tls_server: TLSServer, tmp_path: Path) -> None:
+    other = tmp_path / "other-ca.pem"
+    other.write_text(pki.create_ca().cert_pem)
+
+    agent_token = pod_credential(tls_server, "pod-tls")  # the pod's own credential reads the CRL
 
     async def crl(ca_file: Path) -> str:
         cp = ControlPlane(tls_server.url, agent_token, ca_file=ca_file)

@@ -41,6 +41,12 @@ log = logging.getLogger("vpnfleet.agent.cp")
 
 M = TypeVar("M", bound=BaseModel)
 
+# Seconds an idle connection to the control plane is kept for the next request: longer than
+# the heartbeat interval (5 s), so a pod keeps one TLS connection instead of a handshake per
+# heartbeat; shorter than the server's (controlplane/serving.py, 75 s), so this side closes
+# it first and never sends on a connection the server is closing.
+KEEP_ALIVE_SECONDS = 30.0
+
 
 class ControlPlaneError(Exception):
     """The control plane could not be reached or refused the request."""
@@ -99,6 +105,7 @@ class ControlPlane:
             headers={"Authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(timeout, connect=3.0),
             verify=tlspin.verify_for(ca_file),
+            limits=httpx.Limits(keepalive_expiry=KEEP_ALIVE_SECONDS),
         )
 
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -130,14 +130,10 @@ def server(
     ] = None,
 ) -> None:
     """Run the control plane (applies database migrations first)."""
-    import uvicorn
-
     from vpnfleet import logsetup
     from vpnfleet.controlplane.app import create_app, prepare
-    from vpnfleet.controlplane.servertls import SERVER_CIPHERS
-    from vpnfleet.controlplane.serving import SHUTDOWN_GRACE, ControlPlaneServer
+    from vpnfleet.controlplane.serving import ControlPlaneServer, server_config
     from vpnfleet.controlplane.settings import ServerSettings
-    from vpnfleet.core.netparse import parse_listen
 
     try:
         logsetup.setup(log_format)
@@ -171,31 +167,13 @@ def server(
         state = prepare(settings)
     except Exception as exc:
         raise CLIError(f"cannot start: {_describe(exc)}") from None
-    host, port = parse_listen(settings.listen)
-    tls: dict[str, Any] = {}
-    if state.tls is not None:
-        tls = {
-            "ssl_certfile": str(state.tls.cert_file),
-            "ssl_keyfile": str(state.tls.key_file),
-            "ssl_ciphers": SERVER_CIPHERS,
-        }
-        if state.tls.ca_file is not None:
-            logging.getLogger("vpnfleet.server").info(
-                "serving HTTPS for %s; clients pin the CA in %s",
-                ", ".join(state.tls.names),
-                state.tls.ca_file,
-            )
-    config = uvicorn.Config(
-        create_app(settings, state),
-        host=host,
-        port=port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=SHUTDOWN_GRACE,
-        proxy_headers=True,
-        forwarded_allow_ips=settings.forwarded_allow_ips,
-        **tls,
-    )
+    if state.tls is not None and state.tls.ca_file is not None:
+        logging.getLogger("vpnfleet.server").info(
+            "serving HTTPS for %s; clients pin the CA in %s",
+            ", ".join(state.tls.names),
+            state.tls.ca_file,
+        )
+    config = server_config(create_app(settings, state), settings, state)
     # Ends the watch streams first when it stops (controlplane/serving.py).
     ControlPlaneServer(config, state.hub, state.bell).run()
 

@@ -24,15 +24,21 @@ import asyncio
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from vpnfleet.controlplane.servertls import SERVER_CIPHERS
 from vpnfleet.controlplane.ssobell import DecisionBell
 from vpnfleet.controlplane.watch import ChangeHub
+from vpnfleet.core.netparse import parse_listen
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
     from uvicorn.server import Protocols
+
+    from vpnfleet.controlplane.settings import ServerSettings
+    from vpnfleet.controlplane.state import AppState
 
 # Seconds requests still in flight get to finish once a stop is asked for (watch streams
 # end at once and do not count).
@@ -41,8 +47,39 @@ SHUTDOWN_GRACE = 5
 # how long such a connection may stay without a request before it is closed.
 LATE_CONNECTION_CHECK = 0.05
 LATE_CONNECTION_IDLE = 1.0
+# Seconds an idle connection is kept open for its next request. uvicorn's default is 5 s, the
+# agents' heartbeat interval: every pod's connection was closed between two heartbeats, and
+# each heartbeat paid a new TLS handshake (or met a connection closed under it: a failed
+# request). Clients keep theirs for less (the agent: cpclient.KEEP_ALIVE_SECONDS), so the
+# client, not the server, closes an idle connection.
+KEEP_ALIVE_SECONDS = 75
 
 log = logging.getLogger(__name__)
+
+
+def server_config(app: FastAPI, settings: ServerSettings, state: AppState) -> uvicorn.Config:
+    """How `vpnfleet server` serves `app`: its address, HTTPS when configured, the proxies it
+    believes, and the keep-alive and shutdown times above."""
+    host, port = parse_listen(settings.listen)
+    tls: dict[str, Any] = {}
+    if state.tls is not None:
+        tls = {
+            "ssl_certfile": str(state.tls.cert_file),
+            "ssl_keyfile": str(state.tls.key_file),
+            "ssl_ciphers": SERVER_CIPHERS,
+        }
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+        **tls,
+    )
 
 
 class ControlPlaneServer(uvicorn.Server):
