@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
@@ -18,6 +19,8 @@ from tests.conftest import Server
 from vpnfleet.agent.cpclient import ControlPlane
 from vpnfleet.agent.sessionship import SessionShipper
 from vpnfleet.agent.spool import Spool
+from vpnfleet.controlplane.errors import Problem
+from vpnfleet.controlplane.services import sessions as session_service
 from vpnfleet.core.sessionbook import Client
 from vpnfleet.wire import MAX_SESSION_BATCH
 
@@ -378,3 +381,30 @@ def test_closing_the_session_of_a_user_deleted_meanwhile_is_no_error(
         assert r.status_code == 200, r.text
         assert [(x["status"], x["closed"]) for x in r.json()["results"]] == [(200, True)] * 2
     assert [s["ended_at"] is not None for s in sessions(admin)] == [True, True]
+
+
+def test_a_record_refused_after_it_wrote_fails_the_batch_whole(
+    server: Server, admin: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records have no savepoint of their own: a refusal must come before a record writes.
+    Should code ever refuse after writing (forced here: the server runs in this process), the
+    batch is answered 500 and nothing of it is kept, rather than half a record."""
+    (agent,) = setup(server, admin, "pod1")
+    with closing(agent):
+        first = [open_rec("pod1-00000001", "alice", "198.51.100.1")]
+        assert agent.post(BATCH, json={"pod": "pod1", "records": first}).status_code == 200
+        before = sessions(admin)
+        real = session_service.close_session
+
+        def refuses_late(*args: Any, **kwargs: Any) -> bool:
+            real(*args, **kwargs)  # writes the close
+            raise Problem(403, "Forbidden", "refused after writing")
+
+        monkeypatch.setattr(session_service, "close_session", refuses_late)
+        records = [
+            open_rec("pod1-00000002", "bob", "198.51.100.2", host=3),
+            close_rec("pod1-00000001"),
+        ]
+        r = agent.post(BATCH, json={"pod": "pod1", "records": records})
+        assert r.status_code == 500, r.text
+    assert sessions(admin) == before  # neither bob's open nor alice's close was kept

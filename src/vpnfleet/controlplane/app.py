@@ -145,5 +145,6 @@ def create_app(settings: ServerSettings, state: AppState | None = None) -> FastA
         known_token=ready.known_token,
         max_body_bytes=settings.max_body_bytes,
         known_console_session=ready.known_console_session,
+        recently_known=ready.recently_known,
     )
     return app

@@ -83,9 +83,11 @@ class RequestIntake:
         known_token: Callable[[str], bool],
         max_body_bytes: int,
         known_console_session: Callable[[str], bool] | None = None,
+        recently_known: Callable[[str], bool] | None = None,
     ) -> None:
         self.app = app
         self.known_token = known_token
+        self.recently_known = recently_known  # memory only, asked first in the event loop
         self.known_console_session = known_console_session
         self.max_body_bytes = max_body_bytes
 
@@ -114,7 +116,10 @@ class RequestIntake:
                 check = self.known_console_session
                 if cookie is not None and await anyio.to_thread.run_sync(check, cookie):
                     limit = BULK_BODY
-        elif token is None or not await anyio.to_thread.run_sync(self.known_token, token):
+        elif token is None or not (
+            (self.recently_known is not None and self.recently_known(token))
+            or await anyio.to_thread.run_sync(self.known_token, token)
+        ):
             detail = "missing, unknown or revoked bearer token (checked before the body is read)"
             await _problem(send, 401, "Unauthorized", detail)
             return

@@ -9,8 +9,10 @@ endpoint but `enroll` takes a pod's own credential and only lets it speak for it
 from __future__ import annotations
 
 from fastapi import APIRouter
+from sqlalchemy.orm import Session
 
 from vpnfleet.controlplane import certs, fleetstate, flowstore
+from vpnfleet.controlplane.auth import Principal
 from vpnfleet.controlplane.errors import Problem
 from vpnfleet.controlplane.models import DeniedAttempt, utcnow
 from vpnfleet.controlplane.podleases import lifespan as leases_lifespan
@@ -19,7 +21,15 @@ from vpnfleet.controlplane.schemas import SSO_SESSION_SECONDS
 from vpnfleet.controlplane.services import idp as idpsvc
 from vpnfleet.controlplane.services import pods, sessions
 from vpnfleet.controlplane.services.journal import Journal
-from vpnfleet.controlplane.state import DB, Enroller, PodCaller, State, Watcher
+from vpnfleet.controlplane.state import (
+    DB,
+    Enroller,
+    PodCaller,
+    PodCredentials,
+    State,
+    Watcher,
+    pod_transaction,
+)
 from vpnfleet.wire import (
     WIRE_VERSION,
     Bootstrap,
@@ -114,35 +124,50 @@ def close_session(body: SessionClose, db: DB, who: PodCaller) -> dict[str, bool]
 
 
 @router.post("/sessions/batch", response_model=SessionBatchResult)
-def session_batch(body: SessionBatch, db: DB, who: PodCaller, state: State) -> SessionBatchResult:
+async def session_batch(
+    body: SessionBatch, creds: PodCredentials, state: State
+) -> SessionBatchResult:
     """Apply a pod's open and close records in order, in one transaction with one change-log
     append; each record's result is what its own endpoint would answer (a record refused
     with a 4xx changes nothing, the others still apply). A malformed batch, too many
     records or another pod's batch is refused whole, and nothing of it is written."""
-    journal = Journal(db, who)
-    results = sessions.apply_batch(db, journal, body, state.settings.pod_lease)
-    journal.commit()
-    return SessionBatchResult(results=results)
+
+    def work(db: Session, who: Principal) -> SessionBatchResult:
+        journal = Journal(db, who)
+        results = sessions.apply_batch(db, journal, body, state.settings.pod_lease)
+        journal.commit()
+        return SessionBatchResult(results=results)
+
+    return await pod_transaction(state, creds, work)
 
 
 @router.post("/sessions/report")
-def report_sessions(body: SessionReport, db: DB, who: PodCaller) -> dict[str, object]:
+async def report_sessions(
+    body: SessionReport, creds: PodCredentials, state: State
+) -> dict[str, object]:
     """Level-triggered repair: close this pod's sessions that the pod no longer has, and
     name those it still has that ended here (`ended`: the pod disconnects them)."""
-    journal = Journal(db, who)
-    closed, ended = sessions.report_sessions(db, journal, body)
-    journal.commit()
-    return {"closed": closed, "ended": ended}
+
+    def work(db: Session, who: Principal) -> dict[str, object]:
+        journal = Journal(db, who)
+        closed, ended = sessions.report_sessions(db, journal, body)
+        journal.commit()
+        return {"closed": closed, "ended": ended}
+
+    return await pod_transaction(state, creds, work)
 
 
 @router.post("/heartbeat")
-def heartbeat(body: Heartbeat, db: DB, who: PodCaller, state: State) -> dict[str, int]:
-    pod = pods.own_pod(db, who, body.name, lock=True)
-    pod.last_heartbeat = utcnow()
-    pod.applied_revision = body.applied_revision
-    pod.ready = body.ready
-    pod.status = body.status
-    pod.lease_expired_at = None
+async def heartbeat(body: Heartbeat, creds: PodCredentials, state: State) -> dict[str, int]:
+    def work(db: Session, who: Principal) -> None:
+        pod = pods.own_pod(db, who, body.name, lock=True)
+        pod.last_heartbeat = utcnow()
+        pod.applied_revision = body.applied_revision
+        pod.ready = body.ready
+        pod.status = body.status
+        pod.lease_expired_at = None
+
+    await pod_transaction(state, creds, work)
     return {"revision": state.hub.head}
 
 
@@ -170,7 +195,11 @@ def record_denied(body: DeniedBatch, db: DB, who: PodCaller) -> dict[str, int]:
 
 
 @router.post("/flows")
-def record_flows(body: FlowBatch, db: DB, who: PodCaller) -> dict[str, int]:
+async def record_flows(body: FlowBatch, creds: PodCredentials, state: State) -> dict[str, int]:
     """Store NAT flow records: idempotent by flow_id (see controlplane/flowstore.py)."""
-    pods.own_pod(db, who, body.pod)
-    return flowstore.store(db, body)
+
+    def work(db: Session, who: Principal) -> dict[str, int]:
+        pods.own_pod(db, who, body.pod)
+        return flowstore.store(db, body)
+
+    return await pod_transaction(state, creds, work)

@@ -336,10 +336,15 @@ def apply_batch(
         except Problem as exc:
             # open_session and close_session refuse a record before they write anything for
             # it, so a refused record needs no savepoint of its own (two round trips per
-            # record). Should one ever refuse after writing, the batch fails whole instead of
-            # keeping half a record: nothing of it is kept, and the agent sends it again.
-            if exc.status >= 500 or journal.mark() != mark or db.new or db.dirty or db.deleted:
+            # record). Should one ever refuse after writing, the batch fails whole (500)
+            # instead of keeping half a record: nothing of it is kept, the agent sends it again.
+            if exc.status >= 500:
                 raise
+            if journal.mark() != mark or db.new or db.dirty or db.deleted:
+                raise RuntimeError(
+                    f"session record {rec.body.uid!r} was refused after it had written; "
+                    "the batch is not kept"
+                ) from exc
             result = SessionResult(
                 kind=rec.kind, uid=rec.body.uid, status=exc.status, detail=exc.detail
             )
