@@ -29,7 +29,8 @@ def backends(url: str) -> dict[int, str]:
             rows = conn.execute(
                 text(
                     "SELECT pid, backend_start::text FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                    "AND backend_type = 'client backend'"  # not autovacuum's workers
                 )
             ).all()
         return {int(pid): str(start) for pid, start in rows}

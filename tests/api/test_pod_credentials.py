@@ -11,15 +11,18 @@ import contextlib
 import datetime as dt
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
+import pytest
 from cryptography import x509
 from sqlalchemy import create_engine, update
 
 from tests.api.test_users_groups_rules import problem
 from tests.conftest import Server
 from vpnfleet.agent.gwroutes import desired_routes
-from vpnfleet.controlplane.models import Pod
+from vpnfleet.controlplane import state as state_module
+from vpnfleet.controlplane.models import AdminToken, Pod
 from vpnfleet.core.fleet import FleetView
 from vpnfleet.wire import LiveSession, PodState, PoolState, Snapshot
 
@@ -138,6 +141,37 @@ def test_a_pod_whose_enrollment_answer_was_lost_enrolls_again_at_once(
         False,
         True,
     ]
+
+
+def test_a_registration_whose_credential_is_revoked_meanwhile_gets_no_key(
+    server: Server, admin: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A never-used credential may be replaced by the lost-answer enrollment above while its
+    pod's first request is under way: that request passed the token check just before the
+    revocation. It must not get the pod's key with a credential revoked meanwhile. (Forced
+    here: the revocation is committed between the token check and the registration.)"""
+    token = server.pod_token("pod-r")
+    real = state_module._admit_pod
+
+    def revoked_right_after_the_check(*args: Any) -> Any:
+        who = real(*args)
+        engine = create_engine(server.database_url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    update(AdminToken)
+                    .where(AdminToken.id == who.token_id)
+                    .values(revoked_at=dt.datetime.now(dt.UTC))
+                )
+        finally:
+            engine.dispose()
+        return who
+
+    monkeypatch.setattr(state_module, "_admit_pod", revoked_right_after_the_check)
+    with server.client(token) as pod:
+        r = pod.post("/api/v1/agent/register", json={"name": "pod-r"})
+        assert "revoked" in problem(r, 401)
+        assert "key_pem" not in r.text
 
 
 def test_session_facts_are_checked(server: Server, admin: httpx.Client) -> None:

@@ -105,7 +105,12 @@ class ControlPlane:
             headers={"Authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(timeout, connect=3.0),
             verify=tlspin.verify_for(ca_file),
-            limits=httpx.Limits(keepalive_expiry=KEEP_ALIVE_SECONDS),
+            # httpx's default limits, with a longer keep-alive.
+            limits=httpx.Limits(
+                max_connections=100,
+                max_keepalive_connections=20,
+                keepalive_expiry=KEEP_ALIVE_SECONDS,
+            ),
         )
 
     @property

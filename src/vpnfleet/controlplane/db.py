@@ -41,13 +41,20 @@ def private_sqlite_file(url: str) -> None:
 READ_ONLY = "vpnfleet_read_only"
 
 
+# PostgreSQL connections a replica may open past its pool for a burst of its own background
+# work (watch streams' token checks, the intake's token lookups, /readyz): closed after use.
+BURST_CONNECTIONS = 10
+
+
 def make_engine(url: str, pool_size: int = 20) -> Engine:
     """An engine for `url` with the settings vpnfleet relies on (FKs and WAL on SQLite).
 
-    PostgreSQL: `pool_size` connections, kept open, and no more. Connections made past a
-    pool's size are closed when given back, so under load every few requests paid for a new
-    connection (and PostgreSQL for a new backend process): about a tenth of a replica's
-    time in the fleet simulator (docs/performance.md)."""
+    PostgreSQL: `pool_size` connections, kept open. Requests take at most that many less a
+    reserve (state.request_sessions), so under load they do not open connections past the
+    pool: those are closed when given back, and with the pool of 10 that requests used to
+    outgrow, every few requests paid for a new connection (and PostgreSQL for a new backend
+    process), about a tenth of a replica's time in the fleet simulator (docs/performance.md).
+    `BURST_CONNECTIONS` more are there for background work that comes all at once."""
     if url.startswith("sqlite"):
         private_sqlite_file(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -78,7 +85,9 @@ def make_engine(url: str, pool_size: int = 20) -> Engine:
             dbapi_conn.isolation_level = None
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=0)
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=pool_size, max_overflow=BURST_CONNECTIONS
+    )
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

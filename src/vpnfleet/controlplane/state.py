@@ -136,11 +136,12 @@ RESERVED_SESSIONS = 4
 
 
 def request_sessions(engine: Engine) -> int:
-    """How many requests may hold a database session at once: fewer than the pool's
-    connections and the worker threads, less a reserve (see db_slot)."""
+    """How many requests may hold a database session at once: fewer than the pool's kept
+    connections (not its burst ones: db.make_engine) and the worker threads, less a reserve
+    (see db_slot)."""
     threads = int(anyio.to_thread.current_default_thread_limiter().total_tokens)
     pool = engine.pool
-    connections = pool.size() + max(pool._max_overflow, 0) if isinstance(pool, QueuePool) else 1
+    connections = pool.size() if isinstance(pool, QueuePool) else 1
     return max(1, min(connections, threads) - RESERVED_SESSIONS)
 
 
@@ -207,14 +208,18 @@ State = Annotated[AppState, Depends(app_state)]
 _bearer = HTTPBearer(auto_error=False)
 
 
-def _authenticate(state: AppState, creds: HTTPAuthorizationCredentials | None) -> auth.Principal:
+def _bearer_token(creds: HTTPAuthorizationCredentials | None) -> str:
     if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
         raise Problem(
             401,
             "Unauthorized",
             "missing bearer token: set VPNFLEET_TOKEN or pass --token",
         )
-    digest = auth.hash_token(creds.credentials)
+    return creds.credentials
+
+
+def _authenticate(state: AppState, creds: HTTPAuthorizationCredentials | None) -> auth.Principal:
+    digest = auth.hash_token(_bearer_token(creds))
     with state.factory() as db, db.begin():
         row = db.scalar(select(AdminToken).where(AdminToken.token_hash == digest))
         if row is None or row.revoked_at is not None:
@@ -307,7 +312,9 @@ def _admit_pod(state: AppState, creds: HTTPAuthorizationCredentials | None) -> a
 async def _pod_credentials(
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)], _slot: Slot
 ) -> HTTPAuthorizationCredentials | None:
-    """A pod's bearer credentials, checked by `pod_transaction` in the handler's thread."""
+    """A pod's bearer credentials, checked by `pod_transaction` in the handler's thread. A
+    request with none is refused here, before its body is looked at (401, not 422)."""
+    _bearer_token(creds)
     return creds
 
 

@@ -174,8 +174,16 @@ def register_pod(
     body: RegisterRequest,
     lease: dt.timedelta,
 ) -> Registration:
-    """Refresh the caller's own pod; it is not ready until its heartbeat says so."""
-    pod = own_pod(db, journal.who, body.name)
+    """Refresh the caller's own pod; it is not ready until its heartbeat says so.
+
+    The pod's row is locked and the caller's credential read again under that lock: an
+    enrollment that replaced a never-used credential (`_answer_lost`) holds the same lock, so
+    a registration that got past the token check just before it is refused, and never gets
+    the pod's key with a credential revoked meanwhile."""
+    pod = own_pod(db, journal.who, body.name, lock=True)
+    revoked = db.scalar(select(AdminToken.revoked_at).where(AdminToken.id == journal.who.token_id))
+    if revoked is not None:
+        raise Problem(401, "Unauthorized", "the token is unknown or revoked")
     if body.pod_ip is not None and body.pod_ip != pod.pod_ip:
         now = utcnow()
         holders = db.scalars(select(Pod).where(Pod.pod_ip == body.pod_ip, Pod.id != pod.id)).all()

@@ -60,8 +60,8 @@ def _batch_sessions(
 ) -> tuple[dict[str, VpnSession], dict[int, list[VpnSession]]]:
     """The sessions a batch names (by uid) and the live sessions of its users (by user id),
     in one statement (a batch has at most MAX_SESSION_BATCH records)."""
-    wanted, users = sorted(set(uids)), sorted(set(user_ids))
-    cond: ColumnElement[bool] = VpnSession.uid.in_(wanted)
+    wanted, users = set(uids), sorted(set(user_ids))
+    cond: ColumnElement[bool] = VpnSession.uid.in_(sorted(wanted))
     if users:
         cond = cond | (VpnSession.user_id.in_(users) & VpnSession.ended_at.is_(None))
     stmt = select(VpnSession).where(cond).order_by(VpnSession.id)
