@@ -82,10 +82,10 @@ class AppState:
         database again: the intake only decides whether a body is read at all (agents post
         several times a second). Every request still passes the authoritative check
         (``_authenticate``), so a revoked token is refused at once either way."""
-        if self.recently_known(token):
-            return True
         digest = auth.hash_token(token)
         now = time.monotonic()
+        if self._known.get(digest, 0.0) > now:
+            return True
         with self.factory() as db:
             row = db.execute(
                 select(AdminToken.id, AdminToken.revoked_at).where(AdminToken.token_hash == digest)

@@ -91,15 +91,15 @@ def enroll(db: Session, journal: Journal, body: EnrollRequest, lease: dt.timedel
             f"pod {pod.name!r} was revoked; its name may not enroll again until an "
             f"administrator runs 'vpnfleet pod forget {pod.name}'",
         )
-    if pod is not None and alive(pod, lease, now) and _answer_lost(db, pod, journal.who):
-        # The same enrollment token asks again for a name whose credential was never used:
-        # the answer to the last enrollment never reached its pod (a timeout, a reset
-        # connection). That credential is revoked and a new one given, instead of refusing
-        # the pod its own name until the lease ends.
-        _revoke_credentials(db, pod.name)
-        pod.registered_at = now
-        return _new_credential(db, journal, pod, again=True)
     if pod is not None and alive(pod, lease, now):
+        if _answer_lost(db, pod, journal.who):
+            # The same enrollment token asks again for a name whose credential was never
+            # used: the answer to the last enrollment never reached its pod (a timeout, a
+            # reset connection). That credential is revoked and a new one given, instead of
+            # refusing the pod its own name until the lease ends.
+            _revoke_credentials(db, pod.name)
+            pod.registered_at = now
+            return _new_credential(db, journal, pod, again=True)
         left = int((lease - (now - last_seen(pod))).total_seconds()) + 1
         raise conflict(
             f"pod {pod.name!r} is enrolled and alive (heard from within the "
