@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -59,6 +60,12 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
 # set by controlplane/console at start (app.state.html_errors).
 HTML_PREFIX = "/console"
 
+# A request's `state` attribute holding a no-argument check of its token that raises `Problem`
+# if the token is refused. Set by endpoints that check tokens in the handler (after the body
+# is validated, controlplane/state.py `pod_transaction`): an invalid body must not hide a
+# refused token behind a 422.
+TOKEN_CHECK = "token_check"  # noqa: S105  (an attribute name, not a secret)
+
 
 def _respond(req: Request, status: int, title: str, detail: str, **extra: Any) -> Response:
     render = getattr(req.app.state, "html_errors", None)
@@ -77,6 +84,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(req: Request, exc: RequestValidationError) -> Response:
+        check = getattr(req.state, TOKEN_CHECK, None)
+        if check is not None:
+            try:
+                await anyio.to_thread.run_sync(check)
+            except Problem as refused:
+                return await _problem(req, refused)
         errors = []
         for err in exc.errors():
             msg = str(err.get("msg", "invalid"))

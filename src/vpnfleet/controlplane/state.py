@@ -9,6 +9,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Annotated, Any, TypeVar
 
 import anyio.to_thread
@@ -20,7 +21,7 @@ from sqlalchemy.pool import QueuePool
 
 from vpnfleet.controlplane import auth, changelog
 from vpnfleet.controlplane import db as dbmod
-from vpnfleet.controlplane.errors import Problem
+from vpnfleet.controlplane.errors import TOKEN_CHECK, Problem
 from vpnfleet.controlplane.models import AdminToken, ConsoleAccount, ConsoleSession
 from vpnfleet.controlplane.pki import Sealer
 from vpnfleet.controlplane.servertls import ServerTLS
@@ -218,18 +219,23 @@ def _bearer_token(creds: HTTPAuthorizationCredentials | None) -> str:
     return creds.credentials
 
 
-def _authenticate(state: AppState, creds: HTTPAuthorizationCredentials | None) -> auth.Principal:
+def _principal(db: Session, creds: HTTPAuthorizationCredentials | None) -> auth.Principal:
+    """Who `creds` are, read in `db`'s transaction (which records the token's use)."""
     digest = auth.hash_token(_bearer_token(creds))
+    row = db.scalar(select(AdminToken).where(AdminToken.token_hash == digest))
+    if row is None or row.revoked_at is not None:
+        raise Problem(401, "Unauthorized", "the token is unknown or revoked")
+    now = dt.datetime.now(dt.UTC)
+    if auth.touch_due(row.last_used_at, now):
+        row.last_used_at = now
+    return auth.Principal(
+        token_id=row.id, name=row.name, role=auth.parse_role(row.role), pod=row.pod_name
+    )
+
+
+def _authenticate(state: AppState, creds: HTTPAuthorizationCredentials | None) -> auth.Principal:
     with state.factory() as db, db.begin():
-        row = db.scalar(select(AdminToken).where(AdminToken.token_hash == digest))
-        if row is None or row.revoked_at is not None:
-            raise Problem(401, "Unauthorized", "the token is unknown or revoked")
-        now = dt.datetime.now(dt.UTC)
-        if auth.touch_due(row.last_used_at, now):
-            row.last_used_at = now
-        return auth.Principal(
-            token_id=row.id, name=row.name, role=auth.parse_role(row.role), pod=row.pod_name
-        )
+        return _principal(db, creds)
 
 
 def require(*roles: auth.Role) -> Callable[..., auth.Principal]:
@@ -298,7 +304,10 @@ async def _pod_caller_briefly(
 
 
 def _admit_pod(state: AppState, creds: HTTPAuthorizationCredentials | None) -> auth.Principal:
-    who = _authenticate(state, creds)
+    return _pod_only(_authenticate(state, creds))
+
+
+def _pod_only(who: auth.Principal) -> auth.Principal:
     if who.role != "pod" or not who.pod:
         raise Problem(
             403,
@@ -310,11 +319,18 @@ def _admit_pod(state: AppState, creds: HTTPAuthorizationCredentials | None) -> a
 
 
 async def _pod_credentials(
-    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)], _slot: Slot
+    request: Request,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    _slot: Slot,
 ) -> HTTPAuthorizationCredentials | None:
     """A pod's bearer credentials, checked by `pod_transaction` in the handler's thread. A
-    request with none is refused here, before its body is looked at (401, not 422)."""
+    request with none is refused here, before its body is looked at (401, not 422).
+
+    Should its body then be invalid, the handler never runs: the 422 answer checks the token
+    first (errors.py, `TOKEN_CHECK`), so a revoked or wrong-role token still gets its 401/403,
+    as on every other endpoint."""
     _bearer_token(creds)
+    setattr(request.state, TOKEN_CHECK, partial(_admit_pod, request.app.state.vpnfleet, creds))
     return creds
 
 
@@ -333,9 +349,10 @@ async def pod_transaction(
     `PodCredentials`, it costs one, with the same transaction and the same answers."""
 
     def run() -> T:
-        who = _admit_pod(state, creds)
+        # The token is read in the work's own transaction: one connection checkout and one
+        # commit per request instead of two (a refused token rolls it back, nothing written).
         with _transaction(state) as db:
-            return work(db, who)
+            return work(db, _pod_only(_principal(db, creds)))
 
     return await anyio.to_thread.run_sync(run)
 
