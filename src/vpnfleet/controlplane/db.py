@@ -85,8 +85,15 @@ def make_engine(url: str, pool_size: int = 20) -> Engine:
             dbapi_conn.isolation_level = None
 
         return engine
+    # READ COMMITTED whatever the database's default_transaction_isolation: the change log's
+    # writers read after waiting for its lock and must see the commit before theirs, and the
+    # session services read rows they have just locked (tests/api/test_db_isolation.py).
     return create_engine(
-        url, pool_pre_ping=True, pool_size=pool_size, max_overflow=BURST_CONNECTIONS
+        url,
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=BURST_CONNECTIONS,
+        isolation_level="READ COMMITTED",
     )
 
 
