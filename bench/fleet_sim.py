@@ -14,11 +14,12 @@ token and switches to its own credential, registers (`--join-concurrency` pods a
 fetches its snapshot (the first `--snapshots` agents; the others follow from the registration's
 revision, as an agent restarting with its cached view does), holds a watch stream (every line
 parsed by the agent's parser), heartbeats every 5 s (the agent's default), reports its live
-sessions every 5 s, sends its session records in order as the agent's session shipper does
-(the records queued meanwhile, up to its BATCH, in one `POST /agent/sessions/batch`; one
-request per record with `--per-record`) and ships flow records every 2 s. With two replicas,
-agent i talks to replica i mod 2 first (the other is its fallback, as `--server` with two
-URLs). It stands in for the OpenVPN side only: no real client connects.
+sessions every 5 s unless session records wait (the agent's rule), sends its session records in
+order as the agent's session shipper does (the records queued meanwhile, up to its BATCH, in
+one `POST /agent/sessions/batch`; one request per record with `--per-record`) and ships flow
+records every 2 s. With two replicas, agent i talks to replica i mod 2 first (the other is its
+fallback, as `--server` with two URLs).
+It stands in for the OpenVPN side only: no real client connects.
 
 Each configuration runs, in order:
 
@@ -266,6 +267,7 @@ class Counts:
     flows_sent: int = 0
     heartbeats: int = 0
     reports: int = 0
+    reports_skipped: int = 0  # session records were waiting (as the agent does)
     resyncs: int = 0
     stream_restarts: int = 0
     join_retries: int = 0
@@ -294,6 +296,7 @@ class SimAgent:
         self.live: set[str] = set()
         self.flows: list[str] = []
         self.serial = 0
+        self.unanswered = 0  # records in the session request under way
         self.tasks: list[asyncio.Task[None]] = []
         self.streaming = asyncio.Event()
         self.outbox: asyncio.Queue[Any] = asyncio.Queue()
@@ -384,6 +387,12 @@ class SimAgent:
     async def _report(self) -> None:
         await asyncio.sleep(random.uniform(0, REPORT_EVERY))
         while True:
+            if self.unanswered or not self.outbox.empty():
+                # As the agent's shipper does (sessionship.report): no report while session
+                # records wait, or it would close a session whose close is still queued.
+                self.counts.reports_skipped += 1
+                await asyncio.sleep(REPORT_EVERY)
+                continue
             try:
                 await self.cp.session_report(SessionReport(pod=self.name, live=sorted(self.live)))
                 self.counts.reports += 1
@@ -421,35 +430,43 @@ class SimAgent:
             if not self.per_record:
                 while len(items) < SHIP_BATCH and not self.outbox.empty():
                     items.append(self.outbox.get_nowait())
-            t0 = time.perf_counter()
+            self.unanswered = len(items)
             try:
-                if self.per_record:
-                    ((record, _, _),) = items
-                    body = record["body"]
-                    if record["kind"] == "open":
-                        verdict = await self.cp.session_open(SessionOpen.model_validate(body))
-                        results = [SessionResult(kind="open", uid=verdict.uid, status=200,
-                                                 verdict=verdict)]  # fmt: skip
-                    else:
-                        await self.cp.session_close(SessionClose.model_validate(body))
-                        results = [SessionResult(kind="close", uid="", status=200, closed=True)]
+                await self._ship(items)
+            finally:
+                self.unanswered = 0
+
+    async def _ship(self, items: list[tuple[dict[str, Any], list[float], Any]]) -> None:
+        """One request for `items`; each waiting session gets its record's answer."""
+        t0 = time.perf_counter()
+        try:
+            if self.per_record:
+                ((record, _, _),) = items
+                body = record["body"]
+                if record["kind"] == "open":
+                    verdict = await self.cp.session_open(SessionOpen.model_validate(body))
+                    results = [SessionResult(kind="open", uid=verdict.uid, status=200,
+                                             verdict=verdict)]  # fmt: skip
                 else:
-                    sent = [record for record, _, _ in items]
-                    results = (await self.cp.session_batch(self.name, sent)).results
-            except Exception as exc:  # handed to the waiting sessions, whatever it is
-                for _, _, done in items:
-                    if not done.done():
-                        done.set_exception(exc)
+                    await self.cp.session_close(SessionClose.model_validate(body))
+                    results = [SessionResult(kind="close", uid="", status=200, closed=True)]
+            else:
+                sent = [record for record, _, _ in items]
+                results = (await self.cp.session_batch(self.name, sent)).results
+        except Exception as exc:  # handed to the waiting sessions, whatever it is
+            for _, _, done in items:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        took = time.perf_counter() - t0
+        for (_, timings, done), res in zip(items, results, strict=True):
+            timings.append(took)
+            if done.done():
                 continue
-            took = time.perf_counter() - t0
-            for (_, timings, done), res in zip(items, results, strict=True):
-                timings.append(took)
-                if done.done():
-                    continue
-                if res.status >= 400:
-                    done.set_exception(ControlPlaneError(f"{res.status} {res.detail}", res.status))
-                else:
-                    done.set_result(res.verdict if res.kind == "open" else res.closed)
+            if res.status >= 400:
+                done.set_exception(ControlPlaneError(f"{res.status} {res.detail}", res.status))
+            else:
+                done.set_result(res.verdict if res.kind == "open" else res.closed)
 
     async def open_session(self, user: int) -> tuple[str, str, dt.datetime] | None:
         """A client connects: the session record (timed); its uid, address and start if it may
@@ -811,7 +828,7 @@ async def run_config(
             "close_p50_ms": pct(counts.close_latency, 50) * 1000,
             "close_p99_ms": pct(counts.close_latency, 99) * 1000,
             "flows_sent": counts.flows_sent, "heartbeats": counts.heartbeats,
-            "reports": counts.reports,
+            "reports": counts.reports, "reports_skipped": counts.reports_skipped,
         }  # fmt: skip
         out["changes_churn"] = loaded
         sessions = max(1, counts.opened + counts.refused)
@@ -934,7 +951,8 @@ def summary(res: dict[str, Any], cfg: Config) -> str:
             f"{ch['open_p99_ms']:.0f} ms (queued in the shipper too: p50 "
             f"{ch['open_wait_p50_ms']:.0f} ms p99 {ch['open_wait_p99_ms']:.0f} ms); "
             f"loop lag p99 {ch['loop_lag_p99_ms']:.0f} ms; "
-            f"sim CPU {ch['sim_cpu_s']:.0f} s / {ch['seconds']:.0f} s",
+            f"sim CPU {ch['sim_cpu_s']:.0f} s / {ch['seconds']:.0f} s; session reports (whole "
+            f"run) {ch['reports']} sent, {ch['reports_skipped']} skipped: records waited",
             "  CP CPU per change: " + ", ".join(f"{x:.0f} ms" for x in r["cpu_per_change_ms"])
             + "; per session: " + ", ".join(f"{x:.1f} ms" for x in r["cpu_per_session_ms"]),
             f"  server log: {'; '.join(r['server_log'])}",
