@@ -46,6 +46,9 @@ M = TypeVar("M", bound=BaseModel)
 # heartbeat; shorter than the server's (controlplane/serving.py, 75 s), so this side closes
 # it first and never sends on a connection the server is closing.
 KEEP_ALIVE_SECONDS = 30.0
+# How old a snapshot the agent accepts (GET /agent/snapshot?max_age): a fleet starting at
+# once then shares a few instead of each costing the replica one (controlplane/snapshotcache).
+SNAPSHOT_MAX_AGE = 2.0
 
 
 class ControlPlaneError(Exception):
@@ -200,7 +203,11 @@ class ControlPlane:
         return await self._typed(Bootstrap, "POST", "/api/v1/agent/register", req)
 
     async def snapshot(self) -> Snapshot:
-        return await self._typed(Snapshot, "GET", "/api/v1/agent/snapshot")
+        """The fleet view, possibly shared with other agents asking at the same time (up to
+        SNAPSHOT_MAX_AGE seconds old): the watch from its revision brings the rest."""
+        return Snapshot.model_validate(
+            await self._call("GET", "/api/v1/agent/snapshot", params={"max_age": SNAPSHOT_MAX_AGE})
+        )
 
     async def crl(self) -> str:
         resp = await self._send("GET", "/api/v1/pki/crl")

@@ -199,6 +199,9 @@ class FleetCollector(Collector):
         self.watch_limit = 0
         self.watch_refused = 0
         self.watch_log_reads = 0
+        # The snapshot cache's counts (controlplane/snapshotcache.py), copied at each refresh.
+        self.snapshot_builds = 0
+        self.snapshot_shared = 0
         self.clock = time.time
 
     def describe(self) -> list[Metric]:
@@ -229,6 +232,16 @@ class FleetCollector(Collector):
             "vpnfleet_watch_log_reads",
             "Reads of the change log for streams further behind than the in-memory ring",
             value=self.watch_log_reads,
+        )
+        yield CounterMetricFamily(
+            "vpnfleet_snapshot_builds",
+            "Fleet snapshots this replica built for agents",
+            value=self.snapshot_builds,
+        )
+        yield CounterMetricFamily(
+            "vpnfleet_snapshot_shared",
+            "Snapshot requests answered with a snapshot built for another request (max_age)",
+            value=self.snapshot_shared,
         )
         if not f.up:
             return
@@ -357,6 +370,8 @@ class ControlPlaneMetrics:
         self.fleet.watch_limit = hub.max_subscribers
         self.fleet.watch_refused = hub.refused
         self.fleet.watch_log_reads = hub.old_reads
+        self.fleet.snapshot_builds = state.snapshots.builds
+        self.fleet.snapshot_shared = state.snapshots.shared
         if self._probe is None or self._probe.done():
             previous = self.fleet.facts.pki
             self._probe = asyncio.ensure_future(

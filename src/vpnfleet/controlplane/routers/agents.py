@@ -8,10 +8,12 @@ endpoint but `enroll` takes a pod's own credential and only lets it speak for it
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
 
-from vpnfleet.controlplane import certs, fleetstate, flowstore
+from vpnfleet.controlplane import certs, flowstore
 from vpnfleet.controlplane.auth import Principal
 from vpnfleet.controlplane.errors import Problem
 from vpnfleet.controlplane.models import DeniedAttempt, utcnow
@@ -21,13 +23,14 @@ from vpnfleet.controlplane.schemas import SSO_SESSION_SECONDS
 from vpnfleet.controlplane.services import idp as idpsvc
 from vpnfleet.controlplane.services import pods, sessions
 from vpnfleet.controlplane.services.journal import Journal
+from vpnfleet.controlplane.snapshotcache import MAX_AGE_LIMIT
 from vpnfleet.controlplane.state import (
     DB,
     Enroller,
     PodCaller,
     PodCredentials,
+    SnapshotReader,
     State,
-    Watcher,
     pod_transaction,
 )
 from vpnfleet.wire import (
@@ -101,8 +104,46 @@ def _sso_session_seconds(db: DB) -> int:
 
 
 @router.get("/snapshot", response_model=Snapshot)
-def snapshot(db: DB, _who: Watcher) -> Snapshot:
-    return fleetstate.build_snapshot(db)
+async def snapshot(
+    request: Request,
+    state: State,
+    _who: SnapshotReader,
+    max_age: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=MAX_AGE_LIMIT,
+            description="Accept a snapshot whose build started up to this many seconds ago "
+            "(one shared with other agents asking at the same time); 0: one built now",
+        ),
+    ] = 0.0,
+) -> Response:
+    """The fleet view an agent decides from, at its `revision`: the watch stream from that
+    revision brings what came after. Agents ask with `max_age`, so that a fleet starting at
+    once shares a few snapshots instead of each costing the replica one
+    (controlplane/snapshotcache.py)."""
+    body = await state.snapshots.get(max_age)
+    if _accepts_gzip(request.headers.get("accept-encoding", "")):
+        return Response(
+            body.gzipped,
+            media_type="application/json",
+            headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"},
+        )
+    return Response(body.json, media_type="application/json", headers={"Vary": "Accept-Encoding"})
+
+
+def _accepts_gzip(header: str) -> bool:
+    """Does an Accept-Encoding header accept gzip (and not with q=0)?"""
+    for item in header.split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip().lower() not in ("gzip", "x-gzip"):
+            continue
+        q = params.strip().lower().removeprefix("q=").strip() if params else "1"
+        try:
+            return float(q) > 0
+        except ValueError:
+            return False
+    return False
 
 
 @router.post("/sessions/open", response_model=SessionVerdict)
