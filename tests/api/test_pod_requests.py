@@ -113,9 +113,15 @@ def test_an_invalid_body_does_not_hide_a_refused_token(server: Server, admin: ht
         "/api/v1/agent/sessions/report": {"pod": "pod1"},
         "/api/v1/agent/flows": {"records": []},
     }
+    json_type = {"Content-Type": "application/json"}
     with closing(server.client(operator)) as op, closing(server.client(pod_token)) as pod:
         for path, body in bad.items():
             assert "pod credential" in problem(op.post(path, json=body), 403), path
+            # A body that is not JSON at all is refused before any dependency runs: the same.
+            r = op.post(path, content=b"{not json", headers=json_type)
+            assert "pod credential" in problem(r, 403), path
+            r = pod.post(path, content=b"{not json", headers=json_type)
+            assert "not valid JSON" in problem(r, 422), path
             # The pod's own token: the body's fault, named.
             detail = problem(pod.post(path, json=body), 422)
             assert detail.split(":")[0] in {"applied_revision", "records", "live", "pod"}, detail

@@ -46,9 +46,6 @@ M = TypeVar("M", bound=BaseModel)
 # heartbeat; shorter than the server's (controlplane/serving.py, 75 s), so this side closes
 # it first and never sends on a connection the server is closing.
 KEEP_ALIVE_SECONDS = 30.0
-# How old a snapshot the agent accepts (GET /agent/snapshot?max_age): a fleet starting at
-# once then shares a few instead of each costing the replica one (controlplane/snapshotcache).
-SNAPSHOT_MAX_AGE = 2.0
 
 
 class ControlPlaneError(Exception):
@@ -203,11 +200,7 @@ class ControlPlane:
         return await self._typed(Bootstrap, "POST", "/api/v1/agent/register", req)
 
     async def snapshot(self) -> Snapshot:
-        """The fleet view, possibly shared with other agents asking at the same time (up to
-        SNAPSHOT_MAX_AGE seconds old): the watch from its revision brings the rest."""
-        return Snapshot.model_validate(
-            await self._call("GET", "/api/v1/agent/snapshot", params={"max_age": SNAPSHOT_MAX_AGE})
-        )
+        return await self._typed(Snapshot, "GET", "/api/v1/agent/snapshot")
 
     async def crl(self) -> str:
         resp = await self._send("GET", "/api/v1/pki/crl")

@@ -36,7 +36,7 @@ from vpnfleet.controlplane.routers import (
 )
 from vpnfleet.controlplane.settings import ServerSettings
 from vpnfleet.controlplane.ssobell import DecisionBell
-from vpnfleet.controlplane.state import AppState
+from vpnfleet.controlplane.state import AppState, refused_pod_token
 from vpnfleet.controlplane.watch import ChangeHub
 from vpnfleet.core.netparse import parse_listen
 
@@ -117,6 +117,7 @@ def create_app(settings: ServerSettings, state: AppState | None = None) -> FastA
         "vpnfleet OpenVPN fleet. Authenticate with `Authorization: Bearer <token>`.",
     )
     app.state.vpnfleet = ready
+    app.state.token_refusal = refused_pod_token  # asked by errors.py before answering a 422
     errors.install(app)
     openapi.install(app)  # error responses and roles in the schema
     for module in (

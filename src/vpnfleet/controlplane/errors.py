@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -60,12 +59,6 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
 # set by controlplane/console at start (app.state.html_errors).
 HTML_PREFIX = "/console"
 
-# A request's `state` attribute holding a no-argument check of its token that raises `Problem`
-# if the token is refused. Set by endpoints that check tokens in the handler (after the body
-# is validated, controlplane/state.py `pod_transaction`): an invalid body must not hide a
-# refused token behind a 422.
-TOKEN_CHECK = "token_check"  # noqa: S105  (an attribute name, not a secret)
-
 
 def _respond(req: Request, status: int, title: str, detail: str, **extra: Any) -> Response:
     render = getattr(req.app.state, "html_errors", None)
@@ -84,12 +77,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(req: Request, exc: RequestValidationError) -> Response:
-        check = getattr(req.state, TOKEN_CHECK, None)
-        if check is not None:
-            try:
-                await anyio.to_thread.run_sync(check)
-            except Problem as refused:
-                return await _problem(req, refused)
+        # Endpoints that check the token in their handler (controlplane/state.py): a refused
+        # token is answered as such, not hidden behind the body's 422.
+        refusal = getattr(req.app.state, "token_refusal", None)
+        if refusal is not None and (refused := await refusal(req)) is not None:
+            return await _problem(req, refused)
         errors = []
         for err in exc.errors():
             msg = str(err.get("msg", "invalid"))

@@ -240,7 +240,7 @@ class FleetCollector(Collector):
         )
         yield CounterMetricFamily(
             "vpnfleet_snapshot_shared",
-            "Snapshot requests answered with a snapshot built for another request (max_age)",
+            "Snapshot requests that came during a build and shared the next one with others",
             value=self.snapshot_shared,
         )
         if not f.up:

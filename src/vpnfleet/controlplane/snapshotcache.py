@@ -1,86 +1,67 @@
-"""One fleet snapshot serves every agent that asks for one within a moment.
+"""Fleet snapshots built once for all the agents that ask while one is being built.
 
-Every agent that starts, or resyncs after its stream fell too far behind, asks for the whole
-fleet view (`GET /agent/snapshot`). With 20,000 users one costs a replica about a second of its
-CPU to read and serialize, so a fleet asking at once (every pod after a control-plane outage, a
-rolling update of the pods) queued for it: 20 agents at once waited 6.8 s for theirs (p50), and
-200 would wait minutes while heartbeats starve (docs/performance.md).
+Every agent that starts, or resyncs, asks for the whole fleet view (`GET /agent/snapshot`).
+With 20,000 users one costs a replica about a second of its CPU to read and serialize, so a
+fleet asking at once (every pod after a control-plane outage, a rolling update of the pods)
+queued for them: 20 agents at once waited 8 s for theirs (p50), and of 200 only 8 had theirs
+after 4 minutes (docs/performance.md).
 
-An agent's snapshot need not be the newest one: the agent watches the change log from the
-snapshot's revision on, so every later change reaches it anyway. So agents ask with
-``max_age`` (seconds): a replica answers them with the snapshot it built last if that build
-started at most that long ago, or with the build under way if that one did, and starts a
-build only otherwise. A request without ``max_age`` (an operator's, a test's) gets a snapshot
-built after it arrived, as before. A failed build fails the requests waiting for it and is
-not kept.
+Requests are coalesced instead: the first starts a build; those that come while it runs wait
+for the next build, which starts as soon as that one ends, and share it. So every request
+gets a snapshot whose reading started after the request arrived (as fresh as if it had been
+built for it alone: what it asked for never predates a change it already knew of), and a
+storm of requests costs one build at a time, back to back, however many agents ask. A failed
+build fails the requests waiting for it; the next request starts a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-MAX_AGE_LIMIT = 10.0  # the oldest snapshot a request may accept, seconds
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class _Build(Generic[T]):
-    started: float  # clock(): when its build started (before its revision was read)
-    task: asyncio.Task[T]
+@dataclass
+class _Builds(Generic[T]):
+    running: asyncio.Task[T] | None = None  # reading and serializing now
+    waiting: asyncio.Task[T] | None = None  # starts when `running` ends; takes newcomers
 
 
 class SnapshotCache(Generic[T]):
-    """The latest built snapshot (whatever `build` makes of it: its serialized forms), and
-    the builds under way, per event loop."""
+    """Coalesces snapshot builds, per event loop (a server has one; tests may start several)."""
 
-    def __init__(
-        self,
-        build: Callable[[], Awaitable[T]],
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, build: Callable[[], Awaitable[T]]) -> None:
         self._build = build
-        self._clock = clock
-        self._latest: tuple[float, T] | None = None  # when its build started, what it made
-        self._newest: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Build[T]] = (
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Builds[T]] = (
             weakref.WeakKeyDictionary()
         )
-        self.builds = 0  # snapshots built (the replica's metrics show it)
-        self.shared = 0  # requests answered with another request's snapshot
+        self.builds = 0  # snapshots built (the replica's metrics show them)
+        self.shared = 0  # requests answered with a build another request started
 
-    async def get(self, max_age: float = 0.0) -> T:
-        """A snapshot whose build started at most `max_age` seconds before now; with 0, one
-        whose build starts now."""
-        if not 0.0 <= max_age <= MAX_AGE_LIMIT:
-            raise ValueError(f"max_age must be between 0 and {MAX_AGE_LIMIT:g} seconds")
-        now = self._clock()
-        latest = self._latest
-        if max_age > 0 and latest is not None and now - latest[0] <= max_age:
-            self.shared += 1
-            return latest[1]
+    async def get(self) -> T:
+        """A snapshot whose build started after this call."""
         loop = asyncio.get_running_loop()
-        build = self._newest.get(loop)
-        if (
-            max_age > 0
-            and build is not None
-            and not build.task.done()
-            and now - build.started <= max_age
-        ):
+        builds = self._loops.setdefault(loop, _Builds())
+        if builds.waiting is not None:
             self.shared += 1
-            return await asyncio.shield(build.task)
-        build = _Build(now, loop.create_task(self._rebuild(now)))
-        self._newest[loop] = build
-        # Shielded: a request that gives up does not cancel a build others may wait for.
-        return await asyncio.shield(build.task)
+            task = builds.waiting
+        elif builds.running is not None and not builds.running.done():
+            task = builds.waiting = loop.create_task(self._after(builds, builds.running))
+        else:
+            task = builds.running = loop.create_task(self._counted())
+        # Shielded: a request that gives up does not cancel a build others wait for.
+        return await asyncio.shield(task)
 
-    async def _rebuild(self, started: float) -> T:
-        body = await self._build()
+    async def _after(self, builds: _Builds[T], before: asyncio.Task[T]) -> T:
+        await asyncio.wait([before])  # whatever became of it
+        builds.running, builds.waiting = builds.waiting, None  # this one; newcomers wait anew
+        return await self._counted()
+
+    async def _counted(self) -> T:
+        out = await self._build()
         self.builds += 1
-        latest = self._latest
-        if latest is None or latest[0] <= started:  # an older, slower build never replaces it
-            self._latest = (started, body)
-        return body
+        return out

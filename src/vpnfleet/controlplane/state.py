@@ -10,19 +10,18 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Annotated, Any, TypeVar
 
 import anyio.to_thread
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import Engine, event, select
+from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
 from vpnfleet.controlplane import auth, changelog, fleetstate
 from vpnfleet.controlplane import db as dbmod
-from vpnfleet.controlplane.errors import TOKEN_CHECK, Problem
+from vpnfleet.controlplane.errors import Problem
 from vpnfleet.controlplane.models import AdminToken, ConsoleAccount, ConsoleSession
 from vpnfleet.controlplane.pki import Sealer
 from vpnfleet.controlplane.servertls import ServerTLS
@@ -31,6 +30,7 @@ from vpnfleet.controlplane.snapshotcache import SnapshotCache
 from vpnfleet.controlplane.ssobell import DecisionBell
 from vpnfleet.controlplane.watch import ChangeHub
 from vpnfleet.core.loginthrottle import LoginThrottle
+from vpnfleet.wire import Snapshot
 
 KNOWN_TOKEN_TTL = 10.0
 KNOWN_TOKENS_MAX = 20_000
@@ -49,7 +49,8 @@ class SnapshotBody:
     gzipped: bytes
 
     @classmethod
-    def of(cls, body: bytes) -> SnapshotBody:
+    def of(cls, snap: Snapshot) -> SnapshotBody:
+        body = snap.model_dump_json().encode()
         return cls(body, gzip.compress(body, compresslevel=SNAPSHOT_GZIP_LEVEL, mtime=0))
 
 
@@ -81,15 +82,23 @@ class AppState:
 
     async def _build_snapshot(self) -> SnapshotBody:
         async with self.db_slots():
-            return await anyio.to_thread.run_sync(self._snapshot_body)
+            snap = await anyio.to_thread.run_sync(self._read_snapshot)
+        # Serialized and compressed without holding a request slot: the database is done.
+        return await anyio.to_thread.run_sync(SnapshotBody.of, snap)
 
-    def _snapshot_body(self) -> SnapshotBody:
+    def _read_snapshot(self) -> Snapshot:
         with self.read_factory()() as db:
+            if db.get_bind().dialect.name == "postgresql":
+                # One view of the database for all its reads: under READ COMMITTED a change
+                # committed between the revision's read and the users' would be in the
+                # snapshot and replayed on top of it by the watch from that revision (a user
+                # disabled, then enabled again, read enabled: the replay kicks them). SQLite's
+                # read transaction sees one view already.
+                db.connection(execution_options={"isolation_level": "REPEATABLE READ"})
             try:
-                snap = fleetstate.build_snapshot(db)
+                return fleetstate.build_snapshot(db)
             finally:
                 db.rollback()
-        return SnapshotBody.of(snap.model_dump_json().encode())
 
     def read_factory(self) -> sessionmaker[Session]:
         """Sessions that only read (on SQLite a deferred BEGIN: see db.READ_ONLY)."""
@@ -252,23 +261,36 @@ def _bearer_token(creds: HTTPAuthorizationCredentials | None) -> str:
     return creds.credentials
 
 
-def _principal(db: Session, creds: HTTPAuthorizationCredentials | None) -> auth.Principal:
-    """Who `creds` are, read in `db`'s transaction (which records the token's use)."""
+def _principal(
+    db: Session, creds: HTTPAuthorizationCredentials | None
+) -> tuple[auth.Principal, bool]:
+    """Who `creds` are, read in `db`'s transaction (nothing written), and whether the token's
+    last use is due to be recorded (`_touch`)."""
     digest = auth.hash_token(_bearer_token(creds))
     row = db.scalar(select(AdminToken).where(AdminToken.token_hash == digest))
     if row is None or row.revoked_at is not None:
         raise Problem(401, "Unauthorized", "the token is unknown or revoked")
-    now = dt.datetime.now(dt.UTC)
-    if auth.touch_due(row.last_used_at, now):
-        row.last_used_at = now
-    return auth.Principal(
+    who = auth.Principal(
         token_id=row.id, name=row.name, role=auth.parse_role(row.role), pod=row.pod_name
+    )
+    return who, auth.touch_due(row.last_used_at, dt.datetime.now(dt.UTC))
+
+
+def _touch(db: Session, who: auth.Principal) -> None:
+    """Record the token's use (at most once a minute: auth.touch_due)."""
+    db.execute(
+        update(AdminToken)
+        .where(AdminToken.id == who.token_id)
+        .values(last_used_at=dt.datetime.now(dt.UTC))
     )
 
 
 def _authenticate(state: AppState, creds: HTTPAuthorizationCredentials | None) -> auth.Principal:
     with state.factory() as db, db.begin():
-        return _principal(db, creds)
+        who, due = _principal(db, creds)
+        if due:
+            _touch(db, who)
+        return who
 
 
 def require(*roles: auth.Role) -> Callable[..., auth.Principal]:
@@ -369,7 +391,6 @@ def _pod_only(who: auth.Principal) -> auth.Principal:
 
 
 async def _pod_credentials(
-    request: Request,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     _slot: Slot,
 ) -> HTTPAuthorizationCredentials | None:
@@ -377,11 +398,31 @@ async def _pod_credentials(
     request with none is refused here, before its body is looked at (401, not 422).
 
     Should its body then be invalid, the handler never runs: the 422 answer checks the token
-    first (errors.py, `TOKEN_CHECK`), so a revoked or wrong-role token still gets its 401/403,
-    as on every other endpoint."""
+    first (`refused_pod_token`), so a revoked or wrong-role token still gets its 401/403, as
+    on every other endpoint."""
     _bearer_token(creds)
-    setattr(request.state, TOKEN_CHECK, partial(_admit_pod, request.app.state.vpnfleet, creds))
     return creds
+
+
+async def refused_pod_token(request: Request) -> Problem | None:
+    """The refusal (401/403) a request's token earns, if the request is for an endpoint that
+    checks a pod's token in its handler (`PodCredentials`, `pod_transaction`); None otherwise.
+
+    Asked by the answer to an invalid request (errors.py), which comes before that handler
+    runs: a malformed body must not hide a refused token behind a 422."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    if dependant is None or not any(d.call is _pod_credentials for d in dependant.dependencies):
+        return None
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    creds = HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip())
+    state: AppState = request.app.state.vpnfleet
+    try:
+        _bearer_token(creds)  # none: refused without asking the database
+        async with state.db_slots():
+            await anyio.to_thread.run_sync(_admit_pod, state, creds)
+    except Problem as refused:
+        return refused
+    return None
 
 
 async def pod_transaction(
@@ -400,9 +441,15 @@ async def pod_transaction(
 
     def run() -> T:
         # The token is read in the work's own transaction: one connection checkout and one
-        # commit per request instead of two (a refused token rolls it back, nothing written).
+        # commit per request instead of two (a refused token: nothing was written). Its use
+        # is recorded after the work, so this transaction locks the pod's row before the
+        # token's, in the order revoking a pod does (services/pods.py): never a deadlock.
         with _transaction(state) as db:
-            return work(db, _pod_only(_principal(db, creds)))
+            who, due = _principal(db, creds)
+            out = work(db, _pod_only(who))
+            if due:
+                _touch(db, who)
+            return out
 
     return await anyio.to_thread.run_sync(run)
 

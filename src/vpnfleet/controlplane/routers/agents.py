@@ -8,9 +8,7 @@ endpoint but `enroll` takes a pod's own credential and only lets it speak for it
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from sqlalchemy.orm import Session
 
 from vpnfleet.controlplane import certs, flowstore
@@ -23,7 +21,6 @@ from vpnfleet.controlplane.schemas import SSO_SESSION_SECONDS
 from vpnfleet.controlplane.services import idp as idpsvc
 from vpnfleet.controlplane.services import pods, sessions
 from vpnfleet.controlplane.services.journal import Journal
-from vpnfleet.controlplane.snapshotcache import MAX_AGE_LIMIT
 from vpnfleet.controlplane.state import (
     DB,
     Enroller,
@@ -104,25 +101,12 @@ def _sso_session_seconds(db: DB) -> int:
 
 
 @router.get("/snapshot", response_model=Snapshot)
-async def snapshot(
-    request: Request,
-    state: State,
-    _who: SnapshotReader,
-    max_age: Annotated[
-        float,
-        Query(
-            ge=0,
-            le=MAX_AGE_LIMIT,
-            description="Accept a snapshot whose build started up to this many seconds ago "
-            "(one shared with other agents asking at the same time); 0: one built now",
-        ),
-    ] = 0.0,
-) -> Response:
-    """The fleet view an agent decides from, at its `revision`: the watch stream from that
-    revision brings what came after. Agents ask with `max_age`, so that a fleet starting at
-    once shares a few snapshots instead of each costing the replica one
-    (controlplane/snapshotcache.py)."""
-    body = await state.snapshots.get(max_age)
+async def snapshot(request: Request, state: State, _who: SnapshotReader) -> Response:
+    """The fleet view an agent decides from, at its `revision` (the watch stream from that
+    revision brings what came after). Requests that come while one is being built share the
+    next build (controlplane/snapshotcache.py), and it is gzipped once for clients that
+    accept gzip."""
+    body = await state.snapshots.get()
     if _accepts_gzip(request.headers.get("accept-encoding", "")):
         return Response(
             body.gzipped,
@@ -133,12 +117,16 @@ async def snapshot(
 
 
 def _accepts_gzip(header: str) -> bool:
-    """Does an Accept-Encoding header accept gzip (and not with q=0)?"""
+    """Does an Accept-Encoding header name gzip (not with q=0)? A `*` is not taken for it."""
     for item in header.split(","):
-        coding, _, params = item.strip().partition(";")
+        coding, *params = item.split(";")
         if coding.strip().lower() not in ("gzip", "x-gzip"):
             continue
-        q = params.strip().lower().removeprefix("q=").strip() if params else "1"
+        q = "1"
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                q = value.strip()
         try:
             return float(q) > 0
         except ValueError:
