@@ -3,12 +3,13 @@ browser tests: the browser itself and a page object for what a person at the con
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions as ec
@@ -51,6 +52,27 @@ def chromium(download_dir: Path | None = None, insecure_certs: bool = False) -> 
     return driver
 
 
+def left_the_page(element: WebElement) -> Callable[[object], bool]:
+    """A wait condition: `element` (of the page before a click) is gone, the next page is here.
+
+    Selenium's `staleness_of` knows only the stale-reference answer; while a page is being
+    replaced chromedriver may instead answer that the node "does not belong to the document"
+    (an unknown error), which means the same."""
+
+    def gone(_driver: object) -> bool:
+        try:
+            element.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as exc:
+            if "does not belong to the document" in str(exc):
+                return True
+            raise
+        return False
+
+    return gone
+
+
 @dataclass
 class ConsolePage:
     """The browser at the console of the control plane at ``url``; ``accounts`` maps a role to
@@ -90,7 +112,7 @@ class ConsolePage:
         """Click a submit button and wait for the page it leads to."""
         old = self.driver.find_element(By.TAG_NAME, "html")
         button.click()
-        WebDriverWait(self.driver, WAIT).until(ec.staleness_of(old))
+        WebDriverWait(self.driver, WAIT).until(left_the_page(old))
 
     def press_and_confirm(self, button: WebElement) -> str:
         """Click a button of a form that asks first (data-confirm), accept the question and
@@ -100,7 +122,7 @@ class ConsolePage:
         alert = WebDriverWait(self.driver, WAIT).until(ec.alert_is_present())
         question = alert.text
         alert.accept()
-        WebDriverWait(self.driver, WAIT).until(ec.staleness_of(old))
+        WebDriverWait(self.driver, WAIT).until(left_the_page(old))
         return question
 
     def button(self, text: str, scope: str = "main") -> WebElement:
@@ -121,7 +143,7 @@ class ConsolePage:
         )
         old = self.driver.find_element(By.TAG_NAME, "html")
         link.click()
-        WebDriverWait(self.driver, WAIT).until(ec.staleness_of(old))
+        WebDriverWait(self.driver, WAIT).until(left_the_page(old))
 
     def sign_in(self, role: str) -> None:
         name, password = self.accounts[role]

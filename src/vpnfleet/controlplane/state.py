@@ -43,7 +43,7 @@ SNAPSHOT_GZIP_LEVEL = 5
 @dataclass(frozen=True)
 class SnapshotBody:
     """A built snapshot as JSON, and gzipped (compressed once, sent to every agent asking:
-    with 20,000 users about a fifth of the bytes to encrypt, send and buffer per agent)."""
+    several times fewer bytes to encrypt, send and buffer per agent)."""
 
     json: bytes
     gzipped: bytes
