@@ -31,20 +31,24 @@ class Builder:
         self.gates[number - 1].set()
 
 
+async def ask(cache: SnapshotCache[str], count: int) -> list[asyncio.Task[str]]:
+    """`count` requests, each under way (waiting for its build) when this returns."""
+    asking = [asyncio.create_task(cache.get()) for _ in range(count)]
+    await asyncio.sleep(0)
+    return asking
+
+
 def test_requests_during_a_build_share_the_next_one() -> None:
     async def run() -> None:
         build = Builder()
         cache = SnapshotCache(build)
-        first = asyncio.create_task(cache.get())
-        await asyncio.sleep(0)
+        (first,) = await ask(cache, 1)
         # Asked while build 1 runs: it may predate what they know, so they wait for build 2.
-        during = [asyncio.create_task(cache.get()) for _ in range(50)]
-        await asyncio.sleep(0)
+        during = await ask(cache, 50)
         await build.finish(1)
         assert await first == "build 1"
         # Build 2 started as build 1 ended; these come while it runs: build 3.
-        later = [asyncio.create_task(cache.get()) for _ in range(50)]
-        await asyncio.sleep(0)
+        later = await ask(cache, 50)
         await build.finish(2)
         assert set(await asyncio.gather(*during)) == {"build 2"}
         await build.finish(3)
@@ -63,10 +67,8 @@ def test_a_failed_build_fails_its_waiters_and_the_next_request_builds_again() ->
         build = Builder()
         build.fail = RuntimeError("database away")
         cache = SnapshotCache(build)
-        first = asyncio.create_task(cache.get())
-        await asyncio.sleep(0)
-        during = [asyncio.create_task(cache.get()) for _ in range(3)]
-        await asyncio.sleep(0)
+        (first,) = await ask(cache, 1)
+        during = await ask(cache, 3)
         await build.finish(1)
         await build.finish(2)
         results = await asyncio.gather(first, *during, return_exceptions=True)
@@ -83,11 +85,8 @@ def test_a_request_that_gives_up_does_not_cancel_the_shared_build() -> None:
     async def run() -> None:
         build = Builder()
         cache = SnapshotCache(build)
-        first = asyncio.create_task(cache.get())
-        await asyncio.sleep(0)
-        impatient = asyncio.create_task(cache.get())
-        patient = asyncio.create_task(cache.get())
-        await asyncio.sleep(0)
+        (first,) = await ask(cache, 1)
+        impatient, patient = await ask(cache, 2)
         impatient.cancel()
         await build.finish(1)
         await build.finish(2)

@@ -17,12 +17,49 @@ build fails the requests waiting for it; the next request starts a new one.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from sqlalchemy.orm import Session, sessionmaker
+
+from vpnfleet.controlplane import fleetstate
+from vpnfleet.wire import Snapshot
+
 T = TypeVar("T")
+GZIP_LEVEL = 5
+
+
+@dataclass(frozen=True)
+class SnapshotBody:
+    """A built snapshot as JSON, and gzipped (compressed once, sent to every agent asking:
+    several times fewer bytes to encrypt, send and buffer per agent)."""
+
+    json: bytes
+    gzipped: bytes
+
+    @classmethod
+    def of(cls, snap: Snapshot) -> SnapshotBody:
+        body = snap.model_dump_json().encode()
+        return cls(body, gzip.compress(body, compresslevel=GZIP_LEVEL, mtime=0))
+
+
+def read_snapshot(factory: sessionmaker[Session]) -> Snapshot:
+    """The fleet snapshot, read in one read-only transaction of `factory`'s."""
+    with factory() as db:
+        if db.get_bind().dialect.name == "postgresql":
+            # One view of the database for all its reads: under READ COMMITTED a change
+            # committed between the revision's read and the users' would be in the snapshot
+            # and replayed on top of it by the watch from that revision (a user disabled, then
+            # enabled again, read enabled: the replay kicks them). SQLite's read transaction
+            # sees one view already.
+            db.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        try:
+            return fleetstate.build_snapshot(db)
+        finally:
+            db.rollback()
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import gzip
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -19,39 +18,23 @@ from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
-from vpnfleet.controlplane import auth, changelog, fleetstate
+from vpnfleet.controlplane import auth, changelog
 from vpnfleet.controlplane import db as dbmod
 from vpnfleet.controlplane.errors import Problem
 from vpnfleet.controlplane.models import AdminToken, ConsoleAccount, ConsoleSession
 from vpnfleet.controlplane.pki import Sealer
 from vpnfleet.controlplane.servertls import ServerTLS
 from vpnfleet.controlplane.settings import ServerSettings
-from vpnfleet.controlplane.snapshotcache import SnapshotCache
+from vpnfleet.controlplane.snapshotcache import SnapshotBody, SnapshotCache, read_snapshot
 from vpnfleet.controlplane.ssobell import DecisionBell
 from vpnfleet.controlplane.watch import ChangeHub
 from vpnfleet.core.loginthrottle import LoginThrottle
-from vpnfleet.wire import Snapshot
 
 KNOWN_TOKEN_TTL = 10.0
 KNOWN_TOKENS_MAX = 20_000
 CONSOLE_IDLE = dt.timedelta(minutes=30)  # console/signin.py IDLE (which imports this module)
 
 T = TypeVar("T")
-SNAPSHOT_GZIP_LEVEL = 5
-
-
-@dataclass(frozen=True)
-class SnapshotBody:
-    """A built snapshot as JSON, and gzipped (compressed once, sent to every agent asking:
-    several times fewer bytes to encrypt, send and buffer per agent)."""
-
-    json: bytes
-    gzipped: bytes
-
-    @classmethod
-    def of(cls, snap: Snapshot) -> SnapshotBody:
-        body = snap.model_dump_json().encode()
-        return cls(body, gzip.compress(body, compresslevel=SNAPSHOT_GZIP_LEVEL, mtime=0))
 
 
 @dataclass
@@ -82,23 +65,9 @@ class AppState:
 
     async def _build_snapshot(self) -> SnapshotBody:
         async with self.db_slots():
-            snap = await anyio.to_thread.run_sync(self._read_snapshot)
+            snap = await anyio.to_thread.run_sync(read_snapshot, self.read_factory())
         # Serialized and compressed without holding a request slot: the database is done.
         return await anyio.to_thread.run_sync(SnapshotBody.of, snap)
-
-    def _read_snapshot(self) -> Snapshot:
-        with self.read_factory()() as db:
-            if db.get_bind().dialect.name == "postgresql":
-                # One view of the database for all its reads: under READ COMMITTED a change
-                # committed between the revision's read and the users' would be in the
-                # snapshot and replayed on top of it by the watch from that revision (a user
-                # disabled, then enabled again, read enabled: the replay kicks them). SQLite's
-                # read transaction sees one view already.
-                db.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-            try:
-                return fleetstate.build_snapshot(db)
-            finally:
-                db.rollback()
 
     def read_factory(self) -> sessionmaker[Session]:
         """Sessions that only read (on SQLite a deferred BEGIN: see db.READ_ONLY)."""
@@ -331,8 +300,7 @@ def require_briefly(*roles: auth.Role) -> Callable[..., Awaitable[auth.Principal
         state: State,
         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> auth.Principal:
-        async with state.db_slots():
-            return await anyio.to_thread.run_sync(_admit, state, creds, allowed)
+        return await _briefly(state, _admit, creds, allowed)
 
     _dep.roles = frozenset(allowed)  # type: ignore[attr-defined]  # read by openapi.roles_of
     return _dep
@@ -371,8 +339,16 @@ async def _pod_caller_briefly(
 ) -> auth.Principal:
     """Like `PodCaller`, but the request slot is held only for the token check: for a
     handler that then waits without the database (a long poll)."""
+    return await _briefly(state, _admit_pod, creds)
+
+
+async def _briefly(
+    state: AppState, check: Callable[..., auth.Principal], *args: Any
+) -> auth.Principal:
+    """`check(state, *args)`, a token check, in a worker thread, holding a request slot only
+    meanwhile (`_pod_caller_briefly`, `require_briefly`, `refused_pod_token`)."""
     async with state.db_slots():
-        return await anyio.to_thread.run_sync(_admit_pod, state, creds)
+        return await anyio.to_thread.run_sync(check, state, *args)
 
 
 def _admit_pod(state: AppState, creds: HTTPAuthorizationCredentials | None) -> auth.Principal:
@@ -418,8 +394,7 @@ async def refused_pod_token(request: Request) -> Problem | None:
     state: AppState = request.app.state.vpnfleet
     try:
         _bearer_token(creds)  # none: refused without asking the database
-        async with state.db_slots():
-            await anyio.to_thread.run_sync(_admit_pod, state, creds)
+        await _briefly(state, _admit_pod, creds)
     except Problem as refused:
         return refused
     return None
