@@ -33,9 +33,9 @@ def _pg_admin_url() -> str:
 
 
 @contextmanager
-def fresh_database(kind: str, tmp_path: Path) -> Iterator[str]:
+def fresh_database(kind: str, tmp_path: Path, *, encoding: str | None = None) -> Iterator[str]:
     """The URL of a fresh, empty database: a SQLite file under `tmp_path`, or a new database
-    on the real PostgreSQL (dropped on exit)."""
+    on the real PostgreSQL (dropped on exit), in `encoding` if given."""
     if kind == "sqlite":
         yield f"sqlite:///{tmp_path / 'test.db'}"
         return
@@ -43,7 +43,8 @@ def fresh_database(kind: str, tmp_path: Path) -> Iterator[str]:
     name = f"vft_{secrets.token_hex(6)}"
     engine = create_engine(admin, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+        how = f" ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        conn.execute(text(f'CREATE DATABASE "{name}"{how if encoding else ""}'))
     try:
         yield admin.set(database=name).render_as_string(hide_password=False)
     finally:

@@ -53,3 +53,23 @@ def test_a_read_after_the_change_log_lock_sees_the_commit_before_it(
                 first.rollback()
         finally:
             engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_sql_ascii_database_serves_text_as_text(tmp_path: Path) -> None:
+    """A database made by an initdb without a locale (Debian's, in a container) is SQL_ASCII.
+    psycopg then returns text columns as bytes unless the client asks for UTF-8, and the
+    control plane stopped at start with "cannot use a string pattern on a bytes-like object"
+    (found by tests/e2e/test_kube_play_ha.py). It starts, and names outside ASCII come back."""
+    with fresh_database("postgresql", tmp_path, encoding="SQL_ASCII") as url:
+        engine = dbmod.make_engine(url, pool_size=2)
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(text("SHOW server_encoding")).scalar_one() == "SQL_ASCII"
+            dbmod.upgrade(engine)
+            with engine.begin() as conn:
+                conn.execute(text("CREATE TEMP TABLE t (name text)"))
+                conn.execute(text("INSERT INTO t VALUES (:n)"), {"n": "zoë 李"})
+                assert conn.execute(text("SELECT name FROM t")).scalar_one() == "zoë 李"
+        finally:
+            engine.dispose()

@@ -84,10 +84,14 @@ class Podman:
     pods: list[str] = field(default_factory=list)  # made by `podman kube play`
     secrets: list[str] = field(default_factory=list)
 
-    def network(self, role: str) -> str:
+    def network(self, role: str, *, internal: bool = False) -> str:
+        """A bridge network. An internal one gets no NAT on the host: podman masquerades what
+        leaves a network's subnet, also between two of its containers when the host filters
+        bridged frames (br_netfilter), so a packet routed to an address outside the subnet
+        (a gateway user's) would reach its next hop from the host's address."""
         name = f"{self.prefix}-{role}"
         self.networks.append(name)
-        podman("network", "create", name)
+        podman("network", "create", *(["--internal"] if internal else []), name)
         return name
 
     def volume(self, role: str) -> str:

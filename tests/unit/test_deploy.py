@@ -10,6 +10,7 @@ Kubernetes kinds: tests/unit/test_manifests_monitoring.py checks them; any other
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shutil
 import subprocess
@@ -357,3 +358,33 @@ def test_bgp_overlay_turns_bgp_on_with_one_more_capability(monkeypatch: pytest.M
     base = find(render("deploy/kustomize/base"), "Deployment", "vpnfleet-agent")
     names = {e["name"] for e in base["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert not any(n.startswith("VPNFLEET_BGP") for n in names)
+
+
+def test_the_components_compose_over_the_postgres_overlay(tmp_path: Path) -> None:
+    """What tests/e2e/test_kube_play_ha.py plays: the postgres overlay with the init-container
+    and BGP Components, written the way each Component's header tells an operator to."""
+    variant = tmp_path / "variant"
+    variant.mkdir()
+    rel = Path(os.path.relpath(KUSTOMIZE, variant))
+    components = ["sysctl-init-container", "bgp"]
+    (variant / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [str(rel / "overlays" / "postgres")],
+                "components": [str(rel / "components" / c) for c in components],
+            }
+        )
+    )
+    docs = _render(str(variant))
+    assert schema_errors(docs) == []
+    assert find(docs, "Deployment", "vpnfleet-controlplane")["spec"]["replicas"] == 2
+    agent = find(docs, "Deployment", "vpnfleet-agent")["spec"]["template"]["spec"]
+    assert "sysctls" not in agent["securityContext"]
+    [init] = agent["initContainers"]
+    [c] = agent["containers"]
+    # The Component tags the image it adds itself: over any variant it is the agent's.
+    assert init["image"] == c["image"] == "vpnfleet:0.1.0"
+    assert {"name": "VPNFLEET_BGP", "value": "true"} in c["env"]
+    assert "NET_BIND_SERVICE" in c["securityContext"]["capabilities"]["add"]

@@ -88,8 +88,12 @@ def make_engine(url: str, pool_size: int = 20) -> Engine:
     # READ COMMITTED whatever the database's default_transaction_isolation: the change log's
     # writers read after waiting for its lock and must see the commit before theirs, and the
     # session services read rows they have just locked (tests/api/test_db_isolation.py).
+    # UTF-8 on the wire whatever the database's encoding: from a SQL_ASCII database (an initdb
+    # without a locale) psycopg would otherwise return text as bytes, and the server failed to
+    # start on its first query.
     return create_engine(
         url,
+        connect_args={"client_encoding": "utf8"},
         pool_pre_ping=True,
         pool_size=pool_size,
         max_overflow=BURST_CONNECTIONS,
