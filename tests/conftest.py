@@ -35,7 +35,8 @@ def _pg_admin_url() -> str:
 @contextmanager
 def fresh_database(kind: str, tmp_path: Path, *, encoding: str | None = None) -> Iterator[str]:
     """The URL of a fresh, empty database: a SQLite file under `tmp_path`, or a new database
-    on the real PostgreSQL (dropped on exit), in `encoding` if given."""
+    on the real PostgreSQL (dropped on exit), in `encoding` if given (with the C locale,
+    which every encoding accepts)."""
     if kind == "sqlite":
         yield f"sqlite:///{tmp_path / 'test.db'}"
         return

@@ -37,6 +37,7 @@ from tests.e2e.kubeplay import (
     container_of,
     diagnose,
     for_podman,
+    kinds,
     play_agents,
     profile_for,
     reaches,
@@ -75,6 +76,8 @@ def cluster(
         docs = for_podman(
             render(OVERLAY), image=vpnfleet_image.tag, prefix=pm.prefix, secret=secret
         )
+        # The base's control plane: one replica on SQLite, on its claim.
+        assert kinds(docs["controlplane"]) == ["Deployment", "PersistentVolumeClaim"]
         admin = f"vpf_{secrets.token_hex(24)}"
         values = {
             "seal-secret": base64.b64encode(secrets.token_bytes(48)).decode(),

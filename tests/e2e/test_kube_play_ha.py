@@ -6,7 +6,7 @@ stateless control-plane replicas sharing one database and one TLS certificate) w
 ``sysctl-init-container`` and ``bgp`` Components. It is rendered by Kustomize and played with
 the patches of :mod:`tests.e2e.kubeplay` (listed in docs/kubernetes.md); this file adds what an
 operator provides outside the manifests: a PostgreSQL (a container of Debian's
-postgresql-15), the TLS pair made with ``vpnfleet server-cert``, and the company's router (BIRD
+postgresql), the TLS pair made with ``vpnfleet server-cert``, and the company's router (BIRD
 2 in a container of the same image, accepting the pods' sessions from the pod network and
 installing the /32s it learns).
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import secrets
 import shutil
 import time
@@ -41,6 +42,7 @@ from tests.e2e.kubeplay import (
     container_of,
     diagnose,
     for_podman,
+    kinds,
     play_agents,
     profile_for,
     reaches,
@@ -66,17 +68,18 @@ GATEWAY_POOL = "10.201.0.0/16"  # the control plane's default gateway pool
 ROUTER_ASN = 64600  # components/bgp's neighbours' AS
 POD_ASN = 64512  # components/bgp's VPNFLEET_BGP_ASN
 HOLD = 6  # the router's hold time (seconds); BGP uses the smaller of the two ends'
-PG_BASE = "localhost/vpnfleet-base:debian-bookworm"  # made by scripts/build-image.sh
+# The Debian base scripts/build-image.sh made for the vpnfleet image (DEBIAN_SUITE, bookworm).
+PG_BASE = f"localhost/vpnfleet-base:debian-{os.environ.get('DEBIAN_SUITE', 'bookworm')}"
 POSTGRES_CONTAINERFILE = f"""FROM {PG_BASE}
 RUN apt-get update \\
- && apt-get install -y --no-install-recommends postgresql-15 \\
+ && apt-get install -y --no-install-recommends postgresql \\
  && apt-get clean && rm -rf /var/lib/apt/lists/*
 USER postgres
 """
 # initdb with a password (scram) for connections over the network, then the server. No locale
 # in the image: the database is SQL_ASCII, as such containers make it (db.make_engine copes).
 POSTGRES_START = (
-    "B=/usr/lib/postgresql/15/bin; D=/var/lib/postgresql/data; "
+    "B=$(echo /usr/lib/postgresql/*/bin); D=/var/lib/postgresql/data; "
     'printf %s "$PGPASS" > /tmp/pw && '
     "$B/initdb -D $D -U vpnfleet --pwfile=/tmp/pw --auth-local=trust "
     "--auth-host=scram-sha-256 > /tmp/initdb.log && rm /tmp/pw && "
@@ -169,9 +172,9 @@ def fleet(vpnfleet_image: BuiltImage, tmp_path_factory: pytest.TempPathFactory) 
                 podman(
                     "exec",
                     pg,
-                    "/usr/lib/postgresql/15/bin/pg_isready",
-                    "-h",
-                    "127.0.0.1",
+                    "sh",
+                    "-c",
+                    "$(echo /usr/lib/postgresql/*/bin)/pg_isready -h 127.0.0.1",
                     check=False,
                 ).returncode
                 == 0
@@ -226,6 +229,8 @@ def fleet(vpnfleet_image: BuiltImage, tmp_path_factory: pytest.TempPathFactory) 
             tmp, "overlays/postgres", ["components/sysctl-init-container", "components/bgp"]
         )
         docs = for_podman(rendered, image=image, prefix=pm.prefix, secret=secret)
+        # Stateless replicas: no claim, the database holds everything.
+        assert kinds(docs["controlplane"]) == ["Deployment"]
         # components/bgp names placeholder routers ("put your routers below, or patch them in
         # your overlay"): this network's router, as an operator's overlay would.
         [agent] = docs["agent"]
@@ -265,9 +270,13 @@ def fleet(vpnfleet_image: BuiltImage, tmp_path_factory: pytest.TempPathFactory) 
         play_agents(c, AGENTS, ca)
         yield Fleet(c, replicas, router, router_ip)
     finally:
-        left = pm.cleanup()
-        if pg_image:
-            podman("rmi", "--force", pg_image, check=False)
+        try:
+            left = pm.cleanup()
+        finally:
+            if pg_image:
+                podman("rmi", "--force", pg_image, check=False)
+        if pg_image and podman("image", "exists", pg_image, check=False).returncode == 0:
+            left.append(f"image {pg_image}")
         assert not left, f"left behind: {left}"
 
 
@@ -291,21 +300,31 @@ def path_to(f: Fleet, backend: str, client: str, pod: str) -> str:
     return "\n".join(parts)
 
 
+def logged_errors(lines: list[str]) -> list[str]:
+    """Tracebacks and error-level records among a server's log lines (JSON, one per line)."""
+    out = []
+    for line in lines:
+        try:
+            record = json.loads(line) if line.startswith("{") else {}
+        except ValueError:
+            record = {}
+        if "Traceback" in line or record.get("level") in ("error", "critical"):
+            out.append(line)
+    return out
+
+
 def stop_replica(f: Fleet, container: str) -> float:
     """SIGTERM one control-plane replica, as a rolling update does; its stop time."""
+    since = str(int(time.time()) - 1)
     t0 = time.monotonic()
     podman("stop", "--time", "30", container, timeout=60)
     took = time.monotonic() - t0
     state = f.c.pm.state(container)
-    logs = f.c.pm.logs(container)
-    assert state["ExitCode"] == 0, logs[-3000:]
+    res = podman("logs", "--since", since, container)
+    logs = (res.stdout + res.stderr).splitlines()
+    assert state["ExitCode"] == 0, "\n".join(logs[-40:])
     # Watch streams end cleanly: no error (and no traceback) logged while stopping.
-    errors = [
-        line
-        for line in logs.splitlines()
-        if "Traceback" in line
-        or (line.startswith("{") and json.loads(line).get("level") in ("error", "critical"))
-    ]
+    errors = logged_errors(logs)
     assert not errors, "\n".join(errors[-10:])
     return took
 
@@ -355,13 +374,18 @@ def test_two_replicas_on_postgres_and_gateway_routes_over_bgp(fleet: Fleet) -> N
 
     # A rolling restart of the control plane: replica 0 stops (SIGTERM); a grant made through
     # replica 1 meanwhile reaches the pods; replica 0 comes back; then the same for replica 1,
-    # with a revocation.
+    # with a revocation. The bounds are generous: while a pod joins or leaves a network,
+    # aardvark-dns 1.4 drops queries for it, so an agent's reconnection to the Service's name
+    # may wait out its 3 s connect timeout (cluster DNS answers a Service's stable address).
     r0, r1 = f.replicas
     took0 = stop_replica(f, r0)
     f.use_replica(r1)
     t0 = time.monotonic()
     c.cli("rule", "add", "web", backend_ip, "--proto", "tcp", "--ports", "8081")
-    wait_for(lambda: reaches(c, frank, backend_ip, 8081), 15, "the grant, replica 0 down")
+    for client in (frank, gwen):  # on pods 0 and 1
+        wait_for(
+            lambda client=client: reaches(c, client, backend_ip, 8081), 30, "the grant, r0 down"
+        )
     grant = time.monotonic() - t0
     podman("start", r0)
     wait_answers(c, r0)
@@ -369,7 +393,7 @@ def test_two_replicas_on_postgres_and_gateway_routes_over_bgp(fleet: Fleet) -> N
     f.use_replica(r0)
     t0 = time.monotonic()
     c.cli("group", "remove-member", "web", "frank")
-    wait_for(lambda: not reaches(c, frank, backend_ip, 8080), 15, "the revocation, replica 1 down")
+    wait_for(lambda: not reaches(c, frank, backend_ip, 8080), 30, "the revocation, r1 down")
     revoke = time.monotonic() - t0
     podman("start", r1)
     wait_answers(c, r1)
@@ -386,6 +410,8 @@ def test_two_replicas_on_postgres_and_gateway_routes_over_bgp(fleet: Fleet) -> N
     # server-poll-timeout moves it on (docs/kubernetes.md).
     t0 = time.monotonic()
     podman("stop", "--time", "30", c.agents[pods[1]], timeout=60)
+    drained = pm.state(c.agents[pods[1]])
+    assert drained["ExitCode"] == 0, pm.logs(c.agents[pods[1]])[-3000:]
     if not wait_until(lambda: sessions(c).get("gwen") == [pods[2]], 150):
         pytest.fail(
             f"gwen not back on pod 2; sessions {sessions(c)}; her client:\n{pm.logs(gwen)[-3000:]}",
@@ -397,12 +423,16 @@ def test_two_replicas_on_postgres_and_gateway_routes_over_bgp(fleet: Fleet) -> N
     followed = time.monotonic() - t0 - back
     wait_for(lambda: reaches(c, backend, gwen_ip, 8090), 20, "the backend reaching gwen again")
     print(
-        f"gwen back on pod 2 {back:.1f} s after her pod's stop began; the router's route "
-        f"via pod 2 {followed:.2f} s after the control plane listed her session there"
+        f"gwen back on pod 2 {back:.1f} s after her pod's stop began; the router's route via "
+        f"pod 2 at most {followed:.2f} s after the test saw her session there"
     )
 
     # Pod 2's agent dies (SIGKILL, its BIRD with it): the router withdraws gwen's route.
     t0 = time.monotonic()
     podman("kill", "--signal", "KILL", c.agents[pods[2]])
     wait_for(lambda: gwen_ip not in f.routes(), HOLD + 5, "gwen's route withdrawn", every=0.1)
-    print(f"gwen's route withdrawn {time.monotonic() - t0:.1f} s after her pod's agent died")
+    withdrawn = time.monotonic() - t0
+    print(f"gwen's route withdrawn {withdrawn:.1f} s after her pod's agent died")
+    # The kernel closed the dead BIRD's TCP session: the router did not wait for its hold
+    # timer (a node that vanishes closes nothing; the lab's BGP test measures that case).
+    assert withdrawn < HOLD, withdrawn

@@ -362,17 +362,30 @@ def test_bgp_overlay_turns_bgp_on_with_one_more_capability(monkeypatch: pytest.M
 
 def test_the_components_compose_over_the_postgres_overlay(tmp_path: Path) -> None:
     """What tests/e2e/test_kube_play_ha.py plays: the postgres overlay with the init-container
-    and BGP Components, written the way each Component's header tells an operator to."""
-    variant = tmp_path / "variant"
-    variant.mkdir()
-    rel = Path(os.path.relpath(KUSTOMIZE, variant))
+    and BGP Components, written the way each Component's header tells an operator to, over an
+    overlay of the operator's own that moves the image to their registry and tag."""
+    mine, variant = tmp_path / "mine", tmp_path / "variant"
+    for d in (mine, variant):
+        d.mkdir()
+    rel = Path(os.path.relpath(KUSTOMIZE, mine))
+    image = {"name": "vpnfleet", "newName": "registry.example.com/vpnfleet", "newTag": "0.2.0"}
+    (mine / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [str(rel / "overlays" / "postgres")],
+                "images": [image],
+            }
+        )
+    )
     components = ["sysctl-init-container", "bgp"]
     (variant / "kustomization.yaml").write_text(
         yaml.safe_dump(
             {
                 "apiVersion": "kustomize.config.k8s.io/v1beta1",
                 "kind": "Kustomization",
-                "resources": [str(rel / "overlays" / "postgres")],
+                "resources": ["../mine"],
                 "components": [str(rel / "components" / c) for c in components],
             }
         )
@@ -384,7 +397,7 @@ def test_the_components_compose_over_the_postgres_overlay(tmp_path: Path) -> Non
     assert "sysctls" not in agent["securityContext"]
     [init] = agent["initContainers"]
     [c] = agent["containers"]
-    # The Component tags the image it adds itself: over any variant it is the agent's.
-    assert init["image"] == c["image"] == "vpnfleet:0.1.0"
+    # The init container runs the agent's image, as the variant under the Component made it.
+    assert init["image"] == c["image"] == "registry.example.com/vpnfleet:0.2.0"
     assert {"name": "VPNFLEET_BGP", "value": "true"} in c["env"]
     assert "NET_BIND_SERVICE" in c["securityContext"]["capabilities"]["add"]
