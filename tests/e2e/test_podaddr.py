@@ -79,7 +79,7 @@ def test_no_route_and_no_uplink_address_leave_the_pod_without_one(pod: Netns) ->
 UPLINK_CHECK = """
 import logging, sys
 from vpnfleet.agent.settings import AgentSettings
-from vpnfleet.cli.main import _check_uplink
+from vpnfleet.cli.agentcmd import _check_uplink
 logging.basicConfig(stream=sys.stdout, format="%(levelname)s %(message)s")
 s = AgentSettings.from_env(
     server="http://127.0.0.1:1", token="t", name="pod-a", pod_ip="10.88.0.7",
