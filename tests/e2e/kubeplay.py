@@ -301,10 +301,7 @@ def wait_sessions(c: Cluster, expected: dict[str, list[str]], what: str) -> None
         seen.append(sessions(c))
         return seen[-1] == expected
 
-    try:
-        wait_for(check, 20, f"live sessions: {what}")
-    except pytest.fail.Exception:
-        pytest.fail(f"live sessions: {what}; last seen {seen[-1]}", pytrace=False)
+    wait_for(check, 20, f"live sessions: {what}", detail=lambda: f"last seen {seen[-1]}")
 
 
 def diagnose(c: Cluster, client: str, pod: str) -> str:

@@ -14,7 +14,7 @@ import os
 import secrets
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,13 +159,21 @@ class Podman:
         return left
 
 
-def wait_for(check: Any, seconds: float, what: str, every: float = 0.5) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``seconds``."""
+def wait_for(
+    check: Any,
+    seconds: float,
+    what: str,
+    every: float = 0.5,
+    detail: Callable[[], str] | None = None,
+) -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``seconds``, with what
+    ``detail`` says of the state then (routes, logs: what the failure needs to be understood)."""
     deadline = time.monotonic() + seconds
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {seconds}s waiting for {what}", pytrace=False)
+            more = f":\n{detail()}" if detail is not None else ""
+            pytest.fail(f"timed out after {seconds}s waiting for {what}{more}", pytrace=False)
         time.sleep(every)

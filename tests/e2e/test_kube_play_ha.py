@@ -26,7 +26,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +54,7 @@ from tests.e2e.kubeplay import (
     wait_sessions,
 )
 from tests.e2e.podman import BuiltImage, Podman, podman, vpnfleet_image, wait_for
+from vpnfleet.lab.bgprouter import router_config
 
 __all__ = ["vpnfleet_image"]  # the session fixture, used here
 
@@ -86,34 +87,6 @@ POSTGRES_START = (
     'echo "host all all 0.0.0.0/0 scram-sha-256" >> $D/pg_hba.conf && '
     "exec $B/postgres -D $D -c listen_addresses='*' -c unix_socket_directories=/tmp"
 )
-
-
-def router_config(router_ip: str, pods_subnet: str) -> str:
-    """The company router's BIRD: one passive session per pod on the pod network, only /32s
-    of the gateway pool accepted, installed as kernel routes."""
-    return f"""log stderr all;
-router id {router_ip};
-protocol device {{
-}}
-protocol kernel {{
-  ipv4 {{ export all; }};
-}}
-filter gateway_users {{
-  if net ~ [ {GATEWAY_POOL}{{32,32}} ] then accept;
-  reject;
-}}
-protocol bgp pods {{
-  local {router_ip} as {ROUTER_ASN};
-  neighbor range {pods_subnet} as {POD_ASN};
-  dynamic name "pod";
-  hold time {HOLD};
-  keepalive time {HOLD // 3};
-  ipv4 {{
-    import filter gateway_users;
-    export none;
-  }};
-}}
-"""
 
 
 @dataclass
@@ -222,7 +195,10 @@ def fleet(vpnfleet_image: BuiltImage, tmp_path_factory: pytest.TempPathFactory) 
             ],
         )
         router_ip = address(pm, router, pods_net)
-        router_conf.write_text(router_config(router_ip, subnet["subnet"]))
+        conf = router_config(
+            router_ip, subnet["subnet"], GATEWAY_POOL, HOLD, router_asn=ROUTER_ASN, pod_asn=POD_ASN
+        )
+        router_conf.write_text(conf)
 
         secret = f"{pm.prefix}-secrets"
         rendered = render_variant(
@@ -237,6 +213,8 @@ def fleet(vpnfleet_image: BuiltImage, tmp_path_factory: pytest.TempPathFactory) 
         for env in agent["spec"]["template"]["spec"]["containers"][0]["env"]:
             if env["name"] == "VPNFLEET_BGP_NEIGHBORS":
                 env["value"] = f"{router_ip}:{ROUTER_ASN}"
+            if env["name"] == "VPNFLEET_BGP_ASN":  # what the router expects of the pods
+                assert env["value"] == str(POD_ASN), env
         admin = f"vpf_{secrets.token_hex(24)}"
         values = {
             "seal-secret": base64.b64encode(secrets.token_bytes(48)).decode(),
@@ -278,15 +256,6 @@ def fleet(vpnfleet_image: BuiltImage, tmp_path_factory: pytest.TempPathFactory) 
         if pg_image and podman("image", "exists", pg_image, check=False).returncode == 0:
             left.append(f"image {pg_image}")
         assert not left, f"left behind: {left}"
-
-
-def wait_until(check: Callable[[], bool], seconds: float, every: float = 0.5) -> bool:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(every)
-    return True
 
 
 def path_to(f: Fleet, backend: str, client: str, pod: str) -> str:
@@ -368,8 +337,12 @@ def test_two_replicas_on_postgres_and_gateway_routes_over_bgp(fleet: Fleet) -> N
     gwen_ip = gwen_session["tunnel_ip"]
     wait_for(lambda: f.routes().get(gwen_ip) == pod_ips[pods[1]], 10, "gwen's route via pod 1")
     podman("exec", "-d", gwen, "python3", "-m", "http.server", "--bind", gwen_ip, "8090")
-    if not wait_until(lambda: reaches(c, backend, gwen_ip, 8090), 20):
-        pytest.fail(f"the backend does not reach gwen:\n{path_to(f, backend, gwen, pods[1])}")
+    wait_for(
+        lambda: reaches(c, backend, gwen_ip, 8090),
+        20,
+        "the backend to reach gwen",
+        detail=lambda: path_to(f, backend, gwen, pods[1]),
+    )
     assert reaches(c, gwen, backend_ip, 8080)
 
     # A rolling restart of the control plane: replica 0 stops (SIGTERM); a grant made through
@@ -412,14 +385,20 @@ def test_two_replicas_on_postgres_and_gateway_routes_over_bgp(fleet: Fleet) -> N
     podman("stop", "--time", "30", c.agents[pods[1]], timeout=60)
     drained = pm.state(c.agents[pods[1]])
     assert drained["ExitCode"] == 0, pm.logs(c.agents[pods[1]])[-3000:]
-    if not wait_until(lambda: sessions(c).get("gwen") == [pods[2]], 150):
-        pytest.fail(
-            f"gwen not back on pod 2; sessions {sessions(c)}; her client:\n{pm.logs(gwen)[-3000:]}",
-            pytrace=False,
-        )
+    wait_for(
+        lambda: sessions(c).get("gwen") == [pods[2]],
+        150,
+        "gwen back on pod 2",
+        detail=lambda: f"sessions {sessions(c)}; her client:\n{pm.logs(gwen)[-3000:]}",
+    )
     back = time.monotonic() - t0
-    if not wait_until(lambda: f.routes().get(gwen_ip) == pod_ips[pods[2]], 10, every=0.1):
-        pytest.fail(f"gwen's route did not follow her: {f.routes()}", pytrace=False)
+    wait_for(
+        lambda: f.routes().get(gwen_ip) == pod_ips[pods[2]],
+        10,
+        "gwen's route to follow her to pod 2",
+        every=0.1,
+        detail=lambda: f"the router's routes: {f.routes()}",
+    )
     followed = time.monotonic() - t0 - back
     wait_for(lambda: reaches(c, backend, gwen_ip, 8090), 20, "the backend reaching gwen again")
     print(

@@ -28,10 +28,25 @@ class RouterError(RuntimeError):
 
 def render_config(plan: LabPlan, hold_time: int) -> str:
     """BIRD's configuration for the lab router."""
+    return router_config(str(plan.router_ip), str(CLUSTER_NET), str(GATEWAY_POOL), hold_time)
+
+
+def router_config(
+    router_ip: str,
+    pods_net: str,
+    pool: str,
+    hold_time: int,
+    *,
+    router_asn: int = ROUTER_ASN,
+    pod_asn: int = POD_ASN,
+) -> str:
+    """A company router's BIRD: a passive session for each pod in ``pods_net`` (AS
+    ``pod_asn``), only /32s inside ``pool`` accepted, installed as kernel routes. The lab's
+    router, and the router container of the kube play test."""
     keepalive = max(1, hold_time // 3)
     return f"""# The vpnfleet lab's BGP router (lab/bgprouter.py).
 log stderr {{ info, remote, warning, error, auth, fatal, bug }};
-router id {plan.router_ip};
+router id {router_ip};
 
 protocol device {{
 }}
@@ -41,13 +56,13 @@ protocol kernel {{
 }}
 
 filter gateway_users {{
-  if net ~ [ {GATEWAY_POOL}{{32,32}} ] then accept;
+  if net ~ [ {pool}{{32,32}} ] then accept;
   reject;
 }}
 
 protocol bgp pods {{
-  local {plan.router_ip} as {ROUTER_ASN};
-  neighbor range {CLUSTER_NET} as {POD_ASN};
+  local {router_ip} as {router_asn};
+  neighbor range {pods_net} as {pod_asn};
   dynamic name "pod";
   hold time {hold_time};
   keepalive time {keepalive};
