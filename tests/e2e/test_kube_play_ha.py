@@ -380,14 +380,16 @@ def test_two_replicas_on_postgres_and_gateway_routes_over_bgp(fleet: Fleet) -> N
 
     # gwen's pod drains: she comes back on pod 2 and her route follows. With no Service here
     # her client first reconnects to the draining pod, which tells it again, until its
-    # server-poll-timeout moves it on (docs/kubernetes.md).
+    # server-poll-timeout moves it on (docs/kubernetes.md): 26-33 s in five runs, 109 s in one
+    # and over 90 s in one during development (cause not found), hence the wide bound. What
+    # this test is about is the route following her once she is there.
     t0 = time.monotonic()
     podman("stop", "--time", "30", c.agents[pods[1]], timeout=60)
     drained = pm.state(c.agents[pods[1]])
     assert drained["ExitCode"] == 0, pm.logs(c.agents[pods[1]])[-3000:]
     wait_for(
         lambda: sessions(c).get("gwen") == [pods[2]],
-        150,
+        240,
         "gwen back on pod 2",
         detail=lambda: f"sessions {sessions(c)}; her client:\n{pm.logs(gwen)[-3000:]}",
     )
